@@ -1,0 +1,21 @@
+"""Errors a user can act on. The CLI prints their message and exits with code 2; anything else is a bug."""
+
+
+class KdistillError(Exception):
+    """Base for every error whose message tells the user what is wrong, where, and how to fix it."""
+
+
+class ConfigError(KdistillError):
+    """A recipe or command-line value is wrong (the message names the field path)."""
+
+
+class DataError(KdistillError):
+    """A data source is missing, unreadable or empty."""
+
+
+class PairingError(KdistillError):
+    """Teacher and student (or a loss and its taps) cannot be paired."""
+
+
+class CheckpointError(KdistillError):
+    """A checkpoint or run directory is corrupt, foreign, or does not match the recipe."""
