@@ -1,0 +1,268 @@
+"""The recipe schema (pydantic). Errors name the field path, e.g. `stages[1].train.lr`.
+
+A recipe is shared defaults plus an optional list of `stages`; each stage is the defaults with its own
+blocks merged on top (dicts merge, lists and scalars replace). Loss blocks are validated against the
+params model of their registered type, so a typo in any field is caught before anything runs.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from kdistill.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+STAGE_FIELDS = ("teacher", "student", "data", "losses", "train")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TeacherConfig(Strict):
+    model: str = Field(description="local dir, hub id, or packaged:NAME")
+    task: Literal["auto", "embedding", "masked-lm", "causal-lm", "classification", "image-classification"] = "auto"
+    trust_remote_code: bool = False
+
+
+class FromTeacher(Strict):
+    layers: list[int] | Literal["uniform", "every_other"] = "uniform"
+    num_layers: int | None = Field(None, ge=1, description="for layers: uniform")
+
+
+class StudentConfig(Strict):
+    from_teacher: FromTeacher | None = None
+    config: dict[str, Any] | None = None
+    model: str | None = None
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        given = [k for k in ("from_teacher", "config", "model") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of from_teacher, config, model (got {given or 'none'})")
+        return self
+
+    def kind(self) -> tuple[str, Any]:
+        for key in ("from_teacher", "config", "model"):
+            if getattr(self, key) is not None:
+                return key, getattr(self, key)
+        raise AssertionError("validated to have one")
+
+
+class DataSource(Strict):
+    source: str | None = None
+    path: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    split: str | None = None
+    text: str = "text"
+    label: str | None = None
+    text_pair: str | None = None
+    limit: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        given = [k for k in ("source", "path", "dataset") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of source, path, dataset (got {given or 'none'})")
+        return self
+
+
+class DataConfig(Strict):
+    train: DataSource | list[DataSource]
+    eval: DataSource | list[DataSource] | None = None
+    max_length: int = Field(128, ge=8)
+    eval_limit: int = Field(256, ge=1, description="eval records used during training")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(32, ge=1, description="global batch per optimizer step")
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup: float = Field(0.1, ge=0, le=1, description="fraction of steps")
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    seed: int = 0
+    eval_every: int | None = Field(None, ge=1)
+    save_every: int | None = Field(None, ge=1)
+    log_every: int = Field(10, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+
+
+class Stage(Strict):
+    name: str = "main"
+    teacher: TeacherConfig
+    student: StudentConfig | None = None
+    data: DataConfig
+    losses: list[Any] = Field(min_length=1)
+    train: TrainConfig = TrainConfig()
+
+
+class Recipe(Strict):
+    name: str
+    output: str
+    stages: list[Stage]
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
+    """Raw dict of a recipe given as a path or a built-in name."""
+    path = Path(ref)
+    if not path.exists():
+        builtins = builtin_recipes()
+        if str(ref) in builtins:
+            path = builtins[str(ref)]
+        else:
+            close = difflib.get_close_matches(str(ref), list(builtins), n=1)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"recipe {str(ref)!r} is neither a file nor a built-in recipe.{hint} built-in: {', '.join(builtins)}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping with teacher, student, data, losses, train, output")
+    return raw, str(path)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """`a.b.c=value`, value parsed as YAML (so numbers, booleans and lists work); list items by index."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.steps=100")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} is a list of {len(node)}; use an index")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
+        if last:
+            node[part] = yaml.safe_load(value)
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+
+
+def merge(base: Any, update: Any) -> Any:
+    if isinstance(base, dict) and isinstance(update, dict):
+        out = dict(base)
+        for key, value in update.items():
+            out[key] = merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(update)
+
+
+def format_validation(err: ValidationError, prefix: str, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        path = prefix
+        for part in e["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif part not in ("function-after[exactly_one()]",) and not str(part).startswith(("function-", "list[", "literal[")):
+                path += f".{part}" if path else str(part)
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif "input" in e and not isinstance(e["input"], dict) and e["type"] != "missing":
+            msg += f" (got {e['input']!r})"
+        lines.append(f"{path or 'recipe'}: {msg}")
+    unique = list(dict.fromkeys(lines))
+    return f"{source}: invalid recipe\n  " + "\n  ".join(unique)
+
+
+def validate_losses(stage: Stage, prefix: str, source: str) -> None:
+    from kdistill.losses import LOSSES
+
+    parsed = []
+    for i, block in enumerate(stage.losses):
+        where = f"{prefix}losses[{i}]"
+        if not isinstance(block, dict) or "type" not in block:
+            raise ConfigError(f"{source}: {where}: each loss needs a type, e.g. {{type: hidden_mse, weight: 1.0}}")
+        term = LOSSES.get(block["type"], f"{where}.type")
+        try:
+            parsed.append(term.Params.model_validate(block))
+        except ValidationError as err:
+            raise ConfigError(format_validation(err, where, source)) from None
+    stage.losses = parsed
+
+
+def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    raw = copy.deepcopy(raw)
+    known = {"name", "output", "stages", *STAGE_FIELDS}
+    extra = [k for k in raw if k not in known]
+    if extra:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else repr(k) for k in extra]
+        raise ConfigError(f"{source}: unknown top-level field {', '.join(hints)}; valid: {', '.join(sorted(known))}")
+    if "output" not in raw:
+        raw["output"] = f"runs/{raw.get('name', 'run')}"
+    defaults = {k: raw[k] for k in STAGE_FIELDS if k in raw}
+    blocks = raw.get("stages") or [{"name": "main"}]
+    if not isinstance(blocks, list):
+        raise ConfigError(f"{source}: stages must be a list of stage blocks, each with a name")
+    stages = []
+    for i, block in enumerate(blocks):
+        prefix = f"stages[{i}]." if raw.get("stages") else ""
+        if not isinstance(block, dict):
+            raise ConfigError(f"{source}: {prefix or 'stages'} must be a mapping")
+        merged = merge(defaults, block)
+        try:
+            stage = Stage.model_validate(merged)
+        except ValidationError as err:
+            raise ConfigError(format_validation(err, prefix.rstrip("."), source)) from None
+        if stage.student is None and i == 0:
+            raise ConfigError(f"{source}: {prefix}student: the first stage needs a student (from_teacher, config or model)")
+        validate_losses(stage, prefix, source)
+        stages.append(stage)
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: stage names must be unique, got {names}")
+    try:
+        return Recipe(name=raw.get("name", Path(source).stem), output=str(raw["output"]), stages=stages)
+    except ValidationError as err:
+        raise ConfigError(format_validation(err, "", source)) from None
+
+
+def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> Recipe:
+    """A validated Recipe from a file, a built-in name, or a dict, with `a.b=value` overrides applied."""
+    if isinstance(ref, dict):
+        raw, source = copy.deepcopy(ref), "recipe"
+    else:
+        raw, source = read_recipe_file(ref)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if output is not None:
+        raw["output"] = output
+    return build_recipe(raw, source)
+
+
+def diff_configs(old: Any, new: Any, path: str = "") -> list[str]:
+    """Field paths where two dumped recipes differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += diff_configs(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in diff_configs(a, b, f"{path}[{i}]")]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]

@@ -1,0 +1,105 @@
+"""Batches of text records to tensors, and BERT-style masking for masked-LM distillation."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+
+from kdistill.errors import ConfigError, DataError
+
+
+class TextCollator:
+    """Tokenize a list of records {"text", ["text_pair"], ["label"]} into one padded batch.
+
+    Pads to the longest sequence in the batch (not to max_length): short batches stay cheap.
+    """
+
+    def __init__(self, tokenizer, max_length: int, label_to_id: Mapping[str, int] | None = None):
+        if max_length < 1:
+            raise ConfigError(f"max_length must be at least 1, got {max_length}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.label_to_id = dict(label_to_id) if label_to_id is not None else None
+
+    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if not records:
+            raise DataError("cannot collate an empty batch")
+        texts = [r["text"] for r in records]
+        has_pair = ["text_pair" in r for r in records]
+        pairs = None
+        if any(has_pair):
+            if not all(has_pair):
+                raise DataError("some records in the batch have a text_pair and some do not; "
+                                "a data source must give text_pair for every record or none")
+            pairs = [r["text_pair"] for r in records]
+        batch = self.tokenizer(texts, text_pair=pairs, padding="longest", truncation=True,
+                               max_length=self.max_length, return_tensors="pt")
+        out = {k: v for k, v in batch.items()
+               if k in ("input_ids", "attention_mask", "token_type_ids")}
+        labels = self._labels(records)
+        if labels is not None:
+            out["labels"] = labels
+        return out
+
+    def _labels(self, records: Sequence[dict]) -> torch.Tensor | None:
+        if self.label_to_id is None:
+            return None
+        has_label = [r.get("label") is not None for r in records]
+        if not any(has_label):
+            return None
+        if not all(has_label):
+            raise DataError("some records in the batch have a label and some do not; "
+                            "every record of a labeled source needs one")
+        ids = []
+        for r in records:
+            # Class indexes are keyed by the label's string form (see sources.label_names).
+            key = str(r["label"])
+            if key not in self.label_to_id:
+                known = ", ".join(list(self.label_to_id)[:20])
+                raise DataError(f"label {key!r} is not in the class index built from the "
+                                f"training data ({len(self.label_to_id)} classes: {known}...)")
+            ids.append(self.label_to_id[key])
+        return torch.tensor(ids, dtype=torch.long)
+
+
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    tokenizer,
+    probability: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT's masking: pick `probability` of real tokens; of those 80% [MASK], 10% random, 10% kept.
+
+    Special tokens and padding are never picked. Returns (masked_input_ids, mlm_labels) where
+    labels hold the original id at picked positions and -100 elsewhere. The inputs are not changed.
+    All random draws use `generator`, so a seeded generator gives the same masks on every run.
+    """
+    if tokenizer.mask_token_id is None:
+        raise ConfigError("masked-LM needs a tokenizer with a mask token; this one has none")
+    if not 0.0 <= probability <= 1.0:
+        raise ConfigError(f"mask probability must be in [0, 1], got {probability}")
+    out_device = input_ids.device
+    # Draw on the generator's device: a CPU generator cannot drive CUDA sampling.
+    device = generator.device if generator is not None else out_device
+    ids = input_ids.to(device)
+    special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=ids.dtype, device=device)
+    can_mask = ~torch.isin(ids, special)
+    if attention_mask is not None:
+        can_mask &= attention_mask.to(device).bool()
+
+    chosen = torch.bernoulli(can_mask.float() * probability, generator=generator).bool()
+    labels = torch.where(chosen, ids, torch.full_like(ids, -100))
+    masked = ids.clone()
+    to_mask = torch.bernoulli(torch.full(ids.shape, 0.8, device=device), generator=generator).bool()
+    to_mask &= chosen
+    masked[to_mask] = tokenizer.mask_token_id
+    # Half of the remaining 20% get a random token, drawn from ordinary (non-special) vocabulary
+    # so that no [CLS] or [SEP] appears mid-sentence.
+    to_random = torch.bernoulli(torch.full(ids.shape, 0.5, device=device), generator=generator).bool()
+    to_random &= chosen & ~to_mask
+    vocab = torch.arange(len(tokenizer), dtype=ids.dtype, device=device)
+    ordinary = vocab[~torch.isin(vocab, special)]
+    picks = torch.randint(len(ordinary), ids.shape, generator=generator, device=device)
+    masked[to_random] = ordinary[picks][to_random]
+    return masked.to(out_device), labels.to(out_device)

@@ -1,0 +1,229 @@
+"""Built-in offline corpora, registered by the name a recipe uses (`data.train.source`).
+
+Each corpus is a function `(split) -> list[dict]` with records `{"text": ..., ...}`. Splits are
+assigned by a SHA-1 of a stable record key (never Python's salted `hash()`), so every machine and
+every run sees the same ~90/5/5 train/eval/test partition.
+"""
+from __future__ import annotations
+
+import ast
+import functools
+import hashlib
+import inspect
+import os
+import sysconfig
+from typing import Callable
+
+from kdistill.errors import ConfigError, DataError
+from kdistill.registry import Registry
+
+CORPORA: Registry[Callable[[str], list[dict]]] = Registry("corpus")
+
+SPLITS = ("train", "eval", "test")
+
+
+def split_of(key: str) -> str:
+    """The split a record key falls in: buckets 0-89 train, 90-94 eval, 95-99 test."""
+    bucket = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % 100
+    return "train" if bucket < 90 else "eval" if bucket < 95 else "test"
+
+
+def check_split(split: str, where: str = "split") -> str:
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r} at {where}; valid: {', '.join(SPLITS)}")
+    return split
+
+
+def _copies(records: tuple[dict, ...]) -> list[dict]:
+    # The cache holds the only parsed copy; callers get fresh dicts so mutating them is harmless.
+    return [dict(r) for r in records]
+
+
+# ---------------------------------------------------------------- stdlib docstrings
+
+# Tests, GUI and packaging helpers are either not prose about the library or not on every install.
+STDLIB_SKIP_DIRS = frozenset(
+    {"test", "tests", "idle_test", "idlelib", "tkinter", "turtledemo", "lib2to3",
+     "site-packages", "dist-packages", "ensurepip", "__pycache__"}
+)
+MIN_DOCSTRING_CHARS = 30
+MAX_DOCSTRING_CHARS = 1000
+
+
+def _stdlib_files(root: str) -> list[tuple[str, str]]:
+    """(module name, path) of stdlib modules, in sorted order so the corpus is stable.
+
+    Private modules stay in: _pydecimal, _pyio and _collections_abc hold the only Python-level
+    docs of decimal, io and collections.abc; their own private names are still skipped below.
+    """
+    found = []
+    for directory, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in STDLIB_SKIP_DIRS and d.isidentifier()
+                         and not d.startswith("_"))
+        rel = os.path.relpath(directory, root)
+        package = [] if rel == "." else rel.split(os.sep)
+        if package and not os.path.exists(os.path.join(directory, "__init__.py")):
+            continue  # plain data folders (config-3.x, lib-dynload) hold no importable modules
+        for name in sorted(files):
+            stem = name[:-3]
+            if not name.endswith(".py") or not stem.isidentifier():
+                continue
+            if stem.startswith("__") and stem != "__init__":
+                continue  # __main__, __hello__ and friends are entry points, not library prose
+            parts = package if stem == "__init__" else package + [stem]
+            if parts:
+                found.append((".".join(parts), os.path.join(directory, name)))
+    return found
+
+
+def _shorten(doc: str) -> str:
+    """Keep whole leading paragraphs up to MAX_DOCSTRING_CHARS.
+
+    Truncating (rather than splitting into one record per paragraph) keeps each record
+    self-contained, led by the summary line, and stops fragments of one docstring from landing in
+    both train and eval, which per-paragraph hashing would do.
+    """
+    if len(doc) <= MAX_DOCSTRING_CHARS:
+        return doc
+    head = doc[:MAX_DOCSTRING_CHARS]
+    cut = head.rfind("\n\n")
+    if cut < MIN_DOCSTRING_CHARS:
+        cut = head.rfind(" ")
+    return head[:cut].rstrip() if cut > 0 else head
+
+
+def _docstrings(tree: ast.Module, module: str):
+    """(qualified name, docstring) for the module and its public classes, functions and methods."""
+    doc = ast.get_docstring(tree, clean=False)
+    if doc:
+        yield module, doc
+    stack = [(module, tree.body)]
+    while stack:
+        prefix, body = stack.pop(0)
+        for node in body:
+            if not isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            if node.name.startswith("_"):
+                continue
+            name = f"{prefix}.{node.name}"
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                yield name, doc
+            if isinstance(node, ast.ClassDef):
+                stack.append((name, node.body))
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_records(root: str) -> tuple[dict, ...]:
+    records, seen = [], set()
+    for module, path in _stdlib_files(root):
+        try:
+            with open(path, "rb") as f:
+                tree = ast.parse(f.read(), filename=path)
+        except (SyntaxError, ValueError, OSError):
+            continue  # a stray file for another Python version must not break the corpus
+        for name, raw in _docstrings(tree, module):
+            text = _shorten(inspect.cleandoc(raw).strip())
+            if len(text) < MIN_DOCSTRING_CHARS or text in seen:
+                continue
+            seen.add(text)
+            records.append({"text": text, "name": name})
+    if not records:
+        raise DataError(f"found no docstrings under the Python standard library at {root}")
+    return tuple(records)
+
+
+@functools.lru_cache(maxsize=None)
+def _stdlib_split(root: str, split: str) -> tuple[dict, ...]:
+    return tuple(r for r in _stdlib_records(root) if split_of(r["text"]) == split)
+
+
+@CORPORA.register("stdlib-docstrings")
+def stdlib_docstrings(split: str = "train") -> list[dict]:
+    """Docstrings of the installed standard library: records {"text", "name"}; unlabeled."""
+    check_split(split)
+    return _copies(_stdlib_split(sysconfig.get_paths()["stdlib"], split))
+
+
+# ---------------------------------------------------------------- WordNet glosses
+
+# WordNet's lexicographer files (lexnames(5WN)); the index is lex_filenum on each synset line.
+WORDNET_SUPERSENSES = (
+    "adj.all", "adj.pert", "adv.all", "noun.Tops", "noun.act", "noun.animal", "noun.artifact",
+    "noun.attribute", "noun.body", "noun.cognition", "noun.communication", "noun.event",
+    "noun.feeling", "noun.food", "noun.group", "noun.location", "noun.motive", "noun.object",
+    "noun.person", "noun.phenomenon", "noun.plant", "noun.possession", "noun.process",
+    "noun.quantity", "noun.relation", "noun.shape", "noun.state", "noun.substance", "noun.time",
+    "verb.body", "verb.change", "verb.cognition", "verb.communication", "verb.competition",
+    "verb.consumption", "verb.contact", "verb.creation", "verb.emotion", "verb.motion",
+    "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather", "adj.ppl",
+)
+WORDNET_FILES = ("noun", "verb", "adj", "adv")
+
+
+def wordnet_dir() -> str:
+    # An override lets users point at another WordNet 3.x install (and tests at a broken one).
+    return os.environ.get("KDISTILL_WORDNET_DIR", "/usr/share/wordnet")
+
+
+def _lemma(word: str, pos: str) -> str:
+    if pos in "as" and word.endswith(")") and "(" in word:
+        word = word[: word.index("(")]  # adjective syntax markers: galore(ip), elect(p)
+    return word.replace("_", " ")
+
+
+def _parse_wordnet_file(path: str) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.startswith("  ") or not line.strip():
+                continue  # license header
+            head, sep, gloss = line.partition(" | ")
+            fields = head.split()
+            try:
+                offset, lex, pos, w_cnt = fields[0], int(fields[1]), fields[2], int(fields[3], 16)
+                lemma = _lemma(fields[4], pos)
+                label = WORDNET_SUPERSENSES[lex]
+            except (IndexError, ValueError) as exc:
+                raise DataError(f"{path} line {number} is not a WordNet synset line ({exc}); "
+                                "reinstall it with `apt-get install --reinstall wordnet-base`")
+            gloss = gloss.strip()
+            if not sep or not gloss or w_cnt < 1:
+                continue
+            records.append({"text": gloss, "label": label, "lemma": lemma, "pos": pos,
+                            "id": f"{pos}{offset}"})
+    return records
+
+
+@functools.lru_cache(maxsize=None)
+def _wordnet_records(directory: str) -> tuple[dict, ...]:
+    paths = [os.path.join(directory, f"data.{name}") for name in WORDNET_FILES]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise DataError(
+            f"WordNet data files are missing: {', '.join(missing)}. Install them with "
+            "`apt-get install wordnet-base` (or `make install`), or set KDISTILL_WORDNET_DIR "
+            "to a folder holding data.noun, data.verb, data.adj and data.adv"
+        )
+    records = []
+    for path in paths:
+        records.extend(_parse_wordnet_file(path))
+    return tuple(records)
+
+
+@functools.lru_cache(maxsize=None)
+def _wordnet_split(directory: str, split: str) -> tuple[dict, ...]:
+    return tuple(r for r in _wordnet_records(directory) if split_of(r["id"]) == split)
+
+
+@CORPORA.register("wordnet-glosses")
+def wordnet_glosses(split: str = "train") -> list[dict]:
+    """WordNet 3.0 glosses labeled with their supersense (45 classes), split by synset."""
+    check_split(split)
+    return _copies(_wordnet_split(wordnet_dir(), split))
+
+
+def load_corpus(name: str, split: str = "train", where: str = "source") -> list[dict]:
+    """Records of the built-in corpus `name`; unknown names get the closest match in the error."""
+    check_split(split, where=f"{where}.split" if where else "split")
+    return CORPORA.get(name, where)(split)

@@ -1,0 +1,175 @@
+"""Turn a recipe's data source block into a list of records {"text", ["label"], ["text_pair"]}.
+
+A source is exactly one of `source: NAME` (a built-in corpus), `path: FILE` (.jsonl, .csv, .txt,
+or a folder written by `datasets`' `save_to_disk`) or `dataset: NAME` (the Hugging Face hub).
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+from kdistill.data.corpora import load_corpus
+from kdistill.errors import ConfigError, DataError
+
+SOURCE_KINDS = ("source", "path", "dataset")
+FILE_KINDS = ".jsonl, .csv, .txt, or a folder saved with datasets' save_to_disk"
+
+
+def load_records(spec: dict, split_default: str = "train") -> list[dict]:
+    """Records for one data source block; `limit: N` keeps the first N after the split."""
+    kinds = [k for k in SOURCE_KINDS if spec.get(k) is not None]
+    if len(kinds) != 1:
+        raise ConfigError(f"a data source needs exactly one of {', '.join(SOURCE_KINDS)}; "
+                          f"got {', '.join(kinds) or 'none'} in {spec!r}")
+    limit = spec.get("limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit must be a positive integer, got {limit!r}")
+    split = spec.get("split") or split_default
+    fields = {"text": spec.get("text") or "text", "label": spec.get("label"),
+              "text_pair": spec.get("text_pair")}
+
+    if kinds[0] == "source":
+        records = load_corpus(spec["source"], split)
+        if limit is not None:
+            records = records[:limit]
+        empty = f"corpus {spec['source']!r} has no records for split {split!r}"
+    elif kinds[0] == "path":
+        records, empty = _load_path(str(spec["path"]), fields, split, limit)
+    else:
+        records, empty = _load_hub(spec["dataset"], spec.get("config"), split, fields, limit)
+
+    if not records:  # `empty` is the message each loader wrote for its own kind of emptiness
+        raise DataError(empty)
+    return records
+
+
+def label_names(records: Iterable[dict]) -> list[str]:
+    """Sorted unique labels as strings: the class index is their position in this list."""
+    labels = {r["label"] for r in records if r.get("label") is not None}
+    # Integer labels sort numerically so class ids match them ("2" before "10").
+    ordered = sorted(labels, key=lambda v: (0, v, "") if isinstance(v, int) else (1, 0, str(v)))
+    return [str(v) for v in ordered]
+
+
+# ---------------------------------------------------------------- local files
+
+
+def _load_path(path: str, fields: dict, split: str, limit: int | None):
+    # A plain file is one split already (the recipe names one file per split); only a saved
+    # DatasetDict folder has splits to choose from.
+    if not os.path.exists(path):
+        raise DataError(f"data file not found: {path} (paths are relative to the working "
+                        f"directory {os.getcwd()})")
+    if os.path.isdir(path):
+        return _load_saved_dataset(path, fields, split, limit)
+    ext = os.path.splitext(path)[1].lower()
+    readers = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".txt": _txt_rows}
+    if ext not in readers:
+        raise ConfigError(f"cannot read {path}: unsupported file kind {ext or '(no extension)'!r}; "
+                          f"supported: {FILE_KINDS}")
+    if ext == ".txt" and (fields["label"] or fields["text_pair"]):
+        raise ConfigError(f"{path} is a .txt file (one text per line); it has no label or "
+                          "text_pair fields: use .jsonl or .csv for those")
+    rows = itertools.islice(readers[ext](path), limit)
+    return [_pick(row, fields, f"{path} {where}") for where, row in rows], f"{path} has no records"
+
+
+def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {number} is not valid JSON: {exc.msg}")
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number} is a JSON {type(row).__name__}, "
+                                "expected an object such as {\"text\": ...}")
+            yield f"line {number}", row
+
+
+def _csv_rows(path: str) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            # line_num is the physical line, header included, which is what an editor shows.
+            yield f"line {reader.line_num}", row
+
+
+def _txt_rows(path: str) -> Iterator[tuple[str, dict]]:
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                yield f"line {number}", {"text": line.rstrip("\r\n")}
+
+
+def _pick(row: dict, fields: dict, where: str) -> dict:
+    """Rename the user's field names to the fixed record keys, with errors that point at the row."""
+    record: dict[str, Any] = {}
+    for key, field in fields.items():
+        if field is None:
+            continue
+        if field not in row or row[field] is None:
+            state = "is missing" if field not in row else "is null"
+            raise DataError(f"field {field!r} (the {key} field) {state} at {where}; "
+                            f"fields there: {', '.join(map(str, row)) or 'none'}")
+        value = row[field]
+        if key != "label" and not isinstance(value, str):
+            raise DataError(f"field {field!r} at {where} is {type(value).__name__}, "
+                            f"expected a string")
+        record[key] = value
+    return record
+
+
+# ---------------------------------------------------------------- Hugging Face datasets
+
+
+def _import_datasets(why: str):
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(f"{why} needs the `datasets` package: pip install 'kdistill[data]'")
+    return datasets
+
+
+def _load_saved_dataset(path: str, fields: dict, split: str, limit: int | None):
+    datasets = _import_datasets(f"reading the saved dataset folder {path}")
+    try:
+        data = datasets.load_from_disk(path)
+    except Exception as exc:  # noqa: BLE001 - any failure means the folder is not usable
+        raise DataError(f"cannot load {path} as a dataset saved with save_to_disk "
+                        f"({type(exc).__name__}: {exc}); supported: {FILE_KINDS}")
+    what, empty = path, f"{path} has no records"
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise DataError(f"{path} has no split {split!r}; splits there: {', '.join(data)}")
+        data, what = data[split], f"{path} split {split!r}"
+        empty = f"{path} has no records for split {split!r}"
+    return _dataset_records(data, fields, what, limit), empty
+
+
+def _load_hub(name: str, config: str | None, split: str, fields: dict, limit: int | None):
+    datasets = _import_datasets(f"dataset {name!r}")
+    try:
+        data = datasets.load_dataset(name, config, split=split)
+    except Exception as exc:  # noqa: BLE001 - network, auth and naming errors all land here
+        raise DataError(f"cannot load dataset {name!r}" + (f" config {config!r}" if config else "")
+                        + f" split {split!r}: {type(exc).__name__}: {exc}")
+    records = _dataset_records(data, fields, f"dataset {name!r} split {split!r}", limit)
+    return records, f"dataset {name!r} has no records for split {split!r}"
+
+
+def _dataset_records(data, fields: dict, what: str, limit: int | None) -> list[dict]:
+    columns = list(getattr(data, "column_names", None) or [])
+    for key, field in fields.items():
+        # Checking columns once up front is much cheaper than per row, and says the same thing.
+        if field is not None and columns and field not in columns:
+            raise DataError(f"field {field!r} (the {key} field) is missing in {what}; "
+                            f"columns there: {', '.join(columns)}")
+    if limit is not None:
+        data = data.select(range(min(limit, len(data))))
+    return [_pick(row, fields, f"{what} row {i}") for i, row in enumerate(data)]

@@ -1,0 +1,134 @@
+"""Resumable checkpoints: student + projectors, optimizer, scheduler, RNG states, step and method state.
+
+Weights go to safetensors, optimizer/scheduler tensors to torch files read back with
+`weights_only=True`, RNG states to JSON, so loading a checkpoint never unpickles code. A manifest
+with SHA-256 checksums lets a corrupt or foreign directory be refused with a clear message.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from kdistill.errors import CheckpointError
+
+FORMAT = "kdistill-checkpoint"
+VERSION = 1
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, stage: str, recipe_hash: str,
+                    method_state: dict, rank: int = 0, world: int = 1, is_main: bool = True, barrier=lambda: None) -> Path:
+    """Write to `<dir>.tmp` and rename, so a directory named step-N is always complete."""
+    tmp = directory.with_name(directory.name + ".tmp")
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
+    barrier()
+    if is_main:
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_state}))
+        files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
+        manifest = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step,
+                    "world": world, "recipe_hash": recipe_hash, "files": files}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    barrier()
+    return directory
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / "manifest.json"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{directory} is not a kdistill checkpoint (no manifest.json)") from None
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path} is corrupt (not JSON); delete {directory} to resume from an earlier checkpoint") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{directory} is not a kdistill checkpoint (format {manifest.get('format')!r})")
+    return manifest
+
+
+def verify(directory: Path, recipe_hash: str | None = None) -> dict:
+    manifest = read_manifest(directory)
+    for name, digest in manifest["files"].items():
+        path = directory / name
+        if not path.exists() or sha256(path) != digest:
+            raise CheckpointError(
+                f"checkpoint {directory} is corrupt: {name} is {'missing' if not path.exists() else 'damaged'} "
+                f"(checksum mismatch); delete this directory to resume from an earlier checkpoint"
+            )
+    if recipe_hash is not None and manifest["recipe_hash"] != recipe_hash:
+        raise CheckpointError(
+            f"checkpoint {directory} was written by a different stage configuration; "
+            f"resume with the recipe that wrote it, or start a new run with another --output"
+        )
+    return manifest
+
+
+def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int = 0, recipe_hash: str | None = None) -> dict:
+    manifest = verify(directory, recipe_hash)
+    try:
+        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint {directory} does not fit this student: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            )
+        optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
+    except (RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {directory} does not fit this run: {str(err).splitlines()[0]}") from None
+    rng_file = directory / f"rng-{rank}.json"
+    if rng_file.exists():
+        set_rng_state(json.loads(rng_file.read_text()))
+    return json.loads((directory / "state.json").read_text())
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    if not root.exists():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")),
+                  key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune(root: Path, keep: int) -> None:
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,58 @@
+"""The finished student as a standard Hugging Face directory, written atomically.
+
+Only the student is saved (projectors and other training-only parts are not), with the tokenizer,
+the sentence-transformers files when the teacher had them, and `kdistill.json` saying how it was made.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
+ST_DIRS = ("1_Pooling", "2_Normalize")
+
+
+def copy_sentence_transformers_files(teacher_dir: str, out: Path, hidden_size: int) -> bool:
+    src = Path(teacher_dir)
+    if not (src / "modules.json").exists():
+        return False
+    for name in ST_FILES:
+        if (src / name).exists():
+            shutil.copy2(src / name, out / name)
+    for name in ST_DIRS:
+        if (src / name).is_dir():
+            shutil.copytree(src / name, out / name, dirs_exist_ok=True)
+    pooling = out / "1_Pooling" / "config.json"
+    if pooling.exists():  # the pooling layer must know the student's width
+        cfg = json.loads(pooling.read_text())
+        cfg["word_embedding_dimension"] = hidden_size
+        pooling.write_text(json.dumps(cfg, indent=2))
+    return True
+
+
+def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | None, metadata: dict) -> Path:
+    """Write into a temporary sibling, then rename: a directory at `out_dir` is always complete."""
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    student.save_pretrained(tmp, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    hidden = getattr(student.config, "hidden_size", None) or getattr(student.config, "n_embd", None)
+    st = bool(teacher_dir) and copy_sentence_transformers_files(teacher_dir, tmp, hidden)
+    (tmp / "kdistill.json").write_text(json.dumps({**metadata, "sentence_transformers": st}, indent=2, default=str))
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return out
+
+
+def is_complete(student_dir: Path) -> bool:
+    return (student_dir / "kdistill.json").exists() and (student_dir / "config.json").exists()

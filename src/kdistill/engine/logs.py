@@ -1,0 +1,88 @@
+"""Per-term training logs: console lines, a JSONL file, TensorBoard, and a PNG of the loss curves."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, stage: str, enabled: bool = True, console=None):
+        self.enabled = enabled
+        self.stage = stage
+        self.console = console
+        self.jsonl = run_dir / "logs" / f"{stage}.jsonl"
+        self.tb = None
+        if enabled:
+            self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard" / stage))
+            except ImportError:  # tensorboard is an optional extra
+                self.tb = None
+
+    def log(self, step: int, values: dict, kind: str = "train") -> None:
+        if not self.enabled:
+            return
+        record = {"stage": self.stage, "kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for key, value in flatten(values).items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+        if self.console is not None and kind == "eval":  # train parts live in the progress bar
+            parts = "  ".join(f"{k} {v:.4g}" for k, v in flatten(values).items() if isinstance(v, float))
+            self.console.print(f"[dim]{self.stage}[/] {kind} step {step}: {parts}")
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def flatten(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def read_logs(run_dir: Path) -> list[dict]:
+    records = []
+    for path in sorted((run_dir / "logs").glob("*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return records
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss_curves.png: total and per-term training loss, eval loss as markers, one panel per stage."""
+    records = read_logs(run_dir)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = list(dict.fromkeys(r["stage"] for r in records))
+    fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
+    for ax, stage in zip(axes[0], stages):
+        train = [r for r in records if r["stage"] == stage and r["kind"] == "train"]
+        evals = [r for r in records if r["stage"] == stage and r["kind"] == "eval"]
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r["loss"] for r in train], label="loss", linewidth=2)
+        for name in (train[0].get("parts", {}) if train else {}):
+            ax.plot(steps, [r["parts"][name] for r in train], label=name, alpha=0.7)
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o--", label="eval loss")
+        ax.set(title=stage, xlabel="step", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = run_dir / "loss_curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,213 @@
+"""The one training loop. It owns devices, precision, accumulation, clipping, logging, eval and checkpoints.
+
+Accumulation is exact: each term is a mean over its own items (tokens, sequences, masked tokens),
+and every micro-batch on every process is weighted by its share of the global item count, so the
+update equals the one a single process would make on the whole global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kdistill.config import Stage
+from kdistill.data import mask_tokens
+from kdistill.engine.batches import BatchPlan
+from kdistill.engine.build import StageParts
+from kdistill.engine.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
+from kdistill.engine.distiller import Distiller
+from kdistill.engine.logs import RunLogger
+from kdistill.engine.schedule import make_scheduler
+from kdistill.models.taps import TapReader
+
+
+@dataclass
+class StageResult:
+    steps: int
+    wall_time_s: float
+    final_train: dict
+    final_eval: dict
+
+
+def stage_hash(stage: Stage) -> str:
+    return hashlib.sha256(json.dumps(stage.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and norms, as BERT-style training does."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class StageTrainer:
+    def __init__(self, parts: StageParts, stage: Stage, run_dir: Path, accelerator, console=None, progress=True):
+        self.parts, self.stage, self.cfg, self.acc = parts, stage, stage.train, accelerator
+        self.run_dir = run_dir
+        self.ckpt_root = run_dir / "checkpoints" / stage.name
+        self.hash = stage_hash(stage)
+        self.console = console
+        self.show_progress = progress and accelerator.is_main_process
+        self.distiller = Distiller(parts.student, parts.student_info, parts.terms, parts.student_taps)
+        self.teacher = parts.teacher.to(accelerator.device)
+        self.teacher_reader = TapReader(self.teacher, parts.teacher_info)
+        self.needs_teacher = any(t.needs_teacher for t in parts.terms)
+        optimizer = torch.optim.AdamW(param_groups(self.distiller, self.cfg.weight_decay), lr=self.cfg.lr)
+        self.scheduler = make_scheduler(optimizer, self.cfg.steps, self.cfg.warmup, self.cfg.schedule)
+        self.model, self.optimizer = accelerator.prepare(self.distiller, optimizer)
+        self.plan = BatchPlan(len(parts.train_records), self.cfg.batch_size, self.cfg.grad_accum,
+                              accelerator.num_processes, accelerator.process_index, self.cfg.seed)
+        self.logger = RunLogger(run_dir, stage.name, enabled=accelerator.is_main_process)
+        self.step = 0
+
+    # ---- batches -------------------------------------------------------------------------------
+    def collate(self, indices: list[int], step: int, micro: int) -> dict:
+        batch = self.parts.collator([self.parts.train_records[i] for i in indices])
+        if self.parts.needs_mlm:
+            gen = torch.Generator().manual_seed(hash((self.cfg.seed, step, micro, self.acc.process_index)) % 2**62)
+            batch["input_ids"], batch["mlm_labels"] = mask_tokens(
+                batch["input_ids"], batch["attention_mask"], self.parts.tokenizer, self.cfg.mlm_probability, gen)
+        return {k: v.to(self.acc.device) for k, v in batch.items()}
+
+    def teacher_taps(self, batch: dict) -> dict:
+        if not self.needs_teacher:
+            return {}
+        with torch.no_grad(), self.acc.autocast():
+            return self.teacher_reader(batch, sorted(self.parts.teacher_taps))
+
+    # ---- one optimizer step --------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        terms = self.parts.terms
+        batches = [self.collate(idx, step, j) for j, idx in enumerate(self.plan.micro_batches(step))]
+        counts = torch.tensor([[t.count(b) for t in terms] for b in batches], dtype=torch.float64, device=self.acc.device)
+        totals = self.acc.reduce(counts.sum(0), reduction="sum").clamp_min(1)
+        world = self.acc.num_processes
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
+        part_sums = torch.zeros(len(terms), dtype=torch.float64, device=self.acc.device)
+        self.model.train()
+        for j, batch in enumerate(batches):
+            share = counts[j] / totals  # this micro-batch's fraction of each term's global items
+            sync = j == len(batches) - 1
+            with (nullcontext() if sync else self.acc.no_sync(self.model)), self.acc.autocast():
+                out = self.model(batch, self.teacher_taps(batch), (share * world).tolist())
+            self.acc.backward(out["loss"])
+            values = torch.stack([out["parts"][t.name].double() for t in terms])
+            part_sums += values * share
+            loss_sum += (values * share * torch.tensor([t.weight for t in terms], dtype=torch.float64, device=values.device)).sum()
+        grad_norm = None
+        if self.cfg.max_grad_norm:
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        for term in terms:
+            term.after_step(step + 1, self.cfg.steps)
+        reduced = self.acc.reduce(torch.cat([loss_sum[None], part_sums]), reduction="sum")
+        result = {"loss": float(reduced[0]), "parts": {t.name: float(v) for t, v in zip(terms, reduced[1:])},
+                  "lr": self.scheduler.get_last_lr()[0]}
+        if grad_norm is not None:
+            result["grad_norm"] = float(grad_norm)
+        return result
+
+    # ---- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        records = self.parts.eval_records
+        if not records:
+            return {}
+        distiller = self.acc.unwrap_model(self.model)
+        distiller.eval()
+        terms = self.parts.terms
+        sums = torch.zeros(len(terms), dtype=torch.float64)
+        counts = torch.zeros(len(terms), dtype=torch.float64)
+        size = max(1, self.cfg.batch_size // self.cfg.grad_accum)
+        cosine, n_seq = 0.0, 0
+        for start in range(0, len(records), size):
+            batch = self.parts.collator(records[start: start + size])
+            if self.parts.needs_mlm:
+                gen = torch.Generator().manual_seed(start)
+                batch["input_ids"], batch["mlm_labels"] = mask_tokens(
+                    batch["input_ids"], batch["attention_mask"], self.parts.tokenizer, self.cfg.mlm_probability, gen)
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            t_taps = self.teacher_taps(batch)
+            out = distiller(batch, t_taps)
+            n = torch.tensor([t.count(batch) for t in terms], dtype=torch.float64)
+            sums += torch.stack([out["parts"][t.name].double().cpu() for t in terms]) * n
+            counts += n
+            if "pooled" in t_taps and self.parts.student_info.hidden_size == self.parts.teacher_info.hidden_size:
+                s_pooled = distiller.reader(batch, ["pooled"])["pooled"]
+                cosine += torch.nn.functional.cosine_similarity(s_pooled, t_taps["pooled"], dim=-1).sum().item()
+                n_seq += s_pooled.shape[0]
+        parts = {t.name: float(s / max(c, 1)) for t, s, c in zip(terms, sums, counts)}
+        result = {"loss": sum(t.weight * parts[t.name] for t in terms), "parts": parts}
+        if n_seq:
+            result["embedding_cosine_to_teacher"] = cosine / n_seq
+        return result
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def method_state(self) -> dict:
+        return {str(i): t.method_state() for i, t in enumerate(self.parts.terms)}
+
+    def save(self) -> None:
+        path = self.ckpt_root / f"step-{self.step:07d}"
+        save_checkpoint(path, model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
+                        scheduler=self.scheduler, step=self.step, stage=self.stage.name, recipe_hash=self.hash,
+                        method_state=self.method_state(), rank=self.acc.process_index,
+                        world=self.acc.num_processes, is_main=self.acc.is_main_process,
+                        barrier=self.acc.wait_for_everyone)
+        if self.acc.is_main_process:
+            prune(self.ckpt_root, self.cfg.keep_checkpoints)
+
+    def resume(self) -> bool:
+        checkpoints = list_checkpoints(self.ckpt_root)
+        if not checkpoints:
+            return False
+        state = load_checkpoint(checkpoints[-1], model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
+                                scheduler=self.scheduler, rank=self.acc.process_index, recipe_hash=self.hash)
+        self.step = state["step"]
+        for i, term in enumerate(self.parts.terms):
+            term.load_method_state(state["method"].get(str(i), {}))
+        return True
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> StageResult:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cfg = self.cfg
+        start_time, last = time.perf_counter(), {}
+        progress = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
+                            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[parts]}"),
+                            console=self.console, disable=not self.show_progress, transient=False)
+        last_eval = {}
+        with progress:
+            task = progress.add_task("train", total=cfg.steps, completed=self.step, stage=self.stage.name, parts="")
+            self.logger.console = progress.console if self.show_progress else None
+            while self.step < cfg.steps:
+                tick = time.perf_counter()
+                last = self.train_step(self.step)
+                self.step += 1
+                if not math.isfinite(last["loss"]):
+                    raise FloatingPointError(f"loss became {last['loss']} at step {self.step}; lower train.lr")
+                last["s_per_step"] = round(time.perf_counter() - tick, 4)
+                progress.update(task, advance=1, parts=" ".join(f"{k} {v:.3g}" for k, v in last["parts"].items()))
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    self.logger.log(self.step, last)
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    last_eval = self.evaluate()
+                    if last_eval:
+                        self.logger.log(self.step, last_eval, kind="eval")
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+        if not last_eval and self.parts.eval_records:
+            last_eval = self.evaluate()
+            self.logger.log(self.step, last_eval, kind="eval")
+        self.logger.close()
+        return StageResult(self.step, time.perf_counter() - start_time, last, last_eval)

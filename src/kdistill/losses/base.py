@@ -1,0 +1,115 @@
+"""Loss terms: named, weighted losses between student and teacher taps.
+
+A term declares the taps it reads, computes a mean over its own items (tokens, sequences, masked
+tokens, ...) and says how many items a batch holds (`count`), so the engine can weight micro-batches
+and processes by real item counts and one optimizer step equals one big batch exactly.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from kdistill.config import Strict
+from kdistill.errors import PairingError
+from kdistill.models.arch import ModelInfo
+from kdistill.models.layer_map import LayerMap
+from kdistill.registry import Registry
+
+LOSSES: Registry[type["LossTerm"]] = Registry("loss")
+
+
+def register_loss(name: str):
+    def add(cls):
+        cls.type_name = name
+        return LOSSES.register(name)(cls)
+
+    return add
+
+
+class TermParams(Strict):
+    type: str
+    weight: float = 1.0
+    name: str | None = None  # how the term is logged; defaults to its type
+
+
+class LossTerm(nn.Module):
+    Params: ClassVar[type[TermParams]] = TermParams
+    type_name: ClassVar[str] = ""
+    needs_mlm: ClassVar[bool] = False  # the batch must carry masked input_ids and mlm_labels
+    needs_teacher: ClassVar[bool] = True
+
+    def __init__(self, params: TermParams, student: ModelInfo, teacher: ModelInfo, where: str = "losses"):
+        super().__init__()
+        self.params = params
+        self.student_info = student
+        self.teacher_info = teacher
+        self.where = where
+        self.weight = params.weight
+
+    @property
+    def name(self) -> str:
+        return self.params.name or self.type_name
+
+    def student_taps(self) -> list[str]:
+        raise NotImplementedError
+
+    def teacher_taps(self) -> list[str]:
+        return []
+
+    def count(self, batch: dict) -> int:
+        """How many items this term's mean runs over in `batch` (default: real tokens)."""
+        return token_count(batch)
+
+    def forward(self, s: dict, t: dict, batch: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+    # Extension points for methods with a schedule (TAID's α, Theseus' replacement rate): `after_step`
+    # runs once per optimizer step; `method_state` is saved in every checkpoint and handed back on resume.
+    def after_step(self, step: int, total_steps: int) -> None:
+        pass
+
+    def method_state(self) -> dict:
+        return {}
+
+    def load_method_state(self, state: dict) -> None:
+        pass
+
+
+def token_count(batch: dict) -> int:
+    mask = batch.get("attention_mask")
+    if mask is not None:
+        return int(mask.sum())
+    pixels = batch["pixel_values"]
+    return int(pixels.shape[0])
+
+
+def sequence_count(batch: dict) -> int:
+    key = "input_ids" if "input_ids" in batch else "pixel_values"
+    return int(batch[key].shape[0])
+
+
+def make_projector(kind: str, student_width: int, teacher_width: int, where: str) -> nn.Module | None:
+    """FitNets' learned W when widths differ; trained with the student, dropped on export."""
+    if kind == "linear" or (kind == "auto" and student_width != teacher_width):
+        return nn.Linear(student_width, teacher_width)
+    if student_width != teacher_width:
+        raise PairingError(
+            f"{where}: student width {student_width} differs from teacher width {teacher_width} "
+            f"and projector is 'none'; set projector: auto (a learned linear map)"
+        )
+    return None
+
+
+def layer_map(spec, student: ModelInfo, teacher: ModelInfo, where: str) -> LayerMap:
+    return LayerMap.resolve(spec, student.num_layers, teacher.num_layers, f"{where}.layers")
+
+
+def same_heads(student: ModelInfo, teacher: ModelInfo, where: str, hint: str) -> None:
+    if student.num_heads != teacher.num_heads:
+        raise PairingError(
+            f"{where}: student has {student.num_heads} attention heads, teacher {teacher.num_heads}; "
+            f"this loss compares heads one to one. {hint}"
+        )
+

@@ -1,0 +1,114 @@
+"""Hint terms on hidden features: per-layer hidden states and pooled sentence embeddings."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from kdistill.losses import functional as fn
+from kdistill.losses.base import LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count
+
+LayerSpec = Literal["uniform", "last"] | list[tuple[int, int]]
+
+
+class HiddenParams(TermParams):
+    layers: LayerSpec = "uniform"
+    projector: Literal["auto", "linear", "none"] = "auto"
+
+
+class HiddenMSEParams(HiddenParams):
+    type: Literal["hidden_mse"] = "hidden_mse"
+
+
+class HiddenCosineParams(HiddenParams):
+    type: Literal["hidden_cosine"] = "hidden_cosine"
+
+
+class _HiddenTerm(LossTerm):
+    """Sum over mapped layer pairs of a per-token distance between (projected) hidden states."""
+
+    distance = staticmethod(fn.masked_mse)
+
+    def __init__(self, params, student, teacher, where="losses"):
+        super().__init__(params, student, teacher, where)
+        self.map = layer_map(params.layers, student, teacher, where)
+        self.projector = make_projector(params.projector, student.hidden_size, teacher.hidden_size, where)
+
+    def student_taps(self):
+        return [f"hidden_states[{s}]" for s, _ in self.map.pairs]
+
+    def teacher_taps(self):
+        return [f"hidden_states[{t}]" for _, t in self.map.pairs]
+
+    def forward(self, s, t, batch):
+        mask = batch.get("attention_mask")
+        mask = mask.bool() if mask is not None else None
+        total = 0.0
+        for ls, lt in self.map.pairs:
+            hs = s[f"hidden_states[{ls}]"]
+            if self.projector is not None:
+                hs = self.projector(hs)
+            total = total + self.distance(hs, t[f"hidden_states[{lt}]"], mask)
+        return total
+
+
+@register_loss("hidden_mse")
+class HiddenMSE(_HiddenTerm):
+    Params = HiddenMSEParams
+
+
+@register_loss("hidden_cosine")
+class HiddenCosine(_HiddenTerm):
+    Params = HiddenCosineParams
+    distance = staticmethod(fn.masked_cosine_distance)
+
+
+class EmbeddingParams(TermParams):
+    projector: Literal["auto", "linear", "none"] = "auto"
+
+
+class EmbeddingCosineParams(EmbeddingParams):
+    type: Literal["embedding_cosine"] = "embedding_cosine"
+
+
+class EmbeddingMSEParams(EmbeddingParams):
+    type: Literal["embedding_mse"] = "embedding_mse"
+    scale: float = Field(1.0, gt=0, description="multiplies both embeddings first (MSE on small vectors is tiny)")
+
+
+class _EmbeddingTerm(LossTerm):
+    """Distance between pooled sentence embeddings (the model's own pooling), one item per sequence."""
+
+    def __init__(self, params, student, teacher, where="losses"):
+        super().__init__(params, student, teacher, where)
+        self.projector = make_projector(params.projector, student.hidden_size, teacher.hidden_size, where)
+
+    def student_taps(self):
+        return ["pooled"]
+
+    def teacher_taps(self):
+        return ["pooled"]
+
+    def count(self, batch):
+        return sequence_count(batch)
+
+    def pair(self, s, t):
+        es = s["pooled"] if self.projector is None else self.projector(s["pooled"])
+        return es, t["pooled"]
+
+
+@register_loss("embedding_cosine")
+class EmbeddingCosine(_EmbeddingTerm):
+    Params = EmbeddingCosineParams
+
+    def forward(self, s, t, batch):
+        return fn.masked_cosine_distance(*self.pair(s, t))
+
+
+@register_loss("embedding_mse")
+class EmbeddingMSE(_EmbeddingTerm):
+    Params = EmbeddingMSEParams
+
+    def forward(self, s, t, batch):
+        es, et = self.pair(s, t)
+        return fn.masked_mse(es * self.params.scale, et * self.params.scale)

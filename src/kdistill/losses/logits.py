@@ -1,0 +1,134 @@
+"""Terms on output distributions: logit KD (Hinton), hard-label cross-entropy, masked-LM."""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from kdistill.errors import PairingError
+from kdistill.losses import functional as fn
+from kdistill.losses.base import LossTerm, TermParams, register_loss, sequence_count, token_count
+
+
+def logits_mask(batch: dict, logits: torch.Tensor) -> torch.Tensor | None:
+    """Real positions for per-token logits; None for one distribution per sequence."""
+    if logits.dim() == 2:
+        return None
+    return batch["attention_mask"].bool()
+
+
+def hard_label_loss(logits: torch.Tensor, batch: dict, task: str) -> torch.Tensor:
+    """Cross-entropy against the labels that fit the task: class ids, next tokens, or masked tokens."""
+    if task == "masked-lm" or "mlm_labels" in batch:
+        return F.cross_entropy(logits.flatten(0, -2).float(), batch["mlm_labels"].flatten(), ignore_index=-100)
+    if logits.dim() == 2:
+        if "labels" not in batch:
+            raise PairingError("a hard-label loss needs labels: give the data source a `label:` field")
+        return F.cross_entropy(logits.float(), batch["labels"])
+    # causal LM: position i predicts token i+1; padding is ignored
+    targets = batch["input_ids"][:, 1:].masked_fill(~batch["attention_mask"][:, 1:].bool(), -100)
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def hard_label_count(batch: dict, task: str) -> int:
+    if task == "masked-lm" or "mlm_labels" in batch:
+        return int((batch["mlm_labels"] != -100).sum())
+    if task in ("causal-lm",):
+        return int(batch["attention_mask"][:, 1:].sum())
+    return sequence_count(batch)
+
+
+class LogitKDParams(TermParams):
+    type: Literal["logit_kd"] = "logit_kd"
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.0, ge=0, le=1, description="weight of the hard-label loss; 1-alpha goes to KD")
+    divergence: Literal["kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "soft_ce", "mse"] = "kl"
+    skew: float = Field(0.1, ge=0, le=1, description="alpha of skew_kl / skew_reverse_kl")
+
+
+@register_loss("logit_kd")
+class LogitKD(LossTerm):
+    """alpha·CE(labels, student) + (1-alpha)·τ²·D(teacher ‖ student) at temperature τ (Hinton et al.)."""
+
+    Params = LogitKDParams
+
+    def __init__(self, params, student, teacher, where="losses"):
+        super().__init__(params, student, teacher, where)
+        if student.logits_per != teacher.logits_per:
+            raise PairingError(f"{where}: student logits are per {student.logits_per}, teacher's per {teacher.logits_per}")
+        if student.logits_per == "token" and student.vocab_size != teacher.vocab_size:
+            raise PairingError(
+                f"{where}: student vocabulary ({student.vocab_size}) differs from the teacher's ({teacher.vocab_size}); "
+                f"logit losses need the same vocabulary"
+            )
+
+    def student_taps(self):
+        return ["logits"]
+
+    def teacher_taps(self):
+        return ["logits"]
+
+    def count(self, batch):
+        return token_count(batch) if self.student_info.logits_per == "token" else sequence_count(batch)
+
+    def forward(self, s, t, batch):
+        zs, zt = s["logits"], t["logits"]
+        if zs.shape[-1] != zt.shape[-1]:
+            raise PairingError(f"{self.where}: student has {zs.shape[-1]} outputs, teacher {zt.shape[-1]}")
+        p = self.params
+        kwargs = {"alpha": p.skew} if p.divergence.startswith("skew") else {}
+        soft = fn.DIVERGENCES[p.divergence](zs, zt, temperature=p.temperature, mask=logits_mask(batch, zs), **kwargs)
+        loss = (1 - p.alpha) * p.temperature**2 * soft
+        if p.alpha > 0:
+            loss = loss + p.alpha * hard_label_loss(zs, batch, self.student_info.task)
+        return loss
+
+
+class CrossEntropyParams(TermParams):
+    type: Literal["cross_entropy"] = "cross_entropy"
+
+
+@register_loss("cross_entropy")
+class CrossEntropy(LossTerm):
+    """The student's own task loss on labels (class ids, next tokens), no teacher involved."""
+
+    Params = CrossEntropyParams
+    needs_teacher = False
+
+    def student_taps(self):
+        return ["logits"]
+
+    def count(self, batch):
+        return hard_label_count(batch, self.student_info.task)
+
+    def forward(self, s, t, batch):
+        return hard_label_loss(s["logits"], batch, self.student_info.task)
+
+
+class MLMParams(TermParams):
+    type: Literal["mlm"] = "mlm"
+
+
+@register_loss("mlm")
+class MaskedLM(LossTerm):
+    """Masked-language-modelling loss on the student (DistilBERT's L_mlm); the batch is masked 80/10/10."""
+
+    Params = MLMParams
+    needs_mlm = True
+    needs_teacher = False
+
+    def __init__(self, params, student, teacher, where="losses"):
+        super().__init__(params, student, teacher, where)
+        if student.task != "masked-lm":
+            raise PairingError(f"{where}: mlm needs a student with a masked-LM head; set teacher.task: masked-lm")
+
+    def student_taps(self):
+        return ["logits"]
+
+    def count(self, batch):
+        return int((batch["mlm_labels"] != -100).sum())
+
+    def forward(self, s, t, batch):
+        return hard_label_loss(s["logits"], batch, "masked-lm")

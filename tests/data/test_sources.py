@@ -1,0 +1,165 @@
+import csv
+import json
+
+import pytest
+
+from kdistill.data.sources import label_names, load_records
+from kdistill.errors import ConfigError, DataError
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+ROWS = [{"sentence": "a cat sat", "topic": "animals", "other": "x"},
+        {"sentence": "stocks fell", "topic": "money", "other": "y"},
+        {"sentence": "dogs bark", "topic": "animals", "other": "z"}]
+
+
+def test_jsonl_with_custom_fields_and_limit(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", ROWS)
+    records = load_records({"path": str(path), "text": "sentence", "label": "topic",
+                            "text_pair": "other"})
+    assert records[0] == {"text": "a cat sat", "label": "animals", "text_pair": "x"}
+    assert len(records) == 3
+    assert load_records({"path": str(path), "text": "sentence", "limit": 2}) == [
+        {"text": "a cat sat"}, {"text": "stocks fell"}]
+
+
+def test_jsonl_keeps_int_labels_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "one", "label": 1}\n\n{"text": "two", "label": 10}\n')
+    records = load_records({"path": str(path), "label": "label"})
+    assert [r["label"] for r in records] == [1, 10]
+    assert label_names(records + [{"text": "x", "label": 2}]) == ["1", "2", "10"]
+
+
+def test_csv_with_custom_fields(tmp_path):
+    path = write_csv(tmp_path / "d.csv", ROWS)
+    records = load_records({"path": str(path), "text": "sentence", "label": "topic"})
+    assert records == [{"text": r["sentence"], "label": r["topic"]} for r in ROWS]
+    assert label_names(records) == ["animals", "money"]
+
+
+def test_txt_one_record_per_non_empty_line(tmp_path):
+    path = tmp_path / "d.txt"
+    path.write_text("first line\n\n  \nsecond line\n")
+    assert load_records({"path": str(path)}) == [{"text": "first line"}, {"text": "second line"}]
+    with pytest.raises(ConfigError, match="no label"):
+        load_records({"path": str(path), "label": "label"})
+
+
+def test_builtin_source_with_split_and_limit():
+    records = load_records({"source": "stdlib-docstrings", "limit": 5}, split_default="eval")
+    assert len(records) == 5
+    assert records == load_records({"source": "stdlib-docstrings", "split": "eval", "limit": 5})
+    train = load_records({"source": "stdlib-docstrings", "limit": 5})
+    assert {r["text"] for r in train}.isdisjoint(r["text"] for r in records)
+
+
+def test_saved_dataset_round_trip(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    data = datasets.DatasetDict({
+        "train": datasets.Dataset.from_list(ROWS),
+        "eval": datasets.Dataset.from_list(ROWS[:1]),
+    })
+    data.save_to_disk(str(tmp_path / "saved"))
+    spec = {"path": str(tmp_path / "saved"), "text": "sentence", "label": "topic"}
+    assert len(load_records(spec)) == 3
+    assert load_records(spec, split_default="eval") == [{"text": "a cat sat", "label": "animals"}]
+    with pytest.raises(DataError, match="no split 'test'; splits there: train, eval"):
+        load_records({**spec, "split": "test"})
+    with pytest.raises(DataError, match=r"'title'.*columns there: sentence, topic, other"):
+        load_records({**spec, "text": "title"})
+    single = tmp_path / "single"
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(single))
+    assert load_records({"path": str(single), "text": "sentence", "limit": 1}) == [
+        {"text": "a cat sat"}]
+
+
+def test_hub_dataset_is_loaded_with_name_config_split(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_list([{"sentence": "hi", "label": 0}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    records = load_records({"dataset": "glue", "config": "sst2", "text": "sentence",
+                            "label": "label"}, split_default="validation")
+    assert calls == [("glue", "sst2", "validation")] and records == [{"text": "hi", "label": 0}]
+
+
+def test_hub_failure_is_a_data_error_naming_the_dataset(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(name, config=None, split=None):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="'someone/corpus'.*no network"):
+        load_records({"dataset": "someone/corpus"})
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(DataError, match="not found: .*nope.jsonl"):
+        load_records({"path": str(tmp_path / "nope.jsonl")})
+
+
+def test_unknown_extension_names_path_and_kinds(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match=r"d.parquet.*'.parquet'.*\.jsonl, \.csv, \.txt"):
+        load_records({"path": str(path)})
+
+
+def test_missing_field_names_field_file_line_and_fields(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"sentence": "ok", "topic": "a"}\n\n{"sentence": "no topic"}\n')
+    with pytest.raises(DataError) as err:
+        load_records({"path": str(path), "text": "sentence", "label": "topic"})
+    message = str(err.value)
+    assert "'topic'" in message and "d.jsonl line 3" in message and "fields there: sentence" in message
+    csv_path = write_csv(tmp_path / "d.csv", ROWS)
+    with pytest.raises(DataError, match=r"'text'.*d.csv line 2.*sentence, topic, other"):
+        load_records({"path": str(csv_path)})
+
+
+def test_bad_json_and_empty_sources(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(DataError, match="bad.jsonl line 2 is not valid JSON"):
+        load_records({"path": str(bad)})
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(DataError, match="empty.txt has no records"):
+        load_records({"path": str(empty)})
+
+
+def test_empty_split_of_a_corpus(monkeypatch):
+    from kdistill.data import corpora
+
+    monkeypatch.setitem(corpora.CORPORA._items, "stdlib-docstrings", lambda split: [])
+    with pytest.raises(DataError, match="has no records for split 'eval'"):
+        load_records({"source": "stdlib-docstrings", "split": "eval"})
+
+
+def test_spec_needs_exactly_one_kind_and_a_valid_limit(tmp_path):
+    with pytest.raises(ConfigError, match="exactly one of source, path, dataset"):
+        load_records({"source": "stdlib-docstrings", "path": "x.jsonl"})
+    with pytest.raises(ConfigError, match="exactly one"):
+        load_records({})
+    with pytest.raises(ConfigError, match="limit"):
+        load_records({"source": "stdlib-docstrings", "limit": 0})
+    with pytest.raises(ConfigError, match="did you mean 'stdlib-docstrings'"):
+        load_records({"source": "stdlib-docstring"})
