@@ -1,1 +1,41 @@
-"""kdistill."""
+"""kdistill: knowledge distillation for transformer models, from one recipe.
+
+    import kdistill
+    student_dir = kdistill.distill("minilm-l3", overrides=["train.steps=100"])
+    report = kdistill.evaluate(str(student_dir), "packaged:all-MiniLM-L6-v2", {"source": "stdlib-docstrings"})
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def load_recipe(ref, overrides=(), output=None):
+    """A validated recipe from a YAML path, a built-in recipe name, or a dict."""
+    from kdistill.config import load_recipe as _load
+
+    return _load(ref, overrides, output)
+
+
+def distill(recipe, overrides=(), output: str | None = None, resume: bool = False, force: bool = False,
+            progress: bool = True) -> Path:
+    """Run a recipe (path, built-in name, dict or Recipe) and return the final student directory."""
+    from rich.console import Console
+
+    from kdistill.config import Recipe
+    from kdistill.engine.run import run_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, overrides, output)
+    return run_recipe(recipe, resume=resume, force=force, console=Console(), progress=progress)
+
+
+def evaluate(student: str, teacher: str | None, data, **kwargs) -> dict:
+    """Side-by-side metrics of a student against its teacher (see kdistill.eval.report.evaluate)."""
+    from kdistill.eval.report import evaluate as _evaluate
+
+    return _evaluate(student, teacher, data, **kwargs)
+
+
+__all__ = ["distill", "evaluate", "load_recipe", "__version__"]

@@ -35,10 +35,28 @@ class FromTeacher(Strict):
     num_layers: int | None = Field(None, ge=1, description="for layers: uniform")
 
 
+STUDENT_INITS = ("from_teacher", "config", "model")
+
+
+def suggest(name: str, valid, kind: str) -> str:
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}{hint} valid: {', '.join(valid)}"
+
+
 class StudentConfig(Strict):
     from_teacher: FromTeacher | None = None
     config: dict[str, Any] | None = None
     model: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def known_inits(cls, data):
+        if isinstance(data, dict):
+            for key in data:
+                if key not in STUDENT_INITS:
+                    raise ValueError(suggest(key, STUDENT_INITS, "student init"))
+        return data
 
     @model_validator(mode="after")
     def exactly_one(self):
@@ -70,6 +88,11 @@ class DataSource(Strict):
         given = [k for k in ("source", "path", "dataset") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of source, path, dataset (got {given or 'none'})")
+        if self.source is not None:
+            from kdistill.data.corpora import CORPORA
+
+            if self.source not in CORPORA:
+                raise ValueError(suggest(self.source, CORPORA.names(), "corpus"))
         return self
 
 

@@ -189,7 +189,7 @@ class StageTrainer:
         last_eval = {}
         with progress:
             task = progress.add_task("train", total=cfg.steps, completed=self.step, stage=self.stage.name, parts="")
-            self.logger.console = progress.console if self.show_progress else None
+            self.logger.console = progress.console if self.show_progress else (self.console if self.acc.is_main_process else None)
             while self.step < cfg.steps:
                 tick = time.perf_counter()
                 last = self.train_step(self.step)

@@ -5,7 +5,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
+from kdistill.models.taps import parse_tap, tap_name
 from kdistill.losses.base import LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count
 
 LayerSpec = Literal["uniform", "last"] | list[tuple[int, int]]
@@ -14,6 +16,8 @@ LayerSpec = Literal["uniform", "last"] | list[tuple[int, int]]
 class HiddenParams(TermParams):
     layers: LayerSpec = "uniform"
     projector: Literal["auto", "linear", "none"] = "auto"
+    student_tap: str | None = Field(None, description="compare these two named taps instead of a layer map")
+    teacher_tap: str | None = None
 
 
 class HiddenMSEParams(HiddenParams):
@@ -31,24 +35,32 @@ class _HiddenTerm(LossTerm):
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
-        self.map = layer_map(params.layers, student, teacher, where)
+        if (params.student_tap is None) != (params.teacher_tap is None):
+            raise PairingError(f"{where}: give both student_tap and teacher_tap, or neither")
+        if params.student_tap is not None:
+            # canonical names (negative layers resolved) are the keys the tap reader produces
+            self.pairs = [(tap_name(*parse_tap(params.student_tap, student, f"{where}.student_tap")),
+                           tap_name(*parse_tap(params.teacher_tap, teacher, f"{where}.teacher_tap")))]
+        else:
+            pairs = layer_map(params.layers, student, teacher, where).pairs
+            self.pairs = [(f"hidden_states[{a}]", f"hidden_states[{b}]") for a, b in pairs]
         self.projector = make_projector(params.projector, student.hidden_size, teacher.hidden_size, where)
 
     def student_taps(self):
-        return [f"hidden_states[{s}]" for s, _ in self.map.pairs]
+        return [a for a, _ in self.pairs]
 
     def teacher_taps(self):
-        return [f"hidden_states[{t}]" for _, t in self.map.pairs]
+        return [b for _, b in self.pairs]
 
     def forward(self, s, t, batch):
-        mask = batch.get("attention_mask")
-        mask = mask.bool() if mask is not None else None
         total = 0.0
-        for ls, lt in self.map.pairs:
-            hs = s[f"hidden_states[{ls}]"]
+        for a, b in self.pairs:
+            hs, ht = s[a], t[b]
             if self.projector is not None:
                 hs = self.projector(hs)
-            total = total + self.distance(hs, t[f"hidden_states[{lt}]"], mask)
+            # pooled taps are one vector per sequence: no token mask applies
+            mask = batch.get("attention_mask") if hs.dim() == 3 else None
+            total = total + self.distance(hs, ht, mask.bool() if mask is not None else None)
         return total
 
 

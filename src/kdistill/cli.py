@@ -1,0 +1,138 @@
+"""The `kdistill` command. Heavy libraries are imported inside commands, so `--help` answers at once."""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge distillation for transformer models, from one recipe.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+def friendly(fn):
+    """Known errors become one clear message and exit code 2; a traceback means a bug in kdistill."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from kdistill.errors import KdistillError
+
+        try:
+            return fn(*args, **kwargs)
+        except KdistillError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=False if "[" in str(err) else True)
+            raise typer.Exit(2) from None
+        except FloatingPointError as err:
+            err_console.print(f"error: {err}", highlight=False)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted; continue with the same command plus --resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+SetOpt = typer.Option(None, "--set", help="override a recipe field: a.b.c=value (repeatable)")
+
+
+@app.command()
+@friendly
+def run(recipe: str = typer.Argument(..., help="recipe YAML file or built-in recipe name"),
+        set_: Optional[List[str]] = SetOpt,
+        output: Optional[str] = typer.Option(None, help="run directory (default: the recipe's output)"),
+        resume: bool = typer.Option(False, help="continue the run in the output directory from its last checkpoint"),
+        force: bool = typer.Option(False, help="with --resume: resume even if the recipe changed"),
+        progress: bool = typer.Option(True, help="show a progress bar")):
+    """Run a distillation recipe."""
+    from kdistill import distill, load_recipe
+
+    recipe_obj = load_recipe(recipe, set_ or [], output)
+    student = distill(recipe_obj, resume=resume, force=force, progress=progress)
+    console.print(f"[green]done[/]: student saved to {student}")
+
+
+@app.command()
+@friendly
+def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-in recipe name"),
+             set_: Optional[List[str]] = SetOpt,
+             full: bool = typer.Option(False, help="also load models and data to check that they pair")):
+    """Check a recipe without running it."""
+    from kdistill import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    for i, stage in enumerate(r.stages):
+        student = stage.student.kind()[0] if stage.student else "previous stage"
+        losses = ", ".join(f"{p.type}×{p.weight:g}" for p in stage.losses)
+        console.print(f"stage {i} [bold]{stage.name}[/]: teacher {stage.teacher.model}, student {student}, "
+                      f"{stage.train.steps} steps, losses {losses}", highlight=False)
+        if full:
+            from kdistill.engine.build import build_stage
+
+            parts = build_stage(stage, None, f"stages[{i}]." if len(r.stages) > 1 else "")
+            console.print(f"  {len(parts.train_records)} train / {len(parts.eval_records)} eval records; "
+                          f"taps: student {sorted(parts.student_taps)}, teacher {sorted(parts.teacher_taps)}", highlight=False)
+    console.print(f"[green]ok[/]: {r.name} is valid ({len(r.stages)} stage{'s' if len(r.stages) > 1 else ''}) -> {r.output}")
+
+
+@app.command()
+def recipes():
+    """List the built-in recipes."""
+    from rich.table import Table
+
+    from kdistill.config import builtin_recipes
+
+    table = Table("name", "what it does")
+    for name, path in builtin_recipes().items():
+        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        table.add_row(name, first.lstrip("# ").strip() if first.startswith("#") else "")
+    console.print(table)
+
+
+def data_spec(value: str) -> dict:
+    """A --data value: an existing file/dir is a path, `name:split` or `name` a built-in corpus."""
+    if Path(value).exists():
+        return {"path": value}
+    name, _, split = value.partition(":")
+    return {"source": name, **({"split": split} if split else {})}
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(student: str = typer.Option(..., help="student model directory"),
+             teacher: Optional[str] = typer.Option(None, help="teacher: directory, hub id or packaged:NAME"),
+             data: List[str] = typer.Option(..., help="corpus name (optionally NAME:SPLIT) or file; repeatable"),
+             split: str = typer.Option("eval", help="split of built-in corpora"),
+             limit: int = typer.Option(512, help="texts per dataset"),
+             output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json)")):
+    """Compare a student with its teacher: size, speed, embedding fidelity, accuracy or perplexity."""
+    from kdistill.eval.report import evaluate, render_table, save
+
+    result = evaluate(student, teacher, [data_spec(d) for d in data], split=split, limit=limit)
+    console.print(render_table(result))
+    path = Path(output) if output else Path(student) / "eval.json"
+    save(result, path)
+    console.print(f"saved {path}")
+
+
+@app.command()
+@friendly
+def demo(steps: Optional[int] = typer.Option(None, help="training steps (default: the recipe's)"),
+         output: str = typer.Option("runs/demo", help="run directory"),
+         resume: bool = typer.Option(False, help="continue an interrupted demo")):
+    """Distill the packaged all-MiniLM-L6-v2 into a 3-layer student and print teacher vs student."""
+    from kdistill.demo import run_demo
+
+    run_demo(console, steps=steps, output=output, resume=resume)
+
+
+def main():
+    app(prog_name="kdistill")
+
+
+if __name__ == "__main__":
+    main()

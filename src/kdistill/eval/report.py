@@ -1,0 +1,241 @@
+"""Compare a student with its teacher: footprint, speed, and quality on one or more datasets.
+
+`evaluate` returns one JSON-able dict (the contract the CLI, `kdistill.json` and benchmarks share);
+`render_table` shows it, `save` writes it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from kdistill.errors import ConfigError, PairingError
+
+# Tasks whose pooled last hidden state is the model's output, so fidelity to the teacher is its
+# quality measure. Classifiers and causal LMs are judged by their own head instead.
+ENCODER_TASKS = ("embedding", "masked-lm")
+TEXT_TASKS = ENCODER_TASKS + ("classification", "causal-lm")
+SPEED_TEXTS = 128  # a few batches time steadily; more only makes a CPU eval slow (4 passes each)
+SPEED_REPEATS = 3
+FILE_SUFFIXES = (".jsonl", ".csv", ".txt")
+
+
+@dataclass
+class Side:
+    ref: str
+    model: Any
+    tokenizer: Any
+    path: str
+    task: str
+    pooling: str
+
+
+def spec_from_arg(arg: str) -> dict:
+    """A data source block from one command-line word: a built-in corpus name, a file or saved
+    dataset folder, or `dataset:NAME` for the Hugging Face hub."""
+    from kdistill.data import CORPORA
+
+    if arg.startswith("dataset:"):
+        return {"dataset": arg.split(":", 1)[1]}
+    if arg in CORPORA:
+        return {"source": arg}
+    if os.path.exists(arg) or arg.lower().endswith(FILE_SUFFIXES):
+        return {"path": arg}
+    raise ConfigError(CORPORA.unknown_message(arg, "--data")
+                      + "; or give a .jsonl/.csv/.txt file, or dataset:NAME for a hub dataset")
+
+
+def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -> dict[str, list[dict]]:
+    """{name: records} for one source block or a list of them, each named by its source value."""
+    from kdistill.data import load_records
+
+    specs = [data_spec] if isinstance(data_spec, dict) else list(data_spec)
+    if not specs:
+        raise ConfigError("evaluate needs at least one data source")
+    out: dict[str, list[dict]] = {}
+    for i, spec in enumerate(specs):
+        if not isinstance(spec, dict):
+            raise ConfigError(f"data source {i} must be a mapping such as {{source: NAME}}, "
+                              f"got {type(spec).__name__}")
+        spec = dict(spec)
+        if limit is not None and spec.get("limit") is None:
+            spec["limit"] = limit
+        name = str(spec.get("name") or next((spec[k] for k in ("source", "path", "dataset") if spec.get(k)), i))
+        if name in out:  # e.g. the same corpus twice with different splits
+            name = f"{name} ({spec.get('split') or split})"
+        if name in out:
+            name = f"{name} #{i}"
+        records = load_records({k: v for k, v in spec.items() if k != "name"}, split)
+        out[name] = [r for r in records if str(r.get("text", "")).strip()]
+    return out
+
+
+def _load(ref: str, device: str | None) -> Side:
+    from kdistill.models.arch import model_info
+    from kdistill.models.loading import load_model, read_pooling
+
+    loaded = load_model(ref)
+    if loaded.task not in TEXT_TASKS:
+        raise ConfigError(f"{ref} is a {loaded.task} model; evaluate handles text models "
+                          f"({', '.join(TEXT_TASKS)})")
+    model = loaded.model.to(device) if device else loaded.model
+    pooling = read_pooling(loaded.path)
+    if pooling is None:
+        try:
+            pooling = model_info(model, loaded.task).pooling
+        except PairingError:  # an unusual layout: fall back to the same defaults model_info uses
+            pooling = "last" if loaded.task == "causal-lm" else "mean"
+    return Side(ref, model, loaded.tokenizer, loaded.path, loaded.task, pooling)
+
+
+def _weights_dir(path: str) -> str | None:
+    if os.path.isdir(path):
+        return path
+    try:  # a hub id: its files are already in the local cache, since the model just loaded
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - size is informative only; unknown is an honest answer
+        return None
+
+
+def _class_names(model, records: list[dict]) -> list[str]:
+    from kdistill.data import label_names
+
+    id2label = getattr(model.config, "id2label", None) or {}
+    names = [str(id2label[i]) for i in sorted(id2label)]
+    # Transformers fills LABEL_0.. when the trainer saved no names; only then fall back to the
+    # sorted labels of the data, which is how kdistill builds class indexes for training.
+    if names and not all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return names
+    return label_names(records)
+
+
+def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[dict], *,
+             split: str = "eval", limit: int | None = 512, batch_size: int = 64,
+             max_length: int = 128, speed: bool = True, device: str | None = None) -> dict:
+    """Footprint, speed and quality of a student (and its teacher, when given) on each dataset."""
+    import torch
+
+    from kdistill.eval.embeddings import compare_speed, encode, fidelity
+    from kdistill.eval.metrics import accuracy, count_parameters, perplexity, size_on_disk
+
+    datasets = load_datasets(data_spec, split, limit)
+    refs = {"teacher": teacher_ref, "student": student_ref} if teacher_ref else {"student": student_ref}
+    sides = {role: _load(ref, device) for role, ref in refs.items()}
+    result: dict = {
+        "settings": {"split": split, "limit": limit, "batch_size": batch_size, "max_length": max_length,
+                     "device": str(next(sides["student"].model.parameters()).device),
+                     "threads": torch.get_num_threads()},
+        "models": {}, "speedup": None, "datasets": {},
+    }
+    for role, side in sides.items():
+        size = size_on_disk(_weights_dir(side.path))
+        result["models"][role] = {
+            "ref": side.ref, "task": side.task, "pooling": side.pooling,
+            "params": count_parameters(side.model),
+            "size_mb": None if size is None else size / 1e6, "texts_per_s": None,
+        }
+    pair = "teacher" in sides and all(s.task in ENCODER_TASKS for s in sides.values())
+    for name, records in datasets.items():
+        texts = [r["text"] for r in records]
+        entry: dict = {"n": len(texts)}
+        if pair:
+            emb = {role: encode(s.model, s.tokenizer, texts, s.pooling, batch_size, max_length)
+                   for role, s in sides.items()}
+            entry.update(fidelity(emb["student"], emb["teacher"], k=10))
+            entry["n"] = len(texts)
+        for role, s in sides.items():
+            if s.task == "classification" and any(r.get("label") is not None for r in records):
+                names = _class_names(s.model, records)
+                entry.setdefault("accuracy", {})[role] = accuracy(
+                    s.model, s.tokenizer, records, names, batch_size, max_length)
+            elif s.task == "causal-lm":
+                entry.setdefault("perplexity", {})[role] = perplexity(
+                    s.model, s.tokenizer, texts, batch_size, max_length)
+        result["datasets"][name] = entry
+    if speed:
+        # Both models are timed here, in one run, on the same texts and interleaved (see
+        # compare_speed): throughput measured at different times or on different texts on a shared
+        # machine differs by more than a small student's real gain.
+        texts = [r["text"] for r in next(iter(datasets.values()))][:SPEED_TEXTS]
+        tps = compare_speed({role: (s.model, s.tokenizer, s.pooling) for role, s in sides.items()},
+                            texts, batch_size, max_length, SPEED_REPEATS)
+        for role, value in tps.items():
+            result["models"][role]["texts_per_s"] = value
+        result["settings"]["speed_texts"] = len(texts)
+        if "teacher" in tps:
+            result["speedup"] = tps["student"] / tps["teacher"]
+    return result
+
+
+# ---------------------------------------------------------------- output
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+def render_table(result: dict):
+    """A rich Table: one row per metric, teacher and student side by side."""
+    from rich.table import Table
+
+    models = result["models"]
+    roles = [r for r in ("teacher", "student") if r in models]
+    table = Table(title="kdistill eval", show_lines=False)
+    table.add_column("metric", style="bold")
+    for role in roles:
+        table.add_column(f"{role}\n{models[role]['ref']}", justify="right", overflow="fold")
+
+    def row(label, values):
+        table.add_row(label, *values)
+
+    row("task", [models[r]["task"] for r in roles])
+    row("parameters", [_fmt(models[r]["params"]) for r in roles])
+    row("size on disk (MB)", [_fmt(models[r]["size_mb"], 1) for r in roles])
+    row("texts / s", [_fmt(models[r]["texts_per_s"], 1) for r in roles])
+    if result.get("speedup") is not None:
+        row("speedup vs teacher", ["1.00×", f"{result['speedup']:.2f}×"])
+    # Fidelity compares the pair, so it sits in the student's column; the teacher is the reference.
+    pair_metrics = [("cosine", "cosine to teacher"), ("spearman", "similarity spearman"),
+                    ("recall_at_10", "neighbour recall@10")]
+    for name, entry in result["datasets"].items():
+        table.add_section()
+        row(f"[italic]{name}[/] (n={entry['n']})", [""] * len(roles))
+        for key, label in pair_metrics:
+            if key in entry:
+                value = "n/a (widths differ)" if entry.get(f"{key}_error") else _fmt(entry[key])
+                row(f"  {label}", ["ref"] * (len(roles) - 1) + [value])
+        for key, label, digits in (("accuracy", "accuracy", 3), ("perplexity", "perplexity", 2)):
+            if key in entry:
+                row(f"  {label}", [_fmt(entry[key].get(r), digits) for r in roles])
+    return table
+
+
+def _finite(value):
+    # Strict JSON has no NaN or Infinity (an overflowing perplexity); other tools choke on them.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def save(result: dict, path: str | os.PathLike) -> str:
+    """Write the result as indented JSON (creating folders); returns the path."""
+    path = os.fspath(path)
+    if os.path.dirname(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(_finite(result), f, indent=2, allow_nan=False)
+        f.write("\n")
+    return path

@@ -1,0 +1,85 @@
+"""Shared fixtures: tiny random models saved to disk and loaded through the same path users take."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir():
+    from kdistill.models.loading import packaged_dir
+
+    return packaged_dir("all-MiniLM-L6-v2")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(minilm_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_dir)
+
+
+def save_tiny(model, tokenizer, path, st_from=None):
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    if st_from is not None:
+        from kdistill.engine.export import copy_sentence_transformers_files
+
+        copy_sentence_transformers_files(st_from, path, model.config.hidden_size)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, tokenizer, minilm_dir):
+    """A 4-layer, 32-wide random BERT encoder with the MiniLM tokenizer and sentence-transformers files."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    return save_tiny(BertModel(config), tokenizer, tmp_path_factory.mktemp("tiny_bert"), st_from=minilm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=101, eos_token_id=102)
+    return save_tiny(GPT2LMHeadModel(config), tokenizer, tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory):
+    from kdistill.data import load_records
+
+    records = load_records({"source": "stdlib-docstrings", "limit": 64})
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps({"sentence": r["text"][:200]}) + "\n" for r in records))
+    return str(path)
+
+
+@pytest.fixture
+def tiny_recipe(tiny_bert_dir, text_file, tmp_path):
+    """A recipe dict for a 2-layer student of the tiny BERT; tests change what they need."""
+    return {
+        "name": "tiny",
+        "teacher": {"model": tiny_bert_dir},
+        "student": {"from_teacher": {"layers": [2, 4]}},
+        "data": {"train": {"path": text_file, "text": "sentence"},
+                 "eval": {"path": text_file, "text": "sentence", "limit": 8}, "max_length": 32},
+        "losses": [{"type": "embedding_cosine"}, {"type": "hidden_mse", "weight": 0.5},
+                   {"type": "attention_kl", "layers": "last"}],
+        "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "warmup": 0.0, "log_every": 1},
+        "output": str(tmp_path / "run"),
+    }

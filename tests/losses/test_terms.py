@@ -1,0 +1,223 @@
+"""Each registered term against a slow reference written out here with explicit loops."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdistill.errors import PairingError
+from kdistill.losses import LOSSES
+from kdistill.models.arch import ModelInfo
+
+torch.manual_seed(0)
+B, L, V = 2, 5, 7
+
+
+def info(layers=2, hidden=8, heads=2, task="embedding", vocab=V):
+    return ModelInfo(model_type="bert", task=task, num_layers=layers, hidden_size=hidden, num_heads=heads,
+                     num_kv_heads=heads, head_dim=hidden // heads, vocab_size=vocab, is_decoder=task == "causal-lm",
+                     layers_path="encoder.layer", pooling="mean")
+
+
+def term(spec, s=None, t=None):
+    cls = LOSSES.get(spec["type"])
+    return cls(cls.Params.model_validate(spec), s or info(), t or info())
+
+
+MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+BATCH = {"attention_mask": MASK, "input_ids": torch.randint(0, V, (B, L))}
+
+
+def real_positions():
+    return [(b, i) for b in range(B) for i in range(L) if MASK[b, i]]
+
+
+def softmax(xs):
+    m = max(xs)
+    e = [math.exp(x - m) for x in xs]
+    return [v / sum(e) for v in e]
+
+
+def kl(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+def test_logit_kd_token_level_with_temperature_and_hard_labels():
+    s, t = torch.randn(B, L, V), torch.randn(B, L, V)
+    tau, alpha = 2.0, 0.3
+    lm = info(task="causal-lm")
+    loss = term({"type": "logit_kd", "temperature": tau, "alpha": alpha}, lm, lm)({"logits": s}, {"logits": t}, BATCH)
+    soft = [kl(softmax((t[b, i] / tau).tolist()), softmax((s[b, i] / tau).tolist())) for b, i in real_positions()]
+    ce, n = 0.0, 0
+    for b in range(B):
+        for i in range(L - 1):
+            if MASK[b, i + 1]:
+                ce -= math.log(softmax(s[b, i].tolist())[BATCH["input_ids"][b, i + 1]])
+                n += 1
+    ref = (1 - alpha) * tau**2 * sum(soft) / len(soft) + alpha * ce / n
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_logit_kd_sequence_level_classification():
+    s, t = torch.randn(B, 4), torch.randn(B, 4)
+    labels = torch.tensor([1, 3])
+    cls = info(task="classification")
+    loss = term({"type": "logit_kd", "temperature": 1.0, "alpha": 0.5}, cls, cls)(
+        {"logits": s}, {"logits": t}, {**BATCH, "labels": labels})
+    soft = sum(kl(softmax(t[b].tolist()), softmax(s[b].tolist())) for b in range(B)) / B
+    hard = -sum(math.log(softmax(s[b].tolist())[labels[b]]) for b in range(B)) / B
+    assert loss.item() == pytest.approx(0.5 * soft + 0.5 * hard, rel=1e-5)
+
+
+def test_logit_kd_refuses_different_vocabularies():
+    with pytest.raises(PairingError, match="vocabulary"):
+        term({"type": "logit_kd"}, info(task="causal-lm", vocab=7), info(task="causal-lm", vocab=9))
+
+
+def test_hidden_mse_uniform_map_with_projector():
+    s_info, t_info = info(layers=2, hidden=6, heads=2), info(layers=4, hidden=8, heads=2)
+    tm = term({"type": "hidden_mse"}, s_info, t_info)
+    assert tm.student_taps() == ["hidden_states[1]", "hidden_states[2]"]
+    assert tm.teacher_taps() == ["hidden_states[2]", "hidden_states[4]"]
+    s = {f"hidden_states[{i}]": torch.randn(B, L, 6) for i in (1, 2)}
+    t = {f"hidden_states[{i}]": torch.randn(B, L, 8) for i in (2, 4)}
+    loss = tm(s, t, BATCH)
+    W, bias = tm.projector.weight, tm.projector.bias
+    ref = 0.0
+    for a, b in ((1, 2), (2, 4)):
+        per = []
+        for bb, i in real_positions():
+            proj = W @ s[f"hidden_states[{a}]"][bb, i] + bias
+            per.append(((proj - t[f"hidden_states[{b}]"][bb, i]) ** 2).mean().item())
+        ref += sum(per) / len(per)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_hidden_mse_without_projector_refuses_other_widths():
+    with pytest.raises(PairingError, match="projector"):
+        term({"type": "hidden_mse", "projector": "none"}, info(hidden=16), info(hidden=8))
+
+
+def test_hidden_cosine_on_named_taps():
+    tm = term({"type": "hidden_cosine", "student_tap": "hidden_states[-1]", "teacher_tap": "hidden_states[1]"})
+    s = {"hidden_states[2]": torch.randn(B, L, 8)}
+    t = {"hidden_states[1]": torch.randn(B, L, 8)}
+    loss = tm(s, t, BATCH)
+    per = [1 - F.cosine_similarity(s["hidden_states[2]"][b, i], t["hidden_states[1]"][b, i], dim=0).item()
+           for b, i in real_positions()]
+    assert loss.item() == pytest.approx(sum(per) / len(per), rel=1e-5)
+
+
+def test_unknown_tap_in_a_term():
+    with pytest.raises(PairingError, match="did you mean 'hidden_states'"):
+        term({"type": "hidden_mse", "student_tap": "hiden_states[1]", "teacher_tap": "hidden_states[1]"})
+
+
+def random_attention():
+    a = torch.randn(B, 2, L, L).masked_fill(~MASK.bool()[:, None, None, :], -1e9).softmax(-1)
+    return a
+
+
+def test_attention_kl_per_real_query_row():
+    tm = term({"type": "attention_kl", "layers": "last"})
+    s, t = {"attentions[2]": random_attention()}, {"attentions[2]": random_attention()}
+    loss = tm(s, t, BATCH)
+    rows = [kl(t["attentions[2]"][b, h, i].tolist(), s["attentions[2]"][b, h, i].tolist())
+            for b, i in real_positions() for h in range(2)]
+    assert loss.item() == pytest.approx(sum(rows) / len(rows), rel=1e-4)
+
+
+def test_attention_kl_needs_equal_heads():
+    with pytest.raises(PairingError, match="qkv_relation"):
+        term({"type": "attention_kl"}, info(heads=2), info(heads=4))
+
+
+def test_attention_mse_on_scores():
+    tm = term({"type": "attention_mse", "layers": [[1, 2]]})
+    assert tm.student_taps() == ["attention_scores[1]"]
+    s, t = {"attention_scores[1]": torch.randn(B, 2, L, L)}, {"attention_scores[2]": torch.randn(B, 2, L, L)}
+    loss = tm(s, t, BATCH)
+    rows = [((s["attention_scores[1]"][b, h, i] - t["attention_scores[2]"][b, h, i]) ** 2).mean().item()
+            for b, i in real_positions() for h in range(2)]
+    assert loss.item() == pytest.approx(sum(rows) / len(rows), rel=1e-5)
+
+
+def relation_rows(x, b, h, i, real):
+    """softmax over real keys j of <x_i, x_j>/sqrt(d) for one head: the MiniLM relation."""
+    d = x.shape[-1]
+    return softmax([(x[b, h, i] @ x[b, h, j]).item() / math.sqrt(d) for j in range(real)])
+
+
+def test_value_relation_reference():
+    s_info, t_info = info(hidden=4, heads=2), info(hidden=8, heads=2)  # different head widths are fine
+    tm = term({"type": "value_relation"}, s_info, t_info)
+    s, t = {"values[2]": torch.randn(B, 2, L, 2)}, {"values[2]": torch.randn(B, 2, L, 4)}
+    loss = tm(s, t, BATCH)
+    rows = []
+    for b, i in real_positions():
+        real = int(MASK[b].sum())
+        for h in range(2):
+            rows.append(kl(relation_rows(t["values[2]"], b, h, i, real), relation_rows(s["values[2]"], b, h, i, real)))
+    assert loss.item() == pytest.approx(sum(rows) / len(rows), rel=1e-4)
+
+
+def test_qkv_relation_resplits_heads_across_widths():
+    s_info, t_info = info(hidden=4, heads=2), info(hidden=12, heads=3)
+    tm = term({"type": "qkv_relation", "relations": ["q", "v"], "relation_heads": 2}, s_info, t_info)
+    s = {"queries[2]": torch.randn(B, 2, L, 2), "values[2]": torch.randn(B, 2, L, 2)}
+    t = {"queries[2]": torch.randn(B, 3, L, 4), "values[2]": torch.randn(B, 3, L, 4)}
+    loss = tm(s, t, BATCH)
+
+    def resplit(x, r):
+        b, h, length, d = x.shape
+        return x.permute(0, 2, 1, 3).reshape(b, length, h * d).reshape(b, length, r, h * d // r).permute(0, 2, 1, 3)
+
+    ref = 0.0
+    for name in ("queries[2]", "values[2]"):
+        xs, xt = resplit(s[name], 2), resplit(t[name], 2)
+        rows = []
+        for b, i in real_positions():
+            real = int(MASK[b].sum())
+            for h in range(2):
+                rows.append(kl(relation_rows(xt, b, h, i, real), relation_rows(xs, b, h, i, real)))
+        ref += sum(rows) / len(rows)
+    assert loss.item() == pytest.approx(ref, rel=1e-4)
+
+
+def test_qkv_relation_refuses_heads_that_do_not_divide():
+    with pytest.raises(PairingError, match="relation_heads"):
+        term({"type": "qkv_relation", "relation_heads": 5}, info(hidden=8), info(hidden=8))
+
+
+def test_embedding_cosine_and_mse():
+    s, t = {"pooled": torch.randn(B, 8)}, {"pooled": torch.randn(B, 8)}
+    cos = term({"type": "embedding_cosine"})(s, t, BATCH)
+    ref = sum(1 - F.cosine_similarity(s["pooled"][b], t["pooled"][b], dim=0).item() for b in range(B)) / B
+    assert cos.item() == pytest.approx(ref, rel=1e-5)
+    mse = term({"type": "embedding_mse", "scale": 3.0})(s, t, BATCH)
+    ref = sum(((3 * s["pooled"][b] - 3 * t["pooled"][b]) ** 2).mean().item() for b in range(B)) / B
+    assert mse.item() == pytest.approx(ref, rel=1e-5)
+    assert term({"type": "embedding_cosine"}).count(BATCH) == B
+
+
+def test_cross_entropy_and_mlm_counts():
+    cls = info(task="classification")
+    ce = term({"type": "cross_entropy"}, cls, cls)
+    s = torch.randn(B, 3)
+    labels = torch.tensor([0, 2])
+    ref = -sum(math.log(softmax(s[b].tolist())[labels[b]]) for b in range(B)) / B
+    assert ce({"logits": s}, {}, {**BATCH, "labels": labels}).item() == pytest.approx(ref, rel=1e-5)
+    mlm_info = info(task="masked-lm")
+    mlm = term({"type": "mlm"}, mlm_info, mlm_info)
+    mlm_labels = torch.full((B, L), -100)
+    mlm_labels[0, 1], mlm_labels[1, 2] = 3, 4
+    logits = torch.randn(B, L, V)
+    ref = -(math.log(softmax(logits[0, 1].tolist())[3]) + math.log(softmax(logits[1, 2].tolist())[4])) / 2
+    batch = {**BATCH, "mlm_labels": mlm_labels}
+    assert mlm({"logits": logits}, {}, batch).item() == pytest.approx(ref, rel=1e-5)
+    assert mlm.count(batch) == 2
+
+
+def test_mlm_needs_a_masked_lm_student():
+    with pytest.raises(PairingError, match="masked-LM"):
+        term({"type": "mlm"})

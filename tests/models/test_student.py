@@ -1,0 +1,74 @@
+import pytest
+import torch
+from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
+
+from kdistill.config import StudentConfig
+from kdistill.errors import ConfigError, PairingError
+from kdistill.models.layer_map import LayerMap
+from kdistill.models.student import build_student, choose_layers
+
+
+def bert(layers=6):
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                                intermediate_size=64, vocab_size=100)).eval()
+
+
+def test_choose_layers():
+    assert choose_layers("uniform", 3, 6, "s") == [2, 4, 6]
+    assert choose_layers("every_other", None, 6, "s") == [2, 4, 6]
+    assert choose_layers("every_other", None, 5, "s") == [1, 3, 5]
+    assert choose_layers([1, -1], None, 6, "s") == [1, 6]
+    with pytest.raises(PairingError, match="out of range"):
+        choose_layers([0, 7], None, 6, "s")
+
+
+def test_from_teacher_copies_embeddings_and_chosen_layers():
+    teacher = bert()
+    cfg = StudentConfig.model_validate({"from_teacher": {"layers": [1, 3, 5]}})
+    student = build_student(cfg, teacher, "embedding", seed=0)
+    assert student.config.num_hidden_layers == 3
+    torch.testing.assert_close(student.embeddings.word_embeddings.weight, teacher.embeddings.word_embeddings.weight)
+    for s, t in enumerate([1, 3, 5]):
+        torch.testing.assert_close(student.encoder.layer[s].attention.self.query.weight,
+                                   teacher.encoder.layer[t - 1].attention.self.query.weight)
+    assert teacher.config.num_hidden_layers == 6  # the teacher is untouched
+
+
+def test_from_teacher_gpt2_uses_its_own_layer_path():
+    torch.manual_seed(0)
+    teacher = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0))
+    cfg = StudentConfig.model_validate({"from_teacher": {"layers": "uniform", "num_layers": 2}})
+    student = build_student(cfg, teacher, "causal-lm", seed=0)
+    torch.testing.assert_close(student.transformer.h[1].attn.c_attn.weight, teacher.transformer.h[3].attn.c_attn.weight)
+
+
+def test_config_student_is_random_and_narrower():
+    teacher = bert()
+    cfg = StudentConfig.model_validate({"config": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32}})
+    a = build_student(cfg, teacher, "embedding", seed=1)
+    b = build_student(cfg, teacher, "embedding", seed=1)
+    assert a.config.hidden_size == 16 and a.config.num_hidden_layers == 2
+    torch.testing.assert_close(a.encoder.layer[0].output.dense.weight, b.encoder.layer[0].output.dense.weight)
+
+
+def test_config_student_unknown_field():
+    cfg = StudentConfig.model_validate({"config": {"num_hiden_layers": 2}})
+    with pytest.raises(ConfigError, match="num_hiden_layers"):
+        build_student(cfg, bert(), "embedding", seed=0)
+
+
+def test_model_student_from_directory(tmp_path):
+    bert(2).save_pretrained(tmp_path)
+    cfg = StudentConfig.model_validate({"model": str(tmp_path)})
+    student = build_student(cfg, bert(), "embedding", seed=0)
+    assert student.config.num_hidden_layers == 2
+
+
+def test_layer_map():
+    assert LayerMap.uniform(3, 6).pairs == ((1, 2), (2, 4), (3, 6))
+    assert LayerMap.uniform(4, 6).pairs[-1] == (4, 6)
+    assert LayerMap.resolve("last", 3, 6).pairs == ((3, 6),)
+    assert LayerMap.resolve([[1, 2], [-1, -1]], 3, 6).pairs == ((1, 2), (3, 6))
+    with pytest.raises(PairingError, match="teacher layer"):
+        LayerMap.resolve([[1, 9]], 3, 6)

@@ -1,0 +1,112 @@
+import pytest
+import yaml
+
+from kdistill.config import builtin_recipes, diff_configs, load_recipe
+from kdistill.errors import ConfigError
+
+
+def base():
+    return {
+        "name": "t",
+        "teacher": {"model": "packaged:all-MiniLM-L6-v2"},
+        "student": {"from_teacher": {"layers": [1, 3, 5]}},
+        "data": {"train": {"source": "stdlib-docstrings"}},
+        "losses": [{"type": "hidden_mse", "weight": 1.0}],
+        "train": {"steps": 10},
+        "output": "runs/t",
+    }
+
+
+def test_valid_recipe_and_defaults():
+    r = load_recipe(base())
+    stage = r.stages[0]
+    assert r.name == "t" and stage.name == "main" and stage.train.steps == 10
+    assert stage.losses[0].type == "hidden_mse" and stage.losses[0].layers == "uniform"
+
+
+def test_set_overrides_any_field_with_yaml_values():
+    r = load_recipe(base(), ["train.steps=2000", "losses.0.weight=0.5", "data.max_length=64",
+                             "losses=[{type: embedding_cosine}, {type: attention_kl, layers: last}]"])
+    assert r.stages[0].train.steps == 2000 and r.stages[0].data.max_length == 64
+    assert [p.type for p in r.stages[0].losses] == ["embedding_cosine", "attention_kl"]
+
+
+def test_set_without_equals_sign():
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_recipe(base(), ["train.steps"])
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.stpes=3", "train.stpes: unknown field"),
+    ("train.lr=abc", "train.lr"),
+    ("losses.0.type=hiden_mse", "did you mean 'hidden_mse'"),
+    ("losses.0.temperature=2", "losses[0].temperature: unknown field"),
+    ("data.train.source=stdlib-docstring", "did you mean 'stdlib-docstrings'"),
+    ("train.steps=0", "train.steps"),
+])
+def test_errors_name_the_field(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_recipe(base(), [override])
+    assert expected in str(err.value)
+
+
+def test_unknown_student_init_suggests():
+    raw = base()
+    raw["student"] = {"from_techer": {"layers": [1]}}
+    with pytest.raises(ConfigError, match="did you mean 'from_teacher'"):
+        load_recipe(raw)
+
+
+def test_unknown_top_level_field_suggests():
+    raw = base()
+    raw["losess"] = raw.pop("losses")
+    with pytest.raises(ConfigError, match="did you mean 'losses'"):
+        load_recipe(raw)
+
+
+def test_stages_merge_defaults_and_replace_lists():
+    raw = base()
+    raw["stages"] = [
+        {"name": "general", "train": {"steps": 5}},
+        {"name": "task", "losses": [{"type": "embedding_cosine"}], "train": {"lr": 1e-3}},
+    ]
+    r = load_recipe(raw)
+    general, task = r.stages
+    assert general.train.steps == 5 and general.losses[0].type == "hidden_mse"
+    assert task.train.steps == 10 and task.train.lr == 1e-3 and task.losses[0].type == "embedding_cosine"
+    assert task.student.from_teacher.layers == [1, 3, 5]  # inherited default; the engine starts it from the previous stage
+
+
+def test_stage_errors_carry_the_stage_path():
+    raw = base()
+    raw["stages"] = [{"name": "a"}, {"name": "b", "train": {"lr": -1}}]
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.train\.lr"):
+        load_recipe(raw)
+
+
+def test_missing_recipe_file_suggests_builtin():
+    with pytest.raises(ConfigError, match="minilm-l3"):
+        load_recipe("minilm-l4")
+
+
+def test_invalid_yaml(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("teacher: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(str(path))
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_builtin_recipes_validate(name):
+    r = load_recipe(name)
+    assert r.stages and all(s.losses for s in r.stages)
+
+
+def test_dump_roundtrip_and_diff(tmp_path):
+    r = load_recipe(base())
+    path = tmp_path / "resolved.yaml"
+    path.write_text(yaml.safe_dump(r.dump()))
+    again = load_recipe(str(path))
+    assert again.dump() == r.dump()
+    changed = load_recipe(base(), ["train.lr=0.5"])
+    assert diff_configs(r.dump(), changed.dump()) == ["stages[0].train.lr: 0.0001 -> 0.5"]
