@@ -74,7 +74,8 @@ def test_stages_merge_defaults_and_replace_lists():
     general, task = r.stages
     assert general.train.steps == 5 and general.losses[0].type == "hidden_mse"
     assert task.train.steps == 10 and task.train.lr == 1e-3 and task.losses[0].type == "embedding_cosine"
-    assert task.student.from_teacher.layers == [1, 3, 5]  # inherited default; the engine starts it from the previous stage
+    assert general.student.from_teacher.layers == [1, 3, 5]
+    assert task.student is None  # continues from the previous stage's student
 
 
 def test_stage_errors_carry_the_stage_path():

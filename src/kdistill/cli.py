@@ -93,26 +93,21 @@ def recipes():
     console.print(table)
 
 
-def data_spec(value: str) -> dict:
-    """A --data value: an existing file/dir is a path, `name:split` or `name` a built-in corpus."""
-    if Path(value).exists():
-        return {"path": value}
-    name, _, split = value.partition(":")
-    return {"source": name, **({"split": split} if split else {})}
-
-
 @app.command("eval")
 @friendly
 def eval_cmd(student: str = typer.Option(..., help="student model directory"),
              teacher: Optional[str] = typer.Option(None, help="teacher: directory, hub id or packaged:NAME"),
-             data: List[str] = typer.Option(..., help="corpus name (optionally NAME:SPLIT) or file; repeatable"),
+             data: List[str] = typer.Option(..., help="built-in corpus name, a .jsonl/.csv/.txt file, or dataset:NAME; repeatable"),
              split: str = typer.Option("eval", help="split of built-in corpora"),
              limit: int = typer.Option(512, help="texts per dataset"),
+             max_length: int = typer.Option(128, help="tokens per text"),
+             speed: bool = typer.Option(True, help="measure encode speed (tens of seconds on a CPU)"),
              output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json)")):
     """Compare a student with its teacher: size, speed, embedding fidelity, accuracy or perplexity."""
-    from kdistill.eval.report import evaluate, render_table, save
+    from kdistill.eval.report import evaluate, render_table, save, spec_from_arg
 
-    result = evaluate(student, teacher, [data_spec(d) for d in data], split=split, limit=limit)
+    result = evaluate(student, teacher, [spec_from_arg(d) for d in data], split=split, limit=limit,
+                      max_length=max_length, speed=speed)
     console.print(render_table(result))
     path = Path(output) if output else Path(student) / "eval.json"
     save(result, path)

@@ -249,6 +249,8 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         if not isinstance(block, dict):
             raise ConfigError(f"{source}: {prefix or 'stages'} must be a mapping")
         merged = merge(defaults, block)
+        if i > 0 and "student" not in block:
+            merged.pop("student", None)  # later stages continue from the previous stage's student
         try:
             stage = Stage.model_validate(merged)
         except ValidationError as err:

@@ -78,6 +78,9 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         num = getattr(student.config, "num_labels", None)
         if num != len(labels):
             raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has {num} outputs")
+        # exported classifiers carry their class names, so predictions map back to labels
+        student.config.id2label = dict(enumerate(labels))
+        student.config.label2id = {name: i for i, name in enumerate(labels)}
     collator = TextCollator(loaded.tokenizer, stage.data.max_length,
                             {name: i for i, name in enumerate(labels)} if labels else None)
     return StageParts(

@@ -1,0 +1,132 @@
+"""End-to-end runs on a tiny BERT: outputs, exact resume, exact accumulation, refusals."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdistill import distill
+from kdistill.engine.loop import StageTrainer
+from kdistill.errors import CheckpointError, ConfigError
+
+
+def weights(student_dir):
+    return load_file(str(Path(student_dir) / "model.safetensors"))
+
+
+def assert_same_weights(a, b, atol=0.0):
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=atol, rtol=0.0 if atol == 0 else 1e-5, msg=key)
+
+
+def test_run_writes_a_complete_student_and_logs(tiny_recipe):
+    student = distill(tiny_recipe, progress=False)
+    out = student.parent
+    files = {p.name for p in student.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "kdistill.json", "modules.json"} <= files
+    meta = json.loads((student / "kdistill.json").read_text())
+    assert meta["steps"] == 4 and meta["teacher"] == tiny_recipe["teacher"]["model"]
+    assert set(meta["metrics"]["train"]["parts"]) == {"embedding_cosine", "hidden_mse", "attention_kl"}
+    assert (out / "config.resolved.yaml").exists() and (out / "loss_curves.png").exists()
+    logs = [json.loads(line) for line in (out / "logs" / "main.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logs if r["kind"] == "train"] == [1, 2, 3, 4]
+    # training-only parts (projectors) are not exported; the student loads as a plain HF model
+    assert not any(k.startswith("terms.") for k in weights(student))
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(student).config.num_hidden_layers == 2
+
+
+def test_projector_is_trained_but_not_exported(tiny_recipe):
+    tiny_recipe["student"] = {"config": {"num_hidden_layers": 1, "hidden_size": 16, "intermediate_size": 32}}
+    tiny_recipe["losses"] = [{"type": "hidden_mse"}, {"type": "embedding_cosine"}]
+    student = distill(tiny_recipe, progress=False)
+    assert all(v.shape[-1] in (16, 32) or v.ndim == 1 or "position" in k or "word" in k or "token_type" in k
+               for k, v in weights(student).items())
+    ckpt = sorted((student.parent / "checkpoints").glob("*/step-*"))
+    assert not ckpt  # no save_every: no checkpoints kept
+
+
+def test_resume_is_bit_exact(tiny_recipe, tmp_path, monkeypatch):
+    tiny_recipe["train"].update(steps=6, save_every=2)
+    tiny_recipe["student"] = {"from_teacher": {"layers": [2, 4]}}
+    straight = distill({**tiny_recipe, "output": str(tmp_path / "straight")}, progress=False)
+
+    killed = {**tiny_recipe, "output": str(tmp_path / "killed")}
+    original = StageTrainer.train_step
+
+    def dies_at_step_5(self, step):
+        if step == 4:  # after the step-4 checkpoint, before the run finishes
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(StageTrainer, "train_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        distill(killed, progress=False)
+    assert not (tmp_path / "killed" / "student").exists()  # nothing half-written presented as finished
+    monkeypatch.setattr(StageTrainer, "train_step", original)
+    resumed = distill(killed, resume=True, progress=False)
+    assert_same_weights(straight, resumed)
+
+
+def test_rerun_without_resume_refuses_to_overwrite(tiny_recipe):
+    distill(tiny_recipe, progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        distill(tiny_recipe, progress=False)
+
+
+def test_resume_with_changed_recipe_is_refused_unless_forced(tiny_recipe):
+    tiny_recipe["train"]["save_every"] = 2
+    distill(tiny_recipe, progress=False)
+    changed = {**tiny_recipe, "train": {**tiny_recipe["train"], "lr": 0.5}}
+    with pytest.raises(CheckpointError, match=r"train\.lr: 0\.001 -> 0\.5"):
+        distill(changed, resume=True, progress=False)
+    distill(changed, resume=True, force=True, progress=False)
+
+
+def test_corrupt_checkpoint_is_refused(tiny_recipe, tmp_path, monkeypatch):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    original = StageTrainer.train_step
+
+    def dies(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(StageTrainer, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        distill(tiny_recipe, progress=False)
+    monkeypatch.setattr(StageTrainer, "train_step", original)
+    ckpt = Path(tiny_recipe["output"]) / "checkpoints" / "main" / "step-0000002"
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        distill(tiny_recipe, resume=True, progress=False)
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="not a kdistill checkpoint"):
+        distill(tiny_recipe, resume=True, progress=False)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_recipe, tmp_path):
+    # a random student: its gradients are far from zero, where Adam's normalisation would amplify float noise
+    tiny_recipe["student"] = {"config": {"num_hidden_layers": 2}}
+    tiny_recipe["train"].update(steps=3, batch_size=4, grad_accum=1)
+    one = distill({**tiny_recipe, "output": str(tmp_path / "one")}, progress=False)
+    accum = {**tiny_recipe, "train": {**tiny_recipe["train"], "grad_accum": 4}, "output": str(tmp_path / "accum")}
+    four = distill(accum, progress=False)
+    assert_same_weights(one, four, atol=1e-5)
+
+
+def test_multi_stage_starts_from_previous_student(tiny_recipe):
+    tiny_recipe["stages"] = [{"name": "general", "train": {"steps": 2}},
+                             {"name": "task", "losses": [{"type": "embedding_cosine"}], "train": {"steps": 2}}]
+    final = distill(tiny_recipe, progress=False)
+    out = final.parent
+    first = out / "stages" / "general" / "student"
+    assert (first / "kdistill.json").exists() and (final / "kdistill.json").exists()
+    meta = json.loads((final / "kdistill.json").read_text())
+    assert meta["stage"] == "task" and meta["student_init"] == {"previous_stage": str(first)}
