@@ -25,10 +25,11 @@ def friendly(fn):
         try:
             return fn(*args, **kwargs)
         except KdistillError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, markup=False if "[" in str(err) else True)
+            err_console.print("[bold red]error:[/] ", end="")
+            err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except FloatingPointError as err:
-            err_console.print(f"error: {err}", highlight=False)
+            err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted; continue with the same command plus --resume")

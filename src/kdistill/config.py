@@ -196,20 +196,23 @@ def merge(base: Any, update: Any) -> Any:
 
 
 def format_validation(err: ValidationError, prefix: str, source: str) -> str:
-    lines = []
+    entries = []
     for e in err.errors():
         path = prefix
         for part in e["loc"]:
             if isinstance(part, int):
                 path += f"[{part}]"
-            elif part not in ("function-after[exactly_one()]",) and not str(part).startswith(("function-", "list[", "literal[")):
+            elif not str(part).startswith(("function-", "list[", "literal[")):
                 path += f".{part}" if path else str(part)
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        elif "input" in e and not isinstance(e["input"], dict) and e["type"] != "missing":
+        elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
             msg += f" (got {e['input']!r})"
-        lines.append(f"{path or 'recipe'}: {msg}")
+        entries.append((path or "recipe", e["type"], msg))
+    # A union field (one source or a list) fails once per branch; our own message is the useful one.
+    explained = {path for path, kind, _ in entries if kind == "value_error"}
+    lines = [f"{path}: {msg}" for path, kind, msg in entries if kind == "value_error" or path not in explained]
     unique = list(dict.fromkeys(lines))
     return f"{source}: invalid recipe\n  " + "\n  ".join(unique)
 

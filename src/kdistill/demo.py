@@ -68,11 +68,12 @@ def render(teacher_ref: str, init: dict, final: dict):
     return table
 
 
-def run_demo(console, steps: int | None = None, output: str = "runs/demo", resume: bool = False) -> dict:
+def run_demo(console, steps: int | None = None, output: str = "runs/demo", resume: bool = False,
+             limit: int = 512, extra_overrides: tuple[str, ...] = ()) -> dict:
     from kdistill import distill, load_recipe
     from kdistill.eval.report import evaluate
 
-    overrides = [f"train.steps={steps}"] if steps else []
+    overrides = ([f"train.steps={steps}"] if steps else []) + list(extra_overrides)
     recipe = load_recipe(RECIPE, overrides, output)
     out = Path(recipe.output)
     console.print(f"[bold]kdistill demo[/]: {recipe.stages[0].teacher.model} -> 3-layer student, "
@@ -85,8 +86,8 @@ def run_demo(console, steps: int | None = None, output: str = "runs/demo", resum
     console.print("evaluating teacher, student at init and distilled student ...")
     teacher = recipe.stages[0].teacher.model
     sets = available_eval_sets()
-    init = evaluate(str(init_dir), teacher, sets, speed=False)
-    final = evaluate(str(student), teacher, sets, speed=True)
+    init = evaluate(str(init_dir), teacher, sets, limit=limit, speed=False)
+    final = evaluate(str(student), teacher, sets, limit=limit, speed=True)
     console.print(render(teacher, init, final))
     report = {"recipe": recipe.dump(), "student_at_init": init, "distilled": final,
               "train": json.loads((student / "kdistill.json").read_text()).get("metrics")}

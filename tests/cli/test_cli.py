@@ -1,0 +1,121 @@
+"""The command line: every known bad input is one clear message and exit code 2, never a traceback."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kdistill.cli import app
+
+runner = CliRunner()
+
+
+def write(tmp_path, recipe, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return str(path)
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, result.output + (result.stderr if result.stderr_bytes is not None else "")
+
+
+def test_help_and_recipes():
+    result, out = invoke("--help")
+    assert result.exit_code == 0 and "validate" in out
+    result, out = invoke("recipes")
+    assert result.exit_code == 0 and "minilm-l3" in out
+
+
+def test_validate_builtin_and_file(tmp_path, tiny_recipe):
+    result, out = invoke("validate", "minilm-l3", "--set", "train.steps=5")
+    assert result.exit_code == 0 and "5 steps" in out
+    result, out = invoke("validate", write(tmp_path, tiny_recipe), "--full")
+    assert result.exit_code == 0, out
+    assert "hidden_states[4]" in out and "64 train" in out
+
+
+def test_run_then_eval_via_cli(tmp_path, tiny_recipe, text_file):
+    result, out = invoke("run", write(tmp_path, tiny_recipe), "--set", "train.steps=2", "--no-progress")
+    assert result.exit_code == 0, out
+    student = Path(tiny_recipe["output"]) / "student"
+    data = tmp_path / "eval.jsonl"
+    data.write_text("".join(json.dumps({"text": f"sentence number {i} about things"}) + "\n" for i in range(12)))
+    result, out = invoke("eval", "--student", student, "--teacher", tiny_recipe["teacher"]["model"],
+                         "--data", data, "--no-speed")
+    assert result.exit_code == 0, out
+    report = json.loads((student / "eval.json").read_text())
+    entry = next(iter(report["datasets"].values()))
+    assert 0.0 < entry["cosine"] <= 1.0 and entry["n"] == 12
+
+
+def bad(tiny_recipe, **changes):
+    recipe = json.loads(json.dumps(tiny_recipe))
+    for dotted, value in changes.items():
+        node = recipe
+        *path, last = dotted.split("__")
+        for part in path:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        node[last] = value
+    return recipe
+
+
+CASES = {
+    "unknown loss": ({"losses": [{"type": "hiden_mse"}]}, "did you mean 'hidden_mse'"),
+    "unknown tap": ({"losses": [{"type": "hidden_mse", "student_tap": "hiden_states[1]",
+                                 "teacher_tap": "hidden_states[1]"}]}, "did you mean 'hidden_states'"),
+    "unknown corpus": ({"data__train": {"source": "stdlib-docstring"}}, "did you mean 'stdlib-docstrings'"),
+    "unknown init": ({"student": {"from_techer": {"layers": [1]}}}, "did you mean 'from_teacher'"),
+    "layer out of range": ({"student": {"from_teacher": {"layers": [1, 9]}}}, "out of range"),
+    "loss layer out of range": ({"losses": [{"type": "hidden_mse", "layers": [[1, 7]]}]}, "out of range"),
+    "wider student without projector": ({"student": {"config": {"hidden_size": 64, "intermediate_size": 64}},
+                                         "losses": [{"type": "hidden_mse", "projector": "none"}]}, "projector"),
+    "missing data file": ({"data__train": {"path": "/nonexistent/train.jsonl"}}, "/nonexistent/train.jsonl"),
+    "missing teacher": ({"teacher": {"model": "/nonexistent/model"}}, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_a_clear_error(case, tiny_recipe, tmp_path):
+    changes, expected = CASES[case]
+    recipe = bad(tiny_recipe, **changes)
+    result, out = invoke("run", write(tmp_path, recipe), "--no-progress")
+    assert result.exit_code == 2, out
+    assert expected in out and "Traceback" not in out
+    assert not (Path(tiny_recipe["output"]) / "student").exists()
+
+
+def test_logits_between_different_vocabularies(tiny_gpt2_dir, tiny_recipe, tmp_path):
+    recipe = bad(tiny_recipe, teacher={"model": tiny_gpt2_dir},
+                 student={"config": {"vocab_size": 1000, "n_layer": 1}}, losses=[{"type": "logit_kd"}])
+    result, out = invoke("run", write(tmp_path, recipe), "--no-progress")
+    assert result.exit_code == 2 and "vocabulary" in out
+
+
+def test_empty_dataset(tiny_recipe, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    recipe = bad(tiny_recipe, data__train={"path": str(empty)})
+    result, out = invoke("run", write(tmp_path, recipe), "--no-progress")
+    assert result.exit_code == 2 and "no records" in out
+
+
+def test_bad_set_and_missing_recipe(tmp_path, tiny_recipe):
+    result, out = invoke("run", write(tmp_path, tiny_recipe), "--set", "train.stpes=3")
+    assert result.exit_code == 2 and "train.stpes: unknown field" in out
+    result, out = invoke("run", "no-such-recipe")
+    assert result.exit_code == 2 and "built-in" in out
+
+
+def test_foreign_checkpoint_directory(tmp_path, tiny_recipe):
+    recipe = bad(tiny_recipe, train={"steps": 2, "batch_size": 4, "save_every": 1})
+    path = write(tmp_path, recipe)
+    assert invoke("run", path, "--no-progress")[0].exit_code == 0
+    ckpt = Path(recipe["output"]) / "checkpoints" / "main"
+    (ckpt / "step-0000009").mkdir()
+    (ckpt / "step-0000009" / "manifest.json").write_text('{"format": "something-else"}')
+    (Path(recipe["output"]) / "student" / "kdistill.json").unlink()  # pretend it never finished
+    result, out = invoke("run", path, "--resume", "--no-progress")
+    assert result.exit_code == 2 and "not a kdistill checkpoint" in out

@@ -1,0 +1,40 @@
+"""Two CPU processes through `accelerate launch` make the same updates as one process on the same global batch."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from kdistill import distill
+
+
+def losses(run_dir):
+    lines = (Path(run_dir) / "logs" / "main.jsonl").read_text().splitlines()
+    return [json.loads(line)["loss"] for line in lines if json.loads(line)["kind"] == "train"]
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate launcher not installed")
+def test_two_processes_match_one(tiny_recipe, tmp_path):
+    tiny_recipe["student"] = {"config": {"num_hidden_layers": 2}}  # a random student: large, clean gradients
+    tiny_recipe["train"].update(steps=3, batch_size=8)
+    one = distill({**tiny_recipe, "output": str(tmp_path / "one")}, progress=False)
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({**tiny_recipe, "output": str(tmp_path / "two")}))
+    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    cmd = [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "-m", "kdistill", "run", str(recipe), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
