@@ -101,6 +101,7 @@ class DataConfig(Strict):
     eval: DataSource | list[DataSource] | None = None
     max_length: int = Field(128, ge=8)
     eval_limit: int = Field(256, ge=1, description="eval records used during training")
+    group_by_length: bool = Field(False, description="batch texts of similar length together (less padding)")
 
 
 class TrainConfig(Strict):

@@ -14,18 +14,33 @@ from kdistill.errors import ConfigError
 
 
 class BatchPlan:
-    def __init__(self, num_records: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int):
+    """`lengths` (optional) groups records of similar length into the same batch: batches are drawn
+    from sorted windows of `group` batches and then shuffled, which cuts padding without making the
+    order any less a function of (seed, step)."""
+
+    def __init__(self, num_records: int, batch_size: int, grad_accum: int, world: int, rank: int, seed: int,
+                 lengths: list[int] | None = None, group: int = 64):
         if batch_size % (grad_accum * world):
             raise ConfigError(
                 f"train.batch_size {batch_size} must be divisible by train.grad_accum ({grad_accum}) × processes ({world})"
             )
         self.n, self.batch, self.accum, self.world, self.rank, self.seed = num_records, batch_size, grad_accum, world, rank, seed
         self.micro = batch_size // (grad_accum * world)
+        self.lengths, self.group = lengths, group
 
     @lru_cache(maxsize=4)
     def _epoch(self, epoch: int) -> list[int]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=gen).tolist()
+        order = torch.randperm(self.n, generator=gen).tolist()
+        if self.lengths is None:
+            return order
+        window = self.batch * self.group
+        batches = []
+        for start in range(0, self.n, window):
+            chunk = sorted(order[start: start + window], key=lambda i: self.lengths[i])
+            batches += [chunk[i: i + self.batch] for i in range(0, len(chunk), self.batch)]
+        shuffled = torch.randperm(len(batches), generator=gen).tolist()
+        return [i for b in shuffled for i in batches[b]]
 
     def global_indices(self, step: int) -> list[int]:
         """Record indices of the whole global batch of `step`, drawn from a reshuffled stream of epochs."""

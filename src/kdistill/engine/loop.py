@@ -64,7 +64,8 @@ class StageTrainer:
         self.scheduler = make_scheduler(optimizer, self.cfg.steps, self.cfg.warmup, self.cfg.schedule)
         self.model, self.optimizer = accelerator.prepare(self.distiller, optimizer)
         self.plan = BatchPlan(len(parts.train_records), self.cfg.batch_size, self.cfg.grad_accum,
-                              accelerator.num_processes, accelerator.process_index, self.cfg.seed)
+                              accelerator.num_processes, accelerator.process_index, self.cfg.seed,
+                              lengths=[len(r["text"]) for r in parts.train_records] if stage.data.group_by_length else None)
         self.logger = RunLogger(run_dir, stage.name, enabled=accelerator.is_main_process)
         self.step = 0
 
