@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/kdistill demo
 
 test: install
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests -q
 
 bench: install
 	$(BIN)/python benchmarks/overhead.py
