@@ -8,7 +8,7 @@ from kdistill.data import TextCollator, label_names, load_records
 from kdistill.errors import DataError, PairingError
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
-from kdistill.models.loading import load_model, read_pooling
+from kdistill.models.loading import detect_task, load_config, load_model, read_pooling
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
 
@@ -56,8 +56,33 @@ def build_terms(stage: Stage, student_info: ModelInfo, teacher_info: ModelInfo, 
     return terms
 
 
+def class_head(stage: Stage, train: list[dict], prefix: str) -> tuple[list[str], dict]:
+    """Class names in the teacher's own order when it already is a classifier; else a new head's."""
+    _, config = load_config(stage.teacher.model, stage.teacher.trust_remote_code)
+    labels = label_names(train)
+    known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
+    if "SequenceClassification" in " ".join(config.architectures or []):
+        if sorted(known) != sorted(labels):
+            raise PairingError(
+                f"{prefix}teacher.model is a classifier over {len(known)} classes ({', '.join(known[:5])}, ...) "
+                f"but {prefix}data.train has {len(labels)} ({', '.join(labels[:5])}, ...); they must be the same classes"
+            )
+        return known, {}
+    # a base model gets a new classification head with the data's classes (e.g. to fine-tune a teacher)
+    return labels, {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                    "label2id": {name: i for i, name in enumerate(labels)}}
+
+
 def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "") -> StageParts:
-    loaded = load_model(stage.teacher.model, stage.teacher.task, stage.teacher.trust_remote_code)
+    train = read_sources(stage.data.train, "train", f"{prefix}data.train")
+    evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
+    task = stage.teacher.task
+    if task == "auto":
+        task = detect_task(load_config(stage.teacher.model, stage.teacher.trust_remote_code)[1])
+    labels, head = None, {}
+    if task == "classification":
+        labels, head = class_head(stage, train, prefix)
+    loaded = load_model(stage.teacher.model, task, stage.teacher.trust_remote_code, **head)
     teacher = loaded.model.eval().requires_grad_(False)
     pooling = read_pooling(loaded.path)
     teacher_info = model_info(teacher, loaded.task, pooling)
@@ -65,22 +90,13 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer; text distillation needs one")
     student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student)
     student_info = model_info(student, loaded.task, pooling)
+    if labels is not None and getattr(student.config, "num_labels", None) != len(labels):
+        raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has "
+                           f"{student.config.num_labels} outputs")
     terms = build_terms(stage, student_info, teacher_info, prefix)
     s_reader, t_reader = TapReader(student, student_info), TapReader(teacher, teacher_info)
     student_taps = set().union(*(s_reader.canonical(t.student_taps(), t.where) for t in terms))
     teacher_taps = set().union(*(t_reader.canonical(t.teacher_taps(), t.where) for t in terms))
-
-    train = read_sources(stage.data.train, "train", f"{prefix}data.train")
-    evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
-    labels = None
-    if loaded.task == "classification":
-        labels = label_names(train)
-        num = getattr(student.config, "num_labels", None)
-        if num != len(labels):
-            raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has {num} outputs")
-        # exported classifiers carry their class names, so predictions map back to labels
-        student.config.id2label = dict(enumerate(labels))
-        student.config.label2id = {name: i for i, name in enumerate(labels)}
     collator = TextCollator(loaded.tokenizer, stage.data.max_length,
                             {name: i for i, name in enumerate(labels)} if labels else None)
     return StageParts(

@@ -130,7 +130,7 @@ class StageTrainer:
         sums = torch.zeros(len(terms), dtype=torch.float64)
         counts = torch.zeros(len(terms), dtype=torch.float64)
         size = max(1, self.cfg.batch_size // self.cfg.grad_accum)
-        cosine, n_seq = 0.0, 0
+        cosine, n_seq, correct, n_labeled = 0.0, 0, 0, 0
         for start in range(0, len(records), size):
             batch = self.parts.collator(records[start: start + size])
             if self.parts.needs_mlm:
@@ -143,6 +143,10 @@ class StageTrainer:
             n = torch.tensor([t.count(batch) for t in terms], dtype=torch.float64)
             sums += torch.stack([out["parts"][t.name].double().cpu() for t in terms]) * n
             counts += n
+            if "labels" in batch and self.parts.student_info.task == "classification":
+                logits = distiller.reader(batch, ["logits"])["logits"]
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+                n_labeled += int(batch["labels"].numel())
             if "pooled" in t_taps and self.parts.student_info.hidden_size == self.parts.teacher_info.hidden_size:
                 s_pooled = distiller.reader(batch, ["pooled"])["pooled"]
                 cosine += torch.nn.functional.cosine_similarity(s_pooled, t_taps["pooled"], dim=-1).sum().item()
@@ -151,6 +155,8 @@ class StageTrainer:
         result = {"loss": sum(t.weight * parts[t.name] for t in terms), "parts": parts}
         if n_seq:
             result["embedding_cosine_to_teacher"] = cosine / n_seq
+        if n_labeled:
+            result["accuracy"] = correct / n_labeled
         return result
 
     # ---- checkpoints ---------------------------------------------------------------------------
