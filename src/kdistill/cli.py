@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
@@ -66,17 +67,24 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
     from kdistill import load_recipe
 
     r = load_recipe(recipe, set_ or [])
-    for i, stage in enumerate(r.stages):
-        student = stage.student.kind()[0] if stage.student else "previous stage"
-        losses = ", ".join(f"{p.type}×{p.weight:g}" for p in stage.losses)
-        console.print(f"stage {i} [bold]{stage.name}[/]: teacher {stage.teacher.model}, student {student}, "
-                      f"{stage.train.steps} steps, losses {losses}", highlight=False)
-        if full:
-            from kdistill.engine.build import build_stage
+    with tempfile.TemporaryDirectory() as tmp:
+        previous = None
+        for i, stage in enumerate(r.stages):
+            student = stage.student.kind()[0] if stage.student else "previous stage"
+            losses = ", ".join(f"{p.type}×{p.weight:g}" for p in stage.losses)
+            console.print(f"stage {i} [bold]{stage.name}[/]: teacher {stage.teacher.model}, student {student}, "
+                          f"{stage.train.steps} steps, losses {losses}", highlight=False)
+            if full:
+                from kdistill.engine.build import build_stage
 
-            parts = build_stage(stage, None, f"stages[{i}]." if len(r.stages) > 1 else "")
-            console.print(f"  {len(parts.train_records)} train / {len(parts.eval_records)} eval records; "
-                          f"taps: student {sorted(parts.student_taps)}, teacher {sorted(parts.teacher_taps)}", highlight=False)
+                prefix = f"stages[{i}]." if len(r.stages) > 1 else ""
+                parts = build_stage(stage, previous if stage.student is None else None, prefix, console)
+                console.print(f"  {len(parts.train_records)} train / {len(parts.eval_records)} eval records; "
+                              f"taps: student {sorted(parts.student_taps)}, teacher {sorted(parts.teacher_taps)}",
+                              highlight=False)
+                previous = f"{tmp}/stage{i}"  # the next stage pairs with this (untrained) student
+                parts.student.save_pretrained(previous)
+                parts.tokenizer.save_pretrained(previous)
     console.print(f"[green]ok[/]: {r.name} is valid ({len(r.stages)} stage{'s' if len(r.stages) > 1 else ''}) -> {r.output}")
 
 
@@ -124,6 +132,20 @@ def demo(steps: Optional[int] = typer.Option(None, help="training steps (default
     from kdistill.demo import run_demo
 
     run_demo(console, steps=steps, output=output, resume=resume)
+
+
+@app.command("compare")
+@friendly
+def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or files"),
+                seeds: int = typer.Option(3, help="seeds per recipe"),
+                quick: bool = typer.Option(False, help="1/8 of the steps: a fast look at the direction"),
+                output: str = typer.Option("runs/compare", help="where the runs go (reused when complete)"),
+                results: str = typer.Option("docs/results.md", help="markdown file to write the table into")):
+    """Each recipe against a no-teacher baseline (same student, same init, labels only), on test data."""
+    from kdistill.compare import compare, markdown
+
+    report = compare(recipes, seeds, quick, output, results, console)
+    console.print(markdown(report))
 
 
 def main():

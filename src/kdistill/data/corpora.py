@@ -29,8 +29,11 @@ def split_of(key: str) -> str:
 
 
 def check_split(split: str, where: str = "split") -> str:
+    """A known split name; `dev` is accepted as the usual name of the held-out tuning split (= eval)."""
+    if split == "dev":
+        return "eval"
     if split not in SPLITS:
-        raise ConfigError(f"unknown split {split!r} at {where}; valid: {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r} at {where}; valid: {', '.join(SPLITS)} (dev = eval)")
     return split
 
 
@@ -141,8 +144,7 @@ def _stdlib_split(root: str, split: str) -> tuple[dict, ...]:
 @CORPORA.register("stdlib-docstrings")
 def stdlib_docstrings(split: str = "train") -> list[dict]:
     """Docstrings of the installed standard library: records {"text", "name"}; unlabeled."""
-    check_split(split)
-    return _copies(_stdlib_split(sysconfig.get_paths()["stdlib"], split))
+    return _copies(_stdlib_split(sysconfig.get_paths()["stdlib"], check_split(split)))
 
 
 # ---------------------------------------------------------------- WordNet glosses
@@ -219,11 +221,17 @@ def _wordnet_split(directory: str, split: str) -> tuple[dict, ...]:
 @CORPORA.register("wordnet-glosses")
 def wordnet_glosses(split: str = "train") -> list[dict]:
     """WordNet 3.0 glosses labeled with their supersense (45 classes), split by synset."""
-    check_split(split)
-    return _copies(_wordnet_split(wordnet_dir(), split))
+    return _copies(_wordnet_split(wordnet_dir(), check_split(split)))
+
+
+@CORPORA.register("wordnet-supersense")
+def wordnet_supersense(split: str = "train") -> list[dict]:
+    """The supersense classification task: gloss -> one of the 45 lexicographer classes
+    (WORDNET_SUPERSENSES), train/dev/test split by synset so no synset is in two splits."""
+    return wordnet_glosses(split)
 
 
 def load_corpus(name: str, split: str = "train", where: str = "source") -> list[dict]:
     """Records of the built-in corpus `name`; unknown names get the closest match in the error."""
-    check_split(split, where=f"{where}.split" if where else "split")
+    split = check_split(split, where=f"{where}.split" if where else "split")
     return CORPORA.get(name, where)(split)

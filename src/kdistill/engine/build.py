@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from kdistill.config import Stage
 from kdistill.data import TextCollator, label_names, load_records
 from kdistill.errors import DataError, PairingError
@@ -11,6 +13,7 @@ from kdistill.models.arch import ModelInfo, model_info
 from kdistill.models.loading import detect_task, load_config, load_model, read_pooling
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
+from kdistill.teachers.recipe_runs import resolve_teacher
 
 
 @dataclass
@@ -56,9 +59,9 @@ def build_terms(stage: Stage, student_info: ModelInfo, teacher_info: ModelInfo, 
     return terms
 
 
-def class_head(stage: Stage, train: list[dict], prefix: str) -> tuple[list[str], dict]:
+def class_head(stage: Stage, teacher_ref: str, train: list[dict], prefix: str) -> tuple[list[str], dict]:
     """Class names in the teacher's own order when it already is a classifier; else a new head's."""
-    _, config = load_config(stage.teacher.model, stage.teacher.trust_remote_code)
+    _, config = load_config(teacher_ref, stage.teacher.trust_remote_code)
     labels = label_names(train)
     known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
     if "SequenceClassification" in " ".join(config.architectures or []):
@@ -67,28 +70,31 @@ def class_head(stage: Stage, train: list[dict], prefix: str) -> tuple[list[str],
                 f"{prefix}teacher.model is a classifier over {len(known)} classes ({', '.join(known[:5])}, ...) "
                 f"but {prefix}data.train has {len(labels)} ({', '.join(labels[:5])}, ...); they must be the same classes"
             )
-        return known, {}
-    # a base model gets a new classification head with the data's classes (e.g. to fine-tune a teacher)
+        labels = known
+    # A base model gets a new head with these classes (e.g. to fine-tune a teacher); a student loaded
+    # from a directory (a previous, task-agnostic stage) gets the same head.
     return labels, {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                     "label2id": {name: i for i, name in enumerate(labels)}}
 
 
-def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "") -> StageParts:
+def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None) -> StageParts:
     train = read_sources(stage.data.train, "train", f"{prefix}data.train")
     evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
+    teacher_ref = resolve_teacher(stage.teacher.model, console)
+    torch.manual_seed(stage.train.seed)  # a new classification head is initialised while loading
     task = stage.teacher.task
     if task == "auto":
-        task = detect_task(load_config(stage.teacher.model, stage.teacher.trust_remote_code)[1])
+        task = detect_task(load_config(teacher_ref, stage.teacher.trust_remote_code)[1])
     labels, head = None, {}
     if task == "classification":
-        labels, head = class_head(stage, train, prefix)
-    loaded = load_model(stage.teacher.model, task, stage.teacher.trust_remote_code, **head)
+        labels, head = class_head(stage, teacher_ref, train, prefix)
+    loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head)
     teacher = loaded.model.eval().requires_grad_(False)
     pooling = read_pooling(loaded.path)
     teacher_info = model_info(teacher, loaded.task, pooling)
     if loaded.tokenizer is None:
         raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer; text distillation needs one")
-    student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student)
+    student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head)
     student_info = model_info(student, loaded.task, pooling)
     if labels is not None and getattr(student.config, "num_labels", None) != len(labels):
         raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has "

@@ -80,7 +80,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
         if resume and is_complete(target):
             previous = str(target)  # a finished stage is not trained again
             continue
-        parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix)
+        parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console)
         trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress)
         resumed = resume and trainer.resume()
         if resumed and console is not None and accelerator.is_main_process:

@@ -81,15 +81,19 @@ def from_directory(ref: str, teacher, where="student.model", task: str = "auto")
     return load_model(ref, task).model
 
 
-def build_student(student_cfg, teacher, task: str, seed: int, previous_dir: str | None = None):
-    """The student for a stage: the previous stage's student, or the one the recipe describes."""
+def build_student(student_cfg, teacher, task: str, seed: int, previous_dir: str | None = None,
+                  head: dict | None = None):
+    """The student for a stage: the previous stage's student, or the one the recipe describes.
+
+    `head` (num_labels, id2label, ...) gives a student loaded from a directory the task's classifier
+    head, e.g. when a task stage follows a task-agnostic one."""
     torch.manual_seed(seed)  # random init (config:) is part of what a seed reproduces
     if previous_dir is not None:
-        return load_model(previous_dir, task).model
+        return load_model(previous_dir, task, **(head or {})).model
     kind, spec = student_cfg.kind()
     init = INITS.get(kind, "student")
     if kind == "model":
-        return init(spec, teacher, task=task)
+        return load_model(spec, task, **(head or {})).model
     return init(spec, teacher)
 
 
