@@ -72,6 +72,11 @@ class StudentConfig(Strict):
         raise AssertionError("validated to have one")
 
 
+class Augment(Strict):
+    copies: int = Field(4, ge=1, description="augmented copies per record (the original is kept)")
+    replace_prob: float = Field(0.4, ge=0, le=1, description="chance of replacing each word with a synonym")
+
+
 class DataSource(Strict):
     source: str | None = None
     path: str | None = None
@@ -82,6 +87,7 @@ class DataSource(Strict):
     label: str | None = None
     text_pair: str | None = None
     limit: int | None = Field(None, ge=1)
+    augment: Augment | None = Field(None, description="TinyBERT-style WordNet synonym replacement (train only)")
 
     @model_validator(mode="after")
     def exactly_one(self):

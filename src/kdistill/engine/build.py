@@ -34,11 +34,17 @@ class StageParts:
     teacher_taps: set[str] = field(default_factory=set)
 
 
-def read_sources(specs, split: str, where: str) -> list[dict]:
+def read_sources(specs, split: str, where: str, seed: int = 0) -> list[dict]:
     specs = specs if isinstance(specs, list) else [specs]
     records = []
     for spec in specs:
-        records += load_records(spec.model_dump(exclude_none=True), split_default=split)
+        fields = spec.model_dump(exclude_none=True, exclude={"augment"})
+        loaded = load_records(fields, split_default=split)
+        if spec.augment is not None and split == "train":
+            from kdistill.data.augment import augment_records
+
+            loaded = augment_records(loaded, spec.augment.copies, spec.augment.replace_prob, seed=seed)
+        records += loaded
     if not records:
         raise DataError(f"{where}: no records")
     return records
@@ -59,16 +65,18 @@ def build_terms(stage: Stage, student_info: ModelInfo, teacher_info: ModelInfo, 
     return terms
 
 
-def class_head(stage: Stage, teacher_ref: str, train: list[dict], prefix: str) -> tuple[list[str], dict]:
+def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str) -> tuple[list[str], dict]:
     """Class names in the teacher's own order when it already is a classifier; else a new head's."""
     _, config = load_config(teacher_ref, stage.teacher.trust_remote_code)
-    labels = label_names(train)
+    labels = label_names(records)  # train and eval: a class seen only in eval still needs an output
     known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
     if "SequenceClassification" in " ".join(config.architectures or []):
-        if sorted(known) != sorted(labels):
+        unknown = sorted(set(labels) - set(known))
+        if unknown:
             raise PairingError(
                 f"{prefix}teacher.model is a classifier over {len(known)} classes ({', '.join(known[:5])}, ...) "
-                f"but {prefix}data.train has {len(labels)} ({', '.join(labels[:5])}, ...); they must be the same classes"
+                f"but {prefix}data has labels it does not know: {', '.join(unknown[:5])}; "
+                f"teacher and data must share their classes"
             )
         labels = known
     # A base model gets a new head with these classes (e.g. to fine-tune a teacher); a student loaded
@@ -78,7 +86,7 @@ def class_head(stage: Stage, teacher_ref: str, train: list[dict], prefix: str) -
 
 
 def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None) -> StageParts:
-    train = read_sources(stage.data.train, "train", f"{prefix}data.train")
+    train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
     evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
     teacher_ref = resolve_teacher(stage.teacher.model, console)
     torch.manual_seed(stage.train.seed)  # a new classification head is initialised while loading
@@ -87,7 +95,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         task = detect_task(load_config(teacher_ref, stage.teacher.trust_remote_code)[1])
     labels, head = None, {}
     if task == "classification":
-        labels, head = class_head(stage, teacher_ref, train, prefix)
+        labels, head = class_head(stage, teacher_ref, train + evals, prefix)
     loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head)
     teacher = loaded.model.eval().requires_grad_(False)
     pooling = read_pooling(loaded.path)

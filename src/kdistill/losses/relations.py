@@ -38,7 +38,7 @@ class AttentionKLParams(_AttentionParams):
 
 class AttentionMSEParams(_AttentionParams):
     type: Literal["attention_mse"] = "attention_mse"
-    on: Literal["scores", "probs"] = Field("scores", description="TinyBERT uses the scores before softmax")
+    target: Literal["scores", "probs"] = Field("scores", description="TinyBERT uses the scores before softmax")
 
 
 class _AttentionTerm(LossTerm):
@@ -80,7 +80,7 @@ class AttentionMSE(_AttentionTerm):
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
-        self.tap = "attention_scores" if params.on == "scores" else "attentions"
+        self.tap = "attention_scores" if params.target == "scores" else "attentions"
 
 
 class ValueRelationParams(TermParams):

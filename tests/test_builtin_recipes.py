@@ -1,0 +1,66 @@
+"""Every built-in recipe runs a couple of steps end to end, on tiny random stand-ins for its teachers."""
+import copy
+
+import pytest
+import torch
+import yaml
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+from kdistill import distill
+from kdistill.config import builtin_recipes
+from kdistill.data.corpora import WORDNET_SUPERSENSES
+
+pytestmark = pytest.mark.skipif(not __import__("os").path.exists("/usr/share/wordnet/data.noun"),
+                                reason="wordnet-base not installed")
+
+
+def tiny_config(tokenizer, **extra):
+    return BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=48, num_hidden_layers=6, num_attention_heads=12,
+                      intermediate_size=96, max_position_embeddings=128, **extra)
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("standins")
+    labels = sorted(WORDNET_SUPERSENSES)
+    base = _save(BertModel(tiny_config(tokenizer)), tokenizer, root / "base")
+    head = tiny_config(tokenizer, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                       label2id={n: i for i, n in enumerate(labels)})
+    classifier = _save(BertForSequenceClassification(head), tokenizer, root / "classifier")
+    return base, classifier
+
+
+def shrink(node, base, classifier):
+    """Point teachers at the stand-ins, limit every data source, and cut every stage to 2 steps."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "teacher" and isinstance(value, dict):
+                value["model"] = classifier if str(value.get("model", "")).startswith("recipe:") else base
+            elif key in ("train", "eval") and isinstance(value, (dict, list)) and (
+                    "source" in str(value) or "path" in str(value)):
+                for spec in value if isinstance(value, list) else [value]:
+                    spec["limit"] = 24
+            elif key == "train" and isinstance(value, dict) and "steps" in value:
+                value.update(steps=2, batch_size=4, eval_every=None, save_every=None)
+            else:
+                shrink(value, base, classifier)
+    elif isinstance(node, list):
+        for item in node:
+            shrink(item, base, classifier)
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_builtin_recipe_runs_on_stand_ins(name, teachers, tmp_path):
+    raw = yaml.safe_load(builtin_recipes()[name].read_text())
+    raw = copy.deepcopy(raw)
+    shrink(raw, *teachers)
+    raw["output"] = str(tmp_path / name)
+    student = distill(raw, progress=False)
+    assert (student / "kdistill.json").exists() and (student / "config.json").exists()
