@@ -116,3 +116,12 @@ def test_wordnet_corrupt_line_names_file_and_line(tmp_path):
     write_wordnet(tmp_path, noun="00001740 xx n 01 entity 0 000 | gloss\n")
     with pytest.raises(DataError, match=r"data.noun line 1"):
         corpora._wordnet_records(str(tmp_path))
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/common-licenses"), reason="no Debian license texts")
+def test_license_texts_are_deduplicated_prose_with_disjoint_splits():
+    train, eval_, test = (load_corpus("license-texts", s) for s in ("train", "eval", "test"))
+    texts = [r["text"] for r in train + eval_ + test]
+    assert len(texts) == len(set(texts)) > 300
+    assert {r["text"] for r in train}.isdisjoint({r["text"] for r in test})
+    assert all(len(t) >= 30 for t in texts)

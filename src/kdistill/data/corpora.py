@@ -231,6 +231,38 @@ def wordnet_supersense(split: str = "train") -> list[dict]:
     return wordnet_glosses(split)
 
 
+# ---------------------------------------------------------------- license texts
+
+LICENSES_DIR = "/usr/share/common-licenses"
+
+
+@functools.lru_cache(maxsize=None)
+def _license_records(directory: str) -> tuple[dict, ...]:
+    if not os.path.isdir(directory):
+        raise DataError(f"{directory} is missing: the license-texts corpus reads Debian's base-files licenses")
+    seen, records = set(), []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if os.path.islink(path) or not os.path.isfile(path):
+            continue  # GPL -> GPL-3 and friends: each text once
+        with open(path, encoding="utf-8", errors="replace") as f:
+            paragraphs = f.read().split("\n\n")
+        for para in paragraphs:
+            text = " ".join(para.split())
+            if len(text) >= MIN_DOCSTRING_CHARS and text not in seen and any(c.isalpha() for c in text):
+                seen.add(text)
+                records.append({"text": text[:MAX_DOCSTRING_CHARS], "license": name})
+    return tuple(records)
+
+
+@CORPORA.register("license-texts")
+def license_texts(split: str = "train") -> list[dict]:
+    """Paragraphs of the free-software licenses Debian ships (legal English): a domain far from
+    docstrings and glosses, used to check that a student generalises beyond its training text."""
+    split = check_split(split)
+    return _copies(tuple(r for r in _license_records(LICENSES_DIR) if split_of(r["text"]) == split))
+
+
 def load_corpus(name: str, split: str = "train", where: str = "source") -> list[dict]:
     """Records of the built-in corpus `name`; unknown names get the closest match in the error."""
     split = check_split(split, where=f"{where}.split" if where else "split")
