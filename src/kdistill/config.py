@@ -126,6 +126,7 @@ class TrainConfig(Strict):
     keep_checkpoints: int = Field(2, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     mlm_probability: float = Field(0.15, gt=0, lt=1)
+    freeze: list[str] = Field(default_factory=list, description="student parameter names to keep fixed (globs)")
 
 
 class Stage(Strict):

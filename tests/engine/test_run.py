@@ -159,3 +159,21 @@ def test_classifier_fine_tune_and_logit_kd(tiny_bert_dir, tmp_path):
 
     model = AutoModelForSequenceClassification.from_pretrained(student)
     assert model.config.id2label == {int(k): v for k, v in config["id2label"].items()}
+
+
+def test_freeze_keeps_matching_parameters_fixed(tiny_recipe):
+    tiny_recipe["train"]["freeze"] = ["embeddings.*", "encoder.layer.0.*"]
+    student = distill(tiny_recipe, progress=False)
+    from transformers import AutoModel
+
+    teacher = AutoModel.from_pretrained(tiny_recipe["teacher"]["model"])
+    trained = weights(student)
+    torch.testing.assert_close(trained["embeddings.word_embeddings.weight"], teacher.embeddings.word_embeddings.weight)
+    torch.testing.assert_close(trained["encoder.layer.0.output.dense.weight"], teacher.encoder.layer[1].output.dense.weight)
+    assert not torch.equal(trained["encoder.layer.1.output.dense.weight"], teacher.encoder.layer[3].output.dense.weight)
+
+
+def test_freeze_pattern_that_matches_nothing(tiny_recipe):
+    tiny_recipe["train"]["freeze"] = ["encoder.layers.*"]
+    with pytest.raises(ConfigError, match=r"train.freeze\[0\]"):
+        distill(tiny_recipe, progress=False)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from kdistill.config import Stage
+from kdistill.errors import ConfigError
 from kdistill.data import mask_tokens
 from kdistill.engine.batches import BatchPlan
 from kdistill.engine.build import StageParts
@@ -48,6 +49,20 @@ def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
+    """Keep parameters matching any glob fixed (MobileBERT's progressive transfer freezes lower layers)."""
+    from fnmatch import fnmatch
+
+    names = [name for name, _ in student.named_parameters()]
+    for i, pattern in enumerate(patterns):
+        if not any(fnmatch(name, pattern) for name in names):
+            raise ConfigError(f"train.freeze[{i}]: {pattern!r} matches no student parameter "
+                              f"(names look like {names[len(names) // 2]!r})")
+    for name, param in student.named_parameters():
+        if any(fnmatch(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+
+
 class StageTrainer:
     def __init__(self, parts: StageParts, stage: Stage, run_dir: Path, accelerator, console=None, progress=True):
         self.parts, self.stage, self.cfg, self.acc = parts, stage, stage.train, accelerator
@@ -56,6 +71,7 @@ class StageTrainer:
         self.hash = stage_hash(stage)
         self.console = console
         self.show_progress = progress and accelerator.is_main_process
+        freeze(parts.student, self.cfg.freeze)
         self.distiller = Distiller(parts.student, parts.student_info, parts.terms, parts.student_taps)
         self.teacher = parts.teacher.to(accelerator.device)
         self.teacher_reader = TapReader(self.teacher, parts.teacher_info)
