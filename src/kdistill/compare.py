@@ -20,10 +20,15 @@ QUICK_DIVISOR = 8  # --quick: an eighth of every stage's steps, for a fast look 
 def baseline_of(recipe: Recipe) -> Recipe:
     from kdistill.losses.logits import CrossEntropyParams
 
+    from kdistill.config import StudentConfig
+
     first, last = recipe.stages[0], recipe.stages[-1]
     steps = sum(s.train.steps for s in recipe.stages)
+    student = first.student
+    if student.theseus is not None:  # the same successor blocks, as a plain layer-subset student
+        student = StudentConfig(from_teacher={"layers": "uniform", "num_layers": student.theseus.modules})
     stage = Stage(name="baseline", teacher=first.teacher.model_copy(update={"task": "classification"}),
-                  student=first.student, data=last.data, losses=[CrossEntropyParams()],
+                  student=student, data=last.data, losses=[CrossEntropyParams()],
                   train=last.train.model_copy(update={"steps": steps}))
     return Recipe(name=f"{recipe.name}-baseline", output=recipe.output, stages=[stage])
 

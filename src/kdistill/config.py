@@ -35,7 +35,14 @@ class FromTeacher(Strict):
     num_layers: int | None = Field(None, ge=1, description="for layers: uniform")
 
 
-STUDENT_INITS = ("from_teacher", "config", "model")
+class Theseus(Strict):
+    """BERT-of-Theseus: the teacher's blocks in `modules` groups, each with a one-block successor."""
+    modules: int = Field(3, ge=1, description="groups of teacher blocks; each gets one successor block")
+    start: float = Field(0.5, ge=0, le=1, description="replacement probability at step 0")
+    full_at: float = Field(0.8, gt=0, le=1, description="fraction of the stage's steps where it reaches 1")
+
+
+STUDENT_INITS = ("from_teacher", "config", "model", "theseus")
 
 
 def suggest(name: str, valid, kind: str) -> str:
@@ -48,6 +55,7 @@ class StudentConfig(Strict):
     from_teacher: FromTeacher | None = None
     config: dict[str, Any] | None = None
     model: str | None = None
+    theseus: Theseus | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -60,13 +68,13 @@ class StudentConfig(Strict):
 
     @model_validator(mode="after")
     def exactly_one(self):
-        given = [k for k in ("from_teacher", "config", "model") if getattr(self, k) is not None]
+        given = [k for k in STUDENT_INITS if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of from_teacher, config, model (got {given or 'none'})")
+            raise ValueError(f"give exactly one of {', '.join(STUDENT_INITS)} (got {given or 'none'})")
         return self
 
     def kind(self) -> tuple[str, Any]:
-        for key in ("from_teacher", "config", "model"):
+        for key in STUDENT_INITS:
             if getattr(self, key) is not None:
                 return key, getattr(self, key)
         raise AssertionError("validated to have one")

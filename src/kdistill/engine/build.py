@@ -102,7 +102,8 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     teacher_info = model_info(teacher, loaded.task, pooling)
     if loaded.tokenizer is None:
         raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer; text distillation needs one")
-    student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head)
+    student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head,
+                            stage.train.steps)
     student_info = model_info(student, loaded.task, pooling)
     if labels is not None and getattr(student.config, "num_labels", None) != len(labels):
         raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has "

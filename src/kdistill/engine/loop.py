@@ -76,6 +76,8 @@ class StageTrainer:
         self.teacher = parts.teacher.to(accelerator.device)
         self.teacher_reader = TapReader(self.teacher, parts.teacher_info)
         self.needs_teacher = any(t.needs_teacher for t in parts.terms)
+        # parts with a schedule and state: the loss terms, plus student modules such as Theseus' layers
+        self.stateful = list(parts.terms) + [m for m in parts.student.modules() if hasattr(m, "method_state")]
         optimizer = torch.optim.AdamW(param_groups(self.distiller, self.cfg.weight_decay), lr=self.cfg.lr)
         self.scheduler = make_scheduler(optimizer, self.cfg.steps, self.cfg.warmup, self.cfg.schedule)
         self.model, self.optimizer = accelerator.prepare(self.distiller, optimizer)
@@ -125,8 +127,8 @@ class StageTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        for term in terms:
-            term.after_step(step + 1, self.cfg.steps)
+        for part in self.stateful:
+            part.after_step(step + 1, self.cfg.steps)
         reduced = self.acc.reduce(torch.cat([loss_sum[None], part_sums]), reduction="sum")
         result = {"loss": float(reduced[0]), "parts": {t.name: float(v) for t, v in zip(terms, reduced[1:])},
                   "lr": self.scheduler.get_last_lr()[0]}
@@ -177,7 +179,7 @@ class StageTrainer:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def method_state(self) -> dict:
-        return {str(i): t.method_state() for i, t in enumerate(self.parts.terms)}
+        return {str(i): part.method_state() for i, part in enumerate(self.stateful)}
 
     def save(self) -> None:
         path = self.ckpt_root / f"step-{self.step:07d}"
@@ -196,8 +198,8 @@ class StageTrainer:
         state = load_checkpoint(checkpoints[-1], model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
                                 scheduler=self.scheduler, rank=self.acc.process_index, recipe_hash=self.hash)
         self.step = state["step"]
-        for i, term in enumerate(self.parts.terms):
-            term.load_method_state(state["method"].get(str(i), {}))
+        for i, part in enumerate(self.stateful):
+            part.load_method_state(state["method"].get(str(i), {}))
         return True
 
     # ---- the loop ------------------------------------------------------------------------------

@@ -90,7 +90,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
         history.append({"stage": stage.name, "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2),
                         "train": result.final_train, "eval": result.final_eval, "resumed": bool(resumed)})
         if accelerator.is_main_process:
-            student = accelerator.unwrap_model(trainer.model).student
+            from kdistill.models.theseus import successor_only
+
+            student = successor_only(accelerator.unwrap_model(trainer.model).student)
             metadata = {
                 "kdistill_version": _version(), "recipe": recipe.name, "stage": stage.name,
                 "teacher": stage.teacher.model, "student_init": stage.student.model_dump(exclude_none=True)

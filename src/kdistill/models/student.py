@@ -34,8 +34,10 @@ def choose_layers(spec, num_layers: int | None, teacher_layers: int, where: str)
     return layers
 
 
+# Each init takes (spec, teacher, **context); context holds task, head (classifier labels) and steps.
+
 @INITS.register("from_teacher")
-def from_teacher(spec, teacher, where="student.from_teacher"):
+def from_teacher(spec, teacher, where="student.from_teacher", **context):
     """Copy the embeddings, the head and the chosen layers of the teacher (DistilBERT/TinyBERT init)."""
     config = teacher.config
     n_teacher = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
@@ -61,7 +63,7 @@ def from_teacher(spec, teacher, where="student.from_teacher"):
 
 
 @INITS.register("config")
-def from_config(overrides: dict, teacher, where="student.config"):
+def from_config(overrides: dict, teacher, where="student.config", **context):
     """A randomly initialised model of the teacher's class with some config fields changed."""
     base = teacher.config.to_dict()
     unknown = [k for k in overrides if k not in base and not hasattr(teacher.config, k)]
@@ -77,12 +79,19 @@ def from_config(overrides: dict, teacher, where="student.config"):
 
 
 @INITS.register("model")
-def from_directory(ref: str, teacher, where="student.model", task: str = "auto"):
-    return load_model(ref, task).model
+def from_directory(ref: str, teacher, task: str = "auto", head: dict | None = None, **context):
+    return load_model(ref, task, **(head or {})).model
+
+
+@INITS.register("theseus")
+def theseus(spec, teacher, steps: int = 0, **context):
+    from kdistill.models.theseus import build_theseus
+
+    return build_theseus(spec, teacher, steps)  # the replacement schedule needs the stage length
 
 
 def build_student(student_cfg, teacher, task: str, seed: int, previous_dir: str | None = None,
-                  head: dict | None = None):
+                  head: dict | None = None, steps: int = 0):
     """The student for a stage: the previous stage's student, or the one the recipe describes.
 
     `head` (num_labels, id2label, ...) gives a student loaded from a directory the task's classifier
@@ -91,10 +100,7 @@ def build_student(student_cfg, teacher, task: str, seed: int, previous_dir: str 
     if previous_dir is not None:
         return load_model(previous_dir, task, **(head or {})).model
     kind, spec = student_cfg.kind()
-    init = INITS.get(kind, "student")
-    if kind == "model":
-        return load_model(spec, task, **(head or {})).model
-    return init(spec, teacher)
+    return INITS.get(kind, "student")(spec, teacher, task=task, head=head, steps=steps)
 
 
 __all__ = ["INITS", "build_student", "choose_layers", "model_class"]

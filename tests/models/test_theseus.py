@@ -1,0 +1,115 @@
+"""BERT-of-Theseus module replacement: the schedule, which blocks run, and the exported successor-only model."""
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, BertConfig, BertForSequenceClassification
+
+from kdistill.config import Theseus
+from kdistill.errors import PairingError
+from kdistill.models.theseus import TheseusLayers, build_theseus, successor_only
+
+
+@pytest.fixture
+def teacher():
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=32, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
+BATCH = {"input_ids": torch.randint(0, 50, (2, 6)), "attention_mask": torch.ones(2, 6, dtype=torch.long)}
+
+
+def test_schedule_rises_linearly_to_one():
+    layers = TheseusLayers([torch.nn.Linear(2, 2)], [[torch.nn.Linear(2, 2)]], start=0.5, full_at_step=100)
+    assert layers.replace_rate == 0.5
+    layers.after_step(40, 125)
+    assert layers.replace_rate == pytest.approx(0.5 + 0.5 * 40 / 100)
+    layers.after_step(150, 125)
+    assert layers.replace_rate == 1.0
+    fresh = TheseusLayers([torch.nn.Linear(2, 2)], [[torch.nn.Linear(2, 2)]], start=0.5, full_at_step=100)
+    fresh.load_method_state(layers.method_state())
+    assert fresh.replace_rate == 1.0
+
+
+def test_which_blocks_run(teacher):
+    hybrid = build_theseus(Theseus(modules=2, start=0.0), teacher, steps=10)
+    layers = hybrid.bert.encoder.layer
+    assert len(layers) == 2 and hybrid.config.num_hidden_layers == 2
+    with torch.no_grad():
+        reference = teacher(**BATCH).logits
+        hybrid.train()
+        layers.replace_rate = 0.0  # every module keeps its predecessor blocks: the teacher itself
+        torch.testing.assert_close(hybrid(**BATCH).logits, reference)
+        layers.replace_rate = 1.0
+        only_successors = hybrid(**BATCH).logits
+        hybrid.eval()  # eval runs the successors whatever the rate
+        torch.testing.assert_close(hybrid(**BATCH).logits, only_successors)
+    # predecessors are frozen; successors, embeddings and head train
+    trainable = {n for n, p in hybrid.named_parameters() if p.requires_grad}
+    assert not any("predecessors" in n for n in trainable) and any(n.startswith("bert.encoder.layer.0.") for n in trainable)
+
+
+def test_successors_start_as_the_top_block_of_each_group(teacher):
+    hybrid = build_theseus(Theseus(modules=2), teacher, steps=10)
+    torch.testing.assert_close(hybrid.bert.encoder.layer[1].output.dense.weight,
+                               teacher.bert.encoder.layer[3].output.dense.weight)
+
+
+def test_export_is_a_plain_shallow_model(teacher, tmp_path):
+    hybrid = build_theseus(Theseus(modules=2), teacher, steps=10).eval()
+    with torch.no_grad():
+        expected = hybrid(**BATCH).logits
+    plain = successor_only(hybrid)
+    plain.save_pretrained(tmp_path)
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert loaded.config.num_hidden_layers == 2
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**BATCH).logits, expected)
+
+
+def test_modules_must_divide_the_layers(teacher):
+    with pytest.raises(PairingError, match="does not divide"):
+        build_theseus(Theseus(modules=3), teacher, steps=10)
+
+
+def test_theseus_run_resumes_exactly(tmp_path, tokenizer, monkeypatch):
+    """The replacement draws and the rate are restored on resume: same weights as an uninterrupted run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from kdistill import distill
+    from kdistill.engine.loop import StageTrainer
+
+    torch.manual_seed(0)
+    labels = ["a", "b"]
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
+                        label2id={n: i for i, n in enumerate(labels)})
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"word {i}", "label": labels[i % 2]}) + "\n" for i in range(16)))
+    recipe = {"name": "th", "teacher": {"model": str(tmp_path / "teacher")},
+              "student": {"theseus": {"modules": 2, "start": 0.3, "full_at": 1.0}},
+              "data": {"train": {"path": str(data), "label": "label"}, "max_length": 8},
+              "losses": [{"type": "cross_entropy"}], "train": {"steps": 6, "batch_size": 4, "save_every": 2}}
+    straight = distill({**recipe, "output": str(tmp_path / "a")}, progress=False)
+    original = StageTrainer.train_step
+
+    def dies(self, step):
+        if step == 3:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(StageTrainer, "train_step", dies)
+    with pytest.raises(KeyboardInterrupt):
+        distill({**recipe, "output": str(tmp_path / "b")}, progress=False)
+    monkeypatch.setattr(StageTrainer, "train_step", original)
+    state = json.loads((tmp_path / "b" / "checkpoints" / "main" / "step-0000002" / "state.json").read_text())
+    assert any(v.get("replace_rate") == pytest.approx(0.3 + 0.7 * 2 / 6) for v in state["method"].values())
+    resumed = distill({**recipe, "output": str(tmp_path / "b")}, resume=True, progress=False)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys() and not any("predecessors" in k for k in a)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
