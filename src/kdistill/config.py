@@ -24,8 +24,16 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class TeacherUpdate(Strict):
+    """ProKT: the teacher keeps learning (task loss + KL toward the student) with its own optimizer."""
+    lr: float = Field(1e-5, gt=0)
+    kl_weight: float = Field(1.0, ge=0, description="weight of KL(student ‖ teacher) in the teacher's loss")
+    temperature: float = Field(1.0, gt=0)
+
+
 class TeacherConfig(Strict):
-    model: str = Field(description="local dir, hub id, or packaged:NAME")
+    model: str = Field(description="local dir, hub id, recipe:NAME, or packaged:NAME")
+    update: TeacherUpdate | None = Field(None, description="train the teacher in the loop (ProKT)")
     task: Literal["auto", "embedding", "masked-lm", "causal-lm", "classification", "image-classification"] = "auto"
     trust_remote_code: bool = False
 

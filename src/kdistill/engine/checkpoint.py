@@ -49,7 +49,8 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, stage: str, recipe_hash: str,
-                    method_state: dict, rank: int = 0, world: int = 1, is_main: bool = True, barrier=lambda: None) -> Path:
+                    method_state: dict, rank: int = 0, world: int = 1, is_main: bool = True, barrier=lambda: None,
+                    extras: dict | None = None) -> Path:
     """Write to `<dir>.tmp` and rename, so a directory named step-N is always complete."""
     tmp = directory.with_name(directory.name + ".tmp")
     if is_main:
@@ -62,6 +63,9 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
         save_model(model, str(tmp / "model.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        for name, (module, module_optimizer) in (extras or {}).items():  # e.g. ProKT's trained teacher
+            save_model(module, str(tmp / f"{name}.safetensors"))
+            torch.save(module_optimizer.state_dict(), tmp / f"{name}-optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_state}))
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step,
@@ -104,7 +108,8 @@ def verify(directory: Path, recipe_hash: str | None = None) -> dict:
     return manifest
 
 
-def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int = 0, recipe_hash: str | None = None) -> dict:
+def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int = 0, recipe_hash: str | None = None,
+                    extras: dict | None = None) -> dict:
     manifest = verify(directory, recipe_hash)
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
@@ -114,7 +119,10 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int =
             )
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
-    except (RuntimeError, ValueError, KeyError) as err:
+        for name, (module, module_optimizer) in (extras or {}).items():
+            load_model(module, str(directory / f"{name}.safetensors"))
+            module_optimizer.load_state_dict(torch.load(directory / f"{name}-optimizer.pt", weights_only=True))
+    except (RuntimeError, ValueError, KeyError, FileNotFoundError) as err:
         raise CheckpointError(f"checkpoint {directory} does not fit this run: {str(err).splitlines()[0]}") from None
     rng_file = directory / f"rng-{rank}.json"
     if rng_file.exists():

@@ -27,4 +27,4 @@ class Distiller(nn.Module):
             value = term(taps, teacher_taps, batch)
             parts[term.name] = value.detach()
             total = total + term.weight * scale * value
-        return {"loss": total, "parts": parts}
+        return {"loss": total, "parts": parts, "taps": taps}

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from kdistill.engine.checkpoint import list_checkpoints, load_checkpoint, prune,
 from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
 from kdistill.engine.schedule import make_scheduler
+from kdistill.engine.teacher_update import TeacherUpdater
 from kdistill.models.taps import TapReader
 
 
@@ -72,9 +73,15 @@ class StageTrainer:
         self.console = console
         self.show_progress = progress and accelerator.is_main_process
         freeze(parts.student, self.cfg.freeze)
-        self.distiller = Distiller(parts.student, parts.student_info, parts.terms, parts.student_taps)
+        student_taps = parts.student_taps | ({"logits"} if stage.teacher.update else set())
+        self.distiller = Distiller(parts.student, parts.student_info, parts.terms, student_taps)
         self.teacher = parts.teacher.to(accelerator.device)
         self.teacher_reader = TapReader(self.teacher, parts.teacher_info)
+        self.updater = None
+        if stage.teacher.update:  # ProKT: the teacher trains in the loop
+            self.updater = TeacherUpdater(self.teacher, self.teacher_reader, parts.teacher_info.task,
+                                          stage.teacher.update, accelerator, self.cfg.max_grad_norm)
+            self.teacher_reader.model = self.updater.model  # forward through the (possibly DDP) wrapper
         self.needs_teacher = any(t.needs_teacher for t in parts.terms)
         # parts with a schedule and state: the loss terms, plus student modules such as Theseus' layers
         self.stateful = list(parts.terms) + [m for m in parts.student.modules() if hasattr(m, "method_state")]
@@ -99,6 +106,7 @@ class StageTrainer:
     def teacher_taps(self, batch: dict) -> dict:
         if not self.needs_teacher:
             return {}
+        self.teacher.eval()
         with torch.no_grad(), self.acc.autocast():
             return self.teacher_reader(batch, sorted(self.parts.teacher_taps))
 
@@ -111,13 +119,29 @@ class StageTrainer:
         world = self.acc.num_processes
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         part_sums = torch.zeros(len(terms), dtype=torch.float64, device=self.acc.device)
+        if self.updater is not None:
+            t_counts = torch.tensor([float(self.updater.count(b)) for b in batches], dtype=torch.float64, device=self.acc.device)
+            t_total = self.acc.reduce(t_counts.sum(), reduction="sum").clamp_min(1)
         self.model.train()
         for j, batch in enumerate(batches):
             share = counts[j] / totals  # this micro-batch's fraction of each term's global items
             sync = j == len(batches) - 1
-            with (nullcontext() if sync else self.acc.no_sync(self.model)), self.acc.autocast():
-                out = self.model(batch, self.teacher_taps(batch), (share * world).tolist())
-            self.acc.backward(out["loss"])
+            with ExitStack() as stack:
+                if not sync:
+                    stack.enter_context(self.acc.no_sync(self.model))
+                    if self.updater is not None:
+                        stack.enter_context(self.acc.no_sync(self.updater.model))
+                stack.enter_context(self.acc.autocast())
+                if self.updater is None:
+                    t_taps = live = self.teacher_taps(batch)
+                else:
+                    live = self.updater.taps(batch, self.parts.teacher_taps)
+                    t_taps = {k: v.detach() for k, v in live.items()}
+                out = self.model(batch, t_taps, (share * world).tolist())
+                self.acc.backward(out["loss"])
+                if self.updater is not None:
+                    t_loss = self.updater.loss(live["logits"], out["taps"]["logits"], batch)
+                    self.acc.backward(t_loss * float(t_counts[j] / t_total) * world)
             values = torch.stack([out["parts"][t.name].double() for t in terms])
             part_sums += values * share
             loss_sum += (values * share * torch.tensor([t.weight for t in terms], dtype=torch.float64, device=values.device)).sum()
@@ -127,6 +151,8 @@ class StageTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.updater is not None:
+            self.updater.step()
         for part in self.stateful:
             part.after_step(step + 1, self.cfg.steps)
         reduced = self.acc.reduce(torch.cat([loss_sum[None], part_sums]), reduction="sum")
@@ -181,13 +207,19 @@ class StageTrainer:
     def method_state(self) -> dict:
         return {str(i): part.method_state() for i, part in enumerate(self.stateful)}
 
+    def extras(self) -> dict:
+        """Trainable parts outside the student that a checkpoint must hold (ProKT's teacher)."""
+        if self.updater is None:
+            return {}
+        return {"teacher": (self.acc.unwrap_model(self.updater.model), self.updater.optimizer)}
+
     def save(self) -> None:
         path = self.ckpt_root / f"step-{self.step:07d}"
         save_checkpoint(path, model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
                         scheduler=self.scheduler, step=self.step, stage=self.stage.name, recipe_hash=self.hash,
                         method_state=self.method_state(), rank=self.acc.process_index,
                         world=self.acc.num_processes, is_main=self.acc.is_main_process,
-                        barrier=self.acc.wait_for_everyone)
+                        barrier=self.acc.wait_for_everyone, extras=self.extras())
         if self.acc.is_main_process:
             prune(self.ckpt_root, self.cfg.keep_checkpoints)
 
@@ -196,7 +228,8 @@ class StageTrainer:
         if not checkpoints:
             return False
         state = load_checkpoint(checkpoints[-1], model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
-                                scheduler=self.scheduler, rank=self.acc.process_index, recipe_hash=self.hash)
+                                scheduler=self.scheduler, rank=self.acc.process_index, recipe_hash=self.hash,
+                                extras=self.extras())
         self.step = state["step"]
         for i, part in enumerate(self.stateful):
             part.load_method_state(state["method"].get(str(i), {}))

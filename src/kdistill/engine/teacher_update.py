@@ -1,0 +1,44 @@
+"""ProKT (Shi 2021): a teacher that keeps learning while the student distils from it.
+
+Each step the teacher also minimises its task loss plus a KL term that pulls it toward the current
+student, with its own optimizer, so every intermediate target stays within the student's reach.
+The student still sees the teacher's outputs as fixed targets (detached).
+"""
+from __future__ import annotations
+
+import torch
+
+from kdistill.errors import PairingError
+from kdistill.losses import functional as fn
+from kdistill.losses.logits import hard_label_count, hard_label_loss, logits_mask
+
+
+class TeacherUpdater:
+    def __init__(self, teacher, reader, task: str, cfg, accelerator, max_grad_norm: float | None):
+        if task not in ("classification", "causal-lm", "masked-lm"):
+            raise PairingError("teacher.update (ProKT) needs a teacher with logits and a task loss")
+        self.reader, self.task, self.cfg, self.acc, self.max_grad_norm = reader, task, cfg, accelerator, max_grad_norm
+        teacher.requires_grad_(True)
+        optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr)
+        self.model, self.optimizer = accelerator.prepare(teacher, optimizer)
+        self.module = teacher
+
+    def taps(self, batch: dict, names) -> dict:
+        self.module.train()
+        return self.reader(batch, sorted(set(names) | {"logits"}))
+
+    def count(self, batch: dict) -> int:
+        return hard_label_count(batch, self.task)
+
+    def loss(self, teacher_logits, student_logits, batch) -> torch.Tensor:
+        task = hard_label_loss(teacher_logits, batch, self.task)
+        # the teacher moves toward the student: KL(student ‖ teacher), the student fixed
+        toward = fn.kl_div(teacher_logits, student_logits.detach(), temperature=self.cfg.temperature,
+                           mask=logits_mask(batch, teacher_logits))
+        return task + self.cfg.kl_weight * toward
+
+    def step(self) -> None:
+        if self.max_grad_norm:
+            self.acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
