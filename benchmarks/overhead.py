@@ -6,7 +6,7 @@ with AdamW, warm-up/decay and clipping. Steps are interleaved (engine, hand, eng
 load from anything else on the machine hits both alike. Also reports achieved FLOP/s (counted with
 torch's FlopCounterMode) against this machine's measured fp32 matmul rate.
 
-    python benchmarks/overhead.py [--steps 12] [--batch-size 32] [--max-length 128]
+    python benchmarks/overhead.py [--steps 16] [--batch-size 32] [--max-length 128]
 
 Prints a table and writes benchmarks/results/overhead.json.
 """
@@ -78,7 +78,7 @@ class HandLoop:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=12, help="timed steps per loop")
+    ap.add_argument("--steps", type=int, default=16, help="timed steps per loop")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=128)
