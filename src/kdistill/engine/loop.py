@@ -110,6 +110,13 @@ class StageTrainer:
         with torch.no_grad(), self.acc.autocast():
             return self.teacher_reader(batch, sorted(self.parts.teacher_taps))
 
+    def teacher_forward(self, batch: dict) -> tuple[dict, dict | None]:
+        """The teacher's taps as fixed targets for the student, and (ProKT) the live ones it trains on."""
+        if self.updater is None:
+            return self.teacher_taps(batch), None
+        live = self.updater.taps(batch, self.parts.teacher_taps)
+        return {k: v.detach() for k, v in live.items()}, live
+
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
         terms = self.parts.terms
@@ -117,6 +124,7 @@ class StageTrainer:
         counts = torch.tensor([[t.count(b) for t in terms] for b in batches], dtype=torch.float64, device=self.acc.device)
         totals = self.acc.reduce(counts.sum(0), reduction="sum").clamp_min(1)
         world = self.acc.num_processes
+        weights = torch.tensor([t.weight for t in terms], dtype=torch.float64, device=self.acc.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         part_sums = torch.zeros(len(terms), dtype=torch.float64, device=self.acc.device)
         if self.updater is not None:
@@ -132,19 +140,15 @@ class StageTrainer:
                     if self.updater is not None:
                         stack.enter_context(self.acc.no_sync(self.updater.model))
                 stack.enter_context(self.acc.autocast())
-                if self.updater is None:
-                    t_taps = live = self.teacher_taps(batch)
-                else:
-                    live = self.updater.taps(batch, self.parts.teacher_taps)
-                    t_taps = {k: v.detach() for k, v in live.items()}
-                out = self.model(batch, t_taps, (share * world).tolist())
+                targets, live = self.teacher_forward(batch)
+                out = self.model(batch, targets, (share * world).tolist())
                 self.acc.backward(out["loss"])
                 if self.updater is not None:
                     t_loss = self.updater.loss(live["logits"], out["taps"]["logits"], batch)
                     self.acc.backward(t_loss * float(t_counts[j] / t_total) * world)
             values = torch.stack([out["parts"][t.name].double() for t in terms])
             part_sums += values * share
-            loss_sum += (values * share * torch.tensor([t.weight for t in terms], dtype=torch.float64, device=values.device)).sum()
+            loss_sum += (values * share * weights).sum()
         grad_norm = None
         if self.cfg.max_grad_norm:
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
