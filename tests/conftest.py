@@ -83,3 +83,27 @@ def tiny_recipe(tiny_bert_dir, text_file, tmp_path):
         "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "warmup": 0.0, "log_every": 1},
         "output": str(tmp_path / "run"),
     }
+
+
+@pytest.fixture
+def killed_run(monkeypatch):
+    """Run a recipe that dies (as if killed) when it reaches `step`, then let later runs proceed normally."""
+    from kdistill import distill
+    from kdistill.engine.loop import StageTrainer
+
+    original = StageTrainer.train_step
+
+    def run(recipe, step):
+        def dies(self, current):
+            if current == step:
+                raise KeyboardInterrupt
+            return original(self, current)
+
+        monkeypatch.setattr(StageTrainer, "train_step", dies)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                distill(recipe, progress=False)
+        finally:
+            monkeypatch.setattr(StageTrainer, "train_step", original)
+
+    return run

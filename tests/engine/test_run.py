@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import load_file
 
 from kdistill import distill
-from kdistill.engine.loop import StageTrainer
 from kdistill.errors import CheckpointError, ConfigError
 
 
@@ -50,24 +49,14 @@ def test_projector_is_trained_but_not_exported(tiny_recipe):
     assert not ckpt  # no save_every: no checkpoints kept
 
 
-def test_resume_is_bit_exact(tiny_recipe, tmp_path, monkeypatch):
+def test_resume_is_bit_exact(tiny_recipe, tmp_path, killed_run):
     tiny_recipe["train"].update(steps=6, save_every=2)
     tiny_recipe["student"] = {"from_teacher": {"layers": [2, 4]}}
     straight = distill({**tiny_recipe, "output": str(tmp_path / "straight")}, progress=False)
 
     killed = {**tiny_recipe, "output": str(tmp_path / "killed")}
-    original = StageTrainer.train_step
-
-    def dies_at_step_5(self, step):
-        if step == 4:  # after the step-4 checkpoint, before the run finishes
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(StageTrainer, "train_step", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        distill(killed, progress=False)
+    killed_run(killed, step=4)  # after the step-4 checkpoint, before the run finishes
     assert not (tmp_path / "killed" / "student").exists()  # nothing half-written presented as finished
-    monkeypatch.setattr(StageTrainer, "train_step", original)
     resumed = distill(killed, resume=True, progress=False)
     assert_same_weights(straight, resumed)
 
@@ -87,19 +76,9 @@ def test_resume_with_changed_recipe_is_refused_unless_forced(tiny_recipe):
     distill(changed, resume=True, force=True, progress=False)
 
 
-def test_corrupt_checkpoint_is_refused(tiny_recipe, tmp_path, monkeypatch):
+def test_corrupt_checkpoint_is_refused(tiny_recipe, killed_run):
     tiny_recipe["train"].update(steps=4, save_every=2)
-    original = StageTrainer.train_step
-
-    def dies(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(StageTrainer, "train_step", dies)
-    with pytest.raises(KeyboardInterrupt):
-        distill(tiny_recipe, progress=False)
-    monkeypatch.setattr(StageTrainer, "train_step", original)
+    killed_run(tiny_recipe, step=3)
     ckpt = Path(tiny_recipe["output"]) / "checkpoints" / "main" / "step-0000002"
     data = bytearray((ckpt / "model.safetensors").read_bytes())
     data[-10] ^= 0xFF

@@ -9,7 +9,6 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from kdistill import distill
 from kdistill.config import TeacherUpdate
-from kdistill.engine.loop import StageTrainer
 from kdistill.engine.teacher_update import TeacherUpdater
 
 
@@ -51,19 +50,9 @@ def prokt_recipe(tmp_path, tokenizer):
             "train": {"steps": 4, "batch_size": 4, "save_every": 2}}
 
 
-def test_prokt_trains_the_teacher_and_resumes_exactly(prokt_recipe, tmp_path, monkeypatch):
+def test_prokt_trains_the_teacher_and_resumes_exactly(prokt_recipe, tmp_path, killed_run):
     straight = distill({**prokt_recipe, "output": str(tmp_path / "a")}, progress=False)
-    original = StageTrainer.train_step
-
-    def dies(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(StageTrainer, "train_step", dies)
-    with pytest.raises(KeyboardInterrupt):
-        distill({**prokt_recipe, "output": str(tmp_path / "b")}, progress=False)
-    monkeypatch.setattr(StageTrainer, "train_step", original)
+    killed_run({**prokt_recipe, "output": str(tmp_path / "b")}, step=3)
     ckpt = tmp_path / "b" / "checkpoints" / "main" / "step-0000002"
     trained_teacher = load_file(str(ckpt / "teacher.safetensors"))
     before = load_file(str(tmp_path / "teacher" / "model.safetensors"))

@@ -72,14 +72,13 @@ def test_modules_must_divide_the_layers(teacher):
         build_theseus(Theseus(modules=3), teacher, steps=10)
 
 
-def test_theseus_run_resumes_exactly(tmp_path, tokenizer, monkeypatch):
+def test_theseus_run_resumes_exactly(tmp_path, tokenizer, killed_run):
     """The replacement draws and the rate are restored on resume: same weights as an uninterrupted run."""
     import json
 
     from safetensors.torch import load_file
 
     from kdistill import distill
-    from kdistill.engine.loop import StageTrainer
 
     torch.manual_seed(0)
     labels = ["a", "b"]
@@ -95,17 +94,7 @@ def test_theseus_run_resumes_exactly(tmp_path, tokenizer, monkeypatch):
               "data": {"train": {"path": str(data), "label": "label"}, "max_length": 8},
               "losses": [{"type": "cross_entropy"}], "train": {"steps": 6, "batch_size": 4, "save_every": 2}}
     straight = distill({**recipe, "output": str(tmp_path / "a")}, progress=False)
-    original = StageTrainer.train_step
-
-    def dies(self, step):
-        if step == 3:
-            raise KeyboardInterrupt
-        return original(self, step)
-
-    monkeypatch.setattr(StageTrainer, "train_step", dies)
-    with pytest.raises(KeyboardInterrupt):
-        distill({**recipe, "output": str(tmp_path / "b")}, progress=False)
-    monkeypatch.setattr(StageTrainer, "train_step", original)
+    killed_run({**recipe, "output": str(tmp_path / "b")}, step=3)
     state = json.loads((tmp_path / "b" / "checkpoints" / "main" / "step-0000002" / "state.json").read_text())
     assert any(v.get("replace_rate") == pytest.approx(0.3 + 0.7 * 2 / 6) for v in state["method"].values())
     resumed = distill({**recipe, "output": str(tmp_path / "b")}, resume=True, progress=False)

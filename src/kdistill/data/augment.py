@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import random
 import re
 
-from kdistill.data.corpora import WORDNET_FILES, wordnet_dir
+from kdistill.data.corpora import wordnet_dir, wordnet_files
 from kdistill.errors import ConfigError, DataError
 
 # A word may carry inner hyphens/apostrophes ("full-face", "o'clock"), as WordNet lemmas do.
@@ -56,14 +55,7 @@ def _lemmas(line: str) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _synonym_table(directory: str) -> dict[str, list[str]]:
-    paths = [os.path.join(directory, f"data.{name}") for name in WORDNET_FILES]
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        raise DataError(
-            f"WordNet data files are missing: {', '.join(missing)}. Install them with "
-            "`apt-get install wordnet-base` (or `make install`), or set KDISTILL_WORDNET_DIR "
-            "to a folder holding data.noun, data.verb, data.adj and data.adv"
-        )
+    paths = wordnet_files(directory)
     groups: dict[str, set[str]] = {}
     for path in paths:
         with open(path, encoding="utf-8", errors="replace") as f:

@@ -197,8 +197,8 @@ def _parse_wordnet_file(path: str) -> list[dict]:
     return records
 
 
-@functools.lru_cache(maxsize=None)
-def _wordnet_records(directory: str) -> tuple[dict, ...]:
+def wordnet_files(directory: str) -> list[str]:
+    """The four data.* files of a WordNet install; a clear error naming the fix when any is missing."""
     paths = [os.path.join(directory, f"data.{name}") for name in WORDNET_FILES]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
@@ -207,6 +207,12 @@ def _wordnet_records(directory: str) -> tuple[dict, ...]:
             "`apt-get install wordnet-base` (or `make install`), or set KDISTILL_WORDNET_DIR "
             "to a folder holding data.noun, data.verb, data.adj and data.adv"
         )
+    return paths
+
+
+@functools.lru_cache(maxsize=None)
+def _wordnet_records(directory: str) -> tuple[dict, ...]:
+    paths = wordnet_files(directory)
     records = []
     for path in paths:
         records.extend(_parse_wordnet_file(path))
