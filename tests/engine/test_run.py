@@ -156,3 +156,21 @@ def test_freeze_pattern_that_matches_nothing(tiny_recipe):
     tiny_recipe["train"]["freeze"] = ["encoder.layers.*"]
     with pytest.raises(ConfigError, match=r"train.freeze\[0\]"):
         distill(tiny_recipe, progress=False)
+
+
+def test_resume_in_the_middle_of_the_second_stage(tiny_recipe, tmp_path, killed_run):
+    """A finished stage is not trained again; the running one continues from its checkpoint, exactly."""
+    tiny_recipe["stages"] = [{"name": "general", "train": {"steps": 2}},
+                             {"name": "task", "losses": [{"type": "embedding_cosine"}], "train": {"steps": 4}}]
+    tiny_recipe["train"]["save_every"] = 2
+    straight = distill({**tiny_recipe, "output": str(tmp_path / "a")}, progress=False)
+    killed = {**tiny_recipe, "output": str(tmp_path / "b")}
+    killed_run(killed, step=3, stage="task")
+    first = tmp_path / "b" / "stages" / "general" / "student" / "kdistill.json"
+    stamp = first.stat().st_mtime_ns
+    resumed = distill(killed, resume=True, progress=False)
+    assert first.stat().st_mtime_ns == stamp  # stage 1 was not redone
+    assert_same_weights(straight, resumed)
+    logs = [json.loads(line) for line in (tmp_path / "b" / "logs" / "task.jsonl").read_text().splitlines()]
+    # step 3 ran once before the kill (after the step-2 checkpoint) and again after resuming; the log keeps both
+    assert [r["step"] for r in logs if r["kind"] == "train"] == [1, 2, 3, 3, 4]
