@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import sys
 import tempfile
 from pathlib import Path
 from typing import List, Optional

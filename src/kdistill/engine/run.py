@@ -9,7 +9,6 @@ Layout of `output/`:
 """
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -117,6 +116,3 @@ def _version() -> str:
     except PackageNotFoundError:
         return "dev"
 
-
-def clean_checkpoints(out: Path) -> None:
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)

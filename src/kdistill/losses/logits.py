@@ -112,23 +112,14 @@ class MLMParams(TermParams):
 
 
 @register_loss("mlm")
-class MaskedLM(LossTerm):
-    """Masked-language-modelling loss on the student (DistilBERT's L_mlm); the batch is masked 80/10/10."""
+class MaskedLM(CrossEntropy):
+    """Masked-language-modelling loss on the student (DistilBERT's L_mlm); the batch is masked 80/10/10,
+    so the hard-label loss and count inherited from CrossEntropy run over the masked tokens."""
 
     Params = MLMParams
     needs_mlm = True
-    needs_teacher = False
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
         if student.task != "masked-lm":
             raise PairingError(f"{where}: mlm needs a student with a masked-LM head; set teacher.task: masked-lm")
-
-    def student_taps(self):
-        return ["logits"]
-
-    def count(self, batch):
-        return int((batch["mlm_labels"] != -100).sum())
-
-    def forward(self, s, t, batch):
-        return hard_label_loss(s["logits"], batch, "masked-lm")

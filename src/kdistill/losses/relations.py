@@ -8,7 +8,7 @@ from pydantic import Field
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
-from kdistill.losses.base import LossTerm, TermParams, layer_map, register_loss, same_heads, token_count
+from kdistill.losses.base import LossTerm, TermParams, layer_map, register_loss, same_heads
 from kdistill.losses.features import LayerSpec
 
 
@@ -165,4 +165,4 @@ class QKVRelation(LossTerm):
         return total
 
 
-__all__ = ["AttentionKL", "AttentionMSE", "ValueRelation", "QKVRelation", "token_count"]
+__all__ = ["AttentionKL", "AttentionMSE", "ValueRelation", "QKVRelation"]
