@@ -49,6 +49,22 @@ def tiny_bert_dir(tmp_path_factory, tokenizer, minilm_dir):
     return save_tiny(BertModel(config), tokenizer, tmp_path_factory.mktemp("tiny_bert"), st_from=minilm_dir)
 
 
+@pytest.fixture
+def make_classifier(tokenizer):
+    """make_classifier(path): a 4-layer, 32-wide random BERT classifier over red/green/blue, saved at path."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    def make(path):
+        torch.manual_seed(0)
+        labels = ["blue", "green", "red"]
+        config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                            id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
+        return save_tiny(BertForSequenceClassification(config), tokenizer, path)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, tokenizer):
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -42,7 +42,11 @@ def shrink(node, base, classifier):
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "teacher" and isinstance(value, dict):
-                value["model"] = classifier if str(value.get("model", "")).startswith("recipe:") else base
+                ref = str(value.get("model", ""))
+                if not ref.startswith("stage:"):  # an earlier stage's student stays what it is
+                    value["model"] = classifier if ref.startswith("recipe:") else base
+            elif key == "from_teacher" and isinstance(value, dict) and "model" in value:
+                value["model"] = base
             elif key in ("train", "eval") and isinstance(value, (dict, list)) and (
                     "source" in str(value) or "path" in str(value)):
                 for spec in value if isinstance(value, list) else [value]:

@@ -1,27 +1,14 @@
 """`kdistill compare` on tiny models: a recipe and its no-teacher baseline, two seeds, a results section."""
 import json
 
-import torch
 import yaml
-from transformers import BertConfig, BertForSequenceClassification
 
 from kdistill.compare import baseline_of, compare
 from kdistill.config import load_recipe
 
 
-def tiny_classifier(path, tokenizer):
-    torch.manual_seed(0)
-    labels = ["blue", "green", "red"]
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=64, num_labels=3,
-                        id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)})
-    BertForSequenceClassification(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def test_compare_writes_a_table_with_baseline(tmp_path, tokenizer):
-    teacher = tiny_classifier(tmp_path / "teacher", tokenizer)
+def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier):
+    teacher = make_classifier(tmp_path / "teacher")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
                             for i in range(8) for w in ("red", "green", "blue")))

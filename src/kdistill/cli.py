@@ -139,12 +139,38 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
                 seeds: int = typer.Option(3, help="seeds per recipe"),
                 quick: bool = typer.Option(False, help="1/8 of the steps: a fast look at the direction"),
                 output: str = typer.Option("runs/compare", help="where the runs go (reused when complete)"),
-                results: str = typer.Option("docs/results.md", help="markdown file to write the table into")):
+                results: str = typer.Option("docs/results.md", help="markdown file to write the table into"),
+                baselines: bool = typer.Option(True, help="also train each recipe's no-teacher baseline")):
     """Each recipe against a no-teacher baseline (same student, same init, labels only), on test data."""
     from kdistill.compare import compare, markdown
 
-    report = compare(recipes, seeds, quick, output, results, console)
+    report = compare(recipes, seeds, quick, output, results, console, baselines=baselines)
     console.print(markdown(report))
+
+
+@app.command("export")
+@friendly
+def export_cmd(model_dir: str = typer.Argument(..., help="a finished student directory (or a run directory)"),
+               out: str = typer.Argument(..., help="where to write the exported model"),
+               packed: bool = typer.Option(False, "--packed", help="pack 1-bit weights into bits (8 per byte)")):
+    """Export a student. --packed: a real 1-bit model (signs as bits + one scale per row) that
+    `kdistill.load_model` / `kdistill eval` load back with the same outputs."""
+    from pathlib import Path
+
+    from kdistill.errors import ConfigError
+    from kdistill.quant.packing import export_packed
+
+    if not packed:
+        raise ConfigError("export has one format so far: add --packed (a student directory is already a "
+                          "Hugging Face model directory)")
+    source = Path(model_dir)
+    if (source / "student" / "config.json").exists():
+        source = source / "student"
+    report = export_packed(str(source), out)
+    fp = report["quantized_linear_fp32_bytes"]
+    console.print(f"wrote {out}: quantized linear weights {report['quantized_linear_packed_bytes']:,} bytes packed "
+                  f"vs {fp:,} bytes FP32 (1/{fp / report['quantized_linear_packed_bytes']:.1f}); "
+                  f"file {report['packed_file_bytes']:,} bytes vs {report['source_file_bytes'] or 0:,}")
 
 
 def main():

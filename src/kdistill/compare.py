@@ -73,10 +73,36 @@ def train_or_reuse(recipe: Recipe, console) -> Path:
     return student
 
 
+def evaluation_points(recipe: Recipe) -> list[tuple[str, int]]:
+    """(row suffix, stage index) to test: the final student, and for quantization-aware recipes also the
+    last stage at each earlier precision (FP32, ternary, W1A8 on the way to W1A1)."""
+    from kdistill.quant.model import spec_label
+
+    last = len(recipe.stages) - 1
+    if all(s.quant is None for s in recipe.stages):
+        return [("", last)]
+    labels = [spec_label(s.quant.model_dump()) if s.quant else "FP32" for s in recipe.stages]
+    ends = [i for i in range(last) if labels[i] != labels[i + 1]]
+    return [(f" [{labels[i]}]", i) for i in ends] + [(f" [{labels[last]}]", last)]
+
+
+def estimated_train_flops(recipe: Recipe, student_params: int, teacher_params: int, tokens_per_seq: float) -> float:
+    """6·N·D for the student's forward and backward plus 2·N·D for the teacher's forward (non-embedding
+    parameters, D = tokens seen): an estimate for comparing pipelines, not a measurement."""
+    tokens = sum(s.train.steps * s.train.batch_size for s in recipe.stages) * tokens_per_seq
+    return tokens * (6 * student_params + 2 * teacher_params)
+
+
+def mean_tokens(tokenizer, records: list[dict], max_length: int) -> float:
+    lengths = [min(len(ids), max_length) for ids in tokenizer([r["text"] for r in records[:2000]])["input_ids"]]
+    return sum(lengths) / max(1, len(lengths))
+
+
 def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str = "runs/compare",
-            results: str = "docs/results.md", console=None) -> dict:
+            results: str = "docs/results.md", console=None, baselines: bool = True) -> dict:
     from kdistill.eval.embeddings import compare_speed
-    from kdistill.eval.metrics import count_parameters
+    from kdistill.eval.metrics import count_parameters, non_embedding_parameters
+    from kdistill.engine.run import stage_student_dir
     from kdistill.teachers.recipe_runs import resolve_teacher
 
     if not names:
@@ -86,41 +112,69 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     done_baselines: dict[str, str] = {}
     for name in names:
         recipe = load_recipe(name)
-        base = baseline_of(recipe)
-        key = json.dumps(base.stages[0].model_dump(mode="json"), sort_keys=True)
-        pairs = [(recipe.name, recipe)] + ([] if key in done_baselines else [(base.name, base)])
-        done_baselines.setdefault(key, base.name)
+        pairs = [(recipe.name, recipe)]
+        if baselines:
+            base = baseline_of(recipe)
+            key = json.dumps(base.stages[0].model_dump(mode="json"), sort_keys=True)
+            pairs += [] if key in done_baselines else [(base.name, base)]
+            done_baselines.setdefault(key, base.name)
         records = test_records(recipe)
         teacher_ref = resolve_teacher(recipe.stages[-1].teacher.model, console)
         if teacher_row is None:
             acc, teacher = test_accuracy(teacher_ref, records)
             teacher_row = {"name": "teacher", "ref": recipe.stages[-1].teacher.model, "accuracy": [acc],
                            "params": count_parameters(teacher.model)}
+            tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length)
         for label, r in pairs:
-            accs, walls, student_dir = [], [], None
+            points = evaluation_points(r)
+            accs = {suffix: [] for suffix, _ in points}
+            walls, loaded = [], {}
             for seed in range(seeds):
                 run = variant(r, seed, quick, root / label / f"seed-{seed}")
                 start = time.perf_counter()
-                student_dir = train_or_reuse(run, console)
-                meta = json.loads((student_dir / "kdistill.json").read_text())
+                final = train_or_reuse(run, console)
+                meta = json.loads((final / "kdistill.json").read_text())
                 walls.append(meta.get("wall_time_s") or time.perf_counter() - start)
-                acc, loaded = test_accuracy(str(student_dir), records)
-                accs.append(acc)
-                if console is not None:
-                    console.print(f"{label} seed {seed}: test accuracy {acc:.4f}")
+                for suffix, index in points:
+                    acc, loaded[suffix] = test_accuracy(str(stage_student_dir(Path(run.output), run, index)), records)
+                    accs[suffix].append(acc)
+                    if console is not None:
+                        console.print(f"{label}{suffix} seed {seed}: test accuracy {acc:.4f}")
             texts = [r_["text"] for r_ in records[:128]]
-            speed = compare_speed({"teacher": (teacher.model, teacher.tokenizer, "cls"),
-                                   "student": (loaded.model, loaded.tokenizer, "cls")}, texts)
-            rows.append({"name": label, "baseline_of": name if label.endswith("-baseline") else None,
-                         "accuracy": accs, "params": count_parameters(loaded.model),
-                         "speedup": speed["student"] / speed["teacher"], "wall_time_s": walls,
-                         "steps": sum(s.train.steps for s in run.stages)})
+            for suffix, index in points:
+                model = loaded[suffix]
+                speedup = None  # fake quantization runs float kernels: its speed says nothing about 1-bit ones
+                if not getattr(model.model.config, "kdistill_quant", None):
+                    speed = compare_speed({"teacher": (teacher.model, teacher.tokenizer, "cls"),
+                                           "student": (model.model, model.tokenizer, "cls")}, texts)
+                    speedup = speed["student"] / speed["teacher"]
+                row = {"name": label + suffix, "baseline_of": name if label.endswith("-baseline") else None,
+                       "accuracy": accs[suffix], "params": count_parameters(model.model), "speedup": speedup}
+                if suffix == points[-1][0]:  # training cost belongs to the whole pipeline
+                    row.update(wall_time_s=walls, steps=sum(s.train.steps for s in run.stages),
+                               train_pflops=estimated_train_flops(run, non_embedding_parameters(model.model),
+                                                                  non_embedding_parameters(teacher.model),
+                                                                  tokens_per_seq) / 1e15)
+                    packed = packed_size(model.path, Path(run.output) / "packed")
+                    if packed:
+                        row["packed"] = packed
+                rows.append(row)
     report = {"quick": quick, "seeds": seeds, "test_records": len(records), "teacher": teacher_row, "rows": rows,
               "created": time.strftime("%Y-%m-%d %H:%M")}
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(report, indent=2))
     write_results(report, Path(results), names)
     return report
+
+
+def packed_size(student_dir: str, out: Path) -> dict | None:
+    """Sizes of the packed 1-bit export of a binary student (None for other students)."""
+    config = json.loads((Path(student_dir) / "config.json").read_text())
+    if (config.get("kdistill_quant") or {}).get("weights") != 1:
+        return None
+    from kdistill.quant.packing import export_packed
+
+    return export_packed(student_dir, str(out))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -130,15 +184,27 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def markdown(report: dict) -> str:
     teacher = report["teacher"]
     t_acc = teacher["accuracy"][0]
+    flops = any("train_pflops" in r for r in report["rows"])
+    packed = any("packed" in r for r in report["rows"])
+    head = ["model", "test accuracy", "% of teacher", "parameters", "speed-up", "steps", "train wall time (s)"]
+    head += ["est. train PFLOP"] * flops + ["packed 1-bit weights (vs FP32)"] * packed
     lines = [f"Test accuracy on {report['test_records']} held-out records, {report['seeds']} seed(s)"
              f"{' (--quick: 1/8 of the steps)' if report['quick'] else ''}; measured {report['created']}.", "",
-             "| model | test accuracy | % of teacher | parameters | speed-up | steps | train wall time (s) |",
-             "|---|---|---|---|---|---|---|",
-             f"| teacher ({teacher['ref']}) | {t_acc:.4f} | 100% | {teacher['params']:,} | 1.00× | | |"]
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             f"| teacher ({teacher['ref']}) | {t_acc:.4f} | 100% | {teacher['params']:,} | 1.00× |"
+             + " |" * (len(head) - 5)]
     for row in report["rows"]:
         m, s = mean_std(row["accuracy"])
-        lines.append(f"| {row['name']} | {m:.4f} ± {s:.4f} | {m / t_acc:.1%} | {row['params']:,} | "
-                     f"{row['speedup']:.2f}× | {row['steps']} | {statistics.mean(row['wall_time_s']):.0f} |")
+        cells = [row["name"], f"{m:.4f} ± {s:.4f}", f"{m / t_acc:.1%}", f"{row['params']:,}", f"{row['speedup']:.2f}×" if row["speedup"] else "—",
+                 str(row.get("steps", "")),
+                 f"{statistics.mean(row['wall_time_s']):.0f}" if row.get("wall_time_s") else ""]
+        if flops:
+            cells.append(f"{row['train_pflops']:.2f}" if "train_pflops" in row else "")
+        if packed:
+            p = row.get("packed")
+            cells.append(f"{p['quantized_linear_packed_bytes'] / 2**20:.2f} MiB "
+                         f"(1/{1 / p['quantized_linear_ratio']:.1f})" if p else "")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

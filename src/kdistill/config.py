@@ -17,7 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from kdistill.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-STAGE_FIELDS = ("teacher", "student", "data", "losses", "train")
+STAGE_TEACHER = "stage:"
+STAGE_FIELDS = ("teacher", "student", "data", "losses", "train", "quant")
 
 
 class Strict(BaseModel):
@@ -41,6 +42,8 @@ class TeacherConfig(Strict):
 class FromTeacher(Strict):
     layers: list[int] | Literal["uniform", "every_other"] = "uniform"
     num_layers: int | None = Field(None, ge=1, description="for layers: uniform")
+    model: str | None = Field(None, description="copy the layers of this model (same architecture) instead of "
+                              "the teacher's, e.g. the pretrained checkpoint a task teacher was fine-tuned from")
 
 
 class Theseus(Strict):
@@ -145,6 +148,16 @@ class TrainConfig(Strict):
     freeze: list[str] = Field(default_factory=list, description="student parameter names to keep fixed (globs)")
 
 
+class QuantConfig(Strict):
+    """Quantization-aware training of the student at this precision (kdistill.quant)."""
+    weights: Literal[1, 2, 4, 8, 32] = Field(32, description="1 binary (BWN), 2 ternary (TWN), 4/8 uniform, 32 float")
+    activations: Literal[1, 4, 8, 32] = Field(32, description="1 elastic binary (BiT), 4/8 learned step (LSQ), 32 float")
+    keep_fp: list[Literal["embeddings", "classifier"]] = Field(
+        default_factory=lambda: ["embeddings", "classifier"], description="parts kept in full precision")
+    attention: bool = Field(True, description="also quantize the attention matmul inputs (Q, K, V, probabilities)")
+    split: bool = Field(True, description="ternary -> binary by BinaryBERT's weight splitting (else re-binarize)")
+
+
 class Stage(Strict):
     name: str = "main"
     teacher: TeacherConfig
@@ -152,6 +165,7 @@ class Stage(Strict):
     data: DataConfig
     losses: list[Any] = Field(min_length=1)
     train: TrainConfig = TrainConfig()
+    quant: QuantConfig | None = None
 
 
 class Recipe(Strict):
@@ -289,6 +303,11 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: stage names must be unique, got {names}")
+    for i, stage in enumerate(stages):  # `stage:NAME`: an earlier stage's finished student teaches this one
+        ref = str(stage.teacher.model)
+        if ref.startswith(STAGE_TEACHER) and ref[len(STAGE_TEACHER):] not in names[:i]:
+            raise ConfigError(f"{source}: stages[{i}].teacher.model: {ref!r} must name an earlier stage; "
+                              f"earlier stages: {', '.join(names[:i]) or 'none'}")
     try:
         return Recipe(name=raw.get("name", Path(source).stem), output=str(raw["output"]), stages=stages)
     except ValidationError as err:

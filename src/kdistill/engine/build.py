@@ -85,6 +85,25 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
                     "label2id": {name: i for i, name in enumerate(labels)}}
 
 
+def spread(records: list[dict], limit: int | None) -> list[dict]:
+    """`limit` records taken evenly through the list: corpora are ordered (e.g. nouns before verbs), so
+    the first N would measure one part of the task only."""
+    if limit is None or len(records) <= limit:
+        return records
+    return [records[i * len(records) // limit] for i in range(limit)]
+
+
+def quantize_student(student, stage: Stage, collator, train: list[dict], prefix: str) -> None:
+    """Move the student to the stage's precision and initialise its activation quantizers on the
+    first batch of the (unshuffled) training data, so every process starts from the same scales."""
+    from kdistill.quant.model import calibrate, quantize_model
+
+    quantize_model(student, stage.quant.model_dump(), where=f"{prefix}quant")
+    batch = collator(train[: stage.train.batch_size])
+    batch.pop("labels", None)
+    calibrate(student, batch)
+
+
 def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None) -> StageParts:
     train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
     evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
@@ -104,6 +123,10 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer; text distillation needs one")
     student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head,
                             stage.train.steps)
+    collator = TextCollator(loaded.tokenizer, stage.data.max_length,
+                            {name: i for i, name in enumerate(labels)} if labels else None)
+    if stage.quant is not None:
+        quantize_student(student, stage, collator, train, prefix)
     student_info = model_info(student, loaded.task, pooling)
     if labels is not None and getattr(student.config, "num_labels", None) != len(labels):
         raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has "
@@ -112,11 +135,9 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     s_reader, t_reader = TapReader(student, student_info), TapReader(teacher, teacher_info)
     student_taps = set().union(*(s_reader.canonical(t.student_taps(), t.where) for t in terms))
     teacher_taps = set().union(*(t_reader.canonical(t.teacher_taps(), t.where) for t in terms))
-    collator = TextCollator(loaded.tokenizer, stage.data.max_length,
-                            {name: i for i, name in enumerate(labels)} if labels else None)
     return StageParts(
         teacher=teacher, teacher_info=teacher_info, teacher_dir=loaded.path, student=student,
         student_info=student_info, tokenizer=loaded.tokenizer, terms=terms, train_records=train,
-        eval_records=evals[: stage.data.eval_limit], collator=collator, labels=labels,
+        eval_records=spread(evals, stage.data.eval_limit), collator=collator, labels=labels,
         needs_mlm=any(t.needs_mlm for t in terms), student_taps=student_taps, teacher_taps=teacher_taps,
     )

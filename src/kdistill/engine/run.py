@@ -60,6 +60,18 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
     return out
 
 
+def with_stage_teacher(stage, out: Path, recipe: Recipe):
+    """`teacher: {model: stage:NAME}` -> that earlier stage's finished student (multi-distillation)."""
+    from kdistill.config import STAGE_TEACHER
+
+    ref = str(stage.teacher.model)
+    if not ref.startswith(STAGE_TEACHER):
+        return stage
+    names = [s.name for s in recipe.stages]
+    path = stage_student_dir(out, recipe, names.index(ref[len(STAGE_TEACHER):]))
+    return stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"model": str(path)})})
+
+
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, console=None, progress: bool = True) -> Path:
     from kdistill.engine.build import build_stage
     from kdistill.engine.logs import plot_losses
@@ -79,6 +91,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
         if resume and is_complete(target):
             previous = str(target)  # a finished stage is not trained again
             continue
+        stage = with_stage_teacher(stage, out, recipe)
         parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console)
         trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress)
         resumed = resume and trainer.resume()

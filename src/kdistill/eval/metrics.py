@@ -77,6 +77,14 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def non_embedding_parameters(model) -> int:
+    """Parameters outside the embedding tables: the ones each token's compute touches."""
+    import torch
+
+    embedded = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embedded)
+
+
 # Trainer and Accelerate artefacts that end in .bin but are not model weights.
 NOT_WEIGHTS = ("optimizer", "scheduler", "training_args", "rng_state", "random_states")
 

@@ -109,7 +109,12 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; valid: auto, {', '.join(TASKS)}")
     try:
-        model = model_class(task).from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        if getattr(config, "kdistill_quant", None):  # a quantization-aware student: rebuild its structure
+            from kdistill.quant.model import load_quantized
+
+            model = load_quantized(path, config, model_class(task), **kwargs)
+        else:
+            model = model_class(task).from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         raise DataError(f"could not load {task} model from {ref!r}: {first_line(err)}") from None
     return Loaded(model, load_tokenizer(path, trust_remote_code), path, task)

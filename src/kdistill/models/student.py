@@ -38,7 +38,16 @@ def choose_layers(spec, num_layers: int | None, teacher_layers: int, where: str)
 
 @INITS.register("from_teacher")
 def from_teacher(spec, teacher, where="student.from_teacher", **context):
-    """Copy the embeddings, the head and the chosen layers of the teacher (DistilBERT/TinyBERT init)."""
+    """Copy the embeddings, the head and the chosen layers of the teacher (DistilBERT/TinyBERT init).
+
+    With `model:` the layers come from that model instead (DistilBERT initialises from the pretrained,
+    not the fine-tuned, teacher); the student keeps the teacher's class, so a task head starts fresh."""
+    if spec.model is not None:
+        source = load_model(spec.model, context.get("task", "auto"), **(context.get("head") or {})).model
+        if type(source) is not type(teacher):
+            raise PairingError(f"{where}.model: {spec.model} is a {type(source).__name__}, the teacher a "
+                               f"{type(teacher).__name__}; layers can only be copied between the same architecture")
+        teacher = source
     config = teacher.config
     n_teacher = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
     layers = choose_layers(spec.layers, spec.num_layers, n_teacher, where)

@@ -1,0 +1,114 @@
+"""Quantizing a whole model: structure, ternary -> binary splitting, save/load and the packed 1-bit export."""
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from kdistill.errors import ConfigError
+from kdistill.models.loading import load_model
+from kdistill.quant import QuantLinear, export_packed, quantize_model, split_ternary_weight
+from kdistill.quant.quantizers import binarize, ternarize
+
+SPEC = {"weights": 2, "activations": 8}
+
+
+@pytest.fixture
+def classifier(tokenizer):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config).eval()
+
+
+@pytest.fixture
+def batch(tokenizer):
+    return dict(tokenizer(["a small dog", "the binary weights of a layer are signs"], padding=True, return_tensors="pt"))
+
+
+def test_structure_keeps_embeddings_and_head_in_full_precision(classifier, batch):
+    quantize_model(classifier, SPEC)
+    quantized = [n for n, m in classifier.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 2 * 6  # Q, K, V, attention output, intermediate, output per layer
+    assert isinstance(classifier.classifier, nn.Linear) and isinstance(classifier.bert.pooler.dense, nn.Linear)
+    assert all(hasattr(layer.attention.self, "attention_quant") for layer in classifier.bert.encoder.layer)
+    assert classifier.config.kdistill_quant["weights"] == 2
+    classifier(**batch).logits.sum().backward()  # gradients reach the latent weights
+    assert classifier.bert.encoder.layer[0].attention.self.query.weight.grad is not None
+
+
+def test_quantizing_the_head_too(classifier):
+    quantize_model(classifier, {**SPEC, "keep_fp": ["embeddings"]})
+    assert isinstance(classifier.classifier, QuantLinear)
+    with pytest.raises(ConfigError, match="keep_fp"):
+        quantize_model(classifier, {**SPEC, "keep_fp": []})
+
+
+def test_full_precision_spec_changes_nothing(classifier, batch):
+    before = classifier(**batch).logits
+    quantize_model(classifier, {"weights": 32, "activations": 32})
+    assert torch.allclose(classifier(**batch).logits, before, atol=1e-6)
+
+
+def test_split_weights_sum_to_the_ternary_weight():
+    torch.manual_seed(1)
+    w = torch.randn(16, 48) * 0.05
+    w[3] = 0.0  # an all-zero row survives too
+    w1, w2 = split_ternary_weight(w)
+    assert torch.allclose(binarize(w1) + binarize(w2), ternarize(w), atol=1e-7)
+
+
+def test_split_model_has_the_same_output(classifier, batch):
+    quantize_model(classifier, SPEC)
+    classifier.train()
+    classifier(**batch)  # initialise the activation quantizers
+    classifier.eval()
+    ternary = classifier(**batch).logits
+    quantize_model(classifier, {"weights": 1, "activations": 8})
+    layer = classifier.bert.encoder.layer[0].intermediate.dense
+    assert layer.is_split and layer.weight_bits == 1
+    assert torch.allclose(classifier(**batch).logits, ternary, atol=1e-5)
+    with pytest.raises(ConfigError, match="split"):
+        quantize_model(classifier, {"weights": 2, "activations": 8})
+
+
+def test_saved_quantized_student_loads_with_the_same_outputs(classifier, batch, tokenizer, tmp_path):
+    quantize_model(classifier, SPEC)
+    classifier.train()
+    classifier(**batch)
+    quantize_model(classifier, {"weights": 1, "activations": 1})  # split, then binary activations
+    classifier(**batch)
+    classifier.eval()
+    expected = classifier(**batch).logits
+    classifier.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    loaded = load_model(str(tmp_path / "student"), "classification").model
+    assert loaded.bert.encoder.layer[1].output.dense.is_split
+    assert torch.allclose(loaded(**batch).logits, expected, atol=1e-6)
+
+
+def test_packed_export_round_trip_and_size(classifier, batch, tokenizer, tmp_path):
+    quantize_model(classifier, {"weights": 1, "activations": 8})
+    classifier.train()
+    classifier(**batch)
+    classifier.eval()
+    expected = classifier(**batch).logits
+    classifier.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    report = export_packed(str(tmp_path / "student"), str(tmp_path / "packed"))
+    assert not (tmp_path / "packed" / "model.safetensors").exists()
+    loaded = load_model(str(tmp_path / "packed"), "classification").model
+    assert torch.allclose(loaded(**batch).logits, expected, atol=1e-5)
+    # 1 bit per weight plus a float32 scale per row of 32 or 64 inputs: 1/32 + 4/in_features of FP32
+    rows = 2 * (4 * 32 + 64 + 32)  # Q, K, V, attn-out (32 rows each), intermediate (64), output (32), 2 layers
+    weights = 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    assert report["quantized_linear_fp32_bytes"] == weights * 4
+    assert report["quantized_linear_packed_bytes"] == weights // 8 + rows * 4
+
+
+def test_packed_export_refuses_a_non_binary_student(classifier, tokenizer, tmp_path):
+    quantize_model(classifier, SPEC)
+    classifier.save_pretrained(tmp_path / "ternary")
+    tokenizer.save_pretrained(tmp_path / "ternary")
+    with pytest.raises(ConfigError, match="1-bit"):
+        export_packed(str(tmp_path / "ternary"), str(tmp_path / "packed"))

@@ -1,0 +1,90 @@
+"""Quantizers against values computed by hand: forward values and straight-through gradients."""
+import pytest
+import torch
+
+from kdistill.quant.quantizers import (ElasticBinary, LearnedStepQuantizer, activation_quantizer, binarize,
+                                       quantize_weight, ternarize)
+
+
+def test_binarize_rows_and_clipped_straight_through():
+    w = torch.tensor([[0.5, -1.5, 0.25, -0.25], [2.0, 0.0, -1.0, 1.0]], requires_grad=True)
+    q = binarize(w)
+    # row scales mean|w| = 0.625 and 1.0; sign(0) = +1
+    assert torch.equal(q.detach(), torch.tensor([[0.625, -0.625, 0.625, -0.625], [1.0, 1.0, -1.0, 1.0]]))
+    q.backward(torch.arange(8.0).view(2, 4))
+    # the gradient passes only where |w| <= 1
+    assert torch.equal(w.grad, torch.tensor([[0.0, 0.0, 2.0, 3.0], [0.0, 5.0, 6.0, 7.0]]))
+
+
+def test_ternarize_threshold_and_scale():
+    w = torch.tensor([[0.9, -0.1, 0.05, -0.6]], requires_grad=True)
+    # Delta = 0.7 * 0.4125 = 0.28875 keeps 0.9 and -0.6; alpha = (0.9 + 0.6) / 2 = 0.75
+    q = ternarize(w)
+    assert torch.allclose(q.detach(), torch.tensor([[0.75, 0.0, 0.0, -0.75]]))
+    q.sum().backward()
+    assert torch.equal(w.grad, torch.ones(1, 4))
+
+
+def test_uniform_weight_levels():
+    w = torch.tensor([[1.27, -0.5, 0.004]])
+    q = quantize_weight(w, 8)  # scale 1.27 / 127 = 0.01
+    assert torch.allclose(q, torch.tensor([[1.27, -0.5, 0.0]]), atol=1e-6)
+    assert quantize_weight(w, 32) is w
+
+
+def test_learned_step_forward_and_gradients():
+    quant = LearnedStepQuantizer(8)
+    quant.initialized.fill_(True)
+    with torch.no_grad():
+        quant.step.fill_(0.1)
+    x = torch.tensor([0.26, -13.0, 0.04], requires_grad=True)
+    y = quant(x)
+    assert torch.allclose(y.detach(), torch.tensor([0.3, -12.7, 0.0]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 0.0, 1.0]))  # clipped values pass no gradient
+    # LSQ: dy/ds = round(x/s) - x/s inside the range, -Qn outside; scaled by 1/sqrt(numel * Qp)
+    expected = ((3 - 2.6) + (-127) + (0 - 0.4)) / (3 * 127) ** 0.5
+    assert quant.step.grad.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_learned_step_initialises_from_first_batch():
+    quant = LearnedStepQuantizer(4)
+    x = torch.tensor([1.0, -3.0])
+    quant(x)
+    assert bool(quant.initialized)
+    assert quant.step.item() == pytest.approx(2 * 2.0 / 7 ** 0.5)
+
+
+def test_elastic_binary_unsigned_values_and_gradients():
+    quant = ElasticBinary(signed=False)
+    quant.initialized.fill_(True)
+    with torch.no_grad():
+        quant.alpha.fill_(2.0)
+        quant.beta.fill_(0.5)
+    x = torch.tensor([0.0, 1.4, 1.6, 5.0], requires_grad=True)
+    y = quant(x)  # (x - 0.5) / 2 = [-0.25, 0.45, 0.55, 2.25] -> clip, round -> [0, 0, 1, 1]
+    assert torch.equal(y.detach(), torch.tensor([0.0, 0.0, 2.0, 2.0]))
+    y.sum().backward()
+    assert torch.allclose(x.grad, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+    # d/dalpha = round(v) - v inside (0, 1), the level (0 or 1) outside: 0 - 0.45 + 1 - 0.55 + 0 + 1
+    assert quant.alpha.grad.item() == pytest.approx(1.0)
+    assert quant.beta.grad.item() == pytest.approx(-2.0)  # -1 per value inside the range
+
+
+def test_elastic_binary_signed():
+    quant = ElasticBinary(signed=True)
+    quant.initialized.fill_(True)
+    with torch.no_grad():
+        quant.alpha.fill_(2.0)
+        quant.beta.fill_(0.5)
+    x = torch.tensor([-1.0, 0.4, 0.6, 3.5], requires_grad=True)
+    y = quant(x)  # (x - 0.5) / 2 = [-0.75, -0.05, 0.05, 1.5]
+    assert torch.equal(y.detach(), torch.tensor([-2.0, -2.0, 2.0, 2.0]))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+
+
+def test_activation_quantizer_choice():
+    assert isinstance(activation_quantizer(32), torch.nn.Identity)
+    assert isinstance(activation_quantizer(8), LearnedStepQuantizer)
+    assert isinstance(activation_quantizer(1, signed=False), ElasticBinary)
