@@ -31,6 +31,14 @@ def distill(recipe, overrides=(), output: str | None = None, resume: bool = Fals
     return run_recipe(recipe, resume=resume, force=force, console=Console(), progress=progress)
 
 
+def load_model(ref: str, task: str = "auto"):
+    """A model and its tokenizer (`.model`, `.tokenizer`) from a directory, hub id or packaged:NAME;
+    quantized students and packed 1-bit exports come back with their quantized structure."""
+    from kdistill.models.loading import load_model as _load
+
+    return _load(ref, task)
+
+
 def evaluate(student: str, teacher: str | None, data, **kwargs) -> dict:
     """Side-by-side metrics of a student against its teacher (see kdistill.eval.report.evaluate)."""
     from kdistill.eval.report import evaluate as _evaluate

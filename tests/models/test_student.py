@@ -35,6 +35,21 @@ def test_from_teacher_copies_embeddings_and_chosen_layers():
     assert teacher.config.num_hidden_layers == 6  # the teacher is untouched
 
 
+def test_from_teacher_can_copy_layers_of_another_model(tmp_path):
+    pretrained = bert()
+    pretrained.save_pretrained(tmp_path / "pretrained")
+    torch.manual_seed(5)
+    teacher = BertModel(pretrained.config).eval()  # e.g. the same architecture after fine-tuning
+    cfg = StudentConfig.model_validate({"from_teacher": {"layers": [2, 4], "model": str(tmp_path / "pretrained")}})
+    student = build_student(cfg, teacher, "embedding", seed=0)
+    torch.testing.assert_close(student.encoder.layer[1].output.dense.weight,
+                               pretrained.encoder.layer[3].output.dense.weight)
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=100)).save_pretrained(tmp_path / "gpt2")
+    other = StudentConfig.model_validate({"from_teacher": {"layers": [1], "model": str(tmp_path / "gpt2")}})
+    with pytest.raises(PairingError, match="same architecture"):
+        build_student(other, teacher, "embedding", seed=0)
+
+
 def test_from_teacher_gpt2_uses_its_own_layer_path():
     torch.manual_seed(0)
     teacher = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0))
