@@ -37,6 +37,14 @@ def test_structure_keeps_embeddings_and_head_in_full_precision(classifier, batch
     assert classifier.bert.encoder.layer[0].attention.self.query.weight.grad is not None
 
 
+def test_binary_inputs_after_the_activation_function_are_unsigned(classifier):
+    quantize_model(classifier, {"weights": 1, "activations": 1})
+    layer = classifier.bert.encoder.layer[0]
+    assert layer.output.dense.input_quant.signed is False  # reads GELU's output: {0, alpha}
+    assert layer.intermediate.dense.input_quant.signed and layer.attention.output.dense.input_quant.signed
+    assert layer.attention.self.attention_quant.probs.signed is False
+
+
 def test_quantizing_the_head_too(classifier):
     quantize_model(classifier, {**SPEC, "keep_fp": ["embeddings"]})
     assert isinstance(classifier.classifier, QuantLinear)

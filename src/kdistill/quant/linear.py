@@ -17,7 +17,7 @@ class QuantLinear(nn.Module):
     Parameter names `weight` and `bias` match nn.Linear so state dicts line up."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_bits: int = 32,
-                 activation_bits: int = 32):
+                 activation_bits: int = 32, signed_input: bool = True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
@@ -25,11 +25,14 @@ class QuantLinear(nn.Module):
         self.weight_split: nn.Parameter | None = None
         self.weight_bits = weight_bits
         self.activation_bits = activation_bits
-        self.input_quant = activation_quantizer(activation_bits, signed=True)
+        self.signed_input = signed_input  # False after GELU/ReLU: BiT binarizes those inputs to {0, alpha}
+        self.input_quant = activation_quantizer(activation_bits, signed=signed_input)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weight_bits: int, activation_bits: int) -> "QuantLinear":
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits, activation_bits)
+    def from_linear(cls, linear: nn.Linear, weight_bits: int, activation_bits: int,
+                    signed_input: bool = True) -> "QuantLinear":
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, weight_bits, activation_bits,
+                    signed_input)
         layer.to(device=linear.weight.device, dtype=linear.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(linear.weight)
@@ -53,7 +56,7 @@ class QuantLinear(nn.Module):
     def set_activation_bits(self, bits: int) -> None:
         if bits != self.activation_bits:
             self.activation_bits = bits
-            self.input_quant = activation_quantizer(bits, signed=True).to(self.weight.device)
+            self.input_quant = activation_quantizer(bits, signed=self.signed_input).to(self.weight.device)
 
     def extra_repr(self):
         split = ", split" if self.is_split else ""

@@ -94,9 +94,12 @@ def quantize_model(model: nn.Module, spec: dict, where: str = "quant") -> nn.Mod
     layers = _quantizable(model, path, keep_fp)
     if not any(isinstance(m, (nn.Linear, QuantLinear)) for _, m in layers):
         raise PairingError(f"{where}: {type(model).__name__} has no nn.Linear layers in its blocks to quantize")
+    inner = config_value(model.config, "intermediate_size", "n_inner", default=None) or 0
     for name, mod in layers:
         if isinstance(mod, nn.Linear):
-            _set_module(model, name, QuantLinear.from_linear(mod, weights, acts))
+            # the MLP's down projection reads the activation function's (almost non-negative) output
+            after_activation = mod.in_features == inner and "attention" not in name and "attn" not in name
+            _set_module(model, name, QuantLinear.from_linear(mod, weights, acts, signed_input=not after_activation))
             continue
         if mod.weight_bits == 2 and weights == 1 and spec.get("split", True):
             split_layer(mod)
