@@ -207,6 +207,85 @@ def kl_div_probs(student_probs: Tensor, teacher_probs: Tensor, mask: Tensor | No
     return _masked_mean((p * (log_p - log_q)).sum(-1), mask)
 
 
+# ---------------------------------------------------------------- structure-aware logit losses
+
+def dkd(student_logits: Tensor, teacher_logits: Tensor, targets: Tensor, alpha: float = 1.0, beta: float = 8.0,
+        temperature: float = 1.0, mask: Tensor | None = None) -> Tensor:
+    """Decoupled KD (Zhao et al. 2022): α·TCKD + β·NCKD per position.
+
+    TCKD is the KL between the binary distributions [p_target, 1 − p_target] of teacher and student;
+    NCKD the KL between their distributions over the non-target classes, renormalised. ``targets``
+    holds the target class index of every position (the leading dimensions of the logits)."""
+    zs, zt = student_logits.float() / temperature, teacher_logits.float() / temperature
+    index = targets.long().unsqueeze(-1)
+
+    def binary_and_rest(z):
+        log_norm = torch.logsumexp(z, -1)
+        rest = z.scatter(-1, index, -math.inf)  # the target removed: the non-target distribution's logits
+        log_target = z.gather(-1, index).squeeze(-1) - log_norm
+        log_rest_mass = torch.logsumexp(rest, -1) - log_norm  # log(1 − p_target) without cancellation
+        return torch.stack([log_target, log_rest_mass], -1), F.log_softmax(rest, -1)
+
+    binary_t, rest_t = binary_and_rest(zt)
+    binary_s, rest_s = binary_and_rest(zs)
+    return _masked_mean(alpha * _kl(binary_t, binary_s) + beta * _kl(rest_t, rest_s), mask)
+
+
+def _rows(logits: Tensor, mask: Tensor | None) -> Tensor:
+    """The positions as rows of a (N, C) matrix, only the unmasked ones."""
+    rows = logits.float().reshape(-1, logits.shape[-1])
+    if mask is None:
+        return rows
+    return rows[torch.broadcast_to(mask.bool(), logits.shape[:-1]).reshape(-1)]
+
+
+def _class_correlation(z: Tensor) -> Tensor:
+    """C×C correlation of the class logits across the rows of the batch."""
+    centred = z - z.mean(0, keepdim=True)
+    normed = centred / centred.norm(dim=0, keepdim=True).clamp_min(1e-8)
+    return normed.T @ normed
+
+
+def clkd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, class_weight: float = 1.0,
+         correlation_weight: float = 1.0, mask: Tensor | None = None) -> Tensor:
+    """Class-aware logit KD: instance-level KL (softmax over classes, per row) + class-level KL
+    (softmax over the batch, per class) + MSE between the teacher's and the student's class
+    correlation matrices over the batch. Batch-wise: the rows are the unmasked positions."""
+    zs, zt = _rows(student_logits, mask), _rows(teacher_logits, mask)
+    if zs.shape[0] == 0:
+        return student_logits.sum() * 0.0
+    instance = _kl(F.log_softmax(zt / temperature, -1), F.log_softmax(zs / temperature, -1)).mean()
+    if zs.shape[0] < 2:  # class-level terms need a batch
+        return instance
+    per_class = _kl(F.log_softmax(zt.T / temperature, -1), F.log_softmax(zs.T / temperature, -1)).mean()
+    correlation = (_class_correlation(zt) - _class_correlation(zs)).pow(2).mean()
+    return instance + class_weight * per_class + correlation_weight * correlation
+
+
+def sinkhorn(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, epsilon: float = 0.1,
+             iterations: int = 20, mask: Tensor | None = None) -> Tensor:
+    """Entropic optimal transport between the batch's teacher and student distributions (SinKD-style).
+
+    Rows are the unmasked positions; the cost between teacher row i and student row j is the squared
+    Euclidean distance of their probability vectors (an N×N matrix built with one matmul, so memory
+    stays O(N·V)); uniform marginals; log-domain Sinkhorn iterations, differentiated through.
+    Returns ⟨P, C⟩ for the entropic plan P."""
+    p = F.softmax(_rows(teacher_logits, mask) / temperature, -1)
+    q = F.softmax(_rows(student_logits, mask) / temperature, -1)
+    n = p.shape[0]
+    if n == 0:
+        return student_logits.sum() * 0.0
+    cost = (p.pow(2).sum(-1, keepdim=True) + q.pow(2).sum(-1)[None, :] - 2 * p @ q.T).clamp_min(0)
+    log_k = -cost / epsilon
+    log_marginal = torch.full((n,), -math.log(n), device=cost.device)
+    f, g = torch.zeros_like(log_marginal), torch.zeros_like(log_marginal)
+    for _ in range(iterations):
+        f = log_marginal - torch.logsumexp(log_k + g[None, :], 1)
+        g = log_marginal - torch.logsumexp(log_k + f[:, None], 0)
+    plan = torch.exp(log_k + f[:, None] + g[None, :])
+    return (plan * cost).sum()
+
+
 DIVERGENCES = {
     "kl": kl_div,
     "reverse_kl": reverse_kl,
