@@ -124,8 +124,11 @@ class _ChunkedDivergence(torch.autograd.Function):
             with torch.enable_grad():
                 logits = F.linear(h, w, b).requires_grad_()
                 loss = fn(logits, t_logits, temperature=temperature) * scale
-                (grad_logits,) = torch.autograd.grad(loss, logits)
             total += loss.detach().float()
+            if not loss.requires_grad:
+                # A constant in the student (skew KL with alpha = 1): its gradient is zero.
+                continue
+            (grad_logits,) = torch.autograd.grad(loss, logits)
             if grad_h is not None:
                 grad_h.index_copy_(0, idx, (grad_logits @ w).to(grad_h.dtype))
             if grad_w is not None:
