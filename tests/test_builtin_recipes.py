@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 import yaml
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel
 
 from kdistill import distill
 from kdistill.config import builtin_recipes
@@ -34,17 +34,26 @@ def teachers(tmp_path_factory, tokenizer):
     head = tiny_config(tokenizer, num_labels=len(labels), id2label=dict(enumerate(labels)),
                        label2id={n: i for i, n in enumerate(labels)})
     classifier = _save(BertForSequenceClassification(head), tokenizer, root / "classifier")
-    return base, classifier
+    lm = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=48, n_layer=6, n_head=4, n_positions=128,
+                    bos_token_id=101, eos_token_id=102, pad_token_id=0)
+    causal = _save(GPT2LMHeadModel(lm), tokenizer, root / "causal-lm")
+    return base, classifier, causal
 
 
-def shrink(node, base, classifier):
+def stand_in(ref, base, classifier, causal):
+    if ref.startswith("stage:"):
+        return ref  # an earlier stage's student stays what it is
+    if ref.startswith(("blueprint:", "recipe:lm-")):
+        return causal
+    return classifier if ref.startswith("recipe:") else base
+
+
+def shrink(node, base, classifier, causal):
     """Point teachers at the stand-ins, limit every data source, and cut every stage to 2 steps."""
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "teacher" and isinstance(value, dict):
-                ref = str(value.get("model", ""))
-                if not ref.startswith("stage:"):  # an earlier stage's student stays what it is
-                    value["model"] = classifier if ref.startswith("recipe:") else base
+                value["model"] = stand_in(str(value.get("model", "")), base, classifier, causal)
             elif key == "from_teacher" and isinstance(value, dict) and "model" in value:
                 value["model"] = base
             elif key in ("train", "eval") and isinstance(value, (dict, list)) and (
@@ -54,10 +63,10 @@ def shrink(node, base, classifier):
             elif key == "train" and isinstance(value, dict) and "steps" in value:
                 value.update(steps=2, batch_size=4, eval_every=None, save_every=None)
             else:
-                shrink(value, base, classifier)
+                shrink(value, base, classifier, causal)
     elif isinstance(node, list):
         for item in node:
-            shrink(item, base, classifier)
+            shrink(item, base, classifier, causal)
 
 
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))

@@ -125,3 +125,14 @@ def test_license_texts_are_deduplicated_prose_with_disjoint_splits():
     assert len(texts) == len(set(texts)) > 300
     assert {r["text"] for r in train}.isdisjoint({r["text"] for r in test})
     assert all(len(t) >= 30 for t in texts)
+
+
+@needs_wordnet
+def test_wordnet_definitions_prompt_reference_and_split():
+    from kdistill.data.corpora import wordnet_definitions
+
+    train, test = wordnet_definitions("train"), wordnet_definitions("test")
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    r = test[0]
+    assert r["text"] == f"{r['prompt']} {r['reference']}" and r["prompt"].endswith("\ndefinition:")
+    assert r["prompt"].startswith("word: ") and '"' not in r["reference"]  # usage examples are cut off

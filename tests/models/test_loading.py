@@ -35,3 +35,22 @@ def test_task_detection(tiny_bert_dir, tiny_gpt2_dir):
         architectures = ["BertForSequenceClassification"]
 
     assert detect_task(C()) == "classification"
+
+
+def test_blueprint_is_a_seeded_random_model_saved_once(tmp_path, monkeypatch):
+    import torch
+
+    from kdistill.models.blueprints import BLUEPRINTS
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path))
+    if "tiny-test" not in BLUEPRINTS.names():
+        BLUEPRINTS.register("tiny-test")({
+            "model_type": "gpt2", "task": "causal-lm", "tokenizer": "packaged:all-MiniLM-L6-v2",
+            "config": {"n_layer": 1, "n_embd": 16, "n_head": 2, "n_positions": 32, "eos_token_id": 102}})
+    loaded = load_model("blueprint:tiny-test")
+    assert loaded.task == "causal-lm" and loaded.model.config.vocab_size == len(loaded.tokenizer)
+    assert resolve_model_path("blueprint:tiny-test") == str(tmp_path / "blueprints" / "tiny-test")
+    again = load_model("blueprint:tiny-test").model
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.parameters(), again.parameters()))
+    with pytest.raises(ConfigError, match="gpt2-6x384"):
+        resolve_model_path("blueprint:gpt3")

@@ -237,6 +237,23 @@ def wordnet_supersense(split: str = "train") -> list[dict]:
     return wordnet_glosses(split)
 
 
+POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+
+
+@CORPORA.register("wordnet-definitions")
+def wordnet_definitions(split: str = "train") -> list[dict]:
+    """Definition generation for causal LMs: `word: <lemma> (<pos>)\ndefinition: <gloss>`, split by synset.
+
+    `prompt` is everything up to "definition:", `reference` the definition alone (the gloss without its
+    quoted usage examples), for ROUGE-L of generated definitions."""
+    out = []
+    for r in _wordnet_split(wordnet_dir(), check_split(split)):
+        definition = r["text"].split('; "')[0].strip()
+        prompt = f"word: {r['lemma']} ({POS_NAMES[r['pos']]})\ndefinition:"
+        out.append({"text": f"{prompt} {definition}", "prompt": prompt, "reference": definition, "id": r["id"]})
+    return out
+
+
 # ---------------------------------------------------------------- license texts
 
 LICENSES_DIR = "/usr/share/common-licenses"

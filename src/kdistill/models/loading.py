@@ -29,10 +29,15 @@ def packaged_dir(name: str) -> str:
 
 
 def resolve_model_path(ref: str) -> str:
-    """`packaged:NAME` -> its directory; a local directory -> itself; anything else is a hub id."""
+    """`packaged:NAME` -> its directory; `blueprint:NAME` -> a fresh random model of that architecture
+    (models/blueprints.py); a local directory -> itself; anything else is a hub id."""
     ref = str(ref)
     if ref.startswith("packaged:"):
         return packaged_dir(ref.split(":", 1)[1])
+    if ref.startswith("blueprint:"):
+        from kdistill.models.blueprints import blueprint_dir
+
+        return blueprint_dir(ref.split(":", 1)[1])
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():

@@ -1,0 +1,204 @@
+"""Sparse teacher-logit store ("teacher cache"): open, verify and read one; the public API.
+
+Running the teacher once and storing its output lets every later epoch, student and seed train
+without it. Full logits cost V·4 bytes per position (600 kB at V = 150k), so a store keeps per
+position only the teacher's top-k log-probabilities, their indices and the log of the remaining
+tail mass (:mod:`kdistill.teachers.store_writer` writes it; :mod:`kdistill.losses.sparse` trains
+against it). Layout of a store directory::
+
+    manifest.json            format + version, k, temperature, dtypes, vocab size, item and
+                             position counts, caller fingerprints, extras schema, and the sha256 +
+                             byte size of every other file (written last)
+    index.json               {"ids": [...], "entries": [[shard, first row, positions, item slot], ...]}
+    shard-00000.safetensors  topk_logprobs (N, k), topk_indices (N, k) int32, tail_logmass (N,) float32,
+                             extra.<name> (items in shard, *shape) for each per-item metadata tensor
+
+Opening checks the manifest, the caller's expectations (fingerprints, k, temperature) and that
+every shard exists with its recorded size. Shard checksums cost a full read, so they are checked
+on a shard's first access, or all at once with ``verify=True``. Every failure is a
+:class:`~kdistill.errors.CheckpointError` that names the field or file at fault.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from kdistill.engine.checkpoint import sha256
+from kdistill.errors import CheckpointError
+from kdistill.teachers.fingerprint import fingerprint_tensors, fingerprint_text
+from kdistill.teachers.store_writer import DTYPES, FORMAT, VERSION, StoreWriter, TeacherEntry, sparsify
+
+__all__ = ["TeacherStore", "StoreWriter", "TeacherEntry", "StorageReport", "storage_report",
+           "payload_bytes_per_position", "sparsify", "fingerprint_tensors", "fingerprint_text", "FORMAT", "VERSION"]
+
+REBUILD_HINT = "rebuild it with `kdistill cache-teacher`"
+_MANIFEST_FIELDS = ("k", "temperature", "vocab_size")  # `expect` keys compared with the manifest itself
+
+
+class TeacherStore:
+    """Read-only view of a store directory; ``store[sample_id]`` is a :class:`TeacherEntry`."""
+
+    def __init__(self, path: Path, manifest: dict, index: dict[str, tuple[int, int, int, int]]):
+        self.path, self.manifest, self._index = path, manifest, index
+        self._handles: dict[int, object] = {}  # shard number -> open safe_open handle (memory-mapped)
+        self._verified: set[int] = set()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, expect: Mapping[str, object] | None = None, *,
+             verify: bool = False) -> TeacherStore:
+        """Open the store at ``path``, refusing it if it does not match ``expect``.
+
+        ``expect`` maps "k", "temperature" and "vocab_size" to the values the run needs, and any
+        other name (teacher, tokenizer, data, ...) to the fingerprint the run computed for it.
+        """
+        path = Path(path)
+        manifest = _read_manifest(path)
+        _check_expectations(path, manifest, expect or {})
+        for record in [manifest["index"], *manifest["shards"]]:
+            _check_present(path, record)
+        index_file = path / manifest["index"]["file"]
+        if sha256(index_file) != manifest["index"]["sha256"]:
+            raise CheckpointError(f"teacher store {path} is corrupt: {index_file.name} is damaged "
+                                  f"(checksum mismatch); {REBUILD_HINT}")
+        raw = json.loads(index_file.read_text())
+        store = cls(path, manifest, {sid: tuple(entry) for sid, entry in zip(raw["ids"], raw["entries"])})
+        if verify:
+            store.verify()
+        return store
+
+    # Properties the loss side needs to check its own settings against.
+    k = property(lambda self: self.manifest["k"])
+    temperature = property(lambda self: self.manifest["temperature"])
+    vocab_size = property(lambda self: self.manifest["vocab_size"])
+    dtype = property(lambda self: DTYPES[self.manifest["dtype"]])
+    fingerprints = property(lambda self: dict(self.manifest["fingerprints"]))
+    num_positions = property(lambda self: self.manifest["num_positions"])
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, sample_id: object) -> bool:
+        return sample_id in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __getitem__(self, sample_id: str) -> TeacherEntry:
+        try:
+            shard, offset, length, slot = self._index[sample_id]
+        except KeyError:
+            raise KeyError(f"sample id {sample_id!r} is not in the teacher store {self.path}") from None
+        handle = self._shard(shard)
+        rows = slice(offset, offset + length)
+        extra = {name: handle.get_slice(f"extra.{name}")[slot:slot + 1][0] for name in self.manifest["extras"]}
+        return TeacherEntry(handle.get_slice("topk_logprobs")[rows], handle.get_slice("topk_indices")[rows],
+                            handle.get_slice("tail_logmass")[rows], extra)
+
+    def verify(self) -> None:
+        """Check every shard's checksum now instead of on first access."""
+        for number in range(len(self.manifest["shards"])):
+            self._verify_shard(number)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def __getstate__(self) -> dict:
+        # safe_open handles cannot be pickled (DataLoader workers); a worker reopens lazily.
+        return {**self.__dict__, "_handles": {}}
+
+    def _verify_shard(self, number: int) -> None:
+        if number in self._verified:
+            return
+        record = self.manifest["shards"][number]
+        _check_present(self.path, record)
+        if sha256(self.path / record["file"]) != record["sha256"]:
+            raise CheckpointError(f"teacher store {self.path} is corrupt: {record['file']} is damaged "
+                                  f"(checksum mismatch); {REBUILD_HINT}")
+        self._verified.add(number)
+
+    def _shard(self, number: int):
+        if number not in self._handles:
+            self._verify_shard(number)
+            self._handles[number] = safe_open(str(self.path / self.manifest["shards"][number]["file"]), framework="pt")
+        return self._handles[number]
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a finished teacher store (no manifest.json); {REBUILD_HINT}") from None
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{file} is corrupt (not JSON); {REBUILD_HINT}") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a kdistill teacher store (format {manifest.get('format')!r})")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"teacher store {path} has format version {manifest.get('version')}, this kdistill "
+                              f"reads version {VERSION}; {REBUILD_HINT}")
+    return manifest
+
+
+def _check_expectations(path: Path, manifest: dict, expect: Mapping[str, object]) -> None:
+    """One error listing every field where the store and the run disagree."""
+    problems = []
+    for name, wanted in expect.items():
+        if name in _MANIFEST_FIELDS:
+            have = manifest.get(name)
+            same = have is not None and wanted is not None and math.isclose(float(have), float(wanted), rel_tol=1e-9)
+            label = name
+        else:
+            have = manifest["fingerprints"].get(name)
+            same = have == wanted
+            label = f"{name} fingerprint"
+        if not same:
+            problems.append(f"{label} differs: store has {'none' if have is None else have}, run has {wanted}")
+    if problems:
+        raise CheckpointError(f"teacher store {path} does not match this run: {'; '.join(problems)}; {REBUILD_HINT}")
+
+
+def _check_present(path: Path, record: dict) -> None:
+    """Cheap existence + size check, so a missing or truncated file fails at open, not mid-epoch."""
+    file = path / record["file"]
+    if not file.exists():
+        raise CheckpointError(f"teacher store {path} is incomplete: {record['file']} is missing; {REBUILD_HINT}")
+    if file.stat().st_size != record["bytes"]:
+        raise CheckpointError(f"teacher store {path} is corrupt: {record['file']} has {file.stat().st_size} bytes, "
+                              f"the manifest says {record['bytes']}; {REBUILD_HINT}")
+
+
+# --------------------------------------------------------------------------------- size report
+
+@dataclass(frozen=True)
+class StorageReport:
+    """Bytes per position of a store against dense float32 teacher logits."""
+
+    bytes_per_position: float  # measured: shard + index bytes on disk / stored positions
+    payload_bytes_per_position: int  # k·(value bytes + 4 index bytes) + 4 tail bytes, no overhead
+    dense_bytes_per_position: int  # V·4, full float32 logits
+
+    @property
+    def compression(self) -> float:
+        """How many times smaller than dense logits the store is on disk."""
+        return self.dense_bytes_per_position / self.bytes_per_position
+
+
+def payload_bytes_per_position(k: int, dtype: torch.dtype = torch.float16) -> int:
+    """What one position costs in a store before headers and the index."""
+    value_bytes = torch.empty((), dtype=dtype).element_size()
+    return k * (value_bytes + 4) + 4
+
+
+def storage_report(store: TeacherStore | str | os.PathLike) -> StorageReport:
+    manifest = store.manifest if isinstance(store, TeacherStore) else _read_manifest(Path(store))
+    total = manifest["index"]["bytes"] + sum(shard["bytes"] for shard in manifest["shards"])
+    return StorageReport(bytes_per_position=total / max(manifest["num_positions"], 1),
+                         payload_bytes_per_position=payload_bytes_per_position(manifest["k"], DTYPES[manifest["dtype"]]),
+                         dense_bytes_per_position=(manifest["vocab_size"] or 0) * 4)

@@ -1,0 +1,209 @@
+"""Writing a sparse teacher-logit store; the format and the reader are in :mod:`kdistill.teachers.store`.
+
+Per position the writer keeps the k most likely tokens of softmax(logits / τ): their
+log-probabilities (float16 or float32) and indices (int32), plus the log of the remaining tail
+mass, log(1 − Σ top-k p), as float32 (one number per position; it sets how much the sparse losses
+trust the top k). Items are buffered and written as safetensors shards of about ``shard_size``
+positions; an item never spans two shards. Per-item metadata ("extras", e.g. an augmentation
+seed) must have the same names, shapes and dtypes for every item, so each becomes one stacked
+tensor per shard instead of one header entry per item.
+
+Everything is written in a hidden temporary directory next to ``path`` that :meth:`StoreWriter.close`
+renames into place after writing the manifest last, so a killed run never leaves a directory that
+looks like a finished store (only a ``.NAME.partial-*`` directory, safe to delete).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from kdistill.engine.checkpoint import sha256
+from kdistill.errors import CheckpointError
+
+Tensor = torch.Tensor
+
+FORMAT = "kdistill-teacher-store"
+VERSION = 1
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class TeacherEntry:
+    """One item of the store: P positions, k stored tokens each."""
+
+    topk_logprobs: Tensor  # (P, k), store dtype, sorted in decreasing order
+    topk_indices: Tensor  # (P, k) int32
+    tail_logmass: Tensor  # (P,) float32, log of the mass outside the top k (-inf when k = V)
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+
+def sparsify(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k log-probabilities of softmax(logits / τ), their indices, and log of the tail mass.
+
+    The tail is a logsumexp over the log-probabilities outside the top k, not log(1 − Σ top-k),
+    which would cancel catastrophically when the top k hold nearly all of the mass.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < k <= logits.shape[-1]:
+        raise ValueError(f"k must be in [1, {logits.shape[-1]}] (the vocabulary size), got {k}")
+    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
+    values, indices = log_p.topk(k, dim=-1)
+    rest = log_p.scatter(-1, indices, -math.inf)
+    empty = torch.isneginf(rest).all(-1, keepdim=True)  # k = V, or -inf logits outside the top k
+    tail = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1).masked_fill(empty.squeeze(-1), -math.inf)
+    return values, indices.to(torch.int32), tail
+
+
+# ------------------------------------------------------------------------------------- writer
+
+class StoreWriter:
+    """Collects items and writes shards of about ``shard_size`` positions.
+
+    Use as a context manager (an exception inside removes the partial output) or call
+    :meth:`close` explicitly; nothing appears at ``path`` before ``close`` succeeds.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, k: int, temperature: float = 1.0,
+                 fingerprints: Mapping[str, str], dtype: torch.dtype = torch.float16,
+                 vocab_size: int | None = None, shard_size: int = 1 << 18, overwrite: bool = False):
+        self.path = Path(path)
+        if dtype not in DTYPES.values():
+            raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
+        if k < 1 or temperature <= 0 or shard_size < 1:
+            raise ValueError(f"need k >= 1, temperature > 0, shard_size >= 1; got {k}, {temperature}, {shard_size}")
+        if vocab_size is not None and k > vocab_size:
+            raise ValueError(f"k = {k} is larger than the vocabulary ({vocab_size})")
+        if self.path.exists() and not overwrite:
+            raise CheckpointError(f"{self.path} already exists; delete it or pass overwrite=True")
+        self.k, self.temperature, self.dtype, self.vocab_size = k, float(temperature), dtype, vocab_size
+        self.fingerprints = {str(name): str(value) for name, value in fingerprints.items()}
+        self.shard_size = shard_size
+        self.overwrite = overwrite
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Hidden and on the same filesystem as `path`, so the final rename is atomic.
+        self._tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
+        self._index: dict[str, list[int]] = {}
+        self._shards: list[dict] = []
+        self._extras: dict[str, dict] | None = None  # name -> {"dtype", "shape"}, fixed by the first item
+        self._pending: list[TeacherEntry] = []
+        self._pending_positions = 0
+        self._positions = 0
+
+    def add(self, sample_id: str, logits: Tensor, extra: Mapping[str, Tensor] | None = None) -> None:
+        """Add an item from its teacher logits, (P, V) or (V,) for a single position."""
+        logits = logits.unsqueeze(0) if logits.dim() == 1 else logits
+        self._check_vocab(logits.shape[-1])
+        values, indices, tail = sparsify(logits, self.k, self.temperature)
+        self.add_topk(sample_id, values, indices, tail, extra)
+
+    def add_topk(self, sample_id: str, topk_logprobs: Tensor, topk_indices: Tensor, tail_logmass: Tensor,
+                 extra: Mapping[str, Tensor] | None = None) -> None:
+        """Add an item whose top-k (at this store's temperature) the caller already computed."""
+        if self._tmp is None:
+            raise RuntimeError("StoreWriter is closed")
+        if self.vocab_size is None:
+            raise ValueError("pass vocab_size to StoreWriter before adding precomputed top-k values")
+        sample_id = str(sample_id)
+        if sample_id in self._index:
+            raise ValueError(f"sample id {sample_id!r} was added twice")
+        positions = topk_logprobs.shape[0]
+        if (topk_logprobs.shape != (positions, self.k) or topk_indices.shape != (positions, self.k)
+                or tail_logmass.shape != (positions,)):
+            raise ValueError(f"expected top-k of shape (P, {self.k}) and a tail of shape (P,), got "
+                             f"{tuple(topk_logprobs.shape)}, {tuple(topk_indices.shape)}, {tuple(tail_logmass.shape)}")
+        extra = {name: value.detach().to("cpu") for name, value in (extra or {}).items()}
+        self._check_extras(sample_id, extra)
+        self._pending.append(TeacherEntry(topk_logprobs.detach().to("cpu", self.dtype),
+                                          topk_indices.detach().to("cpu", torch.int32),
+                                          tail_logmass.detach().to("cpu", torch.float32), extra))
+        self._index[sample_id] = [len(self._shards), self._pending_positions, positions, len(self._pending) - 1]
+        self._pending_positions += positions
+        self._positions += positions
+        if self._pending_positions >= self.shard_size:
+            self._flush()
+
+    def close(self) -> Path:
+        """Write the last shard, the index and the manifest, then move the store into place."""
+        if self._tmp is None:
+            raise RuntimeError("StoreWriter is closed")
+        if self._pending:
+            self._flush()
+        index = {"ids": list(self._index), "entries": list(self._index.values())}
+        (self._tmp / "index.json").write_text(json.dumps(index))
+        manifest = {
+            "format": FORMAT, "version": VERSION, "k": self.k, "temperature": self.temperature,
+            "dtype": str(self.dtype).removeprefix("torch."), "index_dtype": "int32", "tail_dtype": "float32",
+            "vocab_size": self.vocab_size, "num_items": len(self._index), "num_positions": self._positions,
+            "fingerprints": self.fingerprints, "extras": self._extras or {},
+            "index": {"file": "index.json", **_file_record(self._tmp / "index.json")},
+            "shards": self._shards,
+        }
+        (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        old = None
+        if self.path.exists():  # overwrite=True: move the old store aside first, delete it once replaced
+            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
+            os.replace(self.path, old)
+        os.replace(self._tmp, self.path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        self._tmp = None
+        return self.path
+
+    def abort(self) -> None:
+        """Delete everything written so far; safe to call twice."""
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    def _check_vocab(self, vocab_size: int) -> None:
+        if self.vocab_size is None:
+            self.vocab_size = vocab_size
+        elif vocab_size != self.vocab_size:
+            raise ValueError(f"logits have {vocab_size} entries, the store's vocabulary has {self.vocab_size}")
+
+    def _check_extras(self, sample_id: str, extra: dict[str, Tensor]) -> None:
+        schema = {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+                  for name, t in sorted(extra.items())}
+        if self._extras is None:
+            self._extras = schema
+        elif schema != self._extras:
+            raise ValueError(f"extras of {sample_id!r} are {schema}, but earlier items had {self._extras}; "
+                             "every item needs the same names, shapes and dtypes")
+
+    def _flush(self) -> None:
+        name = f"shard-{len(self._shards):05d}.safetensors"
+        tensors = {
+            "topk_logprobs": torch.cat([e.topk_logprobs for e in self._pending]),
+            "topk_indices": torch.cat([e.topk_indices for e in self._pending]),
+            "tail_logmass": torch.cat([e.tail_logmass for e in self._pending]),
+        }
+        for extra_name in self._extras or {}:
+            tensors[f"extra.{extra_name}"] = torch.stack([e.extra[extra_name] for e in self._pending])
+        save_file({key: value.contiguous() for key, value in tensors.items()}, str(self._tmp / name),
+                  metadata={"format": FORMAT})
+        self._shards.append({"file": name, "items": len(self._pending), "positions": self._pending_positions,
+                             **_file_record(self._tmp / name)})
+        self._pending, self._pending_positions = [], 0
+
+
+def _file_record(path: Path) -> dict:
+    return {"sha256": sha256(path), "bytes": path.stat().st_size}
