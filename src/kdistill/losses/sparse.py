@@ -38,6 +38,8 @@ are not reimplemented: the coarsened (or densified) log-distributions are handed
 ``functional.*`` with τ = 1, so conventions and edge cases (β = 0 / 1, α, 0·log 0, masks) match it
 exactly. Gradients flow to ``student_logits`` only; the teacher tensors are detached.
 Positions that are masked out must still hold valid indices in [0, V) (pad with 0, not −1).
+If the student's vocabulary is padded beyond the teacher's, slice its logits to the store's
+``vocab_size`` first (this matters for ``tail="uniform"``, which spreads over every column).
 """
 from __future__ import annotations
 
