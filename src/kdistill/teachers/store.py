@@ -199,6 +199,7 @@ def payload_bytes_per_position(k: int, dtype: torch.dtype = torch.float16) -> in
 def storage_report(store: TeacherStore | str | os.PathLike) -> StorageReport:
     manifest = store.manifest if isinstance(store, TeacherStore) else _read_manifest(Path(store))
     total = manifest["index"]["bytes"] + sum(shard["bytes"] for shard in manifest["shards"])
+    payload = payload_bytes_per_position(manifest["k"], DTYPES[manifest["dtype"]])
     return StorageReport(bytes_per_position=total / max(manifest["num_positions"], 1),
-                         payload_bytes_per_position=payload_bytes_per_position(manifest["k"], DTYPES[manifest["dtype"]]),
+                         payload_bytes_per_position=payload,
                          dense_bytes_per_position=(manifest["vocab_size"] or 0) * 4)

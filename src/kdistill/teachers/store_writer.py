@@ -74,9 +74,10 @@ class StoreWriter:
     """
 
     def __init__(self, path: str | os.PathLike, *, k: int, temperature: float = 1.0,
-                 fingerprints: Mapping[str, str], dtype: torch.dtype = torch.float16,
+                 fingerprints: Mapping[str, str], dtype: torch.dtype | str = torch.float16,
                  vocab_size: int | None = None, shard_size: int = 1 << 18, overwrite: bool = False):
         self.path = Path(path)
+        dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # "float16" from a recipe
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype must be torch.float16 or torch.float32, got {dtype}")
         if k < 1 or temperature <= 0 or shard_size < 1:
@@ -87,8 +88,7 @@ class StoreWriter:
             raise CheckpointError(f"{self.path} already exists; delete it or pass overwrite=True")
         self.k, self.temperature, self.dtype, self.vocab_size = k, float(temperature), dtype, vocab_size
         self.fingerprints = {str(name): str(value) for name, value in fingerprints.items()}
-        self.shard_size = shard_size
-        self.overwrite = overwrite
+        self.shard_size, self.overwrite = shard_size, overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Hidden and on the same filesystem as `path`, so the final rename is atomic.
         self._tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
@@ -121,6 +121,8 @@ class StoreWriter:
                 or tail_logmass.shape != (positions,)):
             raise ValueError(f"expected top-k of shape (P, {self.k}) and a tail of shape (P,), got "
                              f"{tuple(topk_logprobs.shape)}, {tuple(topk_indices.shape)}, {tuple(tail_logmass.shape)}")
+        if positions and not 0 <= int(topk_indices.min()) <= int(topk_indices.max()) < self.vocab_size:
+            raise ValueError(f"top-k indices of {sample_id!r} fall outside the vocabulary [0, {self.vocab_size})")
         extra = {name: value.detach().to("cpu") for name, value in (extra or {}).items()}
         self._check_extras(sample_id, extra)
         self._pending.append(TeacherEntry(topk_logprobs.detach().to("cpu", self.dtype),
@@ -150,7 +152,10 @@ class StoreWriter:
         }
         (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         old = None
-        if self.path.exists():  # overwrite=True: move the old store aside first, delete it once replaced
+        if self.path.exists() and not self.overwrite:  # appeared while we were writing
+            raise CheckpointError(f"{self.path} already exists; delete it or pass overwrite=True "
+                                  f"(the finished store is left in {self._tmp})")
+        if self.path.exists():  # move the old store aside first, delete it once replaced
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.replace(self.path, old)
         os.replace(self._tmp, self.path)
