@@ -71,7 +71,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
         for i, stage in enumerate(r.stages):
             student = stage.student.kind()[0] if stage.student else "previous stage"
             losses = ", ".join(f"{p.type}×{p.weight:g}" for p in stage.losses)
-            console.print(f"stage {i} [bold]{stage.name}[/]: teacher {stage.teacher.model}, student {student}, "
+            console.print(f"stage {i} [bold]{stage.name}[/]: teacher {stage.teacher.model or 'cache:' + str(stage.teacher.path)}, student {student}, "
                           f"{stage.train.steps} steps, losses {losses}", highlight=False)
             if full:
                 from kdistill.engine.build import build_stage
@@ -146,6 +146,28 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
 
     report = compare(recipes, seeds, quick, output, results, console, baselines=baselines)
     console.print(markdown(report))
+
+
+@app.command("cache-teacher")
+@friendly
+def cache_teacher_cmd(recipe: str = typer.Argument(..., help="recipe name or file whose teacher to cache"),
+                      k: int = typer.Option(64, help="top-k log-probabilities kept per position"),
+                      stage: int = typer.Option(0, help="which stage's teacher and training data"),
+                      out: Optional[str] = typer.Option(None, help="store directory (default: OUTPUT/teacher-store)"),
+                      temperature: Optional[float] = typer.Option(None, help="default: the stage's KD temperature"),
+                      dtype: str = typer.Option("float16", help="float16 or float32 log-probabilities"),
+                      set_: Optional[List[str]] = SetOpt):
+    """Run the teacher once over the training data and store its top-k outputs; then train with
+    `teacher: {source: cache, path: STORE}` (no teacher weights needed)."""
+    from kdistill.config import load_recipe
+    from kdistill.teachers.cached import cache_teacher
+    from kdistill.teachers.store import storage_report
+
+    path = cache_teacher(load_recipe(recipe, set_ or []), stage, k, out, temperature=temperature, dtype=dtype,
+                         console=console)
+    report = storage_report(path)
+    console.print(f"wrote {path}: {report.bytes_per_position:.0f} bytes per position on disk vs "
+                  f"{report.dense_bytes_per_position:,} for full float32 logits ({report.compression:.0f}× smaller)")
 
 
 @app.command("export")

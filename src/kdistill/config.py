@@ -33,10 +33,20 @@ class TeacherUpdate(Strict):
 
 
 class TeacherConfig(Strict):
-    model: str = Field(description="local dir, hub id, recipe:NAME, or packaged:NAME")
+    model: str | None = Field(None, description="local dir, hub id, recipe:NAME, packaged:NAME, blueprint:NAME, stage:NAME")
+    source: Literal["live", "cache"] = Field("live", description="live: run the model; cache: read a teacher store")
+    path: str | None = Field(None, description="the teacher store (source: cache), from `kdistill cache-teacher`")
     update: TeacherUpdate | None = Field(None, description="train the teacher in the loop (ProKT)")
     task: Literal["auto", "embedding", "masked-lm", "causal-lm", "classification", "image-classification"] = "auto"
     trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def source_fields(self):
+        if self.source == "live" and not self.model:
+            raise ValueError("model is required (or source: cache with a path)")
+        if self.source == "cache" and (not self.path or self.update):
+            raise ValueError("source: cache needs path: (a store from `kdistill cache-teacher`) and no update:")
+        return self
 
 
 class FromTeacher(Strict):
@@ -304,7 +314,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: stage names must be unique, got {names}")
     for i, stage in enumerate(stages):  # `stage:NAME`: an earlier stage's finished student teaches this one
-        ref = str(stage.teacher.model)
+        ref = str(stage.teacher.model or "")
         if ref.startswith(STAGE_TEACHER) and ref[len(STAGE_TEACHER):] not in names[:i]:
             raise ConfigError(f"{source}: stages[{i}].teacher.model: {ref!r} must name an earlier stage; "
                               f"earlier stages: {', '.join(names[:i]) or 'none'}")

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from kdistill.config import Stage
 from kdistill.data import TextCollator, label_names, load_records
-from kdistill.errors import DataError, PairingError
+from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
-from kdistill.models.loading import detect_task, load_config, load_model, read_pooling
+from kdistill.models.loading import Loaded, detect_task, load_config, load_model, load_tokenizer, model_class, read_pooling
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
+from kdistill.teachers.cached import open_for_stage
 from kdistill.teachers.recipe_runs import resolve_teacher
 
 
@@ -29,6 +31,7 @@ class StageParts:
     eval_records: list[dict]
     collator: TextCollator
     labels: list[str] | None = None
+    store: object | None = None  # a teacher store (teacher.source: cache) instead of a live teacher
     needs_mlm: bool = False
     student_taps: set[str] = field(default_factory=set)
     teacher_taps: set[str] = field(default_factory=set)
@@ -85,6 +88,26 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
                     "label2id": {name: i for i, name in enumerate(labels)}}
 
 
+def cached_teacher_dir(stage: Stage, prefix: str) -> str:
+    from kdistill.teachers.cached import TEACHER_FILES
+
+    path = Path(stage.teacher.path) / TEACHER_FILES
+    if not (path / "config.json").exists():
+        raise CheckpointError(f"{prefix}teacher.path: {stage.teacher.path} is not a teacher store (no "
+                              f"{TEACHER_FILES}/config.json); build one with `kdistill cache-teacher RECIPE`")
+    return str(path)
+
+
+def skeleton(path: str, task: str, head: dict) -> Loaded:
+    """The teacher's architecture without weights (meta tensors): shapes for pairing and student config."""
+    config = load_config(path)[1]
+    for key, value in head.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        model = model_class(task).from_config(config)
+    return Loaded(model, load_tokenizer(path), path, task)
+
+
 def spread(records: list[dict], limit: int | None) -> list[dict]:
     """`limit` records taken evenly through the list: corpora are ordered (e.g. nouns before verbs), so
     the first N would measure one part of the task only."""
@@ -107,7 +130,8 @@ def quantize_student(student, stage: Stage, collator, train: list[dict], prefix:
 def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None) -> StageParts:
     train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
     evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
-    teacher_ref = resolve_teacher(stage.teacher.model, console)
+    cached = stage.teacher.source == "cache"
+    teacher_ref = cached_teacher_dir(stage, prefix) if cached else resolve_teacher(stage.teacher.model, console)
     torch.manual_seed(stage.train.seed)  # a new classification head is initialised while loading
     task = stage.teacher.task
     if task == "auto":
@@ -115,7 +139,13 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     labels, head = None, {}
     if task == "classification":
         labels, head = class_head(stage, teacher_ref, train + evals, prefix)
-    loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head)
+    if cached:
+        if stage.student is not None and stage.student.kind()[0] in ("from_teacher", "theseus"):
+            raise ConfigError(f"{prefix}student: {stage.student.kind()[0]} copies the teacher's weights, which a "
+                              f"teacher store does not hold; use student.config or student.model")
+        loaded = skeleton(teacher_ref, task, head)
+    else:
+        loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head)
     teacher = loaded.model.eval().requires_grad_(False)
     pooling = read_pooling(loaded.path)
     teacher_info = model_info(teacher, loaded.task, pooling)
@@ -135,8 +165,9 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     s_reader, t_reader = TapReader(student, student_info), TapReader(teacher, teacher_info)
     student_taps = set().union(*(s_reader.canonical(t.student_taps(), t.where) for t in terms))
     teacher_taps = set().union(*(t_reader.canonical(t.teacher_taps(), t.where) for t in terms))
+    store = open_for_stage(stage, loaded.tokenizer, train, prefix) if cached else None
     return StageParts(
-        teacher=teacher, teacher_info=teacher_info, teacher_dir=loaded.path, student=student,
+        store=store, teacher=None if cached else teacher, teacher_info=teacher_info, teacher_dir=loaded.path, student=student,
         student_info=student_info, tokenizer=loaded.tokenizer, terms=terms, train_records=train,
         eval_records=spread(evals, stage.data.eval_limit), collator=collator, labels=labels,
         needs_mlm=any(t.needs_mlm for t in terms), student_taps=student_taps, teacher_taps=teacher_taps,

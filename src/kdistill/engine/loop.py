@@ -27,6 +27,13 @@ from kdistill.engine.logs import RunLogger
 from kdistill.engine.schedule import make_scheduler
 from kdistill.engine.teacher_update import TeacherUpdater
 from kdistill.models.taps import TapReader
+from kdistill.teachers.cached import SparseLogits, sparse_batch
+
+
+def to_device(value, device):
+    if isinstance(value, SparseLogits):
+        return SparseLogits(value.logprobs.to(device), value.indices.to(device), value.tail.to(device), value.temperature)
+    return value.to(device)
 
 
 @dataclass
@@ -75,8 +82,8 @@ class StageTrainer:
         freeze(parts.student, self.cfg.freeze)
         student_taps = parts.student_taps | ({"logits"} if stage.teacher.update else set())
         self.distiller = Distiller(parts.student, parts.student_info, parts.terms, student_taps)
-        self.teacher = parts.teacher.to(accelerator.device)
-        self.teacher_reader = TapReader(self.teacher, parts.teacher_info)
+        self.teacher = parts.teacher.to(accelerator.device) if parts.teacher is not None else None
+        self.teacher_reader = TapReader(self.teacher, parts.teacher_info) if self.teacher is not None else None
         self.updater = None
         if stage.teacher.update:  # ProKT: the teacher trains in the loop
             self.updater = TeacherUpdater(self.teacher, self.teacher_reader, parts.teacher_info.task,
@@ -96,16 +103,22 @@ class StageTrainer:
 
     # ---- batches -------------------------------------------------------------------------------
     def collate(self, indices: list[int], step: int, micro: int) -> dict:
-        batch = self.parts.collator([self.parts.train_records[i] for i in indices])
+        records = [self.parts.train_records[i] for i in indices]
+        batch = self.parts.collator(records)
+        if self.parts.store is not None:  # the teacher's stored top-k, padded to this batch
+            batch["stored_teacher"] = sparse_batch(self.parts.store, records, batch.get("attention_mask"),
+                                                   self.parts.teacher_info.logits_per == "token")
         if self.parts.needs_mlm:
             gen = torch.Generator().manual_seed(hash((self.cfg.seed, step, micro, self.acc.process_index)) % 2**62)
             batch["input_ids"], batch["mlm_labels"] = mask_tokens(
                 batch["input_ids"], batch["attention_mask"], self.parts.tokenizer, self.cfg.mlm_probability, gen)
-        return {k: v.to(self.acc.device) for k, v in batch.items()}
+        return {k: to_device(v, self.acc.device) for k, v in batch.items()}
 
     def teacher_taps(self, batch: dict) -> dict:
         if not self.needs_teacher:
             return {}
+        if "stored_teacher" in batch:
+            return {"logits": batch["stored_teacher"]}
         self.teacher.eval()
         with torch.no_grad(), self.acc.autocast():
             return self.teacher_reader(batch, sorted(self.parts.teacher_taps))
@@ -186,11 +199,13 @@ class StageTrainer:
                 batch["input_ids"], batch["mlm_labels"] = mask_tokens(
                     batch["input_ids"], batch["attention_mask"], self.parts.tokenizer, self.cfg.mlm_probability, gen)
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-            t_taps = self.teacher_taps(batch)
-            out = distiller(batch, t_taps)
-            n = torch.tensor([t.count(batch) for t in terms], dtype=torch.float64)
-            sums += torch.stack([out["parts"][t.name].double().cpu() for t in terms]) * n
-            counts += n
+            t_taps = {}
+            if self.parts.store is None:  # a store covers the training records only: eval reports accuracy
+                t_taps = self.teacher_taps(batch)
+                out = distiller(batch, t_taps)
+                n = torch.tensor([t.count(batch) for t in terms], dtype=torch.float64)
+                sums += torch.stack([out["parts"][t.name].double().cpu() for t in terms]) * n
+                counts += n
             if "labels" in batch and self.parts.student_info.task == "classification":
                 logits = distiller.reader(batch, ["logits"])["logits"]
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
@@ -199,8 +214,8 @@ class StageTrainer:
                 s_pooled = distiller.reader(batch, ["pooled"])["pooled"]
                 cosine += torch.nn.functional.cosine_similarity(s_pooled, t_taps["pooled"], dim=-1).sum().item()
                 n_seq += s_pooled.shape[0]
-        parts = {t.name: float(s / max(c, 1)) for t, s, c in zip(terms, sums, counts)}
-        result = {"loss": sum(t.weight * parts[t.name] for t in terms), "parts": parts}
+        parts = {t.name: float(s / max(c, 1)) for t, s, c in zip(terms, sums, counts) if c > 0}
+        result = {"loss": sum(t.weight * parts[t.name] for t in terms if t.name in parts), "parts": parts}
         if n_seq:
             result["embedding_cosine_to_teacher"] = cosine / n_seq
         if n_labeled:

@@ -107,7 +107,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
             student = successor_only(accelerator.unwrap_model(trainer.model).student)
             metadata = {
                 "kdistill_version": _version(), "recipe": recipe.name, "stage": stage.name,
-                "teacher": stage.teacher.model, "student_init": stage.student.model_dump(exclude_none=True)
+                "teacher": stage.teacher.model or f"cache:{stage.teacher.path}", "student_init": stage.student.model_dump(exclude_none=True)
                 if stage.student else {"previous_stage": previous},
                 "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2),
                 "metrics": {"train": result.final_train, "eval": result.final_eval},

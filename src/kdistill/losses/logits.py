@@ -10,6 +10,7 @@ from pydantic import Field
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
 from kdistill.losses.base import LossTerm, TermParams, register_loss, sequence_count, token_count
+from kdistill.teachers.cached import SparseLogits
 
 
 def logits_mask(batch: dict, logits: torch.Tensor) -> torch.Tensor | None:
@@ -75,11 +76,30 @@ class LogitKD(LossTerm):
 
     def forward(self, s, t, batch):
         zs, zt = s["logits"], t["logits"]
+        if isinstance(zt, SparseLogits):  # a teacher store's top-k (teacher.source: cache)
+            return self.from_store(zs, zt, batch)
         if zs.shape[-1] != zt.shape[-1]:
             raise PairingError(f"{self.where}: student has {zs.shape[-1]} outputs, teacher {zt.shape[-1]}")
         p = self.params
         kwargs = {"alpha": p.skew} if p.divergence.startswith("skew") else {}
         soft = fn.DIVERGENCES[p.divergence](zs, zt, temperature=p.temperature, mask=logits_mask(batch, zs), **kwargs)
+        loss = (1 - p.alpha) * p.temperature**2 * soft
+        if p.alpha > 0:
+            loss = loss + p.alpha * hard_label_loss(zs, batch, self.student_info.task)
+        return loss
+
+
+    def from_store(self, zs, stored, batch):
+        from kdistill.losses.sparse import sparse_divergence
+
+        p = self.params
+        if p.divergence == "mse":
+            raise PairingError(f"{self.where}: divergence mse needs full teacher logits, not a top-k store")
+        if abs(stored.temperature - p.temperature) > 1e-9:
+            raise PairingError(f"{self.where}: the teacher store holds the teacher at temperature "
+                               f"{stored.temperature}, this term uses {p.temperature}; rebuild the store")
+        soft = sparse_divergence(zs, stored.logprobs, stored.indices, stored.tail, p.divergence, alpha=p.skew,
+                                 temperature=p.temperature, mask=logits_mask(batch, zs))
         loss = (1 - p.alpha) * p.temperature**2 * soft
         if p.alpha > 0:
             loss = loss + p.alpha * hard_label_loss(zs, batch, self.student_info.task)

@@ -1,0 +1,75 @@
+"""Training from a teacher store: equal to the live teacher when the store is complete, refused when it
+does not match the run, and usable for causal LMs without the teacher's weights."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdistill import distill
+from kdistill.config import load_recipe
+from kdistill.errors import CheckpointError, ConfigError
+from kdistill.models.loading import load_model
+from kdistill.teachers.cached import cache_teacher
+
+
+@pytest.fixture
+def classifier_recipe(tmp_path, make_classifier):
+    teacher = make_classifier(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"a {w} thing number {i}", "y": w}) + "\n"
+                            for i in range(8) for w in ("red", "green", "blue")))
+    return {"name": "cls-kd", "teacher": {"model": teacher},
+            "student": {"config": {"num_hidden_layers": 1}},
+            "data": {"train": {"path": str(data), "label": "y"}, "eval": {"path": str(data), "label": "y"},
+                     "max_length": 16},
+            "losses": [{"type": "logit_kd", "temperature": 2.0, "alpha": 0.3}],
+            "train": {"steps": 3, "batch_size": 4, "lr": 1e-3}, "output": str(tmp_path / "live")}
+
+
+def cached(recipe, store, output):
+    return {**recipe, "teacher": {"source": "cache", "path": str(store)}, "output": str(output)}
+
+
+def test_complete_store_trains_exactly_like_the_live_teacher(classifier_recipe, tmp_path):
+    live = distill(classifier_recipe, progress=False)
+    store = cache_teacher(load_recipe(classifier_recipe), k=3, out=str(tmp_path / "store"), dtype="float32")
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["k"] == 3 and manifest["temperature"] == 2.0  # the recipe's KD temperature
+    from_store = distill(cached(classifier_recipe, store, tmp_path / "cached"), progress=False)
+    a = load_model(str(live), "classification").model.state_dict()
+    b = load_model(str(from_store), "classification").model.state_dict()
+    assert all(torch.allclose(a[key], b[key], atol=1e-6) for key in a)
+
+
+def test_store_for_other_data_or_corrupt_is_refused(classifier_recipe, tmp_path):
+    store = cache_teacher(load_recipe(classifier_recipe), k=2, out=str(tmp_path / "store"))
+    other = cached(classifier_recipe, store, tmp_path / "other")
+    other["data"] = {**other["data"], "train": {**other["data"]["train"], "limit": 6}}
+    with pytest.raises(CheckpointError, match="data fingerprint differs"):
+        distill(other, progress=False)
+    hotter = cached(classifier_recipe, store, tmp_path / "hot")
+    hotter["losses"] = [{"type": "logit_kd", "temperature": 4.0}]
+    with pytest.raises(CheckpointError, match="temperature"):
+        distill(hotter, progress=False)
+    shard = sorted(Path(store).glob("shard-*.safetensors"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-3] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="shard-00000"):
+        distill(cached(classifier_recipe, store, tmp_path / "corrupt"), progress=False)
+    copying = cached(classifier_recipe, store, tmp_path / "copy")
+    copying["student"] = {"from_teacher": {"layers": [1]}}
+    with pytest.raises(ConfigError, match="store does not hold"):
+        distill(copying, progress=False)
+
+
+def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):
+    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 2, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    store = cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "store"))
+    student = distill(cached(recipe, store, tmp_path / "from-store"), progress=False)
+    meta = json.loads((student / "kdistill.json").read_text())
+    assert meta["teacher"].startswith("cache:") and meta["steps"] == 2
