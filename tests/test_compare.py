@@ -27,8 +27,27 @@ def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier):
     report = compare([str(path)], seeds=2, output=str(tmp_path / "runs"), results=str(results))
     names = [row["name"] for row in report["rows"]]
     assert names == ["tiny-kd", "tiny-kd-baseline"]
-    assert all(len(row["accuracy"]) == 2 and all(0 <= a <= 1 for a in row["accuracy"]) for row in report["rows"])
+    assert all(len(row["score"]) == 2 and all(0 <= a <= 1 for a in row["score"]) for row in report["rows"])
     text = results.read_text()
     assert "| tiny-kd-baseline |" in text and (tmp_path / "results-tiny-kd.png").exists()
     compare([str(path)], seeds=2, output=str(tmp_path / "runs"), results=str(results))  # reuses the runs
     assert results.read_text().count("<!-- compare:tiny-kd -->") == 1
+
+
+def test_compare_scores_a_causal_lm_with_rouge_and_perplexity(tmp_path, tiny_gpt2_dir):
+    data = tmp_path / "defs.jsonl"
+    rows = [{"text": f"word: w{i} (noun)\ndefinition: a thing {i}", "prompt": f"word: w{i} (noun)\ndefinition:",
+             "reference": f"a thing {i}"} for i in range(12)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"name": "tiny-lm-kd", "teacher": {"model": tiny_gpt2_dir, "task": "causal-lm"},
+              "student": {"from_teacher": {"layers": [2]}},
+              "data": {"train": {"path": str(data)}, "eval": {"path": str(data)}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 2, "batch_size": 4}}
+    path = tmp_path / "tiny-lm-kd.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert baseline_of(load_recipe(str(path))).stages[0].teacher.task == "causal-lm"
+    results = tmp_path / "results.md"
+    report = compare([str(path)], seeds=1, output=str(tmp_path / "runs"), results=str(results))
+    assert report["metric"] == "ROUGE-L" and [r["name"] for r in report["rows"]] == ["tiny-lm-kd", "tiny-lm-kd-baseline"]
+    assert all(0 <= r["score"][0] <= 1 and r["perplexity"][0] > 1 for r in report["rows"])
+    assert "test ROUGE-L" in results.read_text() and "perplexity" in results.read_text()

@@ -27,7 +27,7 @@ def baseline_of(recipe: Recipe) -> Recipe:
     student = first.student
     if student.theseus is not None:  # the same successor blocks, as a plain layer-subset student
         student = StudentConfig(from_teacher={"layers": "uniform", "num_layers": student.theseus.modules})
-    stage = Stage(name="baseline", teacher=first.teacher.model_copy(update={"task": "classification"}),
+    stage = Stage(name="baseline", teacher=first.teacher.model_copy(update={"task": recipe_task(recipe)}),
                   student=student, data=last.data, losses=[CrossEntropyParams()],
                   train=last.train.model_copy(update={"steps": steps}))
     return Recipe(name=f"{recipe.name}-baseline", output=recipe.output, stages=[stage])
@@ -53,14 +53,35 @@ def test_records(recipe: Recipe) -> list[dict]:
     return records
 
 
-def test_accuracy(model_dir: str, records: list[dict]) -> tuple[float, object]:
-    from kdistill.eval.metrics import accuracy
+def recipe_task(recipe: Recipe) -> str:
+    """What the final student is scored as: the last stage teacher's task (classification when auto)."""
+    task = recipe.stages[-1].teacher.task
+    return "classification" if task == "auto" else task
+
+
+METRICS = {"classification": "accuracy", "causal-lm": "ROUGE-L"}
+GENERATED = 200  # held-out prompts a causal LM writes definitions for (greedy decoding)
+
+
+def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object, dict]:
+    """(the task's metric, the loaded model, other metrics) of a student or teacher on test records."""
     from kdistill.models.loading import load_model
 
-    loaded = load_model(model_dir, "classification")
+    if task not in METRICS:
+        raise ConfigError(f"compare scores {', '.join(METRICS)} students; this recipe's teacher task is {task!r}")
+    loaded = load_model(model_dir, task)
+    if task == "causal-lm":
+        from kdistill.eval.generation import definition_scores
+        from kdistill.eval.metrics import perplexity
+
+        rouge = definition_scores(loaded.model, loaded.tokenizer, records, limit=GENERATED)["rouge_l"]
+        return rouge, loaded, {"perplexity": perplexity(loaded.model, loaded.tokenizer,
+                                                        [r["text"] for r in records[:1000]])}
+    from kdistill.eval.metrics import accuracy
+
     config = loaded.model.config
     names = [config.id2label[i] for i in range(config.num_labels)]
-    return accuracy(loaded.model, loaded.tokenizer, records, names), loaded
+    return accuracy(loaded.model, loaded.tokenizer, records, names), loaded, {}
 
 
 def train_or_reuse(recipe: Recipe, console) -> Path:
@@ -119,15 +140,17 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             pairs += [] if key in done_baselines else [(base.name, base)]
             done_baselines.setdefault(key, base.name)
         records = test_records(recipe)
+        task = recipe_task(recipe)
         teacher_ref = resolve_teacher(recipe.stages[-1].teacher.model, console)
         if teacher_row is None:
-            acc, teacher = test_accuracy(teacher_ref, records)
-            teacher_row = {"name": "teacher", "ref": recipe.stages[-1].teacher.model, "accuracy": [acc],
-                           "params": count_parameters(teacher.model)}
+            value, teacher, extra = score(teacher_ref, records, task)
+            teacher_row = {"name": "teacher", "ref": recipe.stages[-1].teacher.model, "score": [value],
+                           "params": count_parameters(teacher.model), **{k: [v] for k, v in extra.items()}}
             tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length)
         for label, r in pairs:
             points = evaluation_points(r)
             accs = {suffix: [] for suffix, _ in points}
+            extras: dict[str, dict[str, list]] = {suffix: {} for suffix, _ in points}
             walls, loaded = [], {}
             for seed in range(seeds):
                 run = variant(r, seed, quick, root / label / f"seed-{seed}")
@@ -136,10 +159,13 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 meta = json.loads((final / "kdistill.json").read_text())
                 walls.append(meta.get("wall_time_s") or time.perf_counter() - start)
                 for suffix, index in points:
-                    acc, loaded[suffix] = test_accuracy(str(stage_student_dir(Path(run.output), run, index)), records)
+                    acc, loaded[suffix], extra = score(str(stage_student_dir(Path(run.output), run, index)),
+                                                       records, task)
                     accs[suffix].append(acc)
+                    for key, value in extra.items():
+                        extras[suffix].setdefault(key, []).append(value)
                     if console is not None:
-                        console.print(f"{label}{suffix} seed {seed}: test accuracy {acc:.4f}")
+                        console.print(f"{label}{suffix} seed {seed}: test {METRICS[task]} {acc:.4f}")
             texts = [r_["text"] for r_ in records[:128]]
             for suffix, index in points:
                 model = loaded[suffix]
@@ -149,7 +175,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                                            "student": (model.model, model.tokenizer, "cls")}, texts)
                     speedup = speed["student"] / speed["teacher"]
                 row = {"name": label + suffix, "baseline_of": name if label.endswith("-baseline") else None,
-                       "accuracy": accs[suffix], "params": count_parameters(model.model), "speedup": speedup}
+                       "score": accs[suffix], "params": count_parameters(model.model), "speedup": speedup,
+                       **extras[suffix]}
                 if suffix == points[-1][0]:  # training cost belongs to the whole pipeline
                     row.update(wall_time_s=walls, steps=sum(s.train.steps for s in run.stages),
                                train_pflops=estimated_train_flops(run, non_embedding_parameters(model.model),
@@ -159,7 +186,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                     if packed:
                         row["packed"] = packed
                 rows.append(row)
-    report = {"quick": quick, "seeds": seeds, "test_records": len(records), "teacher": teacher_row, "rows": rows,
+    report = {"quick": quick, "seeds": seeds, "test_records": len(records), "metric": METRICS[task],
+              "teacher": teacher_row, "rows": rows,
               "created": time.strftime("%Y-%m-%d %H:%M")}
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(report, indent=2))
@@ -182,21 +210,23 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def markdown(report: dict) -> str:
-    teacher = report["teacher"]
-    t_acc = teacher["accuracy"][0]
+    teacher, metric = report["teacher"], report["metric"]
+    t_acc = teacher["score"][0]
     flops = any("train_pflops" in r for r in report["rows"])
     packed = any("packed" in r for r in report["rows"])
-    head = ["model", "test accuracy", "% of teacher", "parameters", "speed-up", "steps", "train wall time (s)"]
-    head += ["est. train PFLOP"] * flops + ["packed 1-bit weights (vs FP32)"] * packed
-    lines = [f"Test accuracy on {report['test_records']} held-out records, {report['seeds']} seed(s)"
+    ppl = "perplexity" in teacher
+    head = ["model", f"test {metric}", "% of teacher", "parameters", "speed-up", "steps", "train wall time (s)"]
+    head += ["est. train PFLOP"] * flops + ["packed 1-bit weights (vs FP32)"] * packed + ["perplexity"] * ppl
+    scope = f" ({GENERATED} generated definitions)" if metric == "ROUGE-L" else ""
+    lines = [f"Test {metric}{scope} on {report['test_records']} held-out records, {report['seeds']} seed(s)"
              f"{' (--quick: 1/8 of the steps)' if report['quick'] else ''}; measured {report['created']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              f"| teacher ({teacher['ref']}) | {t_acc:.4f} | 100% | {teacher['params']:,} | 1.00× |"
-             + " |" * (len(head) - 5)]
+             + " |" * (len(head) - 5 - ppl) + (f" {teacher['perplexity'][0]:.2f} |" if ppl else "")]
     for row in report["rows"]:
-        m, s = mean_std(row["accuracy"])
-        cells = [row["name"], f"{m:.4f} ± {s:.4f}", f"{m / t_acc:.1%}", f"{row['params']:,}", f"{row['speedup']:.2f}×" if row["speedup"] else "—",
-                 str(row.get("steps", "")),
+        m, s = mean_std(row["score"])
+        cells = [row["name"], f"{m:.4f} ± {s:.4f}", f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
+                 f"{row['speedup']:.2f}×" if row["speedup"] else "—", str(row.get("steps", "")),
                  f"{statistics.mean(row['wall_time_s']):.0f}" if row.get("wall_time_s") else ""]
         if flops:
             cells.append(f"{row['train_pflops']:.2f}" if "train_pflops" in row else "")
@@ -204,6 +234,9 @@ def markdown(report: dict) -> str:
             p = row.get("packed")
             cells.append(f"{p['quantized_linear_packed_bytes'] / 2**20:.2f} MiB "
                          f"(1/{1 / p['quantized_linear_ratio']:.1f})" if p else "")
+        if ppl:
+            pm, ps = mean_std(row["perplexity"])
+            cells.append(f"{pm:.2f} ± {ps:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -214,13 +247,13 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [{"name": "teacher", "accuracy": report["teacher"]["accuracy"]}] + report["rows"]
-    means = [mean_std(r["accuracy"]) for r in rows]
+    rows = [{"name": "teacher", "score": report["teacher"]["score"]}] + report["rows"]
+    means = [mean_std(r["score"]) for r in rows]
     fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
     ax.bar([r["name"] for r in rows], [m for m, _ in means], yerr=[s for _, s in means], capsize=4,
            color=["#555"] + ["#bbb" if r.get("baseline_of") else "#3a7" for r in rows[1:]])
     low = min(m for m, _ in means)
-    ax.set(ylabel="test accuracy", ylim=(max(0, low - 0.05), min(1, max(m for m, _ in means) + 0.02)))
+    ax.set(ylabel=f"test {report['metric']}", ylim=(max(0, low - 0.05), min(1, max(m for m, _ in means) + 0.02)))
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

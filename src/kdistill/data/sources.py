@@ -122,7 +122,13 @@ def _pick(row: dict, fields: dict, where: str) -> dict:
             raise DataError(f"field {field!r} at {where} is {type(value).__name__}, "
                             f"expected a string")
         record[key] = value
+    for key in GENERATION_FIELDS:  # kept as they are: a causal LM is scored on prompt -> reference
+        if isinstance(row.get(key), str):
+            record[key] = row[key]
     return record
+
+
+GENERATION_FIELDS = ("prompt", "reference")
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
