@@ -170,11 +170,11 @@ class StageTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.updater is not None:
             self.updater.step()
-        for part in self.stateful:
-            part.after_step(step + 1, self.cfg.steps)
         reduced = self.acc.reduce(torch.cat([loss_sum[None], part_sums]), reduction="sum")
         result = {"loss": float(reduced[0]), "parts": {t.name: float(v) for t, v in zip(terms, reduced[1:])},
                   "lr": self.scheduler.get_last_lr()[0]}
+        for part in self.stateful:  # schedules see this step's global term values, the same on every process
+            part.after_step(step + 1, self.cfg.steps, result["parts"])
         if grad_norm is not None:
             result["grad_norm"] = float(grad_norm)
         return result

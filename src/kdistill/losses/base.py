@@ -66,8 +66,9 @@ class LossTerm(nn.Module):
         raise NotImplementedError
 
     # Extension points for methods with a schedule (TAID's α, Theseus' replacement rate): `after_step`
-    # runs once per optimizer step; `method_state` is saved in every checkpoint and handed back on resume.
-    def after_step(self, step: int, total_steps: int) -> None:
+    # runs once per optimizer step with every term's value for that step (averaged over all micro-batches
+    # and processes); `method_state` is saved in every checkpoint and handed back on resume.
+    def after_step(self, step: int, total_steps: int, parts: dict[str, float] | None = None) -> None:
         pass
 
     def method_state(self) -> dict:

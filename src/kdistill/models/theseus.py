@@ -41,7 +41,7 @@ class TheseusLayers(nn.ModuleList):
         return sum(1 for key in self._modules if key.isdigit())
 
     # engine extension points: the schedule and its state
-    def after_step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, total_steps: int, parts: dict | None = None) -> None:
         self.replace_rate = min(1.0, self.start + (1.0 - self.start) * step / self.full_at_step)
 
     def method_state(self) -> dict:
