@@ -24,6 +24,7 @@ from kdistill.engine.build import StageParts
 from kdistill.engine.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
 from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
+from kdistill.engine.on_policy import OnPolicy
 from kdistill.engine.schedule import make_scheduler
 from kdistill.engine.teacher_update import TeacherUpdater
 from kdistill.models.taps import TapReader
@@ -99,11 +100,20 @@ class StageTrainer:
                               accelerator.num_processes, accelerator.process_index, self.cfg.seed,
                               lengths=[len(r["text"]) for r in parts.train_records] if stage.data.group_by_length else None)
         self.logger = RunLogger(run_dir, stage.name, enabled=accelerator.is_main_process)
+        self.on_policy = None
+        if stage.on_policy is not None and stage.on_policy.fraction > 0:
+            self.on_policy = OnPolicy(stage.on_policy, parts.tokenizer, parts.student.config.eos_token_id,
+                                      self.cfg.seed)
         self.step = 0
 
     # ---- batches -------------------------------------------------------------------------------
     def collate(self, indices: list[int], step: int, micro: int) -> dict:
         records = [self.parts.train_records[i] for i in indices]
+        rank = self.acc.process_index
+        if self.on_policy is not None and self.on_policy.wants(step, micro, rank):
+            student = self.acc.unwrap_model(self.model).student
+            batch = self.on_policy.sample(student, records, self.stage.data.max_length, step, micro, rank)
+            return {k: v.to(self.acc.device) for k, v in batch.items()}
         batch = self.parts.collator(records)
         if self.parts.store is not None:  # the teacher's stored top-k, padded to this batch
             batch["stored_teacher"] = sparse_batch(self.parts.store, records, batch.get("attention_mask"),

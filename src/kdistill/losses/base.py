@@ -79,6 +79,8 @@ class LossTerm(nn.Module):
 
 
 def token_count(batch: dict) -> int:
+    if "loss_mask" in batch:  # on-policy batches count the generated positions only
+        return int(batch["loss_mask"].sum())
     mask = batch.get("attention_mask")
     if mask is not None:
         return int(mask.sum())

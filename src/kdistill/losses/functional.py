@@ -290,6 +290,7 @@ DIVERGENCES = {
     "kl": kl_div,
     "reverse_kl": reverse_kl,
     "js": js_div,
+    "generalized_jsd": generalized_jsd,
     "tvd": tvd,
     "skew_kl": skew_kl,
     "skew_reverse_kl": skew_reverse_kl,

@@ -17,6 +17,8 @@ def logits_mask(batch: dict, logits: torch.Tensor) -> torch.Tensor | None:
     """Real positions for per-token logits; None for one distribution per sequence."""
     if logits.dim() == 2:
         return None
+    if "loss_mask" in batch:  # on-policy batches: only the positions that predict generated tokens
+        return batch["loss_mask"].bool()
     return batch["attention_mask"].bool()
 
 
@@ -45,8 +47,10 @@ class LogitKDParams(TermParams):
     type: Literal["logit_kd"] = "logit_kd"
     temperature: float = Field(2.0, gt=0)
     alpha: float = Field(0.0, ge=0, le=1, description="weight of the hard-label loss; 1-alpha goes to KD")
-    divergence: Literal["kl", "reverse_kl", "js", "tvd", "skew_kl", "skew_reverse_kl", "soft_ce", "mse"] = "kl"
+    divergence: Literal["kl", "reverse_kl", "js", "generalized_jsd", "tvd", "skew_kl", "skew_reverse_kl", "soft_ce",
+                        "mse"] = "kl"
     skew: float = Field(0.1, ge=0, le=1, description="alpha of skew_kl / skew_reverse_kl")
+    beta: float = Field(0.5, ge=0, le=1, description="β of generalized_jsd (0: forward KL, 1: reverse KL), as GKD")
 
 
 @register_loss("logit_kd")
@@ -82,6 +86,8 @@ class LogitKD(LossTerm):
             raise PairingError(f"{self.where}: student has {zs.shape[-1]} outputs, teacher {zt.shape[-1]}")
         p = self.params
         kwargs = {"alpha": p.skew} if p.divergence.startswith("skew") else {}
+        if p.divergence == "generalized_jsd":
+            kwargs = {"beta": p.beta}
         soft = fn.DIVERGENCES[p.divergence](zs, zt, temperature=p.temperature, mask=logits_mask(batch, zs), **kwargs)
         loss = (1 - p.alpha) * p.temperature**2 * soft
         if p.alpha > 0:
@@ -99,7 +105,7 @@ class LogitKD(LossTerm):
             raise PairingError(f"{self.where}: the teacher store holds the teacher at temperature "
                                f"{stored.temperature}, this term uses {p.temperature}; rebuild the store")
         soft = sparse_divergence(zs, stored.logprobs, stored.indices, stored.tail, p.divergence, alpha=p.skew,
-                                 temperature=p.temperature, mask=logits_mask(batch, zs))
+                                 beta=p.beta, temperature=p.temperature, mask=logits_mask(batch, zs))
         loss = (1 - p.alpha) * p.temperature**2 * soft
         if p.alpha > 0:
             loss = loss + p.alpha * hard_label_loss(zs, batch, self.student_info.task)

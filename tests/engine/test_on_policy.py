@@ -1,0 +1,44 @@
+"""GKD's on-policy batches: the student's own continuations, the loss on generated tokens, resumable."""
+import json
+
+import torch
+
+from kdistill import distill
+from kdistill.config import OnPolicyConfig
+from kdistill.engine.on_policy import OnPolicy
+from kdistill.models.loading import load_model
+
+
+def test_sample_marks_the_positions_that_predict_generated_tokens(tiny_gpt2_dir):
+    loaded = load_model(tiny_gpt2_dir, "causal-lm")
+    policy = OnPolicy(OnPolicyConfig(fraction=1.0, max_new_tokens=4), loaded.tokenizer, 102, seed=0)
+    records = [{"text": "word: cat (noun)\ndefinition: a small animal", "prompt": "word: cat (noun)\ndefinition:"},
+               {"text": "return the sum of the numbers in a list of numbers"}]
+    batch = policy.sample(loaded.model, records, 32, step=0, micro=0, rank=0)
+    prompt = policy.prompt_ids(records[0], 32)
+    row = batch["input_ids"][0].tolist()
+    assert row[: len(prompt)] == prompt
+    generated = int(batch["loss_mask"][0].sum())
+    assert 1 <= generated <= 4
+    # position p is scored when token p + 1 was generated
+    assert batch["loss_mask"][0].nonzero().flatten().tolist() == list(range(len(prompt) - 1, len(prompt) - 1 + generated))
+    assert batch["attention_mask"][0].sum() == len(prompt) + generated
+    again = policy.sample(loaded.model, records, 32, step=0, micro=0, rank=0)
+    assert torch.equal(again["input_ids"], batch["input_ids"])  # seeded by step and micro-batch
+    assert policy.wants(3, 0, 0) and not OnPolicy(OnPolicyConfig(fraction=0.0), loaded.tokenizer, 102, 0).wants(3, 0, 0)
+
+
+def test_gkd_run_resumes_exactly(tiny_gpt2_dir, text_file, tmp_path, killed_run):
+    recipe = {"name": "gkd", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 16}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 1.0, "divergence": "generalized_jsd", "beta": 0.5}],
+              "on_policy": {"fraction": 0.5, "max_new_tokens": 6},
+              "train": {"steps": 6, "batch_size": 4, "grad_accum": 2, "save_every": 2, "lr": 1e-3, "log_every": 1}}
+    straight = distill({**recipe, "output": str(tmp_path / "straight")}, progress=False)
+    killed = {**recipe, "output": str(tmp_path / "killed")}
+    killed_run(killed, step=3)
+    resumed = distill(killed, resume=True, progress=False)
+    a, b = (load_model(str(d), "causal-lm").model.state_dict() for d in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logs = [json.loads(line) for line in (tmp_path / "straight" / "logs" / "main.jsonl").read_text().splitlines()]
+    assert all(r["parts"]["logit_kd"] >= 0 for r in logs if r["kind"] == "train")
