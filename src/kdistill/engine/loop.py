@@ -112,7 +112,8 @@ class StageTrainer:
         rank = self.acc.process_index
         if self.on_policy is not None and self.on_policy.wants(step, micro, rank):
             student = self.acc.unwrap_model(self.model).student
-            batch = self.on_policy.sample(student, records, self.stage.data.max_length, step, micro, rank)
+            batch = self.on_policy.sample(student, records, self.stage.data.max_length, step, micro, rank,
+                                          teacher=self.teacher)
             return {k: v.to(self.acc.device) for k, v in batch.items()}
         batch = self.parts.collator(records)
         if self.parts.store is not None:  # the teacher's stored top-k, padded to this batch
