@@ -175,6 +175,8 @@ class OnPolicyConfig(Strict):
     max_new_tokens: int = Field(32, ge=1)
     teacher_mix: float = Field(0.0, ge=0, lt=1, description="MiniLLM's α: sample from α·p_teacher + (1−α)·q_student "
                                "and record importance weights q/mix; 0 samples from the student alone")
+    generator: Literal["student", "teacher"] = Field("student", description="teacher: SeqKD, the teacher writes the text")
+    greedy: bool = Field(False, description="greedy decoding instead of sampling")
 
 
 class Stage(Strict):

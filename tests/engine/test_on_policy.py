@@ -42,3 +42,26 @@ def test_gkd_run_resumes_exactly(tiny_gpt2_dir, text_file, tmp_path, killed_run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     logs = [json.loads(line) for line in (tmp_path / "straight" / "logs" / "main.jsonl").read_text().splitlines()]
     assert all(r["parts"]["logit_kd"] >= 0 for r in logs if r["kind"] == "train")
+
+
+def test_seqkd_batches_are_the_teachers_greedy_continuations(tiny_gpt2_dir):
+    from kdistill.eval.generation import generate
+    from kdistill.losses.logits import hard_label_count, hard_label_loss
+
+    teacher = load_model(tiny_gpt2_dir, "causal-lm")
+    student = load_model(tiny_gpt2_dir, "causal-lm").model
+    with torch.no_grad():
+        for param in student.parameters():
+            param.mul_(0.5)  # a different model: the text must come from the teacher
+    cfg = OnPolicyConfig(fraction=1.0, max_new_tokens=5, generator="teacher", greedy=True)
+    policy = OnPolicy(cfg, teacher.tokenizer, 102, seed=0)
+    record = {"text": "x", "prompt": "word: dog (noun)\ndefinition:"}
+    batch = policy.sample(student, [record], 32, 0, 0, 0, teacher=teacher.model)
+    written = batch["input_ids"][0][batch["attention_mask"][0].bool()][len(policy.prompt_ids(record, 32)):]
+    expected = generate(teacher.model, teacher.tokenizer, [record["prompt"]], max_new_tokens=5)[0]
+    assert teacher.tokenizer.decode(written.tolist(), skip_special_tokens=True).strip() == expected
+    assert hard_label_count(batch, "causal-lm") == int(batch["loss_mask"].sum())
+    logits = torch.randn(1, batch["input_ids"].shape[1], teacher.model.config.vocab_size)
+    keep = batch["loss_mask"][0, :-1]
+    manual = torch.nn.functional.cross_entropy(logits[0, :-1][keep], batch["input_ids"][0, 1:][keep])
+    assert torch.allclose(hard_label_loss(logits, batch, "causal-lm"), manual)

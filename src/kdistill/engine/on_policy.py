@@ -1,5 +1,6 @@
 """On-policy batches (GKD, Agarwal et al. 2024): with probability λ a micro-batch's texts are replaced by
 the student's own continuations of their prompts, and the loss is taken on the generated tokens only.
+With `generator: teacher` the teacher writes the continuations instead (sequence-level KD, Kim & Rush 2016).
 
 The prompt of a record is its `prompt` field when it has one (e.g. wordnet-definitions), else the first
 half of its tokens. The draw and the sampling are seeded by (seed, step, micro-batch, process), so a
@@ -56,9 +57,11 @@ class OnPolicy:
         if teacher is not None and self.cfg.teacher_mix > 0:
             out, weights = self.mixed_sample(student, teacher, ids, mask)
         else:
-            out = student.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0,
-                                   temperature=self.cfg.temperature, max_new_tokens=self.cfg.max_new_tokens,
-                                   eos_token_id=self.eos, pad_token_id=self.pad)
+            writer = teacher if self.cfg.generator == "teacher" else student
+            sampling = ({"do_sample": False} if self.cfg.greedy else
+                        {"do_sample": True, "top_k": 0, "temperature": self.cfg.temperature})
+            out = writer.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.cfg.max_new_tokens,
+                                  eos_token_id=self.eos, pad_token_id=self.pad, **sampling)
             weights = torch.ones(out.shape[0], out.shape[1] - width)
         student.train(training)
         rows, loss_rows, weight_rows = [], [], []

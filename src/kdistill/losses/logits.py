@@ -30,8 +30,9 @@ def hard_label_loss(logits: torch.Tensor, batch: dict, task: str) -> torch.Tenso
         if "labels" not in batch:
             raise PairingError("a hard-label loss needs labels: give the data source a `label:` field")
         return F.cross_entropy(logits.float(), batch["labels"])
-    # causal LM: position i predicts token i+1; padding is ignored
-    targets = batch["input_ids"][:, 1:].masked_fill(~batch["attention_mask"][:, 1:].bool(), -100)
+    # causal LM: position i predicts token i+1; padding (and, in generated batches, the prompt) is ignored
+    keep = batch["loss_mask"][:, :-1] if "loss_mask" in batch else batch["attention_mask"][:, 1:]
+    targets = batch["input_ids"][:, 1:].masked_fill(~keep.bool(), -100)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
@@ -39,7 +40,7 @@ def hard_label_count(batch: dict, task: str) -> int:
     if task == "masked-lm" or "mlm_labels" in batch:
         return int((batch["mlm_labels"] != -100).sum())
     if task in ("causal-lm",):
-        return int(batch["attention_mask"][:, 1:].sum())
+        return int(batch["loss_mask"].sum() if "loss_mask" in batch else batch["attention_mask"][:, 1:].sum())
     return sequence_count(batch)
 
 
