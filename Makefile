@@ -28,7 +28,10 @@ test: install
 	$(BIN)/python -m pytest tests -q
 
 bench: install
+	# TRL is the peer library the loss benchmark compares with; --no-deps keeps our pinned stack as it is.
+	$(BIN)/pip install -q --no-deps "trl>=1.16,<2"
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/lm_loss.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

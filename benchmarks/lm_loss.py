@@ -1,0 +1,156 @@
+"""Large-vocabulary logit loss: kdistill plain and chunked vs TRL's GKDTrainer.generalized_jsd_loss.
+
+Every case starts from the same final hidden states and LM heads (student and teacher), computes the
+generalised JSD at β and backpropagates to the student's hidden states and head, fp32, batch 1:
+  plain    logits = h @ Wᵀ for both models, then kdistill.losses.functional.generalized_jsd
+  trl      the same logits, then TRL's GKDTrainer.generalized_jsd_loss (reduction="batchmean" / L)
+  chunked  kdistill.losses.chunked.chunked_divergence on (h, W) directly, chunk_size tokens at a time
+Each case runs in its own subprocess; "extra peak memory" is that process's peak RSS minus its RSS
+after the imports and the inputs, so neither is counted. Values are checked
+against the plain result (1e-5 relative).
+
+    python benchmarks/lm_loss.py [--vocab 32000 128000] [--length 512 2048] [--beta 0 0.5 1] [--repeats 2]
+
+Prints a table and writes benchmarks/results/lm_loss.json. TRL is a benchmark-only dependency
+(`pip install --no-deps trl`); without it the trl column is skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HIDDEN = 384
+
+
+def inputs(vocab: int, length: int):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    h_s = torch.randn(1, length, HIDDEN, generator=g)
+    h_t = torch.randn(1, length, HIDDEN, generator=g)
+    w_s = torch.randn(vocab, HIDDEN, generator=g) * 0.05
+    w_t = torch.randn(vocab, HIDDEN, generator=g) * 0.05
+    return h_s.requires_grad_(), w_s.requires_grad_(), h_t, w_t
+
+
+def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, chunk: int) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    # imports first, so their memory is part of the baseline and not of the loss
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from kdistill.losses.chunked import chunked_divergence
+    from kdistill.losses.functional import generalized_jsd
+    if method == "trl":
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+    h_s, w_s, h_t, w_t = inputs(vocab, length)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def step():
+        h_s.grad = w_s.grad = None
+        if method == "chunked":
+            loss = chunked_divergence(h_s, w_s, h_t, w_t, divergence="generalized_jsd", beta=beta, chunk_size=chunk)
+        else:
+            zs = h_s @ w_s.T
+            with torch.no_grad():
+                zt = h_t @ w_t.T
+            if method == "trl":
+                loss = GKDTrainer.generalized_jsd_loss(zs, zt, beta=beta, reduction="batchmean") / length
+            else:
+                loss = generalized_jsd(zs, zt, beta=beta)
+        loss.backward()
+        return float(loss)
+
+    value = step()  # warm-up (and the value)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"value": value, "seconds": min(times), "extra_peak_mib": (peak - base) / 1024}
+
+
+def in_subprocess(*args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--case", *map(str, args)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def has_trl() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("trl") is not None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vocab", type=int, nargs="+", default=[32000, 128000])
+    parser.add_argument("--length", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.case:
+        method, vocab, length, beta, repeats, chunk = args.case
+        print(json.dumps(run_case(method, int(vocab), int(length), float(beta), int(repeats), int(chunk))))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    methods = ["plain", "chunked"] + (["trl"] if has_trl() else [])
+    rows = []
+    for vocab in args.vocab:
+        for length in args.length:
+            for beta in args.beta:
+                row = {"vocab": vocab, "length": length, "beta": beta}
+                for method in methods:
+                    result = in_subprocess(method, vocab, length, beta, args.repeats, args.chunk)
+                    if "error" in result:
+                        row[method] = {"error": result["error"]}
+                        continue
+                    row[method] = result
+                plain = row["plain"].get("value")
+                for method in methods:
+                    value = row[method].get("value")
+                    if value is not None and plain is not None:
+                        row[method]["matches_plain"] = abs(value - plain) <= 1e-5 * max(1.0, abs(plain))
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+
+    table = Table(title="generalised JSD, forward + backward, fp32, batch 1 (seconds / extra peak MiB)")
+    for col in ["vocab", "length", "β", *methods, "chunked vs trl"]:
+        table.add_column(col, justify="right")
+    for row in rows:
+        cells = [f"{row['vocab']:,}", str(row["length"]), str(row["beta"])]
+        for method in methods:
+            r = row[method]
+            cells.append(r["error"][:30] if "error" in r else
+                         f"{r['seconds']:.2f} s / {r['extra_peak_mib']:.0f} MiB{'' if r['matches_plain'] else ' ≠'}")
+        if "trl" in methods and "seconds" in row["trl"] and "seconds" in row["chunked"]:
+            cells.append(f"{row['trl']['seconds'] / row['chunked']['seconds']:.1f}× faster, "
+                         f"{row['chunked']['extra_peak_mib'] / max(row['trl']['extra_peak_mib'], 1e-9):.2f}× memory")
+        else:
+            cells.append("")
+        table.add_row(*cells)
+    Console().print(table)
+    out = Path(__file__).parent / "results" / "lm_loss.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "hidden": HIDDEN,
+                               "chunk": args.chunk, "created": time.strftime("%Y-%m-%d %H:%M"), "rows": rows},
+                              indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
