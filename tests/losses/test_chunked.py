@@ -237,3 +237,32 @@ def test_memory_is_bounded_by_the_chunk(name):
     with LargestTensor() as plain_run:
         plain(name, student, teacher, mask=None).backward()
     assert plain_run.largest >= tokens * v
+
+
+def test_chunked_logit_kd_trains_like_the_plain_one_without_making_full_logits(tiny_gpt2_dir, text_file, tmp_path,
+                                                                                monkeypatch):
+    from kdistill import distill
+    from kdistill.models.loading import load_model
+
+    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 2.0, "divergence": "generalized_jsd", "beta": 0.3}],
+              "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0}}
+    plain = distill({**recipe, "output": str(tmp_path / "plain")}, progress=False)
+    chunked_recipe = {**recipe, "output": str(tmp_path / "chunked"),
+                      "losses": [{**recipe["losses"][0], "chunk_size": 5}]}
+    import torch.nn as nn
+    head_calls = []
+    original = nn.Linear.forward
+
+    def counting(self, x):
+        if self.out_features > 1000:  # the LM heads (vocabulary-sized): must never run in training
+            head_calls.append(tuple(x.shape))
+        return original(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", counting)
+    chunked = distill(chunked_recipe, progress=False)
+    monkeypatch.setattr(nn.Linear, "forward", original)
+    assert head_calls == []
+    a, b = (load_model(str(d), "causal-lm").model.state_dict() for d in (plain, chunked))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

@@ -52,6 +52,8 @@ class LogitKDParams(TermParams):
                         "mse"] = "kl"
     skew: float = Field(0.1, ge=0, le=1, description="alpha of skew_kl / skew_reverse_kl")
     beta: float = Field(0.5, ge=0, le=1, description="β of generalized_jsd (0: forward KL, 1: reverse KL), as GKD")
+    chunk_size: int | None = Field(None, ge=1, description="causal LMs: make and consume the logits this many tokens "
+                                   "at a time (peak memory independent of batch × length × vocabulary)")
 
 
 @register_loss("logit_kd")
@@ -64,6 +66,11 @@ class LogitKD(LossTerm):
         super().__init__(params, student, teacher, where)
         if student.logits_per != teacher.logits_per:
             raise PairingError(f"{where}: student logits are per {student.logits_per}, teacher's per {teacher.logits_per}")
+        if params.chunk_size is not None:
+            if student.task != "causal-lm" or params.alpha > 0 or params.divergence == "mse":
+                raise PairingError(f"{where}.chunk_size: the chunked path is for causal-LM students, with alpha 0 "
+                                   f"and a divergence other than mse")
+            return  # heads padded to different sizes over the one tokenizer are compared on the shared part
         if student.logits_per == "token" and student.vocab_size != teacher.vocab_size:
             raise PairingError(
                 f"{where}: student vocabulary ({student.vocab_size}) differs from the teacher's ({teacher.vocab_size}); "
@@ -71,15 +78,17 @@ class LogitKD(LossTerm):
             )
 
     def student_taps(self):
-        return ["logits"]
+        return ["head_input", "lm_head"] if self.params.chunk_size else ["logits"]
 
     def teacher_taps(self):
-        return ["logits"]
+        return ["head_input", "lm_head"] if self.params.chunk_size else ["logits"]
 
     def count(self, batch):
         return token_count(batch) if self.student_info.logits_per == "token" else sequence_count(batch)
 
     def forward(self, s, t, batch):
+        if self.params.chunk_size:
+            return self.chunked(s, t, batch)
         zs, zt = s["logits"], t["logits"]
         if isinstance(zt, SparseLogits):  # a teacher store's top-k (teacher.source: cache)
             return self.from_store(zs, zt, batch)
@@ -95,6 +104,16 @@ class LogitKD(LossTerm):
             loss = loss + p.alpha * hard_label_loss(zs, batch, self.student_info.task)
         return loss
 
+
+    def chunked(self, s, t, batch):
+        from kdistill.losses.chunked import chunked_divergence
+
+        p = self.params
+        w_s, w_t = s["lm_head"], t["lm_head"]
+        soft = chunked_divergence(s["head_input"], w_s, t["head_input"], w_t, divergence=p.divergence, beta=p.beta,
+                                  alpha=p.skew, temperature=p.temperature, mask=logits_mask(batch, s["head_input"]),
+                                  chunk_size=p.chunk_size, vocab_size=min(w_s.shape[0], w_t.shape[0]))
+        return p.temperature**2 * soft
 
     def from_store(self, zs, stored, batch):
         from kdistill.losses.sparse import sparse_divergence

@@ -1,6 +1,8 @@
 """Named views into a model's forward pass ("taps") that loss terms read.
 
-Tap names: `logits`, `embeddings`, `pooled`, and per layer `hidden_states[i]` (0 = embeddings,
+Tap names: `logits`, `embeddings`, `pooled`, `head_input` and `lm_head` (a causal LM's final hidden
+states and its output-embedding weight, for losses that make the logits themselves in chunks: asked
+without `logits`, the model runs without its LM head), and per layer `hidden_states[i]` (0 = embeddings,
 i = output of layer i), `attentions[i]`, `attention_scores[i]`, `queries[i]`, `keys[i]`, `values[i]`
 (layers 1..N, negative numbers count from the end). Q/K/V come as (batch, heads, length, head_dim).
 
@@ -23,7 +25,7 @@ from kdistill.models.arch import ModelInfo, find_qkv
 from kdistill.models.layer_map import normalise_layer
 
 LAYERED = ("hidden_states", "attentions", "attention_scores", "queries", "keys", "values")
-PLAIN = ("logits", "embeddings", "pooled")
+PLAIN = ("logits", "embeddings", "pooled", "head_input", "lm_head")
 TAP_KINDS = LAYERED + PLAIN
 ATTENTION_KINDS = ("attentions", "attention_scores", "queries", "keys", "values")
 _TAP = re.compile(r"^(\w+)(?:\[(-?\d+)\])?$")
@@ -99,9 +101,14 @@ class TapReader:
         attn_layers = sorted({layer for kind, layer in parsed if kind in ATTENTION_KINDS})
         need_hidden = any(kind in ("hidden_states", "embeddings") for kind, _ in parsed)
         need_hidden |= any(k == "pooled" for k, _ in parsed) and self.info.task not in ("embedding",)
-        inputs = {k: v for k, v in batch.items() if k in self.inputs}
+        model, accepted = self.model, self.inputs
+        headless = any(k == "head_input" for k, _ in parsed) and not any(k == "logits" for k, _ in parsed)
+        if headless:  # the base model's last hidden state is what the LM head reads: no B×L×V logits
+            model = self.model.base_model
+            accepted = set(inspect.signature(model.forward).parameters)
+        inputs = {k: v for k, v in batch.items() if k in accepted}
         with self._capture(attn_layers) as captured:
-            out = self.model(**inputs, output_hidden_states=need_hidden or None, return_dict=True)
+            out = model(**inputs, output_hidden_states=need_hidden or None, return_dict=True)
         mask = batch.get("attention_mask")
         taps = {}
         for kind, layer in parsed:
@@ -116,6 +123,15 @@ class TapReader:
                     f"or load it with a head (teacher.task: masked-lm / classification / causal-lm)"
                 )
             return out.logits
+        if kind == "head_input":
+            if getattr(out, "last_hidden_state", None) is None:
+                raise PairingError("head_input needs the model's own last hidden state; ask for it without `logits`")
+            return out.last_hidden_state
+        if kind == "lm_head":
+            head = self.model.get_output_embeddings()
+            if head is None or getattr(head, "bias", None) is not None:
+                raise PairingError(f"{type(self.model).__name__} has no bias-free output embedding (LM head) to read")
+            return head.weight
         if kind == "hidden_states":
             return out.hidden_states[layer]
         if kind == "embeddings":
