@@ -54,3 +54,18 @@ def test_blueprint_is_a_seeded_random_model_saved_once(tmp_path, monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(loaded.model.parameters(), again.parameters()))
     with pytest.raises(ConfigError, match="gpt2-6x384"):
         resolve_model_path("blueprint:gpt3")
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/usr/share/common-licenses"), reason="no Debian license texts")
+def test_trained_bpe_tokenizer_round_trips_and_wraps_texts(tmp_path):
+    from kdistill.models.blueprints import train_bpe
+
+    tok = train_bpe(vocab_size=400, sources=["license-texts"])
+    a = tok("Permission is hereby granted")["input_ids"]
+    assert a[0] == tok.bos_token_id == 1 and a[-1] == tok.eos_token_id == 2 and tok.pad_token_id == 0
+    assert tok.decode(a, skip_special_tokens=True) == "Permission is hereby granted"
+    assert train_bpe(vocab_size=400, sources=["license-texts"]).get_vocab() == tok.get_vocab()  # deterministic
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path)("Permission")["input_ids"] == tok("Permission")["input_ids"]
