@@ -1,0 +1,87 @@
+"""The teacher store: student quality from top-k = 8/32/64 vs the live teacher, bytes per position vs
+full logits, and the cost of a training step from the store vs plain SFT and vs the live teacher.
+
+All runs use one recipe (default `lm-kd`) and the same seed; the store is built once per k with
+`kdistill cache-teacher` and training reads it instead of running the teacher.
+
+    python benchmarks/teacher_store.py [--recipe lm-kd] [--k 8 32 64] [--steps 400]
+
+Prints a table and writes benchmarks/results/teacher_store.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from kdistill.compare import recipe_task, score, test_records
+from kdistill.config import load_recipe
+from kdistill.engine.run import run_recipe
+from kdistill.teachers.cached import cache_teacher
+from kdistill.teachers.store import storage_report
+
+
+def train(raw_recipe, overrides: list[str], output: Path) -> tuple[Path, float]:
+    recipe = load_recipe(raw_recipe, overrides, output=str(output))
+    run_recipe(recipe, force=True, progress=False)
+    meta = json.loads((output / "student" / "kdistill.json").read_text())
+    return output / "student", meta["wall_time_s"] / meta["steps"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="lm-kd")
+    parser.add_argument("--k", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--output", default="runs/bench-store")
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    root = Path(args.output)
+    steps = [f"train.steps={args.steps}", "train.eval_every=null"]
+    recipe = load_recipe(args.recipe, steps)
+    records, task = test_records(recipe), recipe_task(recipe)
+    rows = []
+
+    def measure(name: str, student: Path, seconds_per_step: float, extra: dict | None = None):
+        value, _, more = score(str(student), records, task)
+        rows.append({"name": name, "score": value, **more, "s_per_step": seconds_per_step, **(extra or {})})
+        print(json.dumps(rows[-1]), flush=True)
+
+    def variant(**stage_fields) -> dict:
+        # every run starts from the same random 2-layer student: a store holds no teacher weights to copy
+        raw = load_recipe(args.recipe, steps).dump()
+        raw["stages"][0].update(student={"config": {"n_layer": 2}}, **stage_fields)
+        return raw
+
+    measure("sft (no teacher)", *train(variant(losses=[{"type": "cross_entropy"}]), [], root / "sft"))
+    measure("live teacher", *train(variant(), [], root / "live"))
+    for k in args.k:
+        start = time.perf_counter()
+        store = cache_teacher(recipe, k=k, out=str(root / f"store-k{k}"))
+        report = storage_report(store)
+        cached = variant(teacher={"source": "cache", "path": str(store), "task": task})
+        measure(f"store k={k}", *train(cached, [], root / f"from-store-k{k}"),
+                {"bytes_per_position": report.bytes_per_position, "dense_bytes_per_position":
+                 report.dense_bytes_per_position, "cache_seconds": time.perf_counter() - start})
+
+    table = Table(title=f"{args.recipe}: {args.steps} steps, test {task} metric on {len(records)} records")
+    for col in ("run", "score", "perplexity", "s/step", "store bytes/position (vs full logits)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        size = (f"{r['bytes_per_position']:.0f} ({r['bytes_per_position'] / r['dense_bytes_per_position']:.2%})"
+                if "bytes_per_position" in r else "")
+        table.add_row(r["name"], f"{r['score']:.4f}", f"{r.get('perplexity', float('nan')):.2f}",
+                      f"{r['s_per_step']:.3f}", size)
+    Console().print(table)
+    out = Path(__file__).parent / "results" / "teacher_store.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"recipe": args.recipe, "steps": args.steps, "rows": rows,
+                               "created": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
