@@ -84,6 +84,17 @@ def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object
     return accuracy(loaded.model, loaded.tokenizer, records, names), loaded, {}
 
 
+def pipeline_wall_time(run: Recipe) -> float:
+    """Training wall time of every stage of a finished run (each stage's student records its own)."""
+    from kdistill.engine.run import stage_student_dir
+
+    total = 0.0
+    for index in range(len(run.stages)):
+        meta = json.loads((stage_student_dir(Path(run.output), run, index) / "kdistill.json").read_text())
+        total += meta.get("wall_time_s") or 0.0
+    return total
+
+
 def train_or_reuse(recipe: Recipe, console) -> Path:
     from kdistill.engine.export import is_complete
     from kdistill.engine.run import run_recipe
@@ -155,9 +166,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             for seed in range(seeds):
                 run = variant(r, seed, quick, root / label / f"seed-{seed}")
                 start = time.perf_counter()
-                final = train_or_reuse(run, console)
-                meta = json.loads((final / "kdistill.json").read_text())
-                walls.append(meta.get("wall_time_s") or time.perf_counter() - start)
+                train_or_reuse(run, console)
+                walls.append(pipeline_wall_time(run) or time.perf_counter() - start)
                 for suffix, index in points:
                     acc, loaded[suffix], extra = score(str(stage_student_dir(Path(run.output), run, index)),
                                                        records, task)
@@ -215,17 +225,20 @@ def markdown(report: dict) -> str:
     flops = any("train_pflops" in r for r in report["rows"])
     packed = any("packed" in r for r in report["rows"])
     ppl = "perplexity" in teacher
-    head = ["model", f"test {metric}", "% of teacher", "parameters", "speed-up", "steps", "train wall time (s)"]
+    mixed = len({len(r["score"]) for r in report["rows"]}) > 1  # rows merged from runs with other seed counts
+    head = ["model", f"test {metric}" + (" (seeds)" if mixed else ""), "% of teacher", "parameters", "speed-up",
+            "steps", "train wall time (s)"]
     head += ["est. train PFLOP"] * flops + ["packed 1-bit weights (vs FP32)"] * packed + ["perplexity"] * ppl
     scope = f" ({GENERATED} generated definitions)" if metric == "ROUGE-L" else ""
-    lines = [f"Test {metric}{scope} on {report['test_records']} held-out records, {report['seeds']} seed(s)"
+    seeds = "seeds per row in brackets" if mixed else f"{report['seeds']} seed(s)"
+    lines = [f"Test {metric}{scope} on {report['test_records']} held-out records, {seeds}"
              f"{' (--quick: 1/8 of the steps)' if report['quick'] else ''}; measured {report['created']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              f"| teacher ({teacher['ref']}) | {t_acc:.4f} | 100% | {teacher['params']:,} | 1.00× |"
              + " |" * (len(head) - 5 - ppl) + (f" {teacher['perplexity'][0]:.2f} |" if ppl else "")]
     for row in report["rows"]:
         m, s = mean_std(row["score"])
-        cells = [row["name"], f"{m:.4f} ± {s:.4f}", f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
+        cells = [row["name"], f"{m:.4f} ± {s:.4f}" + (f" ({len(row['score'])})" if mixed else ""), f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
                  f"{row['speedup']:.2f}×" if row["speedup"] else "—", str(row.get("steps", "")),
                  f"{statistics.mean(row['wall_time_s']):.0f}" if row.get("wall_time_s") else ""]
         if flops:
