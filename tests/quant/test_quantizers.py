@@ -55,12 +55,18 @@ def test_learned_step_initialises_from_first_batch():
     assert quant.step.item() == pytest.approx(2 * 2.0 / 7 ** 0.5)
 
 
-def test_elastic_binary_unsigned_values_and_gradients():
-    quant = ElasticBinary(signed=False)
+def elastic(signed: bool, alpha: float, beta: float) -> ElasticBinary:
+    """An elastic binary quantizer with set alpha and beta (no first-batch initialisation)."""
+    quant = ElasticBinary(signed=signed)
     quant.initialized.fill_(True)
     with torch.no_grad():
-        quant.alpha.fill_(2.0)
-        quant.beta.fill_(0.5)
+        quant.alpha.fill_(alpha)
+        quant.beta.fill_(beta)
+    return quant
+
+
+def test_elastic_binary_unsigned_values_and_gradients():
+    quant = elastic(signed=False, alpha=2.0, beta=0.5)
     x = torch.tensor([0.0, 1.4, 1.6, 5.0], requires_grad=True)
     y = quant(x)  # (x - 0.5) / 2 = [-0.25, 0.45, 0.55, 2.25] -> clip, round -> [0, 0, 1, 1]
     assert torch.equal(y.detach(), torch.tensor([0.0, 0.0, 2.0, 2.0]))
@@ -72,11 +78,7 @@ def test_elastic_binary_unsigned_values_and_gradients():
 
 
 def test_elastic_binary_signed():
-    quant = ElasticBinary(signed=True)
-    quant.initialized.fill_(True)
-    with torch.no_grad():
-        quant.alpha.fill_(2.0)
-        quant.beta.fill_(0.5)
+    quant = elastic(signed=True, alpha=2.0, beta=0.5)
     x = torch.tensor([-1.0, 0.4, 0.6, 3.5], requires_grad=True)
     y = quant(x)  # (x - 0.5) / 2 = [-0.75, -0.05, 0.05, 1.5]
     assert torch.equal(y.detach(), torch.tensor([-2.0, -2.0, 2.0, 2.0]))

@@ -14,7 +14,6 @@ float32 rounding), with the same mask semantics: the mean over unmasked position
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Callable
 
 import torch
@@ -26,34 +25,8 @@ Tensor = torch.Tensor
 Divergence = Callable[..., Tensor]
 
 
-# name -> (functional.* implementation, its extra keyword parameter if any)
-_FUNCTIONS: dict[str, tuple[Divergence, str | None]] = {
-    "kl": (functional.kl_div, None),
-    "reverse_kl": (functional.reverse_kl, None),
-    "js": (functional.js_div, None),
-    "generalized_jsd": (functional.generalized_jsd, "beta"),
-    "tvd": (functional.tvd, None),
-    "skew_kl": (functional.skew_kl, "alpha"),
-    "skew_reverse_kl": (functional.skew_reverse_kl, "alpha"),
-    "soft_ce": (functional.soft_cross_entropy, None),
-}
-
-CHUNKED_DIVERGENCES = tuple(_FUNCTIONS)
-"""Names accepted by :func:`chunked_divergence`'s ``divergence`` argument."""
-
-
-def _divergence(name: str, beta: float, alpha: float) -> Divergence:
-    """The functional.* callable for ``name``, with its extra parameter bound."""
-    if name not in _FUNCTIONS:
-        raise ValueError(f"unknown divergence {name!r}; valid names are: {', '.join(_FUNCTIONS)}")
-    fn, param = _FUNCTIONS[name]
-    if param is None:
-        return fn
-    value = {"beta": beta, "alpha": alpha}[param]
-    # Checked here as well as in functional: with every position masked no chunk ever runs.
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{param} must be in [0, 1], got {value}")
-    return partial(fn, **{param: value})
+CHUNKED_DIVERGENCES = tuple(name for name in functional.DIVERGENCES if name != "mse")
+"""Names accepted by :func:`chunked_divergence`'s ``divergence`` argument ("mse" needs whole logits)."""
 
 
 def _shared_vocab(student_weight: Tensor, teacher_weight: Tensor, vocab_size: int | None) -> int:
@@ -170,7 +143,7 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
     this returns cannot be differentiated twice. ``vocab_size`` is the tokenizer's real size,
     needed when the two heads are padded to different sizes.
     """
-    fn = _divergence(divergence, beta, alpha)
+    fn = functional.divergence_fn(divergence, beta=beta, alpha=alpha, valid=CHUNKED_DIVERGENCES)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size < 1:

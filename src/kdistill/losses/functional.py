@@ -21,6 +21,7 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -299,3 +300,20 @@ DIVERGENCES = {
 }
 """Logits divergences by the name used in recipes. Each is called as ``f(student_logits,
 teacher_logits, temperature=..., mask=...)``; extra parameters (``alpha``) are keywords with defaults."""
+
+EXTRA_PARAMETER = {"generalized_jsd": "beta", "skew_kl": "alpha", "skew_reverse_kl": "alpha"}
+
+
+def divergence_fn(name: str, *, beta: float = 0.5, alpha: float = 0.1, valid=None):
+    """``DIVERGENCES[name]`` with its extra parameter (β of generalized_jsd, α of the skew divergences)
+    bound and checked up front; ``valid`` narrows the accepted names (e.g. all but "mse")."""
+    valid = tuple(valid or DIVERGENCES)
+    if name not in valid:
+        raise ValueError(f"unknown divergence {name!r}; valid names are: {', '.join(valid)}")
+    param = EXTRA_PARAMETER.get(name)
+    if param is None:
+        return DIVERGENCES[name]
+    value = {"beta": beta, "alpha": alpha}[param]
+    # checked here too: with every position masked, a chunked or sparse caller may never call it
+    _check_unit(param, value)
+    return functools.partial(DIVERGENCES[name], **{param: value})

@@ -95,10 +95,8 @@ class LogitKD(LossTerm):
         if zs.shape[-1] != zt.shape[-1]:
             raise PairingError(f"{self.where}: student has {zs.shape[-1]} outputs, teacher {zt.shape[-1]}")
         p = self.params
-        kwargs = {"alpha": p.skew} if p.divergence.startswith("skew") else {}
-        if p.divergence == "generalized_jsd":
-            kwargs = {"beta": p.beta}
-        soft = fn.DIVERGENCES[p.divergence](zs, zt, temperature=p.temperature, mask=logits_mask(batch, zs), **kwargs)
+        divergence = fn.divergence_fn(p.divergence, beta=p.beta, alpha=p.skew)
+        soft = divergence(zs, zt, temperature=p.temperature, mask=logits_mask(batch, zs))
         loss = (1 - p.alpha) * p.temperature**2 * soft
         if p.alpha > 0:
             loss = loss + p.alpha * hard_label_loss(zs, batch, self.student_info.task)

@@ -44,8 +44,6 @@ If the student's vocabulary is padded beyond the teacher's, slice its logits to 
 from __future__ import annotations
 
 import math
-from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -53,23 +51,9 @@ import torch.nn.functional as F
 from kdistill.losses import functional
 
 Tensor = torch.Tensor
-Divergence = Callable[..., Tensor]
 
-# name -> (functional.* implementation, its extra keyword parameter if any); same names as
-# functional.DIVERGENCES and chunked.CHUNKED_DIVERGENCES, minus "mse", which needs full logits.
-_FUNCTIONS: dict[str, tuple[Divergence, str | None]] = {
-    "kl": (functional.kl_div, None),
-    "reverse_kl": (functional.reverse_kl, None),
-    "js": (functional.js_div, None),
-    "generalized_jsd": (functional.generalized_jsd, "beta"),
-    "tvd": (functional.tvd, None),
-    "skew_kl": (functional.skew_kl, "alpha"),
-    "skew_reverse_kl": (functional.skew_reverse_kl, "alpha"),
-    "soft_ce": (functional.soft_cross_entropy, None),
-}
-
-SPARSE_DIVERGENCES = tuple(_FUNCTIONS)
-"""Names accepted by :func:`sparse_divergence`'s ``divergence`` argument."""
+SPARSE_DIVERGENCES = tuple(name for name in functional.DIVERGENCES if name != "mse")
+"""Names accepted by :func:`sparse_divergence`'s ``divergence`` argument ("mse" needs full logits)."""
 
 TAIL_MODES = ("bucket", "uniform")
 
@@ -83,7 +67,7 @@ def sparse_divergence(student_logits: Tensor, topk_logprobs: Tensor, topk_indice
     ``tail_logmass`` (…); ``mask`` boolean over (or broadcasting to) the leading dimensions.
     ``beta`` is used by "generalized_jsd", ``alpha`` by the skew divergences.
     """
-    fn = _divergence(divergence, beta, alpha)
+    fn = functional.divergence_fn(divergence, beta=beta, alpha=alpha, valid=SPARSE_DIVERGENCES)
     if tail not in TAIL_MODES:
         raise ValueError(f"tail must be one of {', '.join(TAIL_MODES)}, got {tail!r}")
     _check_shapes(student_logits, topk_logprobs, topk_indices, tail_logmass)
@@ -128,16 +112,6 @@ def uniform_teacher(topk_logprobs: Tensor, indices: Tensor, tail_logmass: Tensor
         fill = tail_logmass - math.log(vocab_size - k)
     dense = fill.unsqueeze(-1).expand(*fill.shape, vocab_size).clone()
     return dense.scatter(-1, indices, topk_logprobs)
-
-
-def _divergence(name: str, beta: float, alpha: float) -> Divergence:
-    """The functional.* callable for ``name``, with its extra parameter bound."""
-    if name not in _FUNCTIONS:
-        raise ValueError(f"unknown divergence {name!r}; valid names are: {', '.join(_FUNCTIONS)}")
-    fn, param = _FUNCTIONS[name]
-    if param is None:
-        return fn
-    return partial(fn, **{param: {"beta": beta, "alpha": alpha}[param]})
 
 
 def _check_shapes(student_logits: Tensor, topk_logprobs: Tensor, topk_indices: Tensor, tail_logmass: Tensor) -> None:
