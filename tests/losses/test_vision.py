@@ -1,0 +1,284 @@
+"""ViTKD and manifold distillation against slow references written out here with explicit loops."""
+import math
+
+import pytest
+import torch
+
+from kdistill.errors import PairingError
+from kdistill.losses import LOSSES
+from kdistill.losses.vision import ConvGenerator, random_token_mask, sample_patches
+from kdistill.models.arch import ModelInfo
+
+B, GRID, P = 3, 4, 16  # 3 images of a 4×4 patch grid
+PIXELS = {"pixel_values": torch.zeros(B, 1, 16, 16), "labels": torch.zeros(B, dtype=torch.long)}
+
+
+def info(layers=2, hidden=8, heads=2, prefix=1):
+    return ModelInfo(model_type="vit", task="image-classification", num_layers=layers, hidden_size=hidden,
+                     num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, vocab_size=None,
+                     is_decoder=False, layers_path="vit.encoder.layer", pooling="cls", prefix_tokens=prefix)
+
+
+def term(spec, s=None, t=None):
+    cls = LOSSES.get(spec["type"])
+    return cls(cls.Params.model_validate(spec), s or info(), t or info(), where="losses[0]")
+
+
+def hidden(layers, width, prefix=1, patches=P, grad=False):
+    return {f"hidden_states[{i}]": torch.randn(B, prefix + patches, width, requires_grad=grad) for i in layers}
+
+
+# ---------------------------------------------------------------- vitkd
+
+def test_vitkd_defaults_pick_the_first_layers_to_mimic_and_the_last_to_generate():
+    tm = term({"type": "vitkd"}, info(layers=4, hidden=8), info(layers=6, hidden=12))
+    assert tm.shallow == ((1, 1), (2, 2)) and tm.deep == (4, 6)
+    assert tm.student_taps() == ["hidden_states[1]", "hidden_states[2]", "hidden_states[4]"]
+    assert tm.teacher_taps() == ["hidden_states[1]", "hidden_states[2]", "hidden_states[6]"]
+    # a 2-layer student keeps its last layer for the deep part
+    assert term({"type": "vitkd"}, info(layers=2), info(layers=4)).shallow == ((1, 1),)
+    assert term({"type": "vitkd"}, info(layers=1), info(layers=4)).shallow == ()
+    assert term({"type": "vitkd"}).count(PIXELS) == B
+
+
+def test_vitkd_refuses_bad_layers_and_ratios_naming_the_field():
+    with pytest.raises(PairingError, match=r"losses\[0\]\.shallow"):
+        term({"type": "vitkd", "shallow": [[1, 9]]})
+    with pytest.raises(PairingError, match=r"losses\[0\]\.deep"):
+        term({"type": "vitkd", "deep": [3, 2]})
+    with pytest.raises(ValueError, match="mask_ratio"):
+        term({"type": "vitkd", "mask_ratio": 1.0})
+
+
+def test_vitkd_mimicking_is_a_projected_patch_mse_summed_over_pairs():
+    s_info, t_info = info(layers=3, hidden=6), info(layers=3, hidden=8, prefix=2)  # ViT student, DeiT teacher
+    tm = term({"type": "vitkd", "shallow": [[1, 1], [2, 3]]}, s_info, t_info)
+    s, t = hidden([1, 2, 3], 6), hidden([1, 3], 8, prefix=2)
+    got = tm.mimic_loss(s, t)
+    ref = 0.0
+    for k, (a, b) in enumerate(((1, 1), (2, 3))):
+        lin = tm.mimic_projectors[k]
+        per = [((lin.weight @ s[f"hidden_states[{a}]"][i, 1 + j] + lin.bias - t[f"hidden_states[{b}]"][i, 2 + j]) ** 2)
+               .mean().item() for i in range(B) for j in range(P)]  # prefix tokens skipped on each side
+        ref += sum(per) / len(per)
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_vitkd_mimicking_is_zero_for_equal_features_of_equal_width():
+    vit, deit = info(hidden=8, prefix=1), info(hidden=8, prefix=2)
+    tm = term({"type": "vitkd", "shallow": [[1, 1]]}, vit, deit)
+    assert isinstance(tm.mimic_projectors[0], torch.nn.Identity)  # no projector where widths agree
+    patches = torch.randn(B, P, 8)
+    s = {"hidden_states[1]": torch.cat([torch.randn(B, 1, 8), patches], 1)}
+    t = {"hidden_states[1]": torch.cat([torch.randn(B, 2, 8), patches], 1)}  # prefix tokens differ, patches equal
+    assert tm.mimic_loss(s, t).item() == 0.0
+    correlation = term({"type": "vitkd", "shallow": [[1, 1]], "projector": "correlation"}, vit, deit)
+    assert correlation.mimic_loss(s, t).item() == 0.0
+
+
+def test_vitkd_correlation_mimicking_compares_token_maps_of_any_width():
+    tm = term({"type": "vitkd", "shallow": [[1, 1]], "projector": "correlation"}, info(hidden=6), info(hidden=8))
+    assert tm.mimic_projectors is None
+    s, t = hidden([1], 6), hidden([1], 8)
+
+    def softmax_map(x, i, d):
+        rows = []
+        for a in range(P):
+            logits = [sum(x[i, 1 + a, k].item() * x[i, 1 + c, k].item() for k in range(d)) / math.sqrt(d)
+                      for c in range(P)]
+            top = max(logits)
+            e = [math.exp(v - top) for v in logits]
+            rows.append([v / sum(e) for v in e])
+        return rows
+
+    ref = 0.0
+    for i in range(B):
+        ms, mt = softmax_map(s["hidden_states[1]"], i, 6), softmax_map(t["hidden_states[1]"], i, 8)
+        ref += sum((ms[a][c] - mt[a][c]) ** 2 for a in range(P) for c in range(P))
+    assert tm.mimic_loss(s, t).item() == pytest.approx(ref / (B * P * P), rel=1e-4)
+
+
+def test_random_token_mask_has_the_exact_ratio_per_image_and_is_seeded():
+    torch.manual_seed(0)
+    mask = random_token_mask(64, P, 0.5)
+    assert (mask.sum(1) == 8).all()
+    assert len({tuple(row.tolist()) for row in mask}) > 1  # drawn per image, not once per batch
+    assert (random_token_mask(8, 10, 0.75).sum(1) == 8).all()  # round(7.5) = 8
+    assert (random_token_mask(8, 4, 0.9).sum(1) == 3).all()  # one token always stays visible
+    torch.manual_seed(1)
+    first = random_token_mask(4, P, 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(first, random_token_mask(4, P, 0.3))
+
+
+def reference_generation(tm, fs, ft, mask):
+    """Replace masked positions by the mask token, run the generator, MSE over masked positions only."""
+    x = tm.align(fs[:, 1:]).detach().clone()
+    for i in range(B):
+        for j in range(P):
+            if mask[i, j]:
+                x[i, j] = tm.mask_token.detach()
+    out = tm.generator(x, (GRID, GRID)).detach()
+    per = [((out[i, j] - ft[i, 1 + j]) ** 2).mean().item() for i in range(B) for j in range(P) if mask[i, j]]
+    return sum(per) / len(per)
+
+
+@pytest.mark.parametrize("generator", ["conv", "attention"])
+def test_vitkd_generation_matches_the_reference_and_scores_masked_positions_only(generator):
+    tm = term({"type": "vitkd", "generator": generator, "mask_ratio": 0.5}, info(hidden=6), info(hidden=8))
+    with torch.no_grad():
+        tm.mask_token.normal_()  # zero at init; a random token shows whether it lands where it should
+    s, t = hidden([1, 2], 6), hidden([1, 2], 8)
+    torch.manual_seed(5)
+    got = tm.generation_loss(s, t, PIXELS)
+    torch.manual_seed(5)
+    mask = random_token_mask(B, P, 0.5)
+    assert got.item() == pytest.approx(reference_generation(tm, s["hidden_states[2]"], t["hidden_states[2]"], mask),
+                                       rel=1e-5)
+    changed = t["hidden_states[2]"].clone()
+    changed[:, 1:][~mask] += 100.0  # teacher features at visible positions do not count
+    torch.manual_seed(5)
+    again = tm.generation_loss(s, {**t, "hidden_states[2]": changed}, PIXELS)
+    assert again.item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_conv_generator_reads_tokens_row_major_on_the_grid():
+    gen = ConvGenerator(2)
+    tokens = torch.randn(1, 6, 2)  # a 2×3 grid
+    image = torch.stack([tokens[0, :, k].view(2, 3) for k in range(2)])[None]
+    assert torch.allclose(gen(tokens, (2, 3)), gen.net(image).flatten(2).transpose(1, 2))
+
+
+def test_vitkd_total_weights_both_parts_and_trains_every_part():
+    tm = term({"type": "vitkd", "alpha": 2.0, "beta": 0.5}, info(layers=3, hidden=6), info(layers=3, hidden=8))
+    s, t = hidden([1, 2, 3], 6, grad=True), hidden([1, 2, 3], 8)
+    torch.manual_seed(2)
+    loss = tm(s, t, PIXELS)
+    torch.manual_seed(2)
+    expected = 2.0 * tm.mimic_loss(s, t) + 0.5 * tm.generation_loss(s, t, PIXELS)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    for name in ("hidden_states[1]", "hidden_states[2]", "hidden_states[3]"):
+        assert s[name].grad[:, 1:].abs().sum() > 0, name
+        assert s[name].grad[:, 0].abs().sum() == 0  # the CLS token is not compared
+    for name, param in tm.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+
+
+def test_vitkd_pairing_errors_name_the_field_and_the_fix():
+    tm = term({"type": "vitkd"})
+    with pytest.raises(PairingError, match=r"losses\[0\].*16 patch tokens.*9.*patch grid"):
+        tm(hidden([1, 2], 8), hidden([1, 2], 8, patches=9), PIXELS)
+    with pytest.raises(PairingError, match=r"losses\[0\].*teacher gave no hidden_states\[2\].*teacher.source: live"):
+        tm(hidden([1, 2], 8), {"logits": torch.randn(B, 3)}, PIXELS)
+    with pytest.raises(PairingError, match="pixel_values"):
+        tm(hidden([1, 2], 8), hidden([1, 2], 8), {"input_ids": torch.zeros(B, 4, dtype=torch.long)})
+
+
+# ---------------------------------------------------------------- manifoldkd
+
+def cos_map(rows):
+    unit = [[v / math.sqrt(sum(u * u for u in row)) for v in row] for row in rows]
+    return [[sum(a * b for a, b in zip(u, w)) for w in unit] for u in unit]
+
+
+def map_gap(ms, mt):
+    n = len(ms) * len(ms[0])
+    return sum((ms[i][j] - mt[i][j]) ** 2 for i in range(len(ms)) for j in range(len(ms[0]))) / n
+
+
+def manifold_reference(fs, ft, picked):
+    """fs, ft: B×P lists of feature vectors (prefix already dropped)."""
+    intra = sum(map_gap(cos_map(fs[i]), cos_map(ft[i])) for i in range(B)) / B
+    inter = sum(map_gap(cos_map([fs[i][j] for i in range(B)]), cos_map([ft[i][j] for i in range(B)]))
+                for j in range(P)) / P
+    flat_s = [fs[k // P][k % P] for k in picked]
+    flat_t = [ft[k // P][k % P] for k in picked]
+    return intra, inter, map_gap(cos_map(flat_s), cos_map(flat_t))
+
+
+def test_manifoldkd_maps_match_the_loop_reference_across_widths_and_prefixes():
+    spec = {"type": "manifoldkd", "layers": [[1, 1], [2, 3]], "intra": 4.0, "inter": 0.1, "random": 0.2, "samples": 10}
+    tm = term(spec, info(layers=2, hidden=6, prefix=1), info(layers=3, hidden=8, prefix=2))
+    s, t = hidden([1, 2], 6), hidden([1, 3], 8, prefix=2)
+    torch.manual_seed(7)
+    got = tm(s, t, PIXELS)
+    torch.manual_seed(7)
+    ref = 0.0
+    for a, b in ((1, 1), (2, 3)):
+        picked = sample_patches(B * P, 10).tolist()
+        assert len(set(picked)) == 10
+        fs = [[s[f"hidden_states[{a}]"][i, 1 + j].tolist() for j in range(P)] for i in range(B)]
+        ft = [[t[f"hidden_states[{b}]"][i, 2 + j].tolist() for j in range(P)] for i in range(B)]
+        intra, inter, rand = manifold_reference(fs, ft, picked)
+        ref += 4.0 * intra + 0.1 * inter + 0.2 * rand
+    assert got.item() == pytest.approx(ref / 2, rel=1e-5)  # averaged over the two layer pairs
+
+
+def test_manifoldkd_is_zero_for_scaled_copies_and_positive_otherwise():
+    tm = term({"type": "manifoldkd", "layers": [[2, 2]]}, info(hidden=8), info(hidden=8, prefix=2))
+    patches = torch.randn(B, P, 8)
+    s = {"hidden_states[2]": torch.cat([torch.randn(B, 1, 8), patches], 1)}
+    t = {"hidden_states[2]": torch.cat([torch.randn(B, 2, 8), 3.0 * patches], 1)}  # normalisation removes the scale
+    assert tm(s, t, PIXELS).item() == pytest.approx(0.0, abs=1e-10)
+    assert tm(hidden([2], 8), t, PIXELS).item() > 1e-3
+
+
+def test_manifoldkd_samples_every_patch_when_k_exceeds_the_batch_and_backpropagates():
+    tm = term({"type": "manifoldkd", "layers": "last", "intra": 0.0, "inter": 0.0, "samples": 1000})
+    s, t = hidden([2], 8, grad=True), hidden([2], 8)
+    loss = tm(s, t, PIXELS)
+    fs = [[s["hidden_states[2]"][i, 1 + j].tolist() for j in range(P)] for i in range(B)]
+    ft = [[t["hidden_states[2]"][i, 1 + j].tolist() for j in range(P)] for i in range(B)]
+    # with every patch drawn the map is a permutation of the full one; its mean gap does not depend on the order
+    assert loss.item() == pytest.approx(0.2 * manifold_reference(fs, ft, list(range(B * P)))[2], rel=1e-5)
+    loss.backward()
+    assert s["hidden_states[2]"].grad[:, 1:].abs().sum() > 0
+
+
+def test_manifoldkd_pairing_errors():
+    tm = term({"type": "manifoldkd"})
+    assert tm.count(PIXELS) == B
+    with pytest.raises(PairingError, match=r"losses\[0\].*16 patch tokens.*teacher 4"):
+        tm(hidden([1, 2], 8), hidden([1, 2], 8, patches=4), PIXELS)
+    with pytest.raises(PairingError, match=r"losses\[0\]\.layers"):
+        term({"type": "manifoldkd", "layers": []})
+    with pytest.raises(PairingError, match="no transformer layers"):
+        term({"type": "manifoldkd"}, info(), info(layers=0))
+
+
+# ---------------------------------------------------------------- with real tiny ViTs
+
+@pytest.fixture(scope="module")
+def vits():
+    transformers = pytest.importorskip("transformers")
+    from kdistill.models.arch import model_info
+    from kdistill.models.taps import TapReader
+
+    def build(layers, width):
+        torch.manual_seed(layers)
+        config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=width,
+                                        num_hidden_layers=layers, num_attention_heads=2,
+                                        intermediate_size=2 * width, num_labels=3)
+        model = transformers.ViTForImageClassification(config)
+        info_ = model_info(model, "image-classification")
+        return model, info_, TapReader(model, info_)
+
+    return build(2, 32), build(4, 48)
+
+
+@pytest.mark.parametrize("spec", [{"type": "vitkd"},
+                                  {"type": "vitkd", "generator": "attention", "projector": "correlation"},
+                                  {"type": "manifoldkd", "samples": 20}])
+def test_term_on_tiny_vits_is_finite_and_trains_the_student(vits, spec):
+    (student, s_info, s_reader), (teacher, t_info, t_reader) = vits
+    tm = term(spec, s_info, t_info)
+    batch = {"pixel_values": torch.randn(4, 1, 16, 16), "labels": torch.tensor([0, 1, 2, 0])}
+    with torch.no_grad():
+        t = t_reader(batch, tm.teacher_taps())
+    student.zero_grad()
+    loss = tm(s_reader(batch, tm.student_taps()), t, batch)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    grads = [p.grad for p in student.get_submodule(s_info.layers_path).parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
