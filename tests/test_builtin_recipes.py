@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 import yaml
-from transformers import BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel
+from transformers import (BertConfig, BertForSequenceClassification, BertModel, GPT2Config, GPT2LMHeadModel,
+                          ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification)
 
 from kdistill import distill
 from kdistill.config import builtin_recipes
@@ -37,12 +38,28 @@ def teachers(tmp_path_factory, tokenizer):
     lm = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=48, n_layer=6, n_head=4, n_positions=128,
                     bos_token_id=101, eos_token_id=102, pad_token_id=0)
     causal = _save(GPT2LMHeadModel(lm), tokenizer, root / "causal-lm")
+    digits = {"num_labels": 10, "id2label": {i: str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=48,
+                                              num_hidden_layers=6, num_attention_heads=3, intermediate_size=96, **digits))
+    vit.save_pretrained(root / "vit")
+    cnn = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                                    layer_type="basic", **digits))
+    cnn.save_pretrained(root / "cnn")
+    IMAGE_STAND_INS.update({"vit": str(root / "vit"), "cnn": str(root / "cnn")})
     return base, classifier, causal
+
+
+# Image teachers: a ViT or a convnet classifier over the ten digits (students keep their small blueprints).
+IMAGE_STAND_INS = {}
+IMAGE_TEACHERS = {"recipe:vit-teacher": "vit", "blueprint:vit-6x192-p4": "vit", "recipe:cnn-teacher": "cnn",
+                  "blueprint:resnet-small": "cnn"}
 
 
 def stand_in(ref, base, classifier, causal):
     if ref.startswith("stage:"):
         return ref  # an earlier stage's student stays what it is
+    if ref in IMAGE_TEACHERS:
+        return IMAGE_STAND_INS[IMAGE_TEACHERS[ref]]
     if ref.startswith(("blueprint:", "recipe:lm-")):
         return causal
     return classifier if ref.startswith("recipe:") else base
@@ -70,7 +87,8 @@ def shrink(node, base, classifier, causal):
 
 
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))
-def test_builtin_recipe_runs_on_stand_ins(name, teachers, tmp_path):
+def test_builtin_recipe_runs_on_stand_ins(name, teachers, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))  # blueprints and teacher stores made here
     raw = yaml.safe_load(builtin_recipes()[name].read_text())
     raw = copy.deepcopy(raw)
     shrink(raw, *teachers)

@@ -27,7 +27,10 @@ def baseline_of(recipe: Recipe) -> Recipe:
     student = first.student
     if student.theseus is not None:  # the same successor blocks, as a plain layer-subset student
         student = StudentConfig(from_teacher={"layers": "uniform", "num_layers": student.theseus.modules})
-    stage = Stage(name="baseline", teacher=first.teacher.model_copy(update={"task": recipe_task(recipe)}),
+    teacher = first.teacher.model_copy(update={"task": recipe_task(recipe)})
+    if teacher.model is not None:  # the baseline never asks the teacher: no store to build, one baseline shared
+        teacher = type(teacher)(model=teacher.model, task=teacher.task, trust_remote_code=teacher.trust_remote_code)
+    stage = Stage(name="baseline", teacher=teacher,
                   student=student, data=last.data, losses=[CrossEntropyParams()],
                   train=last.train.model_copy(update={"steps": steps}))
     return Recipe(name=f"{recipe.name}-baseline", output=recipe.output, stages=[stage])
@@ -59,7 +62,7 @@ def recipe_task(recipe: Recipe) -> str:
     return "classification" if task == "auto" else task
 
 
-METRICS = {"classification": "accuracy", "causal-lm": "ROUGE-L"}
+METRICS = {"classification": "accuracy", "image-classification": "accuracy", "causal-lm": "ROUGE-L"}
 GENERATED = 200  # held-out prompts a causal LM writes definitions for (greedy decoding)
 
 
@@ -81,6 +84,10 @@ def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object
 
     config = loaded.model.config
     names = [config.id2label[i] for i in range(config.num_labels)]
+    if task == "image-classification":
+        from kdistill.eval.images import image_accuracy
+
+        return image_accuracy(loaded.model, records, names), loaded, {}
     return accuracy(loaded.model, loaded.tokenizer, records, names), loaded, {}
 
 
@@ -125,14 +132,17 @@ def estimated_train_flops(recipe: Recipe, student_params: int, teacher_params: i
     return tokens * (6 * student_params + 2 * teacher_params)
 
 
-def mean_tokens(tokenizer, records: list[dict], max_length: int) -> float:
+def mean_tokens(tokenizer, records: list[dict], max_length: int, config=None) -> float:
+    if "text" not in records[0]:  # images: a ViT's patches and special tokens, one "token" for a convnet
+        patch = getattr(config, "patch_size", None)
+        size = getattr(config, "image_size", 0)
+        return (size // patch) ** 2 + 1 if patch else 1.0
     lengths = [min(len(ids), max_length) for ids in tokenizer([r["text"] for r in records[:2000]])["input_ids"]]
     return sum(lengths) / max(1, len(lengths))
 
 
 def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str = "runs/compare",
             results: str = "docs/results.md", console=None, baselines: bool = True) -> dict:
-    from kdistill.eval.embeddings import compare_speed
     from kdistill.eval.metrics import count_parameters, non_embedding_parameters
     from kdistill.engine.run import stage_student_dir
     from kdistill.teachers.recipe_runs import resolve_teacher
@@ -157,7 +167,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             value, teacher, extra = score(teacher_ref, records, task)
             teacher_row = {"name": "teacher", "ref": recipe.stages[-1].teacher.model, "score": [value],
                            "params": count_parameters(teacher.model), **{k: [v] for k, v in extra.items()}}
-            tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length)
+            tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length,
+                                         teacher.model.config)
         for label, r in pairs:
             points = evaluation_points(r)
             accs = {suffix: [] for suffix, _ in points}
@@ -176,13 +187,11 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                         extras[suffix].setdefault(key, []).append(value)
                     if console is not None:
                         console.print(f"{label}{suffix} seed {seed}: test {METRICS[task]} {acc:.4f}")
-            texts = [r_["text"] for r_ in records[:128]]
             for suffix, index in points:
                 model = loaded[suffix]
                 speedup = None  # fake quantization runs float kernels: its speed says nothing about 1-bit ones
                 if not getattr(model.model.config, "kdistill_quant", None):
-                    speed = compare_speed({"teacher": (teacher.model, teacher.tokenizer, "cls"),
-                                           "student": (model.model, model.tokenizer, "cls")}, texts)
+                    speed = measure_speed(teacher, model, records, task)
                     speedup = speed["student"] / speed["teacher"]
                 row = {"name": label + suffix, "baseline_of": name if label.endswith("-baseline") else None,
                        "score": accs[suffix], "params": count_parameters(model.model), "speedup": speedup,
@@ -203,6 +212,19 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     (root / "results.json").write_text(json.dumps(report, indent=2))
     write_results(report, Path(results), names)
     return report
+
+
+def measure_speed(teacher, student, records: list[dict], task: str) -> dict[str, float]:
+    """Records/second of teacher and student on the same test records (texts or images)."""
+    if task == "image-classification":
+        from kdistill.eval.images import image_speed
+
+        return image_speed({"teacher": teacher.model, "student": student.model}, records[:512])
+    from kdistill.eval.embeddings import compare_speed
+
+    texts = [r["text"] for r in records[:128]]
+    return compare_speed({"teacher": (teacher.model, teacher.tokenizer, "cls"),
+                          "student": (student.model, student.tokenizer, "cls")}, texts)
 
 
 def packed_size(student_dir: str, out: Path) -> dict | None:

@@ -35,7 +35,9 @@ class TeacherUpdate(Strict):
 class TeacherConfig(Strict):
     model: str | None = Field(None, description="local dir, hub id, recipe:NAME, packaged:NAME, blueprint:NAME, stage:NAME")
     source: Literal["live", "cache"] = Field("live", description="live: run the model; cache: read a teacher store")
-    path: str | None = Field(None, description="the teacher store (source: cache), from `kdistill cache-teacher`")
+    path: str | None = Field(None, description="the teacher store (source: cache), from `kdistill cache-teacher`; "
+                             "without it, a store of `model` is built once under $KDISTILL_HOME/stores")
+    top_k: int = Field(64, ge=1, description="source: cache without a path: outputs kept per position")
     update: TeacherUpdate | None = Field(None, description="train the teacher in the loop (ProKT)")
     task: Literal["auto", "embedding", "masked-lm", "causal-lm", "classification", "image-classification"] = "auto"
     trust_remote_code: bool = False
@@ -44,8 +46,9 @@ class TeacherConfig(Strict):
     def source_fields(self):
         if self.source == "live" and not self.model:
             raise ValueError("model is required (or source: cache with a path)")
-        if self.source == "cache" and (not self.path or self.update):
-            raise ValueError("source: cache needs path: (a store from `kdistill cache-teacher`) and no update:")
+        if self.source == "cache" and (not (self.path or self.model) or self.update):
+            raise ValueError("source: cache needs path: (a store from `kdistill cache-teacher`) or model: (a store "
+                             "built once, automatically), and no update:")
         return self
 
 
@@ -131,12 +134,29 @@ class DataSource(Strict):
         return self
 
 
+class ImageAugment(Strict):
+    """Random views of training images, seeded per image and epoch so any view can be replayed."""
+    shift: float = Field(0.1, ge=0, le=0.5, description="largest shift, as a fraction of the image size")
+    rotate: float = Field(10.0, ge=0, le=180, description="largest rotation in degrees")
+    scale: tuple[float, float] = Field((0.9, 1.1), description="range of the zoom factor")
+    seed: int = Field(0, description="views come from this seed, not train.seed, so one teacher store of the "
+                      "views serves every training seed")
+
+    @model_validator(mode="after")
+    def ordered(self):
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+        return self
+
+
 class DataConfig(Strict):
     train: DataSource | list[DataSource]
     eval: DataSource | list[DataSource] | None = None
     max_length: int = Field(128, ge=8)
     eval_limit: int = Field(256, ge=1, description="eval records used during training")
     group_by_length: bool = Field(False, description="batch texts of similar length together (less padding)")
+    image_size: int | None = Field(None, ge=4, description="images: resize to this (default: the model's image_size)")
+    image_augment: ImageAugment | None = Field(None, description="images: seeded random views for training")
 
 
 class TrainConfig(Strict):

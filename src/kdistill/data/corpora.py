@@ -286,6 +286,32 @@ def license_texts(split: str = "train") -> list[dict]:
     return _copies(tuple(r for r in _license_records(LICENSES_DIR) if split_of(r["text"]) == split))
 
 
+# ---------------------------------------------------------------- images
+
+
+def bucket_split(key: str, train: int = 70, eval_: int = 10) -> str:
+    """70/10/20 by a SHA-1 of the key: a small dataset needs a bigger test split than text corpora's 5%."""
+    bucket = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 100
+    return "train" if bucket < train else "eval" if bucket < train + eval_ else "test"
+
+
+@CORPORA.register("digits")
+def digits(split: str = "train") -> list[dict]:
+    """scikit-learn's bundled 1,797 handwritten digits (8×8 grey, 10 classes), split 70/10/20 by image."""
+    import numpy as np
+
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("the digits corpus needs scikit-learn: pip install scikit-learn") from None
+    split = check_split(split)
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)  # pixel values are 0..16
+    return [{"image": images[i][None], "label": str(int(data.target[i])), "id": f"digits-{i}"}
+            for i in range(len(images)) if bucket_split(f"digits-{i}") == split]
+
+
+
 def load_corpus(name: str, split: str = "train", where: str = "source") -> list[dict]:
     """Records of the built-in corpus `name`; unknown names get the closest match in the error."""
     split = check_split(split, where=f"{where}.split" if where else "split")

@@ -1,4 +1,5 @@
-"""Turn a recipe's data source block into a list of records {"text", ["label"], ["text_pair"]}.
+"""Turn a recipe's data source block into a list of records {"text", ["label"], ["text_pair"]}
+(or, for images, {"image" | "image_path", "label", "id"}).
 
 A source is exactly one of `source: NAME` (a built-in corpus), `path: FILE` (.jsonl, .csv, .txt,
 or a folder written by `datasets`' `save_to_disk`) or `dataset: NAME` (the Hugging Face hub).
@@ -15,7 +16,7 @@ from kdistill.data.corpora import load_corpus
 from kdistill.errors import ConfigError, DataError
 
 SOURCE_KINDS = ("source", "path", "dataset")
-FILE_KINDS = ".jsonl, .csv, .txt, or a folder saved with datasets' save_to_disk"
+FILE_KINDS = ".jsonl, .csv, .txt, a folder saved with datasets' save_to_disk, or a folder of class folders of images"
 
 
 def load_records(spec: dict, split_default: str = "train") -> list[dict]:
@@ -64,6 +65,10 @@ def _load_path(path: str, fields: dict, split: str, limit: int | None):
         raise DataError(f"data file not found: {path} (paths are relative to the working "
                         f"directory {os.getcwd()})")
     if os.path.isdir(path):
+        from kdistill.data.images import image_folder, is_image_folder
+
+        if is_image_folder(path):  # path/CLASS/*.png (or path/SPLIT/CLASS/*.png)
+            return image_folder(path, split)[:limit], f"{path} has no images"
         return _load_saved_dataset(path, fields, split, limit)
     ext = os.path.splitext(path)[1].lower()
     readers = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".txt": _txt_rows}

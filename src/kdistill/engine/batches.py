@@ -52,6 +52,16 @@ class BatchPlan:
             out += self._epoch(epoch)[offset: offset + take]
         return out
 
+    def micro_epochs(self, step: int) -> list[list[int]]:
+        """The epoch each record of `micro_batches(step)` is drawn in (seeds augmented views: one per epoch)."""
+        start = step * self.batch
+        per_micro = self.micro * self.world
+        out = []
+        for j in range(self.accum):
+            first = start + j * per_micro + self.rank * self.micro
+            out.append([(first + i) // self.n for i in range(self.micro)])
+        return out
+
     def micro_batches(self, step: int) -> list[list[int]]:
         """This process's micro-batches for `step`: micro j of the global batch, then this rank's slice."""
         indices = self.global_indices(step)

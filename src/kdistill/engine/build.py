@@ -11,7 +11,7 @@ from kdistill.data import TextCollator, label_names, load_records
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
-from kdistill.models.loading import Loaded, detect_task, load_config, load_model, load_tokenizer, model_class, read_pooling
+from kdistill.models.loading import Loaded, detect_task, load_config, load_model, load_tokenizer, new_model, read_pooling
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
 from kdistill.teachers.cached import open_for_stage
@@ -29,7 +29,7 @@ class StageParts:
     terms: list[LossTerm]
     train_records: list[dict]
     eval_records: list[dict]
-    collator: TextCollator
+    collator: object  # TextCollator or ImageCollator
     labels: list[str] | None = None
     store: object | None = None  # a teacher store (teacher.source: cache) instead of a live teacher
     needs_mlm: bool = False
@@ -73,7 +73,7 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
     _, config = load_config(teacher_ref, stage.teacher.trust_remote_code)
     labels = label_names(records)  # train and eval: a class seen only in eval still needs an output
     known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
-    if "SequenceClassification" in " ".join(config.architectures or []):
+    if "Classification" in " ".join(config.architectures or []):
         unknown = sorted(set(labels) - set(known))
         if unknown:
             raise PairingError(
@@ -104,7 +104,7 @@ def skeleton(path: str, task: str, head: dict) -> Loaded:
     for key, value in head.items():
         setattr(config, key, value)
     with torch.device("meta"):
-        model = model_class(task).from_config(config)
+        model = new_model(config, task)
     return Loaded(model, load_tokenizer(path), path, task)
 
 
@@ -127,17 +127,37 @@ def quantize_student(student, stage: Stage, collator, train: list[dict], prefix:
     calibrate(student, batch)
 
 
+def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None, prefix: str, student_config=None):
+    """A convnet teacher takes any image size: then the student's (a ViT's) decides, unless data.image_size does."""
+    label_to_id = {name: i for i, name in enumerate(labels)} if labels else None
+    if loaded.task == "image-classification":
+        from kdistill.data.images import ImageCollator, image_shape
+
+        size, channels = image_shape(config, stage.data.image_size or getattr(student_config, "image_size", None))
+        return ImageCollator(size, channels, label_to_id, stage.data.image_augment)
+    if loaded.tokenizer is None or not callable(getattr(loaded.tokenizer, "pad", None)):
+        raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer; text distillation needs one")
+    if stage.data.image_augment is not None:
+        raise ConfigError(f"{prefix}data.image_augment: the teacher is a {loaded.task} model, not an image classifier")
+    return TextCollator(loaded.tokenizer, stage.data.max_length, label_to_id)
+
+
 def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None) -> StageParts:
     train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
     evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
     cached = stage.teacher.source == "cache"
+    if cached and stage.teacher.path is None:  # a store of teacher.model, built once and then reused
+        from kdistill.teachers.cached import automatic_store
+
+        path = str(automatic_store(stage, console))
+        stage = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"path": path})})
     teacher_ref = cached_teacher_dir(stage, prefix) if cached else resolve_teacher(stage.teacher.model, console)
     torch.manual_seed(stage.train.seed)  # a new classification head is initialised while loading
     task = stage.teacher.task
     if task == "auto":
         task = detect_task(load_config(teacher_ref, stage.teacher.trust_remote_code)[1])
     labels, head = None, {}
-    if task == "classification":
+    if task in ("classification", "image-classification"):
         labels, head = class_head(stage, teacher_ref, train + evals, prefix)
     if cached:
         if stage.student is not None and stage.student.kind()[0] in ("from_teacher", "theseus"):
@@ -149,12 +169,14 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     teacher = loaded.model.eval().requires_grad_(False)
     pooling = read_pooling(loaded.path)
     teacher_info = model_info(teacher, loaded.task, pooling)
-    if loaded.tokenizer is None:
-        raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer; text distillation needs one")
     student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head,
                             stage.train.steps)
-    collator = TextCollator(loaded.tokenizer, stage.data.max_length,
-                            {name: i for i, name in enumerate(labels)} if labels else None)
+    collator = make_collator(stage, loaded, teacher.config, labels, prefix, student.config)
+    tokenizer = loaded.tokenizer
+    if loaded.task == "image-classification":  # the student saves the preprocessing it was trained with
+        from kdistill.data.images import image_processor
+
+        tokenizer = image_processor(collator.image_size, collator.channels, collator.mean, collator.std)
     if stage.quant is not None:
         quantize_student(student, stage, collator, train, prefix)
     student_info = model_info(student, loaded.task, pooling)
@@ -168,10 +190,10 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     if stage.on_policy is not None and (cached or student_info.task != "causal-lm"):
         raise ConfigError(f"{prefix}on_policy: the student samples its own continuations, which needs a causal-LM "
                           f"student and a live teacher to score them (not a teacher store)")
-    store = open_for_stage(stage, loaded.tokenizer, train, prefix) if cached else None
+    store = open_for_stage(stage, loaded.tokenizer, train, prefix, collator) if cached else None
     return StageParts(
         store=store, teacher=None if cached else teacher, teacher_info=teacher_info, teacher_dir=loaded.path, student=student,
-        student_info=student_info, tokenizer=loaded.tokenizer, terms=terms, train_records=train,
+        student_info=student_info, tokenizer=tokenizer, terms=terms, train_records=train,
         eval_records=spread(evals, stage.data.eval_limit), collator=collator, labels=labels,
         needs_mlm=any(t.needs_mlm for t in terms), student_taps=student_taps, teacher_taps=teacher_taps,
     )

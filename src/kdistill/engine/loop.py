@@ -19,6 +19,7 @@ import torch
 from kdistill.config import Stage
 from kdistill.errors import ConfigError
 from kdistill.data import mask_tokens
+from kdistill.data.images import view_seed
 from kdistill.engine.batches import BatchPlan
 from kdistill.engine.build import StageParts
 from kdistill.engine.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
@@ -107,8 +108,11 @@ class StageTrainer:
         self.step = 0
 
     # ---- batches -------------------------------------------------------------------------------
-    def collate(self, indices: list[int], step: int, micro: int) -> dict:
+    def collate(self, indices: list[int], step: int, micro: int, epochs: list[int] | None = None) -> dict:
         records = [self.parts.train_records[i] for i in indices]
+        if self.stage.data.image_augment is not None:  # each image's view of this epoch, replayable from its seed
+            seed = self.stage.data.image_augment.seed
+            records = [dict(r, view_seed=view_seed(seed, r["id"], e), epoch=e) for r, e in zip(records, epochs)]
         rank = self.acc.process_index
         if self.on_policy is not None and self.on_policy.wants(step, micro, rank):
             student = self.acc.unwrap_model(self.model).student
@@ -144,7 +148,8 @@ class StageTrainer:
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
         terms = self.parts.terms
-        batches = [self.collate(idx, step, j) for j, idx in enumerate(self.plan.micro_batches(step))]
+        epochs = self.plan.micro_epochs(step)
+        batches = [self.collate(idx, step, j, epochs[j]) for j, idx in enumerate(self.plan.micro_batches(step))]
         counts = torch.tensor([[t.count(b) for t in terms] for b in batches], dtype=torch.float64, device=self.acc.device)
         totals = self.acc.reduce(counts.sum(0), reduction="sum").clamp_min(1)
         world = self.acc.num_processes
@@ -217,7 +222,7 @@ class StageTrainer:
                 n = torch.tensor([t.count(batch) for t in terms], dtype=torch.float64)
                 sums += torch.stack([out["parts"][t.name].double().cpu() for t in terms]) * n
                 counts += n
-            if "labels" in batch and self.parts.student_info.task == "classification":
+            if "labels" in batch and self.parts.student_info.task in ("classification", "image-classification"):
                 logits = distiller.reader(batch, ["logits"])["logits"]
                 correct += int((logits.argmax(-1) == batch["labels"]).sum())
                 n_labeled += int(batch["labels"].numel())

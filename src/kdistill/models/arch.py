@@ -18,6 +18,9 @@ QKV_NAMES = {
 }
 
 
+PREFIX_TOKENS = {"vit": 1, "deit": 2}
+
+
 @dataclass
 class ModelInfo:
     model_type: str
@@ -31,6 +34,9 @@ class ModelInfo:
     is_decoder: bool
     layers_path: str  # e.g. "encoder.layer": where the transformer blocks live
     pooling: str  # mean | cls | last
+    # ViTs put special tokens before the patch tokens: CLS (ViT), CLS + distillation (DeiT)
+    prefix_tokens: int = 0
+    labels: list[str] | None = None  # a classifier's class names in output order
 
     @property
     def logits_per(self) -> str:
@@ -78,6 +84,8 @@ def find_qkv(block: nn.Module):
 def model_info(model: nn.Module, task: str, pooling: str | None = None) -> ModelInfo:
     config = model.config
     num_layers = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+    if num_layers is None or config_value(config, "num_attention_heads", "n_head", "n_heads") is None:
+        return convolutional_info(config, task)
     hidden = config_value(config, "hidden_size", "n_embd", "d_model", "dim")
     heads = config_value(config, "num_attention_heads", "n_head", "n_heads")
     kv_heads = config_value(config, "num_key_value_heads", default=heads)
@@ -90,5 +98,20 @@ def model_info(model: nn.Module, task: str, pooling: str | None = None) -> Model
         model_type=config.model_type, task=task, num_layers=num_layers, hidden_size=hidden,
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         vocab_size=getattr(config, "vocab_size", None), is_decoder=is_decoder,
-        layers_path=path, pooling=pooling,
+        layers_path=path, pooling=pooling, prefix_tokens=PREFIX_TOKENS.get(config.model_type, 0),
+        labels=class_names(config, task),
     )
+
+
+def class_names(config, task: str) -> list[str] | None:
+    if task not in ("classification", "image-classification") or not getattr(config, "id2label", None):
+        return None
+    return [str(config.id2label[i]) for i in range(len(config.id2label))]
+
+
+def convolutional_info(config, task: str) -> ModelInfo:
+    """A model without transformer blocks (a ResNet teacher): only its logits and pooled output are taps."""
+    widths = config_value(config, "hidden_sizes", default=None)
+    hidden = widths[-1] if widths else config_value(config, "hidden_size", default=0)
+    return ModelInfo(model_type=config.model_type, task=task, num_layers=0, hidden_size=hidden, num_heads=0,
+                     num_kv_heads=0, head_dim=0, vocab_size=None, is_decoder=False, layers_path="", pooling="mean")

@@ -50,7 +50,10 @@ def resolve_model_path(ref: str) -> str:
 
 
 def detect_task(config) -> str:
-    archs = " ".join(getattr(config, "architectures", None) or [])
+    return task_of(" ".join(getattr(config, "architectures", None) or []))
+
+
+def task_of(archs: str) -> str:
     if "ImageClassification" in archs:
         return "image-classification"
     if "SequenceClassification" in archs:
@@ -72,6 +75,24 @@ def model_class(task: str):
         "classification": tf.AutoModelForSequenceClassification,
         "image-classification": tf.AutoModelForImageClassification,
     }[task]
+
+
+def architecture_class(config, task: str):
+    """The class config.architectures names, when transformers has it and it serves `task`; else the task's
+    Auto class. (The Auto class would load a DeiTForImageClassificationWithTeacher without its second head.)"""
+    import transformers as tf
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(tf, name, None)
+        if isinstance(cls, type) and task_of(name) == task:
+            return cls
+    return model_class(task)
+
+
+def new_model(config, task: str):
+    """A randomly initialised model of `task` for this config (architecture_class picks the class)."""
+    cls = architecture_class(config, task)
+    return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
 
 
 def read_pooling(model_dir: str | None) -> str | None:
@@ -119,19 +140,36 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
 
             model = load_quantized(path, config, model_class(task), **kwargs)
         else:
-            model = model_class(task).from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+            model = architecture_class(config, task).from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         raise DataError(f"could not load {task} model from {ref!r}: {first_line(err)}") from None
     return Loaded(model, load_tokenizer(path, trust_remote_code), path, task)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, or for an image model its image processor (saved with the student alike)."""
     from transformers import AutoTokenizer
 
+    if os.path.isdir(path) and (Path(path) / "preprocessor_config.json").exists() and not any(
+            (Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
+        return load_image_processor(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError):
-        return None  # image models and bare checkpoints have none
+        return None  # bare checkpoints have none
+
+
+def load_image_processor(path: str):
+    import warnings
+
+    from transformers import AutoImageProcessor
+
+    with warnings.catch_warnings():  # "no torchvision: using the PIL processor" is expected on these machines
+        warnings.simplefilter("ignore")
+        try:
+            return AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError, TypeError, ImportError):
+            return None
 
 
 def first_line(err: BaseException) -> str:

@@ -7,7 +7,7 @@ import torch
 
 from kdistill.errors import ConfigError, PairingError
 from kdistill.models.arch import config_value, find_layers
-from kdistill.models.loading import load_model, model_class
+from kdistill.models.loading import detect_task, load_model, model_class
 from kdistill.registry import Registry
 
 INITS = Registry("student init")
@@ -89,6 +89,16 @@ def from_config(overrides: dict, teacher, where="student.config", **context):
 
 @INITS.register("model")
 def from_directory(ref: str, teacher, task: str = "auto", head: dict | None = None, **context):
+    """A saved model; `blueprint:NAME` is an architecture, so it starts from a fresh seeded random init
+    (each seed of a comparison is then a different student, as with `config:`)."""
+    if str(ref).startswith("blueprint:"):
+        from kdistill.models.loading import load_config, new_model
+
+        config = load_config(ref)[1]
+        for key, value in (head or {}).items():
+            setattr(config, key, value)
+        task = task if task != "auto" else detect_task(config)
+        return new_model(config, task)
     return load_model(ref, task, **(head or {})).model
 
 

@@ -2,7 +2,8 @@
 
 Tap names: `logits`, `embeddings`, `pooled`, `head_input` and `lm_head` (a causal LM's final hidden
 states and its output-embedding weight, for losses that make the logits themselves in chunks: asked
-without `logits`, the model runs without its LM head), and per layer `hidden_states[i]` (0 = embeddings,
+without `logits`, the model runs without its LM head), `cls_logits` and `distillation_logits` (the two
+heads of a DeiT student; its `logits` are their average), and per layer `hidden_states[i]` (0 = embeddings,
 i = output of layer i), `attentions[i]`, `attention_scores[i]`, `queries[i]`, `keys[i]`, `values[i]`
 (layers 1..N, negative numbers count from the end). Q/K/V come as (batch, heads, length, head_dim).
 
@@ -25,7 +26,7 @@ from kdistill.models.arch import ModelInfo, find_qkv
 from kdistill.models.layer_map import normalise_layer
 
 LAYERED = ("hidden_states", "attentions", "attention_scores", "queries", "keys", "values")
-PLAIN = ("logits", "embeddings", "pooled", "head_input", "lm_head")
+PLAIN = ("logits", "embeddings", "pooled", "head_input", "lm_head", "cls_logits", "distillation_logits")
 TAP_KINDS = LAYERED + PLAIN
 ATTENTION_KINDS = ("attentions", "attention_scores", "queries", "keys", "values")
 _TAP = re.compile(r"^(\w+)(?:\[(-?\d+)\])?$")
@@ -123,6 +124,12 @@ class TapReader:
                     f"or load it with a head (teacher.task: masked-lm / classification / causal-lm)"
                 )
             return out.logits
+        if kind in ("cls_logits", "distillation_logits"):
+            value = getattr(out, kind, None)
+            if value is None:
+                raise PairingError(f"{type(self.model).__name__} has no {kind}: it needs a distillation token and "
+                                   f"head (DeiTForImageClassificationWithTeacher, e.g. blueprint:deit-3x96-p4)")
+            return value
         if kind == "head_input":
             if getattr(out, "last_hidden_state", None) is None:
                 raise PairingError("head_input needs the model's own last hidden state; ask for it without `logits`")

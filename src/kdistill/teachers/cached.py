@@ -4,11 +4,16 @@
 The store directory also holds the teacher's config and tokenizer (`teacher/`), which is all a student
 built from config needs. Records are keyed by a hash of their text, so the same text always finds the
 same entry (augmented copies included) and a changed text never finds a stale one.
+
+Images with random views (TinyViT) are stored per view: the key is the image's hash and the epoch,
+and each entry keeps the view's seed, so training replays exactly the views the teacher saw and checks
+that it does.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,22 +25,59 @@ TEACHER_FILES = "teacher"  # subfolder of a store: the teacher's config.json and
 
 
 def record_key(record: dict) -> str:
+    if "image" in record or "image_path" in record:
+        key = image_key(record)
+        return key if record.get("epoch") is None else f"{key}@{record['epoch']}"
     text = record["text"] + ("\x00" + record["text_pair"] if "text_pair" in record else "")
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
+def image_key(record: dict) -> str:
+    import numpy as np
+
+    if "image" in record:
+        pixels = np.ascontiguousarray(record["image"], dtype=np.float32)
+        data = repr(pixels.shape).encode() + pixels.tobytes()
+    else:
+        data = record["image_path"].encode()
+    return hashlib.sha256(data).hexdigest()[:24]
+
+
 def tokenizer_fingerprint(tokenizer) -> str:
+    """The tokenizer's vocabulary, or an image processor's settings: what turns a record into inputs."""
     from kdistill.teachers.fingerprint import fingerprint_text
 
+    if tokenizer is None:  # an image model saved without its processor: the collator's settings (data_cut) decide
+        return fingerprint_text("no processor")
+    if not hasattr(tokenizer, "get_vocab"):
+        return fingerprint_text(type(tokenizer).__name__, json.dumps(tokenizer.to_dict(), sort_keys=True, default=str))
     vocab = sorted(tokenizer.get_vocab().items())
     return fingerprint_text(type(tokenizer).__name__, json.dumps(vocab))
 
 
-def data_fingerprint(records: list[dict], max_length: int) -> str:
-    """Which texts (as keys, in a set) and how they were cut: a store built for other data is refused."""
+def data_cut(stage, collator=None) -> str:
+    """How records become inputs: the text cut, or the image size, channels and the random views."""
+    data = stage.data
+    size = getattr(collator, "image_size", None)
+    if size is None:
+        return str(data.max_length)
+    views = data.image_augment.model_dump(mode="json") if data.image_augment else None
+    return json.dumps({"image_size": size, "channels": collator.channels, "mean": collator.mean, "std": collator.std,
+                       "views": views}, sort_keys=True)
+
+
+def view_epochs(stage, num_records: int) -> int:
+    """Epochs of random views a stage draws: its store holds one view of each image per epoch."""
+    if stage.data.image_augment is None:
+        return 0
+    return math.ceil(stage.train.steps * stage.train.batch_size / num_records)
+
+
+def data_fingerprint(records: list[dict], cut: str) -> str:
+    """Which records (as keys, in a set) and how they were cut: a store built for other data is refused."""
     from kdistill.teachers.fingerprint import fingerprint_text
 
-    return fingerprint_text(str(max_length), *sorted({record_key(r) for r in records}))
+    return fingerprint_text(cut, *sorted({record_key(r) for r in records}))
 
 
 def kd_temperature(stage) -> float:
@@ -62,56 +104,99 @@ class SparseLogits:
 def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = None, batch_size: int = 32,
                   temperature: float | None = None, dtype: str = "float16", console=None) -> Path:
     """Run the stage's teacher over its training records once and write the store."""
-    from rich.progress import Progress
-
-    from kdistill.data import TextCollator
-    from kdistill.engine.build import read_sources
-    from kdistill.models.loading import load_model
-    from kdistill.teachers.fingerprint import fingerprint_tensors
-    from kdistill.teachers.recipe_runs import resolve_teacher
-    from kdistill.teachers.store import StoreWriter
-
     if not 0 <= stage_index < len(recipe.stages):
         raise ConfigError(f"--stage {stage_index}: the recipe has stages 0..{len(recipe.stages) - 1}")
     stage = recipe.stages[stage_index]
     if stage.teacher.source != "live":
         raise ConfigError("cache-teacher needs a recipe whose teacher is a model (teacher.source: live)")
+    return cache_stage(stage, Path(out or Path(recipe.output) / "teacher-store"), k, batch_size, temperature,
+                       dtype, console)
+
+
+def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature: float | None = None,
+                dtype: str = "float16", console=None) -> Path:
+    from rich.progress import Progress
+
+    from kdistill.engine.build import make_collator, read_sources
+    from kdistill.models.loading import load_model
+    from kdistill.teachers.fingerprint import fingerprint_tensors
+    from kdistill.teachers.recipe_runs import resolve_teacher
+    from kdistill.teachers.store import StoreWriter
+
     temperature = kd_temperature(stage) if temperature is None else temperature
     records = read_sources(stage.data.train, "train", "data.train", stage.train.seed)
     loaded = load_model(resolve_teacher(stage.teacher.model, console), stage.teacher.task,
                         stage.teacher.trust_remote_code)
     teacher = loaded.model.eval()
-    collator = TextCollator(loaded.tokenizer, stage.data.max_length)
-    out = Path(out or Path(recipe.output) / "teacher-store")
+    collator = make_collator(stage, loaded, teacher.config, None, "")
     fingerprints = {"teacher": fingerprint_tensors(teacher.state_dict()),
                     "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
-                    "data": data_fingerprint(records, stage.data.max_length)}
-    unique = list({record_key(r): r for r in records}.items())
+                    "data": data_fingerprint(records, data_cut(stage, collator))}
+    items = teacher_views(stage, records)
     vocab = teacher.config.get_text_config().vocab_size if loaded.task == "causal-lm" else teacher.config.num_labels
     with StoreWriter(out, k=min(k, vocab), temperature=temperature, fingerprints=fingerprints, dtype=dtype,
                      vocab_size=vocab, overwrite=True) as writer, torch.inference_mode(), \
-            Progress(disable=console is None) as progress:
-        task = progress.add_task("teacher over the training data", total=len(unique))
-        for start in range(0, len(unique), batch_size):
-            chunk = unique[start:start + batch_size]
+            Progress(disable=console is None, console=console) as progress:
+        task = progress.add_task("teacher over the training data", total=len(items))
+        for start in range(0, len(items), batch_size):
+            chunk = items[start:start + batch_size]
             batch = collator([r for _, r in chunk])
-            logits = teacher(**batch).logits.float()
-            for row, (key, _) in enumerate(chunk):
-                if logits.dim() == 2:  # one distribution per sequence
-                    writer.add(key, logits[row])
+            logits = teacher(**{k_: v for k_, v in batch.items() if k_ != "labels"}).logits.float()
+            for row, (key, record) in enumerate(chunk):
+                extra = {"view_seed": torch.tensor([record["view_seed"]])} if "view_seed" in record else None
+                if logits.dim() == 2:  # one distribution per sequence (or image view)
+                    writer.add(key, logits[row], extra=extra)
                 else:
-                    writer.add(key, logits[row, : int(batch["attention_mask"][row].sum())])
+                    writer.add(key, logits[row, : int(batch["attention_mask"][row].sum())], extra=extra)
             progress.advance(task, len(chunk))
     teacher.config.save_pretrained(out / TEACHER_FILES)
-    loaded.tokenizer.save_pretrained(out / TEACHER_FILES)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(out / TEACHER_FILES)
     return out
 
 
-def open_for_stage(stage, tokenizer, records: list[dict], where: str):
+def teacher_views(stage, records: list[dict]) -> list[tuple[str, dict]]:
+    """(key, record) for every input the teacher must see once: each unique record, or with random
+    views each image's view of every epoch the stage trains for, seeded exactly as training seeds it."""
+    unique = list({record_key(r): r for r in records}.values())
+    epochs = view_epochs(stage, len(records))
+    if not epochs:
+        return [(record_key(r), r) for r in unique]
+    from kdistill.data.images import view_seed
+
+    seed = stage.data.image_augment.seed
+    views = [dict(r, epoch=e, view_seed=view_seed(seed, r["id"], e)) for e in range(epochs) for r in unique]
+    return [(record_key(v), v) for v in views]
+
+
+def automatic_store(stage, console=None) -> Path:
+    """`teacher: {source: cache, model: M}` without a path: M's store for this data, built on first use
+    under $KDISTILL_HOME/stores and reused by every later run, seed and student that asks the same."""
+    from kdistill.teachers.recipe_runs import kdistill_home, resolve_teacher
+
+    teacher_dir = Path(resolve_teacher(stage.teacher.model, console))
+    weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in teacher_dir.glob("*.safetensors"))
+    train = stage.data.train if isinstance(stage.data.train, list) else [stage.data.train]
+    spec = json.dumps({"teacher": str(teacher_dir), "weights": weights, "train": [t.model_dump(mode="json") for t in train],
+                       "cut": data_cut(stage, None), "views": (stage.data.image_augment or stage.data).model_dump(mode="json"),
+                       "image_size": stage.data.image_size, "steps": stage.train.steps * stage.train.batch_size,
+                       "k": stage.teacher.top_k, "temperature": kd_temperature(stage), "task": stage.teacher.task},
+                      sort_keys=True)
+    name = str(stage.teacher.model).replace(":", "-").replace("/", "-")[-40:]
+    out = kdistill_home() / "stores" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+    if not (out / "manifest.json").exists():
+        if console is not None:
+            console.print(f"building the teacher store {out} (once; later runs reuse it)")
+        live = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"source": "live"})})
+        cache_stage(live, out, k=stage.teacher.top_k, console=console)
+    return out
+
+
+def open_for_stage(stage, tokenizer, records: list[dict], where: str, collator=None):
     """The stage's store, refused if it was built for another tokenizer, data, cut or temperature."""
     from kdistill.teachers.store import TeacherStore
 
-    expect = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(records, stage.data.max_length),
+    expect = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(records, data_cut(stage, collator)),
               "temperature": kd_temperature(stage)}
     try:
         return TeacherStore.open(stage.teacher.path, expect=expect)
@@ -121,7 +206,7 @@ def open_for_stage(stage, tokenizer, records: list[dict], where: str):
 
 def sparse_batch(store, records: list[dict], attention_mask: torch.Tensor | None, per_token: bool) -> SparseLogits:
     """The stored entries of a batch's records, padded to the batch's shape."""
-    entries = [store[record_key(r)] for r in records]
+    entries = [stored_entry(store, r) for r in records]
     k = entries[0].topk_logprobs.shape[-1]
     if not per_token:
         return SparseLogits(torch.stack([e.topk_logprobs[0].float() for e in entries]),
@@ -139,3 +224,19 @@ def sparse_batch(store, records: list[dict], attention_mask: torch.Tensor | None
         logprobs[row, :n], indices[row, :n], tail[row, :n] = (
             entry.topk_logprobs.float(), entry.topk_indices.long(), entry.tail_logmass)
     return SparseLogits(logprobs, indices, tail, store.temperature)
+
+
+def stored_entry(store, record: dict):
+    key = record_key(record)
+    if key not in store:
+        epoch = f" in epoch {record['epoch']}" if record.get("epoch") is not None else ""
+        raise CheckpointError(f"the teacher store has no entry for record {record.get('id', key)}{epoch}: it was built "
+                              f"for other data or fewer steps; rebuild it with `kdistill cache-teacher`")
+    entry = store[key]
+    if "view_seed" in record:  # the replayed view must be the one the teacher saw
+        stored = int(entry.extra["view_seed"].reshape(-1)[0]) if "view_seed" in entry.extra else None
+        if stored != record["view_seed"]:
+            raise CheckpointError(f"record {record.get('id', key)} epoch {record.get('epoch')}: the store holds the "
+                                  f"teacher's output for view seed {stored}, training draws {record['view_seed']}; "
+                                  f"rebuild the store with the recipe's data.image_augment")
+    return entry

@@ -1,0 +1,174 @@
+"""Image data: folders of images (one folder per class), and seeded views (the digits corpus is in corpora).
+
+A record is `{"image": float array (C, H, W) in [0, 1]}` or `{"image_path": FILE}`, plus `label` and a
+stable `id`. Augmentation is a pure function of a view seed: the seed of record r in epoch e is a hash
+of (run seed, r's id, e), so any augmented view can be made again exactly, which is what lets a
+teacher store (TinyViT) hold the teacher's outputs on the very views the student later trains on.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kdistill.data.corpora import check_split
+from kdistill.errors import ConfigError, DataError
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLIT_FOLDERS = {"train": ("train",), "eval": ("dev", "eval", "val", "validation"), "test": ("test",)}
+
+
+# ---------------------------------------------------------------- folders of images
+
+
+def is_image_folder(path: str) -> bool:
+    """A folder of class folders of images, or of split folders (train/, test/, ...) holding those."""
+    root = Path(path)
+    subdirs = [d for d in root.iterdir() if d.is_dir()]
+    if not subdirs:
+        return False
+    splits = [d for d in subdirs if any(d.name in names for names in SPLIT_FOLDERS.values())]
+    for folder in (splits or subdirs)[:3]:
+        inner = [p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS]
+        if inner:
+            return True
+    return False
+
+
+def image_folder(path: str, split: str) -> list[dict]:
+    """Records of `path/CLASS/*.png`, or of `path/SPLIT/CLASS/*.png` when split folders exist."""
+    root = Path(path)
+    split = check_split(split)
+    split_dirs = [root / name for name in SPLIT_FOLDERS[split] if (root / name).is_dir()]
+    has_splits = any((root / n).is_dir() for names in SPLIT_FOLDERS.values() for n in names)
+    if has_splits and not split_dirs:
+        raise DataError(f"{path} has split folders but none for split {split!r} "
+                        f"(looked for {', '.join(SPLIT_FOLDERS[split])})")
+    base = split_dirs[0] if split_dirs else root
+    records = []
+    for class_dir in sorted(d for d in base.iterdir() if d.is_dir()):
+        for file in sorted(class_dir.rglob("*")):
+            if file.suffix.lower() in IMAGE_EXTENSIONS:
+                records.append({"image_path": str(file), "label": class_dir.name,
+                                "id": str(file.relative_to(root))})
+    if not records:
+        raise DataError(f"{base} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) in class folders")
+    return records
+
+
+def read_image(path: str, channels: int) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+            array = np.asarray(img, dtype=np.float32) / 255.0
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from None
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+# ---------------------------------------------------------------- seeded views
+
+
+def view_seed(run_seed: int, record_id: str, epoch: int) -> int:
+    """The augmentation seed of one record in one epoch (63-bit, the same on every machine)."""
+    digest = hashlib.sha1(f"{run_seed}:{record_id}:{epoch}".encode()).hexdigest()
+    return int(digest[:15], 16)
+
+
+def view_params(seed: int, shift: float, rotate: float, scale: tuple[float, float]) -> tuple[float, float, float, float]:
+    """(angle in radians, shift x, shift y as fractions of the half-size, scale) drawn from `seed`."""
+    u = torch.rand(4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).tolist()
+    angle = math.radians((2 * u[0] - 1) * rotate)
+    return angle, (2 * u[1] - 1) * shift * 2, (2 * u[2] - 1) * shift * 2, scale[0] + u[3] * (scale[1] - scale[0])
+
+
+def affine_views(images: torch.Tensor, params: list[tuple[float, float, float, float]]) -> torch.Tensor:
+    """Rotate, scale and shift each image (B, C, H, W) by its own parameters; outside is filled with 0."""
+    thetas = []
+    for angle, tx, ty, scale in params:
+        cos, sin = math.cos(angle) / scale, math.sin(angle) / scale
+        thetas.append([[cos, -sin, tx], [sin, cos, ty]])
+    theta = torch.tensor(thetas, dtype=images.dtype, device=images.device)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class ImageCollator:
+    """Records to `pixel_values` (B, C, S, S), resized and normalised, plus `labels`.
+
+    A record with a `view_seed` is augmented with that seed (training); one without is not (eval, test).
+    """
+
+    def __init__(self, image_size: int, channels: int, label_to_id: Mapping[str, int] | None = None,
+                 augment=None, mean: float = 0.5, std: float = 0.5):
+        self.image_size, self.channels = image_size, channels
+        self.label_to_id = dict(label_to_id) if label_to_id is not None else None
+        self.augment, self.mean, self.std = augment, mean, std
+
+    def images(self, records: Sequence[dict]) -> torch.Tensor:
+        out = []
+        for r in records:
+            array = r["image"] if "image" in r else read_image(r["image_path"], self.channels)
+            x = torch.as_tensor(np.asarray(array, dtype=np.float32))
+            if x.shape[0] != self.channels:
+                if x.shape[0] == 1:
+                    x = x.expand(self.channels, -1, -1)
+                elif self.channels == 1:
+                    x = x.mean(0, keepdim=True)
+                else:
+                    raise DataError(f"record {r.get('id')} has {x.shape[0]} channels; the model takes {self.channels}")
+            out.append(F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear",
+                                     align_corners=False)[0])
+        return torch.stack(out)
+
+    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
+        if not records:
+            raise DataError("cannot collate an empty batch")
+        x = self.images(records)
+        seeded = [i for i, r in enumerate(records) if "view_seed" in r]
+        if self.augment is not None and seeded:
+            a = self.augment
+            params = [view_params(records[i]["view_seed"], a.shift, a.rotate, tuple(a.scale)) for i in seeded]
+            x[seeded] = affine_views(x[seeded], params)
+        batch = {"pixel_values": (x - self.mean) / self.std}
+        if self.label_to_id is not None and all(r.get("label") is not None for r in records):
+            try:
+                batch["labels"] = torch.tensor([self.label_to_id[str(r["label"])] for r in records])
+            except KeyError as err:
+                raise DataError(f"label {err.args[0]!r} is not one of the {len(self.label_to_id)} classes "
+                                f"of the training data") from None
+        return batch
+
+
+def image_shape(config, data_size: int | None) -> tuple[int, int]:
+    """(image size, channels) the model takes: the recipe's data.image_size, else the model's own."""
+    size = data_size or getattr(config, "image_size", None)
+    if size is None:
+        raise ConfigError("data.image_size: this image model's config has no image_size; give data.image_size")
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return int(size), int(getattr(config, "num_channels", 3))
+
+
+def image_processor(image_size: int, channels: int, mean: float = 0.5, std: float = 0.5):
+    """The preprocessing ImageCollator does (bilinear resize, scale to [0, 1], normalise), as a transformers
+    image processor saved with the student, so `pipeline("image-classification", model=DIR)` matches it."""
+    import warnings
+
+    from transformers import ViTImageProcessor
+
+    with warnings.catch_warnings():  # "no torchvision: using the PIL processor" is expected on these machines
+        warnings.simplefilter("ignore")
+        return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[mean] * channels,
+                                 image_std=[std] * channels, resample=2, do_convert_rgb=channels == 3)
+
+
+__all__ = ["image_processor", "ImageCollator", "affine_views", "image_folder", "image_shape", "is_image_folder", "read_image",
+           "view_params", "view_seed"]

@@ -1,0 +1,88 @@
+"""Image data: the digits corpus, image folders, the collator and seeded views that replay exactly."""
+import numpy as np
+import pytest
+import torch
+
+from kdistill.config import ImageAugment
+from kdistill.data import load_corpus, load_records
+from kdistill.data.images import ImageCollator, affine_views, view_params, view_seed
+from kdistill.engine.batches import BatchPlan
+from kdistill.errors import DataError
+
+
+def test_digits_splits_are_disjoint_deterministic_and_cover_the_corpus():
+    splits = {s: load_corpus("digits", s) for s in ("train", "eval", "test")}
+    ids = [set(r["id"] for r in records) for records in splits.values()]
+    assert sum(len(i) for i in ids) == 1797  # sklearn's bundled digits, each image in one split
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
+    assert [r["id"] for r in load_corpus("digits", "test")] == [r["id"] for r in splits["test"]]
+    record = splits["train"][0]
+    assert record["image"].shape == (1, 8, 8) and 0 <= record["image"].min() and record["image"].max() <= 1
+    assert {r["label"] for r in splits["test"]} == {str(i) for i in range(10)}
+
+
+def write_png(path, value, size=(6, 5), mode="L"):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.full(size[::-1] + ((3,) if mode == "RGB" else ()), value, dtype=np.uint8)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def test_an_image_folder_with_split_folders_becomes_labelled_records(tmp_path):
+    write_png(tmp_path / "train" / "cat" / "a.png", 255)
+    write_png(tmp_path / "train" / "dog" / "b.png", 0, mode="RGB")
+    write_png(tmp_path / "test" / "cat" / "c.png", 255)
+    train = load_records({"path": str(tmp_path)}, "train")
+    assert [(r["label"], r["id"]) for r in train] == [("cat", "train/cat/a.png"), ("dog", "train/dog/b.png")]
+    assert [r["label"] for r in load_records({"path": str(tmp_path), "split": "test"}, "test")] == ["cat"]
+    with pytest.raises(DataError, match="split 'eval'"):
+        load_records({"path": str(tmp_path), "split": "dev"}, "eval")
+    batch = ImageCollator(8, 1, {"cat": 0, "dog": 1})(train)
+    assert batch["pixel_values"].shape == (2, 1, 8, 8)
+    # white is 1.0, black 0.0, then normalised by mean 0.5, std 0.5 (an RGB image is averaged to grey)
+    assert batch["pixel_values"][0].allclose(torch.tensor(1.0)) and batch["pixel_values"][1].allclose(torch.tensor(-1.0))
+    assert batch["labels"].tolist() == [0, 1]
+
+
+def test_a_broken_image_file_is_a_clear_error(tmp_path):
+    write_png(tmp_path / "cat" / "a.png", 255)
+    (tmp_path / "cat" / "b.png").write_bytes(b"not a png")
+    records = load_records({"path": str(tmp_path)}, "train")
+    with pytest.raises(DataError, match="cannot read image .*b.png"):
+        ImageCollator(8, 1)(records)
+
+
+def test_identity_view_leaves_the_image_unchanged_and_a_rotation_moves_it():
+    image = torch.rand(1, 1, 12, 12)
+    assert affine_views(image, [(0.0, 0.0, 0.0, 1.0)]).allclose(image, atol=1e-5)
+    quarter = affine_views(image, [(np.pi / 2, 0.0, 0.0, 1.0)])
+    assert quarter.allclose(torch.rot90(image, 1, (2, 3)), atol=1e-4) or quarter.allclose(
+        torch.rot90(image, -1, (2, 3)), atol=1e-4)
+
+
+def test_views_are_a_function_of_the_seed_alone():
+    augment = ImageAugment(shift=0.2, rotate=30, scale=(0.8, 1.2))
+    collate = ImageCollator(16, 1, augment=augment)
+    records = load_corpus("digits", "train")[:4]
+    seeded = [dict(r, view_seed=view_seed(0, r["id"], epoch=3)) for r in records]
+    first, again = collate(seeded)["pixel_values"], collate(list(reversed(seeded)))["pixel_values"]
+    assert torch.equal(first, again.flip(0))  # the same view whatever batch an image lands in
+    other_epoch = collate([dict(r, view_seed=view_seed(0, r["id"], epoch=4)) for r in records])["pixel_values"]
+    plain = collate(records)["pixel_values"]  # no seed (eval): no augmentation
+    assert not torch.equal(first, other_epoch) and not torch.equal(first, plain)
+    angle, tx, ty, scale = view_params(seeded[0]["view_seed"], 0.2, 30, (0.8, 1.2))
+    assert abs(angle) <= np.radians(30) and abs(tx) <= 0.4 and abs(ty) <= 0.4 and 0.8 <= scale <= 1.2
+
+
+def test_micro_epochs_name_the_epoch_each_record_is_drawn_in():
+    plan = BatchPlan(10, 4, grad_accum=2, world=1, rank=0, seed=0)
+    for step in range(6):
+        flat = [(i, e) for idx, eps in zip(plan.micro_batches(step), plan.micro_epochs(step)) for i, e in zip(idx, eps)]
+        for k, (index, epoch) in enumerate(flat):
+            position = step * 4 + k  # the record's place in the stream of reshuffled epochs
+            assert epoch == position // 10 and index == plan._epoch(epoch)[position % 10]
+    # every record appears exactly once per epoch: (index, epoch) pairs never repeat
+    pairs = [(i, e) for step in range(10) for idx, eps in zip(plan.micro_batches(step), plan.micro_epochs(step))
+             for i, e in zip(idx, eps)]
+    assert len(pairs) == len(set(pairs)) == 40

@@ -1,0 +1,149 @@
+"""The vision branch end to end on tiny random ViTs: DeiT's two heads, TinyViT's replayed views from a
+teacher store, the exported student in transformers' own tools, and per-layer CKA."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DeiTForImageClassificationWithTeacher, ViTConfig, ViTForImageClassification
+
+from kdistill import distill
+from kdistill.config import load_recipe
+from kdistill.errors import CheckpointError, PairingError
+from kdistill.losses import LOSSES
+from kdistill.models.arch import model_info
+from kdistill.models.loading import load_model
+from kdistill.teachers.cached import cache_teacher
+
+DIGITS = {"num_labels": 10, "id2label": {i: str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
+
+
+def tiny_vit(layers=2, width=32, **extra):
+    config = ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=width, num_hidden_layers=layers,
+                       num_attention_heads=2, intermediate_size=2 * width, **{**DIGITS, **extra})
+    return ViTForImageClassification(config)
+
+
+@pytest.fixture
+def vit_teacher(tmp_path):
+    torch.manual_seed(0)
+    model = tiny_vit(layers=4, width=48)
+    model.save_pretrained(tmp_path / "vit-teacher")
+    return str(tmp_path / "vit-teacher")
+
+
+def recipe(teacher, out, losses, student=None, steps=3, **teacher_extra):
+    return {"name": "vision", "teacher": {"model": teacher, "task": "image-classification", **teacher_extra},
+            "student": student or {"config": {"num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 2,
+                                              "intermediate_size": 64}},
+            "data": {"train": {"source": "digits", "limit": 40}, "eval": {"source": "digits", "split": "dev", "limit": 16},
+                     "image_augment": {"shift": 0.1, "rotate": 10}},
+            "losses": losses, "train": {"steps": steps, "batch_size": 8, "lr": 1e-3}, "output": str(out)}
+
+
+def test_deit_student_averages_its_heads_and_the_loss_matches_the_paper(tmp_path, monkeypatch):
+    from kdistill.models.student import from_directory
+
+    torch.manual_seed(0)
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    student = from_directory("blueprint:deit-3x96-p4", None, task="image-classification", head=DIGITS)
+    assert isinstance(student, DeiTForImageClassificationWithTeacher)
+    pixels, labels = torch.randn(5, 1, 16, 16), torch.randint(0, 10, (5,))
+    out = student(pixel_values=pixels)
+    assert out.logits.allclose((out.cls_logits + out.distillation_logits) / 2)
+    teacher_logits = torch.randn(5, 10) * 3
+    s_info, t_info = model_info(student, "image-classification"), model_info(tiny_vit(), "image-classification")
+    taps = {"cls_logits": out.cls_logits, "distillation_logits": out.distillation_logits}
+    batch = {"pixel_values": pixels, "labels": labels}
+    hard = LOSSES.get("deit")(LOSSES.get("deit").Params(type="deit", alpha=0.5), s_info, t_info)
+    expected = 0.5 * F.cross_entropy(out.cls_logits, labels) + 0.5 * F.cross_entropy(
+        out.distillation_logits, teacher_logits.argmax(-1))
+    assert hard(taps, {"logits": teacher_logits}, batch).item() == pytest.approx(expected.item(), rel=1e-6)
+    soft = LOSSES.get("deit")(LOSSES.get("deit").Params(type="deit", distillation="soft", alpha=0.1,
+                                                         temperature=3.0), s_info, t_info)
+    p = F.softmax(teacher_logits / 3, -1)
+    kl = (p * (p.log() - F.log_softmax(out.distillation_logits / 3, -1))).sum(-1).mean()
+    expected = 0.9 * F.cross_entropy(out.cls_logits, labels) + 0.1 * 9 * kl
+    assert soft(taps, {"logits": teacher_logits}, batch).item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(PairingError, match="distillation token"):
+        LOSSES.get("deit")(LOSSES.get("deit").Params(type="deit"), t_info, t_info)
+
+
+def test_deit_student_exports_as_a_directory_transformers_loads(vit_teacher, tmp_path, monkeypatch):
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    from kdistill.data import load_corpus
+    from kdistill.eval.images import predict
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    out = distill(recipe(vit_teacher, tmp_path / "deit", [{"type": "deit"}],
+                         student={"model": "blueprint:deit-3x96-p4"}), progress=False)
+    model = DeiTForImageClassificationWithTeacher.from_pretrained(out)
+    assert type(load_model(str(out)).model) is DeiTForImageClassificationWithTeacher
+    records = load_corpus("digits", "test")[:12]
+    ours = predict(model, records)
+    # transformers' own loaders: the saved image processor prepares the 8×8 images, fed as PIL images
+    # (not pipeline(): it converts every image to RGB, and this model takes one grey channel)
+    processor = AutoImageProcessor.from_pretrained(out)
+    images = [Image.fromarray((r["image"][0] * 255).round().astype(np.uint8), mode="L") for r in records]
+    with torch.inference_mode():
+        theirs = model(**processor(images, return_tensors="pt")).logits.argmax(-1).tolist()
+    agree = sum(a == b for a, b in zip(ours.tolist(), theirs))
+    assert agree >= 10  # the same predictions up to 8-bit rounding of the pixels
+
+
+def test_tinyvit_replays_the_stored_views_and_trains_exactly_like_the_live_teacher(vit_teacher, tmp_path):
+    losses = [{"type": "logit_kd", "temperature": 1.0, "alpha": 0.0}]
+    student = {"model": str(tmp_path / "student-init")}
+    torch.manual_seed(1)
+    tiny_vit().save_pretrained(tmp_path / "student-init")
+    live = distill(recipe(vit_teacher, tmp_path / "live", losses, student=student, steps=8), progress=False)
+    base = recipe(vit_teacher, tmp_path / "unused", losses, student=student, steps=8)
+    store = cache_teacher(load_recipe(base), k=10, out=str(tmp_path / "store"), dtype="float32")
+    manifest = json.loads((store / "manifest.json").read_text())
+    assert manifest["num_items"] == 2 * 40 and "view_seed" in manifest["extras"]  # 8 steps × 8 images = 64 draws over 40 images: 2 epochs of views
+    cached = recipe(vit_teacher, tmp_path / "cached", losses, student=student, steps=8, source="cache",
+                    path=str(store))
+    from_store = distill(cached, progress=False)
+    a = load_model(str(live), "image-classification").model.state_dict()
+    b = load_model(str(from_store), "image-classification").model.state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # the same views, the same teacher outputs
+
+    longer = recipe(vit_teacher, tmp_path / "longer", losses, student=student, steps=12, source="cache",
+                    path=str(store))
+    with pytest.raises(CheckpointError, match="data fingerprint|no entry"):
+        distill(longer, progress=False)  # 12 steps need a third epoch of views the store does not hold
+    other_views = recipe(vit_teacher, tmp_path / "other", losses, student=student, steps=8, source="cache",
+                         path=str(store))
+    other_views["data"]["image_augment"]["seed"] = 1
+    with pytest.raises(CheckpointError, match="data fingerprint"):
+        distill(other_views, progress=False)
+
+
+def test_automatic_store_is_built_once_and_shared_by_seeds(vit_teacher, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    losses = [{"type": "logit_kd", "temperature": 1.0}]
+    first = recipe(vit_teacher, tmp_path / "a", losses, source="cache", top_k=4)
+    distill(first, progress=False)
+    stores = list((tmp_path / "home" / "stores").iterdir())
+    assert len(stores) == 1 and json.loads((stores[0] / "manifest.json").read_text())["k"] == 4
+    stamp = (stores[0] / "manifest.json").stat().st_mtime_ns
+    second = recipe(vit_teacher, tmp_path / "b", losses, source="cache", top_k=4)
+    second["train"]["seed"] = 1
+    distill(second, progress=False)
+    assert list((tmp_path / "home" / "stores").iterdir()) == stores
+    assert (stores[0] / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_layer_cka_of_a_model_with_itself_is_one_on_the_diagonal():
+    from kdistill.data import load_corpus
+    from kdistill.eval.images import layer_cka
+
+    torch.manual_seed(0)
+    model = tiny_vit(layers=3)
+    grid = layer_cka(model, model, load_corpus("digits", "test")[:40])
+    assert len(grid) == 3 and len(grid[0]) == 3
+    assert all(grid[i][i] == pytest.approx(1.0, abs=1e-6) for i in range(3))
+    assert all(0 <= v <= 1 + 1e-9 for row in grid for v in row)
