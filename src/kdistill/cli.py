@@ -195,6 +195,22 @@ def export_cmd(model_dir: str = typer.Argument(..., help="a finished student dir
                   f"file {report['packed_file_bytes']:,} bytes vs {report['source_file_bytes'] or 0:,}")
 
 
+@app.command("serve-teacher")
+@friendly
+def serve_teacher(model_dir: str = typer.Argument(..., help="a Hugging Face causal LM directory (or recipe:NAME)"),
+                  port: int = typer.Option(8000, help="TCP port"),
+                  host: str = typer.Option("127.0.0.1", help="address to bind; other than loopback needs --allow-remote"),
+                  allow_remote: bool = typer.Option(False, help="allow binding a non-loopback address"),
+                  model_name: Optional[str] = typer.Option(None, help="the model id clients ask for (default: the folder name)")):
+    """Serve a local causal LM over the OpenAI-compatible protocol (completions and chat, with logprobs),
+    so API-based distillation runs offline against a teacher made here."""
+    from kdistill.api.server import serve
+    from kdistill.teachers.recipe_runs import resolve_teacher
+
+    serve(resolve_teacher(model_dir, console), host=host, port=port, allow_remote=allow_remote,
+          model_name=model_name, console=console)
+
+
 def main():
     app(prog_name="kdistill")
 

@@ -1,0 +1,356 @@
+"""A client for OpenAI-compatible teacher services: retries, a concurrency limit and a durable cache.
+
+Built on httpx rather than the ``openai`` SDK: we need our own retry and backoff policy, our own
+concurrency limit and a cache that survives a killed run, which the SDK would only get in the way
+of, and httpx is one small dependency. ``TeacherAPI.map`` asks many questions at once and returns
+one result per question, in order: a :class:`Completion`, or a :class:`Failure` recording why that
+one item could not be answered (a run never dies for one bad item).
+
+The API key is read from the environment variable named by ``api_key_env`` and sent only as a Bearer
+header: it is not logged, cached, pickled, or shown in any message or repr.
+"""
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import os
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+
+import httpx
+
+from kdistill.api.response_cache import ResponseCache, request_key
+from kdistill.errors import ConfigError, KdistillError
+
+log = logging.getLogger("kdistill.api.client")
+
+SERVE_HINT = "start it (for a local model: `kdistill serve-teacher MODEL_DIR --port N`) or fix teacher.api.base_url"
+
+
+class TeacherUnavailable(KdistillError):
+    """The teacher service cannot be reached or refuses us (checked before a run spends anything)."""
+
+
+class TeacherRequestError(KdistillError):
+    """One request failed after its retries (``complete``/``chat``; ``map`` records a Failure instead)."""
+
+
+class GarbageResponse(ValueError):
+    """A 200 answer that is not a usable completion: not JSON, no choices, wrong types."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    text: str
+    finish_reason: str | None
+    tokens: list[str] | None = None                            # present when logprobs were asked for
+    token_logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[str, float]]] | None = None  # per position, most likely first
+
+
+@dataclass(frozen=True)
+class Completion:
+    key: str                  # the cache key of the request
+    choices: list[Choice]
+    usage: dict = field(default_factory=dict)
+    cached: bool = False      # answered from the cache, no request made
+    ok = True
+
+    # the first choice, for the common n = 1 case
+    text = property(lambda self: self.choices[0].text)
+    finish_reason = property(lambda self: self.choices[0].finish_reason)
+    tokens = property(lambda self: self.choices[0].tokens)
+    token_logprobs = property(lambda self: self.choices[0].token_logprobs)
+    top_logprobs = property(lambda self: self.choices[0].top_logprobs)
+
+
+@dataclass(frozen=True)
+class Failure:
+    key: str
+    error: str                # what went wrong, in words
+    status: int | None = None  # the HTTP status, when there was one
+    attempts: int = 1
+    ok = False
+
+
+class _Failed(Exception):
+    def __init__(self, problem: str, status: int | None, attempts: int):
+        super().__init__(problem)
+        self.problem, self.status, self.attempts = problem, status, attempts
+
+
+class TeacherAPI:
+    """``TeacherAPI("http://127.0.0.1:8000/v1", "my-model")``; ``base_url`` with or without ``/v1``."""
+
+    def __init__(self, base_url: str, model: str, api_key_env: str | None = None, max_concurrency: int = 4,
+                 timeout_s: float = 60, max_retries: int = 5, backoff_s: float = 0.5, cache_path: str | None = None,
+                 max_backoff_s: float = 60):
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"teacher.api.base_url {base_url!r} must start with http:// or https://")
+        if max_concurrency < 1 or max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
+            raise ConfigError("teacher.api: max_concurrency must be >= 1, max_retries >= 0, timeout_s > 0 "
+                              "and backoff_s >= 0")
+        base = base_url.rstrip("/")
+        self.base_url = base if base.endswith("/v1") else base + "/v1"
+        self.model, self.api_key_env = model, api_key_env
+        self.max_concurrency, self.timeout_s, self.max_retries = max_concurrency, timeout_s, max_retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self._secret = _read_key(api_key_env)
+        headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+        self._http = httpx.Client(timeout=timeout_s, headers=headers,
+                                  limits=httpx.Limits(max_connections=max_concurrency))
+        self._slots = threading.BoundedSemaphore(max_concurrency)  # shared by map and direct callers
+        self.cache = ResponseCache(cache_path) if cache_path else None
+        self.requests_sent = 0  # HTTP requests actually made, retries included
+        self._counting = threading.Lock()
+
+    def __repr__(self) -> str:
+        return (f"TeacherAPI(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
+                f"cache={str(self.cache.path) if self.cache else None!r})")
+
+    def __getstate__(self):
+        raise TypeError("TeacherAPI holds an API key and open connections and is not pickled; "
+                        "create one per process from the same settings")
+
+    def close(self) -> None:
+        self._http.close()
+        if self.cache is not None:
+            self.cache.close()
+
+    def __enter__(self) -> TeacherAPI:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- asking --------------------------------------------------------------------------------
+
+    def complete(self, prompt: str, *, candidate: int = 0, **sampling) -> Completion:
+        """One legacy completion; raises TeacherRequestError if it fails after its retries."""
+        return self._one({"prompt": prompt, "candidate": candidate, **sampling})
+
+    def chat(self, messages: list[dict], *, candidate: int = 0, **sampling) -> Completion:
+        """One chat completion; raises TeacherRequestError if it fails after its retries."""
+        return self._one({"messages": messages, "candidate": candidate, **sampling})
+
+    def map(self, requests: list[dict], progress: bool = True) -> list[Completion | Failure]:
+        """Ask every request ({"prompt": ...} or {"messages": ...}, sampling settings, optional
+        "candidate"), ``max_concurrency`` at a time; results come back in order. Identical requests
+        are asked once. Each answer is cached the moment it arrives."""
+        prepared = [self._prepare(request, f"requests[{i}]") for i, request in enumerate(requests)]
+        unique = {key: (endpoint, body) for key, endpoint, body in prepared}
+        answers: dict[str, Completion | Failure] = {}
+        failed = cached = 0
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("cached {task.fields[cached]} · failed {task.fields[failed]}"),
+                   TimeElapsedColumn(), TimeRemainingColumn())
+        pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="teacher-api")
+        try:
+            with Progress(*columns, disable=not progress) as bar:
+                task = bar.add_task(f"teacher {self.model}", total=len(unique), cached=0, failed=0)
+                futures = {pool.submit(self._ask_safely, key, endpoint, body): key
+                           for key, (endpoint, body) in unique.items()}
+                for future in as_completed(futures):
+                    answer = answers[futures[future]] = future.result()
+                    failed += not answer.ok
+                    cached += bool(answer.ok and answer.cached)
+                    bar.update(task, advance=1, cached=cached, failed=failed)
+        except BaseException:  # Ctrl-C: drop what has not started; finished answers are already cached
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+        return [answers[key] for key, _, _ in prepared]
+
+    def check(self, budget_s: float = 10) -> list[str]:
+        """One GET /models (retried within ``budget_s``): the ids the service lists. Raises
+        TeacherUnavailable when it does not answer or refuses the key, ConfigError when it answers but
+        does not list ``model``."""
+        try:
+            response = self._send("GET", "/models", None, deadline=time.monotonic() + budget_s,
+                                  timeout=min(self.timeout_s, budget_s))
+        except _Failed as err:
+            if err.status in (401, 403):
+                raise TeacherUnavailable(f"the teacher API at {self.base_url} refused the key in "
+                                         f"${self.api_key_env} ({err.problem}): put a valid key in that "
+                                         "environment variable") from None
+            if err.status == 404:  # it is up; some services just do not list models
+                return []
+            raise TeacherUnavailable(f"the teacher API at {self.base_url} did not answer ({err.problem}, "
+                                     f"{err.attempts} attempts): {SERVE_HINT}") from None
+        try:
+            ids = [m["id"] for m in response.json()["data"]]
+        except (ValueError, KeyError, TypeError):
+            raise TeacherUnavailable(f"{self.base_url}/models did not answer like an OpenAI-compatible service: "
+                                     f"{SERVE_HINT}") from None
+        if ids and self.model not in ids:
+            raise ConfigError(f"teacher.api.model {self.model!r} is not served at {self.base_url}; it serves: "
+                              f"{', '.join(ids[:20])}")
+        return ids
+
+    # ---- one request ---------------------------------------------------------------------------
+
+    def _prepare(self, request: dict, where: str) -> tuple[str, str, dict]:
+        if not isinstance(request, dict):
+            raise ConfigError(f"{where} must be a dict with a prompt or messages")
+        request = dict(request)
+        candidate = request.pop("candidate", 0)
+        if ("prompt" in request) == ("messages" in request):
+            raise ConfigError(f"{where} needs exactly one of 'prompt' (completions) or 'messages' (chat)")
+        for reserved in ("model", "stream"):
+            if request.get(reserved) not in (None, False):
+                raise ConfigError(f"{where}.{reserved} is set by the client (from teacher.api.model; "
+                                  "streaming is not used): remove it")
+        if not isinstance(candidate, int):
+            raise ConfigError(f"{where}.candidate must be an integer (which sample of this request)")
+        endpoint = "/chat/completions" if "messages" in request else "/completions"
+        body = {"model": self.model, **request}
+        return request_key(endpoint, body, candidate), endpoint, body
+
+    def _one(self, request: dict) -> Completion:
+        answer = self._ask(*self._prepare(request, "request"))
+        if not answer.ok:
+            raise TeacherRequestError(f"the teacher API at {self.base_url} could not answer: {answer.error}")
+        return answer
+
+    def _ask_safely(self, key: str, endpoint: str, body: dict) -> Completion | Failure:
+        try:
+            return self._ask(key, endpoint, body)
+        except Exception as err:  # a bug must cost one item, not the run (and is logged in full)
+            log.exception("teacher request %s failed unexpectedly", key[:12])
+            return Failure(key, self._redact(f"{type(err).__name__}: {err}"))
+
+    def _ask(self, key: str, endpoint: str, body: dict) -> Completion | Failure:
+        if self.cache is not None and (payload := self.cache.get(key)) is not None:
+            return _completion(key, endpoint, payload, cached=True)
+        try:
+            response = self._send("POST", endpoint, body)
+        except _Failed as err:
+            log.warning("teacher request %s failed: %s", key[:12], err.problem)
+            return Failure(key, err.problem, err.status, err.attempts)
+        try:
+            payload = response.json()
+            answer = _completion(key, endpoint, payload, cached=False)
+        except (ValueError, GarbageResponse) as err:  # not cached: a later run asks again
+            problem = f"garbage response: {self._redact(str(err))[:300]}"
+            log.warning("teacher request %s: %s", key[:12], problem)
+            return Failure(key, problem, response.status_code)
+        if self.cache is not None:
+            self.cache.put(key, endpoint, body, payload)
+        return answer
+
+    def _send(self, method: str, path: str, body: dict | None, *, deadline: float | None = None,
+              timeout: float | None = None) -> httpx.Response:
+        """The request with retries: timeouts, connection errors, 429 and 5xx are retried with
+        exponential backoff and jitter (or the server's Retry-After); other 4xx fail at once."""
+        attempts = 0
+        while True:
+            attempts += 1
+            status, retry_after = None, None
+            try:
+                with self._slots:
+                    with self._counting:
+                        self.requests_sent += 1
+                    response = self._http.request(method, self.base_url + path, json=body,
+                                                  timeout=timeout or self.timeout_s)
+            except httpx.TimeoutException:
+                problem = f"no answer within {timeout or self.timeout_s:g} s"
+            except httpx.TransportError as err:
+                problem = f"connection failed ({type(err).__name__}: {self._redact(str(err))[:200]})"
+            else:
+                if response.status_code < 400:
+                    return response
+                status, retry_after = response.status_code, _retry_after(response)
+                problem = f"HTTP {status}: {self._redact(_error_message(response))[:300]}"
+                if status != 429 and status < 500:
+                    raise _Failed(problem, status, attempts)
+            if retry_after is None:  # exponential, with jitter so parallel workers do not retry in step
+                retry_after = self.backoff_s * 2 ** (attempts - 1) * random.uniform(0.5, 1.5)
+            delay = min(retry_after, self.max_backoff_s)
+            if attempts > self.max_retries or (deadline is not None and time.monotonic() + delay >= deadline):
+                raise _Failed(problem, status, attempts)
+            log.info("%s %s: %s; retry %d/%d in %.2f s", method, path, problem, attempts, self.max_retries, delay)
+            time.sleep(delay)
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+
+def _read_key(env: str | None) -> str | None:
+    if env is None:
+        return None
+    value = os.environ.get(env)
+    if not value:
+        raise ConfigError(f"teacher.api.api_key_env names ${env}, which is not set: export the API key in that "
+                          "environment variable (keys are read from the environment only, never from files)")
+    return value
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:  # an HTTP date
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text.strip() or response.reason_phrase
+
+
+def _completion(key: str, endpoint: str, payload, cached: bool) -> Completion:
+    choices = payload.get("choices") if isinstance(payload, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise GarbageResponse(f"no choices in {json.dumps(payload)[:200]}")
+    ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
+    parsed = [_chat_choice(c) if endpoint == "/chat/completions" else _legacy_choice(c) for c in ordered]
+    usage = payload.get("usage")
+    return Completion(key, parsed, usage if isinstance(usage, dict) else {}, cached)
+
+
+def _legacy_choice(choice) -> Choice:
+    if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
+        raise GarbageResponse("a choice has no text")
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return Choice(choice["text"], choice.get("finish_reason"))
+    try:
+        tokens, values = list(logprobs["tokens"]), [float(v) for v in logprobs["token_logprobs"]]
+        tops = [sorted(((str(t), float(v)) for t, v in (top or {}).items()), key=lambda p: -p[1])
+                for top in logprobs.get("top_logprobs") or [None] * len(tokens)]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise GarbageResponse("malformed logprobs") from None
+    if not len(tokens) == len(values) == len(tops):
+        raise GarbageResponse("logprobs lists of different lengths")
+    return Choice(choice["text"], choice.get("finish_reason"), tokens, values, tops)
+
+
+def _chat_choice(choice) -> Choice:
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+        raise GarbageResponse("a choice has no message content")
+    logprobs = choice.get("logprobs")
+    if not logprobs:
+        return Choice(message["content"], choice.get("finish_reason"))
+    try:
+        content = logprobs["content"]
+        tokens, values = [str(e["token"]) for e in content], [float(e["logprob"]) for e in content]
+        tops = [[(str(t["token"]), float(t["logprob"])) for t in e.get("top_logprobs") or []] for e in content]
+    except (KeyError, TypeError, ValueError):
+        raise GarbageResponse("malformed logprobs") from None
+    return Choice(message["content"], choice.get("finish_reason"), tokens, values, tops)

@@ -1,0 +1,258 @@
+"""TeacherAPI against the real teacher server and against a scripted, flaky stub service."""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from kdistill.api.client import Failure, TeacherAPI, TeacherRequestError, TeacherUnavailable
+from kdistill.api.response_cache import ResponseCache
+from kdistill.api.server import TeacherServer
+from kdistill.errors import ConfigError
+
+KEY = "sk-kdistill-test-0123456789abcdef"
+
+
+# ---- a stub service that misbehaves on cue -----------------------------------------------------
+
+class Stub:
+    """An OpenAI-ish service whose next answers follow `script`: ("status", code[, headers]),
+    ("garbage", raw bytes), ("sleep", seconds); when the script runs out it answers properly."""
+
+    def __init__(self):
+        self.script: list[tuple] = []
+        self.seen: list[dict] = []
+        self.lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.answer(200, {"object": "list", "data": [{"id": "stub-model", "object": "model"}]})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with stub.lock:
+                    authorization = self.headers.get("Authorization")
+                    stub.seen.append({"path": self.path, "body": body, "authorization": authorization})
+                    step = stub.script.pop(0) if stub.script else ("ok",)
+                if step[0] == "status":  # a hostile service echoes our Authorization header back
+                    error = {"message": f"busy; you sent {authorization}"}
+                    return self.answer(step[1], {"error": error}, step[2] if len(step) > 2 else {})
+                if step[0] == "garbage":
+                    return self.raw(200, step[1])
+                if step[0] == "sleep":
+                    time.sleep(step[1])
+                text = f"answer to {body.get('prompt') or body['messages'][-1]['content']}"
+                self.answer(200, {"choices": [{"index": 0, "text": text, "finish_reason": "stop"}]})
+
+            def answer(self, status, payload, headers=()):
+                self.raw(status, json.dumps(payload).encode(), headers)
+
+            def raw(self, status, data, headers=()):
+                try:
+                    self.send_response(status)
+                    for name, value in dict(headers).items():
+                        self.send_header(name, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (timeout tests)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def stub():
+    service = Stub()
+    yield service
+    service.close()
+
+
+def api(url, model="stub-model", **settings) -> TeacherAPI:
+    return TeacherAPI(url, model, **{"backoff_s": 0.01, "timeout_s": 5, **settings})
+
+
+def test_retries_503_and_429_then_succeeds(stub):
+    stub.script = [("status", 503), ("status", 502), ("status", 429, {"Retry-After": "0"})]
+    with api(stub.url) as client:
+        answer = client.complete("2+2", max_tokens=4)
+    assert answer.text == "answer to 2+2" and answer.finish_reason == "stop" and not answer.cached
+    assert len(stub.seen) == 4 and client.requests_sent == 4
+    assert stub.seen[0]["path"] == "/v1/completions"
+    assert stub.seen[0]["body"] == {"model": "stub-model", "prompt": "2+2", "max_tokens": 4}
+
+
+def test_retry_after_is_honoured(stub):
+    stub.script = [("status", 429, {"Retry-After": "0.4"})]
+    start = time.monotonic()
+    with api(stub.url, backoff_s=0) as client:
+        assert client.complete("x").ok
+    assert time.monotonic() - start >= 0.4
+
+
+def test_a_client_error_fails_at_once_and_exhausted_retries_fail(stub):
+    stub.script = [("status", 400)]
+    with api(stub.url, max_retries=2) as client:
+        with pytest.raises(TeacherRequestError, match="HTTP 400"):
+            client.complete("x")
+        assert len(stub.seen) == 1
+        stub.script = [("status", 503)] * 3
+        [failure] = client.map([{"prompt": "y"}], progress=False)
+    assert isinstance(failure, Failure) and not failure.ok
+    assert (failure.status, failure.attempts) == (503, 3) and "HTTP 503" in failure.error
+
+
+def test_a_timeout_is_retried(stub):
+    stub.script = [("sleep", 1.5)]
+    with api(stub.url, timeout_s=0.3) as client:
+        answer = client.complete("slow")
+    assert answer.text == "answer to slow" and client.requests_sent == 2
+
+
+def test_garbage_is_a_failure_for_that_item_only_and_is_not_cached(stub, tmp_path):
+    cache = tmp_path / "answers.sqlite"
+    stub.script = [("garbage", b'{"choices": [{"text": "trunc')]
+    with api(stub.url, cache_path=cache, max_concurrency=1) as client:
+        results = client.map([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}], progress=False)
+        assert [r.ok for r in results] == [False, True, True]
+        assert "garbage" in results[0].error
+        stub.script = [("garbage", b'{"id": "no choices here"}'), ("garbage", b'{"choices": [{"message": {}}]}')]
+        missing = client.map([{"prompt": "d"}, {"messages": [{"role": "user", "content": "e"}]}], progress=False)
+        assert [r.ok for r in missing] == [False, False]
+        assert len(client.cache) == 2  # b and c
+        again = client.map([{"prompt": "a"}, {"prompt": "b"}, {"prompt": "c"}], progress=False)
+    assert [r.text for r in again] == ["answer to a", "answer to b", "answer to c"]
+    assert [r.cached for r in again] == [False, True, True]
+
+
+def test_the_key_never_leaves_the_header(stub, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("KDISTILL_TEST_KEY", KEY)
+    cache = tmp_path / "answers.sqlite"
+    stub.script = [("status", 503), ("status", 401)]  # both echo the key back in their error body
+    with caplog.at_level(logging.DEBUG), api(stub.url, api_key_env="KDISTILL_TEST_KEY", cache_path=cache) as client:
+        results = client.map([{"prompt": "p"}, {"prompt": "q"}, {"prompt": "r"}], progress=False)
+        failed = [r for r in results if not r.ok]
+        with pytest.raises(TypeError):
+            pickle.dumps(client)
+        text = repr(client) + repr(results) + "".join(f.error for f in failed)
+    assert {s["authorization"] for s in stub.seen} == {f"Bearer {KEY}"}
+    assert len(failed) == 1 and "***" in failed[0].error
+    assert KEY not in text and KEY not in caplog.text
+    for path in tmp_path.iterdir():  # the database and its WAL files
+        assert KEY.encode() not in path.read_bytes()
+
+
+def test_a_missing_key_variable_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("KDISTILL_NO_SUCH_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"\$KDISTILL_NO_SUCH_KEY"):
+        TeacherAPI("http://127.0.0.1:1", "m", api_key_env="KDISTILL_NO_SUCH_KEY")
+
+
+def test_bad_requests_are_refused_before_anything_is_sent(stub):
+    with api(stub.url) as client:
+        for request, message in [({"max_tokens": 3}, "exactly one of"), ({"prompt": "x", "model": "other"}, "model"),
+                                 ({"prompt": "x", "stream": True}, "stream")]:
+            with pytest.raises(ConfigError, match=message):
+                client.map([{"prompt": "fine"}, request], progress=False)
+    assert stub.seen == []
+
+
+def test_a_dead_service_gives_one_clear_error():
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.monotonic()
+    with api(f"http://127.0.0.1:{port}", backoff_s=0.05) as client:
+        with pytest.raises(TeacherUnavailable, match=rf"127\.0\.0\.1:{port}/v1 did not answer.*serve-teacher"):
+            client.check(budget_s=1)
+    assert time.monotonic() - start < 3
+
+
+# ---- against the real teacher server -----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher(tiny_gpt2_dir):
+    server = TeacherServer(tiny_gpt2_dir, port=0).start()
+    yield server
+    server.stop()
+
+
+def test_against_the_real_server(teacher):
+    with api(teacher.url, model=teacher.model_name) as client:
+        assert client.check() == [teacher.model_name]
+        answer = client.complete("the cat", max_tokens=4, temperature=0, logprobs=3)
+        assert answer.tokens and len(answer.tokens) == len(answer.token_logprobs) == len(answer.top_logprobs)
+        assert all(len(top) == 3 and top[0][1] >= top[-1][1] for top in answer.top_logprobs)
+        assert answer.usage["completion_tokens"] == len(answer.tokens)
+        chat = client.chat([{"role": "user", "content": "hi"}], max_tokens=3, temperature=0, logprobs=True,
+                           top_logprobs=2)
+        assert isinstance(chat.text, str) and len(chat.top_logprobs[0]) == 2
+    with api(teacher.url, model="not-served") as client, pytest.raises(ConfigError, match="not-served"):
+        client.check()
+
+
+def test_each_answer_is_cached_once_and_a_second_run_asks_nothing(teacher, tmp_path):
+    cache = tmp_path / "answers.sqlite"
+    requests = [{"prompt": f"question {i}", "max_tokens": 4, "temperature": 0} for i in range(5)]
+    requests.append(dict(requests[0]))  # asked twice, paid once
+    requests += [{"prompt": "sample me", "max_tokens": 6, "temperature": 1.0, "seed": i, "candidate": i}
+                 for i in range(3)]
+    with api(teacher.url, model=teacher.model_name, cache_path=cache) as client:
+        first = client.map(requests, progress=False)
+        assert all(r.ok for r in first) and client.requests_sent == 8
+        assert len(client.cache) == 8 and first[0] is first[5]
+        assert len({r.key for r in first[6:]}) == 3  # several samples of one prompt: distinct rows
+    with api(teacher.url, model=teacher.model_name, cache_path=cache) as client:
+        second = client.map(requests, progress=False)
+    assert client.requests_sent == 0 and all(r.cached for r in second)
+    assert [r.text for r in second] == [r.text for r in first]
+
+
+def test_stopping_the_server_mid_run_loses_nothing_and_pays_once(tiny_gpt2_dir, tmp_path):
+    server = TeacherServer(tiny_gpt2_dir, port=0).start()
+    cache_path = tmp_path / "answers.sqlite"
+    requests = [{"prompt": f"item {i}", "max_tokens": 24, "temperature": 0} for i in range(24)]
+    client = api(server.url, model=server.model_name, cache_path=cache_path, max_concurrency=2, max_retries=40,
+                 backoff_s=0.05, max_backoff_s=0.2)
+    outage = {}
+
+    def kill_then_restart():
+        while len(client.cache) < 3:
+            time.sleep(0.002)
+        server.stop()
+        outage["answered_before"] = len(client.cache)
+        time.sleep(0.6)
+        server.start()
+
+    killer = threading.Thread(target=kill_then_restart)
+    killer.start()
+    try:
+        results = client.map(requests, progress=False)
+    finally:
+        killer.join()
+        server.stop()
+        client.close()
+    assert all(r.ok for r in results), [r for r in results if not r.ok]
+    assert outage["answered_before"] < len(requests)
+    assert client.requests_sent > len(requests)  # some were refused while it was down, then retried
+    with ResponseCache(cache_path) as cache:
+        rows = list(cache.rows())
+    assert len(rows) == len(requests) == len({row["key"] for row in rows})
+    assert sorted(row["request"]["prompt"] for row in rows) == sorted(r["prompt"] for r in requests)
