@@ -147,3 +147,16 @@ def test_layer_cka_of_a_model_with_itself_is_one_on_the_diagonal():
     assert len(grid) == 3 and len(grid[0]) == 3
     assert all(grid[i][i] == pytest.approx(1.0, abs=1e-6) for i in range(3))
     assert all(0 <= v <= 1 + 1e-9 for row in grid for v in row)
+
+
+def test_kdistill_eval_reports_accuracy_speed_and_per_layer_cka_for_images(vit_teacher, tmp_path):
+    from kdistill.eval.report import evaluate, render_table
+
+    torch.manual_seed(0)
+    tiny_vit(layers=2).save_pretrained(tmp_path / "student")
+    result = evaluate(str(tmp_path / "student"), vit_teacher, {"source": "digits"}, split="test", limit=40)
+    entry = result["datasets"]["digits"]
+    assert entry["n"] == 40 and set(entry["accuracy"]) == {"teacher", "student"}
+    assert len(entry["cka"]) == 2 and len(entry["cka"][0]) == 4  # student layers × teacher layers
+    assert result["models"]["student"]["images_per_s"] > 0 and result["speedup"] > 0
+    render_table(result)  # renders without error

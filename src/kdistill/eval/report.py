@@ -18,6 +18,7 @@ from kdistill.errors import ConfigError, PairingError
 # quality measure. Classifiers and causal LMs are judged by their own head instead.
 ENCODER_TASKS = ("embedding", "masked-lm")
 TEXT_TASKS = ENCODER_TASKS + ("classification", "causal-lm")
+IMAGE_TASKS = ("image-classification",)
 SPEED_TEXTS = 128  # a few batches time steadily; more only makes a CPU eval slow (4 passes each)
 SPEED_REPEATS = 3
 FILE_SUFFIXES = (".jsonl", ".csv", ".txt")
@@ -69,7 +70,7 @@ def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -
         if name in out:
             name = f"{name} #{i}"
         records = load_records({k: v for k, v in spec.items() if k != "name"}, split)
-        out[name] = [r for r in records if str(r.get("text", "")).strip()]
+        out[name] = [r for r in records if str(r.get("text", "")).strip() or "image" in r or "image_path" in r]
     return out
 
 
@@ -78,9 +79,9 @@ def _load(ref: str, device: str | None) -> Side:
     from kdistill.models.loading import load_model, read_pooling
 
     loaded = load_model(ref)
-    if loaded.task not in TEXT_TASKS:
-        raise ConfigError(f"{ref} is a {loaded.task} model; evaluate handles text models "
-                          f"({', '.join(TEXT_TASKS)})")
+    if loaded.task not in TEXT_TASKS + IMAGE_TASKS:
+        raise ConfigError(f"{ref} is a {loaded.task} model; evaluate handles "
+                          f"{', '.join(TEXT_TASKS + IMAGE_TASKS)} models")
     model = loaded.model.to(device) if device else loaded.model
     pooling = read_pooling(loaded.path)
     if pooling is None:
@@ -139,6 +140,8 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
             "params": count_parameters(side.model),
             "size_mb": None if size is None else size / 1e6, "texts_per_s": None,
         }
+    if sides["student"].task in IMAGE_TASKS:
+        return evaluate_images(result, sides, datasets, speed)
     pair = "teacher" in sides and all(s.task in ENCODER_TASKS for s in sides.values())
     for name, records in datasets.items():
         texts = [r["text"] for r in records]
@@ -172,6 +175,36 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
     return result
 
 
+def evaluate_images(result: dict, sides: dict, datasets: dict, speed: bool) -> dict:
+    """Image classifiers: accuracy per dataset, images/s, and per-layer linear CKA student × teacher."""
+    from kdistill.eval.images import image_accuracy, image_speed, layer_cka
+
+    for role, side in sides.items():
+        if side.task not in IMAGE_TASKS:
+            raise PairingError(f"the student is an image classifier but the {role} is a {side.task} model")
+    for name, records in datasets.items():
+        entry: dict = {"n": len(records)}
+        for role, s in sides.items():
+            if any(r.get("label") is not None for r in records):
+                entry.setdefault("accuracy", {})[role] = image_accuracy(s.model, records, _class_names(s.model, records))
+        if "teacher" in sides:
+            try:
+                grid = layer_cka(sides["student"].model, sides["teacher"].model, records)
+            except PairingError:  # a convnet teacher has no transformer layers to compare
+                grid = None
+            if grid:
+                entry["cka"] = grid
+        result["datasets"][name] = entry
+    if speed:
+        records = next(iter(datasets.values()))[:512]
+        ips = image_speed({role: s.model for role, s in sides.items()}, records)
+        for role, value in ips.items():
+            result["models"][role]["images_per_s"] = value
+        if "teacher" in ips:
+            result["speedup"] = ips["student"] / ips["teacher"]
+    return result
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -200,7 +233,10 @@ def render_table(result: dict):
     row("task", [models[r]["task"] for r in roles])
     row("parameters", [_fmt(models[r]["params"]) for r in roles])
     row("size on disk (MB)", [_fmt(models[r]["size_mb"], 1) for r in roles])
-    row("texts / s", [_fmt(models[r]["texts_per_s"], 1) for r in roles])
+    if any("images_per_s" in models[r] for r in roles):
+        row("images / s", [_fmt(models[r].get("images_per_s"), 1) for r in roles])
+    else:
+        row("texts / s", [_fmt(models[r]["texts_per_s"], 1) for r in roles])
     if result.get("speedup") is not None:
         row("speedup vs teacher", ["1.00×", f"{result['speedup']:.2f}×"])
     # Fidelity compares the pair, so it sits in the student's column; the teacher is the reference.
@@ -216,6 +252,10 @@ def render_table(result: dict):
         for key, label, digits in (("accuracy", "accuracy", 3), ("perplexity", "perplexity", 2)):
             if key in entry:
                 row(f"  {label}", [_fmt(entry[key].get(r), digits) for r in roles])
+        for i, cka_row in enumerate(entry.get("cka") or [], 1):  # each student layer's closest teacher layer
+            best = max(range(len(cka_row)), key=cka_row.__getitem__)
+            row(f"  CKA, student layer {i}", ["ref"] * (len(roles) - 1)
+                + [f"{cka_row[best]:.3f} (teacher layer {best + 1})"])
     return table
 
 
