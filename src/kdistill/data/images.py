@@ -159,15 +159,14 @@ def image_shape(config, data_size: int | None) -> tuple[int, int]:
 
 def image_processor(image_size: int, channels: int, mean: float = 0.5, std: float = 0.5):
     """The preprocessing ImageCollator does (bilinear resize, scale to [0, 1], normalise), as a transformers
-    image processor saved with the student, so `pipeline("image-classification", model=DIR)` matches it."""
-    import warnings
+    image processor saved with the student, so `AutoImageProcessor.from_pretrained(DIR)` prepares images alike."""
+    try:  # the PIL implementation: torchvision (the default backend) does not install beside our torch
+        from transformers import ViTImageProcessorPil as Processor
+    except ImportError:
+        from transformers import ViTImageProcessor as Processor
 
-    from transformers import ViTImageProcessor
-
-    with warnings.catch_warnings():  # "no torchvision: using the PIL processor" is expected on these machines
-        warnings.simplefilter("ignore")
-        return ViTImageProcessor(size={"height": image_size, "width": image_size}, image_mean=[mean] * channels,
-                                 image_std=[std] * channels, resample=2, do_convert_rgb=channels == 3)
+    return Processor(size={"height": image_size, "width": image_size}, image_mean=[mean] * channels,
+                     image_std=[std] * channels, resample=2, do_convert_rgb=channels == 3)
 
 
 __all__ = ["image_processor", "ImageCollator", "affine_views", "image_folder", "image_shape", "is_image_folder", "read_image",
