@@ -60,7 +60,7 @@ def stand_in(ref, base, classifier, causal):
         return ref  # an earlier stage's student stays what it is
     if ref in IMAGE_TEACHERS:
         return IMAGE_STAND_INS[IMAGE_TEACHERS[ref]]
-    if ref.startswith(("blueprint:", "recipe:lm-")):
+    if ref.startswith(("blueprint:", "recipe:lm-", "recipe:pad-")):
         return causal
     return classifier if ref.startswith("recipe:") else base
 
@@ -69,7 +69,14 @@ def shrink(node, base, classifier, causal):
     """Point teachers at the stand-ins, limit every data source, and cut every stage to 2 steps."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "teacher" and isinstance(value, dict):
+            if key == "synthesize" and isinstance(value, dict):
+                # a few prompts and short samples; a random stand-in writes no program that prints the
+                # answer, so keep every candidate (filter: none) for the next stage to train on
+                value["prompts"]["limit"] = 4
+                value.update(candidates=2, filter={"type": "none"})
+                value.setdefault("sampling", {})["max_new_tokens"] = 8
+                shrink(value, base, classifier, causal)
+            elif key == "teacher" and isinstance(value, dict):
                 value["model"] = stand_in(str(value.get("model", "")), base, classifier, causal)
             elif key == "from_teacher" and isinstance(value, dict) and "model" in value:
                 value["model"] = base

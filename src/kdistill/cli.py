@@ -69,11 +69,21 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
     with tempfile.TemporaryDirectory() as tmp:
         previous = None
         for i, stage in enumerate(r.stages):
+            if stage.synthesize is not None:  # generates data; nothing to pair until it has run
+                from kdistill.api.synthesize import describe
+
+                console.print(f"stage {i} [bold]{stage.name}[/]: {describe(stage.synthesize)}", highlight=False)
+                continue
+            if full and "stage:" in str(stage.data.train):
+                console.print(f"  (stage {i} trains on data an earlier stage synthesizes: not built by --full)")
+                full_stage = False
+            else:
+                full_stage = full
             student = stage.student.kind()[0] if stage.student else "previous stage"
             losses = ", ".join(f"{p.type}×{p.weight:g}" for p in stage.losses)
             console.print(f"stage {i} [bold]{stage.name}[/]: teacher {stage.teacher.model or 'cache:' + str(stage.teacher.path)}, student {student}, "
                           f"{stage.train.steps} steps, losses {losses}", highlight=False)
-            if full:
+            if full_stage:
                 from kdistill.engine.build import build_stage
 
                 prefix = f"stages[{i}]." if len(r.stages) > 1 else ""
@@ -193,6 +203,18 @@ def export_cmd(model_dir: str = typer.Argument(..., help="a finished student dir
     console.print(f"wrote {out}: quantized linear weights {report['quantized_linear_packed_bytes']:,} bytes packed "
                   f"vs {fp:,} bytes FP32 (1/{fp / report['quantized_linear_packed_bytes']:.1f}); "
                   f"file {report['packed_file_bytes']:,} bytes vs {report['source_file_bytes'] or 0:,}")
+
+
+@app.command("compare-pad")
+@friendly
+def compare_pad_cmd(seeds: int = typer.Option(3, help="seeds per variant"),
+                    output: str = typer.Option("runs/pad-compare", help="where runs and the table go"),
+                    test_limit: Optional[int] = typer.Option(None, help="test problems scored (default: all)")):
+    """PaD: students on execution-filtered vs unfiltered teacher programs vs direct answers, scored by
+    execution accuracy on held-out problems."""
+    from kdistill.api.pad import compare_pad
+
+    compare_pad(seeds=seeds, output=output, test_limit=test_limit, console=console)
 
 
 @app.command("serve-teacher")

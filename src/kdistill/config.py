@@ -199,15 +199,86 @@ class OnPolicyConfig(Strict):
     greedy: bool = Field(False, description="greedy decoding instead of sampling")
 
 
+class APITeacher(Strict):
+    """A teacher reached over the OpenAI-compatible protocol (kdistill.api.TeacherAPI)."""
+    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1 (`kdistill serve-teacher`) or a hosted service")
+    model: str
+    api_key_env: str | None = Field(None, description="environment variable holding the key (never the key itself)")
+    max_concurrency: int = Field(4, ge=1)
+    timeout_s: float = Field(60, gt=0)
+    max_retries: int = Field(5, ge=0)
+    chat: bool = Field(False, description="ask /chat/completions with the prompt as one user message "
+                       "(default: /completions with the prompt as it is)")
+
+
+class GeneratorTeacher(Strict):
+    """Who writes the candidates of a synthesize stage: a local causal LM or a service."""
+    model: str | None = Field(None, description="local dir, hub id, recipe:NAME, blueprint:NAME or stage:NAME "
+                              "(an earlier training stage's student), sampled in-process")
+    api: APITeacher | None = None
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        if (self.model is None) == (self.api is None):
+            raise ValueError("give exactly one of model (a local causal LM) or api ({base_url, model, ...})")
+        return self
+
+
+class Sampling(Strict):
+    temperature: float = Field(0.8, ge=0, le=2, description="0 = greedy (then candidates > 1 repeat themselves)")
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1)
+    seed: int = Field(0, description="candidates come from this seed, not train.seed, so one synthesized set "
+                      "serves every training seed")
+
+
+class SynthesizeConfig(Strict):
+    """A generator writes `candidates` completions per prompt, a filter keeps or drops each, and the kept set
+    becomes training data (`data: {train: {path: stage:NAME}}`), with provenance on every row."""
+    teacher: GeneratorTeacher
+    prompts: DataSource = Field(description="the records to prompt with (any data source; every field of a "
+                                "record can be used in template and filter)")
+    template: str = Field("{prompt}", description="the prompt text: a format string over the record's fields")
+    candidates: int = Field(4, ge=1, le=64, description="completions per prompt")
+    sampling: Sampling = Sampling()
+    filter: Any = Field(default_factory=lambda: {"type": "none"},
+                        description="{type: execution | threshold | none, ...} (kdistill.api.filters)")
+    dedupe: bool = Field(True, description="drop a candidate identical to an earlier one of the same prompt")
+    text: str = Field("{prompt}{completion}", description="the training text of a row: a format string over "
+                      "prompt, completion and the record's fields")
+    batch_size: int = Field(8, ge=1, description="prompts generated together (a unit of resumption)")
+    cache: str | None = Field(None, description="an SQLite file of the generator's answers (default: the API "
+                              "teacher's is {stage dir}/teacher.sqlite; a local model's is off): runs sharing a "
+                              "cache never ask the same question twice")
+    export: str | None = Field(None, description="also copy the kept rows to this .jsonl file")
+
+
 class Stage(Strict):
+    """A training stage (teacher, student, data, losses, train) or a synthesize stage (synthesize only)."""
     name: str = "main"
-    teacher: TeacherConfig
+    teacher: TeacherConfig | None = None
     student: StudentConfig | None = None
-    data: DataConfig
-    losses: list[Any] = Field(min_length=1)
+    data: DataConfig | None = None
+    losses: list[Any] = Field(default_factory=list)
     train: TrainConfig = TrainConfig()
     quant: QuantConfig | None = None
     on_policy: OnPolicyConfig | None = None
+    synthesize: SynthesizeConfig | None = None
+
+    @model_validator(mode="after")
+    def training_or_synthesis(self):
+        if self.synthesize is not None:
+            extra = [k for k in STAGE_FIELDS if getattr(self, k) not in (None, [])]
+            extra = [k for k in extra if k != "train" or self.train != TrainConfig()]
+            if extra:
+                raise ValueError(f"a synthesize stage trains nothing: remove {', '.join(extra)} (its generator is "
+                                 f"synthesize.teacher; train on its output in a later stage with "
+                                 f"data: {{train: {{path: stage:{self.name}}}}})")
+            return self
+        missing = [k for k in ("teacher", "data") if getattr(self, k) is None] + ([] if self.losses else ["losses"])
+        if missing:
+            raise ValueError(f"a training stage needs {', '.join(missing)} (or a synthesize: block instead)")
+        return self
 
 
 class Recipe(Strict):
@@ -216,7 +287,12 @@ class Recipe(Strict):
     stages: list[Stage]
 
     def dump(self) -> dict:
-        return self.model_dump(mode="json", exclude_none=True)
+        out = self.model_dump(mode="json", exclude_none=True)
+        for stage in out["stages"]:
+            if "synthesize" in stage:  # training defaults mean nothing in a synthesize stage
+                stage.pop("train", None)
+                stage.pop("losses", None)
+        return out
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -313,16 +389,72 @@ def validate_losses(stage: Stage, prefix: str, source: str) -> None:
     stage.losses = parsed
 
 
+def validate_filter(stage: Stage, prefix: str, source: str) -> None:
+    """`synthesize.filter` against the params model of its registered type (kdistill.api.filters)."""
+    from kdistill.api.filters import FILTERS
+
+    where = f"{prefix}synthesize.filter"
+    block = stage.synthesize.filter
+    if not isinstance(block, dict) or "type" not in block:
+        raise ConfigError(f"{source}: {where}: a filter needs a type, e.g. {{type: execution}}; "
+                          f"valid: {', '.join(FILTERS.names())}")
+    kind = FILTERS.get(block["type"], f"{where}.type")
+    try:
+        stage.synthesize.filter = kind.Params.model_validate(block)
+    except ValidationError as err:
+        raise ConfigError(format_validation(err, where, source)) from None
+
+
+def data_specs(stage: Stage) -> list[tuple[str, DataSource]]:
+    """(field path, source) of every data source a training stage reads."""
+    out = []
+    for split in ("train", "eval"):
+        specs = getattr(stage.data, split) if stage.data else None
+        specs = specs if isinstance(specs, list) else [] if specs is None else [specs]
+        out += [(f"data.{split}" + (f"[{j}]" if len(specs) > 1 else "") + ".path", spec) for j, spec in enumerate(specs)]
+    return out
+
+
+def check_stage_references(stages: list[Stage], multi: bool, source: str) -> None:
+    """`teacher.model: stage:NAME` names an earlier training stage (its student); `path: stage:NAME` in data
+    names an earlier synthesize stage (its kept rows)."""
+    for i, stage in enumerate(stages):
+        prefix = f"stages[{i}]." if multi else ""
+        earlier = stages[:i]
+        trained = [s.name for s in earlier if s.synthesize is None]
+        synthesized = [s.name for s in earlier if s.synthesize is not None]
+        models = [("teacher.model", stage.teacher.model if stage.teacher else None)]
+        if stage.synthesize is not None:
+            models.append(("synthesize.teacher.model", stage.synthesize.teacher.model))
+        for where, ref in models:
+            ref = str(ref or "")
+            if ref.startswith(STAGE_TEACHER) and ref[len(STAGE_TEACHER):] not in trained:
+                why = (f"{ref[len(STAGE_TEACHER):]!r} is a synthesize stage, which makes data, not a model; "
+                       if ref[len(STAGE_TEACHER):] in synthesized else "")
+                raise ConfigError(f"{source}: {prefix}{where}: {ref!r} must name an earlier stage that trains a model; {why}"
+                                  f"earlier training stages: {', '.join(trained) or 'none'}")
+        for where, spec in data_specs(stage):
+            ref = str(spec.path or "")
+            if ref.startswith(STAGE_TEACHER) and ref[len(STAGE_TEACHER):] not in synthesized:
+                why = (f"{ref[len(STAGE_TEACHER):]!r} is a training stage, which makes a model, not data "
+                       f"(use teacher.model: {ref} for its student); " if ref[len(STAGE_TEACHER):] in trained else "")
+                raise ConfigError(f"{source}: {prefix}{where}: {ref!r} must name an earlier synthesize stage (it reads "
+                                  f"that stage's kept rows); {why}earlier synthesize stages: {', '.join(synthesized) or 'none'}")
+
+
 def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     raw = copy.deepcopy(raw)
-    known = {"name", "output", "stages", *STAGE_FIELDS}
+    known = {"name", "output", "stages", "synthesize", *STAGE_FIELDS}
     extra = [k for k in raw if k not in known]
     if extra:
         hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else repr(k) for k in extra]
         raise ConfigError(f"{source}: unknown top-level field {', '.join(hints)}; valid: {', '.join(sorted(known))}")
     if "output" not in raw:
         raw["output"] = f"runs/{raw.get('name', 'run')}"
-    defaults = {k: raw[k] for k in STAGE_FIELDS if k in raw}
+    if "synthesize" in raw and raw.get("stages"):
+        raise ConfigError(f"{source}: synthesize: at the top level makes a one-stage recipe; with stages:, put "
+                          "it inside the stage that synthesizes")
+    defaults = {k: raw[k] for k in (*STAGE_FIELDS, "synthesize") if k in raw}
     blocks = raw.get("stages") or [{"name": "main"}]
     if not isinstance(blocks, list):
         raise ConfigError(f"{source}: stages must be a list of stage blocks, each with a name")
@@ -331,25 +463,26 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         prefix = f"stages[{i}]." if raw.get("stages") else ""
         if not isinstance(block, dict):
             raise ConfigError(f"{source}: {prefix or 'stages'} must be a mapping")
-        merged = merge(defaults, block)
-        if i > 0 and "student" not in block:
+        # The shared defaults describe training; a synthesize stage is its own block alone.
+        merged = copy.deepcopy(block) if "synthesize" in block else merge(defaults, block)
+        trained_before = any(s.synthesize is None for s in stages)
+        if trained_before and "student" not in block:
             merged.pop("student", None)  # later stages continue from the previous stage's student
         try:
             stage = Stage.model_validate(merged)
         except ValidationError as err:
             raise ConfigError(format_validation(err, prefix.rstrip("."), source)) from None
-        if stage.student is None and i == 0:
-            raise ConfigError(f"{source}: {prefix}student: the first stage needs a student (from_teacher, config or model)")
+        if stage.synthesize is None and stage.student is None and not trained_before:
+            raise ConfigError(f"{source}: {prefix}student: the first training stage needs a student "
+                              f"(from_teacher, config or model)")
         validate_losses(stage, prefix, source)
+        if stage.synthesize is not None:
+            validate_filter(stage, prefix, source)
         stages.append(stage)
     names = [s.name for s in stages]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: stage names must be unique, got {names}")
-    for i, stage in enumerate(stages):  # `stage:NAME`: an earlier stage's finished student teaches this one
-        ref = str(stage.teacher.model or "")
-        if ref.startswith(STAGE_TEACHER) and ref[len(STAGE_TEACHER):] not in names[:i]:
-            raise ConfigError(f"{source}: stages[{i}].teacher.model: {ref!r} must name an earlier stage; "
-                              f"earlier stages: {', '.join(names[:i]) or 'none'}")
+    check_stage_references(stages, bool(raw.get("stages")), source)
     try:
         return Recipe(name=raw.get("name", Path(source).stem), output=str(raw["output"]), stages=stages)
     except ValidationError as err:

@@ -311,6 +311,28 @@ def digits(split: str = "train") -> list[dict]:
             for i in range(len(images)) if bucket_split(f"digits-{i}") == split]
 
 
+# ---------------------------------------------------------------- arithmetic word problems (synthetic)
+
+
+@CORPORA.register("arithmetic-problems")
+def arithmetic_problems(split: str = "train") -> list[dict]:
+    """SYNTHETIC arithmetic word problems made from templates with a fixed seed (kdistill.api.word_problems),
+    for Program-aided Distillation: `text` is `problem: ...\nprogram:\n<program>`, `prompt` the part up to
+    the program, `reference` the program; plus `problem`, `answer` (an integer), `program`, `template`, `id`.
+    Split by id (about 3,600 train / 200 eval / 200 test)."""
+    from kdistill.api.word_problems import problem_records
+
+    return problem_records(check_split(split), "program")
+
+
+@CORPORA.register("arithmetic-answers")
+def arithmetic_answers(split: str = "train") -> list[dict]:
+    """The same SYNTHETIC problems as arithmetic-problems, answered directly: `text` is
+    `problem: ...\nanswer: <answer>` (the direct-answer baseline of PaD)."""
+    from kdistill.api.word_problems import problem_records
+
+    return problem_records(check_split(split), "answer")
+
 
 def load_corpus(name: str, split: str = "train", where: str = "source") -> list[dict]:
     """Records of the built-in corpus `name`; unknown names get the closest match in the error."""

@@ -5,6 +5,7 @@ Layout of `output/`:
   checkpoints/<stage>/step-N  resumable state
   logs/<stage>.jsonl, tensorboard/<stage>, loss_curves.png
   stages/<stage>/student    a finished intermediate stage (multi-stage recipes)
+  stages/<stage>/data.jsonl a synthesize stage's candidates with provenance; kept.jsonl, summary.json
   student/                  the final student: a standard Hugging Face directory
 """
 from __future__ import annotations
@@ -31,8 +32,14 @@ def make_accelerator(precision: str = "fp32", cpu: bool | None = None):
 
 
 def stage_student_dir(out: Path, recipe: Recipe, index: int) -> Path:
-    last = index == len(recipe.stages) - 1
+    """The last training stage writes the final student (a synthesize stage after it only makes data)."""
+    training = [i for i, s in enumerate(recipe.stages) if s.synthesize is None]
+    last = bool(training) and index == training[-1]
     return out / "student" if last else out / "stages" / recipe.stages[index].name / "student"
+
+
+def synthesis_dir(out: Path, stage) -> Path:
+    return out / "stages" / stage.name
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
@@ -72,12 +79,74 @@ def with_stage_teacher(stage, out: Path, recipe: Recipe):
     return stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"model": str(path)})})
 
 
+def with_stage_generator(stage, out: Path, recipe: Recipe):
+    """`synthesize.teacher.model: stage:NAME` -> that earlier training stage's finished student."""
+    from kdistill.config import STAGE_TEACHER
+
+    teacher = stage.synthesize.teacher
+    if not str(teacher.model or "").startswith(STAGE_TEACHER):
+        return stage
+    names = [s.name for s in recipe.stages]
+    path = stage_student_dir(out, recipe, names.index(teacher.model[len(STAGE_TEACHER):]))
+    synthesize = stage.synthesize.model_copy(update={"teacher": teacher.model_copy(update={"model": str(path)})})
+    return stage.model_copy(update={"synthesize": synthesize})
+
+
+def with_stage_data(stage, out: Path, recipe: Recipe, prefix: str = ""):
+    """`data: {train: {path: stage:NAME}}` -> the kept rows of that earlier synthesize stage."""
+    from kdistill.config import STAGE_TEACHER, data_specs
+
+    if not any(str(spec.path or "").startswith(STAGE_TEACHER) for _, spec in data_specs(stage)):
+        return stage
+    import json
+
+    from kdistill.api.synthesize import SUMMARY, is_synthesized, kept_path
+    from kdistill.errors import DataError
+
+    def resolve(spec, where):
+        if not str(spec.path or "").startswith(STAGE_TEACHER):
+            return spec
+        folder = out / "stages" / spec.path[len(STAGE_TEACHER):]
+        if not is_synthesized(folder):
+            raise DataError(f"{prefix}{where}: {spec.path} has not finished synthesizing ({folder}); run the recipe "
+                            f"with --resume to finish it")
+        summary = json.loads((folder / SUMMARY).read_text())
+        if not summary["kept"]:
+            raise DataError(f"{prefix}{where}: {spec.path} kept none of its {summary['candidates']} candidates "
+                            f"(dropped: {summary['dropped_by_verdict']}); the reasons are in {folder / 'data.jsonl'}. "
+                            f"Loosen the filter, ask for more candidates or a higher temperature, or use a better teacher")
+        return spec.model_copy(update={"path": str(kept_path(folder))})
+
+    data = stage.data
+    update = {}
+    for split in ("train", "eval"):
+        specs = getattr(data, split)
+        if isinstance(specs, list):
+            update[split] = [resolve(spec, f"data.{split}[{j}].path") for j, spec in enumerate(specs)]
+        elif specs is not None:
+            update[split] = resolve(specs, f"data.{split}.path")
+    return stage.model_copy(update={"data": data.model_copy(update=update)})
+
+
+def run_synthesize_stage(stage, index: int, recipe: Recipe, out: Path, resume: bool, console, progress: bool) -> Path:
+    from kdistill.api.synthesize import is_synthesized, run_synthesis
+
+    target = synthesis_dir(out, stage)
+    if resume and is_synthesized(target):
+        return target  # finished: not generated or filtered again
+    prefix = f"stages[{index}]." if len(recipe.stages) > 1 else ""
+    stage = with_stage_generator(stage, out, recipe)
+    run_synthesis(stage.synthesize, target, resume=resume, console=console, progress=progress,
+                  where=f"{prefix}synthesize")
+    return target
+
+
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, console=None, progress: bool = True) -> Path:
     from kdistill.engine.build import build_stage
     from kdistill.engine.logs import plot_losses
     from kdistill.engine.loop import StageTrainer
 
-    first = recipe.stages[0]
+    first = next((s for s in recipe.stages if s.synthesize is None), recipe.stages[0])
     accelerator = make_accelerator(first.train.precision)
     if accelerator.is_main_process:
         out = prepare_run_dir(recipe, resume, force)
@@ -85,13 +154,21 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
     out = Path(recipe.output)
     previous: str | None = None
     history = []
+    # a recipe that only synthesizes returns its data directory instead of a student
+    trains = any(s.synthesize is None for s in recipe.stages)
+    final = out / "student" if trains else synthesis_dir(out, recipe.stages[-1])
     for index, stage in enumerate(recipe.stages):
+        if stage.synthesize is not None:  # makes data on the main process; the student is untouched
+            if accelerator.is_main_process:
+                run_synthesize_stage(stage, index, recipe, out, resume, console, progress)
+            accelerator.wait_for_everyone()
+            continue
         target = stage_student_dir(out, recipe, index)
         prefix = f"stages[{index}]." if len(recipe.stages) > 1 else ""
         if resume and is_complete(target):
             previous = str(target)  # a finished stage is not trained again
             continue
-        stage = with_stage_teacher(stage, out, recipe)
+        stage = with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix)
         parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console)
         trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress)
         resumed = resume and trainer.resume()
@@ -118,7 +195,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
             plot_losses(out)
         accelerator.wait_for_everyone()
         previous = str(target)
-    return out / "student"
+    return final
 
 
 def _version() -> str:
