@@ -4,15 +4,20 @@ Every case starts from the same final hidden states and LM heads (student and te
 generalised JSD at β and backpropagates to the student's hidden states and head, fp32, batch 1:
   plain    logits = h @ Wᵀ for both models, then kdistill.losses.functional.generalized_jsd
   trl      the same logits, then TRL's GKDTrainer.generalized_jsd_loss (reduction="batchmean" / L)
-  chunked  kdistill.losses.chunked.chunked_divergence on (h, W) directly, chunk_size tokens at a time
+  chunked  kdistill.losses.chunked.chunked_divergence on (h, W) directly, its default chunk (or --chunk
+           tokens at a time)
 Each case runs in its own subprocess; "extra peak memory" is that process's peak RSS minus its RSS
-after the imports and the inputs, so neither is counted. Values are checked
-against the plain result (1e-5 relative).
+after the imports and the inputs, so neither is counted (it does include the gradients, which every
+method returns: grads_mib in the JSON). "seconds" is the best wall time of --repeats steps after a
+warm-up, "cpu_seconds" the process CPU time of that step (less sensitive to other jobs sharing the
+machine; BENCH_THREADS sets torch's threads). Values are checked against the plain result
+(1e-5 relative).
 
     python benchmarks/lm_loss.py [--vocab 32000 128000] [--length 512 2048] [--beta 0 0.5 1] [--repeats 2]
 
-Prints a table and writes benchmarks/results/lm_loss.json. TRL is a benchmark-only dependency
-(`pip install --no-deps trl`); without it the trl column is skipped.
+Prints a table and records the run in benchmarks/results/lm_loss.json under "runs", replacing an
+earlier run of the same command. TRL is a benchmark-only dependency (`pip install --no-deps trl`);
+without it the trl column is skipped.
 """
 from __future__ import annotations
 
@@ -35,12 +40,14 @@ def inputs(vocab: int, length: int):
     g = torch.Generator().manual_seed(0)
     h_s = torch.randn(1, length, HIDDEN, generator=g)
     h_t = torch.randn(1, length, HIDDEN, generator=g)
-    w_s = torch.randn(vocab, HIDDEN, generator=g) * 0.05
-    w_t = torch.randn(vocab, HIDDEN, generator=g) * 0.05
+    # scaled in place: a temporary here would raise the peak-RSS baseline and hide that much of
+    # every method's extra memory
+    w_s = torch.randn(vocab, HIDDEN, generator=g).mul_(0.05)
+    w_t = torch.randn(vocab, HIDDEN, generator=g).mul_(0.05)
     return h_s.requires_grad_(), w_s.requires_grad_(), h_t, w_t
 
 
-def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, chunk: int) -> dict:
+def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, chunk: int | None) -> dict:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
@@ -71,11 +78,12 @@ def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, ch
     value = step()  # warm-up (and the value)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         step()
-        times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start, time.process_time() - cpu))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"value": value, "seconds": min(times), "extra_peak_mib": (peak - base) / 1024}
+    seconds, cpu_seconds = min(times)
+    return {"value": value, "seconds": seconds, "cpu_seconds": cpu_seconds, "extra_peak_mib": (peak - base) / 1024}
 
 
 def in_subprocess(*args) -> dict:
@@ -97,25 +105,29 @@ def main() -> None:
     parser.add_argument("--length", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--chunk", type=int, default=256)
+    parser.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: chunked_divergence's own)")
     parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
         method, vocab, length, beta, repeats, chunk = args.case
-        print(json.dumps(run_case(method, int(vocab), int(length), float(beta), int(repeats), int(chunk))))
+        chunk = None if chunk == "auto" else int(chunk)
+        print(json.dumps(run_case(method, int(vocab), int(length), float(beta), int(repeats), chunk)))
         return
 
     from rich.console import Console
     from rich.table import Table
 
     methods = ["plain", "chunked"] + (["trl"] if has_trl() else [])
+    load_before = os.getloadavg()
     rows = []
     for vocab in args.vocab:
         for length in args.length:
             for beta in args.beta:
-                row = {"vocab": vocab, "length": length, "beta": beta}
+                # what every method must return and so counts in its extra memory: dL/dW and dL/dh
+                row = {"vocab": vocab, "length": length, "beta": beta,
+                       "grads_mib": (vocab + length) * HIDDEN * 4 / 2**20}
                 for method in methods:
-                    result = in_subprocess(method, vocab, length, beta, args.repeats, args.chunk)
+                    result = in_subprocess(method, vocab, length, beta, args.repeats, args.chunk or "auto")
                     if "error" in result:
                         row[method] = {"error": result["error"]}
                         continue
@@ -144,11 +156,26 @@ def main() -> None:
             cells.append("")
         table.add_row(*cells)
     Console().print(table)
+    save(rows, args.chunk, load_before)
+
+
+def save(rows: list, chunk: int | None, load_before: tuple) -> None:
+    """Record this run in results/lm_loss.json beside the other commands' runs."""
+    import torch
+
     out = Path(__file__).parent / "results" / "lm_loss.json"
     out.parent.mkdir(exist_ok=True)
+    threads = os.environ.get("BENCH_THREADS")
+    command = " ".join([f"BENCH_THREADS={threads}"] * bool(threads) + ["python benchmarks/lm_loss.py", *sys.argv[1:]])
+    previous = json.loads(out.read_text()).get("runs", []) if out.exists() else []
+    run = {"command": command.strip(), "chunk": chunk or "auto", "created": time.strftime("%Y-%m-%d %H:%M"),
+           "threads": int(threads or torch.get_num_threads()),
+           # other jobs on the machine slow every method, the many small ops of a chunked pass most
+           "load_avg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
+           "rows": rows}
+    runs = [r for r in previous if r.get("command") != run["command"]] + [run]
     out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "hidden": HIDDEN,
-                               "chunk": args.chunk, "created": time.strftime("%Y-%m-%d %H:%M"), "rows": rows},
-                              indent=2))
+                               "torch": torch.__version__, "created": run["created"], "runs": runs}, indent=2))
     print(f"wrote {out}")
 
 

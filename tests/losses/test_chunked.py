@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from kdistill.losses import chunked as chunked_module
 from kdistill.losses import functional as kd
 from kdistill.losses.chunked import CHUNKED_DIVERGENCES, chunked_divergence
 
@@ -100,6 +103,83 @@ def test_parameter_endpoints(name, value):
     assert_matches(expected, actual, student)
 
 
+@pytest.mark.parametrize("name,value", [("generalized_jsd", 0.01), ("generalized_jsd", 0.99),
+                                        ("skew_kl", 0.99), ("skew_reverse_kl", 0.99)])
+def test_parameters_near_the_endpoints(name, value):
+    # The closed forms divide by nothing that vanishes here; the ends themselves are other kernels.
+    student, teacher = make_inputs(seed=9)
+    extra = extra_for(name, value)
+    assert_matches(plain(name, student, teacher, **extra), chunked(name, student, teacher, **extra), student)
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+@pytest.mark.parametrize("scale", [30.0, 300.0])
+def test_peaked_distributions(name, scale):
+    # Logits in the hundreds: most probabilities underflow to 0 and the rows are near one-hot.
+    student, teacher = make_inputs(seed=8)
+    with torch.no_grad():
+        student["weight"].mul_(scale)
+        teacher["weight"].mul_(scale)
+    extra = extra_for(name, 0.3)
+    expected, actual = plain(name, student, teacher, **extra), chunked(name, student, teacher, **extra)
+    assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    # float32 rounding on logits this large is itself ~1e-5 of the largest gradient entry (the plain
+    # path is off a float64 reference by 3e-4 on reverse KL at scale 30, the chunked one by 1e-4)
+    for want, got in zip(grads(expected, student), grads(actual, student)):
+        assert_close(got, want, atol=1e-5 * max(1.0, want.abs().max().item()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_non_finite_logits_keep_the_definitions(name, monkeypatch):
+    # -inf logits (tokens a head rules out) make the closed forms meet 0·log 0; the pass notices
+    # the non-finite result and redoes the sum through functional's definitions.
+    student, teacher = make_inputs(seed=7)
+    with torch.no_grad():
+        teacher["bias"][[3, 17, 40]] = -math.inf  # ruled out by the teacher only
+        for side in (student, teacher):
+            side["bias"][[5, 44]] = -math.inf  # by both, like masked padding
+    fallbacks, original = [], chunked_module._autograd_pass
+    monkeypatch.setattr(chunked_module, "_autograd_pass", lambda *args: fallbacks.append(1) or original(*args))
+    extra = extra_for(name, 0.3)
+    expected, actual = plain(name, student, teacher, **extra), chunked(name, student, teacher, **extra)
+    if name == "reverse_kl":  # infinite where only the teacher has zero mass, in both paths
+        assert math.isinf(expected.item()) and math.isinf(actual.item())
+        return
+    assert fallbacks or name == "tvd"  # tvd takes no logs, so -inf never reaches a product
+    assert_matches(expected, actual, student)
+
+
+def test_finite_logits_take_the_fused_pass(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("finite logits should not need the autograd pass")
+
+    monkeypatch.setattr(chunked_module, "_autograd_pass", refuse)
+    for name in sorted(PLAIN):
+        student, teacher = make_inputs(seed=10)
+        chunked(name, student, teacher, **extra_for(name, 0.3)).backward()
+
+
+def test_low_precision_heads():
+    # bf16 heads: logits are made in bf16 as the plain path makes them, the divergence in float32.
+    student, teacher = make_inputs(seed=12)
+    low = {k: v.detach().bfloat16().requires_grad_() for k, v in student.items()}
+    t_low = {k: v.bfloat16() for k, v in teacher.items()}
+    expected, actual = plain("js", low, t_low), chunked("js", low, t_low)
+    assert actual.dtype == torch.float32
+    assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    for want, got in zip(grads(expected, low), grads(actual, low)):
+        assert got.dtype == torch.bfloat16
+        assert_close(got.float(), want.float(), atol=2e-3, rtol=2e-2)
+
+
+def test_backpropagating_twice_is_refused():
+    student, teacher = make_inputs()
+    loss = chunked("kl", student, teacher)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="once"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("mask", [None, torch.tensor([True, False, True, True, False])],
                          ids=["no-mask", "broadcast-mask"])
 @pytest.mark.parametrize("chunk_size", [1, 4, 1024])
@@ -127,6 +207,18 @@ def test_without_bias():
     got = torch.autograd.grad(actual, [student["hidden"], student["weight"]])
     for w, g in zip(want, got):
         assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_student_head():
+    # Only the hidden states train (a tied or frozen head): no head gradient is made or returned.
+    student, teacher = make_inputs(seed=13)
+    for key in ("weight", "bias"):
+        student[key] = student[key].detach()
+    expected, actual = plain("generalized_jsd", student, teacher, beta=0.3), \
+        chunked("generalized_jsd", student, teacher, beta=0.3)
+    assert_close(actual, expected, atol=1e-5, rtol=1e-5)
+    (want,), (got,) = (torch.autograd.grad(loss, [student["hidden"]]) for loss in (expected, actual))
+    assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_all_masked_is_zero_with_zero_gradients():
@@ -237,6 +329,20 @@ def test_memory_is_bounded_by_the_chunk(name):
     with LargestTensor() as plain_run:
         plain(name, student, teacher, mask=None).backward()
     assert plain_run.largest >= tokens * v
+
+
+def test_default_chunk_is_a_budget_of_logits(monkeypatch):
+    # A budget of 3 rows' worth of logits makes the default chunk 3 tokens: the default is set in
+    # logits, so the largest buffer follows it whatever the vocabulary.
+    lead, v = (4, 32), 200
+    monkeypatch.setattr(chunked_module, "LOGITS_PER_CHUNK", 3 * v)
+    student, teacher = make_inputs(v_s=v, v_t=v, lead=lead, seed=11)
+    tokens = lead[0] * lead[1]
+    assert_matches(plain("js", student, teacher, mask=None),
+                   chunked("js", student, teacher, mask=None, chunk_size=None), student)
+    with LargestTensor() as run:
+        chunked("js", student, teacher, mask=None, chunk_size=None).backward()
+    assert run.largest <= max(3 * v, v * D_S, v * D_T, tokens * max(D_S, D_T)) < tokens * v
 
 
 def test_chunked_logit_kd_trains_like_the_plain_one_without_making_full_logits(tiny_gpt2_dir, text_file, tmp_path,
