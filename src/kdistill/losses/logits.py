@@ -1,7 +1,7 @@
 """Terms on output distributions: logit KD (Hinton), hard-label cross-entropy, masked-LM."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -52,8 +52,9 @@ class LogitKDParams(TermParams):
                         "mse"] = "kl"
     skew: float = Field(0.1, ge=0, le=1, description="alpha of skew_kl / skew_reverse_kl")
     beta: float = Field(0.5, ge=0, le=1, description="β of generalized_jsd (0: forward KL, 1: reverse KL), as GKD")
-    chunk_size: int | None = Field(None, ge=1, description="causal LMs: make and consume the logits this many tokens "
-                                   "at a time (peak memory independent of batch × length × vocabulary)")
+    chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="causal LMs: make and consume the logits this many tokens at a time (peak memory "
+        "independent of batch × length × vocabulary); auto: as many tokens as a fixed logit budget allows")
 
 
 @register_loss("logit_kd")
@@ -110,7 +111,7 @@ class LogitKD(LossTerm):
         w_s, w_t = s["lm_head"], t["lm_head"]
         soft = chunked_divergence(s["head_input"], w_s, t["head_input"], w_t, divergence=p.divergence, beta=p.beta,
                                   alpha=p.skew, temperature=p.temperature, mask=logits_mask(batch, s["head_input"]),
-                                  chunk_size=p.chunk_size, vocab_size=min(w_s.shape[0], w_t.shape[0]))
+                                  chunk_size=None if p.chunk_size == "auto" else p.chunk_size, vocab_size=min(w_s.shape[0], w_t.shape[0]))
         return p.temperature**2 * soft
 
     def from_store(self, zs, stored, batch):
