@@ -160,3 +160,23 @@ def test_kdistill_eval_reports_accuracy_speed_and_per_layer_cka_for_images(vit_t
     assert len(entry["cka"]) == 2 and len(entry["cka"][0]) == 4  # student layers × teacher layers
     assert result["models"]["student"]["images_per_s"] > 0 and result["speedup"] > 0
     render_table(result)  # renders without error
+
+
+def test_vit_taps_give_patch_tokens_and_the_deit_distillation_token(tmp_path, monkeypatch):
+    from kdistill.models.student import from_directory
+    from kdistill.models.taps import TapReader
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    pixels = {"pixel_values": torch.randn(3, 1, 16, 16)}
+    vit = tiny_vit(layers=2)
+    taps = TapReader(vit, model_info(vit, "image-classification"))(
+        pixels, ["patches[1]", "hidden_states[1]", "hidden_states[2]", "pooled"])
+    assert taps["patches[1]"].shape == (3, 16, 32) and torch.equal(taps["patches[1]"], taps["hidden_states[1]"][:, 1:])
+    assert torch.equal(taps["pooled"], taps["hidden_states[2]"][:, 0])  # the last layer's CLS token
+    deit = from_directory("blueprint:deit-3x96-p4", None, task="image-classification", head=DIGITS)
+    taps = TapReader(deit, model_info(deit, "image-classification"))(pixels, ["distillation_token", "patches[3]",
+                                                                              "hidden_states[3]"])
+    assert torch.equal(taps["distillation_token"], taps["hidden_states[3]"][:, 1])
+    assert taps["patches[3]"].shape == (3, 16, 96)
+    with pytest.raises(PairingError, match="no distillation token"):
+        TapReader(vit, model_info(vit, "image-classification"))(pixels, ["distillation_token"])

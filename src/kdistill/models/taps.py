@@ -2,9 +2,10 @@
 
 Tap names: `logits`, `embeddings`, `pooled`, `head_input` and `lm_head` (a causal LM's final hidden
 states and its output-embedding weight, for losses that make the logits themselves in chunks: asked
-without `logits`, the model runs without its LM head), `cls_logits` and `distillation_logits` (the two
-heads of a DeiT student; its `logits` are their average), and per layer `hidden_states[i]` (0 = embeddings,
-i = output of layer i), `attentions[i]`, `attention_scores[i]`, `queries[i]`, `keys[i]`, `values[i]`
+without `logits`, the model runs without its LM head), `cls_logits`, `distillation_logits` and
+`distillation_token` (a DeiT student's two heads, whose average is its `logits`, and its last-layer
+distillation token; `pooled` is the CLS token), and per layer `hidden_states[i]` (0 = embeddings,
+i = output of layer i), `patches[i]` (a ViT's patch tokens of hidden_states[i]), `attentions[i]`, `attention_scores[i]`, `queries[i]`, `keys[i]`, `values[i]`
 (layers 1..N, negative numbers count from the end). Q/K/V come as (batch, heads, length, head_dim).
 
 Attention is recomputed from the captured Q and K instead of asking the model for it, so the model
@@ -25,8 +26,9 @@ from kdistill.errors import PairingError
 from kdistill.models.arch import ModelInfo, find_qkv
 from kdistill.models.layer_map import normalise_layer
 
-LAYERED = ("hidden_states", "attentions", "attention_scores", "queries", "keys", "values")
-PLAIN = ("logits", "embeddings", "pooled", "head_input", "lm_head", "cls_logits", "distillation_logits")
+LAYERED = ("hidden_states", "patches", "attentions", "attention_scores", "queries", "keys", "values")
+PLAIN = ("logits", "embeddings", "pooled", "head_input", "lm_head", "cls_logits", "distillation_logits",
+         "distillation_token")
 TAP_KINDS = LAYERED + PLAIN
 ATTENTION_KINDS = ("attentions", "attention_scores", "queries", "keys", "values")
 _TAP = re.compile(r"^(\w+)(?:\[(-?\d+)\])?$")
@@ -48,7 +50,7 @@ def parse_tap(name: str, info: ModelInfo, where: str = "tap") -> tuple[str, int 
         return kind, None
     if index is None:
         raise PairingError(f"tap {name!r} at {where} needs a layer index, e.g. {kind}[1]")
-    layer = normalise_layer(int(index), info.num_layers, f"{where} ({name})", allow_embeddings=kind == "hidden_states")
+    layer = normalise_layer(int(index), info.num_layers, f"{where} ({name})", allow_embeddings=kind in ("hidden_states", "patches"))
     return kind, layer
 
 
@@ -100,7 +102,7 @@ class TapReader:
     def __call__(self, batch: dict, names) -> dict[str, torch.Tensor]:
         parsed = [parse_tap(n, self.info) for n in names]
         attn_layers = sorted({layer for kind, layer in parsed if kind in ATTENTION_KINDS})
-        need_hidden = any(kind in ("hidden_states", "embeddings") for kind, _ in parsed)
+        need_hidden = any(kind in ("hidden_states", "patches", "embeddings", "distillation_token") for kind, _ in parsed)
         need_hidden |= any(k == "pooled" for k, _ in parsed) and self.info.task not in ("embedding",)
         model, accepted = self.model, self.inputs
         headless = any(k == "head_input" for k, _ in parsed) and not any(k == "logits" for k, _ in parsed)
@@ -141,6 +143,12 @@ class TapReader:
             return head.weight
         if kind == "hidden_states":
             return out.hidden_states[layer]
+        if kind == "patches":  # a ViT's patch tokens, without its CLS (and DeiT's distillation) token
+            return out.hidden_states[layer][:, self.info.prefix_tokens:]
+        if kind == "distillation_token":
+            if self.info.prefix_tokens < 2:
+                raise PairingError(f"{type(self.model).__name__} has no distillation token (a DeiT model has one)")
+            return out.hidden_states[-1][:, 1]
         if kind == "embeddings":
             return out.hidden_states[0]
         if kind == "pooled":
