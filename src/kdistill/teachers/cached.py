@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,7 +189,10 @@ def automatic_store(stage, console=None) -> Path:
         if console is not None:
             console.print(f"building the teacher store {out} (once; later runs reuse it)")
         live = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"source": "live"})})
+        start = time.perf_counter()
         cache_stage(live, out, k=stage.teacher.top_k, console=console)
+        if console is not None:
+            console.print(f"teacher store built in {time.perf_counter() - start:.0f} s")
     return out
 
 
