@@ -51,3 +51,17 @@ def test_compare_scores_a_causal_lm_with_rouge_and_perplexity(tmp_path, tiny_gpt
     assert report["metric"] == "ROUGE-L" and [r["name"] for r in report["rows"]] == ["tiny-lm-kd", "tiny-lm-kd-baseline"]
     assert all(0 <= r["score"][0] <= 1 and r["perplexity"][0] > 1 for r in report["rows"])
     assert "test ROUGE-L" in results.read_text() and "perplexity" in results.read_text()
+
+
+def test_a_finished_run_is_reused_only_for_the_same_recipe(tiny_recipe):
+    import json
+
+    from kdistill.compare import train_or_reuse
+    from kdistill.config import load_recipe
+
+    first = train_or_reuse(load_recipe(tiny_recipe), None)
+    stamp = (first / "kdistill.json").stat().st_mtime_ns
+    assert (train_or_reuse(load_recipe(tiny_recipe), None) / "kdistill.json").stat().st_mtime_ns == stamp
+    tiny_recipe["train"]["steps"] = 2  # an edited recipe must not be scored on the old run
+    again = train_or_reuse(load_recipe(tiny_recipe), None)
+    assert json.loads((again / "kdistill.json").read_text())["steps"] == 2

@@ -103,10 +103,22 @@ def pipeline_wall_time(run: Recipe) -> float:
 
 
 def train_or_reuse(recipe: Recipe, console) -> Path:
+    """A finished run of exactly this recipe is reused; a run of an edited recipe is trained again."""
+    import shutil
+
+    import yaml
+
     from kdistill.engine.export import is_complete
     from kdistill.engine.run import run_recipe
+    from kdistill.config import diff_configs
 
-    student = Path(recipe.output) / "student"
+    out = Path(recipe.output)
+    student = out / "student"
+    resolved = out / "config.resolved.yaml"
+    if resolved.exists() and diff_configs(yaml.safe_load(resolved.read_text()), recipe.dump()):
+        if console is not None:
+            console.print(f"{recipe.name}: the recipe changed since {out} was trained; training it again")
+        shutil.rmtree(out)
     if not is_complete(student):
         run_recipe(recipe, resume=(Path(recipe.output) / "config.resolved.yaml").exists(), console=console)
     return student
@@ -267,7 +279,7 @@ def markdown(report: dict) -> str:
                  f"{row['speedup']:.2f}×" if row["speedup"] else "—", str(row.get("steps", "")),
                  f"{statistics.mean(row['wall_time_s']):.0f}" if row.get("wall_time_s") else ""]
         if flops:
-            cells.append(f"{row['train_pflops']:.2f}" if "train_pflops" in row else "")
+            cells.append(f"{row['train_pflops']:.3g}" if "train_pflops" in row else "")
         if packed:
             p = row.get("packed")
             cells.append(f"{p['quantized_linear_packed_bytes'] / 2**20:.2f} MiB "
