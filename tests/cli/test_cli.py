@@ -119,3 +119,21 @@ def test_foreign_checkpoint_directory(tmp_path, tiny_recipe):
     (Path(recipe["output"]) / "student" / "kdistill.json").unlink()  # pretend it never finished
     result, out = invoke("run", path, "--resume", "--no-progress")
     assert result.exit_code == 2 and "not a kdistill checkpoint" in out
+
+
+def test_a_dead_api_teacher_is_one_clear_message_and_exit_code_2(tmp_path):
+    import socket
+
+    import yaml
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = {"name": "dead-api", "output": str(tmp_path / "run"), "stages": [{"name": "synthesize", "synthesize": {
+        "teacher": {"api": {"base_url": f"http://127.0.0.1:{port}/v1", "model": "teacher", "max_retries": 1}},
+        "prompts": {"source": "arithmetic-problems", "limit": 2}, "template": "problem: {problem}\nprogram:\n"}}]}
+    path = tmp_path / "dead.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    result = runner.invoke(app, ["run", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and f"127.0.0.1:{port}" in result.output
