@@ -76,6 +76,11 @@ def shrink(node, base, classifier, causal):
                 value.update(candidates=2, filter={"type": "none"})
                 value.setdefault("sampling", {})["max_new_tokens"] = 8
                 shrink(value, base, classifier, causal)
+            elif key == "lion" and isinstance(value, dict):
+                # two short rounds on a few instructions (the writers and referees are tested in tests/api/test_lion.py)
+                value.update(rounds=2, seed_instructions=4, new_instructions=4, eval_limit=4)
+                value.setdefault("answers", {})["max_new_tokens"] = 8
+                shrink(value, base, classifier, causal)
             elif key == "teacher" and isinstance(value, dict):
                 value["model"] = stand_in(str(value.get("model", "")), base, classifier, causal)
             elif key == "from_teacher" and isinstance(value, dict) and "model" in value:

@@ -79,6 +79,10 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                 full_stage = False
             else:
                 full_stage = full
+            if getattr(stage, "lion", None) is not None:
+                from kdistill.api.lion import describe as describe_lion
+
+                console.print(f"stage {i} [bold]{stage.name}[/]: {describe_lion(stage.lion, stage)}", highlight=False)
             student = stage.student.kind()[0] if stage.student else "previous stage"
             losses = ", ".join(f"{p.type}×{p.weight:g}" for p in stage.losses)
             console.print(f"stage {i} [bold]{stage.name}[/]: teacher {stage.teacher.model or 'cache:' + str(stage.teacher.path)}, student {student}, "
@@ -215,6 +219,42 @@ def compare_pad_cmd(seeds: int = typer.Option(3, help="seeds per variant"),
     from kdistill.api.pad import compare_pad
 
     compare_pad(seeds=seeds, output=output, test_limit=test_limit, console=console)
+
+
+@app.command("compare-lion")
+@friendly
+def compare_lion_cmd(seeds: int = typer.Option(1, help="seeds per variant"),
+                     output: str = typer.Option("runs/lion-compare", help="where runs and the table go"),
+                     set_: Optional[List[str]] = SetOpt):
+    """Lion (imitation, discrimination, generation rounds) against plain imitation for the same number of
+    teacher answers, scored by ROUGE-L of the student's definitions after every round."""
+    from kdistill.api.lion_compare import compare_lion
+
+    compare_lion(seeds, output, set_ or [], console=console)
+
+
+@app.command("cache-api-teacher")
+@friendly
+def cache_api_teacher_cmd(recipe: str = typer.Argument(..., help="recipe whose training texts to score"),
+                          base_url: str = typer.Option(..., help="the OpenAI-compatible service, e.g. http://127.0.0.1:8000/v1"),
+                          model: str = typer.Option(..., help="the model id the service serves"),
+                          api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the API key"),
+                          vocabulary: Optional[str] = typer.Option(None, help="tokenizer directory (default: the recipe teacher's)"),
+                          k: int = typer.Option(20, help="top-k log-probabilities per position"),
+                          stage: int = typer.Option(0, help="which stage's training data"),
+                          out: Optional[str] = typer.Option(None, help="store directory"),
+                          dtype: str = typer.Option("float16", help="float16 or float32"),
+                          max_tokens: int = typer.Option(0, help="also score this many generated tokens"),
+                          set_: Optional[List[str]] = SetOpt):
+    """Score the training texts with an API teacher's logprobs and write them as a teacher store, so
+    `teacher: {source: cache, path: STORE}` distils logits from a service."""
+    from kdistill.api.api_store import cache_api_teacher
+    from kdistill.config import load_recipe
+
+    path = cache_api_teacher(load_recipe(recipe, set_ or []),
+                             {"base_url": base_url, "model": model, "api_key_env": api_key_env}, vocabulary,
+                             stage_index=stage, k=k, out=out, dtype=dtype, max_tokens=max_tokens, console=console)
+    console.print(f"wrote {path}")
 
 
 @app.command("serve-teacher")

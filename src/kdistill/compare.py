@@ -166,6 +166,9 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     done_baselines: dict[str, str] = {}
     for name in names:
         recipe = load_recipe(name)
+        if any(getattr(s, "lion", None) is not None for s in recipe.stages):
+            raise ConfigError(f"{name} runs Lion rounds; compare it with `kdistill compare-lion` (ROUGE-L per round "
+                              f"against plain imitation), not `kdistill compare`")
         if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
                               f"(execution accuracy), not `kdistill compare`")

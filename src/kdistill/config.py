@@ -18,7 +18,7 @@ from kdistill.errors import ConfigError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 STAGE_TEACHER = "stage:"
-STAGE_FIELDS = ("teacher", "student", "data", "losses", "train", "quant", "on_policy")
+STAGE_FIELDS = ("teacher", "student", "data", "losses", "train", "quant", "on_policy", "lion")
 
 
 class Strict(BaseModel):
@@ -253,8 +253,42 @@ class SynthesizeConfig(Strict):
     export: str | None = Field(None, description="also copy the kept rows to this .jsonl file")
 
 
+class LionConfig(Strict):
+    """Lion's adversarial loop (kdistill.api.lion): rounds of imitation (the stage's losses and train settings on
+    the teacher's answers to the pool), discrimination (a referee marks the pool's hard instructions) and
+    generation (a writer adds instructions like the hard ones, and some like the easy ones). The stage's
+    data.train holds the seed instructions."""
+    teacher: GeneratorTeacher | None = Field(None, description="who answers the instructions: a local causal LM "
+                                             "(default: the stage's teacher.model) or api: {...} for a hosted one")
+    rounds: int = Field(3, ge=1)
+    seed_instructions: int | None = Field(None, ge=1, description="the first pool: this many records of "
+                                          "data.train, sampled with `seed` (default: all of them)")
+    new_instructions: int = Field(200, ge=1, description="instructions written after each round for the next")
+    hard_share: float = Field(0.5, ge=0, le=1, description="share of the new instructions modelled on hard ones; "
+                              "the rest on easy ones")
+    template: str = Field("{prompt}", description="an instruction's prompt: a format string over a record's fields")
+    text: str = Field("{prompt}{answer}", description="a training text: a format string over prompt and answer")
+    answers: Sampling = Field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=32),
+                              description="how the teacher answers (the student answers greedily, as long)")
+    train_on: Literal["pool", "new"] = Field("pool", description="imitation data of a round: every answered "
+                                             "instruction so far (pool) or only the round's new ones")
+    referee: Any = Field(default_factory=lambda: {"type": "rouge"},
+                         description="{type: rouge | llm_judge, ...} (kdistill.api.referees)")
+    writer: Any = Field(default_factory=lambda: {"type": "wordnet-neighbours"},
+                        description="{type: wordnet-neighbours | wordnet-random | teacher, ...} "
+                        "(kdistill.api.instruction_writers)")
+    eval: DataSource | None = Field(None, description="held-out prompts with a `reference`: the student's "
+                                    "ROUGE-L after each round (and before the first)")
+    eval_limit: int = Field(100, ge=1, description="eval prompts used, spread through eval")
+    batch_size: int = Field(16, ge=1, description="prompts answered together (teacher and student)")
+    seed: int = Field(0, description="the seed pool and the writer's choices")
+    cache: str | None = Field(None, description="an SQLite file of the teacher's answers (default: "
+                              "{stage dir}/teacher.sqlite): runs sharing it never ask the same question twice")
+
+
 class Stage(Strict):
-    """A training stage (teacher, student, data, losses, train) or a synthesize stage (synthesize only)."""
+    """A training stage (teacher, student, data, losses, train), a synthesize stage (synthesize only) or a
+    Lion stage (a training stage with a lion: block)."""
     name: str = "main"
     teacher: TeacherConfig | None = None
     student: StudentConfig | None = None
@@ -264,6 +298,7 @@ class Stage(Strict):
     quant: QuantConfig | None = None
     on_policy: OnPolicyConfig | None = None
     synthesize: SynthesizeConfig | None = None
+    lion: LionConfig | None = None
 
     @model_validator(mode="after")
     def training_or_synthesis(self):
@@ -278,6 +313,11 @@ class Stage(Strict):
         missing = [k for k in ("teacher", "data") if getattr(self, k) is None] + ([] if self.losses else ["losses"])
         if missing:
             raise ValueError(f"a training stage needs {', '.join(missing)} (or a synthesize: block instead)")
+        if self.lion is not None and self.teacher.source != "live":
+            raise ValueError("lion: the imitation data changes every round, so no teacher store can cover it; use "
+                             "teacher.source: live (a hosted teacher goes in lion.teacher.api)")
+        if self.lion is not None and self.on_policy is not None:
+            raise ValueError("lion: on_policy would replace the teacher's answers the rounds train on; remove it")
         return self
 
 
@@ -405,6 +445,24 @@ def validate_filter(stage: Stage, prefix: str, source: str) -> None:
         raise ConfigError(format_validation(err, where, source)) from None
 
 
+def validate_lion(stage: Stage, prefix: str, source: str) -> None:
+    """`lion.referee` and `lion.writer` against the params models of their registered types."""
+    from kdistill.api.instruction_writers import WRITERS
+    from kdistill.api.referees import REFEREES
+
+    for name, registry, example in (("referee", REFEREES, "{type: rouge, threshold: 0.5}"),
+                                    ("writer", WRITERS, "{type: wordnet-neighbours}")):
+        where = f"{prefix}lion.{name}"
+        block = getattr(stage.lion, name)
+        if not isinstance(block, dict) or "type" not in block:
+            raise ConfigError(f"{source}: {where}: needs a type, e.g. {example}; valid: {', '.join(registry.names())}")
+        kind = registry.get(block["type"], f"{where}.type")
+        try:
+            setattr(stage.lion, name, kind.Params.model_validate(block))
+        except ValidationError as err:
+            raise ConfigError(format_validation(err, where, source)) from None
+
+
 def data_specs(stage: Stage) -> list[tuple[str, DataSource]]:
     """(field path, source) of every data source a training stage reads."""
     out = []
@@ -426,6 +484,8 @@ def check_stage_references(stages: list[Stage], multi: bool, source: str) -> Non
         models = [("teacher.model", stage.teacher.model if stage.teacher else None)]
         if stage.synthesize is not None:
             models.append(("synthesize.teacher.model", stage.synthesize.teacher.model))
+        if stage.lion is not None and stage.lion.teacher is not None:
+            models.append(("lion.teacher.model", stage.lion.teacher.model))
         for where, ref in models:
             ref = str(ref or "")
             if ref.startswith(STAGE_TEACHER) and ref[len(STAGE_TEACHER):] not in trained:
@@ -478,6 +538,8 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         validate_losses(stage, prefix, source)
         if stage.synthesize is not None:
             validate_filter(stage, prefix, source)
+        if stage.lion is not None:
+            validate_lion(stage, prefix, source)
         stages.append(stage)
     names = [s.name for s in stages]
     if len(set(names)) != len(names):

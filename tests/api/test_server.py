@@ -63,6 +63,35 @@ def test_completion_logprobs_are_the_models_own_log_softmax(teacher, http):
         assert tokens[position] == next(iter(top))  # greedy picks the most likely token
 
 
+def test_echo_scores_a_token_id_prompt_as_the_model_does(teacher, http):
+    tokenizer, model = teacher.tokenizer, teacher.model
+    ids = tokenizer("the cat sat on the mat")["input_ids"]  # as token ids: used exactly, final [SEP] included
+    answer = completion(http, prompt=ids, echo=True, max_tokens=0, logprobs=3)
+    logprobs = answer["choices"][0]["logprobs"]
+    assert tokenizer.convert_tokens_to_ids(logprobs["tokens"]) == ids
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None  # as OpenAI's echo
+    assert answer["usage"]["prompt_tokens"] == len(ids) and answer["usage"]["completion_tokens"] == 0
+    with torch.no_grad():
+        reference = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    for position in range(1, len(ids)):
+        assert abs(logprobs["token_logprobs"][position] - reference[position - 1, ids[position]]) < 1e-4
+        values, top_ids = reference[position - 1].topk(3)
+        top = logprobs["top_logprobs"][position]
+        assert list(top) == tokenizer.convert_ids_to_tokens(top_ids.tolist())
+        assert torch.allclose(torch.tensor(list(top.values())), values, atol=1e-4)
+
+
+def test_echo_with_a_continuation_is_the_prompt_then_the_completion(http):
+    plain = completion(http, temperature=0, logprobs=2, max_tokens=3)
+    echoed = completion(http, temperature=0, logprobs=2, max_tokens=3, echo=True)
+    new, both = plain["choices"][0], echoed["choices"][0]
+    assert both["text"].endswith(new["text"]) and both["text"].startswith("[CLS] the cat")
+    prompt_tokens = echoed["usage"]["prompt_tokens"]
+    assert len(both["logprobs"]["tokens"]) == prompt_tokens + len(new["logprobs"]["tokens"])
+    assert both["logprobs"]["tokens"][prompt_tokens:] == new["logprobs"]["tokens"]
+    assert both["logprobs"]["token_logprobs"][prompt_tokens:] == pytest.approx(new["logprobs"]["token_logprobs"])
+
+
 def test_greedy_is_deterministic_and_seeded_sampling_repeats(http):
     greedy = [completion(http, temperature=0, n=2) for _ in range(2)]
     texts = [c["text"] for answer in greedy for c in answer["choices"]]
@@ -106,6 +135,9 @@ def test_chat_answers_with_chat_logprobs(http):
     ({"prompt": "x", "frequency_penality": 1}, "frequency_penality"),
     ({"prompt": "x", "stream": True}, "stream"),
     ({"max_tokens": 3}, "prompt"),
+    ({"prompt": [101, 10 ** 9]}, "prompt"),
+    ({"prompt": [[101], []]}, "prompt"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
 ])
 def test_bad_completion_requests_get_400_with_an_openai_error(http, body, param):
     response = http.post("/completions", json=body)

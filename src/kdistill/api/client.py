@@ -86,6 +86,24 @@ class _Failed(Exception):
 class TeacherAPI:
     """``TeacherAPI("http://127.0.0.1:8000/v1", "my-model")``; ``base_url`` with or without ``/v1``."""
 
+    @classmethod
+    def for_part(cls, own, fallback, cache_path, where: str, what: str) -> "TeacherAPI":
+        """The client of a part with its own optional `api:` block (a judge, a writer), else the teacher's."""
+        from kdistill.config import APITeacher
+        from kdistill.errors import ConfigError
+
+        if own is None and fallback is None:
+            raise ConfigError(f"{where}.api: {what} needs a chat service: give {where}.api "
+                              "({base_url, model, ...}) or a lion.teacher.api to reuse")
+        return cls.from_settings(APITeacher.model_validate(own) if own is not None else fallback, cache_path)
+
+    @classmethod
+    def from_settings(cls, api, cache_path=None) -> "TeacherAPI":
+        """A client for a recipe's `api:` block (config.APITeacher)."""
+        return cls(api.base_url, api.model, api_key_env=api.api_key_env, max_concurrency=api.max_concurrency,
+                   timeout_s=api.timeout_s, max_retries=api.max_retries,
+                   cache_path=str(cache_path) if cache_path else None)
+
     def __init__(self, base_url: str, model: str, api_key_env: str | None = None, max_concurrency: int = 4,
                  timeout_s: float = 60, max_retries: int = 5, backoff_s: float = 0.5, cache_path: str | None = None,
                  max_backoff_s: float = 60):

@@ -134,9 +134,7 @@ class APIGenerator:
 
         api = teacher.api
         self.api = api
-        self.client = TeacherAPI(api.base_url, api.model, api_key_env=api.api_key_env,
-                                 max_concurrency=api.max_concurrency, timeout_s=api.timeout_s,
-                                 max_retries=api.max_retries, cache_path=str(cache_path) if cache_path else None)
+        self.client = TeacherAPI.from_settings(api, cache_path)
         self.id = f"{self.client.base_url} {api.model}"
 
     def check(self) -> None:

@@ -129,11 +129,16 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
     results["teacher"] = {"path": str(teacher_dir), "accuracy": teacher["accuracy"], "n": teacher["n"],
                           "by_verdict": teacher["by_verdict"]}
     results["wall_time_s"] = round(time.perf_counter() - start, 1)
-    (output / "pad-compare.json").write_text(json.dumps(results, indent=2))
-    (output / "pad-compare.md").write_text(render_markdown(results))
+    return write_report(output / "pad-compare", results, render_markdown(results), console)
+
+
+def write_report(stem: Path, result: dict, markdown: str, console=None) -> dict:
+    """STEM.json and STEM.md side by side (the comparisons of the API recipes), and the table on the console."""
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    stem.with_suffix(".md").write_text(markdown)
     if console is not None:
-        console.print(render_markdown(results), highlight=False)
-    return results
+        console.print(markdown, highlight=False)
+    return result
 
 
 def render_markdown(results: dict) -> str:

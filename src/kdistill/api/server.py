@@ -1,6 +1,7 @@
 """`kdistill serve-teacher`: an OpenAI-compatible HTTP server over a local Hugging Face causal LM.
 
-Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (legacy format, ``logprobs: k`` up to 20) and
+Endpoints: ``GET /v1/models``, ``POST /v1/completions`` (legacy format, ``logprobs: k`` up to 20; prompts as
+text or token ids; ``echo: true`` scores the prompt too, and with ``max_tokens: 0`` only the prompt) and
 ``POST /v1/chat/completions`` (``logprobs: true, top_logprobs: k``). Log-probabilities are the
 model's own log-softmax at each generated position (before temperature or top-p), so they can feed
 logit distillation. Tokens are the tokenizer's own token strings (``convert_ids_to_tokens``), which
@@ -116,25 +117,40 @@ class TeacherServer:
 
     def completions(self, body: dict) -> dict:
         check_fields(body, COMPLETION_FIELDS)
-        if body.get("echo"):
-            raise BadRequest("echo is not supported", "echo")
-        prompts = body.get("prompt")
-        prompts = [prompts] if isinstance(prompts, str) else prompts
-        if not prompts or not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-            raise BadRequest("prompt must be a string or a non-empty list of strings", "prompt")
+        echo = body.get("echo", False)
+        if echo not in (True, False):
+            raise BadRequest("echo must be true or false", "echo")
+        prompts = self.prompt_ids(body.get("prompt"))
         k = body.get("logprobs")
         if k is not None and (not is_int(k) or not 0 <= k <= MAX_LOGPROBS):
             raise BadRequest(f"logprobs must be an integer from 0 to {MAX_LOGPROBS}", "logprobs")
-        settings = self.sampling(body, default_max_tokens=16)
+        settings = self.sampling(body, default_max_tokens=16, min_tokens=0 if echo else 1)
         choices, prompt_tokens, completion_tokens = [], 0, 0
-        for prompt in prompts:
-            ids = self.encode(prompt)
+        for ids in prompts:
             prompt_tokens += len(ids)
-            for sample in self.generate(ids, settings, 0 if k is None else k):
+            samples = self.generate(ids, settings, 0 if k is None else k)  # checks the context first
+            scored = self.score(ids, k or 0) if echo else None  # what the model gives the prompt's own tokens
+            for sample in samples:
                 completion_tokens += len(sample.token_ids)
+                if scored is not None:  # OpenAI's echo: the prompt, then the completion, in text and logprobs
+                    sample = Sample(ids + sample.token_ids, self.tokenizer.decode(ids) + sample.text,
+                                    sample.finish_reason, scored.logprobs + sample.logprobs, scored.top + sample.top)
                 choices.append({"index": len(choices), "text": sample.text, "finish_reason": sample.finish_reason,
                                 "logprobs": None if k is None else self.legacy_logprobs(sample)})
         return self.envelope("cmpl", "text_completion", choices, prompt_tokens, completion_tokens)
+
+    def prompt_ids(self, prompt) -> list[list[int]]:
+        """Prompts as OpenAI takes them: a string, a list of strings, a list of token ids (one prompt, used
+        exactly as given) or a list of such lists."""
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt)):
+            prompt = [prompt]
+        vocab = self.model.config.get_text_config().vocab_size
+        if not prompt or not isinstance(prompt, list) or not all(
+                isinstance(p, str) or (isinstance(p, list) and p and all(is_int(t) and 0 <= t < vocab for t in p))
+                for p in prompt):
+            raise BadRequest(f"prompt must be a string, a list of strings, a non-empty list of token ids in "
+                             f"[0, {vocab}) or a list of such lists", "prompt")
+        return [self.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
     def chat(self, body: dict) -> dict:
         check_fields(body, CHAT_FIELDS)
@@ -168,7 +184,7 @@ class TeacherServer:
                 "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                           "total_tokens": prompt_tokens + completion_tokens}}
 
-    def sampling(self, body: dict, default_max_tokens: int | None) -> dict:
+    def sampling(self, body: dict, default_max_tokens: int | None, min_tokens: int = 1) -> dict:
         if body.get("stream"):
             raise BadRequest("stream: true is not supported; ask without streaming", "stream")
         if body.get("model") not in (None, self.model_name):
@@ -177,9 +193,10 @@ class TeacherServer:
         settings = {"max_tokens": body.get("max_tokens", default_max_tokens),
                     "temperature": body.get("temperature", 1.0), "top_p": body.get("top_p", 1.0),
                     "n": body.get("n", 1), "seed": body.get("seed"), "stop": body.get("stop")}
-        if settings["max_tokens"] is not None and (
-                not is_int(settings["max_tokens"]) or not 1 <= settings["max_tokens"] <= self.max_tokens_limit):
-            raise BadRequest(f"max_tokens must be an integer from 1 to {self.max_tokens_limit}", "max_tokens")
+        if settings["max_tokens"] is not None and (not is_int(settings["max_tokens"])
+                                                   or not min_tokens <= settings["max_tokens"] <= self.max_tokens_limit):
+            raise BadRequest(f"max_tokens must be an integer from {min_tokens} to {self.max_tokens_limit}"
+                             + (" (0 only with echo: true)" if min_tokens else ""), "max_tokens")
         if not is_number(settings["temperature"]) or not 0 <= settings["temperature"] <= 2:
             raise BadRequest("temperature must be a number from 0 to 2", "temperature")
         if not is_number(settings["top_p"]) or not 0 < settings["top_p"] <= 1:
@@ -216,6 +233,11 @@ class TeacherServer:
 
         config = self.model.config.get_text_config()
         room = getattr(config, "max_position_embeddings", None) or len(prompt_ids) + self.max_tokens_limit
+        if settings["max_tokens"] == 0:  # echo only: the prompt is scored, nothing is generated
+            if len(prompt_ids) > room:
+                raise BadRequest(f"the prompt ({len(prompt_ids)} tokens) exceeds the model's context of {room} "
+                                 "tokens", "prompt")
+            return [Sample([], "", "length", [], []) for _ in range(settings["n"])]
         max_tokens = settings["max_tokens"] or min(self.max_tokens_limit, room - len(prompt_ids))
         if len(prompt_ids) + max_tokens > room or max_tokens < 1:
             raise BadRequest(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) "
@@ -250,6 +272,21 @@ class TeacherServer:
             samples.append(Sample(tokens[:count], text, finish, picked[row][:count], top[row][:count]))
         return samples
 
+    def score(self, prompt_ids: list[int], top_k: int) -> Sample:
+        """The prompt's own tokens as the model sees them, one forward pass: for each token after the first,
+        its log p given the tokens before it and the k most likely there (the first token has none)."""
+        import torch
+
+        with self.generate_lock, torch.inference_mode():
+            ids = torch.tensor([prompt_ids], device=self.model.device)
+            logprobs = self.model(input_ids=ids).logits[0, :-1].float().log_softmax(-1)
+        picked = logprobs.gather(-1, ids[0, 1:, None]).squeeze(-1).tolist()
+        top = [[]] * len(picked)
+        if top_k:
+            values, indices = logprobs.topk(top_k, dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        return Sample(prompt_ids, "", "length", [None] + picked, [None] + top)
+
     def cut(self, tokens: list[int], eos_ids: set[int], stop: list[str]) -> tuple[int, str, str]:
         """Where a generated row ends: at its end token, or at the token that completes a stop string
         (the text stops before the stop string). Returns (tokens kept, text, finish reason)."""
@@ -269,7 +306,7 @@ class TeacherServer:
 
     def legacy_logprobs(self, sample: Sample) -> dict:
         return {"tokens": [self.token(t) for t in sample.token_ids], "token_logprobs": sample.logprobs,
-                "top_logprobs": [{self.token(i): lp for i, lp in top} for top in sample.top]}
+                "top_logprobs": [None if top is None else {self.token(i): lp for i, lp in top} for top in sample.top]}
 
     def chat_logprobs(self, sample: Sample) -> dict:
         def entry(token_id, logprob):

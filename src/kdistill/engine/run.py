@@ -6,6 +6,7 @@ Layout of `output/`:
   logs/<stage>.jsonl, tensorboard/<stage>, loss_curves.png
   stages/<stage>/student    a finished intermediate stage (multi-stage recipes)
   stages/<stage>/data.jsonl a synthesize stage's candidates with provenance; kept.jsonl, summary.json
+  stages/<stage>/round-RR/  a Lion stage's rounds: pool, answers, judgements, new instructions, student
   student/                  the final student: a standard Hugging Face directory
 """
 from __future__ import annotations
@@ -141,6 +142,50 @@ def run_synthesize_stage(stage, index: int, recipe: Recipe, out: Path, resume: b
     return target
 
 
+def with_lion_teacher(stage, out: Path, recipe: Recipe):
+    """`lion.teacher.model: stage:NAME` -> that earlier training stage's finished student."""
+    from kdistill.config import STAGE_TEACHER
+
+    teacher = stage.lion.teacher
+    if teacher is None or not str(teacher.model or "").startswith(STAGE_TEACHER):
+        return stage
+    names = [s.name for s in recipe.stages]
+    path = stage_student_dir(out, recipe, names.index(teacher.model[len(STAGE_TEACHER):]))
+    lion = stage.lion.model_copy(update={"teacher": teacher.model_copy(update={"model": str(path)})})
+    return stage.model_copy(update={"lion": lion})
+
+
+def run_lion_stage(stage, index: int, recipe: Recipe, out: Path, resume: bool, previous: str | None, accelerator,
+                   console, progress: bool) -> Path:
+    """Lion's rounds in out/stages/NAME; the last round's student becomes the stage's student."""
+    import json
+    import os
+    import shutil
+
+    from kdistill.api.lion import run_lion
+
+    prefix = f"stages[{index}]." if len(recipe.stages) > 1 else ""
+    if accelerator.num_processes > 1:
+        raise ConfigError(f"{prefix}lion: Lion's rounds run in one process (they generate and judge between "
+                          "trainings); run this recipe without a multi-process launcher")
+    stage = with_lion_teacher(with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix), out, recipe)
+    last = run_lion(stage, synthesis_dir(out, stage), out, resume=resume, accelerator=accelerator, prefix=prefix,
+                    previous_student=None if (stage.student is not None and index > 0) else previous,
+                    console=console, progress=progress)
+    target = stage_student_dir(out, recipe, index)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(last, tmp)
+    metadata = json.loads((tmp / "kdistill.json").read_text())
+    summary = json.loads((synthesis_dir(out, stage) / "summary.json").read_text())
+    (tmp / "kdistill.json").write_text(json.dumps({**metadata, "recipe": recipe.name, "stage": stage.name,
+                                                   "lion": summary}, indent=2, default=str))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)  # the finished student appears whole
+    return target
+
+
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, console=None, progress: bool = True) -> Path:
     from kdistill.engine.build import build_stage
     from kdistill.engine.logs import plot_losses
@@ -167,6 +212,11 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
         prefix = f"stages[{index}]." if len(recipe.stages) > 1 else ""
         if resume and is_complete(target):
             previous = str(target)  # a finished stage is not trained again
+            continue
+        if stage.lion is not None:  # rounds of answers, training, judging and writing; a student at the end
+            previous = str(run_lion_stage(stage, index, recipe, out, resume, previous, accelerator, console, progress))
+            if accelerator.is_main_process:
+                plot_losses(out)
             continue
         stage = with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix)
         parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console)

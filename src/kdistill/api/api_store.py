@@ -1,0 +1,234 @@
+"""An API teacher's log-probabilities as a sparse teacher store, so a service can serve logit distillation.
+
+    from kdistill.api.api_store import cache_api_teacher
+    cache_api_teacher("my-recipe.yaml", {"base_url": "http://127.0.0.1:8000/v1", "model": "lm-teacher"},
+                      vocabulary="runs/lm-teacher/student", k=20)
+
+writes the store the recipe's `teacher: {source: cache, path: STORE}` trains from. How each training text is
+scored: the student's tokenizer cuts it exactly as the training collator will (`data.max_length`), and the
+token ids go to `/completions` with `echo: true, max_tokens: 0, logprobs: k`: the service returns, for every
+prompt token after the first, its top-k log-probabilities given the tokens before it. One filler token is
+appended so that the last real position (what follows the whole text, which the loss also uses) is scored
+too; causal attention means the filler changes nothing before it.
+
+The returned tokens are token strings; they become indices in the student's vocabulary through the same
+tokenizer. The echoed prompt must map back to the ids that were sent, and every top-k token must be in the
+tokenizer: otherwise the service uses another tokenizer and its log-probabilities cannot be compared with the
+student's, which is refused by name. The tail is log(1 − Σ top-k p): the service does not give the rest.
+
+Services report log-probabilities at temperature 1 (before any sampling temperature), so the store holds
+τ = 1; a loss at another temperature is refused when the store is opened. Fingerprints: the teacher is the
+service's model id (not its URL, so moving the service keeps the store), the tokenizer and the data are
+computed exactly as `kdistill.teachers.cached` computes them for a run.
+
+Every answer is kept in an SQLite cache beside the store (`STORE.teacher.sqlite`): a killed or failed run,
+started again, asks only for what is missing.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from kdistill.errors import ConfigError, DataError, KdistillError, PairingError
+
+
+class ScoringFailed(KdistillError):
+    """Some texts could not be scored (service errors or garbage after retries); the rest are cached."""
+
+
+def api_teacher_fingerprint(model_id: str) -> str:
+    from kdistill.teachers.fingerprint import fingerprint_text
+
+    return fingerprint_text("openai-compatible teacher", model_id)
+
+
+def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index: int = 0, k: int = 20,
+                      out: str | Path | None = None, dtype: str = "float16", max_tokens: int = 0,
+                      cache_path: str | Path | None = None, console=None, progress: bool = True) -> Path:
+    """Score a recipe stage's training texts with an OpenAI-compatible teacher and write a teacher store.
+
+    recipe      a Recipe, a recipe file or a built-in name (its stage gives the data and `max_length`)
+    api         a TeacherAPI, or its settings ({base_url, model, api_key_env, ...} or an APITeacher)
+    vocabulary  a model dir / hub id / recipe:NAME whose tokenizer and config define the student's
+                vocabulary (default: the stage's teacher.model); they are saved in STORE/teacher
+    out         default: the stage's teacher.path when it has one, else OUTPUT/teacher-store
+    max_tokens  0 asks for the prompt's scores only; use 1 for a service that refuses 0 (the extra
+                generated token is ignored)
+    """
+    from kdistill.config import Recipe, load_recipe
+    from kdistill.engine.build import read_sources
+    from kdistill.models.loading import load_config, load_tokenizer
+    from kdistill.teachers.cached import TEACHER_FILES, data_fingerprint, tokenizer_fingerprint
+    from kdistill.teachers.recipe_runs import resolve_teacher
+    from kdistill.teachers.store import StoreWriter
+
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if not 0 <= stage_index < len(recipe.stages) or recipe.stages[stage_index].data is None:
+        raise ConfigError(f"stage {stage_index}: the recipe has no training stage there")
+    stage = recipe.stages[stage_index]
+    vocabulary = vocabulary or (stage.teacher.model if stage.teacher.source == "live" else None)
+    if vocabulary is None:
+        raise ConfigError("cache_api_teacher needs `vocabulary`: the model directory whose tokenizer the student "
+                          "uses (the stage's teacher is a store, so it cannot say)")
+    path, config = load_config(resolve_teacher(vocabulary, console))
+    tokenizer = load_tokenizer(path)
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
+        raise ConfigError(f"vocabulary {vocabulary!r} has no tokenizer")
+    out = Path(out or stage.teacher.path or Path(recipe.output) / "teacher-store")
+    records = read_sources(stage.data.train, "train", "data.train", stage.train.seed)
+    if any("text_pair" in r for r in records):
+        raise DataError("data.train has text pairs; an API teacher scores single texts (causal LMs)")
+    unique = _unique(records)
+    client, owned = _client(api, cache_path or out.with_name(out.name + ".teacher.sqlite"))
+    try:
+        client.check()  # a dead service: TeacherUnavailable, before anything is asked
+        sent = [_token_ids(tokenizer, r["text"], stage.data.max_length) for r in unique.values()]
+        answers = ask_raw(client, [score_request(ids, k, max_tokens) for ids in sent], progress=progress)
+    finally:
+        if owned:
+            client.close()
+    failed = [(key, a) for key, a in zip(unique, answers) if isinstance(a, str)]
+    if failed:
+        kept = (f"the answers that came back are cached in {client.cache.path}: run again to ask only for the "
+                "missing ones") if client.cache is not None else "run again (with a cache_path, to keep what came back)"
+        raise ScoringFailed(f"{len(failed)} of {len(unique)} texts could not be scored (first: {failed[0][1]}); {kept}")
+    vocab = tokenizer.get_vocab()
+    fingerprints = {"teacher": api_teacher_fingerprint(client.model), "tokenizer": tokenizer_fingerprint(tokenizer),
+                    "data": data_fingerprint(records, str(stage.data.max_length))}
+    with StoreWriter(out, k=k, temperature=1.0, fingerprints=fingerprints, dtype=dtype,
+                     vocab_size=config.get_text_config().vocab_size, overwrite=True) as writer:
+        for (key, record), ids, payload in zip(unique.items(), sent, answers):
+            writer.add_topk(key, *stored_topk(payload, ids, k, vocab, f"record {record.get('id', key)}"))
+    config.save_pretrained(out / TEACHER_FILES)
+    tokenizer.save_pretrained(out / TEACHER_FILES)
+    (out / TEACHER_FILES / "kdistill-api-teacher.json").write_text(json.dumps(
+        {"model": client.model, "k": k, "texts": len(unique), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+        indent=1))
+    if console is not None:
+        console.print(f"teacher store of {client.model} ({len(unique)} texts, top {k}) -> {out}")
+    return out
+
+
+# ---------------------------------------------------------------- requests
+
+
+def score_request(ids: list[int], k: int, max_tokens: int = 0) -> dict:
+    """The text's ids plus a filler (the first id again: any id will do, it is never scored), echoed."""
+    return {"prompt": ids + [ids[0]], "echo": True, "max_tokens": max_tokens, "logprobs": k, "temperature": 0}
+
+
+def ask_raw(client, requests: list[dict], progress: bool = True) -> list[dict | str]:
+    """The raw JSON answer of each request (or why it failed), through the client's cache, retries and
+    concurrency limit. Not `TeacherAPI.map`: its parser refuses the null log-probability that echo gives every
+    prompt's first token (on any OpenAI-compatible service), which this module reads itself."""
+    from rich.progress import Progress
+
+    from kdistill.api.client import _Failed
+
+    def one(request: dict) -> dict | str:
+        key, endpoint, body = client._prepare(request, "request")
+        if client.cache is not None and (payload := client.cache.get(key)) is not None:
+            return payload
+        try:
+            payload = client._send("POST", endpoint, body).json()
+        except _Failed as err:
+            return err.problem
+        except ValueError:
+            return "garbage response: not JSON"
+        if not _echoed(payload):
+            return f"garbage response: no echoed logprobs in {json.dumps(payload)[:200]}"
+        if client.cache is not None:
+            client.cache.put(key, endpoint, body, payload)
+        return payload
+
+    with ThreadPoolExecutor(max_workers=client.max_concurrency, thread_name_prefix="teacher-score") as pool, \
+            Progress(disable=not progress) as bar:
+        task = bar.add_task(f"scoring texts with {client.model}", total=len(requests))
+        futures = [pool.submit(one, request) for request in requests]
+        results = []
+        for future in futures:
+            results.append(future.result())
+            bar.advance(task)
+    return results
+
+
+def _echoed(payload) -> bool:
+    try:
+        logprobs = payload["choices"][0]["logprobs"]
+        return isinstance(logprobs["tokens"], list) and isinstance(logprobs["top_logprobs"], list)
+    except (KeyError, IndexError, TypeError):
+        return False
+
+
+# ---------------------------------------------------------------- reading an answer
+
+
+def stored_topk(payload: dict, ids: list[int], k: int, vocab: dict[str, int], where: str):
+    """(top-k log-probabilities, their indices, log tail mass) for each of the text's positions: position j is
+    what the teacher expects after token j, i.e. the top list the echo gives token j + 1."""
+    logprobs = payload["choices"][0]["logprobs"]
+    tokens, tops = logprobs["tokens"], logprobs["top_logprobs"]
+    if len(tokens) < len(ids) + 1 or len(tops) < len(ids) + 1:
+        raise ScoringFailed(f"{where}: the service echoed {len(tokens)} tokens for a prompt of {len(ids) + 1}; "
+                            "it does not support echo with token-id prompts")
+    echoed = [vocab.get(t) for t in tokens[:len(ids)]]
+    if echoed != ids:
+        j = next(i for i, (a, b) in enumerate(zip(echoed, ids)) if a != b)
+        raise PairingError(f"{where}: the teacher reads token id {ids[j]} as {tokens[j]!r}, which is "
+                           f"{'not in' if echoed[j] is None else f'id {echoed[j]} of'} the student's tokenizer: the "
+                           "teacher uses another tokenizer; logit distillation from it needs a student with the "
+                           "teacher's tokenizer (pass it as `vocabulary`)")
+    values, indices, tails = [], [], []
+    for j in range(len(ids)):
+        top = sorted(((float(v), t) for t, v in (tops[j + 1] or {}).items()), reverse=True)[:k]
+        if len(top) < k:
+            raise ScoringFailed(f"{where}: the service returned {len(top)} top log-probabilities at position {j}, "
+                                f"fewer than k = {k}; ask for a k it supports")
+        missing = [t for _, t in top if t not in vocab]
+        if missing:
+            raise PairingError(f"{where}: the teacher returned token {missing[0]!r}, which the student's tokenizer "
+                               "does not have: the teacher uses another tokenizer; logit distillation from it needs "
+                               "a student with the teacher's tokenizer (pass it as `vocabulary`)")
+        values.append([v for v, _ in top])
+        indices.append([vocab[t] for _, t in top])
+        tails.append(_log_tail(values[-1]))
+    return (torch.tensor(values, dtype=torch.float32), torch.tensor(indices, dtype=torch.int32),
+            torch.tensor(tails, dtype=torch.float32))
+
+
+def _log_tail(top: list[float]) -> float:
+    """log(1 − Σ exp(top)) without the cancellation of computing 1 − Σ first; -inf when the top k hold it all."""
+    total = max(top) + math.log(sum(math.exp(v - max(top)) for v in top))
+    return math.log(-math.expm1(total)) if total < 0 else -math.inf
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _unique(records: list[dict]) -> dict[str, dict]:
+    from kdistill.teachers.cached import record_key
+
+    return {record_key(r): r for r in records}
+
+
+def _token_ids(tokenizer, text: str, max_length: int) -> list[int]:
+    return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]  # as TextCollator cuts it
+
+
+def _client(api, cache_path):
+    from kdistill.api.client import TeacherAPI
+
+    if isinstance(api, TeacherAPI):
+        return api, False
+    from kdistill.config import APITeacher
+
+    settings = api if isinstance(api, APITeacher) else APITeacher.model_validate(api)
+    if settings.chat:
+        raise ConfigError("teacher.api.chat: scoring texts needs the completions endpoint (chat has no echo)")
+    Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+    return TeacherAPI.from_settings(settings, cache_path), True

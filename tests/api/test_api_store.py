@@ -1,0 +1,99 @@
+"""An API teacher's log-probabilities in a sparse teacher store: the real TeacherServer over the tiny GPT-2,
+scored over HTTP, stored, compared with the model's own log-softmax, and trained from."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kdistill import distill
+from kdistill.api.api_store import (ScoringFailed, api_teacher_fingerprint, cache_api_teacher, score_request,
+                                    stored_topk)
+from kdistill.api.client import TeacherAPI
+from kdistill.api.server import TeacherServer
+from kdistill.errors import PairingError
+from kdistill.teachers.cached import record_key
+from kdistill.teachers.store import TeacherStore
+
+K = 5
+
+
+@pytest.fixture(scope="module")
+def server(tiny_gpt2_dir):
+    with TeacherServer(tiny_gpt2_dir, port=0, model_name="tiny-teacher") as running:
+        yield running
+
+
+@pytest.fixture
+def recipe(text_file, tmp_path):
+    return {
+        "name": "api-kd",
+        "teacher": {"source": "cache", "path": str(tmp_path / "store"), "task": "causal-lm"},
+        "student": {"config": {"n_layer": 1}},
+        "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
+        "losses": [{"type": "logit_kd", "temperature": 1.0, "divergence": "kl"}],
+        "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup": 0.0, "log_every": 1},
+        "output": str(tmp_path / "run"),
+    }
+
+
+def test_the_store_holds_the_models_own_top_k_and_a_student_trains_from_it(server, recipe, tiny_gpt2_dir, tmp_path):
+    client = TeacherAPI(server.url, server.model_name, cache_path=str(tmp_path / "answers.sqlite"))
+    store_dir = cache_api_teacher(recipe, client, vocabulary=tiny_gpt2_dir, k=K, dtype="float32", progress=False)
+    assert store_dir == tmp_path / "store" and client.requests_sent > 1  # /models, then one request per text
+    store = TeacherStore.open(store_dir, verify=True)
+    assert store.k == K and store.temperature == 1.0 and len(store) == 12
+    assert store.fingerprints["teacher"] == api_teacher_fingerprint("tiny-teacher")
+
+    from kdistill.data import load_records
+
+    model, tokenizer = server.model, server.tokenizer
+    for record in load_records({"path": recipe["data"]["train"]["path"], "text": "sentence", "limit": 12}):
+        ids = tokenizer(record["text"], truncation=True, max_length=24)["input_ids"]
+        with torch.no_grad():
+            reference = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+        values, indices = reference.topk(K, dim=-1)
+        entry = store[record_key(record)]
+        assert entry.topk_logprobs.shape == (len(ids), K)  # every position, the last one (after the text) too
+        assert torch.allclose(entry.topk_logprobs.float(), values, atol=1e-4)
+        assert torch.equal(entry.topk_indices.long(), indices)
+        tail = torch.log1p(-values.double().exp().sum(-1)).float()
+        assert torch.allclose(entry.tail_logmass, tail, atol=1e-4)
+
+    student = distill(recipe, progress=False)  # teacher: {source: cache, path: STORE} with a logit_kd loss
+    assert (student / "model.safetensors").exists()
+    logged = (tmp_path / "run" / "logs" / "main.jsonl").read_text()
+    assert '"logit_kd"' in logged
+
+    again = TeacherAPI(server.url, server.model_name, cache_path=str(tmp_path / "answers.sqlite"))
+    cache_api_teacher(recipe, again, vocabulary=tiny_gpt2_dir, k=K, dtype="float32", progress=False)
+    assert again.requests_sent == 1  # the check only: every text's answer came from the cache
+
+
+def payload(tokens, tops):
+    return {"choices": [{"text": "", "logprobs": {"tokens": tokens, "token_logprobs": [None] + [-1.0] * (len(tokens) - 1),
+                                                  "top_logprobs": [None] + tops}}]}
+
+
+VOCAB = {"a": 0, "b": 1, "c": 2, "d": 3}
+
+
+def test_an_answer_becomes_top_k_indices_in_the_students_vocabulary_and_a_tail():
+    top = {"c": math.log(0.5), "a": math.log(0.25), "d": math.log(0.125)}
+    values, indices, tail = stored_topk(payload(["a", "b", "a"], [top, top]), [0, 1], 2, VOCAB, "record r")
+    assert indices.tolist() == [[2, 0], [2, 0]]
+    assert torch.allclose(values, torch.log(torch.tensor([[0.5, 0.25]] * 2)))
+    assert torch.allclose(tail, torch.log(torch.tensor([0.25, 0.25])))
+    assert score_request([5, 6], 3) == {"prompt": [5, 6, 5], "echo": True, "max_tokens": 0, "logprobs": 3,
+                                        "temperature": 0}
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_by_name():
+    top = {"c": -0.5, "zebra": -1.0}
+    with pytest.raises(PairingError, match="'zebra', which the student's tokenizer does not have"):
+        stored_topk(payload(["a", "b", "a"], [top, top]), [0, 1], 2, VOCAB, "record r")
+    with pytest.raises(PairingError, match="reads token id 1 as 'c'.*another tokenizer"):
+        stored_topk(payload(["a", "c", "a"], [top, top]), [0, 1], 2, VOCAB, "record r")
+    with pytest.raises(ScoringFailed, match="fewer than k = 3"):
+        stored_topk(payload(["a", "b", "a"], [{"a": -1.0, "b": -2.0}] * 2), [0, 1], 3, VOCAB, "record r")
