@@ -1,0 +1,258 @@
+"""Reading recipes: a YAML file or built-in name, `--set` overrides, stage merging, validation of every
+block against the schema (kdistill.config) with errors that name the field path, and recipe diffs.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from kdistill.config import (
+    RECIPES_DIR, STAGE_FIELDS, STAGE_TEACHER, DataSource, Recipe, Stage,
+)
+from kdistill.errors import ConfigError
+
+
+def builtin_recipes() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
+    """Raw dict of a recipe given as a path or a built-in name."""
+    path = Path(ref)
+    if not path.exists():
+        builtins = builtin_recipes()
+        if str(ref) in builtins:
+            path = builtins[str(ref)]
+        else:
+            close = difflib.get_close_matches(str(ref), list(builtins), n=1)
+            hint = f" did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"recipe {str(ref)!r} is neither a file nor a built-in recipe.{hint} built-in: {', '.join(builtins)}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping with teacher, student, data, losses, train, output")
+    return raw, str(path)
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """`a.b.c=value`, value parsed as YAML (so numbers, booleans and lists work); list items by index."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.steps=100")
+    key, value = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} is a list of {len(node)}; use an index")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
+        if last:
+            node[part] = yaml.safe_load(value)
+        else:
+            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+                node[part] = {}
+            node = node[part]
+
+
+def merge(base: Any, update: Any) -> Any:
+    if isinstance(base, dict) and isinstance(update, dict):
+        out = dict(base)
+        for key, value in update.items():
+            out[key] = merge(base.get(key), value) if key in base else copy.deepcopy(value)
+        return out
+    return copy.deepcopy(update)
+
+
+def format_validation(err: ValidationError, prefix: str, source: str) -> str:
+    entries = []
+    for e in err.errors():
+        path = prefix
+        for part in e["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif not str(part).startswith(("function-", "list[", "literal[")):
+                path += f".{part}" if path else str(part)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
+            msg += f" (got {e['input']!r})"
+        entries.append((path or "recipe", e["type"], msg))
+    # A union field (one source or a list) fails once per branch; our own message is the useful one.
+    explained = {path for path, kind, _ in entries if kind == "value_error"}
+    lines = [f"{path}: {msg}" for path, kind, msg in entries if kind == "value_error" or path not in explained]
+    unique = list(dict.fromkeys(lines))
+    return f"{source}: invalid recipe\n  " + "\n  ".join(unique)
+
+
+def validate_losses(stage: Stage, prefix: str, source: str) -> None:
+    from kdistill.losses import LOSSES
+
+    parsed = []
+    for i, block in enumerate(stage.losses):
+        where = f"{prefix}losses[{i}]"
+        if not isinstance(block, dict) or "type" not in block:
+            raise ConfigError(f"{source}: {where}: each loss needs a type, e.g. {{type: hidden_mse, weight: 1.0}}")
+        term = LOSSES.get(block["type"], f"{where}.type")
+        try:
+            parsed.append(term.Params.model_validate(block))
+        except ValidationError as err:
+            raise ConfigError(format_validation(err, where, source)) from None
+    stage.losses = parsed
+
+
+def validate_filter(stage: Stage, prefix: str, source: str) -> None:
+    """`synthesize.filter` against the params model of its registered type (kdistill.api.filters)."""
+    from kdistill.api.filters import FILTERS
+
+    where = f"{prefix}synthesize.filter"
+    block = stage.synthesize.filter
+    if not isinstance(block, dict) or "type" not in block:
+        raise ConfigError(f"{source}: {where}: a filter needs a type, e.g. {{type: execution}}; "
+                          f"valid: {', '.join(FILTERS.names())}")
+    kind = FILTERS.get(block["type"], f"{where}.type")
+    try:
+        stage.synthesize.filter = kind.Params.model_validate(block)
+    except ValidationError as err:
+        raise ConfigError(format_validation(err, where, source)) from None
+
+
+def validate_lion(stage: Stage, prefix: str, source: str) -> None:
+    """`lion.referee` and `lion.writer` against the params models of their registered types."""
+    from kdistill.api.instruction_writers import WRITERS
+    from kdistill.api.referees import REFEREES
+
+    for name, registry, example in (("referee", REFEREES, "{type: rouge, threshold: 0.5}"),
+                                    ("writer", WRITERS, "{type: wordnet-neighbours}")):
+        where = f"{prefix}lion.{name}"
+        block = getattr(stage.lion, name)
+        if not isinstance(block, dict) or "type" not in block:
+            raise ConfigError(f"{source}: {where}: needs a type, e.g. {example}; valid: {', '.join(registry.names())}")
+        kind = registry.get(block["type"], f"{where}.type")
+        try:
+            setattr(stage.lion, name, kind.Params.model_validate(block))
+        except ValidationError as err:
+            raise ConfigError(format_validation(err, where, source)) from None
+
+
+def data_specs(stage: Stage) -> list[tuple[str, DataSource]]:
+    """(field path, source) of every data source a training stage reads."""
+    out = []
+    for split in ("train", "eval"):
+        specs = getattr(stage.data, split) if stage.data else None
+        specs = specs if isinstance(specs, list) else [] if specs is None else [specs]
+        out += [(f"data.{split}" + (f"[{j}]" if len(specs) > 1 else "") + ".path", spec) for j, spec in enumerate(specs)]
+    return out
+
+
+def check_stage_references(stages: list[Stage], multi: bool, source: str) -> None:
+    """`teacher.model: stage:NAME` names an earlier training stage (its student); `path: stage:NAME` in data
+    names an earlier synthesize stage (its kept rows)."""
+    for i, stage in enumerate(stages):
+        prefix = f"stages[{i}]." if multi else ""
+        earlier = stages[:i]
+        trained = [s.name for s in earlier if s.synthesize is None]
+        synthesized = [s.name for s in earlier if s.synthesize is not None]
+        models = [("teacher.model", stage.teacher.model if stage.teacher else None)]
+        if stage.synthesize is not None:
+            models.append(("synthesize.teacher.model", stage.synthesize.teacher.model))
+        if stage.lion is not None and stage.lion.teacher is not None:
+            models.append(("lion.teacher.model", stage.lion.teacher.model))
+        for where, ref in models:
+            ref = str(ref or "")
+            if ref.startswith(STAGE_TEACHER) and ref[len(STAGE_TEACHER):] not in trained:
+                why = (f"{ref[len(STAGE_TEACHER):]!r} is a synthesize stage, which makes data, not a model; "
+                       if ref[len(STAGE_TEACHER):] in synthesized else "")
+                raise ConfigError(f"{source}: {prefix}{where}: {ref!r} must name an earlier stage that trains a model; {why}"
+                                  f"earlier training stages: {', '.join(trained) or 'none'}")
+        for where, spec in data_specs(stage):
+            ref = str(spec.path or "")
+            if ref.startswith(STAGE_TEACHER) and ref[len(STAGE_TEACHER):] not in synthesized:
+                why = (f"{ref[len(STAGE_TEACHER):]!r} is a training stage, which makes a model, not data "
+                       f"(use teacher.model: {ref} for its student); " if ref[len(STAGE_TEACHER):] in trained else "")
+                raise ConfigError(f"{source}: {prefix}{where}: {ref!r} must name an earlier synthesize stage (it reads "
+                                  f"that stage's kept rows); {why}earlier synthesize stages: {', '.join(synthesized) or 'none'}")
+
+
+def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
+    raw = copy.deepcopy(raw)
+    known = {"name", "output", "stages", "synthesize", *STAGE_FIELDS}
+    extra = [k for k in raw if k not in known]
+    if extra:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else repr(k) for k in extra]
+        raise ConfigError(f"{source}: unknown top-level field {', '.join(hints)}; valid: {', '.join(sorted(known))}")
+    if "output" not in raw:
+        raw["output"] = f"runs/{raw.get('name', 'run')}"
+    if "synthesize" in raw and raw.get("stages"):
+        raise ConfigError(f"{source}: synthesize: at the top level makes a one-stage recipe; with stages:, put "
+                          "it inside the stage that synthesizes")
+    defaults = {k: raw[k] for k in (*STAGE_FIELDS, "synthesize") if k in raw}
+    blocks = raw.get("stages") or [{"name": "main"}]
+    if not isinstance(blocks, list):
+        raise ConfigError(f"{source}: stages must be a list of stage blocks, each with a name")
+    stages = []
+    for i, block in enumerate(blocks):
+        prefix = f"stages[{i}]." if raw.get("stages") else ""
+        if not isinstance(block, dict):
+            raise ConfigError(f"{source}: {prefix or 'stages'} must be a mapping")
+        # The shared defaults describe training; a synthesize stage is its own block alone.
+        merged = copy.deepcopy(block) if "synthesize" in block else merge(defaults, block)
+        trained_before = any(s.synthesize is None for s in stages)
+        if trained_before and "student" not in block:
+            merged.pop("student", None)  # later stages continue from the previous stage's student
+        try:
+            stage = Stage.model_validate(merged)
+        except ValidationError as err:
+            raise ConfigError(format_validation(err, prefix.rstrip("."), source)) from None
+        if stage.synthesize is None and stage.student is None and not trained_before:
+            raise ConfigError(f"{source}: {prefix}student: the first training stage needs a student "
+                              f"(from_teacher, config or model)")
+        validate_losses(stage, prefix, source)
+        if stage.synthesize is not None:
+            validate_filter(stage, prefix, source)
+        if stage.lion is not None:
+            validate_lion(stage, prefix, source)
+        stages.append(stage)
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{source}: stage names must be unique, got {names}")
+    check_stage_references(stages, bool(raw.get("stages")), source)
+    try:
+        return Recipe(name=raw.get("name", Path(source).stem), output=str(raw["output"]), stages=stages)
+    except ValidationError as err:
+        raise ConfigError(format_validation(err, "", source)) from None
+
+
+def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> Recipe:
+    """A validated Recipe from a file, a built-in name, or a dict, with `a.b=value` overrides applied."""
+    if isinstance(ref, dict):
+        raw, source = copy.deepcopy(ref), "recipe"
+    else:
+        raw, source = read_recipe_file(ref)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    if output is not None:
+        raw["output"] = output
+    return build_recipe(raw, source)
+
+
+def diff_configs(old: Any, new: Any, path: str = "") -> list[str]:
+    """Field paths where two dumped recipes differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += diff_configs(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in diff_configs(a, b, f"{path}[{i}]")]
+    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
