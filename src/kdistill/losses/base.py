@@ -116,3 +116,28 @@ def same_heads(student: ModelInfo, teacher: ModelInfo, where: str, hint: str) ->
             f"this loss compares heads one to one. {hint}"
         )
 
+
+
+class LayerPairTerm(LossTerm):
+    """A term over mapped (student layer, teacher layer) pairs of hidden states, one item per sequence or
+    image (ManifoldKD, CKA): the teacher must have layers, and the map at least one pair."""
+
+    teacher_fix = "use a live teacher (teacher.source: live)"
+
+    def __init__(self, params, student, teacher, where="losses"):
+        super().__init__(params, student, teacher, where)
+        if teacher.num_layers < 1:
+            raise PairingError(f"{where}: the teacher has no transformer layers to read hidden states from; "
+                               f"{self.teacher_fix}")
+        self.map = layer_map(params.layers, student, teacher, where)
+        if not self.map.pairs:
+            raise PairingError(f"{where}.layers: no layer pairs; give at least one [student_layer, teacher_layer]")
+
+    def student_taps(self):
+        return [f"hidden_states[{a}]" for a, _ in self.map.pairs]
+
+    def teacher_taps(self):
+        return [f"hidden_states[{b}]" for _, b in self.map.pairs]
+
+    def count(self, batch):
+        return sequence_count(batch)

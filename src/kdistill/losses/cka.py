@@ -10,7 +10,7 @@ from typing import Literal
 import torch
 
 from kdistill.errors import PairingError
-from kdistill.losses.base import LossTerm, TermParams, layer_map, register_loss, sequence_count
+from kdistill.losses.base import LayerPairTerm, TermParams, register_loss
 from kdistill.losses.features import LayerSpec
 from kdistill.losses.vision import hidden_tap
 from kdistill.models.arch import ModelInfo
@@ -65,7 +65,7 @@ class CKAParams(TermParams):
 
 
 @register_loss("cka")
-class CKA(LossTerm):
+class CKA(LayerPairTerm):
     """Σ over layer pairs of 1 − linear CKA between student and teacher hidden states, the rows being the
     batch's tokens (or its CLS tokens). Widths may differ: CKA compares the examples' similarity
     structure, not the features, so there is no projector. CKA is a batch statistic, not a per-example
@@ -75,27 +75,12 @@ class CKA(LossTerm):
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
-        if teacher.num_layers < 1:
-            raise PairingError(f"{where}: the teacher has no transformer layers to read hidden states from; "
-                               f"use a live teacher (teacher.source: live)")
-        self.map = layer_map(params.layers, student, teacher, where)
-        if not self.map.pairs:
-            raise PairingError(f"{where}.layers: no layer pairs; give at least one [student_layer, teacher_layer]")
         if params.tokens == "all" and student.prefix_tokens != teacher.prefix_tokens:
             raise PairingError(
                 f"{where}.tokens: the student has {student.prefix_tokens} prefix tokens and the teacher "
                 f"{teacher.prefix_tokens} (e.g. ViT's CLS against DeiT's CLS + distillation token), so their "
                 f"token rows do not pair; use tokens: patches (or cls)"
             )
-
-    def student_taps(self):
-        return [f"hidden_states[{a}]" for a, _ in self.map.pairs]
-
-    def teacher_taps(self):
-        return [f"hidden_states[{b}]" for _, b in self.map.pairs]
-
-    def count(self, batch):
-        return sequence_count(batch)
 
     def forward(self, s, t, batch):
         mask = batch.get("attention_mask")

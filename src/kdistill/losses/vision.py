@@ -18,7 +18,8 @@ from torch import nn
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
-from kdistill.losses.base import LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count
+from kdistill.losses.base import (LayerPairTerm, LossTerm, TermParams, make_projector, register_loss,
+                                  sequence_count)
 from kdistill.losses.features import LayerSpec
 from kdistill.models.arch import ModelInfo
 from kdistill.models.layer_map import LayerMap
@@ -272,29 +273,16 @@ class ManifoldKDParams(TermParams):
 
 
 @register_loss("manifoldkd")
-class ManifoldKD(LossTerm):
+class ManifoldKD(LayerPairTerm):
     """Fine-grained manifold distillation: patch features are L2-normalised along the width and their
     cosine relation maps (intra-image, inter-image, randomly sampled) are matched by mean squared
     difference, averaged over the layer pairs. The maps have no width, so no projector is needed."""
 
     Params = ManifoldKDParams
+    teacher_fix = FEATURES_FIX
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
-        if teacher.num_layers < 1:
-            raise PairingError(f"{where}: the teacher has no transformer layers to read features from; {FEATURES_FIX}")
-        self.map = layer_map(params.layers, student, teacher, where)
-        if not self.map.pairs:
-            raise PairingError(f"{where}.layers: no layer pairs; give at least one [student_layer, teacher_layer]")
-
-    def student_taps(self):
-        return [f"hidden_states[{a}]" for a, _ in self.map.pairs]
-
-    def teacher_taps(self):
-        return [f"hidden_states[{b}]" for _, b in self.map.pairs]
-
-    def count(self, batch):
-        return sequence_count(batch)
 
     def forward(self, s, t, batch):
         require_images(batch, self.where)
