@@ -123,3 +123,23 @@ def killed_run(monkeypatch):
             monkeypatch.setattr(StageTrainer, "train_step", original)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def tiny_vits():
+    """A 2-layer, 32-wide ViT student and a 4-layer, 48-wide teacher (16×16 grey images), each as
+    (model, ModelInfo, TapReader); one pair per test module."""
+    transformers = pytest.importorskip("transformers")
+    from kdistill.models.arch import model_info
+    from kdistill.models.taps import TapReader
+
+    def build(layers, width):
+        torch.manual_seed(layers)
+        config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=width,
+                                        num_hidden_layers=layers, num_attention_heads=2,
+                                        intermediate_size=2 * width, num_labels=3)
+        model = transformers.ViTForImageClassification(config)
+        info_ = model_info(model, "image-classification")
+        return model, info_, TapReader(model, info_)
+
+    return build(2, 32), build(4, 48)

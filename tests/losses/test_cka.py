@@ -132,25 +132,13 @@ def test_cka_term_is_zero_for_a_rotated_scaled_copy_and_errors_name_the_fix():
         tm({"hidden_states[2]": x}, {}, PIXELS)
 
 
-def test_cka_term_on_tiny_vits_is_finite_and_trains_the_student():
-    transformers = pytest.importorskip("transformers")
-    from kdistill.models.arch import model_info
-    from kdistill.models.taps import TapReader
-
-    def build(layers, width):
-        torch.manual_seed(layers)
-        config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=width,
-                                        num_hidden_layers=layers, num_attention_heads=2,
-                                        intermediate_size=2 * width, num_labels=3)
-        model = transformers.ViTForImageClassification(config)
-        return model, model_info(model, "image-classification")
-
-    (student, s_info), (teacher, t_info) = build(2, 32), build(4, 48)
+def test_cka_term_on_tiny_vits_is_finite_and_trains_the_student(tiny_vits):
+    (student, s_info, s_reader), (teacher, t_info, t_reader) = tiny_vits
     tm = term({"type": "cka"}, s_info, t_info)
     batch = {"pixel_values": torch.randn(4, 1, 16, 16), "labels": torch.tensor([0, 1, 2, 0])}
     with torch.no_grad():
-        t = TapReader(teacher, t_info)(batch, tm.teacher_taps())
-    loss = tm(TapReader(student, s_info)(batch, tm.student_taps()), t, batch)
+        t = t_reader(batch, tm.teacher_taps())
+    loss = tm(s_reader(batch, tm.student_taps()), t, batch)
     assert torch.isfinite(loss) and 0 < loss.item() < 2  # two pairs, each 1 − CKA in [0, 1]
     loss.backward()
     grads = [p.grad for p in student.get_submodule(s_info.layers_path).parameters() if p.grad is not None]

@@ -249,29 +249,11 @@ def test_manifoldkd_pairing_errors():
 
 # ---------------------------------------------------------------- with real tiny ViTs
 
-@pytest.fixture(scope="module")
-def vits():
-    transformers = pytest.importorskip("transformers")
-    from kdistill.models.arch import model_info
-    from kdistill.models.taps import TapReader
-
-    def build(layers, width):
-        torch.manual_seed(layers)
-        config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=1, hidden_size=width,
-                                        num_hidden_layers=layers, num_attention_heads=2,
-                                        intermediate_size=2 * width, num_labels=3)
-        model = transformers.ViTForImageClassification(config)
-        info_ = model_info(model, "image-classification")
-        return model, info_, TapReader(model, info_)
-
-    return build(2, 32), build(4, 48)
-
-
 @pytest.mark.parametrize("spec", [{"type": "vitkd"},
                                   {"type": "vitkd", "generator": "attention", "projector": "correlation"},
                                   {"type": "manifoldkd", "samples": 20}])
-def test_term_on_tiny_vits_is_finite_and_trains_the_student(vits, spec):
-    (student, s_info, s_reader), (teacher, t_info, t_reader) = vits
+def test_term_on_tiny_vits_is_finite_and_trains_the_student(tiny_vits, spec):
+    (student, s_info, s_reader), (teacher, t_info, t_reader) = tiny_vits
     tm = term(spec, s_info, t_info)
     batch = {"pixel_values": torch.randn(4, 1, 16, 16), "labels": torch.tensor([0, 1, 2, 0])}
     with torch.no_grad():
