@@ -179,7 +179,8 @@ def automatic_store(stage, console=None) -> Path:
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in teacher_dir.glob("*.safetensors"))
     train = stage.data.train if isinstance(stage.data.train, list) else [stage.data.train]
     spec = json.dumps({"teacher": str(teacher_dir), "weights": weights, "train": [t.model_dump(mode="json") for t in train],
-                       "cut": data_cut(stage, None), "views": (stage.data.image_augment or stage.data).model_dump(mode="json"),
+                       "cut": data_cut(stage, None),
+                       "views": stage.data.image_augment.model_dump(mode="json") if stage.data.image_augment else None,
                        "image_size": stage.data.image_size, "steps": stage.train.steps * stage.train.batch_size,
                        "k": stage.teacher.top_k, "temperature": kd_temperature(stage), "task": stage.teacher.task},
                       sort_keys=True)
