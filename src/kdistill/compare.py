@@ -110,12 +110,12 @@ def train_or_reuse(recipe: Recipe, console) -> Path:
 
     from kdistill.engine.export import is_complete
     from kdistill.engine.run import run_recipe
-    from kdistill.config import diff_configs
+    from kdistill.config import recipe_changes
 
     out = Path(recipe.output)
     student = out / "student"
     resolved = out / "config.resolved.yaml"
-    if resolved.exists() and diff_configs(yaml.safe_load(resolved.read_text()), recipe.dump()):
+    if resolved.exists() and recipe_changes(yaml.safe_load(resolved.read_text()), recipe):
         if console is not None:
             console.print(f"{recipe.name}: the recipe changed since {out} was trained; training it again")
         shutil.rmtree(out)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from kdistill.config import (
     RECIPES_DIR, STAGE_FIELDS, STAGE_TEACHER, DataSource, Recipe, Stage,
 )
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, KdistillError
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -244,6 +244,16 @@ def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] =
     if output is not None:
         raw["output"] = output
     return build_recipe(raw, source)
+
+
+def recipe_changes(previous: dict, current: Recipe) -> list[str]:
+    """Field paths where a run's saved recipe differs from `current`. The saved one is read through
+    today's schema first, so a field added since (saved without it) counts as its default, not a change."""
+    try:
+        previous = build_recipe(previous, "the saved recipe").dump()
+    except (KdistillError, TypeError, AttributeError):
+        pass  # a field since removed or renamed: the raw difference names it
+    return diff_configs(previous, current.dump())
 
 
 def diff_configs(old: Any, new: Any, path: str = "") -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from kdistill.config import Recipe, diff_configs
+from kdistill.config import Recipe, recipe_changes
 from kdistill.engine.export import is_complete, save_student
 from kdistill.errors import CheckpointError, ConfigError
 
@@ -57,7 +57,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
             previous = yaml.safe_load(resolved.read_text())
         except yaml.YAMLError:
             raise CheckpointError(f"{resolved} is corrupt; cannot tell which recipe wrote this run") from None
-        changed = diff_configs(previous, current)
+        changed = recipe_changes(previous, recipe)
         if changed and not force:
             raise CheckpointError(
                 f"cannot resume {out}: the recipe differs from the one that started it:\n  "
