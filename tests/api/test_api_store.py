@@ -72,8 +72,12 @@ def test_the_store_holds_the_models_own_top_k_and_a_student_trains_from_it(serve
 
 
 def payload(tokens, tops):
-    return {"choices": [{"text": "", "logprobs": {"tokens": tokens, "token_logprobs": [None] + [-1.0] * (len(tokens) - 1),
-                                                  "top_logprobs": [None] + tops}}]}
+    """An echoed answer as the client parses it (the first prompt token's log-probability is null)."""
+    from kdistill.api.client import _completion
+
+    raw = {"choices": [{"text": "", "logprobs": {"tokens": tokens, "token_logprobs": [None] + [-1.0] * (len(tokens) - 1),
+                                                 "top_logprobs": [None] + tops}}]}
+    return _completion("key", "/completions", raw, cached=False)
 
 
 VOCAB = {"a": 0, "b": 1, "c": 2, "d": 3}

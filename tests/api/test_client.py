@@ -256,3 +256,16 @@ def test_stopping_the_server_mid_run_loses_nothing_and_pays_once(tiny_gpt2_dir, 
         rows = list(cache.rows())
     assert len(rows) == len(requests) == len({row["key"] for row in rows})
     assert sorted(row["request"]["prompt"] for row in rows) == sorted(r["prompt"] for r in requests)
+
+
+def test_an_echoed_prompts_first_token_may_have_a_null_log_probability_and_no_other_may():
+    from kdistill.api.client import GarbageResponse, _completion
+
+    def answer(values):
+        return {"choices": [{"text": "ab", "logprobs": {"tokens": ["a", "b"], "token_logprobs": values,
+                                                         "top_logprobs": [None, {"b": -0.5, "c": -1.5}]}}]}
+
+    parsed = _completion("k", "/completions", answer([None, -0.5]), cached=False)
+    assert parsed.token_logprobs == [None, -0.5] and parsed.top_logprobs == [[], [("b", -0.5), ("c", -1.5)]]
+    with pytest.raises(GarbageResponse, match="malformed logprobs"):
+        _completion("k", "/completions", answer([-0.1, None]), cached=False)

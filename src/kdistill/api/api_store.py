@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -88,11 +87,11 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     try:
         client.check()  # a dead service: TeacherUnavailable, before anything is asked
         sent = [_token_ids(tokenizer, r["text"], stage.data.max_length) for r in unique.values()]
-        answers = ask_raw(client, [score_request(ids, k, max_tokens) for ids in sent], progress=progress)
+        answers = echoed_scores(client, [score_request(ids, k, max_tokens) for ids in sent], progress=progress)
     finally:
         if owned:
             client.close()
-    failed = [(key, a) for key, a in zip(unique, answers) if isinstance(a, str)]
+    failed = [(key, a.error) for key, a in zip(unique, answers) if not a.ok]
     if failed:
         kept = (f"the answers that came back are cached in {client.cache.path}: run again to ask only for the "
                 "missing ones") if client.cache is not None else "run again (with a cache_path, to keep what came back)"
@@ -102,8 +101,8 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
                     "data": data_fingerprint(records, str(stage.data.max_length))}
     with StoreWriter(out, k=k, temperature=1.0, fingerprints=fingerprints, dtype=dtype,
                      vocab_size=config.get_text_config().vocab_size, overwrite=True) as writer:
-        for (key, record), ids, payload in zip(unique.items(), sent, answers):
-            writer.add_topk(key, *stored_topk(payload, ids, k, vocab, f"record {record.get('id', key)}"))
+        for (key, record), ids, answer in zip(unique.items(), sent, answers):
+            writer.add_topk(key, *stored_topk(answer, ids, k, vocab, f"record {record.get('id', key)}"))
     config.save_pretrained(out / TEACHER_FILES)
     tokenizer.save_pretrained(out / TEACHER_FILES)
     (out / TEACHER_FILES / "kdistill-api-teacher.json").write_text(json.dumps(
@@ -122,57 +121,24 @@ def score_request(ids: list[int], k: int, max_tokens: int = 0) -> dict:
     return {"prompt": ids + [ids[0]], "echo": True, "max_tokens": max_tokens, "logprobs": k, "temperature": 0}
 
 
-def ask_raw(client, requests: list[dict], progress: bool = True) -> list[dict | str]:
-    """The raw JSON answer of each request (or why it failed), through the client's cache, retries and
-    concurrency limit. Not `TeacherAPI.map`: its parser refuses the null log-probability that echo gives every
-    prompt's first token (on any OpenAI-compatible service), which this module reads itself."""
-    from rich.progress import Progress
+def echoed_scores(client, requests: list[dict], progress: bool = True) -> list:
+    """Each request's Completion (or why it failed), through the client's cache, retries and concurrency
+    limit; an answer without echoed log-probabilities is a failure of that item."""
+    from kdistill.api.client import Failure
 
-    from kdistill.api.client import _Failed
-
-    def one(request: dict) -> dict | str:
-        key, endpoint, body = client._prepare(request, "request")
-        if client.cache is not None and (payload := client.cache.get(key)) is not None:
-            return payload
-        try:
-            payload = client._send("POST", endpoint, body).json()
-        except _Failed as err:
-            return err.problem
-        except ValueError:
-            return "garbage response: not JSON"
-        if not _echoed(payload):
-            return f"garbage response: no echoed logprobs in {json.dumps(payload)[:200]}"
-        if client.cache is not None:
-            client.cache.put(key, endpoint, body, payload)
-        return payload
-
-    with ThreadPoolExecutor(max_workers=client.max_concurrency, thread_name_prefix="teacher-score") as pool, \
-            Progress(disable=not progress) as bar:
-        task = bar.add_task(f"scoring texts with {client.model}", total=len(requests))
-        futures = [pool.submit(one, request) for request in requests]
-        results = []
-        for future in futures:
-            results.append(future.result())
-            bar.advance(task)
-    return results
-
-
-def _echoed(payload) -> bool:
-    try:
-        logprobs = payload["choices"][0]["logprobs"]
-        return isinstance(logprobs["tokens"], list) and isinstance(logprobs["top_logprobs"], list)
-    except (KeyError, IndexError, TypeError):
-        return False
+    answers = client.map(requests, progress=progress)
+    return [a if not a.ok or (a.tokens is not None and a.top_logprobs is not None)
+            else Failure(a.key, "garbage response: no echoed logprobs (the service does not support echo)")
+            for a in answers]
 
 
 # ---------------------------------------------------------------- reading an answer
 
 
-def stored_topk(payload: dict, ids: list[int], k: int, vocab: dict[str, int], where: str):
+def stored_topk(answer, ids: list[int], k: int, vocab: dict[str, int], where: str):
     """(top-k log-probabilities, their indices, log tail mass) for each of the text's positions: position j is
     what the teacher expects after token j, i.e. the top list the echo gives token j + 1."""
-    logprobs = payload["choices"][0]["logprobs"]
-    tokens, tops = logprobs["tokens"], logprobs["top_logprobs"]
+    tokens, tops = answer.tokens, answer.top_logprobs
     if len(tokens) < len(ids) + 1 or len(tops) < len(ids) + 1:
         raise ScoringFailed(f"{where}: the service echoed {len(tokens)} tokens for a prompt of {len(ids) + 1}; "
                             "it does not support echo with token-id prompts")
@@ -185,7 +151,7 @@ def stored_topk(payload: dict, ids: list[int], k: int, vocab: dict[str, int], wh
                            "teacher's tokenizer (pass it as `vocabulary`)")
     values, indices, tails = [], [], []
     for j in range(len(ids)):
-        top = sorted(((float(v), t) for t, v in (tops[j + 1] or {}).items()), reverse=True)[:k]
+        top = [(v, t) for t, v in tops[j + 1][:k]]  # the client lists them most likely first
         if len(top) < k:
             raise ScoringFailed(f"{where}: the service returned {len(top)} top log-probabilities at position {j}, "
                                 f"fewer than k = {k}; ask for a k it supports")

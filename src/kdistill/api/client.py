@@ -48,7 +48,7 @@ class Choice:
     text: str
     finish_reason: str | None
     tokens: list[str] | None = None                            # present when logprobs were asked for
-    token_logprobs: list[float] | None = None
+    token_logprobs: list[float | None] | None = None          # None: an echoed prompt's first token
     top_logprobs: list[list[tuple[str, float]]] | None = None  # per position, most likely first
 
 
@@ -348,7 +348,9 @@ def _legacy_choice(choice) -> Choice:
     if not logprobs:
         return Choice(choice["text"], choice.get("finish_reason"))
     try:
-        tokens, values = list(logprobs["tokens"]), [float(v) for v in logprobs["token_logprobs"]]
+        # echo: true gives the prompt's first token a null log-probability (nothing comes before it)
+        tokens = list(logprobs["tokens"])
+        values = [None if v is None and i == 0 else float(v) for i, v in enumerate(logprobs["token_logprobs"])]
         tops = [sorted(((str(t), float(v)) for t, v in (top or {}).items()), key=lambda p: -p[1])
                 for top in logprobs.get("top_logprobs") or [None] * len(tokens)]
     except (KeyError, TypeError, ValueError, AttributeError):
