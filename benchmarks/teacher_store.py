@@ -4,7 +4,10 @@ full logits, and the cost of a training step from the store vs plain SFT and vs 
 All runs use one recipe (default `lm-kd`) and the same seed; the store is built once per k with
 `kdistill cache-teacher` and training reads it instead of running the teacher.
 
-    python benchmarks/teacher_store.py [--recipe lm-kd] [--k 8 32 64] [--steps 400]
+    python benchmarks/teacher_store.py [--recipe lm-kd] [--k 8 32 64] [--steps 400] [--train-limit 16000]
+
+`--train-limit N` keeps the first N records of each training source for every run (and so for every store):
+the store is built over the data the runs read, and a 400-step run reads 12,800 texts.
 
 Prints a table and writes benchmarks/results/teacher_store.json.
 """
@@ -34,6 +37,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="lm-kd")
     parser.add_argument("--k", type=int, nargs="+", default=[8, 32, 64])
     parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--train-limit", type=int, default=16000, help="first N records of each training source")
     parser.add_argument("--output", default="runs/bench-store")
     args = parser.parse_args()
 
@@ -54,6 +58,9 @@ def main() -> None:
     def variant(**stage_fields) -> dict:
         # every run starts from the same random 2-layer student: a store holds no teacher weights to copy
         raw = load_recipe(args.recipe, steps).dump()
+        train = raw["stages"][0]["data"]["train"]
+        train = [{**spec, "limit": args.train_limit} for spec in (train if isinstance(train, list) else [train])]
+        raw["stages"][0]["data"]["train"] = train
         raw["stages"][0].update(student={"config": {"n_layer": 2}}, **stage_fields)
         return raw
 
@@ -61,7 +68,7 @@ def main() -> None:
     measure("live teacher", *train(variant(), [], root / "live"))
     for k in args.k:
         start = time.perf_counter()
-        store = cache_teacher(recipe, k=k, out=str(root / f"store-k{k}"))
+        store = cache_teacher(load_recipe(variant()), k=k, out=str(root / f"store-k{k}"))
         report = storage_report(store)
         cached = variant(teacher={"source": "cache", "path": str(store), "task": task})
         measure(f"store k={k}", *train(cached, [], root / f"from-store-k{k}"),
@@ -79,7 +86,7 @@ def main() -> None:
     Console().print(table)
     out = Path(__file__).parent / "results" / "teacher_store.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"recipe": args.recipe, "steps": args.steps, "rows": rows,
+    out.write_text(json.dumps({"recipe": args.recipe, "steps": args.steps, "train_limit": args.train_limit, "rows": rows,
                                "created": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
 
 
