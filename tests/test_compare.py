@@ -7,7 +7,7 @@ from kdistill.compare import baseline_of, compare
 from kdistill.config import load_recipe
 
 
-def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier):
+def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier, monkeypatch):
     teacher = make_classifier(tmp_path / "teacher")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
@@ -30,8 +30,16 @@ def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier):
     assert all(len(row["score"]) == 2 and all(0 <= a <= 1 for a in row["score"]) for row in report["rows"])
     text = results.read_text()
     assert "| tiny-kd-baseline |" in text and (tmp_path / "results-tiny-kd.png").exists()
-    compare([str(path)], seeds=2, output=str(tmp_path / "runs"), results=str(results))  # reuses the runs
+    import kdistill.compare as compare_module
+
+    scored = []
+    real_score = compare_module.score
+    monkeypatch.setattr(compare_module, "score", lambda *a: scored.append(a[0]) or real_score(*a))
+    again = compare([str(path)], seeds=3, output=str(tmp_path / "runs"), results=str(results))  # reuses the runs
     assert results.read_text().count("<!-- compare:tiny-kd -->") == 1
+    # only the new seed's students and the teacher are tested again; the earlier scores come back as they were
+    assert len(scored) == 3 and all("seed-2" in d for d in scored[1:])
+    assert [row["score"][:2] for row in again["rows"]] == [row["score"] for row in report["rows"]]
 
 
 def test_compare_scores_a_causal_lm_with_rouge_and_perplexity(tmp_path, tiny_gpt2_dir):

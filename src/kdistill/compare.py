@@ -91,6 +91,24 @@ def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object
     return accuracy(loaded.model, loaded.tokenizer, records, names), loaded, {}
 
 
+def score_once(student_dir: Path, records: list[dict], task: str) -> tuple[float, dict]:
+    """score() of a finished student, kept in STUDENT/test-scores.json: a compare run again (more seeds, one
+    more recipe, after a crash) does not test the students it already tested on the same records."""
+    from kdistill.teachers.cached import record_key
+    from kdistill.teachers.fingerprint import fingerprint_text
+
+    weights = sorted(student_dir.glob("*.safetensors"))
+    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]
+    key = fingerprint_text(task, str(GENERATED), json.dumps(stamp), *[record_key(r) for r in records])
+    path = student_dir / "test-scores.json"
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if key not in kept:
+        value, _, extra = score(str(student_dir), records, task)
+        kept[key] = {"score": value, "extra": extra}
+        path.write_text(json.dumps(kept, indent=1))
+    return kept[key]["score"], kept[key]["extra"]
+
+
 def pipeline_wall_time(run: Recipe) -> float:
     """Training wall time of every stage of a finished run (each stage's student records its own)."""
     from kdistill.engine.run import stage_student_dir
@@ -157,6 +175,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             results: str = "docs/results.md", console=None, baselines: bool = True) -> dict:
     from kdistill.eval.metrics import count_parameters, non_embedding_parameters
     from kdistill.engine.run import stage_student_dir
+    from kdistill.models.loading import load_model
     from kdistill.teachers.recipe_runs import resolve_teacher
 
     if not names:
@@ -191,22 +210,21 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             points = evaluation_points(r)
             accs = {suffix: [] for suffix, _ in points}
             extras: dict[str, dict[str, list]] = {suffix: {} for suffix, _ in points}
-            walls, loaded = [], {}
+            walls = []
             for seed in range(seeds):
                 run = variant(r, seed, quick, root / label / f"seed-{seed}")
                 start = time.perf_counter()
                 train_or_reuse(run, console)
                 walls.append(pipeline_wall_time(run) or time.perf_counter() - start)
                 for suffix, index in points:
-                    acc, loaded[suffix], extra = score(str(stage_student_dir(Path(run.output), run, index)),
-                                                       records, task)
+                    acc, extra = score_once(stage_student_dir(Path(run.output), run, index), records, task)
                     accs[suffix].append(acc)
                     for key, value in extra.items():
                         extras[suffix].setdefault(key, []).append(value)
                     if console is not None:
                         console.print(f"{label}{suffix} seed {seed}: test {METRICS[task]} {acc:.4f}")
             for suffix, index in points:
-                model = loaded[suffix]
+                model = load_model(str(stage_student_dir(Path(run.output), run, index)), task)  # the last seed's
                 speedup = None  # fake quantization runs float kernels: its speed says nothing about 1-bit ones
                 if not getattr(model.model.config, "kdistill_quant", None):
                     speed = measure_speed(teacher, model, records, task)
