@@ -26,7 +26,7 @@ from kdistill.engine.checkpoint import list_checkpoints, load_checkpoint, prune,
 from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
 from kdistill.engine.on_policy import OnPolicy
-from kdistill.engine.schedule import make_scheduler
+from kdistill.engine.schedule import make_adamw, make_scheduler
 from kdistill.engine.teacher_update import TeacherUpdater
 from kdistill.models.taps import TapReader
 from kdistill.teachers.cached import SparseLogits, sparse_batch
@@ -94,7 +94,7 @@ class StageTrainer:
         self.needs_teacher = any(t.needs_teacher for t in parts.terms)
         # parts with a schedule and state: the loss terms, plus student modules such as Theseus' layers
         self.stateful = list(parts.terms) + [m for m in parts.student.modules() if hasattr(m, "method_state")]
-        optimizer = torch.optim.AdamW(param_groups(self.distiller, self.cfg.weight_decay), lr=self.cfg.lr)
+        optimizer = make_adamw(param_groups(self.distiller, self.cfg.weight_decay), self.cfg.lr)
         self.scheduler = make_scheduler(optimizer, self.cfg.steps, self.cfg.warmup, self.cfg.schedule)
         self.model, self.optimizer = accelerator.prepare(self.distiller, optimizer)
         self.plan = BatchPlan(len(parts.train_records), self.cfg.batch_size, self.cfg.grad_accum,

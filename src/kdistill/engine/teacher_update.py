@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from kdistill.engine.schedule import make_adamw
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
 from kdistill.losses.logits import hard_label_count, hard_label_loss, logits_mask
@@ -19,7 +20,7 @@ class TeacherUpdater:
             raise PairingError("teacher.update (ProKT) needs a teacher with logits and a task loss")
         self.reader, self.task, self.cfg, self.acc, self.max_grad_norm = reader, task, cfg, accelerator, max_grad_norm
         teacher.requires_grad_(True)
-        optimizer = torch.optim.AdamW(teacher.parameters(), lr=cfg.lr)
+        optimizer = make_adamw(teacher.parameters(), cfg.lr)
         self.model, self.optimizer = accelerator.prepare(teacher, optimizer)
         self.module = teacher
 
