@@ -372,3 +372,14 @@ def test_chunked_logit_kd_trains_like_the_plain_one_without_making_full_logits(t
     assert head_calls == []
     a, b = (load_model(str(d), "causal-lm").model.state_dict() for d in (plain, chunked))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_default_chunk_is_an_eighth_of_the_positions_within_the_logit_budget():
+    from kdistill.losses.chunked import default_chunk
+
+    assert default_chunk(512, 32_000) == 64      # an eighth of the positions
+    assert default_chunk(2048, 32_000) == 128    # the tallest chunk
+    assert default_chunk(100, 32_000) == 32      # never shorter than 32 tokens...
+    assert default_chunk(10, 32_000) == 32       # (a chunk taller than the input is just one chunk)
+    assert default_chunk(4096, 1 << 20) == 16    # ...unless the logit budget says so
+    assert default_chunk(4096, 1 << 26) == 1
