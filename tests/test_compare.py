@@ -42,6 +42,30 @@ def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier, monkeyp
     assert [row["score"][:2] for row in again["rows"]] == [row["score"] for row in report["rows"]]
 
 
+def test_recipes_whose_students_start_alike_share_one_baseline(tmp_path, make_classifier):
+    teacher = make_classifier(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                            for i in range(8) for w in ("red", "green", "blue")))
+    paths = []
+    # every_other of 4 layers is [2, 4]; a different eval cadence does not make another baseline
+    for name, layers, loss, eval_every in (("tiny-a", [2, 4], "logit_kd", 1), ("tiny-b", "every_other", "logit_kd", 2),
+                                           ("tiny-c", [1, 2], "logit_kd", 1)):
+        recipe = {"name": name, "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": layers}},
+                  "data": {"train": {"path": str(data), "label": "y"}, "eval": {"path": str(data), "label": "y"},
+                           "max_length": 16},
+                  "losses": [{"type": loss}], "train": {"steps": 2, "batch_size": 4, "eval_every": eval_every}}
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(recipe))
+    results = tmp_path / "results.md"
+    report = compare([str(p) for p in paths], seeds=1, output=str(tmp_path / "runs"), results=str(results))
+    assert [row["name"] for row in report["rows"]] == ["tiny-a", "tiny-a-baseline", "tiny-b", "tiny-c",
+                                                      "tiny-c-baseline"]
+    assert report["rows"][1]["baseline_of"] == ["tiny-a", "tiny-b"]
+    assert not (tmp_path / "runs" / "full" / "tiny-b-baseline").exists()  # trained once
+    assert "| tiny-a-baseline (also the baseline of tiny-b) |" in results.read_text()
+
+
 def test_compare_scores_a_causal_lm_with_rouge_and_perplexity(tmp_path, tiny_gpt2_dir):
     data = tmp_path / "defs.jsonl"
     rows = [{"text": f"word: w{i} (noun)\ndefinition: a thing {i}", "prompt": f"word: w{i} (noun)\ndefinition:",

@@ -27,6 +27,7 @@ def baseline_of(recipe: Recipe) -> Recipe:
     student = first.student
     if student.theseus is not None:  # the same successor blocks, as a plain layer-subset student
         student = StudentConfig(from_teacher={"layers": "uniform", "num_layers": student.theseus.modules})
+    student = explicit_layers(student, first.teacher.model)
     teacher = first.teacher.model_copy(update={"task": recipe_task(recipe)})
     if teacher.model is not None:  # the baseline never asks the teacher: no store to build, one baseline shared
         teacher = type(teacher)(model=teacher.model, task=teacher.task, trust_remote_code=teacher.trust_remote_code)
@@ -34,6 +35,30 @@ def baseline_of(recipe: Recipe) -> Recipe:
                   student=student, data=last.data, losses=[CrossEntropyParams()],
                   train=last.train.model_copy(update={"steps": steps}))
     return Recipe(name=f"{recipe.name}-baseline", output=recipe.output, stages=[stage])
+
+
+def explicit_layers(student, teacher_model: str | None):
+    """`uniform` / `every_other` written as the teacher layers they pick, so that recipes whose students
+    start the same way share one baseline (DistilBERT's every_other is MiniLM's [2, 4, 6])."""
+    spec = student.from_teacher
+    if spec is None or not isinstance(spec.layers, str) or (spec.model or teacher_model) is None:
+        return student
+    from kdistill.models.loading import load_config
+    from kdistill.models.student import choose_layers
+    from kdistill.teachers.recipe_runs import resolve_teacher
+
+    source = spec.model or resolve_teacher(teacher_model, None)
+    total = load_config(source)[1].get_text_config().num_hidden_layers
+    layers = choose_layers(spec.layers, spec.num_layers, total, "student.from_teacher")
+    return student.model_copy(update={"from_teacher": spec.model_copy(update={"layers": layers, "num_layers": None})})
+
+
+def baseline_key(baseline: Recipe) -> str:
+    """What makes two baselines the same run: everything but how often it evaluates and saves."""
+    stage = baseline.stages[0].model_dump(mode="json")
+    for field in ("eval_every", "save_every", "keep_checkpoints"):
+        stage["train"].pop(field, None)
+    return json.dumps(stage, sort_keys=True)
 
 
 def variant(recipe: Recipe, seed: int, quick: bool, output: Path) -> Recipe:
@@ -182,7 +207,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         raise ConfigError("compare needs at least one recipe name or file")
     root = Path(output) / ("quick" if quick else "full")
     rows, teacher_row = [], None
-    done_baselines: dict[str, str] = {}
+    done_baselines: dict[str, list[dict]] = {}  # baseline key -> its rows, whose baseline_of lists recipes
     for name in names:
         recipe = load_recipe(name)
         if any(getattr(s, "lion", None) is not None for s in recipe.stages):
@@ -191,12 +216,16 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
                               f"(execution accuracy), not `kdistill compare`")
-        pairs = [(recipe.name, recipe)]
+        pairs, base_name = [(recipe.name, recipe)], f"{recipe.name}-baseline"
         if baselines:
             base = baseline_of(recipe)
-            key = json.dumps(base.stages[0].model_dump(mode="json"), sort_keys=True)
-            pairs += [] if key in done_baselines else [(base.name, base)]
-            done_baselines.setdefault(key, base.name)
+            base_key = baseline_key(base)
+            if base_key in done_baselines:  # the same student, init, data and steps: trained once, shown once
+                for row in done_baselines[base_key]:
+                    row["baseline_of"].append(recipe.name)
+            else:
+                pairs.append((base.name, base))
+                done_baselines[base_key] = []
         records = test_records(recipe)
         task = recipe_task(recipe)
         teacher_ref = resolve_teacher(recipe.stages[-1].teacher.model, console)
@@ -229,7 +258,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 if not getattr(model.model.config, "kdistill_quant", None):
                     speed = measure_speed(teacher, model, records, task)
                     speedup = speed["student"] / speed["teacher"]
-                row = {"name": label + suffix, "baseline_of": name if label.endswith("-baseline") else None,
+                row = {"name": label + suffix, "baseline_of": [recipe.name] if label == base_name else None,
                        "score": accs[suffix], "params": count_parameters(model.model), "speedup": speedup,
                        **extras[suffix]}
                 if suffix == points[-1][0]:  # training cost belongs to the whole pipeline
@@ -241,6 +270,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                     if packed:
                         row["packed"] = packed
                 rows.append(row)
+                if row["baseline_of"] is not None:
+                    done_baselines[base_key].append(row)
     report = {"quick": quick, "seeds": seeds, "test_records": len(records), "metric": METRICS[task],
               "teacher": teacher_row, "rows": rows,
               "created": time.strftime("%Y-%m-%d %H:%M")}
@@ -296,7 +327,9 @@ def markdown(report: dict) -> str:
              + " |" * (len(head) - 5 - ppl) + (f" {teacher['perplexity'][0]:.2f} |" if ppl else "")]
     for row in report["rows"]:
         m, s = mean_std(row["score"])
-        cells = [row["name"], f"{m:.4f} ± {s:.4f}" + (f" ({len(row['score'])})" if mixed else ""), f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
+        shared = (row.get("baseline_of") or [])[1:]
+        name = row["name"] + (f" (also the baseline of {', '.join(shared)})" if shared else "")
+        cells = [name, f"{m:.4f} ± {s:.4f}" + (f" ({len(row['score'])})" if mixed else ""), f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
                  f"{row['speedup']:.2f}×" if row["speedup"] else "—", str(row.get("steps", "")),
                  f"{statistics.mean(row['wall_time_s']):.0f}" if row.get("wall_time_s") else ""]
         if flops:
