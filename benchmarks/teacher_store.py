@@ -6,7 +6,8 @@ All runs use one recipe (default `lm-kd`) and the same seed; the store is built 
 
     python benchmarks/teacher_store.py [--recipe lm-kd] [--k 8 32 64] [--steps 400] [--train-limit 16000]
 
-`--train-limit N` keeps the first N records of each training source for every run (and so for every store):
+The teacher runs once, for the largest k; the smaller stores are cut from that one (`narrow_store`: the same
+store as a pass at that k). `--train-limit N` keeps the first N records of each training source for every run (and so for every store):
 the store is built over the data the runs read, and a 400-step run reads 12,800 texts.
 
 Prints a table and writes benchmarks/results/teacher_store.json.
@@ -22,7 +23,7 @@ from kdistill.compare import recipe_task, score, test_records
 from kdistill.config import load_recipe
 from kdistill.engine.run import run_recipe
 from kdistill.teachers.cached import cache_teacher
-from kdistill.teachers.store import storage_report
+from kdistill.teachers.store import narrow_store, storage_report
 
 
 def train(raw_recipe, overrides: list[str], output: Path) -> tuple[Path, float]:
@@ -66,9 +67,11 @@ def main() -> None:
 
     measure("sft (no teacher)", *train(variant(losses=[{"type": "cross_entropy"}]), [], root / "sft"))
     measure("live teacher", *train(variant(), [], root / "live"))
-    for k in args.k:
+    widest = max(args.k)
+    for k in sorted(args.k, reverse=True):  # one teacher pass, at the largest k; the others are cut from it
         start = time.perf_counter()
-        store = cache_teacher(load_recipe(variant()), k=k, out=str(root / f"store-k{k}"))
+        store = (cache_teacher(load_recipe(variant()), k=k, out=str(root / f"store-k{k}")) if k == widest else
+                 narrow_store(root / f"store-k{widest}", root / f"store-k{k}", k))
         report = storage_report(store)
         cached = variant(teacher={"source": "cache", "path": str(store), "task": task})
         measure(f"store k={k}", *train(cached, [], root / f"from-store-k{k}"),

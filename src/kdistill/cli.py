@@ -164,21 +164,29 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
 
 @app.command("cache-teacher")
 @friendly
-def cache_teacher_cmd(recipe: str = typer.Argument(..., help="recipe name or file whose teacher to cache"),
+def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe name or file whose teacher to cache"),
                       k: int = typer.Option(64, help="top-k log-probabilities kept per position"),
                       stage: int = typer.Option(0, help="which stage's teacher and training data"),
                       out: Optional[str] = typer.Option(None, help="store directory (default: OUTPUT/teacher-store)"),
                       temperature: Optional[float] = typer.Option(None, help="default: the stage's KD temperature"),
                       dtype: str = typer.Option("float16", help="float16 or float32 log-probabilities"),
+                      from_store: Optional[str] = typer.Option(
+                          None, help="cut this existing store (a larger k) down to --k instead of running the teacher"),
                       set_: Optional[List[str]] = SetOpt):
     """Run the teacher once over the training data and store its top-k outputs; then train with
     `teacher: {source: cache, path: STORE}` (no teacher weights needed)."""
     from kdistill.config import load_recipe
+    from kdistill.errors import ConfigError
     from kdistill.teachers.cached import cache_teacher
-    from kdistill.teachers.store import storage_report
+    from kdistill.teachers.store import narrow_store, storage_report
 
-    path = cache_teacher(load_recipe(recipe, set_ or []), stage, k, out, temperature=temperature, dtype=dtype,
-                         console=console)
+    if from_store:
+        path = narrow_store(from_store, out or f"{from_store.rstrip('/')}-k{k}", k)
+    elif recipe is None:
+        raise ConfigError("cache-teacher needs a RECIPE whose teacher to run (or --from-store STORE to cut a store)")
+    else:
+        path = cache_teacher(load_recipe(recipe, set_ or []), stage, k, out, temperature=temperature, dtype=dtype,
+                             console=console)
     report = storage_report(path)
     console.print(f"wrote {path}: {report.bytes_per_position:.0f} bytes per position on disk vs "
                   f"{report.dense_bytes_per_position:,} for full float32 logits ({report.compression:.0f}× smaller)")

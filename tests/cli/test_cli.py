@@ -137,3 +137,19 @@ def test_a_dead_api_teacher_is_one_clear_message_and_exit_code_2(tmp_path):
     result = runner.invoke(app, ["run", str(path)])
     assert result.exit_code == 2, result.output
     assert "Traceback" not in result.output and f"127.0.0.1:{port}" in result.output
+
+
+def test_cache_teacher_cuts_an_existing_store_to_a_smaller_k(tmp_path):
+    from kdistill.teachers.store import StoreWriter, TeacherStore
+
+    import torch
+
+    with StoreWriter(tmp_path / "store", k=4, fingerprints={"data": "d"}, dtype="float32") as writer:
+        writer.add("a", torch.randn(3, 10, generator=torch.Generator().manual_seed(0)))
+    result, out = invoke("cache-teacher", "--from-store", tmp_path / "store", "--k", 2)
+    assert result.exit_code == 0, out
+    assert TeacherStore.open(tmp_path / "store-k2", expect={"k": 2, "data": "d"})["a"].topk_indices.shape == (3, 2)
+    result, out = invoke("cache-teacher", "--from-store", tmp_path / "store", "--k", 4)
+    assert result.exit_code == 2 and "needs 1 <= k < 4" in out and "Traceback" not in out
+    result, out = invoke("cache-teacher")
+    assert result.exit_code == 2 and "needs a RECIPE" in out

@@ -235,3 +235,23 @@ def test_writer_accepts_dtype_names_and_checks_indices(tmp_path):
         with StoreWriter(tmp_path / "s", k=2, fingerprints={}, dtype="float32", vocab_size=V) as writer:
             writer.add_topk("a", torch.zeros(1, 2), torch.tensor([[0, V]]), torch.zeros(1))
     assert not (tmp_path / "s").exists()
+
+
+def test_a_narrowed_store_equals_one_written_with_the_smaller_k(tmp_path):
+    from kdistill.teachers.store import narrow_store
+
+    wide = write(tmp_path / "wide")
+    (wide / "teacher").mkdir()
+    (wide / "teacher" / "config.json").write_text("{}")
+    narrow = TeacherStore.open(narrow_store(wide, tmp_path / "narrow", k=2), expect={**FINGERPRINTS, "k": 2},
+                               verify=True)
+    assert (tmp_path / "narrow" / "teacher" / "config.json").exists()
+    for sample_id, (logits, seed) in items().items():
+        direct = sparsify(logits, 2, TAU)
+        entry = narrow[sample_id]
+        assert torch.equal(entry.topk_indices, direct[1])
+        assert_close(entry.topk_logprobs, direct[0], atol=1e-6, rtol=1e-6)
+        assert_close(entry.tail_logmass, direct[2], atol=1e-5, rtol=1e-5)
+        assert entry.extra["seed"].item() == seed.item()
+    with pytest.raises(CheckpointError, match="needs 1 <= k < 4"):
+        narrow_store(wide, tmp_path / "wider", k=K)

@@ -203,3 +203,28 @@ def storage_report(store: TeacherStore | str | os.PathLike) -> StorageReport:
     return StorageReport(bytes_per_position=total / max(manifest["num_positions"], 1),
                          payload_bytes_per_position=payload,
                          dense_bytes_per_position=(manifest["vocab_size"] or 0) * 4)
+
+
+def narrow_store(source: str | os.PathLike, out: str | os.PathLike, k: int) -> Path:
+    """A copy of the store at ``source`` keeping only each position's top ``k`` (< the store's k): the
+    dropped log-probabilities join the tail, so it equals a store written with ``k`` from the start
+    (to the stored dtype) without running the teacher again. Per-item extras, fingerprints and the
+    teacher files beside the store are carried over; a store already at ``out`` is replaced, as
+    `kdistill cache-teacher` replaces one."""
+    import shutil
+
+    store = TeacherStore.open(source, verify=True)
+    if not 1 <= k < store.k:
+        raise CheckpointError(f"narrowing {store.path} (k = {store.k}) needs 1 <= k < {store.k}, got {k}")
+    with StoreWriter(out, k=k, temperature=store.temperature, fingerprints=store.fingerprints, dtype=store.dtype,
+                     vocab_size=store.vocab_size, overwrite=True) as writer:
+        for sample_id in store:
+            entry = store[sample_id]
+            dropped = entry.topk_logprobs[:, k:].float()
+            tail = torch.logsumexp(torch.cat([entry.tail_logmass[:, None], dropped], 1), 1)
+            writer.add_topk(sample_id, entry.topk_logprobs[:, :k], entry.topk_indices[:, :k], tail, entry.extra)
+    store.close()
+    for extra in Path(source).iterdir():  # what was written beside the store (its teacher's config, tokenizer)
+        if extra.is_dir():
+            shutil.copytree(extra, Path(out) / extra.name, dirs_exist_ok=True)
+    return Path(out)
