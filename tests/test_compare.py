@@ -97,3 +97,23 @@ def test_a_finished_run_is_reused_only_for_the_same_recipe(tiny_recipe):
     tiny_recipe["train"]["steps"] = 2  # an edited recipe must not be scored on the old run
     again = train_or_reuse(load_recipe(tiny_recipe), None)
     assert json.loads((again / "kdistill.json").read_text())["steps"] == 2
+
+
+def test_kept_scores_follow_the_records_and_the_weights(tmp_path, monkeypatch):
+    import kdistill.compare as compare_module
+
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "model.safetensors").write_bytes(b"weights")
+    calls = []
+    monkeypatch.setattr(compare_module, "score", lambda d, r, t: calls.append(d) or (0.5 + len(calls), None, {}))
+    records = [{"text": "a gloss", "label": "noun.act"}]
+    assert compare_module.score_once(student, records, "classification") == (1.5, {})
+    assert compare_module.score_once(student, records, "classification") == (1.5, {}) and len(calls) == 1
+    relabelled = [{"text": "a gloss", "label": "noun.artifact"}]  # same text, other label: tested again
+    assert compare_module.score_once(student, relabelled, "classification") == (2.5, {})
+    (student / "model.safetensors").write_bytes(b"retrained weights")  # a new student: tested again
+    assert compare_module.score_once(student, records, "classification") == (3.5, {})
+    (student / "test-scores.json").write_text('{"half a fi')  # a crash mid-write elsewhere: scored again
+    assert compare_module.score_once(student, records, "classification") == (4.5, {})
+    assert compare_module.score_once(student, records, "classification") == (4.5, {}) and len(calls) == 4

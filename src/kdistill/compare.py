@@ -27,7 +27,6 @@ def baseline_of(recipe: Recipe) -> Recipe:
     student = first.student
     if student.theseus is not None:  # the same successor blocks, as a plain layer-subset student
         student = StudentConfig(from_teacher={"layers": "uniform", "num_layers": student.theseus.modules})
-    student = explicit_layers(student, first.teacher.model)
     teacher = first.teacher.model_copy(update={"task": recipe_task(recipe)})
     if teacher.model is not None:  # the baseline never asks the teacher: no store to build, one baseline shared
         teacher = type(teacher)(model=teacher.model, task=teacher.task, trust_remote_code=teacher.trust_remote_code)
@@ -37,28 +36,27 @@ def baseline_of(recipe: Recipe) -> Recipe:
     return Recipe(name=f"{recipe.name}-baseline", output=recipe.output, stages=[stage])
 
 
-def explicit_layers(student, teacher_model: str | None):
-    """`uniform` / `every_other` written as the teacher layers they pick, so that recipes whose students
-    start the same way share one baseline (DistilBERT's every_other is MiniLM's [2, 4, 6])."""
-    spec = student.from_teacher
-    if spec is None or not isinstance(spec.layers, str) or (spec.model or teacher_model) is None:
-        return student
-    from kdistill.models.loading import load_config
-    from kdistill.models.student import choose_layers
-    from kdistill.teachers.recipe_runs import resolve_teacher
-
-    source = spec.model or resolve_teacher(teacher_model, None)
-    total = load_config(source)[1].get_text_config().num_hidden_layers
-    layers = choose_layers(spec.layers, spec.num_layers, total, "student.from_teacher")
-    return student.model_copy(update={"from_teacher": spec.model_copy(update={"layers": layers, "num_layers": None})})
-
-
 def baseline_key(baseline: Recipe) -> str:
-    """What makes two baselines the same run: everything but how often it evaluates and saves."""
-    stage = baseline.stages[0].model_dump(mode="json")
+    """What makes two baselines the same run: their stage with `uniform` / `every_other` written as the
+    teacher layers they pick (DistilBERT's every_other is MiniLM's [2, 4, 6]), apart from how often it
+    evaluates and saves (evaluation draws no random numbers and leaves the weights alone)."""
+    stage = baseline.stages[0]
+    dump = stage.model_dump(mode="json")
+    spec = stage.student.from_teacher
+    if spec is not None and isinstance(spec.layers, str) and (spec.model or stage.teacher.model) is not None:
+        from kdistill.models.arch import config_value
+        from kdistill.models.loading import load_config
+        from kdistill.models.student import choose_layers
+        from kdistill.teachers.recipe_runs import resolve_teacher
+
+        source = spec.model or resolve_teacher(stage.teacher.model, None)
+        config = load_config(source, trust_remote_code=stage.teacher.trust_remote_code)[1]
+        total = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+        dump["student"]["from_teacher"].update(
+            layers=choose_layers(spec.layers, spec.num_layers, total, "student.from_teacher"), num_layers=None)
     for field in ("eval_every", "save_every", "keep_checkpoints"):
-        stage["train"].pop(field, None)
-    return json.dumps(stage, sort_keys=True)
+        dump["train"].pop(field, None)
+    return json.dumps(dump, sort_keys=True)
 
 
 def variant(recipe: Recipe, seed: int, quick: bool, output: Path) -> Recipe:
@@ -116,21 +114,32 @@ def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object
     return accuracy(loaded.model, loaded.tokenizer, records, names), loaded, {}
 
 
+SCORING_VERSION = "1"  # bump when score() changes what it measures: kept scores then count as stale
+
+
 def score_once(student_dir: Path, records: list[dict], task: str) -> tuple[float, dict]:
     """score() of a finished student, kept in STUDENT/test-scores.json: a compare run again (more seeds, one
-    more recipe, after a crash) does not test the students it already tested on the same records."""
-    from kdistill.teachers.cached import record_key
-    from kdistill.teachers.fingerprint import fingerprint_text
+    more recipe, after a crash) does not test the students it already tested on the same records. The key
+    holds the records themselves (labels included), the weights' size and time stamp and SCORING_VERSION."""
+    import hashlib
+    import os
 
     weights = sorted(student_dir.glob("*.safetensors"))
-    stamp = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]
-    key = fingerprint_text(task, str(GENERATED), json.dumps(stamp), *[record_key(r) for r in records])
-    path = student_dir / "test-scores.json"
-    kept = json.loads(path.read_text()) if path.exists() else {}
+    digest = hashlib.sha256(json.dumps([SCORING_VERSION, task, GENERATED,
+                                        [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]]).encode())
+    for record in records:
+        digest.update(json.dumps(record, sort_keys=True, default=str).encode())
+    key, path = digest.hexdigest(), student_dir / "test-scores.json"
+    try:
+        kept = json.loads(path.read_text()) if path.exists() else {}
+    except (ValueError, OSError):
+        kept = {}  # unreadable: score again and write it anew
     if key not in kept:
         value, _, extra = score(str(student_dir), records, task)
         kept[key] = {"score": value, "extra": extra}
-        path.write_text(json.dumps(kept, indent=1))
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps(kept, indent=1))
+        os.replace(partial, path)  # a crash mid-write leaves the old file, never half of one
     return kept[key]["score"], kept[key]["extra"]
 
 
