@@ -72,11 +72,12 @@ def main() -> None:
         start = time.perf_counter()
         store = (cache_teacher(load_recipe(variant()), k=k, out=str(root / f"store-k{k}")) if k == widest else
                  narrow_store(root / f"store-k{widest}", root / f"store-k{k}", k))
+        build_seconds = time.perf_counter() - start
         report = storage_report(store)
         cached = variant(teacher={"source": "cache", "path": str(store), "task": task})
         measure(f"store k={k}", *train(cached, [], root / f"from-store-k{k}"),
                 {"bytes_per_position": report.bytes_per_position, "dense_bytes_per_position":
-                 report.dense_bytes_per_position, "cache_seconds": time.perf_counter() - start})
+                 report.dense_bytes_per_position, "store_build_seconds": build_seconds, "teacher_pass": k == widest})
 
     table = Table(title=f"{args.recipe}: {args.steps} steps, test {task} metric on {len(records)} records")
     for col in ("run", "score", "perplexity", "s/step", "store bytes/position (vs full logits)"):

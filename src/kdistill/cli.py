@@ -166,10 +166,10 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
 @friendly
 def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe name or file whose teacher to cache"),
                       k: int = typer.Option(64, help="top-k log-probabilities kept per position"),
-                      stage: int = typer.Option(0, help="which stage's teacher and training data"),
+                      stage: Optional[int] = typer.Option(None, help="which stage's teacher and training data (default 0)"),
                       out: Optional[str] = typer.Option(None, help="store directory (default: OUTPUT/teacher-store)"),
                       temperature: Optional[float] = typer.Option(None, help="default: the stage's KD temperature"),
-                      dtype: str = typer.Option("float16", help="float16 or float32 log-probabilities"),
+                      dtype: Optional[str] = typer.Option(None, help="float16 (default) or float32 log-probabilities"),
                       from_store: Optional[str] = typer.Option(
                           None, help="cut this existing store (a larger k) down to --k instead of running the teacher"),
                       set_: Optional[List[str]] = SetOpt):
@@ -181,12 +181,17 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
     from kdistill.teachers.store import narrow_store, storage_report
 
     if from_store:
+        given = [name for name, value in (("RECIPE", recipe), ("--stage", stage), ("--temperature", temperature),
+                                          ("--dtype", dtype), ("--set", set_)) if value]
+        if given:
+            raise ConfigError(f"--from-store cuts an existing store as it is (its data, temperature and dtype); "
+                              f"drop {', '.join(given)}")
         path = narrow_store(from_store, out or f"{from_store.rstrip('/')}-k{k}", k)
     elif recipe is None:
         raise ConfigError("cache-teacher needs a RECIPE whose teacher to run (or --from-store STORE to cut a store)")
     else:
-        path = cache_teacher(load_recipe(recipe, set_ or []), stage, k, out, temperature=temperature, dtype=dtype,
-                             console=console)
+        path = cache_teacher(load_recipe(recipe, set_ or []), stage or 0, k, out, temperature=temperature,
+                             dtype=dtype or "float16", console=console)
     report = storage_report(path)
     console.print(f"wrote {path}: {report.bytes_per_position:.0f} bytes per position on disk vs "
                   f"{report.dense_bytes_per_position:,} for full float32 logits ({report.compression:.0f}× smaller)")

@@ -101,3 +101,21 @@ def test_a_teacher_with_another_tokenizer_is_refused_by_name():
         stored_topk(payload(["a", "c", "a"], [top, top]), [0, 1], 2, VOCAB, "record r")
     with pytest.raises(ScoringFailed, match="fewer than k = 3"):
         stored_topk(payload(["a", "b", "a"], [{"a": -1.0, "b": -2.0}] * 2), [0, 1], 3, VOCAB, "record r")
+
+
+def test_an_answer_without_echoed_logprobs_fails_its_text_and_is_asked_again_next_time(tmp_path):
+    from kdistill.api.api_store import echoed_scores
+    from kdistill.api.client import Choice, Completion
+    from kdistill.api.response_cache import ResponseCache
+
+    class Service:  # answers from its cache, as TeacherAPI.map does; the first answer lacks the echo
+        cache = ResponseCache(tmp_path / "answers.sqlite")
+
+        def map(self, requests, progress=True):
+            self.cache.put("k1", "/completions", requests[0], {"choices": [{"text": ""}]})
+            return [Completion("k1", [Choice("", None)])]
+
+    service = Service()
+    (answer,) = echoed_scores(service, [score_request([5, 6], 2)], progress=False)
+    assert not answer.ok and "no echoed logprobs" in answer.error
+    assert "k1" not in service.cache  # not kept: the next run asks the service again

@@ -1,7 +1,7 @@
 """The engine's AdamW: the fused kernel where torch has one, the same update as the per-tensor loop."""
 import torch
 
-from kdistill.engine.schedule import make_adamw
+from kdistill.engine.schedule import fused_adamw_available, make_adamw
 
 
 def test_fused_adamw_makes_the_same_updates_as_the_plain_loop():
@@ -17,7 +17,13 @@ def test_fused_adamw_makes_the_same_updates_as_the_plain_loop():
             optimizer.step()
         runs.append((optimizer, params))
     (fused, a), (_, b) = runs
-    assert fused.defaults["fused"]  # torch has a CPU kernel: the engine must be using it
+    assert fused.defaults["fused"] == fused_adamw_available()  # where torch has the CPU kernel, it is used
     for x, y in zip(a, b):
         assert not torch.equal(x, start[0] if x.shape == start[0].shape else start[1])  # it did move
         torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_plain_adamw_where_there_is_no_fused_kernel():
+    params = (torch.nn.Parameter(torch.zeros(3)) for _ in range(2))  # a generator, as model.parameters()
+    optimizer = make_adamw(params, 1e-3, device="meta")
+    assert not optimizer.defaults["fused"] and len(optimizer.param_groups[0]["params"]) == 2

@@ -123,13 +123,18 @@ def score_request(ids: list[int], k: int, max_tokens: int = 0) -> dict:
 
 def echoed_scores(client, requests: list[dict], progress: bool = True) -> list:
     """Each request's Completion (or why it failed), through the client's cache, retries and concurrency
-    limit; an answer without echoed log-probabilities is a failure of that item."""
+    limit. An answer without echoed log-probabilities fails its item and is dropped from the cache, so
+    that running again asks for it again."""
     from kdistill.api.client import Failure
 
-    answers = client.map(requests, progress=progress)
-    return [a if not a.ok or (a.tokens is not None and a.top_logprobs is not None)
-            else Failure(a.key, "garbage response: no echoed logprobs (the service does not support echo)")
-            for a in answers]
+    out = []
+    for answer in client.map(requests, progress=progress):
+        if answer.ok and (answer.tokens is None or answer.top_logprobs is None):
+            if client.cache is not None:
+                client.cache.discard(answer.key)
+            answer = Failure(answer.key, "garbage response: no echoed logprobs (does the service support echo?)")
+        out.append(answer)
+    return out
 
 
 # ---------------------------------------------------------------- reading an answer

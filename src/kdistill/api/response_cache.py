@@ -73,6 +73,11 @@ class ResponseCache:
                 (key, endpoint, canonical_json(request), canonical_json(response), time.time()))
         return cursor.rowcount == 1
 
+    def discard(self, key: str) -> None:
+        """Forget one answer (one that parsed but is unusable to its caller), so that it is asked again."""
+        with self._lock:
+            self._db.execute("DELETE FROM responses WHERE key = ?", (key,))
+
     def __contains__(self, key: str) -> bool:
         with self._lock:
             return self._db.execute("SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone() is not None

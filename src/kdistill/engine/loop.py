@@ -94,7 +94,7 @@ class StageTrainer:
         self.needs_teacher = any(t.needs_teacher for t in parts.terms)
         # parts with a schedule and state: the loss terms, plus student modules such as Theseus' layers
         self.stateful = list(parts.terms) + [m for m in parts.student.modules() if hasattr(m, "method_state")]
-        optimizer = make_adamw(param_groups(self.distiller, self.cfg.weight_decay), self.cfg.lr)
+        optimizer = make_adamw(param_groups(self.distiller, self.cfg.weight_decay), self.cfg.lr, accelerator.device)
         self.scheduler = make_scheduler(optimizer, self.cfg.steps, self.cfg.warmup, self.cfg.schedule)
         self.model, self.optimizer = accelerator.prepare(self.distiller, optimizer)
         self.plan = BatchPlan(len(parts.train_records), self.cfg.batch_size, self.cfg.grad_accum,

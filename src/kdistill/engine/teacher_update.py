@@ -20,7 +20,7 @@ class TeacherUpdater:
             raise PairingError("teacher.update (ProKT) needs a teacher with logits and a task loss")
         self.reader, self.task, self.cfg, self.acc, self.max_grad_norm = reader, task, cfg, accelerator, max_grad_norm
         teacher.requires_grad_(True)
-        optimizer = make_adamw(teacher.parameters(), cfg.lr)
+        optimizer = make_adamw(teacher.parameters(), cfg.lr, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(teacher, optimizer)
         self.module = teacher
 

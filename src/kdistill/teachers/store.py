@@ -213,8 +213,11 @@ def narrow_store(source: str | os.PathLike, out: str | os.PathLike, k: int) -> P
     `kdistill cache-teacher` replaces one."""
     import shutil
 
+    if Path(out).resolve() == Path(source).resolve():
+        raise CheckpointError(f"narrowing {source} into itself would lose the wider store; give another output")
     store = TeacherStore.open(source, verify=True)
     if not 1 <= k < store.k:
+        store.close()
         raise CheckpointError(f"narrowing {store.path} (k = {store.k}) needs 1 <= k < {store.k}, got {k}")
     with StoreWriter(out, k=k, temperature=store.temperature, fingerprints=store.fingerprints, dtype=store.dtype,
                      vocab_size=store.vocab_size, overwrite=True) as writer:
