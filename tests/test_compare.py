@@ -117,3 +117,37 @@ def test_kept_scores_follow_the_records_and_the_weights(tmp_path, monkeypatch):
     (student / "test-scores.json").write_text('{"half a fi')  # a crash mid-write elsewhere: scored again
     assert compare_module.score_once(student, records, "classification") == (4.5, {})
     assert compare_module.score_once(student, records, "classification") == (4.5, {}) and len(calls) == 4
+
+
+def test_a_pipeline_reuses_the_finished_stages_it_shares_with_an_earlier_one(tmp_path, make_classifier):
+    from kdistill.compare import reuse_shared_stages, train_or_reuse, variant
+    from kdistill.engine.run import stage_student_dir
+
+    teacher = make_classifier(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                            for i in range(8) for w in ("red", "green", "blue")))
+
+    def recipe(name, last_alpha):
+        return load_recipe({"name": name, "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
+                            "data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
+                            "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4},
+                            "stages": [{"name": "first"},
+                                       {"name": "last", "losses": [{"type": "logit_kd", "alpha": last_alpha}]}]})
+
+    first = variant(recipe("a", 0.5), 0, False, tmp_path / "a")
+    train_or_reuse(first, None)
+    second = variant(recipe("b", 0.9), 0, False, tmp_path / "b")
+    assert reuse_shared_stages(second, [first]) == ["first"]
+    train_or_reuse(second, None)
+    copied = stage_student_dir(tmp_path / "b", second, 0) / "model.safetensors"
+    assert copied.read_bytes() == (stage_student_dir(tmp_path / "a", first, 0) / "model.safetensors").read_bytes()
+    # what the copy stands for: the same stage trained again gives the same bytes
+    fresh = variant(recipe("b", 0.9), 0, False, tmp_path / "fresh")
+    train_or_reuse(fresh, None)
+    assert (stage_student_dir(tmp_path / "fresh", fresh, 0) / "model.safetensors").read_bytes() == copied.read_bytes()
+    assert (tmp_path / "fresh" / "student" / "model.safetensors").read_bytes() == \
+        (tmp_path / "b" / "student" / "model.safetensors").read_bytes()
+    # another seed, or a run that has started, shares nothing
+    assert reuse_shared_stages(variant(recipe("c", 0.9), 1, False, tmp_path / "c"), [first]) == []
+    assert reuse_shared_stages(second, [first]) == []

@@ -176,6 +176,44 @@ def train_or_reuse(recipe: Recipe, console) -> Path:
     return student
 
 
+def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
+    """Give a run that has not started the finished leading stages it shares with an earlier run of the
+    same compare (equal stage blocks, seed included; never the last stage, whose student is the run's
+    result): BinaryBERT's W1A8 and W1A1 pipelines share their two FP stages. Training is deterministic
+    (the same stage trained twice gives the same bytes), so this is the run it would have been, minus the
+    time. Returns the names of the stages copied."""
+    import shutil
+
+    import yaml
+
+    from kdistill.engine.export import is_complete
+    from kdistill.engine.run import stage_student_dir
+
+    out = Path(run.output)
+    if (out / "config.resolved.yaml").exists():
+        return []  # started already: its own resume decides
+    dumps = [stage.model_dump(mode="json") for stage in run.stages]
+    best, source = 0, None
+    for other in finished:
+        shared = 0
+        while (shared < min(len(run.stages), len(other.stages)) - 1
+               and other.stages[shared].model_dump(mode="json") == dumps[shared]
+               and is_complete(stage_student_dir(Path(other.output), other, shared))):
+            shared += 1
+        if shared > best:
+            best, source = shared, other
+    if source is None:
+        return []
+    for stage in run.stages[:best]:
+        shutil.copytree(Path(source.output) / "stages" / stage.name, out / "stages" / stage.name)
+        log = Path(source.output) / "logs" / f"{stage.name}.jsonl"
+        if log.exists():
+            (out / "logs").mkdir(exist_ok=True)
+            shutil.copy2(log, out / "logs" / log.name)
+    (out / "config.resolved.yaml").write_text(yaml.safe_dump(run.dump(), sort_keys=False))  # resume from there
+    return [stage.name for stage in run.stages[:best]]
+
+
 def evaluation_points(recipe: Recipe) -> list[tuple[str, int]]:
     """(row suffix, stage index) to test: the final student, and for quantization-aware recipes also the
     last stage at each earlier precision (FP32, ternary, W1A8 on the way to W1A1)."""
@@ -217,6 +255,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     root = Path(output) / ("quick" if quick else "full")
     rows, teacher_row = [], None
     done_baselines: dict[str, list[dict]] = {}  # baseline key -> its rows, whose baseline_of lists recipes
+    finished: dict[int, list[Recipe]] = {}  # seed -> runs trained (or reused) so far
     for name in names:
         recipe = load_recipe(name)
         if any(getattr(s, "lion", None) is not None for s in recipe.stages):
@@ -252,7 +291,11 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             for seed in range(seeds):
                 run = variant(r, seed, quick, root / label / f"seed-{seed}")
                 start = time.perf_counter()
+                copied = reuse_shared_stages(run, finished.setdefault(seed, []))
+                if copied and console is not None:
+                    console.print(f"{label} seed {seed}: stages {', '.join(copied)} are those of an earlier run")
                 train_or_reuse(run, console)
+                finished[seed].append(run)
                 walls.append(pipeline_wall_time(run) or time.perf_counter() - start)
                 for suffix, index in points:
                     acc, extra = score_once(stage_student_dir(Path(run.output), run, index), records, task)
