@@ -156,7 +156,8 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
                 results: str = typer.Option("docs/results.md", help="markdown file to write the table into"),
                 baselines: bool = typer.Option(True, help="also train each recipe's no-teacher baseline")):
     """Each recipe against a no-teacher baseline (same student, same init, labels only), on test data."""
-    from kdistill.compare import compare, markdown
+    from kdistill.compare import compare
+    from kdistill.compare_report import markdown
 
     report = compare(recipes, seeds, quick, output, results, console, baselines=baselines)
     console.print(markdown(report))

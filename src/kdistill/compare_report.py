@@ -1,0 +1,85 @@
+"""`kdistill compare`'s report: the results table (markdown), its bar chart, and the section of
+docs/results.md each comparison owns."""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def markdown(report: dict) -> str:
+    teacher, metric = report["teacher"], report["metric"]
+    t_acc = teacher["score"][0]
+    flops = any("train_pflops" in r for r in report["rows"])
+    packed = any("packed" in r for r in report["rows"])
+    ppl = "perplexity" in teacher
+    mixed = len({len(r["score"]) for r in report["rows"]}) > 1  # rows merged from runs with other seed counts
+    head = ["model", f"test {metric}" + (" (seeds)" if mixed else ""), "% of teacher", "parameters", "speed-up",
+            "steps", "train wall time (s)"]
+    head += ["est. train PFLOP"] * flops + ["packed 1-bit weights (vs FP32)"] * packed + ["perplexity"] * ppl
+    from kdistill.compare import GENERATED
+
+    scope = f" ({GENERATED} generated definitions)" if metric == "ROUGE-L" else ""
+    seeds = "seeds per row in brackets" if mixed else f"{report['seeds']} seed(s)"
+    lines = [f"Test {metric}{scope} on {report['test_records']} held-out records, {seeds}"
+             f"{' (--quick: 1/8 of the steps)' if report['quick'] else ''}; measured {report['created']}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             f"| teacher ({teacher['ref']}) | {t_acc:.4f} | 100% | {teacher['params']:,} | 1.00× |"
+             + " |" * (len(head) - 5 - ppl) + (f" {teacher['perplexity'][0]:.2f} |" if ppl else "")]
+    for row in report["rows"]:
+        m, s = mean_std(row["score"])
+        shared = (row.get("baseline_of") or [])[1:]
+        name = row["name"] + (f" (also the baseline of {', '.join(shared)})" if shared else "")
+        cells = [name, f"{m:.4f} ± {s:.4f}" + (f" ({len(row['score'])})" if mixed else ""), f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
+                 f"{row['speedup']:.2f}×" if row["speedup"] else "—", str(row.get("steps", "")),
+                 f"{statistics.mean(row['wall_time_s']):.0f}" if row.get("wall_time_s") else ""]
+        if flops:
+            cells.append(f"{row['train_pflops']:.3g}" if "train_pflops" in row else "")
+        if packed:
+            p = row.get("packed")
+            cells.append(f"{p['quantized_linear_packed_bytes'] / 2**20:.2f} MiB "
+                         f"(1/{1 / p['quantized_linear_ratio']:.1f})" if p else "")
+        if ppl:
+            pm, ps = mean_std(row["perplexity"])
+            cells.append(f"{pm:.2f} ± {ps:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [{"name": "teacher", "score": report["teacher"]["score"]}] + report["rows"]
+    means = [mean_std(r["score"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
+    ax.bar([r["name"] for r in rows], [m for m, _ in means], yerr=[s for _, s in means], capsize=4,
+           color=["#555"] + ["#bbb" if r.get("baseline_of") else "#3a7" for r in rows[1:]])
+    low = min(m for m, _ in means)
+    ax.set(ylabel=f"test {report['metric']}", ylim=(max(0, low - 0.05), min(1, max(m for m, _ in means) + 0.02)))
+    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_results(report: dict, path: Path, names: list[str]) -> None:
+    """Replace (or add) this comparison's section of docs/results.md, and its PNG beside it."""
+    slug = "-".join(Path(n).stem for n in names) + ("-quick" if report["quick"] else "")
+    png = path.parent / f"results-{slug}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plot(report, png)
+    start, end = f"<!-- compare:{slug} -->", f"<!-- /compare:{slug} -->"
+    section = (f"{start}\n## compare {' '.join(names)}{' --quick' if report['quick'] else ''}\n\n"
+               f"{markdown(report)}\n\n![{slug}]({png.name})\n{end}")
+    text = path.read_text() if path.exists() else "# Results\n\nWritten by `kdistill compare`.\n"
+    if start in text:
+        text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + section + "\n"
+    path.write_text(text)
