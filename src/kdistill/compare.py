@@ -44,16 +44,16 @@ def baseline_key(baseline: Recipe) -> str:
     dump = stage.model_dump(mode="json")
     spec = stage.student.from_teacher
     if spec is not None and isinstance(spec.layers, str) and (spec.model or stage.teacher.model) is not None:
-        from kdistill.models.arch import config_value
+        from kdistill.models.arch import layer_count
         from kdistill.models.loading import load_config
         from kdistill.models.student import choose_layers
         from kdistill.teachers.recipe_runs import resolve_teacher
 
         source = spec.model or resolve_teacher(stage.teacher.model, None)
         config = load_config(source, trust_remote_code=stage.teacher.trust_remote_code)[1]
-        total = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
         dump["student"]["from_teacher"].update(
-            layers=choose_layers(spec.layers, spec.num_layers, total, "student.from_teacher"), num_layers=None)
+            layers=choose_layers(spec.layers, spec.num_layers, layer_count(config), "student.from_teacher"),
+            num_layers=None)
     for field in ("eval_every", "save_every", "keep_checkpoints"):
         dump["train"].pop(field, None)
     return json.dumps(dump, sort_keys=True)
@@ -184,10 +184,8 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
     time. Returns the names of the stages copied."""
     import shutil
 
-    import yaml
-
     from kdistill.engine.export import is_complete
-    from kdistill.engine.run import stage_student_dir
+    from kdistill.engine.run import prepare_run_dir, stage_student_dir
 
     out = Path(run.output)
     if (out / "config.resolved.yaml").exists():
@@ -210,7 +208,7 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
         if log.exists():
             (out / "logs").mkdir(exist_ok=True)
             shutil.copy2(log, out / "logs" / log.name)
-    (out / "config.resolved.yaml").write_text(yaml.safe_dump(run.dump(), sort_keys=False))  # resume from there
+    prepare_run_dir(run, resume=False, force=False)  # its saved recipe: train_or_reuse resumes from there
     return [stage.name for stage in run.stages[:best]]
 
 

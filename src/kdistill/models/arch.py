@@ -52,6 +52,11 @@ def config_value(config, *names, default=None):
     return default
 
 
+def layer_count(config) -> int | None:
+    """The number of transformer blocks, whatever the family calls it (BERT, GPT-2, T5-style names)."""
+    return config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+
+
 def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
     candidates = [
         (name, mod) for name, mod in model.named_modules()
@@ -83,7 +88,7 @@ def find_qkv(block: nn.Module):
 
 def model_info(model: nn.Module, task: str, pooling: str | None = None) -> ModelInfo:
     config = model.config
-    num_layers = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+    num_layers = layer_count(config)
     if num_layers is None or config_value(config, "num_attention_heads", "n_head", "n_heads") is None:
         return convolutional_info(config, task)
     hidden = config_value(config, "hidden_size", "n_embd", "d_model", "dim")

@@ -6,7 +6,7 @@ import copy
 import torch
 
 from kdistill.errors import ConfigError, PairingError
-from kdistill.models.arch import config_value, find_layers
+from kdistill.models.arch import find_layers, layer_count
 from kdistill.models.loading import detect_task, load_model, model_class
 from kdistill.registry import Registry
 
@@ -49,7 +49,7 @@ def from_teacher(spec, teacher, where="student.from_teacher", **context):
                                f"{type(teacher).__name__}; layers can only be copied between the same architecture")
         teacher = source
     config = teacher.config
-    n_teacher = config_value(config, "num_hidden_layers", "n_layer", "num_layers")
+    n_teacher = layer_count(config)
     layers = choose_layers(spec.layers, spec.num_layers, n_teacher, where)
     path, _ = find_layers(teacher, n_teacher)
     student_config = copy.deepcopy(config)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from kdistill.errors import PairingError
-from kdistill.models.arch import config_value, find_layers
+from kdistill.models.arch import find_layers, layer_count
 
 
 class TheseusLayers(nn.ModuleList):
@@ -54,7 +54,7 @@ class TheseusLayers(nn.ModuleList):
 def build_theseus(spec, teacher: nn.Module, steps: int) -> nn.Module:
     """A copy of the teacher whose block list is a TheseusLayers; successor i starts as the last
     block of group i, so the top block of the teacher stays on top."""
-    n = config_value(teacher.config, "num_hidden_layers", "n_layer", "num_layers")
+    n = layer_count(teacher.config)
     if n % spec.modules:
         raise PairingError(f"student.theseus.modules: {spec.modules} does not divide the teacher's {n} layers")
     model = copy.deepcopy(teacher)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from kdistill.errors import ConfigError, PairingError
-from kdistill.models.arch import config_value, find_layers, find_qkv
+from kdistill.models.arch import config_value, find_layers, find_qkv, layer_count
 from kdistill.quant.linear import QuantLinear, split_layer
 from kdistill.quant.quantizers import activation_quantizer
 
@@ -89,7 +89,7 @@ def quantize_model(model: nn.Module, spec: dict, where: str = "quant") -> nn.Mod
     keep_fp = list(spec.get("keep_fp", ["embeddings", "classifier"]))
     if "embeddings" not in keep_fp:
         raise ConfigError(f"{where}.keep_fp: quantized embeddings are not supported; keep 'embeddings' in the list")
-    num_layers = config_value(model.config, "num_hidden_layers", "n_layer", "num_layers")
+    num_layers = layer_count(model.config)
     path, blocks = find_layers(model, num_layers)
     layers = _quantizable(model, path, keep_fp)
     if not any(isinstance(m, (nn.Linear, QuantLinear)) for _, m in layers):
