@@ -6,14 +6,16 @@ generalised JSD at β and backpropagates to the student's hidden states and head
   trl      the same logits, then TRL's GKDTrainer.generalized_jsd_loss (reduction="batchmean" / L)
   chunked  kdistill.losses.chunked.chunked_divergence on (h, W) directly, its default chunk (or --chunk
            tokens at a time)
-Each case runs in its own subprocess; "extra peak memory" is that process's peak RSS minus its RSS
-after the imports and the inputs, so neither is counted (it does include the gradients, which every
+On the CPU each case runs in its own subprocess; "extra peak memory" is that process's peak RSS minus
+its RSS after the imports and the inputs, so neither is counted (it does include the gradients, which every
 method returns: grads_mib in the JSON). "seconds" is the best wall time of --repeats steps after a
 warm-up, "cpu_seconds" the process CPU time of that step (less sensitive to other jobs sharing the
 machine; BENCH_THREADS sets torch's threads). Values are checked against the plain result
-(1e-5 relative).
+(1e-5 relative). With --device cuda the cases run in one process, timed with the device synchronised,
+and the extra peak memory is torch's peak allocation minus what the inputs hold.
 
     python benchmarks/lm_loss.py [--vocab 32000 128000] [--length 512 2048] [--beta 0 0.5 1] [--repeats 2]
+                                 [--device cuda]
 
 Prints a table and records the run in benchmarks/results/lm_loss.json under "runs", replacing an
 earlier run of the same command. TRL is a benchmark-only dependency (`pip install --no-deps trl`);
@@ -34,22 +36,24 @@ from pathlib import Path
 HIDDEN = 384
 
 
-def inputs(vocab: int, length: int):
+def inputs(vocab: int, length: int, device: str = "cpu"):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    h_s = torch.randn(1, length, HIDDEN, generator=g)
-    h_t = torch.randn(1, length, HIDDEN, generator=g)
+    h_s = torch.randn(1, length, HIDDEN, generator=g).to(device)
+    h_t = torch.randn(1, length, HIDDEN, generator=g).to(device)
     # scaled in place: a temporary here would raise the peak-RSS baseline and hide that much of
     # every method's extra memory
-    w_s = torch.randn(vocab, HIDDEN, generator=g).mul_(0.05)
-    w_t = torch.randn(vocab, HIDDEN, generator=g).mul_(0.05)
+    w_s = torch.randn(vocab, HIDDEN, generator=g).to(device).mul_(0.05)
+    w_t = torch.randn(vocab, HIDDEN, generator=g).to(device).mul_(0.05)
     return h_s.requires_grad_(), w_s.requires_grad_(), h_t, w_t
 
 
-def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, chunk: int | None) -> dict:
+def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, chunk: int | None,
+             device: str = "cpu") -> dict:
     import torch
 
+    cuda = device.startswith("cuda")
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
     # imports first, so their memory is part of the baseline and not of the loss
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -57,8 +61,14 @@ def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, ch
     from kdistill.losses.functional import generalized_jsd
     if method == "trl":
         from trl.experimental.gkd.gkd_trainer import GKDTrainer
-    h_s, w_s, h_t, w_t = inputs(vocab, length)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    h_s, w_s, h_t, w_t = inputs(vocab, length, device)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def step():
         h_s.grad = w_s.grad = None
@@ -73,7 +83,7 @@ def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, ch
             else:
                 loss = generalized_jsd(zs, zt, beta=beta)
         loss.backward()
-        return float(loss)
+        return float(loss)  # float() waits for the device, so each timed step is complete
 
     value = step()  # warm-up (and the value)
     times = []
@@ -81,9 +91,24 @@ def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, ch
         start, cpu = time.perf_counter(), time.process_time()
         step()
         times.append((time.perf_counter() - start, time.process_time() - cpu))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds, cpu_seconds = min(times)
-    return {"value": value, "seconds": seconds, "cpu_seconds": cpu_seconds, "extra_peak_mib": (peak - base) / 1024}
+    if cuda:
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    return {"value": value, "seconds": seconds, "cpu_seconds": cpu_seconds, "extra_peak_mib": extra}
+
+
+def in_process(*args) -> dict:
+    """A CUDA case: one process is enough, as the allocator's peak resets per case."""
+    import torch
+
+    try:
+        return run_case(*args)
+    except Exception as error:  # noqa: BLE001 - an out-of-memory case is a result, not the end of the run
+        return {"error": f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"}
+    finally:
+        torch.cuda.empty_cache()
 
 
 def in_subprocess(*args) -> dict:
@@ -106,6 +131,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: chunked_divergence's own)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda: the cases then run in this process")
     parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -127,7 +153,10 @@ def main() -> None:
                 row = {"vocab": vocab, "length": length, "beta": beta,
                        "grads_mib": (vocab + length) * HIDDEN * 4 / 2**20}
                 for method in methods:
-                    result = in_subprocess(method, vocab, length, beta, args.repeats, args.chunk or "auto")
+                    if args.device != "cpu":
+                        result = in_process(method, vocab, length, beta, args.repeats, args.chunk, args.device)
+                    else:
+                        result = in_subprocess(method, vocab, length, beta, args.repeats, args.chunk or "auto")
                     if "error" in result:
                         row[method] = {"error": result["error"]}
                         continue
@@ -140,7 +169,7 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    table = Table(title="generalised JSD, forward + backward, fp32, batch 1 (seconds / extra peak MiB)")
+    table = Table(title=f"generalised JSD on {args.device}, forward + backward, fp32, batch 1 (seconds / extra peak MiB)")
     for col in ["vocab", "length", "β", *methods, "chunked vs trl"]:
         table.add_column(col, justify="right")
     for row in rows:
@@ -148,7 +177,7 @@ def main() -> None:
         for method in methods:
             r = row[method]
             cells.append(r["error"][:30] if "error" in r else
-                         f"{r['seconds']:.2f} s / {r['extra_peak_mib']:.0f} MiB{'' if r['matches_plain'] else ' ≠'}")
+                         f"{r['seconds']:.2f} s / {r['extra_peak_mib']:.0f} MiB{'' if r.get('matches_plain', True) else ' ≠'}")
         if "trl" in methods and "seconds" in row["trl"] and "seconds" in row["chunked"]:
             cells.append(f"{row['trl']['seconds'] / row['chunked']['seconds']:.1f}× faster, "
                          f"{row['chunked']['extra_peak_mib'] / max(row['trl']['extra_peak_mib'], 1e-9):.2f}× memory")
@@ -156,10 +185,10 @@ def main() -> None:
             cells.append("")
         table.add_row(*cells)
     Console().print(table)
-    save(rows, args.chunk, load_before)
+    save(rows, args.chunk, load_before, args.device)
 
 
-def save(rows: list, chunk: int | None, load_before: tuple) -> None:
+def save(rows: list, chunk: int | None, load_before: tuple, device: str) -> None:
     """Record this run in results/lm_loss.json beside the other commands' runs."""
     import torch
 
@@ -172,7 +201,8 @@ def save(rows: list, chunk: int | None, load_before: tuple) -> None:
            "threads": int(threads or torch.get_num_threads()),
            # other jobs on the machine slow every method, the many small ops of a chunked pass most
            "load_avg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
-           "rows": rows}
+           "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+           "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "rows": rows}
     runs = [r for r in previous if r.get("command") != run["command"]] + [run]
     out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "hidden": HIDDEN,
                                "torch": torch.__version__, "created": run["created"], "runs": runs}, indent=2))
