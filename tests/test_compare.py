@@ -85,6 +85,24 @@ def test_compare_scores_a_causal_lm_with_rouge_and_perplexity(tmp_path, tiny_gpt
     assert "test ROUGE-L" in results.read_text() and "perplexity" in results.read_text()
 
 
+def test_causal_lm_scores_prompts_taken_evenly_through_the_split(tmp_path, tiny_gpt2_dir, monkeypatch):
+    import kdistill.compare as compare_module
+    import kdistill.eval.generation as generation
+    import kdistill.eval.metrics as metrics
+
+    # the test split is ordered (all nouns first): scoring its front would measure nouns only
+    records = [{"text": f"t{i}", "prompt": f"p{i}", "reference": f"r{i}"} for i in range(3000)]
+    seen = {}
+    monkeypatch.setattr(generation, "definition_scores",
+                        lambda model, tok, recs, limit: seen.setdefault("prompts", recs) and {"rouge_l": 0.5})
+    monkeypatch.setattr(metrics, "perplexity", lambda model, tok, texts: seen.setdefault("texts", texts) and 9.0)
+    rouge, _, extra = compare_module.score(tiny_gpt2_dir, records, "causal-lm")
+    assert (rouge, extra) == (0.5, {"perplexity": 9.0})
+    assert len(seen["prompts"]) == compare_module.GENERATED == 500
+    assert seen["prompts"][0]["prompt"] == "p0" and seen["prompts"][-1]["prompt"] == "p2994"  # i·3000//500
+    assert seen["texts"][1] == "t3" and len(seen["texts"]) == 1000
+
+
 def test_a_finished_run_is_reused_only_for_the_same_recipe(tiny_recipe):
     import json
 

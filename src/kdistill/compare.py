@@ -86,7 +86,8 @@ def recipe_task(recipe: Recipe) -> str:
 
 
 METRICS = {"classification": "accuracy", "image-classification": "accuracy", "causal-lm": "ROUGE-L"}
-GENERATED = 200  # held-out prompts a causal LM writes definitions for (greedy decoding)
+GENERATED = 500  # held-out prompts a causal LM writes definitions for (greedy decoding)
+PERPLEXITY_TEXTS = 1000
 
 
 def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object, dict]:
@@ -100,9 +101,14 @@ def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object
         from kdistill.eval.generation import definition_scores
         from kdistill.eval.metrics import perplexity
 
-        rouge = definition_scores(loaded.model, loaded.tokenizer, records, limit=GENERATED)["rouge_l"]
-        return rouge, loaded, {"perplexity": perplexity(loaded.model, loaded.tokenizer,
-                                                        [r["text"] for r in records[:1000]])}
+        from kdistill.engine.build import spread
+
+        # taken evenly through the split: its records are ordered (all nouns first), and at 200 prompts
+        # from the front the same recipe's ROUGE-L moved by 0.05 between seeds (docs/results.md)
+        prompts = spread(records, GENERATED)
+        rouge = definition_scores(loaded.model, loaded.tokenizer, prompts, limit=GENERATED)["rouge_l"]
+        texts = [r["text"] for r in spread(records, PERPLEXITY_TEXTS)]
+        return rouge, loaded, {"perplexity": perplexity(loaded.model, loaded.tokenizer, texts)}
     from kdistill.eval.metrics import accuracy
 
     config = loaded.model.config
@@ -114,18 +120,20 @@ def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object
     return accuracy(loaded.model, loaded.tokenizer, records, names), loaded, {}
 
 
-SCORING_VERSION = "1"  # bump when score() changes what it measures: kept scores then count as stale
+# Bump a task's version when score() changes what it measures for it: its kept scores then count as stale.
+SCORING_VERSIONS = {"causal-lm": "2"}  # 2: prompts and perplexity texts taken evenly through the split
 
 
 def score_once(student_dir: Path, records: list[dict], task: str) -> tuple[float, dict]:
     """score() of a finished student, kept in STUDENT/test-scores.json: a compare run again (more seeds, one
     more recipe, after a crash) does not test the students it already tested on the same records. The key
-    holds the records themselves (labels included), the weights' size and time stamp and SCORING_VERSION."""
+    holds the records themselves (labels included), the weights' size and time stamp and the scoring version."""
     import hashlib
     import os
 
     weights = sorted(student_dir.glob("*.safetensors"))
-    digest = hashlib.sha256(json.dumps([SCORING_VERSION, task, GENERATED,
+    generated = GENERATED if task == "causal-lm" else None
+    digest = hashlib.sha256(json.dumps([SCORING_VERSIONS.get(task, "1"), task, generated,
                                         [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]]).encode())
     for record in records:
         digest.update(json.dumps(record, sort_keys=True, default=str).encode())

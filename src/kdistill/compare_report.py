@@ -22,7 +22,7 @@ def markdown(report: dict) -> str:
     head += ["est. train PFLOP"] * flops + ["packed 1-bit weights (vs FP32)"] * packed + ["perplexity"] * ppl
     from kdistill.compare import GENERATED
 
-    scope = f" ({GENERATED} generated definitions)" if metric == "ROUGE-L" else ""
+    scope = f" ({GENERATED} generated definitions, taken evenly through the split)" if metric == "ROUGE-L" else ""
     seeds = "seeds per row in brackets" if mixed else f"{report['seeds']} seed(s)"
     lines = [f"Test {metric}{scope} on {report['test_records']} held-out records, {seeds}"
              f"{' (--quick: 1/8 of the steps)' if report['quick'] else ''}; measured {report['created']}.", "",
