@@ -1,5 +1,7 @@
 """Every built-in recipe runs a couple of steps end to end, on tiny random stand-ins for its teachers."""
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +109,21 @@ def test_builtin_recipe_runs_on_stand_ins(name, teachers, tmp_path, monkeypatch)
     raw["output"] = str(tmp_path / name)
     student = distill(raw, progress=False)
     assert (student / "kdistill.json").exists() and (student / "config.json").exists()
+
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+ENCODER_RECIPES = ["teacher-supersense", "supersense-kd", "distilbert", "tinybert", "mobilebert", "minilm",
+                   "minilmv2", "theseus", "prokt"]
+
+
+@pytest.mark.parametrize("name", sorted(builtin_recipes()))
+def test_docs_a_recipe_points_to_exist(name):
+    for ref in re.findall(r"docs/[\w/.-]+\.md", builtin_recipes()[name].read_text()):
+        assert (DOCS.parent / ref).is_file(), f"{name}.yaml refers to {ref}, which does not exist"
+
+
+@pytest.mark.parametrize("name", ENCODER_RECIPES)
+def test_each_encoder_recipe_has_its_page_linked_from_the_overview(name):
+    page = "minilm" if name == "minilmv2" else name
+    assert (DOCS / "encoders" / f"{page}.md").is_file()
+    assert f"[`{name}`](encoders/{page}.md)" in (DOCS / "encoders.md").read_text()
