@@ -127,3 +127,14 @@ def test_each_encoder_recipe_has_its_page_linked_from_the_overview(name):
     page = "minilm" if name == "minilmv2" else name
     assert (DOCS / "encoders" / f"{page}.md").is_file()
     assert f"[`{name}`](encoders/{page}.md)" in (DOCS / "encoders.md").read_text()
+
+
+LM_RECIPE_PAGES = {"lm-sft": "lm-sft-and-lm-kd", "lm-kd": "lm-sft-and-lm-kd", "seqkd": "seqkd", "gkd": "gkd",
+                   "minillm": "minillm", "distillm": "distillm", "taid": "taid", "tvd": "tvd-and-js", "js": "tvd-and-js"}
+
+
+@pytest.mark.parametrize("name", sorted(LM_RECIPE_PAGES))
+def test_each_causal_lm_recipe_has_its_page_linked_from_the_overview(name):
+    page = LM_RECIPE_PAGES[name]
+    assert name in builtin_recipes() and (DOCS / "causal-lm" / f"{page}.md").is_file()
+    assert f"[`{name}`](causal-lm/{page}.md)" in (DOCS / "causal-lm.md").read_text()
