@@ -204,8 +204,8 @@ def save(rows: list, chunk: int | None, load_before: tuple, device: str) -> None
            "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "rows": rows}
     runs = [r for r in previous if r.get("command") != run["command"]] + [run]
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "hidden": HIDDEN,
-                               "torch": torch.__version__, "created": run["created"], "runs": runs}, indent=2))
+    # machine, cpus and torch are per run: runs from different machines (a CPU here, a lent GPU) share the file
+    out.write_text(json.dumps({"hidden": HIDDEN, "created": run["created"], "runs": runs}, indent=2))
     print(f"wrote {out}")
 
 
