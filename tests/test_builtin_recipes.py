@@ -112,8 +112,6 @@ def test_builtin_recipe_runs_on_stand_ins(name, teachers, tmp_path, monkeypatch)
 
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-ENCODER_RECIPES = ["teacher-supersense", "supersense-kd", "distilbert", "tinybert", "mobilebert", "minilm",
-                   "minilmv2", "theseus", "prokt"]
 
 
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))
@@ -122,19 +120,19 @@ def test_docs_a_recipe_points_to_exist(name):
         assert (DOCS.parent / ref).is_file(), f"{name}.yaml refers to {ref}, which does not exist"
 
 
-@pytest.mark.parametrize("name", ENCODER_RECIPES)
-def test_each_encoder_recipe_has_its_page_linked_from_the_overview(name):
-    page = "minilm" if name == "minilmv2" else name
-    assert (DOCS / "encoders" / f"{page}.md").is_file()
-    assert f"[`{name}`](encoders/{page}.md)" in (DOCS / "encoders.md").read_text()
+# recipe -> (the overview page that links it, its own page beside it)
+RECIPE_PAGES = {
+    **{name: ("encoders", name) for name in ["teacher-supersense", "supersense-kd", "distilbert", "tinybert",
+                                              "mobilebert", "minilm", "theseus", "prokt"]},
+    "minilmv2": ("encoders", "minilm"),
+    **{name: ("causal-lm", "lm-sft-and-lm-kd") for name in ["lm-sft", "lm-kd"]},
+    **{name: ("causal-lm", name) for name in ["seqkd", "gkd", "minillm", "distillm", "taid"]},
+    **{name: ("causal-lm", "tvd-and-js") for name in ["tvd", "js"]},
+}
 
 
-LM_RECIPE_PAGES = {"lm-sft": "lm-sft-and-lm-kd", "lm-kd": "lm-sft-and-lm-kd", "seqkd": "seqkd", "gkd": "gkd",
-                   "minillm": "minillm", "distillm": "distillm", "taid": "taid", "tvd": "tvd-and-js", "js": "tvd-and-js"}
-
-
-@pytest.mark.parametrize("name", sorted(LM_RECIPE_PAGES))
-def test_each_causal_lm_recipe_has_its_page_linked_from_the_overview(name):
-    page = LM_RECIPE_PAGES[name]
-    assert name in builtin_recipes() and (DOCS / "causal-lm" / f"{page}.md").is_file()
-    assert f"[`{name}`](causal-lm/{page}.md)" in (DOCS / "causal-lm.md").read_text()
+@pytest.mark.parametrize("name", sorted(RECIPE_PAGES))
+def test_each_encoder_and_causal_lm_recipe_has_its_page_linked_from_the_overview(name):
+    overview, page = RECIPE_PAGES[name]
+    assert name in builtin_recipes() and (DOCS / overview / f"{page}.md").is_file()
+    assert f"[`{name}`]({overview}/{page}.md)" in (DOCS / f"{overview}.md").read_text()
