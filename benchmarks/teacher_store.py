@@ -5,12 +5,17 @@ All runs use one recipe (default `lm-kd`) and the same seed; the store is built 
 `kdistill cache-teacher` and training reads it instead of running the teacher.
 
     python benchmarks/teacher_store.py [--recipe lm-kd] [--k 8 32 64] [--steps 400] [--train-limit 16000]
+                                       [--no-next-token]
+
+The stores keep each position's next token beside the top k, as `kdistill cache-teacher` does for a
+causal LM; `--no-next-token` measures plain top-k stores.
 
 The teacher runs once, for the largest k; the smaller stores are cut from that one (`narrow_store`: the same
 store as a pass at that k). `--train-limit N` keeps the first N records of each training source for every run (and so for every store):
 the store is built over the data the runs read, and a 400-step run reads 12,800 texts.
 
-Prints a table and writes benchmarks/results/teacher_store.json.
+Prints a table and writes its run into benchmarks/results/teacher_store.json (one run per device, recipe,
+settings and store kind; a run with the same ones is replaced).
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--train-limit", type=int, default=16000, help="first N records of each training source")
     parser.add_argument("--output", default="runs/bench-store")
+    parser.add_argument("--next-token", action=argparse.BooleanOptionalAction, default=True,
+                        help="keep each position's next token in the store (default, as cache-teacher does)")
     args = parser.parse_args()
 
     from rich.console import Console
@@ -70,7 +77,8 @@ def main() -> None:
     widest = max(args.k)
     for k in sorted(args.k, reverse=True):  # one teacher pass, at the largest k; the others are cut from it
         start = time.perf_counter()
-        store = (cache_teacher(load_recipe(variant()), k=k, out=str(root / f"store-k{k}")) if k == widest else
+        store = (cache_teacher(load_recipe(variant()), k=k, out=str(root / f"store-k{k}"), next_token=args.next_token)
+                 if k == widest else
                  narrow_store(root / f"store-k{widest}", root / f"store-k{k}", k))
         build_seconds = time.perf_counter() - start
         report = storage_report(store)
@@ -79,7 +87,8 @@ def main() -> None:
                 {"bytes_per_position": report.bytes_per_position, "dense_bytes_per_position":
                  report.dense_bytes_per_position, "store_build_seconds": build_seconds, "teacher_pass": k == widest})
 
-    table = Table(title=f"{args.recipe}: {args.steps} steps, test {task} metric on {len(records)} records")
+    kind = "top-k + next token" if args.next_token else "top-k"
+    table = Table(title=f"{args.recipe}: {args.steps} steps, {kind} stores, test {task} metric on {len(records)} records")
     for col in ("run", "score", "perplexity", "s/step", "store bytes/position (vs full logits)"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -88,10 +97,21 @@ def main() -> None:
         table.add_row(r["name"], f"{r['score']:.4f}", f"{r.get('perplexity', float('nan')):.2f}",
                       f"{r['s_per_step']:.3f}", size)
     Console().print(table)
+    import os
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    run = {"recipe": args.recipe, "steps": args.steps, "train_limit": args.train_limit, "next_token": args.next_token,
+           "device": device, "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows,
+           "created": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(__file__).parent / "results" / "teacher_store.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps({"recipe": args.recipe, "steps": args.steps, "train_limit": args.train_limit, "rows": rows,
-                               "created": time.strftime("%Y-%m-%d %H:%M")}, indent=2))
+    same = ("recipe", "steps", "train_limit", "next_token", "device")
+    runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
+    runs = [r for r in runs if any(r.get(key) != run[key] for key in same)] + [run]
+    out.write_text(json.dumps({"runs": runs}, indent=2))
 
 
 if __name__ == "__main__":

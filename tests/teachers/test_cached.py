@@ -73,3 +73,19 @@ def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):
     student = distill(cached(recipe, store, tmp_path / "from-store"), progress=False)
     meta = json.loads((student / "kdistill.json").read_text())
     assert meta["teacher"].startswith("cache:") and meta["steps"] == 2
+
+    # each position keeps the 8 best other tokens, then the one that follows it in the text
+    from transformers import AutoTokenizer
+
+    from kdistill.data import load_records
+    from kdistill.teachers.cached import record_key
+    from kdistill.teachers.store import TeacherStore
+
+    opened = TeacherStore.open(store)
+    assert (opened.k, opened.columns, opened.next_token) == (8, 9, True)
+    text = load_records({"path": text_file, "text": "sentence", "limit": 12}, "train")[0]["text"]
+    ids = AutoTokenizer.from_pretrained(tiny_gpt2_dir)(text, truncation=True, max_length=24)["input_ids"]
+    entry = opened[record_key({"text": text})]
+    assert entry.topk_indices.shape == (len(ids), 9) and entry.topk_indices[:-1, -1].tolist() == ids[1:]
+    plain = TeacherStore.open(cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "plain"), next_token=False))
+    assert (plain.columns, plain.next_token) == (8, False)

@@ -48,7 +48,7 @@ def test_round_trip(tmp_path, dtype):
         entry = store[sample_id]
         log_p = torch.log_softmax(logits.double() / TAU, -1)
         values, indices = log_p.topk(K, -1)
-        assert entry.topk_logprobs.dtype == dtype and entry.topk_indices.dtype == torch.int32
+        assert entry.topk_logprobs.dtype == dtype and entry.topk_indices.dtype == torch.int16  # V fits int16
         assert entry.tail_logmass.dtype == torch.float32
         assert torch.equal(entry.topk_indices.long(), indices)
         tol = 1e-3 if dtype == torch.float16 else 1e-6
@@ -61,7 +61,7 @@ def test_round_trip(tmp_path, dtype):
 
 def test_manifest_fields(store_path):
     manifest = json.loads((store_path / "manifest.json").read_text())
-    assert manifest["format"] == "kdistill-teacher-store" and manifest["version"] == 1
+    assert manifest["format"] == "kdistill-teacher-store" and manifest["version"] == 2
     assert (manifest["k"], manifest["temperature"], manifest["vocab_size"]) == (K, TAU, V)
     assert manifest["num_items"] == len(LENGTHS) and manifest["num_positions"] == sum(LENGTHS)
     assert manifest["fingerprints"] == FINGERPRINTS and manifest["dtype"] == "float32"
@@ -212,9 +212,10 @@ def test_store_pickles_for_dataloader_workers(store_path):
 def test_storage_report(store_path):
     report = storage_report(TeacherStore.open(store_path))
     assert report.dense_bytes_per_position == V * 4
-    assert report.payload_bytes_per_position == K * (4 + 4) + 4
+    assert report.payload_bytes_per_position == K * (4 + 2) + 4  # float32 values, int16 indices
     assert report.bytes_per_position > report.payload_bytes_per_position  # headers + index on top
     assert payload_bytes_per_position(64, torch.float16) == 64 * 6 + 4
+    assert payload_bytes_per_position(65, torch.float16, torch.int16) == 65 * 4 + 4
     assert math.isclose(report.compression, V * 4 / report.bytes_per_position)
     assert storage_report(store_path) == report
 
@@ -249,9 +250,65 @@ def test_a_narrowed_store_equals_one_written_with_the_smaller_k(tmp_path):
     for sample_id, (logits, seed) in items().items():
         direct = sparsify(logits, 2, TAU)
         entry = narrow[sample_id]
-        assert torch.equal(entry.topk_indices, direct[1])
+        assert torch.equal(entry.topk_indices.long(), direct[1].long())
         assert_close(entry.topk_logprobs, direct[0], atol=1e-6, rtol=1e-6)
         assert_close(entry.tail_logmass, direct[2], atol=1e-5, rtol=1e-5)
         assert entry.extra["seed"].item() == seed.item()
     with pytest.raises(CheckpointError, match="needs 1 <= k < 4"):
         narrow_store(wide, tmp_path / "wider", k=K)
+
+
+# ------------------------------------------------------------------------------ next-token column
+
+def next_tokens_of(n: int, seed: int) -> torch.Tensor:
+    """A text's next tokens as cache_stage writes them: one per position, none (-1) after the last."""
+    tokens = torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed))
+    return torch.cat([tokens[1:], torch.tensor([-1])])
+
+
+def test_next_token_column_against_a_plain_reference():
+    logits = torch.randn(6, V, generator=torch.Generator().manual_seed(3)) * 3
+    following = torch.tensor([0, 5, 11, 2, 2, -1])
+    values, indices, tail = sparsify(logits, K, TAU, following)
+    assert values.shape == indices.shape == (6, K + 1)
+    for row in range(6):
+        log_p = torch.log_softmax(logits[row].double() / TAU, -1)
+        order = sorted(range(V), key=lambda v: -log_p[v].item())
+        nxt = int(following[row])
+        expected = [v for v in order if v != nxt][:K] + [nxt] if nxt >= 0 else order[:K + 1]
+        assert indices[row].tolist() == expected
+        assert_close(values[row].double(), log_p[expected], atol=1e-6, rtol=1e-6)
+        assert_close(tail[row].double(), torch.log(1 - log_p[expected].exp().sum()), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="less the next-token column"):
+        sparsify(logits, V, TAU, following)
+
+
+def test_a_narrowed_next_token_store_equals_one_written_with_the_smaller_k(tmp_path):
+    from kdistill.teachers.store import narrow_store
+
+    with StoreWriter(tmp_path / "wide", k=K, temperature=TAU, fingerprints=FINGERPRINTS, dtype=torch.float32,
+                     shard_size=4, next_token=True) as writer:
+        for i, (sample_id, (logits, _)) in enumerate(items().items()):
+            writer.add(sample_id, logits, next_tokens=next_tokens_of(len(logits), i))
+        with pytest.raises(ValueError, match="needs next_tokens"):
+            writer.add("no-next", torch.randn(2, V))
+    wide = TeacherStore.open(tmp_path / "wide")
+    assert (wide.k, wide.columns, wide.next_token) == (K, K + 1, True)
+    narrow = TeacherStore.open(narrow_store(tmp_path / "wide", tmp_path / "narrow", k=2), verify=True)
+    assert (narrow.k, narrow.columns, narrow.next_token) == (2, 3, True)
+    for i, (sample_id, (logits, _)) in enumerate(items().items()):
+        direct = sparsify(logits, 2, TAU, next_tokens_of(len(logits), i))
+        entry = narrow[sample_id]
+        assert torch.equal(entry.topk_indices.long(), direct[1].long())
+        assert_close(entry.topk_logprobs, direct[0], atol=1e-6, rtol=1e-6)
+        assert_close(entry.tail_logmass, direct[2], atol=1e-5, rtol=1e-5)
+
+
+def test_a_vocabulary_past_int16_keeps_int32_indices(tmp_path):
+    vocab = 40_000
+    logits = torch.zeros(2, vocab)
+    logits[0, 39_999] = logits[1, 32_768] = 9.0
+    with StoreWriter(tmp_path / "big", k=1, fingerprints={}) as writer:
+        writer.add("a", logits)
+    entry = TeacherStore.open(tmp_path / "big")["a"]
+    assert entry.topk_indices.dtype == torch.int32 and entry.topk_indices[:, 0].tolist() == [39_999, 32_768]

@@ -103,19 +103,21 @@ class SparseLogits:
 
 
 def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = None, batch_size: int = 32,
-                  temperature: float | None = None, dtype: str = "float16", console=None) -> Path:
-    """Run the stage's teacher over its training records once and write the store."""
+                  temperature: float | None = None, dtype: str = "float16", console=None,
+                  next_token: bool = True) -> Path:
+    """Run the stage's teacher over its training records once and write the store (for a causal LM with
+    each position's next token beside the top k, unless `next_token` is False)."""
     if not 0 <= stage_index < len(recipe.stages):
         raise ConfigError(f"--stage {stage_index}: the recipe has stages 0..{len(recipe.stages) - 1}")
     stage = recipe.stages[stage_index]
     if stage.teacher.source != "live":
         raise ConfigError("cache-teacher needs a recipe whose teacher is a model (teacher.source: live)")
     return cache_stage(stage, Path(out or Path(recipe.output) / "teacher-store"), k, batch_size, temperature,
-                       dtype, console)
+                       dtype, console, next_token)
 
 
 def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature: float | None = None,
-                dtype: str = "float16", console=None) -> Path:
+                dtype: str = "float16", console=None, next_token: bool = True) -> Path:
     from rich.progress import Progress
 
     from kdistill.engine.build import make_collator, read_sources
@@ -135,8 +137,9 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
                     "data": data_fingerprint(records, data_cut(stage, collator))}
     items = teacher_views(stage, records)
     vocab = teacher.config.get_text_config().vocab_size if loaded.task == "causal-lm" else teacher.config.num_labels
-    with StoreWriter(out, k=min(k, vocab), temperature=temperature, fingerprints=fingerprints, dtype=dtype,
-                     vocab_size=vocab, overwrite=True) as writer, torch.inference_mode(), \
+    next_token = next_token and loaded.task == "causal-lm"
+    with StoreWriter(out, k=min(k, vocab - next_token), temperature=temperature, fingerprints=fingerprints, dtype=dtype,
+                     vocab_size=vocab, overwrite=True, next_token=next_token) as writer, torch.inference_mode(), \
             Progress(disable=console is None, console=console) as progress:
         task = progress.add_task("teacher over the training data", total=len(items))
         for start in range(0, len(items), batch_size):
@@ -147,8 +150,11 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
                 extra = {"view_seed": torch.tensor([record["view_seed"]])} if "view_seed" in record else None
                 if logits.dim() == 2:  # one distribution per sequence (or image view)
                     writer.add(key, logits[row], extra=extra)
-                else:
-                    writer.add(key, logits[row, : int(batch["attention_mask"][row].sum())], extra=extra)
+                else:  # right-padded: the first n positions are the record's
+                    n = int(batch["attention_mask"][row].sum())
+                    following = (torch.cat([batch["input_ids"][row, 1:n], torch.tensor([-1])]) if next_token
+                                 else None)
+                    writer.add(key, logits[row, :n], extra=extra, next_tokens=following)
             progress.advance(task, len(chunk))
     teacher.config.save_pretrained(out / TEACHER_FILES)
     if loaded.tokenizer is not None:

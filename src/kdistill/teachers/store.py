@@ -10,8 +10,9 @@ against it). Layout of a store directory::
                              position counts, caller fingerprints, extras schema, and the sha256 +
                              byte size of every other file (written last)
     index.json               {"ids": [...], "entries": [[shard, first row, positions, item slot], ...]}
-    shard-00000.safetensors  topk_logprobs (N, k), topk_indices (N, k) int32, tail_logmass (N,) float32,
-                             extra.<name> (items in shard, *shape) for each per-item metadata tensor
+    shard-00000.safetensors  topk_logprobs (N, c), topk_indices (N, c) int16/int32, tail_logmass (N,) float32,
+                             extra.<name> (items in shard, *shape) for each per-item metadata tensor;
+                             c = k, or k + 1 in a next-token store (the k best others, then the next token)
 
 Opening checks the manifest, the caller's expectations (fingerprints, k, temperature) and that
 every shard exists with its recorded size. Shard checksums cost a full read, so they are checked
@@ -33,7 +34,8 @@ from safetensors import safe_open
 from kdistill.engine.checkpoint import sha256
 from kdistill.errors import CheckpointError
 from kdistill.teachers.fingerprint import fingerprint_tensors, fingerprint_text
-from kdistill.teachers.store_writer import DTYPES, FORMAT, VERSION, StoreWriter, TeacherEntry, sparsify
+from kdistill.teachers.store_writer import (DTYPES, FORMAT, READABLE_VERSIONS, VERSION, StoreWriter, TeacherEntry,
+                                            sparsify)
 
 __all__ = ["TeacherStore", "StoreWriter", "TeacherEntry", "StorageReport", "storage_report",
            "payload_bytes_per_position", "sparsify", "fingerprint_tensors", "fingerprint_text", "FORMAT", "VERSION"]
@@ -75,6 +77,8 @@ class TeacherStore:
 
     # Properties the loss side needs to check its own settings against.
     k = property(lambda self: self.manifest["k"])
+    columns = property(lambda self: self.manifest.get("columns", self.manifest["k"]))
+    next_token = property(lambda self: bool(self.manifest.get("next_token", False)))
     temperature = property(lambda self: self.manifest["temperature"])
     vocab_size = property(lambda self: self.manifest["vocab_size"])
     dtype = property(lambda self: DTYPES[self.manifest["dtype"]])
@@ -140,9 +144,9 @@ def _read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{file} is corrupt (not JSON); {REBUILD_HINT}") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a kdistill teacher store (format {manifest.get('format')!r})")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise CheckpointError(f"teacher store {path} has format version {manifest.get('version')}, this kdistill "
-                              f"reads version {VERSION}; {REBUILD_HINT}")
+                              f"reads versions {', '.join(map(str, READABLE_VERSIONS))}; {REBUILD_HINT}")
     return manifest
 
 
@@ -181,7 +185,7 @@ class StorageReport:
     """Bytes per position of a store against dense float32 teacher logits."""
 
     bytes_per_position: float  # measured: shard + index bytes on disk / stored positions
-    payload_bytes_per_position: int  # k·(value bytes + 4 index bytes) + 4 tail bytes, no overhead
+    payload_bytes_per_position: int  # columns·(value bytes + index bytes) + 4 tail bytes, no overhead
     dense_bytes_per_position: int  # V·4, full float32 logits
 
     @property
@@ -190,25 +194,27 @@ class StorageReport:
         return self.dense_bytes_per_position / self.bytes_per_position
 
 
-def payload_bytes_per_position(k: int, dtype: torch.dtype = torch.float16) -> int:
+def payload_bytes_per_position(columns: int, dtype: torch.dtype = torch.float16,
+                               indices: torch.dtype = torch.int32) -> int:
     """What one position costs in a store before headers and the index."""
     value_bytes = torch.empty((), dtype=dtype).element_size()
-    return k * (value_bytes + 4) + 4
+    return columns * (value_bytes + torch.empty((), dtype=indices).element_size()) + 4
 
 
 def storage_report(store: TeacherStore | str | os.PathLike) -> StorageReport:
     manifest = store.manifest if isinstance(store, TeacherStore) else _read_manifest(Path(store))
     total = manifest["index"]["bytes"] + sum(shard["bytes"] for shard in manifest["shards"])
-    payload = payload_bytes_per_position(manifest["k"], DTYPES[manifest["dtype"]])
+    payload = payload_bytes_per_position(manifest.get("columns", manifest["k"]), DTYPES[manifest["dtype"]],
+                                         getattr(torch, manifest.get("index_dtype", "int32")))
     return StorageReport(bytes_per_position=total / max(manifest["num_positions"], 1),
                          payload_bytes_per_position=payload,
                          dense_bytes_per_position=(manifest["vocab_size"] or 0) * 4)
 
 
 def narrow_store(source: str | os.PathLike, out: str | os.PathLike, k: int) -> Path:
-    """A copy of the store at ``source`` keeping only each position's top ``k`` (< the store's k): the
-    dropped log-probabilities join the tail, so it equals a store written with ``k`` from the start
-    (to the stored dtype) without running the teacher again. Per-item extras, fingerprints and the
+    """A copy of the store at ``source`` keeping only each position's top ``k`` (< the store's k), and the
+    next-token column where it has one: the dropped log-probabilities join the tail, so it equals a store
+    written with ``k`` from the start (to the stored dtype) without running the teacher again. Per-item extras, fingerprints and the
     teacher files beside the store are carried over; a store already at ``out`` is replaced, as
     `kdistill cache-teacher` replaces one."""
     import shutil
@@ -220,12 +226,18 @@ def narrow_store(source: str | os.PathLike, out: str | os.PathLike, k: int) -> P
         store.close()
         raise CheckpointError(f"narrowing {store.path} (k = {store.k}) needs 1 <= k < {store.k}, got {k}")
     with StoreWriter(out, k=k, temperature=store.temperature, fingerprints=store.fingerprints, dtype=store.dtype,
-                     vocab_size=store.vocab_size, overwrite=True) as writer:
+                     vocab_size=store.vocab_size, overwrite=True, next_token=store.next_token) as writer:
+        kept = torch.cat([torch.arange(k), torch.arange(store.k, store.columns)])  # the next token stays last
         for sample_id in store:
             entry = store[sample_id]
-            dropped = entry.topk_logprobs[:, k:].float()
+            dropped = entry.topk_logprobs[:, k:store.k].float()
             tail = torch.logsumexp(torch.cat([entry.tail_logmass[:, None], dropped], 1), 1)
-            writer.add_topk(sample_id, entry.topk_logprobs[:, :k], entry.topk_indices[:, :k], tail, entry.extra)
+            values, indices = entry.topk_logprobs[:, kept], entry.topk_indices[:, kept]
+            if store.next_token and len(tail):  # an item's last position has no next token (cache_stage writes
+                # -1 there): its columns are the k + 1 best, and a pass at k keeps its k + 1 best
+                values[-1], indices[-1] = entry.topk_logprobs[-1, :k + 1], entry.topk_indices[-1, :k + 1]
+                tail[-1] = torch.logsumexp(torch.cat([entry.tail_logmass[-1:], entry.topk_logprobs[-1, k + 1:].float()]), 0)
+            writer.add_topk(sample_id, values, indices, tail, entry.extra)
     store.close()
     for extra in Path(source).iterdir():  # what was written beside the store (its teacher's config, tokenizer)
         if extra.is_dir():

@@ -1,9 +1,14 @@
 """Writing a sparse teacher-logit store; the format and the reader are in :mod:`kdistill.teachers.store`.
 
 Per position the writer keeps the k most likely tokens of softmax(logits / τ): their
-log-probabilities (float16 or float32) and indices (int32), plus the log of the remaining tail
-mass, log(1 − Σ top-k p), as float32 (one number per position; it sets how much the sparse losses
-trust the top k). Items are buffered and written as safetensors shards of about ``shard_size``
+log-probabilities (float16 or float32) and indices (int16 when the vocabulary fits, else int32), plus
+the log of the remaining tail mass, log(1 − Σ top-k p), as float32 (one number per position; it sets
+how much the sparse losses trust the top k).
+
+A causal-LM store also keeps, per position, the token that comes next in the text (``next_token``): the
+columns are then the k best tokens other than it, then it. Perplexity is the student's probability of
+exactly that token, and with the top k alone a student learns it only as part of the tail bucket
+whenever the teacher ranks it below k (measured: docs/causal-lm.md, "The teacher store"). Items are buffered and written as safetensors shards of about ``shard_size``
 positions; an item never spans two shards. Per-item metadata ("extras", e.g. an augmentation
 seed) must have the same names, shapes and dtypes for every item, so each becomes one stacked
 tensor per shard instead of one header entry per item.
@@ -32,7 +37,8 @@ from kdistill.errors import CheckpointError
 Tensor = torch.Tensor
 
 FORMAT = "kdistill-teacher-store"
-VERSION = 1
+VERSION = 2  # 2: int16 indices where the vocabulary fits, optional next-token column
+READABLE_VERSIONS = (1, 2)
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
@@ -41,23 +47,37 @@ class TeacherEntry:
     """One item of the store: P positions, k stored tokens each."""
 
     topk_logprobs: Tensor  # (P, k), store dtype, sorted in decreasing order
-    topk_indices: Tensor  # (P, k) int32
+    topk_indices: Tensor  # (P, k) int16 or int32
     tail_logmass: Tensor  # (P,) float32, log of the mass outside the top k (-inf when k = V)
     extra: dict[str, Tensor] = field(default_factory=dict)
 
 
-def sparsify(logits: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+def sparsify(logits: Tensor, k: int, temperature: float = 1.0,
+             next_tokens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Top-k log-probabilities of softmax(logits / τ), their indices, and log of the tail mass.
 
-    The tail is a logsumexp over the log-probabilities outside the top k, not log(1 − Σ top-k),
+    With ``next_tokens`` ((P,), -1 where a position has none) each row keeps k + 1 columns: the k most
+    likely tokens other than the next one, then the next one (where there is none, the (k + 1)-th).
+
+    The tail is a logsumexp over the log-probabilities outside the kept columns, not log(1 − Σ top-k),
     which would cancel catastrophically when the top k hold nearly all of the mass.
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < k <= logits.shape[-1]:
-        raise ValueError(f"k must be in [1, {logits.shape[-1]}] (the vocabulary size), got {k}")
+    columns = k + (next_tokens is not None)
+    if not 0 < columns <= logits.shape[-1]:
+        raise ValueError(f"k must be in [1, {logits.shape[-1] - columns + k}] (the vocabulary size"
+                         f"{', less the next-token column' if columns > k else ''}), got {k}")
     log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-    values, indices = log_p.topk(k, dim=-1)
+    if next_tokens is None:
+        values, indices = log_p.topk(k, dim=-1)
+    else:
+        has = (next_tokens >= 0).unsqueeze(-1)
+        target = next_tokens.clamp(min=0).long().unsqueeze(-1)
+        others = log_p.scatter(-1, target, -math.inf).where(has, log_p)
+        values, indices = others.topk(k + 1, dim=-1)
+        values = torch.cat([values[:, :k], log_p.gather(-1, target).where(has, values[:, k:])], -1)
+        indices = torch.cat([indices[:, :k], target.where(has, indices[:, k:])], -1)
     rest = log_p.scatter(-1, indices, -math.inf)
     empty = torch.isneginf(rest).all(-1, keepdim=True)  # k = V, or -inf logits outside the top k
     tail = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1).masked_fill(empty.squeeze(-1), -math.inf)
@@ -75,7 +95,8 @@ class StoreWriter:
 
     def __init__(self, path: str | os.PathLike, *, k: int, temperature: float = 1.0,
                  fingerprints: Mapping[str, str], dtype: torch.dtype | str = torch.float16,
-                 vocab_size: int | None = None, shard_size: int = 1 << 18, overwrite: bool = False):
+                 vocab_size: int | None = None, shard_size: int = 1 << 18, overwrite: bool = False,
+                 next_token: bool = False):
         self.path = Path(path)
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # "float16" from a recipe
         if dtype not in DTYPES.values():
@@ -87,6 +108,7 @@ class StoreWriter:
         if self.path.exists() and not overwrite:
             raise CheckpointError(f"{self.path} already exists; delete it or pass overwrite=True")
         self.k, self.temperature, self.dtype, self.vocab_size = k, float(temperature), dtype, vocab_size
+        self.next_token, self.columns = next_token, k + next_token
         self.fingerprints = {str(name): str(value) for name, value in fingerprints.items()}
         self.shard_size, self.overwrite = shard_size, overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,11 +121,15 @@ class StoreWriter:
         self._pending_positions = 0
         self._positions = 0
 
-    def add(self, sample_id: str, logits: Tensor, extra: Mapping[str, Tensor] | None = None) -> None:
-        """Add an item from its teacher logits, (P, V) or (V,) for a single position."""
+    def add(self, sample_id: str, logits: Tensor, extra: Mapping[str, Tensor] | None = None,
+            next_tokens: Tensor | None = None) -> None:
+        """Add an item from its teacher logits, (P, V) or (V,) for a single position; a next-token store
+        also needs each position's next token ((P,), -1 where there is none)."""
         logits = logits.unsqueeze(0) if logits.dim() == 1 else logits
         self._check_vocab(logits.shape[-1])
-        values, indices, tail = sparsify(logits, self.k, self.temperature)
+        if self.next_token != (next_tokens is not None):
+            raise ValueError("a next-token store needs next_tokens with every item, any other store none")
+        values, indices, tail = sparsify(logits, self.k, self.temperature, next_tokens)
         self.add_topk(sample_id, values, indices, tail, extra)
 
     def add_topk(self, sample_id: str, topk_logprobs: Tensor, topk_indices: Tensor, tail_logmass: Tensor,
@@ -117,9 +143,9 @@ class StoreWriter:
         if sample_id in self._index:
             raise ValueError(f"sample id {sample_id!r} was added twice")
         positions = topk_logprobs.shape[0]
-        if (topk_logprobs.shape != (positions, self.k) or topk_indices.shape != (positions, self.k)
+        if (topk_logprobs.shape != (positions, self.columns) or topk_indices.shape != (positions, self.columns)
                 or tail_logmass.shape != (positions,)):
-            raise ValueError(f"expected top-k of shape (P, {self.k}) and a tail of shape (P,), got "
+            raise ValueError(f"expected top-k of shape (P, {self.columns}) and a tail of shape (P,), got "
                              f"{tuple(topk_logprobs.shape)}, {tuple(topk_indices.shape)}, {tuple(tail_logmass.shape)}")
         if positions and not 0 <= int(topk_indices.min()) <= int(topk_indices.max()) < self.vocab_size:
             raise ValueError(f"top-k indices of {sample_id!r} fall outside the vocabulary [0, {self.vocab_size})")
@@ -144,7 +170,9 @@ class StoreWriter:
         (self._tmp / "index.json").write_text(json.dumps(index))
         manifest = {
             "format": FORMAT, "version": VERSION, "k": self.k, "temperature": self.temperature,
-            "dtype": str(self.dtype).removeprefix("torch."), "index_dtype": "int32", "tail_dtype": "float32",
+            "columns": self.columns, "next_token": self.next_token,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "index_dtype": str(index_dtype(self.vocab_size)).removeprefix("torch."), "tail_dtype": "float32",
             "vocab_size": self.vocab_size, "num_items": len(self._index), "num_positions": self._positions,
             "fingerprints": self.fingerprints, "extras": self._extras or {},
             "index": {"file": "index.json", **_file_record(self._tmp / "index.json")},
@@ -198,7 +226,7 @@ class StoreWriter:
         name = f"shard-{len(self._shards):05d}.safetensors"
         tensors = {
             "topk_logprobs": torch.cat([e.topk_logprobs for e in self._pending]),
-            "topk_indices": torch.cat([e.topk_indices for e in self._pending]),
+            "topk_indices": torch.cat([e.topk_indices for e in self._pending]).to(index_dtype(self.vocab_size)),
             "tail_logmass": torch.cat([e.tail_logmass for e in self._pending]),
         }
         for extra_name in self._extras or {}:
@@ -208,6 +236,11 @@ class StoreWriter:
         self._shards.append({"file": name, "items": len(self._pending), "positions": self._pending_positions,
                              **_file_record(self._tmp / name)})
         self._pending, self._pending_positions = [], 0
+
+
+def index_dtype(vocab_size: int | None) -> torch.dtype:
+    """int16 indices halve a store's size next to float16 values; a vocabulary past 32,767 needs int32."""
+    return torch.int16 if vocab_size is not None and vocab_size <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
 
 def _file_record(path: Path) -> dict:
