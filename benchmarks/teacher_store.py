@@ -5,10 +5,11 @@ All runs use one recipe (default `lm-kd`) and the same seed; the store is built 
 `kdistill cache-teacher` and training reads it instead of running the teacher.
 
     python benchmarks/teacher_store.py [--recipe lm-kd] [--k 8 32 64] [--steps 400] [--train-limit 16000]
-                                       [--no-next-token]
+                                       [--no-next-token] [--sample 64]
 
 The stores keep each position's next token beside the top k, as `kdistill cache-teacher` does for a
-causal LM; `--no-next-token` measures plain top-k stores.
+causal LM; `--no-next-token` measures plain top-k stores. `--sample N` adds a store of N tokens drawn
+from the teacher per position (a second teacher pass).
 
 The teacher runs once, for the largest k; the smaller stores are cut from that one (`narrow_store`: the same
 store as a pass at that k). `--train-limit N` keeps the first N records of each training source for every run (and so for every store):
@@ -28,7 +29,7 @@ from kdistill.compare import recipe_task, score, test_records
 from kdistill.config import load_recipe
 from kdistill.engine.run import run_recipe
 from kdistill.teachers.cached import cache_teacher
-from kdistill.teachers.store import narrow_store, storage_report
+from kdistill.teachers.store import VERSION, narrow_store, storage_report
 
 
 def train(raw_recipe, overrides: list[str], output: Path) -> tuple[Path, float]:
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--output", default="runs/bench-store")
     parser.add_argument("--next-token", action=argparse.BooleanOptionalAction, default=True,
                         help="keep each position's next token in the store (default, as cache-teacher does)")
+    parser.add_argument("--sample", type=int, nargs="*", default=[], help="also stores of N sampled tokens")
     args = parser.parse_args()
 
     from rich.console import Console
@@ -87,6 +89,16 @@ def main() -> None:
                 {"bytes_per_position": report.bytes_per_position, "dense_bytes_per_position":
                  report.dense_bytes_per_position, "store_build_seconds": build_seconds, "teacher_pass": k == widest})
 
+    for draws in args.sample:
+        start = time.perf_counter()
+        store = cache_teacher(load_recipe(variant()), sample=draws, out=str(root / f"store-sampled{draws}"))
+        build_seconds = time.perf_counter() - start
+        report = storage_report(store)
+        cached = variant(teacher={"source": "cache", "path": str(store), "task": task})
+        measure(f"sampled {draws}", *train(cached, [], root / f"from-sampled{draws}"),
+                {"bytes_per_position": report.bytes_per_position, "dense_bytes_per_position":
+                 report.dense_bytes_per_position, "store_build_seconds": build_seconds, "teacher_pass": True})
+
     kind = "top-k + next token" if args.next_token else "top-k"
     table = Table(title=f"{args.recipe}: {args.steps} steps, {kind} stores, test {task} metric on {len(records)} records")
     for col in ("run", "score", "perplexity", "s/step", "store bytes/position (vs full logits)"):
@@ -108,7 +120,8 @@ def main() -> None:
            "created": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(__file__).parent / "results" / "teacher_store.json"
     out.parent.mkdir(exist_ok=True)
-    same = ("recipe", "steps", "train_limit", "next_token", "device")
+    run["sample"], run["store_format"] = args.sample, VERSION
+    same = ("recipe", "steps", "train_limit", "next_token", "sample", "device")
     runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
     runs = [r for r in runs if any(r.get(key) != run[key] for key in same)] + [run]
     out.write_text(json.dumps({"runs": runs}, indent=2))

@@ -175,6 +175,9 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
                           None, help="cut this existing store (a larger k) down to --k instead of running the teacher"),
                       next_token: bool = typer.Option(
                           True, help="causal LM: keep each position's next token beside the top k (perplexity)"),
+                      sample: Optional[int] = typer.Option(
+                          None, help="store this many tokens drawn from the teacher per position instead of the "
+                                     "top k (unbiased for forward KL)"),
                       set_: Optional[List[str]] = SetOpt):
     """Run the teacher once over the training data and store its top-k outputs; then train with
     `teacher: {source: cache, path: STORE}` (no teacher weights needed)."""
@@ -185,7 +188,7 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
 
     if from_store:
         given = [name for name, value in (("RECIPE", recipe), ("--stage", stage), ("--temperature", temperature),
-                                          ("--dtype", dtype), ("--set", set_), ("--no-next-token", not next_token))
+                                          ("--dtype", dtype), ("--set", set_), ("--no-next-token", not next_token), ("--sample", sample))
                  if value]
         if given:
             raise ConfigError(f"--from-store cuts an existing store as it is (its data, temperature and dtype); "
@@ -195,7 +198,7 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
         raise ConfigError("cache-teacher needs a RECIPE whose teacher to run (or --from-store STORE to cut a store)")
     else:
         path = cache_teacher(load_recipe(recipe, set_ or []), stage or 0, k, out, temperature=temperature,
-                             dtype=dtype or "float16", console=console, next_token=next_token)
+                             dtype=dtype or "float16", console=console, next_token=next_token, sample=sample)
     report = storage_report(path)
     console.print(f"wrote {path}: {report.bytes_per_position:.0f} bytes per position on disk vs "
                   f"{report.dense_bytes_per_position:,} for full float32 logits ({report.compression:.0f}× smaller)")

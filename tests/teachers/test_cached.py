@@ -8,7 +8,7 @@ import torch
 
 from kdistill import distill
 from kdistill.config import load_recipe
-from kdistill.errors import CheckpointError, ConfigError
+from kdistill.errors import CheckpointError, ConfigError, PairingError
 from kdistill.models.loading import load_model
 from kdistill.teachers.cached import cache_teacher
 
@@ -89,3 +89,12 @@ def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):
     assert entry.topk_indices.shape == (len(ids), 9) and entry.topk_indices[:-1, -1].tolist() == ids[1:]
     plain = TeacherStore.open(cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "plain"), next_token=False))
     assert (plain.columns, plain.next_token) == (8, False)
+
+    # a sampled store trains forward KL, and refuses the divergences it would bias
+    sampled = cache_teacher(load_recipe(recipe), sample=16, out=str(tmp_path / "sampled"))
+    assert TeacherStore.open(sampled).sampled
+    assert distill(cached(recipe, sampled, tmp_path / "from-sampled"), progress=False).exists()
+    reverse = cached(recipe, sampled, tmp_path / "reverse")
+    reverse["losses"] = [{"type": "logit_kd", "temperature": 1.0, "divergence": "reverse_kl"}]
+    with pytest.raises(PairingError, match="sampled teacher store"):
+        distill(reverse, progress=False)

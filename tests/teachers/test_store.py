@@ -312,3 +312,43 @@ def test_a_vocabulary_past_int16_keeps_int32_indices(tmp_path):
         writer.add("a", logits)
     entry = TeacherStore.open(tmp_path / "big")["a"]
     assert entry.topk_indices.dtype == torch.int32 and entry.topk_indices[:, 0].tolist() == [39_999, 32_768]
+
+
+# ------------------------------------------------------------------------------ sampled stores
+
+def test_sampled_tokens_estimate_the_teacher_without_bias():
+    from kdistill.losses.sparse import sparse_divergence
+    from kdistill.teachers.store_writer import sample_sparse
+
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(5)) * 2
+    rows = 4000
+    values, indices, tail = sample_sparse(logits.expand(rows, V), 6, TAU, torch.Generator().manual_seed(1))
+    assert values.shape == indices.shape == (rows, 6) and torch.isneginf(tail).all()
+    assert_close(values.exp().sum(-1), torch.ones(rows))  # counts / draws
+    assert all(len(set(row)) == 6 for row in indices.tolist())  # distinct columns, unseen ones at -inf
+    p = torch.softmax(logits / TAU, -1)
+    estimate = torch.zeros(rows, V).scatter_add_(-1, indices.long(), values.exp()).mean(0)
+    assert_close(estimate, p, atol=0.02, rtol=0)  # E[count / draws] = p; std of this mean is < 0.004
+    # and so is the forward-KL gradient: d KL(p || q) / d z = (q - p) / τ for every row
+    student = torch.randn(V, generator=torch.Generator().manual_seed(6)).expand(rows, V).clone().requires_grad_()
+    sparse_divergence(student, values, indices, tail, "kl", temperature=TAU).backward()
+    q = torch.softmax(student[0].detach() / TAU, -1)
+    assert_close(student.grad.sum(0), (q - p) / TAU, atol=0.01, rtol=0)  # the loss is the mean over rows
+
+
+def test_a_sampled_store_is_reproducible_and_refuses_to_be_narrowed(tmp_path):
+    from kdistill.teachers.store import narrow_store
+
+    for name in ("a", "b"):
+        with StoreWriter(tmp_path / name, k=3, temperature=TAU, fingerprints={}, sampled=True) as writer:
+            for sample_id, (logits, _) in items().items():
+                writer.add(sample_id, logits)
+    a, b = TeacherStore.open(tmp_path / "a"), TeacherStore.open(tmp_path / "b")
+    assert a.sampled and a.columns == 3 and not a.next_token
+    for sample_id in items():
+        assert torch.equal(a[sample_id].topk_indices, b[sample_id].topk_indices)
+        assert torch.equal(a[sample_id].topk_logprobs, b[sample_id].topk_logprobs)
+    with pytest.raises(CheckpointError, match="sampled tokens"):
+        narrow_store(tmp_path / "a", tmp_path / "narrow", k=2)
+    with pytest.raises(ValueError, match="no next-token column"):
+        StoreWriter(tmp_path / "c", k=3, fingerprints={}, sampled=True, next_token=True)

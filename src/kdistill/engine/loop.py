@@ -11,7 +11,7 @@ import json
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -34,7 +34,8 @@ from kdistill.teachers.cached import SparseLogits, sparse_batch
 
 def to_device(value, device):
     if isinstance(value, SparseLogits):
-        return SparseLogits(value.logprobs.to(device), value.indices.to(device), value.tail.to(device), value.temperature)
+        return replace(value, logprobs=value.logprobs.to(device), indices=value.indices.to(device),
+                       tail=value.tail.to(device))
     return value.to(device)
 
 

@@ -120,6 +120,9 @@ class LogitKD(LossTerm):
         p = self.params
         if p.divergence == "mse":
             raise PairingError(f"{self.where}: divergence mse needs full teacher logits, not a top-k store")
+        if stored.sampled and p.divergence != "kl":
+            raise PairingError(f"{self.where}: a sampled teacher store estimates forward KL without bias, not "
+                               f"{p.divergence}; use divergence: kl, or a top-k store (`cache-teacher` without --sample)")
         if abs(stored.temperature - p.temperature) > 1e-9:
             raise PairingError(f"{self.where}: the teacher store holds the teacher at temperature "
                                f"{stored.temperature}, this term uses {p.temperature}; rebuild the store")

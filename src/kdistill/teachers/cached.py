@@ -97,6 +97,7 @@ class SparseLogits:
     indices: torch.Tensor
     tail: torch.Tensor
     temperature: float
+    sampled: bool = False  # tokens drawn from the teacher (unbiased for forward KL only), not its top k
 
     def detach(self) -> "SparseLogits":
         return self
@@ -104,20 +105,21 @@ class SparseLogits:
 
 def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = None, batch_size: int = 32,
                   temperature: float | None = None, dtype: str = "float16", console=None,
-                  next_token: bool = True) -> Path:
+                  next_token: bool = True, sample: int | None = None) -> Path:
     """Run the stage's teacher over its training records once and write the store (for a causal LM with
-    each position's next token beside the top k, unless `next_token` is False)."""
+    each position's next token beside the top k, unless `next_token` is False; with `sample`, that many
+    tokens drawn from the teacher per position instead of the top k)."""
     if not 0 <= stage_index < len(recipe.stages):
         raise ConfigError(f"--stage {stage_index}: the recipe has stages 0..{len(recipe.stages) - 1}")
     stage = recipe.stages[stage_index]
     if stage.teacher.source != "live":
         raise ConfigError("cache-teacher needs a recipe whose teacher is a model (teacher.source: live)")
     return cache_stage(stage, Path(out or Path(recipe.output) / "teacher-store"), k, batch_size, temperature,
-                       dtype, console, next_token)
+                       dtype, console, next_token, sample)
 
 
 def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature: float | None = None,
-                dtype: str = "float16", console=None, next_token: bool = True) -> Path:
+                dtype: str = "float16", console=None, next_token: bool = True, sample: int | None = None) -> Path:
     from rich.progress import Progress
 
     from kdistill.engine.build import make_collator, read_sources
@@ -137,9 +139,10 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
                     "data": data_fingerprint(records, data_cut(stage, collator))}
     items = teacher_views(stage, records)
     vocab = teacher.config.get_text_config().vocab_size if loaded.task == "causal-lm" else teacher.config.num_labels
-    next_token = next_token and loaded.task == "causal-lm"
-    with StoreWriter(out, k=min(k, vocab - next_token), temperature=temperature, fingerprints=fingerprints, dtype=dtype,
-                     vocab_size=vocab, overwrite=True, next_token=next_token) as writer, torch.inference_mode(), \
+    next_token = next_token and loaded.task == "causal-lm" and not sample
+    k = min(sample, vocab) if sample else min(k, vocab - next_token)
+    with StoreWriter(out, k=k, temperature=temperature, fingerprints=fingerprints, dtype=dtype, vocab_size=vocab,
+                     overwrite=True, next_token=next_token, sampled=bool(sample)) as writer, torch.inference_mode(), \
             Progress(disable=console is None, console=console) as progress:
         task = progress.add_task("teacher over the training data", total=len(items))
         for start in range(0, len(items), batch_size):
@@ -222,7 +225,7 @@ def sparse_batch(store, records: list[dict], attention_mask: torch.Tensor | None
     if not per_token:
         return SparseLogits(torch.stack([e.topk_logprobs[0].float() for e in entries]),
                             torch.stack([e.topk_indices[0].long() for e in entries]),
-                            torch.stack([e.tail_logmass[0] for e in entries]), store.temperature)
+                            torch.stack([e.tail_logmass[0] for e in entries]), store.temperature, store.sampled)
     length = attention_mask.shape[1]
     logprobs = torch.zeros(len(entries), length, k)
     indices = torch.zeros(len(entries), length, k, dtype=torch.long)
@@ -234,7 +237,7 @@ def sparse_batch(store, records: list[dict], attention_mask: torch.Tensor | None
                                   f"{int(attention_mask[row].sum())}; rebuild it with `kdistill cache-teacher`")
         logprobs[row, :n], indices[row, :n], tail[row, :n] = (
             entry.topk_logprobs.float(), entry.topk_indices.long(), entry.tail_logmass)
-    return SparseLogits(logprobs, indices, tail, store.temperature)
+    return SparseLogits(logprobs, indices, tail, store.temperature, store.sampled)
 
 
 def stored_entry(store, record: dict):

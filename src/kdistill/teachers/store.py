@@ -79,6 +79,7 @@ class TeacherStore:
     k = property(lambda self: self.manifest["k"])
     columns = property(lambda self: self.manifest.get("columns", self.manifest["k"]))
     next_token = property(lambda self: bool(self.manifest.get("next_token", False)))
+    sampled = property(lambda self: bool(self.manifest.get("sampled", False)))
     temperature = property(lambda self: self.manifest["temperature"])
     vocab_size = property(lambda self: self.manifest["vocab_size"])
     dtype = property(lambda self: DTYPES[self.manifest["dtype"]])
@@ -222,6 +223,9 @@ def narrow_store(source: str | os.PathLike, out: str | os.PathLike, k: int) -> P
     if Path(out).resolve() == Path(source).resolve():
         raise CheckpointError(f"narrowing {source} into itself would lose the wider store; give another output")
     store = TeacherStore.open(source, verify=True)
+    if store.sampled:
+        store.close()
+        raise CheckpointError(f"{store.path} holds sampled tokens, not a top k; build a store with fewer draws instead")
     if not 1 <= k < store.k:
         store.close()
         raise CheckpointError(f"narrowing {store.path} (k = {store.k}) needs 1 <= k < {store.k}, got {k}")

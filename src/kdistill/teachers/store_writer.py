@@ -5,6 +5,11 @@ log-probabilities (float16 or float32) and indices (int16 when the vocabulary fi
 the log of the remaining tail mass, log(1 − Σ top-k p), as float32 (one number per position; it sets
 how much the sparse losses trust the top k).
 
+A sampled store (``sampled=True``) keeps instead, per position, ``k`` tokens drawn from the teacher with
+replacement, as distinct tokens with log(count / k): an unbiased estimate of the teacher's distribution
+for forward KL, where the top k are biased toward the head (Anshumann et al. 2025, "Sparse Logit
+Sampling"). Its tail is empty (-inf); columns beyond the distinct draws hold other tokens at -inf.
+
 A causal-LM store also keeps, per position, the token that comes next in the text (``next_token``): the
 columns are then the k best tokens other than it, then it. Perplexity is the student's probability of
 exactly that token, and with the top k alone a student learns it only as part of the tail bucket
@@ -84,6 +89,22 @@ def sparsify(logits: Tensor, k: int, temperature: float = 1.0,
     return values, indices.to(torch.int32), tail
 
 
+def sample_sparse(logits: Tensor, draws: int, temperature: float = 1.0,
+                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``draws`` tokens per row from softmax(logits / τ), with replacement, as (log(count / draws), index)
+    over ``draws`` distinct columns (columns past the distinct draws: other tokens at -inf) and an empty
+    (-inf) tail. E[count / draws] is the teacher's probability, so forward KL against it is unbiased."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0 < draws <= logits.shape[-1]:
+        raise ValueError(f"draws must be in [1, {logits.shape[-1]}] (the vocabulary size), got {draws}")
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    drawn = torch.multinomial(probs, draws, replacement=True, generator=generator)
+    counts = torch.zeros_like(probs).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=probs.dtype))
+    counts, indices = counts.topk(draws, dim=-1)  # the distinct draws first; zero counts are other tokens
+    return (counts / draws).log(), indices.to(torch.int32), torch.full(counts.shape[:-1], -math.inf)
+
+
 # ------------------------------------------------------------------------------------- writer
 
 class StoreWriter:
@@ -96,7 +117,7 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike, *, k: int, temperature: float = 1.0,
                  fingerprints: Mapping[str, str], dtype: torch.dtype | str = torch.float16,
                  vocab_size: int | None = None, shard_size: int = 1 << 18, overwrite: bool = False,
-                 next_token: bool = False):
+                 next_token: bool = False, sampled: bool = False):
         self.path = Path(path)
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # "float16" from a recipe
         if dtype not in DTYPES.values():
@@ -108,7 +129,10 @@ class StoreWriter:
         if self.path.exists() and not overwrite:
             raise CheckpointError(f"{self.path} already exists; delete it or pass overwrite=True")
         self.k, self.temperature, self.dtype, self.vocab_size = k, float(temperature), dtype, vocab_size
-        self.next_token, self.columns = next_token, k + next_token
+        if sampled and next_token:
+            raise ValueError("a sampled store keeps no next-token column (its draws are already unbiased)")
+        self.next_token, self.columns, self.sampled = next_token, k + next_token, sampled
+        self._generator = torch.Generator().manual_seed(0)  # the draws of a sampled store replay exactly
         self.fingerprints = {str(name): str(value) for name, value in fingerprints.items()}
         self.shard_size, self.overwrite = shard_size, overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +153,10 @@ class StoreWriter:
         self._check_vocab(logits.shape[-1])
         if self.next_token != (next_tokens is not None):
             raise ValueError("a next-token store needs next_tokens with every item, any other store none")
-        values, indices, tail = sparsify(logits, self.k, self.temperature, next_tokens)
+        if self.sampled:
+            values, indices, tail = sample_sparse(logits, self.k, self.temperature, self._generator)
+        else:
+            values, indices, tail = sparsify(logits, self.k, self.temperature, next_tokens)
         self.add_topk(sample_id, values, indices, tail, extra)
 
     def add_topk(self, sample_id: str, topk_logprobs: Tensor, topk_indices: Tensor, tail_logmass: Tensor,
@@ -170,7 +197,7 @@ class StoreWriter:
         (self._tmp / "index.json").write_text(json.dumps(index))
         manifest = {
             "format": FORMAT, "version": VERSION, "k": self.k, "temperature": self.temperature,
-            "columns": self.columns, "next_token": self.next_token,
+            "columns": self.columns, "next_token": self.next_token, "sampled": self.sampled,
             "dtype": str(self.dtype).removeprefix("torch."),
             "index_dtype": str(index_dtype(self.vocab_size)).removeprefix("torch."), "tail_dtype": "float32",
             "vocab_size": self.vocab_size, "num_items": len(self._index), "num_positions": self._positions,
