@@ -99,7 +99,7 @@ def main() -> None:
                 {"bytes_per_position": report.bytes_per_position, "dense_bytes_per_position":
                  report.dense_bytes_per_position, "store_build_seconds": build_seconds, "teacher_pass": True})
 
-    kind = "top-k + next token" if args.next_token else "top-k"
+    kind = ("top-k + next token" if args.next_token else "top-k") + (" and sampled" if args.sample else "")
     table = Table(title=f"{args.recipe}: {args.steps} steps, {kind} stores, test {task} metric on {len(records)} records")
     for col in ("run", "score", "perplexity", "s/step", "store bytes/position (vs full logits)"):
         table.add_column(col, justify="right")

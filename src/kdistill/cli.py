@@ -176,8 +176,8 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
                       next_token: bool = typer.Option(
                           True, help="causal LM: keep each position's next token beside the top k (perplexity)"),
                       sample: Optional[int] = typer.Option(
-                          None, help="store this many tokens drawn from the teacher per position instead of the "
-                                     "top k (unbiased for forward KL)"),
+                          None, min=1, help="store this many tokens drawn from the teacher per position instead of "
+                                            "the top k (--k is then unused; forward KL only)"),
                       set_: Optional[List[str]] = SetOpt):
     """Run the teacher once over the training data and store its top-k outputs; then train with
     `teacher: {source: cache, path: STORE}` (no teacher weights needed)."""

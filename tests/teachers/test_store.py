@@ -352,3 +352,36 @@ def test_a_sampled_store_is_reproducible_and_refuses_to_be_narrowed(tmp_path):
         narrow_store(tmp_path / "a", tmp_path / "narrow", k=2)
     with pytest.raises(ValueError, match="no next-token column"):
         StoreWriter(tmp_path / "c", k=3, fingerprints={}, sampled=True, next_token=True)
+
+
+def test_next_tokens_must_follow_the_text(tmp_path):
+    with StoreWriter(tmp_path / "s", k=2, fingerprints={}, next_token=True) as writer:
+        writer.add("empty", torch.zeros(0, V), next_tokens=torch.zeros(0, dtype=torch.long))
+        for bad in (torch.tensor([1, 2, 3]), torch.tensor([1, -1, -1]), torch.tensor([1, -1])):
+            with pytest.raises(ValueError, match="-1 at the last position only"):
+                writer.add("bad", torch.randn(3, V), next_tokens=bad)
+    assert TeacherStore.open(tmp_path / "s")["empty"].topk_indices.shape == (0, 3)
+
+
+def test_version_1_stores_open_and_unknown_versions_are_refused(store_path):
+    manifest_file = store_path / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for key in ("columns", "next_token", "sampled"):
+        manifest.pop(key)
+    manifest_file.write_text(json.dumps({**manifest, "version": 1}))  # as format 1 wrote it
+    old = TeacherStore.open(store_path)
+    assert (old.columns, old.next_token, old.sampled) == (K, False, False) and old["sample-0"].topk_indices.shape[1] == K
+    manifest_file.write_text(json.dumps({**manifest, "version": 3}))
+    with pytest.raises(CheckpointError, match="format version 3"):
+        TeacherStore.open(store_path)
+
+
+def test_the_largest_int16_vocabulary(tmp_path):
+    from kdistill.teachers.store_writer import index_dtype
+
+    assert index_dtype(32_768) == torch.int16 and index_dtype(32_769) == torch.int32
+    logits = torch.zeros(1, 32_768)
+    logits[0, 32_767] = 9.0
+    with StoreWriter(tmp_path / "edge", k=1, fingerprints={}) as writer:
+        writer.add("a", logits)
+    assert TeacherStore.open(tmp_path / "edge")["a"].topk_indices.long().item() == 32_767

@@ -53,6 +53,9 @@ class DeiT(LossTerm):
 
     def distillation(self, zs: torch.Tensor, zt) -> torch.Tensor:
         p = self.params
+        if isinstance(zt, SparseLogits) and zt.sampled:
+            raise PairingError(f"{self.where}: deit distils from the teacher's top classes; a sampled store has draws "
+                               f"instead (build it without --sample)")
         if p.distillation == "hard":
             target = zt.indices[..., 0] if isinstance(zt, SparseLogits) else zt.argmax(-1)
             return F.cross_entropy(zs.float(), target)

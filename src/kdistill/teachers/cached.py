@@ -155,8 +155,8 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
                     writer.add(key, logits[row], extra=extra)
                 else:  # right-padded: the first n positions are the record's
                     n = int(batch["attention_mask"][row].sum())
-                    following = (torch.cat([batch["input_ids"][row, 1:n], torch.tensor([-1])]) if next_token
-                                 else None)
+                    following = (torch.cat([batch["input_ids"][row, 1:n], torch.tensor([-1])])[:n] if next_token
+                                 else None)  # [:n]: an empty record has no positions, not one
                     writer.add(key, logits[row, :n], extra=extra, next_tokens=following)
             progress.advance(task, len(chunk))
     teacher.config.save_pretrained(out / TEACHER_FILES)
@@ -183,6 +183,7 @@ def automatic_store(stage, console=None) -> Path:
     """`teacher: {source: cache, model: M}` without a path: M's store for this data, built on first use
     under $KDISTILL_HOME/stores and reused by every later run, seed and student that asks the same."""
     from kdistill.teachers.recipe_runs import kdistill_home, resolve_teacher
+    from kdistill.teachers.store_writer import VERSION as STORE_VERSION
 
     teacher_dir = Path(resolve_teacher(stage.teacher.model, console))
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in teacher_dir.glob("*.safetensors"))
@@ -191,7 +192,8 @@ def automatic_store(stage, console=None) -> Path:
                        "cut": data_cut(stage, None),
                        "views": stage.data.image_augment.model_dump(mode="json") if stage.data.image_augment else None,
                        "image_size": stage.data.image_size, "steps": stage.train.steps * stage.train.batch_size,
-                       "k": stage.teacher.top_k, "temperature": kd_temperature(stage), "task": stage.teacher.task},
+                       "k": stage.teacher.top_k, "temperature": kd_temperature(stage), "task": stage.teacher.task,
+                       "format": STORE_VERSION},
                       sort_keys=True)
     name = str(stage.teacher.model).replace(":", "-").replace("/", "-")[-40:]
     out = kdistill_home() / "stores" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"

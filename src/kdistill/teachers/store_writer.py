@@ -6,8 +6,9 @@ the log of the remaining tail mass, log(1 − Σ top-k p), as float32 (one numbe
 how much the sparse losses trust the top k).
 
 A sampled store (``sampled=True``) keeps instead, per position, ``k`` tokens drawn from the teacher with
-replacement, as distinct tokens with log(count / k): an unbiased estimate of the teacher's distribution
-for forward KL, where the top k are biased toward the head (Anshumann et al. 2025, "Sparse Logit
+replacement, as distinct tokens with log(count / k): the forward-KL gradient against them is the full
+teacher's in expectation (the loss value is not: the draws' entropy differs), where the top k are biased
+toward the head (Anshumann et al. 2025, "Sparse Logit
 Sampling"). Its tail is empty (-inf); columns beyond the distinct draws hold other tokens at -inf.
 
 A causal-LM store also keeps, per position, the token that comes next in the text (``next_token``): the
@@ -51,8 +52,8 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 class TeacherEntry:
     """One item of the store: P positions, k stored tokens each."""
 
-    topk_logprobs: Tensor  # (P, k), store dtype, sorted in decreasing order
-    topk_indices: Tensor  # (P, k) int16 or int32
+    topk_logprobs: Tensor  # (P, columns), store dtype; top-k stores: sorted in decreasing order
+    topk_indices: Tensor  # (P, columns) int16 or int32
     tail_logmass: Tensor  # (P,) float32, log of the mass outside the top k (-inf when k = V)
     extra: dict[str, Tensor] = field(default_factory=dict)
 
@@ -153,6 +154,11 @@ class StoreWriter:
         self._check_vocab(logits.shape[-1])
         if self.next_token != (next_tokens is not None):
             raise ValueError("a next-token store needs next_tokens with every item, any other store none")
+        if next_tokens is not None and (next_tokens.shape != logits.shape[:1] or
+                                        (len(next_tokens) and (next_tokens[-1] != -1 or (next_tokens[:-1] < 0).any()))):
+            # narrow_store relies on it: the last position, and only it, has no next token
+            raise ValueError(f"next_tokens of {sample_id!r} must be one token per position ({logits.shape[0]}), "
+                             f"with -1 at the last position only; got {tuple(next_tokens.shape)}")
         if self.sampled:
             values, indices, tail = sample_sparse(logits, self.k, self.temperature, self._generator)
         else:
