@@ -74,6 +74,13 @@ def main() -> None:
         raw["stages"][0].update(student={"config": {"n_layer": 2}}, **stage_fields)
         return raw
 
+    def from_store(name: str, store: Path, build_seconds: float, output: Path, teacher_pass: bool):
+        report = storage_report(store)
+        cached = variant(teacher={"source": "cache", "path": str(store), "task": task})
+        measure(name, *train(cached, [], output),
+                {"bytes_per_position": report.bytes_per_position, "dense_bytes_per_position":
+                 report.dense_bytes_per_position, "store_build_seconds": build_seconds, "teacher_pass": teacher_pass})
+
     measure("sft (no teacher)", *train(variant(losses=[{"type": "cross_entropy"}]), [], root / "sft"))
     measure("live teacher", *train(variant(), [], root / "live"))
     widest = max(args.k)
@@ -82,22 +89,11 @@ def main() -> None:
         store = (cache_teacher(load_recipe(variant()), k=k, out=str(root / f"store-k{k}"), next_token=args.next_token)
                  if k == widest else
                  narrow_store(root / f"store-k{widest}", root / f"store-k{k}", k))
-        build_seconds = time.perf_counter() - start
-        report = storage_report(store)
-        cached = variant(teacher={"source": "cache", "path": str(store), "task": task})
-        measure(f"store k={k}", *train(cached, [], root / f"from-store-k{k}"),
-                {"bytes_per_position": report.bytes_per_position, "dense_bytes_per_position":
-                 report.dense_bytes_per_position, "store_build_seconds": build_seconds, "teacher_pass": k == widest})
-
+        from_store(f"store k={k}", store, time.perf_counter() - start, root / f"from-store-k{k}", k == widest)
     for draws in args.sample:
         start = time.perf_counter()
         store = cache_teacher(load_recipe(variant()), sample=draws, out=str(root / f"store-sampled{draws}"))
-        build_seconds = time.perf_counter() - start
-        report = storage_report(store)
-        cached = variant(teacher={"source": "cache", "path": str(store), "task": task})
-        measure(f"sampled {draws}", *train(cached, [], root / f"from-sampled{draws}"),
-                {"bytes_per_position": report.bytes_per_position, "dense_bytes_per_position":
-                 report.dense_bytes_per_position, "store_build_seconds": build_seconds, "teacher_pass": True})
+        from_store(f"sampled {draws}", store, time.perf_counter() - start, root / f"from-sampled{draws}", True)
 
     kind = ("top-k + next token" if args.next_token else "top-k") + (" and sampled" if args.sample else "")
     table = Table(title=f"{args.recipe}: {args.steps} steps, {kind} stores, test {task} metric on {len(records)} records")
@@ -116,11 +112,10 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
     run = {"recipe": args.recipe, "steps": args.steps, "train_limit": args.train_limit, "next_token": args.next_token,
-           "device": device, "cpus": os.cpu_count(), "torch": torch.__version__, "rows": rows,
-           "created": time.strftime("%Y-%m-%d %H:%M")}
+           "sample": args.sample, "store_format": VERSION, "device": device, "cpus": os.cpu_count(),
+           "torch": torch.__version__, "rows": rows, "created": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(__file__).parent / "results" / "teacher_store.json"
     out.parent.mkdir(exist_ok=True)
-    run["sample"], run["store_format"] = args.sample, VERSION
     same = ("recipe", "steps", "train_limit", "next_token", "sample", "device")
     runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
     runs = [r for r in runs if any(r.get(key) != run[key] for key in same)] + [run]

@@ -77,7 +77,7 @@ class TeacherStore:
 
     # Properties the loss side needs to check its own settings against.
     k = property(lambda self: self.manifest["k"])
-    columns = property(lambda self: self.manifest.get("columns", self.manifest["k"]))
+    columns = property(lambda self: _columns(self.manifest))
     next_token = property(lambda self: bool(self.manifest.get("next_token", False)))
     sampled = property(lambda self: bool(self.manifest.get("sampled", False)))
     temperature = property(lambda self: self.manifest["temperature"])
@@ -133,6 +133,10 @@ class TeacherStore:
             self._verify_shard(number)
             self._handles[number] = safe_open(str(self.path / self.manifest["shards"][number]["file"]), framework="pt")
         return self._handles[number]
+
+
+def _columns(manifest: dict) -> int:
+    return manifest.get("columns", manifest["k"])  # format 1 kept exactly k
 
 
 def _read_manifest(path: Path) -> dict:
@@ -205,7 +209,7 @@ def payload_bytes_per_position(columns: int, dtype: torch.dtype = torch.float16,
 def storage_report(store: TeacherStore | str | os.PathLike) -> StorageReport:
     manifest = store.manifest if isinstance(store, TeacherStore) else _read_manifest(Path(store))
     total = manifest["index"]["bytes"] + sum(shard["bytes"] for shard in manifest["shards"])
-    payload = payload_bytes_per_position(manifest.get("columns", manifest["k"]), DTYPES[manifest["dtype"]],
+    payload = payload_bytes_per_position(_columns(manifest), DTYPES[manifest["dtype"]],
                                          getattr(torch, manifest.get("index_dtype", "int32")))
     return StorageReport(bytes_per_position=total / max(manifest["num_positions"], 1),
                          payload_bytes_per_position=payload,
@@ -215,8 +219,8 @@ def storage_report(store: TeacherStore | str | os.PathLike) -> StorageReport:
 def narrow_store(source: str | os.PathLike, out: str | os.PathLike, k: int) -> Path:
     """A copy of the store at ``source`` keeping only each position's top ``k`` (< the store's k), and the
     next-token column where it has one: the dropped log-probabilities join the tail, so it equals a store
-    written with ``k`` from the start (to the stored dtype) without running the teacher again. Per-item extras, fingerprints and the
-    teacher files beside the store are carried over; a store already at ``out`` is replaced, as
+    written with ``k`` from the start (to the stored dtype) without running the teacher again. Per-item
+    extras, fingerprints and the teacher files beside the store are carried over; a store already at ``out`` is replaced, as
     `kdistill cache-teacher` replaces one."""
     import shutil
 

@@ -8,14 +8,15 @@ how much the sparse losses trust the top k).
 A sampled store (``sampled=True``) keeps instead, per position, ``k`` tokens drawn from the teacher with
 replacement, as distinct tokens with log(count / k): the forward-KL gradient against them is the full
 teacher's in expectation (the loss value is not: the draws' entropy differs), where the top k are biased
-toward the head (Anshumann et al. 2025, "Sparse Logit
-Sampling"). Its tail is empty (-inf); columns beyond the distinct draws hold other tokens at -inf.
+toward the head (Anshumann et al. 2025, "Sparse Logit Sampling"). Its tail is empty (-inf); columns
+beyond the distinct draws hold other tokens at -inf.
 
 A causal-LM store also keeps, per position, the token that comes next in the text (``next_token``): the
 columns are then the k best tokens other than it, then it. Perplexity is the student's probability of
 exactly that token, and with the top k alone a student learns it only as part of the tail bucket
-whenever the teacher ranks it below k (measured: docs/causal-lm.md, "The teacher store"). Items are buffered and written as safetensors shards of about ``shard_size``
-positions; an item never spans two shards. Per-item metadata ("extras", e.g. an augmentation
+whenever the teacher ranks it below k (measured: docs/teacher-store.md#measured).
+
+Items are buffered and written as safetensors shards of about ``shard_size`` positions; an item never spans two shards. Per-item metadata ("extras", e.g. an augmentation
 seed) must have the same names, shapes and dtypes for every item, so each becomes one stacked
 tensor per shard instead of one header entry per item.
 
@@ -50,7 +51,7 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 @dataclass
 class TeacherEntry:
-    """One item of the store: P positions, k stored tokens each."""
+    """One item of the store: P positions, the store's columns (k, or k + 1 with the next token) each."""
 
     topk_logprobs: Tensor  # (P, columns), store dtype; top-k stores: sorted in decreasing order
     topk_indices: Tensor  # (P, columns) int16 or int32
@@ -94,7 +95,7 @@ def sample_sparse(logits: Tensor, draws: int, temperature: float = 1.0,
                   generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """``draws`` tokens per row from softmax(logits / τ), with replacement, as (log(count / draws), index)
     over ``draws`` distinct columns (columns past the distinct draws: other tokens at -inf) and an empty
-    (-inf) tail. E[count / draws] is the teacher's probability, so forward KL against it is unbiased."""
+    (-inf) tail. E[count / draws] is the teacher's probability, so the forward-KL gradient against it is unbiased."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0 < draws <= logits.shape[-1]:
