@@ -15,7 +15,7 @@ The teacher runs once, for the largest k; the smaller stores are cut from that o
 store as a pass at that k). `--train-limit N` keeps the first N records of each training source for every run (and so for every store):
 the store is built over the data the runs read, and a 400-step run reads 12,800 texts.
 
-Prints a table and writes its run into benchmarks/results/teacher_store.json (one run per device, recipe,
+Prints a table and writes its run into benchmarks/results/teacher_store.json (one run per device, teacher, recipe,
 settings and store kind; a run with the same ones is replaced).
 """
 from __future__ import annotations
@@ -111,12 +111,19 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
-    run = {"recipe": args.recipe, "steps": args.steps, "train_limit": args.train_limit, "next_token": args.next_token,
+    from safetensors.torch import load_file
+
+    from kdistill.teachers.fingerprint import fingerprint_tensors
+    from kdistill.teachers.recipe_runs import resolve_teacher
+
+    # the teacher's weights name it: a run against a retrained teacher is a new run, not a replacement
+    weights = load_file(str(Path(resolve_teacher(recipe.stages[0].teacher.model)) / "model.safetensors"))
+    run = {"recipe": args.recipe, "teacher": fingerprint_tensors(weights), "steps": args.steps, "train_limit": args.train_limit, "next_token": args.next_token,
            "sample": args.sample, "store_format": VERSION, "device": device, "cpus": os.cpu_count(),
            "torch": torch.__version__, "rows": rows, "created": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(__file__).parent / "results" / "teacher_store.json"
     out.parent.mkdir(exist_ok=True)
-    same = ("recipe", "steps", "train_limit", "next_token", "sample", "device")
+    same = ("recipe", "teacher", "steps", "train_limit", "next_token", "sample", "device")
     runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
     runs = [r for r in runs if any(r.get(key) != run[key] for key in same)] + [run]
     out.write_text(json.dumps({"runs": runs}, indent=2))
