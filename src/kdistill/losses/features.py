@@ -3,17 +3,57 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
 from kdistill.models.taps import parse_tap, tap_name
-from kdistill.losses.base import LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count
+from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count,
+                                  token_count)
 
 LayerSpec = Literal["uniform", "last"] | list[tuple[int, int]]
 
+# Taps with no position 0 to leave out: one vector per sequence, or (patches) CLS already cut off.
+NO_CLS_POSITION = ("pooled", "cls_logits", "distillation_logits", "distillation_token", "patches")
 
-class HiddenParams(TermParams):
+
+class SkipCLSParams(TermParams):
+    # Mean-pooling teachers (all-MiniLM-L6-v2 and classifiers tuned from it) carry one constant [CLS]
+    # vector in most layers; matching it teaches the student a constant that its classifier head reads.
+    skip_cls: bool = Field(False, description="leave position 0 ([CLS]) out: its token, or its query row")
+
+
+def token_mask(batch: dict, like: torch.Tensor, skip_cls: bool = False) -> torch.Tensor | None:
+    """Boolean (B, L) over the tokens (rows) of `like`, shaped (B, ..., L, D): the batch's attention mask,
+    None when it has none. With skip_cls, position 0 is False as well; position 0 is [CLS] in the
+    right-padded BERT-style batches these terms see."""
+    mask = batch.get("attention_mask")
+    if not skip_cls:
+        return None if mask is None else mask.bool()
+    if mask is None:
+        if like is None:  # no tap read (an empty layer map): no rows to size, none compared
+            return None
+        keep = torch.ones(like.shape[0], like.shape[-2], dtype=torch.bool, device=like.device)
+    else:
+        keep = mask.bool().clone()  # .bool() of a bool mask is the batch's own tensor: never write into it
+    keep[:, 0] = False
+    return keep
+
+
+def skip_cls_count(batch: dict, skip_cls: bool) -> int:
+    """The term's items (real tokens, or query rows per head) less the position-0 ones skip_cls leaves
+    out, so micro-batches are still weighted by what each mean really ran over."""
+    n = token_count(batch)
+    if not skip_cls:
+        return n
+    key = "loss_mask" if "loss_mask" in batch else "attention_mask"
+    if key in batch:
+        return n - int(batch[key][:, 0].bool().sum())
+    return n  # images count one item per image either way (every image has the same tokens)
+
+
+class HiddenParams(SkipCLSParams):
     layers: LayerSpec = "uniform"
     projector: Literal["auto", "linear", "none"] = "auto"
     student_tap: str | None = Field(None, description="compare these two named taps instead of a layer map")
@@ -29,7 +69,13 @@ class HiddenCosineParams(HiddenParams):
 
 
 class _HiddenTerm(LossTerm):
-    """Sum over mapped layer pairs of a per-token distance between (projected) hidden states."""
+    """Sum over mapped layer pairs of a per-token distance between (projected) hidden states.
+
+    skip_cls leaves position 0 out of the token mask: the mean runs over the other real tokens. It is
+    refused (PairingError) for taps with no position 0 to leave out (pooled, cls/distillation heads
+    and token, patches without CLS), and a 2-D (per-sequence) tap met at run time raises ValueError,
+    rather than silently comparing the whole vector.
+    """
 
     distance = staticmethod(fn.masked_mse)
 
@@ -44,6 +90,11 @@ class _HiddenTerm(LossTerm):
         else:
             pairs = layer_map(params.layers, student, teacher, where).pairs
             self.pairs = [(f"hidden_states[{a}]", f"hidden_states[{b}]") for a, b in pairs]
+        if params.skip_cls:
+            kinds = {parse_tap(name, info)[0] for pair in self.pairs for name, info in zip(pair, (student, teacher))}
+            if kinds & set(NO_CLS_POSITION):
+                raise PairingError(f"{where}.skip_cls: tap kind(s) {sorted(kinds & set(NO_CLS_POSITION))} have no "
+                                   f"[CLS] position to leave out; use hidden_states[i] taps or skip_cls: false")
         self.projector = make_projector(params.projector, student.hidden_size, teacher.hidden_size, where)
 
     def student_taps(self):
@@ -52,15 +103,22 @@ class _HiddenTerm(LossTerm):
     def teacher_taps(self):
         return [b for _, b in self.pairs]
 
+    def count(self, batch):
+        return skip_cls_count(batch, self.params.skip_cls)
+
     def forward(self, s, t, batch):
+        skip = self.params.skip_cls
         total = 0.0
         for a, b in self.pairs:
             hs, ht = s[a], t[b]
             if self.projector is not None:
                 hs = self.projector(hs)
+            if skip and hs.dim() != 3:
+                raise ValueError(f"{self.where}.skip_cls: tap {a!r} has shape {tuple(hs.shape)}, one vector per "
+                                 f"sequence with no [CLS] position; set skip_cls: false for it")
             # pooled taps are one vector per sequence: no token mask applies
-            mask = batch.get("attention_mask") if hs.dim() == 3 else None
-            total = total + self.distance(hs, ht, mask.bool() if mask is not None else None)
+            mask = token_mask(batch, hs, skip) if hs.dim() == 3 else None
+            total = total + self.distance(hs, ht, mask)
         return total
 
 

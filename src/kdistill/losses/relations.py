@@ -8,13 +8,18 @@ from pydantic import Field
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
-from kdistill.losses.base import LossTerm, TermParams, layer_map, register_loss, same_heads
-from kdistill.losses.features import LayerSpec
+from kdistill.losses.base import LossTerm, layer_map, register_loss, same_heads
+from kdistill.losses.features import LayerSpec, SkipCLSParams, skip_cls_count, token_mask
 
 
-def query_mask(batch: dict, heads: int) -> torch.Tensor | None:
-    """(B, H, L) real query rows; attention rows of padding tokens are not compared."""
-    mask = batch.get("attention_mask")
+def query_mask(batch: dict, heads: int, like: torch.Tensor | None = None,
+               skip_cls: bool = False) -> torch.Tensor | None:
+    """(B, H, L) real query rows; attention rows of padding tokens are not compared.
+
+    skip_cls drops the row of position 0 as well (`like`, shaped (B, H, L, ·), sizes it when the batch
+    has no mask). Its key column stays: every other row is the same distribution over all keys as
+    without skip_cls, nothing is renormalised, and the mean runs over the remaining rows."""
+    mask = token_mask(batch, like, True) if skip_cls else batch.get("attention_mask")
     if mask is None:
         return None
     return mask.bool()[:, None, :].expand(-1, heads, -1)
@@ -28,7 +33,7 @@ def relation_logits(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return scores
 
 
-class _AttentionParams(TermParams):
+class _AttentionParams(SkipCLSParams):
     layers: LayerSpec = "uniform"
 
 
@@ -58,8 +63,12 @@ class _AttentionTerm(LossTerm):
     def teacher_taps(self):
         return [f"{self.tap}[{t}]" for _, t in self.map.pairs]
 
+    def count(self, batch):
+        return skip_cls_count(batch, self.params.skip_cls)
+
     def forward(self, s, t, batch):
-        mask = query_mask(batch, self.student_info.num_heads)
+        first = s[f"{self.tap}[{self.map.pairs[0][0]}]"] if self.params.skip_cls and self.map.pairs else None
+        mask = query_mask(batch, self.student_info.num_heads, first, self.params.skip_cls)
         return sum(self.distance(s[f"{self.tap}[{a}]"], t[f"{self.tap}[{b}]"], mask) for a, b in self.map.pairs)
 
 
@@ -83,7 +92,7 @@ class AttentionMSE(_AttentionTerm):
         self.tap = "attention_scores" if params.target == "scores" else "attentions"
 
 
-class ValueRelationParams(TermParams):
+class ValueRelationParams(SkipCLSParams):
     type: Literal["value_relation"] = "value_relation"
     layers: LayerSpec = "last"
 
@@ -105,9 +114,13 @@ class ValueRelation(LossTerm):
     def teacher_taps(self):
         return [f"values[{t}]" for _, t in self.map.pairs]
 
+    def count(self, batch):
+        return skip_cls_count(batch, self.params.skip_cls)
+
     def forward(self, s, t, batch):
-        mask = batch.get("attention_mask")
-        rows = query_mask(batch, self.student_info.num_heads)
+        mask = batch.get("attention_mask")  # padding keys; skip_cls never touches keys
+        first = s[f"values[{self.map.pairs[0][0]}]"] if self.params.skip_cls and self.map.pairs else None
+        rows = query_mask(batch, self.student_info.num_heads, first, self.params.skip_cls)
         total = 0.0
         for a, b in self.map.pairs:
             zs, zt = relation_logits(s[f"values[{a}]"], mask), relation_logits(t[f"values[{b}]"], mask)
@@ -115,7 +128,7 @@ class ValueRelation(LossTerm):
         return total
 
 
-class QKVRelationParams(TermParams):
+class QKVRelationParams(SkipCLSParams):
     type: Literal["qkv_relation"] = "qkv_relation"
     layers: LayerSpec = "last"
     relations: list[Literal["q", "k", "v"]] = ["q", "k", "v"]
@@ -152,9 +165,14 @@ class QKVRelation(LossTerm):
         merged = x.transpose(1, 2).reshape(b, length, h * d)
         return merged.view(b, length, self.heads, h * d // self.heads).transpose(1, 2)
 
+    def count(self, batch):
+        return skip_cls_count(batch, self.params.skip_cls)
+
     def forward(self, s, t, batch):
-        mask = batch.get("attention_mask")
-        rows = query_mask(batch, self.heads)
+        mask = batch.get("attention_mask")  # padding keys; skip_cls never touches keys
+        taps = self.student_taps()
+        first = s[taps[0]] if self.params.skip_cls and taps else None
+        rows = query_mask(batch, self.heads, first, self.params.skip_cls)
         total = 0.0
         for a, b in self.map.pairs:
             for r in self.params.relations:
