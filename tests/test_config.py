@@ -128,3 +128,12 @@ def test_a_field_added_since_a_run_started_is_not_a_change():
     assert recipe_changes(saved, r) == [f"stages[0].train.lr: 0.5 -> {r.stages[0].train.lr}"]
     saved["stages"][0]["train"]["retired_field"] = 1  # unreadable today: the raw difference names it
     assert "stages[0].train.retired_field: 1 -> None" in recipe_changes(saved, r)
+
+
+def test_the_same_run_folder_spelt_another_way_is_not_a_change(tmp_path, monkeypatch):
+    # compare reuses finished runs and trains edited ones again (deleting the old): a relative path saved
+    # by one call and the absolute one of the next name the same folder, so the run must count as unedited
+    monkeypatch.chdir(tmp_path)
+    saved = load_recipe("supersense-kd", output="runs/compare/full/supersense-kd/seed-0").dump()
+    again = load_recipe("supersense-kd", output=str(tmp_path / "runs/compare/full/supersense-kd/seed-0"))
+    assert recipe_changes(saved, again) == []

@@ -248,12 +248,17 @@ def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] =
 
 def recipe_changes(previous: dict, current: Recipe) -> list[str]:
     """Field paths where a run's saved recipe differs from `current`. The saved one is read through
-    today's schema first, so a field added since (saved without it) counts as its default, not a change."""
+    today's schema first, so a field added since (saved without it) counts as its default, not a change.
+    `output` is left out: it names where the run lives, which the caller found it by, and the same folder
+    spelt relative or absolute must not make a finished run look edited (compare would train it again)."""
     try:
         previous = build_recipe(previous, "the saved recipe").dump()
     except (KdistillError, TypeError, AttributeError):
         pass  # a field since removed or renamed: the raw difference names it
-    return diff_configs(previous, current.dump())
+    now = current.dump()
+    if isinstance(previous, dict):
+        previous = {k: v for k, v in previous.items() if k != "output"}
+    return diff_configs(previous, {k: v for k, v in now.items() if k != "output"})
 
 
 def diff_configs(old: Any, new: Any, path: str = "") -> list[str]:
