@@ -54,6 +54,11 @@ class FromTeacher(Strict):
     num_layers: int | None = Field(None, ge=1, description="for layers: uniform")
     model: str | None = Field(None, description="copy the layers of this model (same architecture) instead of "
                               "the teacher's, e.g. the pretrained checkpoint a task teacher was fine-tuned from")
+    hidden_size: int | None = Field(None, ge=1, description="a narrower student (BERT-family encoders): every weight "
+                                    "cut to this width, keeping the first dimensions of the residual stream and "
+                                    "of each attention head; the head count stays the teacher's")
+    intermediate_size: int | None = Field(None, ge=1, description="with hidden_size: the feed-forward width to cut to "
+                                          "(default: the teacher's ratio to its hidden size)")
 
 
 class Theseus(Strict):

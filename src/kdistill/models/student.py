@@ -8,6 +8,7 @@ import torch
 from kdistill.errors import ConfigError, PairingError
 from kdistill.models.arch import find_layers, layer_count
 from kdistill.models.loading import detect_task, load_model, model_class
+from kdistill.models.narrow import narrow_config, narrow_state
 from kdistill.registry import Registry
 
 INITS = Registry("student init")
@@ -38,7 +39,8 @@ def choose_layers(spec, num_layers: int | None, teacher_layers: int, where: str)
 
 @INITS.register("from_teacher")
 def from_teacher(spec, teacher, where="student.from_teacher", **context):
-    """Copy the embeddings, the head and the chosen layers of the teacher (DistilBERT/TinyBERT init).
+    """Copy the embeddings, the head and the chosen layers of the teacher (DistilBERT/TinyBERT init); with
+    `hidden_size`, every copied weight is cut to that width (kdistill.models.narrow).
 
     With `model:` the layers come from that model instead (DistilBERT initialises from the pretrained,
     not the fine-tuned, teacher); the student keeps the teacher's class, so a task head starts fresh."""
@@ -53,6 +55,8 @@ def from_teacher(spec, teacher, where="student.from_teacher", **context):
     layers = choose_layers(spec.layers, spec.num_layers, n_teacher, where)
     path, _ = find_layers(teacher, n_teacher)
     student_config = copy.deepcopy(config)
+    if spec.hidden_size is not None:
+        student_config = narrow_config(config, spec.hidden_size, spec.intermediate_size, where)
     student_config.num_hidden_layers = len(layers)
     if isinstance(getattr(student_config, "layer_types", None), list):
         student_config.layer_types = [config.layer_types[i - 1] for i in layers]
@@ -67,6 +71,8 @@ def from_teacher(spec, teacher, where="student.from_teacher", **context):
                 continue
             key = f"{prefix}{new_index[index]}.{rest}"
         state[key] = value.clone()
+    if spec.hidden_size is not None:
+        state = narrow_state(state, student, config.num_attention_heads)
     student.load_state_dict(state, strict=True)
     return student
 
