@@ -48,10 +48,7 @@ class StageResult:
 
 
 def stage_hash(stage: Stage) -> str:
-    # Defaults left out: a field added later with a default leaves older checkpoints resumable, as
-    # recipe_changes already treats such a field as no change.
-    dump = stage.model_dump(mode="json", exclude_defaults=True)
-    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(stage.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
