@@ -39,6 +39,18 @@ def train(raw_recipe, overrides: list[str], output: Path) -> tuple[Path, float]:
     return output / "student", meta["wall_time_s"] / meta["steps"]
 
 
+def teacher_weights_id(ref: str) -> str:
+    """What names the teacher in the results: the fingerprint of its weight file's tensors, so a run against
+    a retrained teacher is a new run, not a replacement; the reference itself where there is no local file."""
+    from safetensors.torch import load_file
+
+    from kdistill.teachers.fingerprint import fingerprint_tensors
+    from kdistill.teachers.recipe_runs import resolve_teacher
+
+    weights = Path(resolve_teacher(ref)) / "model.safetensors"
+    return fingerprint_tensors(load_file(str(weights))) if weights.is_file() else str(ref)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="lm-kd")
@@ -58,6 +70,7 @@ def main() -> None:
     steps = [f"train.steps={args.steps}", "train.eval_every=null"]
     recipe = load_recipe(args.recipe, steps)
     records, task = test_records(recipe), recipe_task(recipe)
+    teacher_id = teacher_weights_id(recipe.stages[0].teacher.model)
     rows = []
 
     def measure(name: str, student: Path, seconds_per_step: float, extra: dict | None = None):
@@ -111,14 +124,7 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
-    from safetensors.torch import load_file
-
-    from kdistill.teachers.fingerprint import fingerprint_tensors
-    from kdistill.teachers.recipe_runs import resolve_teacher
-
-    # the teacher's weights name it: a run against a retrained teacher is a new run, not a replacement
-    weights = load_file(str(Path(resolve_teacher(recipe.stages[0].teacher.model)) / "model.safetensors"))
-    run = {"recipe": args.recipe, "teacher": fingerprint_tensors(weights), "steps": args.steps, "train_limit": args.train_limit, "next_token": args.next_token,
+    run = {"recipe": args.recipe, "teacher": teacher_id, "steps": args.steps, "train_limit": args.train_limit, "next_token": args.next_token,
            "sample": args.sample, "store_format": VERSION, "device": device, "cpus": os.cpu_count(),
            "torch": torch.__version__, "rows": rows, "created": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(__file__).parent / "results" / "teacher_store.json"

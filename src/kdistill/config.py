@@ -60,6 +60,12 @@ class FromTeacher(Strict):
     intermediate_size: int | None = Field(None, ge=1, description="with hidden_size: the feed-forward width to cut to "
                                           "(default: the teacher's ratio to its hidden size)")
 
+    @model_validator(mode="after")
+    def width_needs_hidden_size(self):
+        if self.intermediate_size is not None and self.hidden_size is None:
+            raise ValueError("intermediate_size cuts a narrower student; give hidden_size too")
+        return self
+
 
 class Theseus(Strict):
     """BERT-of-Theseus: the teacher's blocks in `modules` groups, each with a one-block successor."""

@@ -63,3 +63,23 @@ def test_bad_widths_and_architectures_are_refused():
     with pytest.raises(ConfigError, match="not 'gpt2'"):
         build_student(StudentConfig.model_validate({"from_teacher": {"layers": [1], "hidden_size": 16}}), gpt2,
                       "causal-lm", seed=0)
+
+
+def test_an_explicit_feed_forward_width_and_a_classifier_head_are_cut_too():
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(0)
+    teacher = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                       intermediate_size=64, vocab_size=100, num_labels=3)).eval()
+    spec = {"from_teacher": {"layers": [2], "hidden_size": 16, "intermediate_size": 24}}
+    student = build_student(StudentConfig.model_validate(spec), teacher, "classification", seed=0)
+    assert student.config.intermediate_size == 24
+    torch.testing.assert_close(student.bert.encoder.layer[0].intermediate.dense.weight,
+                               teacher.bert.encoder.layer[1].intermediate.dense.weight[:24, :16])
+    torch.testing.assert_close(student.classifier.weight, teacher.classifier.weight[:, :16])
+    torch.testing.assert_close(student.bert.pooler.dense.weight, teacher.bert.pooler.dense.weight[:16, :16])
+
+
+def test_a_feed_forward_width_alone_is_refused():
+    with pytest.raises(ValueError, match="give hidden_size too"):
+        StudentConfig.model_validate({"from_teacher": {"layers": [1], "intermediate_size": 24}})
