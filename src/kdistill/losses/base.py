@@ -141,3 +141,32 @@ class LayerPairTerm(LossTerm):
 
     def count(self, batch):
         return sequence_count(batch)
+
+
+def token_mask(batch: dict, like: torch.Tensor, skip_cls: bool = False) -> torch.Tensor | None:
+    """Boolean (B, L) over the tokens (rows) of `like`, shaped (B, ..., L, D): the batch's attention mask,
+    None when it has none. With skip_cls, position 0 is False as well; position 0 is [CLS] in the
+    right-padded BERT-style batches these terms see."""
+    mask = batch.get("attention_mask")
+    if not skip_cls:
+        return None if mask is None else mask.bool()
+    if mask is None:
+        if like is None:  # no tap read (an empty layer map): no rows to size, none compared
+            return None
+        keep = torch.ones(like.shape[0], like.shape[-2], dtype=torch.bool, device=like.device)
+    else:
+        keep = mask.bool().clone()  # .bool() of a bool mask is the batch's own tensor: never write into it
+    keep[:, 0] = False
+    return keep
+
+
+def skip_cls_count(batch: dict, skip_cls: bool) -> int:
+    """The term's items (real tokens, or query rows per head) less the position-0 ones skip_cls leaves
+    out, so micro-batches are still weighted by what each mean really ran over."""
+    n = token_count(batch)
+    if not skip_cls:
+        return n
+    key = "loss_mask" if "loss_mask" in batch else "attention_mask"
+    if key in batch:
+        return n - int(batch[key][:, 0].bool().sum())
+    return n  # images count one item per image either way (every image has the same tokens)

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
 from kdistill.models.taps import parse_tap, tap_name
 from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count,
-                                  token_count)
+                                  skip_cls_count, token_mask)
 
 LayerSpec = Literal["uniform", "last"] | list[tuple[int, int]]
 
@@ -22,35 +21,6 @@ class SkipCLSParams(TermParams):
     # Mean-pooling teachers (all-MiniLM-L6-v2 and classifiers tuned from it) carry one constant [CLS]
     # vector in most layers; matching it teaches the student a constant that its classifier head reads.
     skip_cls: bool = Field(False, description="leave position 0 ([CLS]) out: its token, or its query row")
-
-
-def token_mask(batch: dict, like: torch.Tensor, skip_cls: bool = False) -> torch.Tensor | None:
-    """Boolean (B, L) over the tokens (rows) of `like`, shaped (B, ..., L, D): the batch's attention mask,
-    None when it has none. With skip_cls, position 0 is False as well; position 0 is [CLS] in the
-    right-padded BERT-style batches these terms see."""
-    mask = batch.get("attention_mask")
-    if not skip_cls:
-        return None if mask is None else mask.bool()
-    if mask is None:
-        if like is None:  # no tap read (an empty layer map): no rows to size, none compared
-            return None
-        keep = torch.ones(like.shape[0], like.shape[-2], dtype=torch.bool, device=like.device)
-    else:
-        keep = mask.bool().clone()  # .bool() of a bool mask is the batch's own tensor: never write into it
-    keep[:, 0] = False
-    return keep
-
-
-def skip_cls_count(batch: dict, skip_cls: bool) -> int:
-    """The term's items (real tokens, or query rows per head) less the position-0 ones skip_cls leaves
-    out, so micro-batches are still weighted by what each mean really ran over."""
-    n = token_count(batch)
-    if not skip_cls:
-        return n
-    key = "loss_mask" if "loss_mask" in batch else "attention_mask"
-    if key in batch:
-        return n - int(batch[key][:, 0].bool().sum())
-    return n  # images count one item per image either way (every image has the same tokens)
 
 
 class HiddenParams(SkipCLSParams):

@@ -8,8 +8,8 @@ from pydantic import Field
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
-from kdistill.losses.base import LossTerm, layer_map, register_loss, same_heads
-from kdistill.losses.features import LayerSpec, SkipCLSParams, skip_cls_count, token_mask
+from kdistill.losses.base import LossTerm, layer_map, register_loss, same_heads, skip_cls_count, token_mask
+from kdistill.losses.features import LayerSpec, SkipCLSParams
 
 
 def query_mask(batch: dict, heads: int, like: torch.Tensor | None = None,
