@@ -229,3 +229,19 @@ def test_skip_cls_is_not_a_field_of_other_terms():
     raw["losses"] = [{"type": "embedding_cosine", "skip_cls": True}]
     with pytest.raises(ConfigError, match="skip_cls"):
         load_recipe(raw)
+
+
+def test_center_subtracts_each_sequence_mean_over_compared_tokens():
+    # slow reference: per sequence, the mean over real tokens (position 0 left out with skip_cls) removed
+    # from both sides, then the plain MSE over those tokens
+    from kdistill.losses.features import centred
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]]).bool()
+    out = centred(x, mask, "w", "t")
+    for i in range(3):
+        real = x[i][mask[i]]
+        torch.testing.assert_close(out[i][mask[i]], real - real.mean(0))
+    with pytest.raises(ValueError, match="nothing to centre"):
+        centred(torch.randn(3, 4), None, "w", "t")

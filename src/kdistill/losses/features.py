@@ -28,6 +28,10 @@ class HiddenParams(SkipCLSParams):
     projector: Literal["auto", "linear", "none"] = "auto"
     student_tap: str | None = Field(None, description="compare these two named taps instead of a layer map")
     teacher_tap: str | None = None
+    # In a few steps an uncentred MSE is lowered most by matching the teacher's common vector, and a
+    # narrow student's tokens collapse onto it (measured, docs/results.md); centring takes that away.
+    center: bool = Field(False, description="subtract each sequence's mean over its compared tokens from the "
+                         "student's and the teacher's states before the distance")
 
 
 class HiddenMSEParams(HiddenParams):
@@ -88,8 +92,21 @@ class _HiddenTerm(LossTerm):
                                  f"sequence with no [CLS] position; set skip_cls: false for it")
             # pooled taps are one vector per sequence: no token mask applies
             mask = token_mask(batch, hs, skip) if hs.dim() == 3 else None
+            if self.params.center:
+                hs, ht = centred(hs, mask, self.where, a), centred(ht, mask, self.where, b)
             total = total + self.distance(hs, ht, mask)
         return total
+
+
+def centred(x, mask, where: str, tap: str):
+    """Each sequence's states minus their mean over the tokens the loss compares."""
+    if x.dim() != 3:
+        raise ValueError(f"{where}.center: tap {tap!r} has one vector per sequence; nothing to centre")
+    if mask is None:
+        return x - x.mean(dim=1, keepdim=True)
+    weights = mask.to(x.dtype).unsqueeze(-1)
+    mean = (x * weights).sum(dim=1, keepdim=True) / weights.sum(dim=1, keepdim=True).clamp_min(1.0)
+    return x - mean
 
 
 @register_loss("hidden_mse")
