@@ -28,8 +28,8 @@ class HiddenParams(SkipCLSParams):
     projector: Literal["auto", "linear", "none"] = "auto"
     student_tap: str | None = Field(None, description="compare these two named taps instead of a layer map")
     teacher_tap: str | None = None
-    # In a few steps an uncentred MSE is lowered most by matching the teacher's common vector, and a
-    # narrow student's tokens collapse onto it (measured, docs/results.md); centring takes that away.
+    # Centring removes what every token shares, so the distance compares only how tokens differ (a probe
+    # for the narrow students' collapse, docs/results.md; it did not cure it there).
     center: bool = Field(False, description="subtract each sequence's mean over its compared tokens from the "
                          "student's and the teacher's states before the distance")
 

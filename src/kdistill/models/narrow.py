@@ -1,9 +1,8 @@
 """Truncated init: a narrower student cut out of a BERT-family teacher's weights.
 
-A random-init narrow student has to learn 30k token embeddings from nothing, which the short stages of
-the encoder comparison cannot do: after MobileBERT's layer stages every token's hidden state was nearly
-the same vector (measured, docs/encoders.md).
-Cutting the teacher's weights instead keeps its tokens apart from the first step. The residual stream
+A random-init narrow student has to learn 30k token embeddings from nothing; cutting the teacher's weights
+instead keeps its tokens apart from the first step (in the encoder comparison's short stages that alone did
+not stop MobileBERT's students collapsing: docs/results.md). The residual stream
 keeps its first `hidden_size` dimensions everywhere (embeddings, layer norms, every projection), and each
 attention head its first `hidden_size / heads` dimensions, so head h of the student is a slice of head h
 of the teacher (per-head attention losses then compare corresponding heads).
