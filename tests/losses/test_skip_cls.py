@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import yaml
+from test_terms import kl, softmax  # the slow references the term tests use
 
 from kdistill.config import load_recipe
 from kdistill.errors import ConfigError, PairingError
@@ -148,16 +149,6 @@ def test_attention_skip_cls_without_attention_mask():
 
 
 # ---------------------------------------------------------------- self-relations
-
-def softmax(xs):
-    m = max(xs)
-    e = [math.exp(x - m) for x in xs]
-    return [v / sum(e) for v in e]
-
-
-def kl(p, q):
-    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
-
 
 def relation_row(x, b, h, i):
     """softmax over the real keys j (position 0 included) of <x_i, x_j>/sqrt(d)."""
