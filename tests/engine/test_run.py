@@ -174,3 +174,18 @@ def test_resume_in_the_middle_of_the_second_stage(tiny_recipe, tmp_path, killed_
     logs = [json.loads(line) for line in (tmp_path / "b" / "logs" / "task.jsonl").read_text().splitlines()]
     # step 3 ran once before the kill (after the step-2 checkpoint) and again after resuming; the log keeps both
     assert [r["step"] for r in logs if r["kind"] == "train"] == [1, 2, 3, 3, 4]
+
+
+def test_a_stage_teacher_run_resumes_from_another_spelling_of_its_folder(tiny_recipe, tmp_path, killed_run,
+                                                                          monkeypatch):
+    """`teacher: stage:NAME` becomes a path under the run folder; the checkpoint is bound to the stage as
+    written, so resuming through a relative path what an absolute one started is the same run."""
+    tiny_recipe["stages"] = [{"name": "general", "train": {"steps": 2}},
+                             {"name": "task", "teacher": {"model": "stage:general"},
+                              "losses": [{"type": "embedding_cosine"}], "train": {"steps": 4}}]
+    tiny_recipe["train"]["save_every"] = 2
+    straight = distill({**tiny_recipe, "output": str(tmp_path / "a")}, progress=False)
+    killed_run({**tiny_recipe, "output": str(tmp_path / "b")}, step=3, stage="task")
+    monkeypatch.chdir(tmp_path)
+    resumed = distill({**tiny_recipe, "output": "b"}, resume=True, progress=False)
+    assert_same_weights(straight, tmp_path / resumed)

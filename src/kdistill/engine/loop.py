@@ -75,11 +75,14 @@ def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
 
 
 class StageTrainer:
-    def __init__(self, parts: StageParts, stage: Stage, run_dir: Path, accelerator, console=None, progress=True):
+    def __init__(self, parts: StageParts, stage: Stage, run_dir: Path, accelerator, console=None, progress=True,
+                 declared: Stage | None = None):
         self.parts, self.stage, self.cfg, self.acc = parts, stage, stage.train, accelerator
         self.run_dir = run_dir
         self.ckpt_root = run_dir / "checkpoints" / stage.name
-        self.hash = stage_hash(stage)
+        # checkpoints are bound to the stage as the recipe wrote it: `stage:` references resolved to paths
+        # under the run folder would tie them to how that folder was spelt
+        self.hash = stage_hash(declared or stage)
         self.console = console
         self.show_progress = progress and accelerator.is_main_process
         freeze(parts.student, self.cfg.freeze)

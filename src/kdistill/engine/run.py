@@ -218,9 +218,10 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
             if accelerator.is_main_process:
                 plot_losses(out)
             continue
+        declared = stage
         stage = with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix)
         parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console)
-        trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress)
+        trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress, declared=declared)
         resumed = resume and trainer.resume()
         if resumed and console is not None and accelerator.is_main_process:
             console.print(f"resuming stage {stage.name!r} at step {trainer.step}")
