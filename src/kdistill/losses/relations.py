@@ -12,17 +12,19 @@ from kdistill.losses.base import LossTerm, layer_map, register_loss, same_heads,
 from kdistill.losses.features import LayerSpec, SkipCLSParams
 
 
-def query_mask(batch: dict, heads: int, like: torch.Tensor | None = None,
+def query_mask(batch: dict, heads: int, taps: dict | None = None, names: list[str] = (),
                skip_cls: bool = False) -> torch.Tensor | None:
     """(B, H, L) real query rows; attention rows of padding tokens are not compared.
 
-    skip_cls drops the row of position 0 as well (`like`, shaped (B, H, L, ·), sizes it when the batch
-    has no mask). Its key column stays: every other row is the same distribution over all keys as
-    without skip_cls, nothing is renormalised, and the mean runs over the remaining rows."""
-    mask = token_mask(batch, like, True) if skip_cls else batch.get("attention_mask")
+    skip_cls drops the row of position 0 as well (the first of the student's tap `names`, shaped
+    (B, H, L, ·), sizes it when the batch has no mask). Its key column stays: every other row is the same
+    distribution over all keys as without skip_cls, nothing is renormalised, and the mean runs over the
+    remaining rows."""
+    like = taps[names[0]] if skip_cls and names else None
+    mask = token_mask(batch, like, skip_cls)
     if mask is None:
         return None
-    return mask.bool()[:, None, :].expand(-1, heads, -1)
+    return mask[:, None, :].expand(-1, heads, -1)
 
 
 def relation_logits(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -67,8 +69,7 @@ class _AttentionTerm(LossTerm):
         return skip_cls_count(batch, self.params.skip_cls)
 
     def forward(self, s, t, batch):
-        first = s[f"{self.tap}[{self.map.pairs[0][0]}]"] if self.params.skip_cls and self.map.pairs else None
-        mask = query_mask(batch, self.student_info.num_heads, first, self.params.skip_cls)
+        mask = query_mask(batch, self.student_info.num_heads, s, self.student_taps(), self.params.skip_cls)
         return sum(self.distance(s[f"{self.tap}[{a}]"], t[f"{self.tap}[{b}]"], mask) for a, b in self.map.pairs)
 
 
@@ -119,8 +120,7 @@ class ValueRelation(LossTerm):
 
     def forward(self, s, t, batch):
         mask = batch.get("attention_mask")  # padding keys; skip_cls never touches keys
-        first = s[f"values[{self.map.pairs[0][0]}]"] if self.params.skip_cls and self.map.pairs else None
-        rows = query_mask(batch, self.student_info.num_heads, first, self.params.skip_cls)
+        rows = query_mask(batch, self.student_info.num_heads, s, self.student_taps(), self.params.skip_cls)
         total = 0.0
         for a, b in self.map.pairs:
             zs, zt = relation_logits(s[f"values[{a}]"], mask), relation_logits(t[f"values[{b}]"], mask)
@@ -170,9 +170,7 @@ class QKVRelation(LossTerm):
 
     def forward(self, s, t, batch):
         mask = batch.get("attention_mask")  # padding keys; skip_cls never touches keys
-        taps = self.student_taps()
-        first = s[taps[0]] if self.params.skip_cls and taps else None
-        rows = query_mask(batch, self.heads, first, self.params.skip_cls)
+        rows = query_mask(batch, self.heads, s, self.student_taps(), self.params.skip_cls)
         total = 0.0
         for a, b in self.map.pairs:
             for r in self.params.relations:

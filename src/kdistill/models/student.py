@@ -54,9 +54,8 @@ def from_teacher(spec, teacher, where="student.from_teacher", **context):
     n_teacher = layer_count(config)
     layers = choose_layers(spec.layers, spec.num_layers, n_teacher, where)
     path, _ = find_layers(teacher, n_teacher)
-    student_config = copy.deepcopy(config)
-    if spec.hidden_size is not None:
-        student_config = narrow_config(config, spec.hidden_size, spec.intermediate_size, where)
+    student_config = (copy.deepcopy(config) if spec.hidden_size is None else
+                      narrow_config(config, spec.hidden_size, spec.intermediate_size, where))
     student_config.num_hidden_layers = len(layers)
     if isinstance(getattr(student_config, "layer_types", None), list):
         student_config.layer_types = [config.layer_types[i - 1] for i in layers]
