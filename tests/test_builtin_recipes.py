@@ -85,8 +85,11 @@ def shrink(node, base, classifier, causal):
                 shrink(value, base, classifier, causal)
             elif key == "teacher" and isinstance(value, dict):
                 value["model"] = stand_in(str(value.get("model", "")), base, classifier, causal)
-            elif key == "from_teacher" and isinstance(value, dict) and "model" in value:
-                value["model"] = base
+            elif key == "from_teacher" and isinstance(value, dict):
+                if "model" in value:
+                    value["model"] = base
+                if "hidden_size" in value:  # a cut of the 48-wide, 12-head stand-in: half of each head
+                    value.update(hidden_size=24, intermediate_size=48)
             elif key in ("train", "eval") and isinstance(value, (dict, list)) and (
                     "source" in str(value) or "path" in str(value)):
                 for spec in value if isinstance(value, list) else [value]:

@@ -21,7 +21,7 @@ from kdistill.errors import ConfigError
 from kdistill.data import mask_tokens
 from kdistill.data.images import view_seed
 from kdistill.engine.batches import BatchPlan
-from kdistill.engine.build import StageParts
+from kdistill.engine.build import StageParts, spread
 from kdistill.engine.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
 from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
@@ -72,6 +72,9 @@ def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
     for name, param in student.named_parameters():
         if any(fnmatch(name, pattern) for pattern in patterns):
             param.requires_grad_(False)
+
+
+FIT_RECORDS = 256  # thousands of tokens, so a least-squares map over a few hundred features does not memorise them
 
 
 class StageTrainer:
@@ -148,6 +151,30 @@ class StageTrainer:
             return self.teacher_taps(batch), None
         live = self.updater.taps(batch, self.parts.teacher_taps)
         return {k: v.detach() for k, v in live.items()}, live
+
+    @torch.no_grad()
+    def fit_projectors(self) -> None:
+        """Terms with a learned projector fit it on records spread over the training data before step 1:
+        the same records on every process, then rank 0's weights everywhere, so DDP's replicas agree."""
+        terms = [t for t in self.parts.terms if t.fits_projector()]
+        if not terms or self.teacher is None:  # a teacher store holds logits only, no hidden states
+            return
+        records = spread(self.parts.train_records, FIT_RECORDS)  # across the data, not one source's first rows
+        if self.stage.data.image_augment is not None:
+            seed = self.stage.data.image_augment.seed
+            records = [dict(r, view_seed=view_seed(seed, r["id"], 0), epoch=0) for r in records]
+        batch = {k: to_device(v, self.acc.device) for k, v in self.parts.collator(records).items()}
+        self.distiller.eval()
+        with self.acc.autocast():
+            targets = self.teacher_reader(batch, sorted(self.parts.teacher_taps))
+            taps = self.distiller.reader(batch, self.distiller.tap_names)
+        for term in terms:
+            term.fit_projector(taps, targets, batch)
+            if self.acc.num_processes > 1:
+                from accelerate.utils import broadcast
+
+                for param in term.parameters():
+                    param.copy_(broadcast(param.detach().clone(), from_process=0))
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -287,6 +314,8 @@ class StageTrainer:
         with progress:
             task = progress.add_task("train", total=cfg.steps, completed=self.step, stage=self.stage.name, parts="")
             self.logger.console = progress.console if self.show_progress else (self.console if self.acc.is_main_process else None)
+            if self.step == 0:  # not on resume: the checkpoint holds the projector as it had trained
+                self.fit_projectors()
             while self.step < cfg.steps:
                 tick = time.perf_counter()
                 last = self.train_step(self.step)

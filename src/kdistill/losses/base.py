@@ -77,6 +77,14 @@ class LossTerm(nn.Module):
     def load_method_state(self, state: dict) -> None:
         pass
 
+    # Extension point for terms with a learned map between student and teacher features: before the
+    # first step the engine hands them the student's and teacher's taps on the first training batch.
+    def fits_projector(self) -> bool:
+        return False
+
+    def fit_projector(self, s: dict, t: dict, batch: dict) -> None:
+        pass
+
 
 def token_count(batch: dict) -> int:
     if "loss_mask" in batch:  # on-policy batches count the generated positions only
@@ -103,6 +111,21 @@ def make_projector(kind: str, student_width: int, teacher_width: int, where: str
             f"and projector is 'none'; set projector: auto (a learned linear map)"
         )
     return None
+
+
+@torch.no_grad()
+def fit_linear(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> None:
+    """Set `layer` to the ridge least-squares map x -> y (rows are items). The ridge is relative to the
+    features' mean variance, so a batch with fewer items than features still gives a finite map."""
+    x, y = x.double(), y.double()
+    x_mean, y_mean = x.mean(0), y.mean(0)
+    x, y = x - x_mean, y - y_mean
+    gram = x.T @ x
+    gram += torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) * (ridge * gram.diagonal().mean() + 1e-12)
+    weight = torch.linalg.solve(gram, x.T @ y)  # (in, out)
+    layer.weight.copy_(weight.T.to(layer.weight.dtype))
+    if layer.bias is not None:
+        layer.bias.copy_((y_mean - x_mean @ weight).to(layer.bias.dtype))
 
 
 def layer_map(spec, student: ModelInfo, teacher: ModelInfo, where: str) -> LayerMap:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
 from kdistill.models.taps import parse_tap, tap_name
-from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count,
-                                  skip_cls_count, token_mask)
+from kdistill.losses.base import (LossTerm, TermParams, fit_linear, layer_map, make_projector, register_loss,
+                                  sequence_count, skip_cls_count, token_mask)
 
 LayerSpec = Literal["uniform", "last"] | list[tuple[int, int]]
 
@@ -26,6 +27,12 @@ class SkipCLSParams(TermParams):
 class HiddenParams(SkipCLSParams):
     layers: LayerSpec = "uniform"
     projector: Literal["auto", "linear", "none"] = "auto"
+    # A random projector is far from any useful map and moves at the student's learning rate: in a few
+    # hundred steps it never fits, and a narrow student fed gradients through it settles on the teacher's
+    # mean state (docs/results.md). `fit` starts it at the least-squares map on the first batch instead.
+    projector_init: Literal["fit", "random"] = Field(
+        "fit", description="fit: the least-squares map from the student's states to the teacher's on the first "
+        "training batch; random: nn.Linear's default initialisation")
     student_tap: str | None = Field(None, description="compare these two named taps instead of a layer map")
     teacher_tap: str | None = None
     # Centring removes what every token shares, so the distance compares only how tokens differ (a probe
@@ -79,6 +86,21 @@ class _HiddenTerm(LossTerm):
 
     def count(self, batch):
         return skip_cls_count(batch, self.params.skip_cls)
+
+    def fits_projector(self):
+        return self.projector is not None and self.params.projector_init == "fit"
+
+    def fit_projector(self, s, t, batch):
+        """One map for every layer pair (the projector is shared), fitted on the tokens the loss compares."""
+        xs, ys = [], []
+        for a, b in self.pairs:
+            hs, ht = s[a], t[b]
+            if hs.dim() == 3:
+                mask = token_mask(batch, hs, self.params.skip_cls)
+                hs, ht = (hs[mask], ht[mask]) if mask is not None else (hs.flatten(0, 1), ht.flatten(0, 1))
+            xs.append(hs)
+            ys.append(ht)
+        fit_linear(self.projector, torch.cat(xs), torch.cat(ys))
 
     def forward(self, s, t, batch):
         skip = self.params.skip_cls
