@@ -22,7 +22,9 @@ def losses(run_dir):
 @pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
                     reason="accelerate launcher not installed")
 def test_two_processes_match_one(tiny_recipe, tmp_path):
-    tiny_recipe["student"] = {"config": {"num_hidden_layers": 2}}  # a random student: large, clean gradients
+    # a random student (large, clean gradients), narrower than the teacher: hidden_mse fits its projector
+    # on every process and takes rank 0's
+    tiny_recipe["student"] = {"config": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32}}
     tiny_recipe["train"].update(steps=3, batch_size=8)
     one = distill({**tiny_recipe, "output": str(tmp_path / "one")}, progress=False)
 
