@@ -35,6 +35,8 @@ class TeacherConfig(Strict):
     path: str | None = Field(None, description="the teacher store (source: cache), from `kdistill cache-teacher`; "
                              "without it, a store of `model` is built once under $KDISTILL_HOME/stores")
     top_k: int = Field(64, ge=1, description="source: cache without a path: outputs kept per position")
+    sample: int | None = Field(None, ge=1, description="source: cache without a path: keep this many tokens drawn "
+                               "from the teacher per position instead of its top_k (unbiased for forward KL only)")
     update: TeacherUpdate | None = Field(None, description="train the teacher in the loop (ProKT)")
     task: Literal["auto", "embedding", "masked-lm", "causal-lm", "classification", "image-classification"] = "auto"
     trust_remote_code: bool = False
@@ -46,6 +48,9 @@ class TeacherConfig(Strict):
         if self.source == "cache" and (not (self.path or self.model) or self.update):
             raise ValueError("source: cache needs path: (a store from `kdistill cache-teacher`) or model: (a store "
                              "built once, automatically), and no update:")
+        if self.sample is not None and (self.source != "cache" or self.path):
+            raise ValueError("sample: says how the automatic teacher store is built; it needs source: cache and no "
+                             "path: (a store at a path was built as `kdistill cache-teacher --sample N` made it)")
         return self
 
 

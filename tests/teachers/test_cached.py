@@ -98,3 +98,25 @@ def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):
     reverse["losses"] = [{"type": "logit_kd", "temperature": 1.0, "divergence": "reverse_kl"}]
     with pytest.raises(PairingError, match="sampled teacher store"):
         distill(reverse, progress=False)
+
+
+def test_automatic_sampled_store_from_the_recipe(tiny_gpt2_dir, text_file, tmp_path, monkeypatch):
+    """`teacher: {source: cache, sample: N}`: the store a run builds for itself holds draws, not a top k, and
+    lives apart from the top-k store of the same teacher and data."""
+    from kdistill.teachers.store import TeacherStore
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir, "source": "cache", "sample": 8},
+              "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 2, "batch_size": 4},
+              "output": str(tmp_path / "sampled")}
+    distill(recipe, progress=False)
+    top_k = {**recipe, "teacher": {"model": tiny_gpt2_dir, "source": "cache", "top_k": 8},
+             "output": str(tmp_path / "top-k")}
+    distill(top_k, progress=False)
+    stores = sorted((tmp_path / "home" / "stores").iterdir())
+    assert len(stores) == 2
+    assert sorted(TeacherStore.open(s).sampled for s in stores) == [False, True]
+    with pytest.raises(ConfigError, match="sample: says how the automatic teacher store"):
+        load_recipe({**recipe, "teacher": {"model": tiny_gpt2_dir, "sample": 8}})

@@ -188,13 +188,15 @@ def automatic_store(stage, console=None) -> Path:
     teacher_dir = Path(resolve_teacher(stage.teacher.model, console))
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in teacher_dir.glob("*.safetensors"))
     train = stage.data.train if isinstance(stage.data.train, list) else [stage.data.train]
-    spec = json.dumps({"teacher": str(teacher_dir), "weights": weights, "train": [t.model_dump(mode="json") for t in train],
-                       "cut": data_cut(stage, None),
-                       "views": stage.data.image_augment.model_dump(mode="json") if stage.data.image_augment else None,
-                       "image_size": stage.data.image_size, "steps": stage.train.steps * stage.train.batch_size,
-                       "k": stage.teacher.top_k, "temperature": kd_temperature(stage), "task": stage.teacher.task,
-                       "format": STORE_VERSION},
-                      sort_keys=True)
+    spec = {"teacher": str(teacher_dir), "weights": weights, "train": [t.model_dump(mode="json") for t in train],
+            "cut": data_cut(stage, None),
+            "views": stage.data.image_augment.model_dump(mode="json") if stage.data.image_augment else None,
+            "image_size": stage.data.image_size, "steps": stage.train.steps * stage.train.batch_size,
+            "k": stage.teacher.top_k, "temperature": kd_temperature(stage), "task": stage.teacher.task,
+            "format": STORE_VERSION}
+    if stage.teacher.sample is not None:  # only then: the top-k stores built before the field keep their names
+        spec["sample"] = stage.teacher.sample
+    spec = json.dumps(spec, sort_keys=True)
     name = str(stage.teacher.model).replace(":", "-").replace("/", "-")[-40:]
     out = kdistill_home() / "stores" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
     if not (out / "manifest.json").exists():
@@ -202,7 +204,7 @@ def automatic_store(stage, console=None) -> Path:
             console.print(f"building the teacher store {out} (once; later runs reuse it)")
         live = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"source": "live"})})
         start = time.perf_counter()
-        cache_stage(live, out, k=stage.teacher.top_k, console=console)
+        cache_stage(live, out, k=stage.teacher.top_k, console=console, sample=stage.teacher.sample)
         if console is not None:
             console.print(f"teacher store built in {time.perf_counter() - start:.0f} s")
     return out
