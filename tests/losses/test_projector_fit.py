@@ -5,7 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kdistill.losses.base import fit_linear
+from kdistill.losses.base import LeastSquares, fit_linear
 from kdistill.losses.features import HiddenMSE, HiddenMSEParams
 from kdistill.models.arch import ModelInfo
 
@@ -40,6 +40,19 @@ def test_fit_linear_is_ridge_regression():
     np.testing.assert_allclose(layer.bias.detach().numpy(), y.mean(0) - x.mean(0) @ w, atol=1e-5)
 
 
+def test_running_sums_over_batches_equal_one_fit():
+    gen = torch.Generator().manual_seed(2)
+    x, y = torch.randn(300, 5, generator=gen) * 3 + 1, torch.randn(300, 2, generator=gen)
+    whole, parts = nn.Linear(5, 2), nn.Linear(5, 2)
+    fit_linear(whole, x, y, ridge=0.01)
+    sums = LeastSquares()
+    for start in range(0, 300, 64):
+        sums.add(x[start:start + 64], y[start:start + 64])
+    sums.solve_into(parts, ridge=0.01)
+    torch.testing.assert_close(parts.weight, whole.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(parts.bias, whole.bias, atol=1e-6, rtol=0)
+
+
 def test_hidden_term_fits_one_map_over_its_pairs_and_real_tokens():
     torch.manual_seed(0)
     term = HiddenMSE(HiddenMSEParams(layers=[(1, 1), (2, 2)]), info(4), info(6))
@@ -52,7 +65,7 @@ def test_hidden_term_fits_one_map_over_its_pairs_and_real_tokens():
         t[k][0, 3:] = 100.0  # padding: must not enter the fit
     batch = {"attention_mask": mask, "input_ids": torch.zeros(8, 20, dtype=torch.long)}
     assert term.fits_projector()
-    term.fit_projector(s, t, batch)
+    fit_linear(term.projector, *term.projector_rows(s, t, batch))
     torch.testing.assert_close(term.projector.weight, a.T, atol=1e-2, rtol=0)  # the ridge shrinks it a little
     assert float(term(s, t, batch).detach()) < 1e-3
 

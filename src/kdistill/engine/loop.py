@@ -27,6 +27,7 @@ from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
 from kdistill.engine.on_policy import OnPolicy
 from kdistill.engine.schedule import make_adamw, make_scheduler
+from kdistill.losses.base import LeastSquares
 from kdistill.engine.teacher_update import TeacherUpdater
 from kdistill.models.taps import TapReader
 from kdistill.teachers.cached import SparseLogits, sparse_batch
@@ -163,13 +164,19 @@ class StageTrainer:
         if self.stage.data.image_augment is not None:
             seed = self.stage.data.image_augment.seed
             records = [dict(r, view_seed=view_seed(seed, r["id"], 0), epoch=0) for r in records]
-        batch = {k: to_device(v, self.acc.device) for k, v in self.parts.collator(records).items()}
+        sums = [LeastSquares() for _ in terms]
         self.distiller.eval()
-        with self.acc.autocast():
-            targets = self.teacher_reader(batch, sorted(self.parts.teacher_taps))
-            taps = self.distiller.reader(batch, self.distiller.tap_names)
-        for term in terms:
-            term.fit_projector(taps, targets, batch)
+        self.teacher.eval()
+        for start in range(0, len(records), self.cfg.batch_size):
+            batch = {k: to_device(v, self.acc.device)
+                     for k, v in self.parts.collator(records[start:start + self.cfg.batch_size]).items()}
+            with self.acc.autocast():
+                targets = self.teacher_reader(batch, sorted(self.parts.teacher_taps))
+                taps = self.distiller.reader(batch, self.distiller.tap_names)
+            for term, total in zip(terms, sums):
+                total.add(*term.projector_rows(taps, targets, batch))
+        for term, total in zip(terms, sums):
+            total.solve_into(term.projector)
             if self.acc.num_processes > 1:
                 from accelerate.utils import broadcast
 

@@ -77,13 +77,14 @@ class LossTerm(nn.Module):
     def load_method_state(self, state: dict) -> None:
         pass
 
-    # Extension point for terms with a learned map between student and teacher features: before the
-    # first step the engine hands them the student's and teacher's taps on the first training batch.
+    # Extension point for terms with a learned map between student and teacher features (`self.projector`):
+    # before the first step the engine collects the rows they return over a few batches and sets the
+    # projector to the least-squares map between them.
     def fits_projector(self) -> bool:
         return False
 
-    def fit_projector(self, s: dict, t: dict, batch: dict) -> None:
-        pass
+    def projector_rows(self, s: dict, t: dict, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
 
 
 def token_count(batch: dict) -> int:
@@ -113,19 +114,40 @@ def make_projector(kind: str, student_width: int, teacher_width: int, where: str
     return None
 
 
-@torch.no_grad()
+class LeastSquares:
+    """Running sums for the ridge least-squares map x -> y (rows are items), so a fit can see many batches
+    in memory that does not grow with them (an LLM's 256 × 2,048 tokens would not fit as rows)."""
+
+    def __init__(self):
+        self.n, self.sx, self.sy, self.xx, self.xy = 0, 0.0, 0.0, 0.0, 0.0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.double(), y.double()
+        self.n += x.shape[0]
+        self.sx, self.sy = self.sx + x.sum(0), self.sy + y.sum(0)
+        self.xx, self.xy = self.xx + x.T @ x, self.xy + x.T @ y
+
+    @torch.no_grad()
+    def solve_into(self, layer: nn.Linear, ridge: float = 1e-3) -> None:
+        """The ridge is relative to the features' mean variance, so fewer items than features still give
+        a finite map."""
+        x_mean, y_mean = self.sx / self.n, self.sy / self.n
+        gram = self.xx - self.n * torch.outer(x_mean, x_mean)  # the centred sums
+        cross = self.xy - self.n * torch.outer(x_mean, y_mean)
+        gram = gram + torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) * (
+            ridge * gram.diagonal().mean() + 1e-12)
+        weight = torch.linalg.solve(gram, cross)  # (in, out)
+        layer.weight.copy_(weight.T.to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_((y_mean - x_mean @ weight).to(layer.bias.dtype))
+
+
 def fit_linear(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> None:
-    """Set `layer` to the ridge least-squares map x -> y (rows are items). The ridge is relative to the
-    features' mean variance, so a batch with fewer items than features still gives a finite map."""
-    x, y = x.double(), y.double()
-    x_mean, y_mean = x.mean(0), y.mean(0)
-    x, y = x - x_mean, y - y_mean
-    gram = x.T @ x
-    gram += torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device) * (ridge * gram.diagonal().mean() + 1e-12)
-    weight = torch.linalg.solve(gram, x.T @ y)  # (in, out)
-    layer.weight.copy_(weight.T.to(layer.weight.dtype))
-    if layer.bias is not None:
-        layer.bias.copy_((y_mean - x_mean @ weight).to(layer.bias.dtype))
+    """Set `layer` to the ridge least-squares map x -> y over the rows given."""
+    sums = LeastSquares()
+    sums.add(x, y)
+    sums.solve_into(layer, ridge)
 
 
 def layer_map(spec, student: ModelInfo, teacher: ModelInfo, where: str) -> LayerMap:

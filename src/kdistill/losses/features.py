@@ -9,8 +9,8 @@ from pydantic import Field
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
 from kdistill.models.taps import parse_tap, tap_name
-from kdistill.losses.base import (LossTerm, TermParams, fit_linear, layer_map, make_projector, register_loss,
-                                  sequence_count, skip_cls_count, token_mask)
+from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count,
+                                  skip_cls_count, token_mask)
 
 LayerSpec = Literal["uniform", "last"] | list[tuple[int, int]]
 
@@ -90,7 +90,7 @@ class _HiddenTerm(LossTerm):
     def fits_projector(self):
         return self.projector is not None and self.params.projector_init == "fit"
 
-    def fit_projector(self, s, t, batch):
+    def projector_rows(self, s, t, batch):
         """One map for every layer pair (the projector is shared), fitted on the tokens the loss compares."""
         xs, ys = [], []
         for a, b in self.pairs:
@@ -100,7 +100,7 @@ class _HiddenTerm(LossTerm):
                 hs, ht = (hs[mask], ht[mask]) if mask is not None else (hs.flatten(0, 1), ht.flatten(0, 1))
             xs.append(hs)
             ys.append(ht)
-        fit_linear(self.projector, torch.cat(xs), torch.cat(ys))
+        return torch.cat(xs), torch.cat(ys)
 
     def forward(self, s, t, batch):
         skip = self.params.skip_cls
