@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,7 +160,8 @@ def test_a_killed_run_resumes_at_the_right_round_without_asking_the_teacher_agai
     with pytest.raises(Exception, match="already holds Lion rounds"):
         run(stage, out, StubTeacher(), StubWriter())
     again, writer = StubTeacher(), StubWriter()
-    run(stage, out, again, writer, resume=True)
+    monkeypatch.chdir(tmp_path)  # resumed through a relative spelling of the folder an absolute one started
+    run(stage, Path("killed"), again, writer, resume=True)
     assert again.asked == 4  # only round 3's new instructions: rounds 1 and 2 were answered before the kill
     assert len(writer.calls) == 1  # round 1's instructions were written before the kill, round 2's now
     summary = json.loads((root / "summary.json").read_text())

@@ -72,8 +72,9 @@ class Lion:
 
     def __init__(self, stage, root: str | Path, run_dir: str | Path, *, previous_student: str | None = None,
                  accelerator=None, prefix: str = "", console=None, progress: bool = True, answerer=None,
-                 referee=None, writer=None):
+                 referee=None, writer=None, declared=None):
         self.stage, self.cfg, self.prefix = stage, stage.lion, prefix
+        self.declared = declared or stage  # as the recipe wrote it: its `stage:` references not yet paths
         self.root, self.run_dir = Path(root), Path(run_dir)
         self.previous_student, self.accelerator = previous_student, accelerator
         self.console, self.show_progress = console, progress
@@ -237,8 +238,16 @@ class Lion:
                             f"{self.round_dir(r) / ANSWERS}: delete it to ask again")
         return rows
 
-    def imitate(self, r: int, rows: list[dict]) -> Path:
+    @staticmethod
+    def round_stage(stage, r: int, imitation: Path):
+        """Round r's training stage: the Lion stage on that round's imitation data, continuing the last student."""
         from kdistill.config import DataSource
+
+        data = stage.data.model_copy(update={"train": DataSource(path=str(imitation))})
+        return stage.model_copy(update={"name": f"{stage.name}-round-{r:02d}", "lion": None, "data": data,
+                                        "student": stage.student if r == 1 else None})
+
+    def imitate(self, r: int, rows: list[dict]) -> Path:
         from kdistill.engine.build import build_stage
         from kdistill.engine.export import is_complete, save_student
         from kdistill.engine.loop import StageTrainer
@@ -249,16 +258,19 @@ class Lion:
         if is_complete(target):
             return target
         write_atomic(folder / IMITATION, jsonl(rows))
-        stage = self.stage
-        data = stage.data.model_copy(update={"train": DataSource(path=str(folder / IMITATION))})
-        stage = stage.model_copy(update={"name": f"{stage.name}-round-{r:02d}", "lion": None, "data": data,
-                                         "student": stage.student if r == 1 else None})
+        stage = self.round_stage(self.stage, r, folder / IMITATION)
+        # checkpoints are bound to the round as written, its data under the run folder however that is spelt
+        imitation = folder / IMITATION
+        if imitation.is_relative_to(self.run_dir):
+            imitation = imitation.relative_to(self.run_dir)
+        declared = self.round_stage(self.declared, r, imitation)
         previous = self.previous_student if r == 1 else str(self.round_dir(r - 1) / STUDENT)
         parts = build_stage(stage, previous, self.prefix, self.console)
         if r == 1 and self.eval_records() and not (self.round_dir(0) / EVAL).exists():
             self.write_eval(0, parts.student, parts.tokenizer)
         accelerator = self.accelerator or make_accelerator(stage.train.precision)
-        trainer = StageTrainer(parts, stage, self.run_dir, accelerator, console=self.console, progress=self.show_progress)
+        trainer = StageTrainer(parts, stage, self.run_dir, accelerator, console=self.console, progress=self.show_progress,
+                               declared=declared)
         if trainer.resume() and self.console is not None:
             self.console.print(f"resuming lion round {r} imitation at step {trainer.step}")
         result = trainer.fit()

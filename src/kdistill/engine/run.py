@@ -168,10 +168,11 @@ def run_lion_stage(stage, index: int, recipe: Recipe, out: Path, resume: bool, p
     if accelerator.num_processes > 1:
         raise ConfigError(f"{prefix}lion: Lion's rounds run in one process (they generate and judge between "
                           "trainings); run this recipe without a multi-process launcher")
+    declared = stage
     stage = with_lion_teacher(with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix), out, recipe)
     last = run_lion(stage, synthesis_dir(out, stage), out, resume=resume, accelerator=accelerator, prefix=prefix,
                     previous_student=None if (stage.student is not None and index > 0) else previous,
-                    console=console, progress=progress)
+                    console=console, progress=progress, declared=declared)
     target = stage_student_dir(out, recipe, index)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
