@@ -27,8 +27,8 @@ from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
 from kdistill.engine.on_policy import OnPolicy
 from kdistill.engine.schedule import make_adamw, make_scheduler
-from kdistill.losses.base import LeastSquares
 from kdistill.engine.teacher_update import TeacherUpdater
+from kdistill.losses.base import LeastSquares
 from kdistill.models.taps import TapReader
 from kdistill.teachers.cached import SparseLogits, sparse_batch
 
@@ -117,10 +117,7 @@ class StageTrainer:
 
     # ---- batches -------------------------------------------------------------------------------
     def collate(self, indices: list[int], step: int, micro: int, epochs: list[int] | None = None) -> dict:
-        records = [self.parts.train_records[i] for i in indices]
-        if self.stage.data.image_augment is not None:  # each image's view of this epoch, replayable from its seed
-            seed = self.stage.data.image_augment.seed
-            records = [dict(r, view_seed=view_seed(seed, r["id"], e), epoch=e) for r, e in zip(records, epochs)]
+        records = self.views([self.parts.train_records[i] for i in indices], epochs)
         rank = self.acc.process_index
         if self.on_policy is not None and self.on_policy.wants(step, micro, rank):
             student = self.acc.unwrap_model(self.model).student
@@ -136,6 +133,13 @@ class StageTrainer:
             batch["input_ids"], batch["mlm_labels"] = mask_tokens(
                 batch["input_ids"], batch["attention_mask"], self.parts.tokenizer, self.cfg.mlm_probability, gen)
         return {k: to_device(v, self.acc.device) for k, v in batch.items()}
+
+    def views(self, records: list[dict], epochs: list[int]) -> list[dict]:
+        """Each image's view of its epoch, replayable from its seed; text records as they are."""
+        if self.stage.data.image_augment is None:
+            return records
+        seed = self.stage.data.image_augment.seed
+        return [dict(r, view_seed=view_seed(seed, r["id"], e), epoch=e) for r, e in zip(records, epochs)]
 
     def teacher_taps(self, batch: dict) -> dict:
         if not self.needs_teacher:
@@ -161,17 +165,14 @@ class StageTrainer:
         if not terms or self.teacher is None:  # a teacher store holds logits only, no hidden states
             return
         records = spread(self.parts.train_records, FIT_RECORDS)  # across the data, not one source's first rows
-        if self.stage.data.image_augment is not None:
-            seed = self.stage.data.image_augment.seed
-            records = [dict(r, view_seed=view_seed(seed, r["id"], 0), epoch=0) for r in records]
+        records = self.views(records, [0] * len(records))
         sums = [LeastSquares() for _ in terms]
         self.distiller.eval()
-        self.teacher.eval()
         for start in range(0, len(records), self.cfg.batch_size):
             batch = {k: to_device(v, self.acc.device)
                      for k, v in self.parts.collator(records[start:start + self.cfg.batch_size]).items()}
+            targets = self.teacher_taps(batch)
             with self.acc.autocast():
-                targets = self.teacher_reader(batch, sorted(self.parts.teacher_taps))
                 taps = self.distiller.reader(batch, self.distiller.tap_names)
             for term, total in zip(terms, sums):
                 total.add(*term.projector_rows(taps, targets, batch))

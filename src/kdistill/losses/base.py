@@ -143,13 +143,6 @@ class LeastSquares:
             layer.bias.copy_((y_mean - x_mean @ weight).to(layer.bias.dtype))
 
 
-def fit_linear(layer: nn.Linear, x: torch.Tensor, y: torch.Tensor, ridge: float = 1e-3) -> None:
-    """Set `layer` to the ridge least-squares map x -> y over the rows given."""
-    sums = LeastSquares()
-    sums.add(x, y)
-    sums.solve_into(layer, ridge)
-
-
 def layer_map(spec, student: ModelInfo, teacher: ModelInfo, where: str) -> LayerMap:
     return LayerMap.resolve(spec, student.num_layers, teacher.num_layers, f"{where}.layers")
 
