@@ -38,21 +38,17 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from kdistill.api.synthesize import jsonl, prompt_seed, read_prompt_records, render, write_atomic
+from kdistill.api.lion_eval import HeldOutScore
+from kdistill.api.synthesize import jsonl, prompt_seed, read_prompt_records, render, write_atomic, write_json
 from kdistill.errors import CheckpointError, DataError
 
 POOL, ANSWERS, IMITATION, STUDENT = "pool.jsonl", "answers.jsonl", "imitation.jsonl", "student"
 STUDENT_ANSWERS, JUDGEMENTS, NEW, NEW_FAILURES = "student_answers.jsonl", "judgements.jsonl", "new.jsonl", "new_failures.jsonl"
-EVAL, DONE, SUMMARY, API_CACHE = "eval.json", "done.json", "summary.json", "teacher.sqlite"
+DONE, SUMMARY, API_CACHE = "done.json", "summary.json", "teacher.sqlite"
 
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def write_json(path: Path, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(value, indent=2, ensure_ascii=False))
 
 
 def round_seed(seed: int, r: int, what: str) -> int:
@@ -82,6 +78,7 @@ class Lion:
         self.owned = {name for name, part in self.parts.items() if part is None}  # injected ones are the caller's
         self.checked = False
         self.where = f"{prefix}lion"
+        self.held_out = HeldOutScore(self.cfg, f"{self.where}.eval", self.round_dir)
 
     # ---- the three roles -----------------------------------------------------------------------
 
@@ -124,10 +121,9 @@ class Lion:
         try:
             for r in range(1, self.cfg.rounds + 1):
                 summaries.append(self.round(r))
-                before = self.round_dir(0) / EVAL
                 write_json(self.root / SUMMARY, {
                     "complete": r == self.cfg.rounds, "rounds_done": r, "rounds": summaries,
-                    "eval_before": json.loads(before.read_text())["rouge_l"] if before.exists() else None,
+                    "eval_before": self.held_out.written(0),
                     "teacher_answers": summaries[-1]["teacher_answers_total"]})
         finally:
             self.close()
@@ -145,7 +141,7 @@ class Lion:
         answers = {row["id"]: row for q in range(1, r + 1) for row in read_jsonl(self.round_dir(q) / ANSWERS)}
         rows = self.imitation_rows(r, new, answers)
         student = self.imitate(r, rows)
-        score = self.evaluate(r, student)
+        score = self.held_out.after(r, student)
         judged, written, failed = [], [], []
         if r < self.cfg.rounds:
             judged = self.discriminate(r, student, pool, answers)
@@ -257,17 +253,17 @@ class Lion:
         target = folder / STUDENT
         if is_complete(target):
             return target
-        write_atomic(folder / IMITATION, jsonl(rows))
-        stage = self.round_stage(self.stage, r, folder / IMITATION)
-        # checkpoints are bound to the round as written, its data under the run folder however that is spelt
         imitation = folder / IMITATION
+        write_atomic(imitation, jsonl(rows))
+        stage = self.round_stage(self.stage, r, imitation)
+        # checkpoints are bound to the round as written, its data under the run folder however that is spelt
         if imitation.is_relative_to(self.run_dir):
             imitation = imitation.relative_to(self.run_dir)
         declared = self.round_stage(self.declared, r, imitation)
         previous = self.previous_student if r == 1 else str(self.round_dir(r - 1) / STUDENT)
         parts = build_stage(stage, previous, self.prefix, self.console)
-        if r == 1 and self.eval_records() and not (self.round_dir(0) / EVAL).exists():
-            self.write_eval(0, parts.student, parts.tokenizer)
+        if r == 1 and self.held_out.records() and self.held_out.written(0) is None:
+            self.held_out.write(0, parts.student, parts.tokenizer)
         accelerator = self.accelerator or make_accelerator(stage.train.precision)
         trainer = StageTrainer(parts, stage, self.run_dir, accelerator, console=self.console, progress=self.show_progress,
                                declared=declared)
@@ -281,34 +277,6 @@ class Lion:
         save_student(accelerator.unwrap_model(trainer.model).student, parts.tokenizer, target,
                      teacher_dir=parts.teacher_dir, metadata=metadata)
         return target
-
-    # ---- held-out score ------------------------------------------------------------------------
-
-    def eval_records(self) -> list[dict]:
-        if not hasattr(self, "_eval"):
-            self._eval = held_out_records(self.cfg, f"{self.where}.eval")
-        return self._eval
-
-    def write_eval(self, r: int, model, tokenizer) -> float:
-        from kdistill.eval.generation import definition_scores
-
-        records = self.eval_records()
-        result = definition_scores(model, tokenizer, records, limit=len(records),
-                                   max_new_tokens=self.cfg.answers.max_new_tokens)
-        write_json(self.round_dir(r) / EVAL, {"round": r, "rouge_l": result["rouge_l"], "prompts": len(records),
-                                              "examples": result["examples"]})
-        return result["rouge_l"]
-
-    def evaluate(self, r: int, student: Path) -> float | None:
-        path = self.round_dir(r) / EVAL
-        if path.exists():
-            return json.loads(path.read_text())["rouge_l"]
-        if not self.eval_records():
-            return None
-        from kdistill.models.loading import load_model
-
-        loaded = load_model(str(student), "causal-lm")
-        return self.write_eval(r, loaded.model, loaded.tokenizer)
 
     # ---- 2. discrimination ---------------------------------------------------------------------
 
@@ -376,20 +344,6 @@ def progress_bar(console, enabled: bool, description: str, total: int):
                         console=console, disable=not enabled)
     with progress:
         yield progress, progress.add_task(description, total=total)
-
-
-def held_out_records(cfg, where: str = "lion.eval") -> list[dict]:
-    """`eval_limit` records of `lion.eval`, spread through it (corpora are ordered: nouns before verbs)."""
-    from kdistill.engine.build import spread
-
-    if cfg.eval is None:
-        return []
-    records = spread(read_prompt_records(cfg.eval, where), cfg.eval_limit)
-    bad = [r for r in records if not isinstance(r.get("prompt"), str) or not isinstance(r.get("reference"), str)]
-    if bad:
-        raise DataError(f"{where}: records need a `prompt` and a `reference` (the expected answer), e.g. "
-                        f"{{source: wordnet-definitions, split: dev}}; one has {', '.join(sorted(map(str, bad[0])))}")
-    return records
 
 
 def usable(answer: dict | None) -> bool:

@@ -32,7 +32,7 @@ def variant_recipe(name: str, seed: int, output: Path, cache: Path, overrides=()
 
 def teacher_score(recipe: Recipe) -> float:
     """The teacher's own ROUGE-L on the eval prompts the students are scored on (a local teacher)."""
-    from kdistill.api.lion import held_out_records
+    from kdistill.api.lion_eval import held_out_records
     from kdistill.eval.generation import definition_scores
     from kdistill.models.loading import load_model
     from kdistill.teachers.recipe_runs import resolve_teacher
