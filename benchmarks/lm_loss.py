@@ -5,7 +5,10 @@ generalised JSD at β and backpropagates to the student's hidden states and head
   plain    logits = h @ Wᵀ for both models, then kdistill.losses.functional.generalized_jsd
   trl      the same logits, then TRL's GKDTrainer.generalized_jsd_loss (reduction="batchmean" / L)
   chunked  kdistill.losses.chunked.chunked_divergence on (h, W) directly, its default chunk (or --chunk
-           tokens at a time)
+           tokens at a time); on CUDA its rows run in Triton (kdistill.losses.triton_rows), and
+  chunked-torch  the same with the torch kernels, so the table shows what the fused rows add
+--matmul-precision high lets every method's float32 matmuls use TF32 (torch.set_float32_matmul_precision);
+the default, highest, keeps them exact float32.
 On the CPU each case runs in its own subprocess; "extra peak memory" is that process's peak RSS minus
 its RSS after the imports and the inputs, so neither is counted (it does include the gradients, which every
 method returns: grads_mib in the JSON). "seconds" is the best wall time of --repeats steps after a
@@ -72,8 +75,9 @@ def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, ch
 
     def step():
         h_s.grad = w_s.grad = None
-        if method == "chunked":
-            loss = chunked_divergence(h_s, w_s, h_t, w_t, divergence="generalized_jsd", beta=beta, chunk_size=chunk)
+        if method.startswith("chunked"):
+            loss = chunked_divergence(h_s, w_s, h_t, w_t, divergence="generalized_jsd", beta=beta, chunk_size=chunk,
+                                      kernels="torch" if method == "chunked-torch" else "auto")
         else:
             zs = h_s @ w_s.T
             with torch.no_grad():
@@ -118,6 +122,14 @@ def in_subprocess(*args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def has_triton(device: str) -> bool:
+    import torch
+
+    from kdistill.losses import triton_rows
+
+    return device != "cpu" and triton_rows.available(torch.device(device))
+
+
 def has_trl() -> bool:
     import importlib.util
 
@@ -132,8 +144,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--chunk", type=int, default=None, help="tokens per chunk (default: chunked_divergence's own)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda: the cases then run in this process")
+    parser.add_argument("--matmul-precision", default="highest", choices=["highest", "high"],
+                        help="high: float32 matmuls may use TF32 (every method alike)")
     parser.add_argument("--case", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import torch
+
+    torch.set_float32_matmul_precision(args.matmul_precision)
     if args.case:
         method, vocab, length, beta, repeats, chunk = args.case
         chunk = None if chunk == "auto" else int(chunk)
@@ -143,7 +160,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    methods = ["plain", "chunked"] + (["trl"] if has_trl() else [])
+    methods = ["plain", "chunked"] + (["chunked-torch"] if has_triton(args.device) else []) + (["trl"] if has_trl() else [])
     load_before = os.getloadavg()
     rows = []
     for vocab in args.vocab:
@@ -169,7 +186,9 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
 
-    table = Table(title=f"generalised JSD on {args.device}, forward + backward, fp32, batch 1 (seconds / extra peak MiB)")
+    precision = "fp32" if args.matmul_precision == "highest" else "fp32, TF32 matmuls"
+    table = Table(title=f"generalised JSD on {args.device}, forward + backward, {precision}, batch 1 "
+                        "(seconds / extra peak MiB)")
     for col in ["vocab", "length", "β", *methods, "chunked vs trl"]:
         table.add_column(col, justify="right")
     for row in rows:
@@ -185,10 +204,10 @@ def main() -> None:
             cells.append("")
         table.add_row(*cells)
     Console().print(table)
-    save(rows, args.chunk, load_before, args.device)
+    save(rows, args.chunk, load_before, args.device, args.matmul_precision)
 
 
-def save(rows: list, chunk: int | None, load_before: tuple, device: str) -> None:
+def save(rows: list, chunk: int | None, load_before: tuple, device: str, precision: str) -> None:
     """Record this run in results/lm_loss.json beside the other commands' runs."""
     import torch
 
@@ -198,7 +217,7 @@ def save(rows: list, chunk: int | None, load_before: tuple, device: str) -> None
     command = " ".join([f"BENCH_THREADS={threads}"] * bool(threads) + ["python benchmarks/lm_loss.py", *sys.argv[1:]])
     previous = json.loads(out.read_text()).get("runs", []) if out.exists() else []
     run = {"command": command.strip(), "chunk": chunk or "auto", "created": time.strftime("%Y-%m-%d %H:%M"),
-           "threads": int(threads or torch.get_num_threads()),
+           "threads": int(threads or torch.get_num_threads()), "matmul_precision": precision,
            # other jobs on the machine slow every method, the many small ops of a chunked pass most
            "load_avg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
            "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kdistill.losses import functional
+from kdistill.losses import functional, triton_rows
 from kdistill.losses.chunk_kernels import kernel_for
 
 Tensor = torch.Tensor
@@ -103,8 +103,10 @@ def _head(weight: Tensor, bias: Tensor | None, vocab: int) -> tuple[Tensor, Tens
     return weight[:vocab], None if bias is None else bias[:vocab]
 
 
-def _log_probs_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, temperature: float) -> Tensor:
-    """out ← log_softmax((h·wᵀ + b)/τ) in float32, without a temporary when everything is float32."""
+def _log_probs_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, temperature: float,
+                    normalise: bool = True) -> Tensor:
+    """out ← log_softmax((h·wᵀ + b)/τ) in float32, without a temporary when everything is float32
+    (only (h·wᵀ + b)/τ when not ``normalise``: the Triton kernels normalise as they read)."""
     if h.dtype == w.dtype == out.dtype and (b is None or b.dtype == out.dtype):
         # beta=0 ignores out's old contents (NaN included); τ folds into the matmul's scaling
         torch.addmm(out if b is None else b, h, w.T, beta=0.0 if b is None else 1.0 / temperature,
@@ -113,7 +115,27 @@ def _log_probs_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, tempera
         out.copy_(F.linear(h, w, b))
         if temperature != 1:
             out.div_(temperature)
-    return torch.log_softmax(out, -1, out=out)
+    return torch.log_softmax(out, -1, out=out) if normalise else out
+
+
+KERNELS = ("auto", "torch", "triton")
+"""Values of :func:`chunked_divergence`'s ``kernels``: "auto" takes Triton's fused rows where they exist
+(a CUDA device with Triton) and the torch kernels elsewhere."""
+
+
+def pick_kernel(divergence: str, beta: float, alpha: float, device: torch.device, kernels: str = "auto"):
+    """(rows function, scratch buffers, whether it wants log-probabilities), or None for a constant zero."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels != "torch" and triton_rows.available(device):
+        rows = triton_rows.rows_for(divergence, beta)
+        if rows is not None:
+            return rows, 0, False
+    if kernels == "triton":
+        raise ValueError(f"no Triton kernel for {divergence!r} on {device}: Triton's rows cover "
+                         f"{', '.join(triton_rows.MODES)} on CUDA (kernels='auto' falls back to torch's)")
+    torch_kernel = kernel_for(divergence, beta, alpha)
+    return None if torch_kernel is None else (*torch_kernel, True)
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -164,7 +186,7 @@ class _ChunkedDivergence(torch.autograd.Function):
 def _fused_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperature, vocab,
                 chunk_size, kernel, grads) -> Tensor:
     """Σ of the per-row divergences / count, adding each chunk's gradient to ``grads`` on the way."""
-    rows_fn, n_scratch = kernel
+    rows_fn, n_scratch, normalise = kernel
     grad_h, grad_w, grad_b = grads
     w, b = _head(weight, bias, vocab)
     t_w, t_b = _head(t_weight, t_bias, vocab)
@@ -179,8 +201,8 @@ def _fused_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperat
     for start, stop, part in _chunks(rows, count, chunk_size):
         n = stop - start
         h = _take(hidden, part)
-        _log_probs_into(lq[:n], h, w, b, temperature)
-        _log_probs_into(lp[:n], _take(t_hidden, part), t_w, t_b, temperature)
+        _log_probs_into(lq[:n], h, w, b, temperature, normalise)
+        _log_probs_into(lp[:n], _take(t_hidden, part), t_w, t_b, temperature, normalise)
         total += rows_fn(lq[:n], lp[:n], *(s[:n] for s in scratch)).sum()
         g = lq[:n] if w.dtype == torch.float32 else lq[:n].to(w.dtype)  # ∂ℓ/∂s per row
         if grad_h is not None:
@@ -236,7 +258,8 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
                        teacher_weight: Tensor, *, divergence: str = "kl", beta: float = 0.5,
                        alpha: float = 0.1, temperature: float = 1.0, mask: Tensor | None = None,
                        chunk_size: int | None = None, student_bias: Tensor | None = None,
-                       teacher_bias: Tensor | None = None, vocab_size: int | None = None) -> Tensor:
+                       teacher_bias: Tensor | None = None, vocab_size: int | None = None,
+                       kernels: str = "auto") -> Tensor:
     """``functional.<divergence>`` of the two LM heads' logits, without materialising them.
 
     Equal (values and gradients) to ``f(student_hidden @ student_weight.T + student_bias,
@@ -252,7 +275,8 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
 
     Only the student gets gradients; the teacher side is computed without a graph. The graph
     this returns cannot be differentiated twice, nor backpropagated twice. ``vocab_size`` is the
-    tokenizer's real size, needed when the two heads are padded to different sizes.
+    tokenizer's real size, needed when the two heads are padded to different sizes. ``kernels`` picks
+    the per-chunk divergence code (:data:`KERNELS`); every choice gives the same values.
     """
     fn = functional.divergence_fn(divergence, beta=beta, alpha=alpha, valid=CHUNKED_DIVERGENCES)
     if temperature <= 0:
@@ -282,5 +306,6 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
     t_weight = teacher_weight.detach()
     t_bias = None if teacher_bias is None else teacher_bias.detach()
     return _ChunkedDivergence.apply(hidden, student_weight, student_bias, t_hidden, t_weight, t_bias,
-                                    rows, fn, kernel_for(divergence, beta, alpha), temperature, vocab,
+                                    rows, fn, pick_kernel(divergence, beta, alpha, hidden.device, kernels),
+                                    temperature, vocab,
                                     chunk_size)
