@@ -5,11 +5,12 @@ All runs use one recipe (default `lm-kd`) and the same seed; the store is built 
 `kdistill cache-teacher` and training reads it instead of running the teacher.
 
     python benchmarks/teacher_store.py [--recipe lm-kd] [--k 8 32 64] [--steps 400] [--train-limit 16000]
-                                       [--no-next-token] [--sample 64]
+                                       [--no-next-token] [--sample 64] [--sample-head 32]
 
 The stores keep each position's next token beside the top k, as `kdistill cache-teacher` does for a
 causal LM; `--no-next-token` measures plain top-k stores. `--sample N` adds a store of N tokens drawn
-from the teacher per position (a second teacher pass).
+from the teacher per position (a second teacher pass); with `--sample-head H` those stores also keep the
+teacher's H most likely tokens exactly and draw from the rest (`--sample 32 --sample-head 32`: 64 columns).
 
 The teacher runs once, for the largest k; the smaller stores are cut from that one (`narrow_store`: the same
 store as a pass at that k). `--train-limit N` keeps the first N records of each training source for every run (and so for every store):
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--next-token", action=argparse.BooleanOptionalAction, default=True,
                         help="keep each position's next token in the store (default, as cache-teacher does)")
     parser.add_argument("--sample", type=int, nargs="*", default=[], help="also stores of N sampled tokens")
+    parser.add_argument("--sample-head", type=int, default=0, help="the sampled stores keep the top H exactly too")
     args = parser.parse_args()
 
     from rich.console import Console
@@ -105,8 +107,11 @@ def main() -> None:
         from_store(f"store k={k}", store, time.perf_counter() - start, root / f"from-store-k{k}", k == widest)
     for draws in args.sample:
         start = time.perf_counter()
-        store = cache_teacher(load_recipe(variant()), sample=draws, out=str(root / f"store-sampled{draws}"))
-        from_store(f"sampled {draws}", store, time.perf_counter() - start, root / f"from-sampled{draws}", True)
+        name = f"top {args.sample_head} + {draws} sampled" if args.sample_head else f"sampled {draws}"
+        tag = f"{draws}h{args.sample_head}" if args.sample_head else f"{draws}"
+        store = cache_teacher(load_recipe(variant()), sample=draws, out=str(root / f"store-sampled{tag}"),
+                              sample_head=args.sample_head)
+        from_store(name, store, time.perf_counter() - start, root / f"from-sampled{tag}", True)
 
     kind = ("top-k + next token" if args.next_token else "top-k") + (" and sampled" if args.sample else "")
     table = Table(title=f"{args.recipe}: {args.steps} steps, {kind} stores, test {task} metric on {len(records)} records")
@@ -125,11 +130,11 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
     run = {"recipe": args.recipe, "teacher": teacher_id, "steps": args.steps, "train_limit": args.train_limit, "next_token": args.next_token,
-           "sample": args.sample, "store_format": VERSION, "device": device, "cpus": os.cpu_count(),
+           "sample": args.sample, "sample_head": args.sample_head, "store_format": VERSION, "device": device, "cpus": os.cpu_count(),
            "torch": torch.__version__, "rows": rows, "created": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(__file__).parent / "results" / "teacher_store.json"
     out.parent.mkdir(exist_ok=True)
-    same = ("recipe", "teacher", "steps", "train_limit", "next_token", "sample", "device")
+    same = ("recipe", "teacher", "steps", "train_limit", "next_token", "sample", "sample_head", "device")
     runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
     runs = [r for r in runs if any(r.get(key) != run[key] for key in same)] + [run]
     out.write_text(json.dumps({"runs": runs}, indent=2))

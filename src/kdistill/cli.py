@@ -178,6 +178,9 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
                       sample: Optional[int] = typer.Option(
                           None, min=1, help="store this many tokens drawn from the teacher per position instead of "
                                             "the top k (--k is then unused; forward KL only)"),
+                      sample_head: int = typer.Option(
+                          0, min=0, help="with --sample: also keep the teacher's H most likely tokens exactly and "
+                                         "draw from the rest of its distribution"),
                       set_: Optional[List[str]] = SetOpt):
     """Run the teacher once over the training data and store its top-k outputs; then train with
     `teacher: {source: cache, path: STORE}` (no teacher weights needed)."""
@@ -188,17 +191,21 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
 
     if from_store:
         given = [name for name, value in (("RECIPE", recipe), ("--stage", stage), ("--temperature", temperature),
-                                          ("--dtype", dtype), ("--set", set_), ("--no-next-token", not next_token), ("--sample", sample))
+                                          ("--dtype", dtype), ("--set", set_), ("--no-next-token", not next_token), ("--sample", sample),
+                                          ("--sample-head", sample_head))
                  if value]
         if given:
             raise ConfigError(f"--from-store cuts an existing store as it is (its data, temperature and dtype); "
                               f"drop {', '.join(given)}")
         path = narrow_store(from_store, out or f"{from_store.rstrip('/')}-k{k}", k)
+    elif sample_head and not sample:
+        raise ConfigError("--sample-head H keeps the top H beside --sample N draws; add --sample N (or drop it)")
     elif recipe is None:
         raise ConfigError("cache-teacher needs a RECIPE whose teacher to run (or --from-store STORE to cut a store)")
     else:
         path = cache_teacher(load_recipe(recipe, set_ or []), stage or 0, k, out, temperature=temperature,
-                             dtype=dtype or "float16", console=console, next_token=next_token, sample=sample)
+                             dtype=dtype or "float16", console=console, next_token=next_token, sample=sample,
+                             sample_head=sample_head)
     report = storage_report(path)
     console.print(f"wrote {path}: {report.bytes_per_position:.0f} bytes per position on disk vs "
                   f"{report.dense_bytes_per_position:,} for full float32 logits ({report.compression:.0f}× smaller)")

@@ -37,6 +37,8 @@ class TeacherConfig(Strict):
     top_k: int = Field(64, ge=1, description="source: cache without a path: outputs kept per position")
     sample: int | None = Field(None, ge=1, description="source: cache without a path: keep this many tokens drawn "
                                "from the teacher per position instead of its top_k (unbiased for forward KL only)")
+    sample_head: int = Field(0, ge=0, description="with sample: also keep the teacher's H most likely tokens exactly, "
+                             "drawing the sample from the rest of its distribution")
     update: TeacherUpdate | None = Field(None, description="train the teacher in the loop (ProKT)")
     task: Literal["auto", "embedding", "masked-lm", "causal-lm", "classification", "image-classification"] = "auto"
     trust_remote_code: bool = False
@@ -51,6 +53,8 @@ class TeacherConfig(Strict):
         if self.sample is not None and (self.source != "cache" or self.path):
             raise ValueError("sample: says how the automatic teacher store is built; it needs source: cache and no "
                              "path: (a store at a path was built as `kdistill cache-teacher --sample N` made it)")
+        if self.sample_head and self.sample is None:
+            raise ValueError("sample_head: keeps the top H beside `sample: N` draws; set sample: too (or drop it)")
         return self
 
 

@@ -153,6 +153,8 @@ def test_cache_teacher_cuts_an_existing_store_to_a_smaller_k(tmp_path):
     assert result.exit_code == 2 and "needs 1 <= k < 4" in out and "Traceback" not in out
     result, out = invoke("cache-teacher")
     assert result.exit_code == 2 and "needs a RECIPE" in out
+    result, out = invoke("cache-teacher", "lm-kd", "--sample-head", 8)
+    assert result.exit_code == 2 and "add --sample N" in out
     result, out = invoke("cache-teacher", "lm-kd", "--from-store", tmp_path / "store", "--k", 2, "--dtype", "float32")
     assert result.exit_code == 2 and "drop RECIPE, --dtype" in out
     result, out = invoke("cache-teacher", "--from-store", tmp_path / "store", "--k", 2, "--out", tmp_path / "store")

@@ -120,3 +120,10 @@ def test_automatic_sampled_store_from_the_recipe(tiny_gpt2_dir, text_file, tmp_p
     assert sorted(TeacherStore.open(s).sampled for s in stores) == [False, True]
     with pytest.raises(ConfigError, match="sample: says how the automatic teacher store"):
         load_recipe({**recipe, "teacher": {"model": tiny_gpt2_dir, "sample": 8}})
+    # a head of exact tokens makes a third store, with head + draws columns
+    headed = {**recipe, "teacher": {**recipe["teacher"], "sample_head": 4}, "output": str(tmp_path / "headed")}
+    distill(headed, progress=False)
+    new = set((tmp_path / "home" / "stores").iterdir()) - set(stores)
+    assert len(new) == 1 and TeacherStore.open(new.pop()).columns == 12
+    with pytest.raises(ConfigError, match="sample_head: keeps the top H"):
+        load_recipe({**recipe, "teacher": {"model": tiny_gpt2_dir, "source": "cache", "sample_head": 4}})

@@ -336,6 +336,32 @@ def test_sampled_tokens_estimate_the_teacher_without_bias():
     assert_close(student.grad.sum(0), (q - p) / TAU, atol=0.01, rtol=0)  # the loss is the mean over rows
 
 
+def test_a_sampled_store_with_a_head_keeps_the_top_exactly_and_draws_the_rest_without_bias():
+    from kdistill.teachers.store_writer import sample_sparse
+
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(5)) * 2
+    rows, head = 4000, 3
+    values, indices, tail = sample_sparse(logits.expand(rows, V), 5, TAU, torch.Generator().manual_seed(1), head)
+    p = torch.softmax(logits / TAU, -1)
+    top_p, top_i = p.topk(head)
+    assert values.shape == indices.shape == (rows, head + 5) and torch.isneginf(tail).all()
+    assert (indices[:, :head] == top_i).all()
+    assert_close(values[:, :head].exp(), top_p.expand(rows, head))  # exact, no sampling noise
+    assert_close(values.exp().sum(-1), torch.ones(rows))  # head + tail mass × counts / draws
+    assert all(len(set(row)) == head + 5 for row in indices.tolist())  # no draw repeats a head token
+    estimate = torch.zeros(rows, V).scatter_add_(-1, indices.long(), values.exp()).mean(0)
+    assert_close(estimate, p, atol=0.01, rtol=0)
+    # with no head it is the plain sampled store, draw for draw
+    plain = sample_sparse(logits.expand(8, V), 5, TAU, torch.Generator().manual_seed(2))
+    same = sample_sparse(logits.expand(8, V), 5, TAU, torch.Generator().manual_seed(2), 0)
+    assert all(torch.equal(x, y) for x, y in zip(plain, same))
+    # a head holding every token's mass leaves weightless draws outside it, not repeats of it
+    sharp = torch.full((2, V), -1e4)
+    sharp[:, :2] = 0.0
+    values, indices, _ = sample_sparse(sharp, 4, 1.0, torch.Generator().manual_seed(3), 2)
+    assert torch.isneginf(values[:, 2:]).all() and all(len(set(row)) == 6 for row in indices.tolist())
+
+
 def test_a_sampled_store_is_reproducible_and_refuses_to_be_narrowed(tmp_path):
     from kdistill.teachers.store import narrow_store
 
@@ -352,6 +378,15 @@ def test_a_sampled_store_is_reproducible_and_refuses_to_be_narrowed(tmp_path):
         narrow_store(tmp_path / "a", tmp_path / "narrow", k=2)
     with pytest.raises(ValueError, match="no next-token column"):
         StoreWriter(tmp_path / "c", k=3, fingerprints={}, sampled=True, next_token=True)
+    with pytest.raises(ValueError, match="head= is the exact top of a sampled store"):
+        StoreWriter(tmp_path / "c", k=3, fingerprints={}, head=2)
+    with StoreWriter(tmp_path / "h", k=3, temperature=TAU, fingerprints={}, sampled=True, head=2) as writer:
+        for sample_id, (logits, _) in items().items():
+            writer.add(sample_id, logits)
+    with_head = TeacherStore.open(tmp_path / "h")
+    assert with_head.columns == 5 and with_head.manifest["head"] == 2
+    logits, _ = items()["sample-0"]
+    assert torch.equal(with_head["sample-0"].topk_indices[:, :2].long(), logits.topk(2).indices)
 
 
 def test_next_tokens_must_follow_the_text(tmp_path):

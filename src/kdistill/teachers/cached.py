@@ -105,21 +105,22 @@ class SparseLogits:
 
 def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = None, batch_size: int = 32,
                   temperature: float | None = None, dtype: str = "float16", console=None,
-                  next_token: bool = True, sample: int | None = None) -> Path:
+                  next_token: bool = True, sample: int | None = None, sample_head: int = 0) -> Path:
     """Run the stage's teacher over its training records once and write the store (for a causal LM with
     each position's next token beside the top k, unless `next_token` is False; with `sample`, that many
-    tokens drawn from the teacher per position instead of the top k)."""
+    tokens drawn from the teacher per position instead of the top k, after its `sample_head` most likely)."""
     if not 0 <= stage_index < len(recipe.stages):
         raise ConfigError(f"--stage {stage_index}: the recipe has stages 0..{len(recipe.stages) - 1}")
     stage = recipe.stages[stage_index]
     if stage.teacher.source != "live":
         raise ConfigError("cache-teacher needs a recipe whose teacher is a model (teacher.source: live)")
     return cache_stage(stage, Path(out or Path(recipe.output) / "teacher-store"), k, batch_size, temperature,
-                       dtype, console, next_token, sample)
+                       dtype, console, next_token, sample, sample_head)
 
 
 def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature: float | None = None,
-                dtype: str = "float16", console=None, next_token: bool = True, sample: int | None = None) -> Path:
+                dtype: str = "float16", console=None, next_token: bool = True, sample: int | None = None,
+                sample_head: int = 0) -> Path:
     from rich.progress import Progress
 
     from kdistill.engine.build import make_collator, read_sources
@@ -140,9 +141,10 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     items = teacher_views(stage, records)
     vocab = teacher.config.get_text_config().vocab_size if loaded.task == "causal-lm" else teacher.config.num_labels
     next_token = next_token and loaded.task == "causal-lm" and not sample
-    k = min(sample, vocab) if sample else min(k, vocab - next_token)
+    head = min(sample_head, vocab - 1) if sample else 0
+    k = min(sample, vocab - head) if sample else min(k, vocab - next_token)
     with StoreWriter(out, k=k, temperature=temperature, fingerprints=fingerprints, dtype=dtype, vocab_size=vocab,
-                     overwrite=True, next_token=next_token, sampled=bool(sample)) as writer, torch.inference_mode(), \
+                     overwrite=True, next_token=next_token, sampled=bool(sample), head=head) as writer, torch.inference_mode(), \
             Progress(disable=console is None, console=console) as progress:
         task = progress.add_task("teacher over the training data", total=len(items))
         for start in range(0, len(items), batch_size):
@@ -196,6 +198,8 @@ def automatic_store(stage, console=None) -> Path:
             "format": STORE_VERSION}
     if stage.teacher.sample is not None:  # only then: the top-k stores built before the field keep their names
         spec["sample"] = stage.teacher.sample
+    if stage.teacher.sample_head:
+        spec["sample_head"] = stage.teacher.sample_head
     spec = json.dumps(spec, sort_keys=True)
     name = str(stage.teacher.model).replace(":", "-").replace("/", "-")[-40:]
     out = kdistill_home() / "stores" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
@@ -204,7 +208,8 @@ def automatic_store(stage, console=None) -> Path:
             console.print(f"building the teacher store {out} (once; later runs reuse it)")
         live = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"source": "live"})})
         start = time.perf_counter()
-        cache_stage(live, out, k=stage.teacher.top_k, console=console, sample=stage.teacher.sample)
+        cache_stage(live, out, k=stage.teacher.top_k, console=console, sample=stage.teacher.sample,
+                    sample_head=stage.teacher.sample_head)
         if console is not None:
             console.print(f"teacher store built in {time.perf_counter() - start:.0f} s")
     return out

@@ -9,7 +9,9 @@ A sampled store (``sampled=True``) keeps instead, per position, ``k`` tokens dra
 replacement, as distinct tokens with log(count / k): the forward-KL gradient against them is the full
 teacher's in expectation (the loss value is not: the draws' entropy differs), where the top k are biased
 toward the head (Anshumann et al. 2025, "Sparse Logit Sampling"). Its tail is empty (-inf); columns
-beyond the distinct draws hold other tokens at -inf.
+beyond the distinct draws hold other tokens at -inf. With ``head=H`` it first keeps the teacher's H most
+likely tokens exactly and draws the k tokens from the rest of its distribution, each worth
+tail mass × count / k: still unbiased, with no sampling noise where most of the mass is.
 
 A causal-LM store also keeps, per position, the token that comes next in the text (``next_token``): the
 columns are then the k best tokens other than it, then it. Perplexity is the student's probability of
@@ -92,19 +94,31 @@ def sparsify(logits: Tensor, k: int, temperature: float = 1.0,
 
 
 def sample_sparse(logits: Tensor, draws: int, temperature: float = 1.0,
-                  generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                  generator: torch.Generator | None = None, head: int = 0) -> tuple[Tensor, Tensor, Tensor]:
     """``draws`` tokens per row from softmax(logits / τ), with replacement, as (log(count / draws), index)
     over ``draws`` distinct columns (columns past the distinct draws: other tokens at -inf) and an empty
-    (-inf) tail. E[count / draws] is the teacher's probability, so the forward-KL gradient against it is unbiased."""
+    (-inf) tail. E[count / draws] is the teacher's probability, so the forward-KL gradient against it is unbiased.
+
+    With ``head`` the first ``head`` columns are the most likely tokens with their exact log-probabilities,
+    and the draws come from the rest renormalised, each count worth tail mass × count / draws."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0 < draws <= logits.shape[-1]:
-        raise ValueError(f"draws must be in [1, {logits.shape[-1]}] (the vocabulary size), got {draws}")
+    if head < 0 or not 0 < draws <= logits.shape[-1] - head:
+        raise ValueError(f"draws must be in [1, {logits.shape[-1] - max(head, 0)}] (the vocabulary size less the "
+                         f"head of {head}), got {draws}")
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    drawn = torch.multinomial(probs, draws, replacement=True, generator=generator)
+    top_p, top_i = probs.topk(head, dim=-1)
+    rest = probs.scatter(-1, top_i, 0.0)
+    mass = rest.sum(-1, keepdim=True)
+    # a row whose head holds all the mass draws from the other tokens evenly, at weight 0
+    outside = torch.ones_like(probs).scatter_(-1, top_i, 0.0)
+    drawn = torch.multinomial(torch.where(mass > 0, rest, outside), draws, replacement=True, generator=generator)
     counts = torch.zeros_like(probs).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=probs.dtype))
-    counts, indices = counts.topk(draws, dim=-1)  # the distinct draws first; zero counts are other tokens
-    return (counts / draws).log(), indices.to(torch.int32), torch.full(counts.shape[:-1], -math.inf)
+    # the distinct draws first; zero counts are other tokens, never a head token (-1)
+    counts, indices = counts.scatter_(-1, top_i, -1.0).topk(draws, dim=-1)
+    values = torch.cat([top_p.log(), (counts.clamp(min=0) * (mass if head else 1.0) / draws).log()], -1)
+    indices = torch.cat([top_i, indices], -1)
+    return values, indices.to(torch.int32), torch.full(counts.shape[:-1], -math.inf)
 
 
 # ------------------------------------------------------------------------------------- writer
@@ -119,7 +133,7 @@ class StoreWriter:
     def __init__(self, path: str | os.PathLike, *, k: int, temperature: float = 1.0,
                  fingerprints: Mapping[str, str], dtype: torch.dtype | str = torch.float16,
                  vocab_size: int | None = None, shard_size: int = 1 << 18, overwrite: bool = False,
-                 next_token: bool = False, sampled: bool = False):
+                 next_token: bool = False, sampled: bool = False, head: int = 0):
         self.path = Path(path)
         dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # "float16" from a recipe
         if dtype not in DTYPES.values():
@@ -133,7 +147,9 @@ class StoreWriter:
         self.k, self.temperature, self.dtype, self.vocab_size = k, float(temperature), dtype, vocab_size
         if sampled and next_token:
             raise ValueError("a sampled store keeps no next-token column (its draws are already unbiased)")
-        self.next_token, self.columns, self.sampled = next_token, k + next_token, sampled
+        if head and not sampled:
+            raise ValueError("head= is the exact top of a sampled store; a top-k store is all head already")
+        self.next_token, self.columns, self.sampled, self.head = next_token, k + next_token + head, sampled, head
         self._generator = torch.Generator().manual_seed(0)  # the draws of a sampled store replay exactly
         self.fingerprints = {str(name): str(value) for name, value in fingerprints.items()}
         self.shard_size, self.overwrite = shard_size, overwrite
@@ -161,7 +177,7 @@ class StoreWriter:
             raise ValueError(f"next_tokens of {sample_id!r} must be one token per position ({logits.shape[0]}), "
                              f"with -1 at the last position only; got {tuple(next_tokens.shape)}")
         if self.sampled:
-            values, indices, tail = sample_sparse(logits, self.k, self.temperature, self._generator)
+            values, indices, tail = sample_sparse(logits, self.k, self.temperature, self._generator, self.head)
         else:
             values, indices, tail = sparsify(logits, self.k, self.temperature, next_tokens)
         self.add_topk(sample_id, values, indices, tail, extra)
@@ -204,7 +220,7 @@ class StoreWriter:
         (self._tmp / "index.json").write_text(json.dumps(index))
         manifest = {
             "format": FORMAT, "version": VERSION, "k": self.k, "temperature": self.temperature,
-            "columns": self.columns, "next_token": self.next_token, "sampled": self.sampled,
+            "columns": self.columns, "next_token": self.next_token, "sampled": self.sampled, "head": self.head,
             "dtype": str(self.dtype).removeprefix("torch."),
             "index_dtype": str(index_dtype(self.vocab_size)).removeprefix("torch."), "tail_dtype": "float32",
             "vocab_size": self.vocab_size, "num_items": len(self._index), "num_positions": self._positions,
