@@ -115,8 +115,9 @@ def in_process(*args) -> dict:
         torch.cuda.empty_cache()
 
 
-def in_subprocess(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--case", *map(str, args)], capture_output=True, text=True)
+def in_subprocess(*args, precision: str = "highest") -> dict:
+    out = subprocess.run([sys.executable, __file__, "--matmul-precision", precision, "--case", *map(str, args)],
+                         capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -173,7 +174,8 @@ def main() -> None:
                     if args.device != "cpu":
                         result = in_process(method, vocab, length, beta, args.repeats, args.chunk, args.device)
                     else:
-                        result = in_subprocess(method, vocab, length, beta, args.repeats, args.chunk or "auto")
+                        result = in_subprocess(method, vocab, length, beta, args.repeats, args.chunk or "auto",
+                                               precision=args.matmul_precision)
                     if "error" in result:
                         row[method] = {"error": result["error"]}
                         continue

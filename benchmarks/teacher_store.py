@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--sample", type=int, nargs="*", default=[], help="also stores of N sampled tokens")
     parser.add_argument("--sample-head", type=int, default=0, help="the sampled stores keep the top H exactly too")
     args = parser.parse_args()
+    if args.sample_head and not args.sample or args.sample_head < 0:
+        parser.error("--sample-head H (>= 0) keeps the top H beside the draws of --sample N: add --sample")
 
     from rich.console import Console
     from rich.table import Table

@@ -131,6 +131,9 @@ def pick_kernel(divergence: str, beta: float, alpha: float, device: torch.device
         rows = triton_rows.rows_for(divergence, beta)
         if rows is not None:
             return rows, 0, False
+    if kernels == "triton" and triton_rows.triton is None:
+        raise ValueError("kernels='triton' needs Triton, which is not installed (it comes with CUDA builds of "
+                         "torch); kernels='auto' uses the torch kernels without it")
     if kernels == "triton":
         raise ValueError(f"no Triton kernel for {divergence!r} on {device}: Triton's rows cover "
                          f"{', '.join(triton_rows.MODES)} on CUDA (kernels='auto' falls back to torch's)")

@@ -14,9 +14,12 @@ JSD, soft cross-entropy); the others keep the torch kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
+
+from kdistill.losses.chunk_kernels import _TINY
 
 try:  # Triton ships with CUDA builds of torch; a CPU install has none, and needs none.
     import triton
@@ -27,7 +30,6 @@ except ImportError:  # pragma: no cover - depends on the install
 Tensor = torch.Tensor
 
 MODES = {"kl": 0, "reverse_kl": 1, "generalized_jsd": 2, "js": 2, "soft_ce": 3}
-_TINY = torch.finfo(torch.float32).tiny
 BLOCK = 4096
 
 
@@ -55,8 +57,10 @@ def rows_for(name: str, beta: float):
         values = torch.empty(n, dtype=torch.float32, device=s.device)
         if n:
             block = min(BLOCK, triton.next_power_of_2(vocab))
-            _divergence_rows[(n,)](s, t, values, s.stride(0), t.stride(0), float(beta), _TINY, VOCAB=vocab,
-                                   MODE=mode, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+            # Triton launches on the current device, which need not be the tensors'
+            with torch.cuda.device(s.device) if s.is_cuda else contextlib.nullcontext():
+                _divergence_rows[(n,)](s, t, values, s.stride(0), t.stride(0), float(beta), _TINY, VOCAB=vocab,
+                                       MODE=mode, BLOCK=block, num_warps=8 if block >= 2048 else 4)
         return values
 
     return rows

@@ -108,15 +108,21 @@ def sample_sparse(logits: Tensor, draws: int, temperature: float = 1.0,
                          f"head of {head}), got {draws}")
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     top_p, top_i = probs.topk(head, dim=-1)
-    rest = probs.scatter(-1, top_i, 0.0)
-    mass = rest.sum(-1, keepdim=True)
-    # a row whose head holds all the mass draws from the other tokens evenly, at weight 0
-    outside = torch.ones_like(probs).scatter_(-1, top_i, 0.0)
-    drawn = torch.multinomial(torch.where(mass > 0, rest, outside), draws, replacement=True, generator=generator)
-    counts = torch.zeros_like(probs).scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=probs.dtype))
+    mass = 1.0
+    if head:  # in place: a store pass holds (positions × vocabulary) buffers, one more is a lot
+        probs.scatter_(-1, top_i, 0.0)
+        mass = probs.sum(-1, keepdim=True)
+        if not torch.isfinite(mass).all():
+            raise ValueError("the teacher's logits give non-finite probabilities; cannot sample from them")
+        # a row whose head holds all the mass draws from the other tokens evenly, at weight 0
+        empty = (mass == 0).squeeze(-1)
+        if empty.any():
+            probs[empty] = torch.ones_like(probs[empty]).scatter_(-1, top_i[empty], 0.0)
+    drawn = torch.multinomial(probs, draws, replacement=True, generator=generator)
+    counts = probs.zero_().scatter_add_(-1, drawn, torch.ones_like(drawn, dtype=probs.dtype))
     # the distinct draws first; zero counts are other tokens, never a head token (-1)
     counts, indices = counts.scatter_(-1, top_i, -1.0).topk(draws, dim=-1)
-    values = torch.cat([top_p.log(), (counts.clamp(min=0) * (mass if head else 1.0) / draws).log()], -1)
+    values = torch.cat([top_p.log(), (counts.clamp(min=0) * mass / draws).log()], -1)
     indices = torch.cat([top_i, indices], -1)
     return values, indices.to(torch.int32), torch.full(counts.shape[:-1], -math.inf)
 
@@ -147,8 +153,9 @@ class StoreWriter:
         self.k, self.temperature, self.dtype, self.vocab_size = k, float(temperature), dtype, vocab_size
         if sampled and next_token:
             raise ValueError("a sampled store keeps no next-token column (its draws are already unbiased)")
-        if head and not sampled:
-            raise ValueError("head= is the exact top of a sampled store; a top-k store is all head already")
+        if head < 0 or (head and not sampled):
+            raise ValueError(f"head= is the exact top of a sampled store, >= 0 (a top-k store is all head "
+                             f"already); got {head} for a {'sampled' if sampled else 'top-k'} store")
         self.next_token, self.columns, self.sampled, self.head = next_token, k + next_token + head, sampled, head
         self._generator = torch.Generator().manual_seed(0)  # the draws of a sampled store replay exactly
         self.fingerprints = {str(name): str(value) for name, value in fingerprints.items()}
