@@ -40,16 +40,16 @@ def train(raw_recipe, overrides: list[str], output: Path) -> tuple[Path, float]:
     return output / "student", meta["wall_time_s"] / meta["steps"]
 
 
-def teacher_weights_id(ref: str) -> str:
-    """What names the teacher in the results: the fingerprint of its weight file's tensors, so a run against
-    a retrained teacher is a new run, not a replacement; the reference itself where there is no local file."""
-    from safetensors.torch import load_file
-
+def teacher_weights_id(ref: str, task: str) -> str:
+    """What names the teacher in the results: the fingerprint a store's manifest gives it (of the loaded model's
+    ``state_dict()``, tied weights included), so a run against a retrained teacher is a new run, not a replacement,
+    and the id can be matched with the stores' manifests. (Runs recorded before 2026-11-26 14:00 hold the
+    fingerprint of the weight file's tensors instead.)"""
+    from kdistill.models.loading import load_model
     from kdistill.teachers.fingerprint import fingerprint_tensors
     from kdistill.teachers.recipe_runs import resolve_teacher
 
-    weights = Path(resolve_teacher(ref)) / "model.safetensors"
-    return fingerprint_tensors(load_file(str(weights))) if weights.is_file() else str(ref)
+    return fingerprint_tensors(load_model(resolve_teacher(ref), task).model.state_dict())
 
 
 def main() -> None:
@@ -74,7 +74,7 @@ def main() -> None:
     steps = [f"train.steps={args.steps}", "train.eval_every=null"]
     recipe = load_recipe(args.recipe, steps)
     records, task = test_records(recipe), recipe_task(recipe)
-    teacher_id = teacher_weights_id(recipe.stages[0].teacher.model)
+    teacher_id = teacher_weights_id(recipe.stages[0].teacher.model, recipe.stages[0].teacher.task)
     rows = []
 
     def measure(name: str, student: Path, seconds_per_step: float, extra: dict | None = None):
