@@ -43,8 +43,8 @@ def train(raw_recipe, overrides: list[str], output: Path) -> tuple[Path, float]:
 def teacher_weights_id(ref: str, task: str) -> str:
     """What names the teacher in the results: the fingerprint a store's manifest gives it (of the loaded model's
     ``state_dict()``, tied weights included), so a run against a retrained teacher is a new run, not a replacement,
-    and the id can be matched with the stores' manifests. (Runs recorded before 2026-11-26 14:00 hold the
-    fingerprint of the weight file's tensors instead.)"""
+    and the id can be matched with the stores' manifests. (Runs created before 2026-11-26 13:52 hold the
+    fingerprint of the weight file's tensors instead: 8442eb87… is the same default lm-teacher as 54c44660….)"""
     from kdistill.models.loading import load_model
     from kdistill.teachers.fingerprint import fingerprint_tensors
     from kdistill.teachers.recipe_runs import resolve_teacher
