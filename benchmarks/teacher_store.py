@@ -4,7 +4,7 @@ full logits, and the cost of a training step from the store vs plain SFT and vs 
 All runs use one recipe (default `lm-kd`) and the same seed; the store is built once per k with
 `kdistill cache-teacher` and training reads it instead of running the teacher.
 
-    python benchmarks/teacher_store.py [--recipe lm-kd] [--k 8 32 64] [--steps 400] [--train-limit 16000]
+    python benchmarks/teacher_store.py [--recipe lm-kd] [--k 8 32 64] [--steps 400] [--train-limit 16000] [--seed N]
                                        [--no-next-token] [--sample 64] [--sample-head 32]
 
 The stores keep each position's next token beside the top k, as `kdistill cache-teacher` does for a
@@ -55,7 +55,8 @@ def teacher_weights_id(ref: str, task: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="lm-kd")
-    parser.add_argument("--k", type=int, nargs="+", default=[8, 32, 64])
+    parser.add_argument("--k", type=int, nargs="*", default=[8, 32, 64], help="top-k stores (none: `--k` alone)")
+    parser.add_argument("--seed", type=int, default=None, help="train.seed of every run (default: the recipe's)")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--train-limit", type=int, default=16000, help="first N records of each training source")
     parser.add_argument("--output", default="runs/bench-store")
@@ -71,7 +72,7 @@ def main() -> None:
     from rich.table import Table
 
     root = Path(args.output)
-    steps = [f"train.steps={args.steps}", "train.eval_every=null"]
+    steps = [f"train.steps={args.steps}", "train.eval_every=null"] + [f"train.seed={args.seed}"] * (args.seed is not None)
     recipe = load_recipe(args.recipe, steps)
     records, task = test_records(recipe), recipe_task(recipe)
     teacher_id = teacher_weights_id(recipe.stages[0].teacher.model, recipe.stages[0].teacher.task)
@@ -100,7 +101,7 @@ def main() -> None:
 
     measure("sft (no teacher)", *train(variant(losses=[{"type": "cross_entropy"}]), [], root / "sft"))
     measure("live teacher", *train(variant(), [], root / "live"))
-    widest = max(args.k)
+    widest = max(args.k, default=0)
     for k in sorted(args.k, reverse=True):  # one teacher pass, at the largest k; the others are cut from it
         start = time.perf_counter()
         store = (cache_teacher(load_recipe(variant()), k=k, out=str(root / f"store-k{k}"), next_token=args.next_token)
@@ -131,12 +132,13 @@ def main() -> None:
     import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
-    run = {"recipe": args.recipe, "teacher": teacher_id, "steps": args.steps, "train_limit": args.train_limit, "next_token": args.next_token,
-           "sample": args.sample, "sample_head": args.sample_head, "store_format": VERSION, "device": device, "cpus": os.cpu_count(),
+    run = {"recipe": args.recipe, "teacher": teacher_id, "steps": args.steps, "train_limit": args.train_limit,
+           "next_token": args.next_token, "sample": args.sample, "sample_head": args.sample_head, "seed": args.seed,
+           "k": args.k, "store_format": VERSION, "device": device, "cpus": os.cpu_count(),
            "torch": torch.__version__, "rows": rows, "created": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(__file__).parent / "results" / "teacher_store.json"
     out.parent.mkdir(exist_ok=True)
-    same = ("recipe", "teacher", "steps", "train_limit", "next_token", "sample", "sample_head", "device")
+    same = ("recipe", "teacher", "steps", "train_limit", "next_token", "sample", "sample_head", "seed", "device")
     runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
     runs = [r for r in runs if any(r.get(key) != run[key] for key in same)] + [run]
     out.write_text(json.dumps({"runs": runs}, indent=2))
