@@ -10,10 +10,11 @@ rescales them. Peak extra memory is a few chunk-sized buffers (by default at mos
 :data:`LOGITS_PER_CHUNK` floats each, whatever the vocabulary and length), plus one gradient the
 size of the student's LM head.
 
-Each divergence's value and gradient are written out in closed form (:mod:`kdistill.losses.chunk_kernels`) and run in
-place on reused buffers; that is most of the speed, since autograd through the generic functions
-would make a dozen chunk-sized temporaries per chunk. They equal the function of the same name in
-:mod:`kdistill.losses.functional` (to float32 rounding), with the same mask semantics: the mean
+Each divergence's value and gradient are written out in closed form (:mod:`kdistill.losses.chunk_kernels`) and
+run in place on reused buffers; that is most of the speed, since autograd through the generic functions would
+make a dozen chunk-sized temporaries per chunk. On CUDA the common ones run instead as one Triton program per
+row (:mod:`kdistill.losses.triton_rows`), which reads the logits at most three times. Both equal the function
+of the same name in :mod:`kdistill.losses.functional` (to float32 rounding), with the same mask semantics: the mean
 over unmasked positions. Logits that are not finite (a -inf bias ruling tokens out, say) fall back
 to autograd through those functions, which define the 0·log 0 and ±inf cases.
 """
