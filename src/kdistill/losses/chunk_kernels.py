@@ -110,22 +110,34 @@ _KERNELS = {
     "soft_ce": (_soft_ce_rows, 1),
     "reverse_kl": (_reverse_kl_rows, 1),
     "tvd": (_tvd_rows, 1),
-    "js": (functools.partial(_jsd_rows, beta=0.5), 2),
 }
+
+
+def reduced(name: str, beta: float, alpha: float) -> tuple[str, float | None] | None:
+    """The divergence ``name`` is at these parameters, as (name, its β or α), or None for a constant zero.
+    Both kernel paths (these and :mod:`kdistill.losses.triton_rows`) dispatch on it."""
+    # The endpoints are definitions in functional (js is β = 0.5; β = 0 is forward KL, β = 1 reverse KL;
+    # skew at α = 0 is the unskewed KL, at α = 1 it compares a distribution with itself).
+    if name == "js":
+        name, beta = "generalized_jsd", 0.5
+    if name == "generalized_jsd":
+        return {0.0: ("kl", None), 1.0: ("reverse_kl", None)}.get(beta, (name, beta))
+    if name in ("skew_kl", "skew_reverse_kl"):
+        if alpha == 1:
+            return None
+        return (name.removeprefix("skew_"), None) if alpha == 0 else (name, alpha)
+    return name, None
 
 
 def kernel_for(name: str, beta: float, alpha: float):
     """(kernel, scratch count) for a divergence, or None where it is a constant zero."""
-    # The endpoints are definitions in functional (β = 0 is forward KL, β = 1 reverse KL; skew at
-    # α = 0 is the unskewed KL, at α = 1 it compares a distribution with itself).
+    form = reduced(name, beta, alpha)
+    if form is None:
+        return None
+    name, parameter = form
     if name == "generalized_jsd":
-        return {0.0: _KERNELS["kl"], 1.0: _KERNELS["reverse_kl"]}.get(
-            beta, (functools.partial(_jsd_rows, beta=beta), 2))
+        return functools.partial(_jsd_rows, beta=parameter), 2
     if name in ("skew_kl", "skew_reverse_kl"):
-        if alpha == 1:
-            return None
-        if alpha == 0:
-            return _KERNELS[name.removeprefix("skew_")]
         rows = _skew_kl_rows if name == "skew_kl" else _skew_reverse_kl_rows
-        return functools.partial(rows, alpha=alpha), 2
+        return functools.partial(rows, alpha=parameter), 2
     return _KERNELS[name]

@@ -129,14 +129,13 @@ def pick_kernel(divergence: str, beta: float, alpha: float, device: torch.device
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels != "torch" and triton_rows.available(device):
-        rows = triton_rows.rows_for(divergence, beta)
+        rows = triton_rows.rows_for(divergence, beta, alpha)
         if rows is not None:
             return rows, 0, False
-    if kernels == "triton" and triton_rows.triton is None:
-        raise ValueError("kernels='triton' needs Triton, which is not installed (it comes with CUDA builds of "
-                         "torch); kernels='auto' uses the torch kernels without it")
     if kernels == "triton":
-        raise ValueError(f"no Triton kernel for {divergence!r} on {device}: Triton's rows cover "
+        raise ValueError("kernels='triton' needs Triton, which is not installed (it comes with CUDA builds of "
+                         "torch); kernels='auto' uses the torch kernels without it" if triton_rows.triton is None
+                         else f"no Triton kernel for {divergence!r} on {device}: Triton's rows cover js and "
                          f"{', '.join(triton_rows.MODES)} on CUDA (kernels='auto' falls back to torch's)")
     torch_kernel = kernel_for(divergence, beta, alpha)
     return None if torch_kernel is None else (*torch_kernel, True)

@@ -19,7 +19,7 @@ import os
 
 import torch
 
-from kdistill.losses.chunk_kernels import _TINY
+from kdistill.losses.chunk_kernels import _TINY, reduced
 
 try:  # Triton ships with CUDA builds of torch; a CPU install has none, and needs none.
     import triton
@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover - depends on the install
 
 Tensor = torch.Tensor
 
-MODES = {"kl": 0, "reverse_kl": 1, "generalized_jsd": 2, "js": 2, "soft_ce": 3}
+MODES = {"kl": 0, "reverse_kl": 1, "generalized_jsd": 2, "soft_ce": 3}  # after chunk_kernels.reduced: js included
 BLOCK = 4096
 
 
@@ -41,16 +41,14 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def rows_for(name: str, beta: float):
+def rows_for(name: str, beta: float, alpha: float):
     """A ``rows(s, t) -> values`` function for divergence ``name``, or None where this module has none.
     ``s`` and ``t`` are (rows, V) float32 tempered logits; ``s`` is overwritten with ∂ℓ/∂s."""
-    if name not in MODES:
+    form = reduced(name, beta, alpha)
+    if form is None or form[0] not in MODES:
         return None
-    if name == "js":
-        beta = 0.5
-    mode = MODES[name]
-    if mode == 2 and beta in (0.0, 1.0):  # the definitions' endpoints: forward and reverse KL
-        mode = 0 if beta == 0.0 else 1
+    mode = MODES[form[0]]
+    beta = form[1] if mode == 2 else 0.0
 
     def rows(s: Tensor, t: Tensor) -> Tensor:
         n, vocab = s.shape
