@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from kdistill.losses import functional as kd
-from kdistill.losses.sparse import SPARSE_DIVERGENCES, sparse_divergence
+from kdistill.losses.sparse import SPARSE_DIVERGENCES, _StudentBuckets, sparse_divergence, student_buckets
 from kdistill.teachers.store import sparsify
 
 B, L, V, K, TAU = 2, 3, 7, 3, 2.0
@@ -226,3 +226,49 @@ def test_bad_arguments():
         sparse_divergence(student[:1], top, indices, tail)
     with pytest.raises(ValueError, match="temperature"):
         sparse_divergence(student, top, indices, tail, temperature=0.0)
+
+
+# ------------------------------------------------------- the fused buckets against their autograd form
+
+def buckets_both_ways(logits, indices, tau, upstream):
+    """(values, gradient) of the fused buckets and of student_buckets(log_softmax(z / τ)) for one upstream gradient."""
+    out = []
+    for fused in (True, False):
+        z = logits.detach().clone().requires_grad_()
+        b = (_StudentBuckets.apply(z, indices, tau) if fused
+             else student_buckets(torch.log_softmax(z.float() / tau, -1), indices))
+        (grad,) = torch.autograd.grad(b, z, upstream)
+        out.append((b.detach(), grad))
+    return out
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_fused_buckets_match_autograd_form(tau):
+    gen = torch.Generator().manual_seed(11)
+    logits = torch.randn(4, 5, 50, generator=gen) * 3
+    indices = torch.stack([torch.randperm(50, generator=gen)[:8] for _ in range(20)]).view(4, 5, 8)
+    upstream = torch.randn(4, 5, 9, generator=gen)
+    (fused, g_fused), (plain, g_plain) = buckets_both_ways(logits, indices, tau, upstream)
+    assert_close(fused, plain, atol=1e-5, rtol=1e-5)
+    assert_close(g_fused, g_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_buckets_rest_below_exp_range():
+    """Every token outside the k sits ~150 nats under the peak: exp underflows to 0 in float32, yet the rest
+    bucket is ln Σ exp(rest − lse) ≈ −150 + ln(count), as the log-softmax form gives, and so is its gradient."""
+    logits = torch.zeros(2, 3, 20)
+    indices = torch.arange(4).expand(2, 3, 4).contiguous()
+    logits[..., :4] = torch.tensor([150.0, 149.0, 148.5, 147.0])
+    logits[1, 2, 10] = -math.inf  # a ruled-out token inside such a row
+    upstream = torch.linspace(-1, 1, 2 * 3 * 5).view(2, 3, 5)
+    (fused, g_fused), (plain, g_plain) = buckets_both_ways(logits, indices, 1.0, upstream)
+    assert torch.isfinite(fused).all() and fused[..., -1].max() < -140
+    assert_close(fused, plain, atol=1e-4, rtol=1e-6)
+    assert_close(g_fused, g_plain, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_buckets_keep_low_precision_logits_dtype():
+    logits = torch.randn(3, 16).bfloat16().requires_grad_()
+    indices = torch.tensor([[0, 3], [5, 1], [15, 2]])
+    _StudentBuckets.apply(logits, indices, 1.0).sum().backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad).all()

@@ -73,16 +73,15 @@ def sparse_divergence(student_logits: Tensor, topk_logprobs: Tensor, topk_indice
     _check_shapes(student_logits, topk_logprobs, topk_indices, tail_logmass)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     top = topk_logprobs.detach().float()
     indices = topk_indices.detach().long()
     log_tail = tail_logmass.detach().float()
     if tail == "bucket":
-        student = student_buckets(log_q, indices)
+        student = _StudentBuckets.apply(student_logits, indices, float(temperature))
         teacher = torch.cat([top, log_tail.unsqueeze(-1)], dim=-1)
     else:
-        student = log_q
-        teacher = uniform_teacher(top, indices, log_tail, log_q.shape[-1])
+        student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+        teacher = uniform_teacher(top, indices, log_tail, student.shape[-1])
     # Both sides are already log-probabilities, so functional's log_softmax at τ = 1 leaves the
     # student unchanged and only renormalises the (rounded) teacher.
     return fn(student, teacher, temperature=1.0, mask=mask)
@@ -91,6 +90,7 @@ def sparse_divergence(student_logits: Tensor, topk_logprobs: Tensor, topk_indice
 def student_buckets(log_q: Tensor, indices: Tensor) -> Tensor:
     """(…, k + 1) log-probabilities: the student's k tokens at ``indices``, then all the others.
 
+    The plain autograd form, kept as the reference the fused :class:`_StudentBuckets` is tested against.
     The last bucket is a logsumexp over the remaining log-probabilities rather than
     log(1 − Σ q_top), which would cancel to garbage when the k tokens hold nearly all the mass.
     """
@@ -101,6 +101,61 @@ def student_buckets(log_q: Tensor, indices: Tensor) -> Tensor:
     empty = rest.amax(dim=-1, keepdim=True) == -math.inf
     rest_mass = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, -math.inf)
     return torch.cat([top, rest_mass], dim=-1)
+
+
+class _StudentBuckets(torch.autograd.Function):
+    """``student_buckets(log_softmax(z / τ), indices)`` in five passes over the vocabulary and one back.
+
+    The autograd form makes a dozen vocabulary-sized tensors per step (log-softmax, the scattered copy, its
+    masked fill and logsumexp, and their backwards), which made a step from the store cost 1.15–1.4× a plain
+    SFT step. Here one buffer e = exp(s − max s) serves both sides: its sum is the softmax normaliser, and
+    with the k stored tokens zeroed its sum is the rest bucket's mass, a sum of the kept terms rather than
+    1 − Σ q_top, so nothing cancels. With q_rest = Σ_rest e / Σ e and G the sum of the incoming gradients,
+    ∂/∂s_j = e_j/Σ_rest e · (g_rest − q_rest·G) outside the k and g_i − q_i·G at token i of the k.
+    The k indices of a position must be distinct (the store's are); masked positions may hold anything.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, indices: Tensor, temperature: float) -> Tensor:
+        s = logits.float()
+        if temperature != 1:
+            s = s / temperature
+        peak = s.amax(-1, keepdim=True)
+        e = torch.sub(s, peak).exp_()
+        log_norm = peak + e.sum(-1, keepdim=True).log_()
+        top = s.gather(-1, indices).sub_(log_norm)
+        e.scatter_(-1, indices, 0.0)
+        rest_sum = e.sum(-1, keepdim=True)
+        rest = rest_sum.log() + peak - log_norm
+        # exp underflowed for every token outside the k (all below the peak by ~100): the rest bucket is tiny
+        # but not empty; those few rows are redone with the rest's own maximum as the shift.
+        underflow = (rest_sum == 0).squeeze(-1) & (indices.shape[-1] < s.shape[-1])
+        if underflow.any():
+            rows = s[underflow].scatter(-1, indices[underflow], -math.inf)
+            rows_peak = rows.amax(-1, keepdim=True)
+            finite = torch.isfinite(rows_peak)
+            shifted = torch.where(finite, rows - rows_peak, -math.inf).exp_()
+            rows_sum = shifted.sum(-1, keepdim=True)
+            rest[underflow] = torch.where(finite, rows_peak + rows_sum.log(), -math.inf) - log_norm[underflow]
+            e[underflow] = shifted
+            rest_sum[underflow] = torch.where(finite, rows_sum, 0.0)
+        buckets = torch.cat([top, rest], -1)
+        ctx.save_for_backward(e, rest_sum, indices, buckets)
+        ctx.temperature, ctx.dtype = temperature, logits.dtype
+        return buckets
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        e, rest_sum, indices, buckets = ctx.saved_tensors
+        grad = grad.float()
+        total = grad.sum(-1, keepdim=True)
+        probs = buckets.exp()
+        g_rest = grad[..., -1:] - probs[..., -1:] * total
+        scale = torch.where(rest_sum > 0, g_rest / rest_sum.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        out = e.mul_(scale / ctx.temperature)  # e is not needed again: its buffer becomes the gradient
+        out.scatter_(-1, indices, (grad[..., :-1] - probs[..., :-1] * total) / ctx.temperature)
+        return out.to(ctx.dtype), None, None
 
 
 def uniform_teacher(topk_logprobs: Tensor, indices: Tensor, tail_logmass: Tensor, vocab_size: int) -> Tensor:
