@@ -91,6 +91,9 @@ def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):
     assert (plain.columns, plain.next_token) == (8, False)
 
     # a sampled store trains forward KL, and refuses the divergences it would bias
+    with pytest.raises(ConfigError, match="sample_head=4 keeps the teacher's top tokens"):  # not a silent top-k store
+        cache_teacher(load_recipe(recipe), sample_head=4, out=str(tmp_path / "headless"))
+    assert not (tmp_path / "headless").exists()
     sampled = cache_teacher(load_recipe(recipe), sample=16, out=str(tmp_path / "sampled"))
     assert TeacherStore.open(sampled).sampled
     assert distill(cached(recipe, sampled, tmp_path / "from-sampled"), progress=False).exists()

@@ -129,6 +129,9 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     from kdistill.teachers.recipe_runs import resolve_teacher
     from kdistill.teachers.store import StoreWriter
 
+    if sample_head and not sample:
+        raise ConfigError(f"sample_head={sample_head} keeps the teacher's top tokens beside the draws of `sample`; "
+                          f"give sample=N too, or leave sample_head at 0 for a top-k store")
     temperature = kd_temperature(stage) if temperature is None else temperature
     records = read_sources(stage.data.train, "train", "data.train", stage.train.seed)
     loaded = load_model(resolve_teacher(stage.teacher.model, console), stage.teacher.task,
