@@ -59,6 +59,35 @@ def test_round_trip(tmp_path, dtype):
         assert torch.equal(entry.extra["box"], seed.repeat(2).float())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_read_many_equals_the_items_one_by_one(tmp_path, dtype):
+    """A batch read (one gather per shard from memory maps) gives each item's rows, in the order asked, across
+    shards, with repeats, in the stored dtypes."""
+    store = TeacherStore.open(write(tmp_path / "store", dtype=dtype))
+    order = ["sample-4", "sample-0", "sample-2", "sample-0", "sample-1"]  # shards 2, 0, 1, 0, 0
+    assert len({store._index[i][0] for i in order}) > 1
+    logprobs, indices, tail, lengths = store.read_many(order)
+    entries = [store[i] for i in order]
+    assert lengths.tolist() == [LENGTHS[4], LENGTHS[0], LENGTHS[2], LENGTHS[0], LENGTHS[1]]
+    assert logprobs.dtype == dtype and indices.dtype == torch.int16 and tail.dtype == torch.float32
+    assert torch.equal(logprobs, torch.cat([e.topk_logprobs for e in entries]))
+    assert torch.equal(indices, torch.cat([e.topk_indices for e in entries]))
+    assert torch.equal(tail, torch.cat([e.tail_logmass for e in entries]))
+    empty = store.read_many([])
+    assert [t.shape[0] for t in empty] == [0, 0, 0, 0]
+    with pytest.raises(KeyError, match="sample-9"):
+        store.read_many(["sample-0", "sample-9"])
+    assert pickle.loads(pickle.dumps(store)).read_many(["sample-3"])[3].tolist() == [LENGTHS[3]]
+
+
+def test_read_many_checks_the_shard_first(store_path):
+    flip_byte(store_path / "shard-00001.safetensors")
+    store = TeacherStore.open(store_path)
+    store.read_many(["sample-0", "sample-1"])  # shard 0 is intact
+    with pytest.raises(CheckpointError, match=r"shard-00001\.safetensors is damaged"):
+        store.read_many(["sample-0", "sample-2"])
+
+
 def test_manifest_fields(store_path):
     manifest = json.loads((store_path / "manifest.json").read_text())
     assert manifest["format"] == "kdistill-teacher-store" and manifest["version"] == 2

@@ -231,25 +231,35 @@ def open_for_stage(stage, tokenizer, records: list[dict], where: str, collator=N
 
 
 def sparse_batch(store, records: list[dict], attention_mask: torch.Tensor | None, per_token: bool) -> SparseLogits:
-    """The stored entries of a batch's records, padded to the batch's shape."""
-    entries = [stored_entry(store, r) for r in records]
-    k = entries[0].topk_logprobs.shape[-1]
+    """The stored entries of a batch's records, padded to the batch's shape (read in one gather per shard)."""
+    keys = [stored_key(store, r) for r in records]
+    logprobs, indices, tail, lengths = store.read_many(keys)
+    logprobs, indices = logprobs.float(), indices.long()
     if not per_token:
-        return SparseLogits(torch.stack([e.topk_logprobs[0].float() for e in entries]),
-                            torch.stack([e.topk_indices[0].long() for e in entries]),
-                            torch.stack([e.tail_logmass[0] for e in entries]), store.temperature, store.sampled)
-    length = attention_mask.shape[1]
-    logprobs = torch.zeros(len(entries), length, k)
-    indices = torch.zeros(len(entries), length, k, dtype=torch.long)
-    tail = torch.zeros(len(entries), length)
-    for row, entry in enumerate(entries):
-        n = entry.topk_logprobs.shape[0]
-        if n != int(attention_mask[row].sum()):
-            raise CheckpointError(f"the teacher store has {n} positions for a record the run tokenizes into "
-                                  f"{int(attention_mask[row].sum())}; rebuild it with `kdistill cache-teacher`")
-        logprobs[row, :n], indices[row, :n], tail[row, :n] = (
-            entry.topk_logprobs.float(), entry.topk_indices.long(), entry.tail_logmass)
-    return SparseLogits(logprobs, indices, tail, store.temperature, store.sampled)
+        return SparseLogits(logprobs, indices, tail, store.temperature, store.sampled)
+    expected = attention_mask.sum(1).to(lengths.dtype)
+    wrong = (lengths != expected).nonzero()
+    if len(wrong):
+        row = int(wrong[0])
+        raise CheckpointError(f"the teacher store has {int(lengths[row])} positions for a record the run tokenizes "
+                              f"into {int(expected[row])}; rebuild it with `kdistill cache-teacher`")
+    # right-padded: each record's positions are the first of its row, in the order read_many returns them
+    kept = torch.arange(attention_mask.shape[1])[None] < lengths[:, None]
+    shape = (*kept.shape, logprobs.shape[-1])
+    padded = (torch.zeros(shape), torch.zeros(shape, dtype=torch.long), torch.zeros(kept.shape))
+    for target, values in zip(padded, (logprobs, indices, tail)):
+        target[kept] = values
+    return SparseLogits(*padded, store.temperature, store.sampled)
+
+
+def stored_key(store, record: dict) -> str:
+    """The record's key, checked: it is in the store, and a replayed image view is the one the teacher saw."""
+    key = record_key(record)
+    if "view_seed" in record:
+        stored_entry(store, record)
+    elif key not in store:
+        stored_entry(store, record)  # raises, naming the record
+    return key
 
 
 def stored_entry(store, record: dict):
