@@ -255,10 +255,8 @@ def sparse_batch(store, records: list[dict], attention_mask: torch.Tensor | None
 def stored_key(store, record: dict) -> str:
     """The record's key, checked: it is in the store, and a replayed image view is the one the teacher saw."""
     key = record_key(record)
-    if "view_seed" in record:
-        stored_entry(store, record)
-    elif key not in store:
-        stored_entry(store, record)  # raises, naming the record
+    if "view_seed" in record or key not in store:
+        stored_entry(store, record)  # raises for a missing record or another view, naming it
     return key
 
 
