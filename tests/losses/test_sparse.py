@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from kdistill.losses import functional as kd
-from kdistill.losses.sparse import SPARSE_DIVERGENCES, _StudentBuckets, sparse_divergence, student_buckets
+from kdistill.losses.sparse import SPARSE_DIVERGENCES, _StudentBuckets, sparse_divergence
 from kdistill.teachers.store import sparsify
 
 B, L, V, K, TAU = 2, 3, 7, 3, 2.0
@@ -229,6 +229,22 @@ def test_bad_arguments():
 
 
 # ------------------------------------------------------- the fused buckets against their autograd form
+
+def student_buckets(log_q, indices):
+    """(…, k + 1) log-probabilities: the student's k tokens at ``indices``, then all the others.
+
+    The plain autograd form (what sparse_divergence ran before the fused :class:`_StudentBuckets`), the reference here.
+    The last bucket is a logsumexp over the remaining log-probabilities rather than
+    log(1 − Σ q_top), which would cancel to garbage when the k tokens hold nearly all the mass.
+    """
+    top = log_q.gather(-1, indices)
+    rest = log_q.scatter(-1, indices, -math.inf)
+    # A row with nothing left (k = V, or -inf student logits outside the k) has log-mass -inf;
+    # logsumexp over all -inf has a NaN gradient, so such rows are routed around it.
+    empty = rest.amax(dim=-1, keepdim=True) == -math.inf
+    rest_mass = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, -math.inf)
+    return torch.cat([top, rest_mass], dim=-1)
+
 
 def buckets_both_ways(logits, indices, tau, upstream):
     """(values, gradient) of the fused buckets and of student_buckets(log_softmax(z / τ)) for one upstream gradient."""

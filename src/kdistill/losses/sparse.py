@@ -87,24 +87,9 @@ def sparse_divergence(student_logits: Tensor, topk_logprobs: Tensor, topk_indice
     return fn(student, teacher, temperature=1.0, mask=mask)
 
 
-def student_buckets(log_q: Tensor, indices: Tensor) -> Tensor:
-    """(…, k + 1) log-probabilities: the student's k tokens at ``indices``, then all the others.
-
-    The plain autograd form, kept as the reference the fused :class:`_StudentBuckets` is tested against.
-    The last bucket is a logsumexp over the remaining log-probabilities rather than
-    log(1 − Σ q_top), which would cancel to garbage when the k tokens hold nearly all the mass.
-    """
-    top = log_q.gather(-1, indices)
-    rest = log_q.scatter(-1, indices, -math.inf)
-    # A row with nothing left (k = V, or -inf student logits outside the k) has log-mass -inf;
-    # logsumexp over all -inf has a NaN gradient, so such rows are routed around it.
-    empty = rest.amax(dim=-1, keepdim=True) == -math.inf
-    rest_mass = torch.logsumexp(rest.masked_fill(empty, 0.0), dim=-1, keepdim=True).masked_fill(empty, -math.inf)
-    return torch.cat([top, rest_mass], dim=-1)
-
-
 class _StudentBuckets(torch.autograd.Function):
-    """``student_buckets(log_softmax(z / τ), indices)`` in five passes over the vocabulary and one back.
+    """(…, k + 1) log-probabilities of softmax(z / τ): the k tokens at ``indices``, then all the others, in five
+    passes over the vocabulary and one back.
 
     The autograd form makes a dozen vocabulary-sized tensors per step (log-softmax, the scattered copy, its
     masked fill and logsumexp, and their backwards), which made a step from the store cost 1.15–1.4× a plain
