@@ -119,21 +119,16 @@ class TeacherStore:
             raise KeyError(f"sample id {err.args[0]!r} is not in the teacher store {self.path}") from None
         shards, offsets, lengths = (np.array([span[i] for span in spans], dtype=np.int64).reshape(-1) for i in range(3))
         starts = np.cumsum(lengths) - lengths  # where each item's rows go in the output
-        fields = ("topk_logprobs", "topk_indices", "tail_logmass")
-        out = None
+        total, columns = int(lengths.sum()), self.columns
+        out = {"topk_logprobs": torch.empty(total, columns, dtype=self.dtype),
+               "topk_indices": torch.empty(total, columns, dtype=getattr(torch, self.manifest.get("index_dtype", "int32"))),
+               "tail_logmass": torch.empty(total)}
         for shard in np.unique(shards):
-            arrays = self._arrays(int(shard))
-            chosen = shards == shard
-            rows = _ranges(offsets[chosen], lengths[chosen])
-            if out is None:
-                out = [np.empty((int(lengths.sum()), *arrays[name].shape[1:]), arrays[name].dtype) for name in fields]
-            places = _ranges(starts[chosen], lengths[chosen])
-            for target, name in zip(out, fields):
-                target[places] = arrays[name][rows]
-        if out is None:  # no items
-            return (torch.zeros(0, self.columns, dtype=self.dtype), torch.zeros(0, self.columns, dtype=torch.int32),
-                    torch.zeros(0), torch.zeros(0, dtype=torch.long))
-        return (*(torch.from_numpy(array) for array in out), torch.from_numpy(lengths))
+            arrays, chosen = self._arrays(int(shard)), shards == shard
+            rows, places = _ranges(offsets[chosen], lengths[chosen]), _ranges(starts[chosen], lengths[chosen])
+            for name, target in out.items():
+                target.numpy()[places] = arrays[name][rows]
+        return (*out.values(), torch.from_numpy(lengths))
 
     def verify(self) -> None:
         """Check every shard's checksum now instead of on first access."""
@@ -163,7 +158,6 @@ class TeacherStore:
             self._verify_shard(number)
             self._handles[number] = safe_open(str(self.path / self.manifest["shards"][number]["file"]), framework="pt")
         return self._handles[number]
-
 
     def _arrays(self, number: int) -> dict[str, np.ndarray]:
         if number not in self._maps:
