@@ -53,7 +53,7 @@ class HandLoop:
         self.records, self.cfg, self.max_length = records, cfg, max_length
         # the engine's optimizer (fused AdamW), so the ratio is the engine's own overhead; what fusing
         # gains over torch's default AdamW is benchmarks/optimizer.py's
-        self.opt = make_adamw(param_groups(student, cfg.weight_decay), cfg.lr)
+        self.opt = make_adamw(param_groups(student, cfg.weight_decay, cfg.lr), cfg.lr)
         self.sched = make_scheduler(self.opt, cfg.steps, cfg.warmup, cfg.schedule)
 
     @staticmethod

@@ -10,7 +10,7 @@ import difflib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -193,6 +193,17 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     freeze: list[str] = Field(default_factory=list, description="student parameter names to keep fixed (globs)")
+    lr_scale: dict[str, float] = Field(
+        default_factory=dict, description="learning-rate multipliers for student parameters matching these globs "
+        "(the first glob that matches wins), e.g. {'classifier.*': 10} for a freshly initialised head")
+
+    @field_validator("lr_scale")
+    @classmethod
+    def positive_scales(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"multipliers must be > 0, got {bad}")
+        return value
 
 
 class QuantConfig(Strict):

@@ -158,6 +158,50 @@ def test_freeze_pattern_that_matches_nothing(tiny_recipe):
         distill(tiny_recipe, progress=False)
 
 
+def test_lr_scale_multiplies_the_learning_rate_of_matching_parameters(tiny_recipe):
+    # a multiplier of 1e-9 leaves layer 0 where the teacher's layer 2 was; layer 1 trains at the full rate
+    tiny_recipe["train"]["lr_scale"] = {"encoder.layer.0.*": 1e-9}
+    student = distill(tiny_recipe, progress=False)
+    from transformers import AutoModel
+
+    teacher = AutoModel.from_pretrained(tiny_recipe["teacher"]["model"])
+    trained = weights(student)
+    torch.testing.assert_close(trained["encoder.layer.0.output.dense.weight"], teacher.encoder.layer[1].output.dense.weight,
+                               atol=1e-8, rtol=0)
+    assert not torch.allclose(trained["encoder.layer.1.output.dense.weight"], teacher.encoder.layer[3].output.dense.weight,
+                              atol=1e-5)
+
+
+def test_lr_scale_groups():
+    """Student parameters get the first matching glob's multiple; training-only parts (projectors) do not."""
+    from kdistill.engine.loop import param_groups
+
+    module = torch.nn.Module()
+    module.student = torch.nn.Module()
+    module.student.body = torch.nn.Linear(4, 4)
+    module.student.classifier = torch.nn.Linear(4, 2)
+    module.terms = torch.nn.Module()
+    module.terms.classifier = torch.nn.Linear(4, 4)  # a projector that happens to share the name
+    groups = param_groups(module, 0.01, 1e-4, {"classifier.*": 10.0, "*": 2.0})
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert lr_of[id(module.student.classifier.weight)] == (1e-3, 0.01)
+    assert lr_of[id(module.student.classifier.bias)] == (1e-3, 0.0)
+    assert lr_of[id(module.student.body.weight)] == (2e-4, 0.01)
+    assert lr_of[id(module.terms.classifier.weight)] == (1e-4, 0.01)
+    assert sum(len(g["params"]) for g in groups) == 6
+    # without multipliers: the two groups (decay, no decay) a checkpoint written before lr_scale holds
+    assert [(g["lr"], g["weight_decay"]) for g in param_groups(module, 0.01, 1e-4)] == [(1e-4, 0.01), (1e-4, 0.0)]
+
+
+def test_lr_scale_refusals(tiny_recipe):
+    tiny_recipe["train"]["lr_scale"] = {"classifier.*": 10}  # the tiny encoder has no classifier
+    with pytest.raises(ConfigError, match=r"train.lr_scale\['classifier.\*'\]: .* matches no student parameter"):
+        distill(tiny_recipe, progress=False)
+    tiny_recipe["train"]["lr_scale"] = {"encoder.*": 0}
+    with pytest.raises(ConfigError, match="lr_scale"):
+        distill(tiny_recipe, progress=False)
+
+
 def test_resume_in_the_middle_of_the_second_stage(tiny_recipe, tmp_path, killed_run):
     """A finished stage is not trained again; the running one continues from its checkpoint, exactly."""
     tiny_recipe["stages"] = [{"name": "general", "train": {"steps": 2}},

@@ -52,24 +52,43 @@ def stage_hash(stage: Stage) -> str:
     return hashlib.sha256(json.dumps(stage.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases and norms, as BERT-style training does."""
-    decay, no_decay = [], []
+def param_groups(module: torch.nn.Module, weight_decay: float, lr: float,
+                 lr_scale: dict[str, float] | None = None) -> list[dict]:
+    """No weight decay on biases and norms, as BERT-style training does; `lr_scale` globs (student
+    parameter names) give their parameters a multiple of the learning rate. A classifier head that starts
+    from random weights on top of a pretrained body learns too slowly at the body's rate: at 1e-4 for both,
+    MiniLM's supersense head reached 0.62 dev accuracy in 300 steps, at 10x for the head 0.76
+    (docs/encoders.md)."""
+    from fnmatch import fnmatch
+
+    lr_scale = lr_scale or {}
+    groups: dict[tuple[float, float], list] = {(weight_decay, 1.0): [], (0.0, 1.0): []}
     for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not p.requires_grad:
+            continue
+        decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else weight_decay
+        student_name = name.removeprefix("student.")
+        scale = next((v for glob, v in lr_scale.items() if student_name != name and fnmatch(student_name, glob)), 1.0)
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": params, "weight_decay": decay, "lr": lr * scale} for (decay, scale), params in groups.items()]
+
+
+def check_globs(field: str, patterns, names: list[str]) -> None:
+    """A glob that matches no student parameter is a typo, not a no-op: say which and what names look like."""
+    from fnmatch import fnmatch
+
+    for i, pattern in enumerate(patterns):
+        if not any(fnmatch(name, pattern) for name in names):
+            label = f"{field}[{i}]" if isinstance(patterns, list) else f"{field}[{pattern!r}]"
+            raise ConfigError(f"{label}: {pattern!r} matches no student parameter "
+                              f"(names look like {names[len(names) // 2]!r})")
 
 
 def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
     """Keep parameters matching any glob fixed (MobileBERT's progressive transfer freezes lower layers)."""
     from fnmatch import fnmatch
 
-    names = [name for name, _ in student.named_parameters()]
-    for i, pattern in enumerate(patterns):
-        if not any(fnmatch(name, pattern) for name in names):
-            raise ConfigError(f"train.freeze[{i}]: {pattern!r} matches no student parameter "
-                              f"(names look like {names[len(names) // 2]!r})")
+    check_globs("train.freeze", patterns, [name for name, _ in student.named_parameters()])
     for name, param in student.named_parameters():
         if any(fnmatch(name, pattern) for pattern in patterns):
             param.requires_grad_(False)
@@ -102,7 +121,9 @@ class StageTrainer:
         self.needs_teacher = any(t.needs_teacher for t in parts.terms)
         # parts with a schedule and state: the loss terms, plus student modules such as Theseus' layers
         self.stateful = list(parts.terms) + [m for m in parts.student.modules() if hasattr(m, "method_state")]
-        optimizer = make_adamw(param_groups(self.distiller, self.cfg.weight_decay), self.cfg.lr, accelerator.device)
+        check_globs("train.lr_scale", self.cfg.lr_scale, [name for name, _ in parts.student.named_parameters()])
+        optimizer = make_adamw(param_groups(self.distiller, self.cfg.weight_decay, self.cfg.lr, self.cfg.lr_scale),
+                               self.cfg.lr, accelerator.device)
         self.scheduler = make_scheduler(optimizer, self.cfg.steps, self.cfg.warmup, self.cfg.schedule)
         self.model, self.optimizer = accelerator.prepare(self.distiller, optimizer)
         self.plan = BatchPlan(len(parts.train_records), self.cfg.batch_size, self.cfg.grad_accum,
