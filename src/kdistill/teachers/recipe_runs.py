@@ -30,10 +30,37 @@ def resolve_teacher(ref: str, console=None) -> str:
     name = ref[len(PREFIX):]
     out = recipe_output(name)
     student = out / "student"
-    if is_complete(student):
-        return str(student)
     recipe = load_recipe(name, output=str(out))
+    if is_complete(student):
+        warn_if_stale(recipe, out, console)
+        return str(student)
     if console is not None:
         console.print(f"teacher {ref} is not trained yet: running recipe {name!r} once (cached in {out})")
     run_recipe(recipe, resume=(out / "config.resolved.yaml").exists(), console=console)
     return str(student)
+
+
+def warn_if_stale(recipe, out: Path, console=None) -> list[str]:
+    """A cached teacher trained by another version of its recipe (an upgrade changed the recipe, or it was
+    run with --set overrides) is used as it is, since it may have cost an hour to train, but not silently:
+    the warning names what differs and how to train today's recipe instead."""
+    import warnings
+
+    import yaml
+
+    from kdistill.config import recipe_changes
+
+    resolved = out / "config.resolved.yaml"
+    try:
+        changed = recipe_changes(yaml.safe_load(resolved.read_text()), recipe)
+    except (OSError, yaml.YAMLError):
+        changed = [f"{resolved} is missing or unreadable"]
+    if changed:
+        message = (f"the cached teacher in {out} was trained by a different {recipe.name!r} recipe than today's ("
+                   + "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
+                   + f"); using it as it is. Delete {out} to train today's recipe")
+        if console is not None:
+            console.print(f"[yellow]warning:[/yellow] {message}")
+        else:
+            warnings.warn(message, stacklevel=3)
+    return changed
