@@ -67,8 +67,9 @@ def param_groups(module: torch.nn.Module, weight_decay: float, lr: float,
         if not p.requires_grad:
             continue
         decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else weight_decay
-        student_name = name.removeprefix("student.")
-        scale = next((v for glob, v in lr_scale.items() if student_name != name and fnmatch(student_name, glob)), 1.0)
+        # the globs name student parameters; training-only parts (projectors) keep the base rate
+        student_name = name[len("student."):] if name.startswith("student.") else None
+        scale = next((v for glob, v in lr_scale.items() if student_name and fnmatch(student_name, glob)), 1.0)
         groups.setdefault((decay, scale), []).append(p)
     return [{"params": params, "weight_decay": decay, "lr": lr * scale} for (decay, scale), params in groups.items()]
 
