@@ -39,3 +39,13 @@ def test_a_cached_run_of_another_recipe_version_is_used_with_a_warning(tmp_path,
     assert "train.lr_scale" in message and "train.steps: 2000 -> 1500" in message
     assert f"Delete {out}" in message
     assert (out / "student" / "kdistill.json").exists()
+
+
+def test_the_warning_is_given_once_per_process(tmp_path, monkeypatch, recwarn):
+    def older(dumped):
+        dumped["stages"][0]["train"]["steps"] = 2000
+
+    out = cached_run(tmp_path, monkeypatch, edit=older)
+    for _ in range(3):  # as a comparison does: every stage of every run resolves its teacher
+        assert resolve_teacher("recipe:teacher-supersense") == str(out / "student")
+    assert len([w for w in recwarn if "cached teacher" in str(w.message)]) == 1

@@ -9,6 +9,9 @@ import os
 from pathlib import Path
 
 PREFIX = "recipe:"
+# (directory, differences) already warned about: a comparison resolves the teacher once per stage of every
+# run, and one warning says it all
+_warned: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def kdistill_home() -> Path:
@@ -40,7 +43,7 @@ def resolve_teacher(ref: str, console=None) -> str:
     return str(student)
 
 
-def warn_if_stale(recipe, out: Path, console=None) -> list[str]:
+def warn_if_stale(recipe, out: Path, console=None) -> None:
     """A cached teacher trained by another version of its recipe (an upgrade changed the recipe, or it was
     run with --set overrides) is used as it is, since it may have cost an hour to train, but not silently:
     the warning names what differs and how to train today's recipe instead."""
@@ -55,7 +58,9 @@ def warn_if_stale(recipe, out: Path, console=None) -> list[str]:
         changed = recipe_changes(yaml.safe_load(resolved.read_text()), recipe)
     except (OSError, yaml.YAMLError):
         changed = [f"{resolved} is missing or unreadable"]
-    if changed:
+    key = (str(out.resolve()), tuple(changed))
+    if changed and key not in _warned:
+        _warned.add(key)
         message = (f"the cached teacher in {out} was trained by a different {recipe.name!r} recipe than today's ("
                    + "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
                    + f"); using it as it is. Delete {out} to train today's recipe")
@@ -63,4 +68,3 @@ def warn_if_stale(recipe, out: Path, console=None) -> list[str]:
             console.print(f"[yellow]warning:[/yellow] {message}")
         else:
             warnings.warn(message, stacklevel=3)
-    return changed
