@@ -102,3 +102,36 @@ def test_theseus_run_resumes_exactly(tmp_path, tokenizer, killed_run):
     assert a.keys() == b.keys() and not any("predecessors" in k for k in a)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_a_step_that_runs_only_frozen_blocks_is_no_error(tmp_path, tokenizer):
+    """With the embeddings and head frozen (the paper's setting), a step that draws every predecessor has
+    nothing to train; it must pass, not fail in backward, and leave the successors as they were."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from kdistill import distill
+
+    torch.manual_seed(0)
+    labels = ["a", "b"]
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
+                        label2id={n: i for i, n in enumerate(labels)})
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"word {i}", "label": labels[i % 2]}) + "\n" for i in range(16)))
+    recipe = {"name": "th", "teacher": {"model": str(tmp_path / "teacher")},
+              "student": {"theseus": {"modules": 2, "start": 0.0, "full_at": 1.0}},
+              "data": {"train": {"path": str(data), "label": "label"}, "max_length": 8},
+              "losses": [{"type": "cross_entropy"}],
+              "train": {"steps": 1, "batch_size": 4, "weight_decay": 0.0,
+                        "freeze": ["bert.embeddings.*", "bert.pooler.*", "classifier.*"]},
+              "output": str(tmp_path / "out")}
+    out = distill(recipe, progress=False)  # p = 0 at step 0: every module runs its predecessors
+    exported = load_file(str(out / "model.safetensors"))
+    teacher = BertForSequenceClassification.from_pretrained(tmp_path / "teacher").state_dict()
+    for i, source in enumerate([1, 3]):  # successor i is a copy of group i's top block, untouched
+        key = f"bert.encoder.layer.{i}.attention.self.query.weight"
+        assert torch.equal(exported[key], teacher[f"bert.encoder.layer.{source}.attention.self.query.weight"])

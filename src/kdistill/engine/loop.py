@@ -232,7 +232,7 @@ class StageTrainer:
                 stack.enter_context(self.acc.autocast())
                 targets, live = self.teacher_forward(batch)
                 out = self.model(batch, targets, (share * world).tolist())
-                self.acc.backward(out["loss"])
+                self.backward(out["loss"], world)
                 if self.updater is not None:
                     t_loss = self.updater.loss(live["logits"], out["taps"]["logits"], batch)
                     self.acc.backward(t_loss * float(t_counts[j] / t_total) * world)
@@ -255,6 +255,17 @@ class StageTrainer:
         if grad_norm is not None:
             result["grad_norm"] = float(grad_norm)
         return result
+
+    def backward(self, loss: torch.Tensor, world: int) -> None:
+        """A micro-batch can run no trainable parameter at all: BERT-of-Theseus drawing every (frozen)
+        predecessor while the embeddings and head are frozen too. Alone, there is nothing to do; with
+        several processes, a zero that reaches every trainable parameter keeps their gradient
+        reductions in step (a skipped backward on one process would hang the others)."""
+        if not loss.requires_grad:
+            if world == 1:
+                return
+            loss = loss + sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
+        self.acc.backward(loss)
 
     # ---- evaluation ----------------------------------------------------------------------------
     @torch.no_grad()
