@@ -169,3 +169,34 @@ def test_a_pipeline_reuses_the_finished_stages_it_shares_with_an_earlier_one(tmp
     # another seed, or a run that has started, shares nothing
     assert reuse_shared_stages(variant(recipe("c", 0.9), 1, False, tmp_path / "c"), [first]) == []
     assert reuse_shared_stages(second, [first]) == []
+
+
+def test_an_edited_run_keeps_the_leading_stages_the_edit_left_alone(tmp_path, make_classifier):
+    from kdistill.compare import train_or_reuse, variant
+    from kdistill.engine.run import stage_student_dir
+
+    teacher = make_classifier(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                            for i in range(8) for w in ("red", "green", "blue")))
+
+    def recipe(first_steps, last_alpha):
+        return variant(load_recipe({
+            "name": "r", "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
+            "data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
+            "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4},
+            "stages": [{"name": "first", "train": {"steps": first_steps}},
+                       {"name": "last", "losses": [{"type": "logit_kd", "alpha": last_alpha}]}]}), 0, False, tmp_path / "run")
+
+    original = recipe(2, 0.5)
+    train_or_reuse(original, None)
+    first = stage_student_dir(tmp_path / "run", original, 0) / "model.safetensors"
+    stamp, last_bytes = first.stat().st_mtime_ns, (tmp_path / "run" / "student" / "model.safetensors").read_bytes()
+    edited = recipe(2, 0.9)  # only the last stage changed: the first is kept as it was trained
+    train_or_reuse(edited, None)
+    assert first.stat().st_mtime_ns == stamp and not (tmp_path / "run.edited").exists()
+    assert (tmp_path / "run" / "student" / "model.safetensors").read_bytes() != last_bytes
+    assert "0.9" in (tmp_path / "run" / "config.resolved.yaml").read_text()
+    train_or_reuse(recipe(3, 0.9), None)  # the first stage changed: everything is trained again
+    assert first.stat().st_mtime_ns != stamp
+    assert json.loads((tmp_path / "run" / "stages" / "first" / "student" / "kdistill.json").read_text())["steps"] == 3

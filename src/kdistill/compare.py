@@ -163,22 +163,34 @@ def pipeline_wall_time(run: Recipe) -> float:
 
 
 def train_or_reuse(recipe: Recipe, console) -> Path:
-    """A finished run of exactly this recipe is reused; a run of an edited recipe is trained again."""
+    """A finished run of exactly this recipe is reused; a run of an edited recipe is trained again, from
+    the end of the leading stages the edit left as they were (editing a task stage keeps the general one)."""
     import shutil
 
     import yaml
 
     from kdistill.engine.export import is_complete
     from kdistill.engine.run import run_recipe
-    from kdistill.config import recipe_changes
+    from kdistill.config import load_recipe, recipe_changes
+    from kdistill.errors import ConfigError
 
     out = Path(recipe.output)
     student = out / "student"
     resolved = out / "config.resolved.yaml"
-    if resolved.exists() and recipe_changes(yaml.safe_load(resolved.read_text()), recipe):
-        if console is not None:
-            console.print(f"{recipe.name}: the recipe changed since {out} was trained; training it again")
-        shutil.rmtree(out)
+    if resolved.exists():
+        before = yaml.safe_load(resolved.read_text())
+        if recipe_changes(before, recipe):
+            edited = out.with_name(out.name + ".edited")
+            shutil.rmtree(edited, ignore_errors=True)
+            out.rename(edited)
+            try:
+                kept = reuse_shared_stages(recipe, [load_recipe(before, output=str(edited))])
+            except ConfigError:  # written by an older kdistill whose recipe no longer validates
+                kept = []
+            shutil.rmtree(edited)
+            if console is not None:
+                console.print(f"{recipe.name}: the recipe changed since {out} was trained; training it again"
+                              + (f" from the end of its unchanged stages ({', '.join(kept)})" if kept else ""))
     if not is_complete(student):
         run_recipe(recipe, resume=(Path(recipe.output) / "config.resolved.yaml").exists(), console=console)
     return student
