@@ -137,21 +137,30 @@ def test_kept_scores_follow_the_records_and_the_weights(tmp_path, monkeypatch):
     assert compare_module.score_once(student, records, "classification") == (4.5, {}) and len(calls) == 4
 
 
-def test_a_pipeline_reuses_the_finished_stages_it_shares_with_an_earlier_one(tmp_path, make_classifier):
-    from kdistill.compare import reuse_shared_stages, train_or_reuse, variant
-    from kdistill.engine.run import stage_student_dir
-
+def two_stage_pipeline(tmp_path, make_classifier):
+    """A builder of two-stage logit-KD recipes on a tiny teacher: (name, first stage's steps, last stage's alpha)."""
     teacher = make_classifier(tmp_path / "teacher")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
                             for i in range(8) for w in ("red", "green", "blue")))
 
-    def recipe(name, last_alpha):
+    def recipe(name, first_steps, last_alpha):
         return load_recipe({"name": name, "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
                             "data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
                             "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4},
-                            "stages": [{"name": "first"},
+                            "stages": [{"name": "first", "train": {"steps": first_steps}},
                                        {"name": "last", "losses": [{"type": "logit_kd", "alpha": last_alpha}]}]})
+    return recipe
+
+
+def test_a_pipeline_reuses_the_finished_stages_it_shares_with_an_earlier_one(tmp_path, make_classifier):
+    from kdistill.compare import reuse_shared_stages, train_or_reuse, variant
+    from kdistill.engine.run import stage_student_dir
+
+    pipeline = two_stage_pipeline(tmp_path, make_classifier)
+
+    def recipe(name, last_alpha):
+        return pipeline(name, 2, last_alpha)
 
     first = variant(recipe("a", 0.5), 0, False, tmp_path / "a")
     train_or_reuse(first, None)
@@ -175,18 +184,10 @@ def test_an_edited_run_keeps_the_leading_stages_the_edit_left_alone(tmp_path, ma
     from kdistill.compare import train_or_reuse, variant
     from kdistill.engine.run import stage_student_dir
 
-    teacher = make_classifier(tmp_path / "teacher")
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
-                            for i in range(8) for w in ("red", "green", "blue")))
+    pipeline = two_stage_pipeline(tmp_path, make_classifier)
 
     def recipe(first_steps, last_alpha):
-        return variant(load_recipe({
-            "name": "r", "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
-            "data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
-            "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4},
-            "stages": [{"name": "first", "train": {"steps": first_steps}},
-                       {"name": "last", "losses": [{"type": "logit_kd", "alpha": last_alpha}]}]}), 0, False, tmp_path / "run")
+        return variant(pipeline("r", first_steps, last_alpha), 0, False, tmp_path / "run")
 
     original = recipe(2, 0.5)
     train_or_reuse(original, None)

@@ -72,13 +72,9 @@ def test_modules_must_divide_the_layers(teacher):
         build_theseus(Theseus(modules=3), teacher, steps=10)
 
 
-def test_theseus_run_resumes_exactly(tmp_path, tokenizer, killed_run):
-    """The replacement draws and the rate are restored on resume: same weights as an uninterrupted run."""
+def teacher_and_data(tmp_path, tokenizer):
+    """A 4-layer, 2-label teacher saved in tmp_path/teacher and 16 labeled records; returns the data path."""
     import json
-
-    from safetensors.torch import load_file
-
-    from kdistill import distill
 
     torch.manual_seed(0)
     labels = ["a", "b"]
@@ -89,6 +85,18 @@ def test_theseus_run_resumes_exactly(tmp_path, tokenizer, killed_run):
     tokenizer.save_pretrained(tmp_path / "teacher")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"word {i}", "label": labels[i % 2]}) + "\n" for i in range(16)))
+    return data
+
+
+def test_theseus_run_resumes_exactly(tmp_path, tokenizer, killed_run):
+    """The replacement draws and the rate are restored on resume: same weights as an uninterrupted run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from kdistill import distill
+
+    data = teacher_and_data(tmp_path, tokenizer)
     recipe = {"name": "th", "teacher": {"model": str(tmp_path / "teacher")},
               "student": {"theseus": {"modules": 2, "start": 0.3, "full_at": 1.0}},
               "data": {"train": {"path": str(data), "label": "label"}, "max_length": 8},
@@ -105,23 +113,13 @@ def test_theseus_run_resumes_exactly(tmp_path, tokenizer, killed_run):
 
 
 def test_a_step_that_runs_only_frozen_blocks_is_no_error(tmp_path, tokenizer):
-    """With the embeddings and head frozen (the paper's setting), a step that draws every predecessor has
+    """With the embeddings and head frozen (as the reference code trains only the successors), a step that draws every predecessor has
     nothing to train; it must pass, not fail in backward, and leave the successors as they were."""
-    import json
-
     from safetensors.torch import load_file
 
     from kdistill import distill
 
-    torch.manual_seed(0)
-    labels = ["a", "b"]
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=4, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
-                        label2id={n: i for i, n in enumerate(labels)})
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": f"word {i}", "label": labels[i % 2]}) + "\n" for i in range(16)))
+    data = teacher_and_data(tmp_path, tokenizer)
     recipe = {"name": "th", "teacher": {"model": str(tmp_path / "teacher")},
               "student": {"theseus": {"modules": 2, "start": 0.0, "full_at": 1.0}},
               "data": {"train": {"path": str(data), "label": "label"}, "max_length": 8},
