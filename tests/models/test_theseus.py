@@ -113,8 +113,9 @@ def test_theseus_run_resumes_exactly(tmp_path, tokenizer, killed_run):
 
 
 def test_a_step_that_runs_only_frozen_blocks_is_no_error(tmp_path, tokenizer):
-    """With the embeddings and head frozen (as the reference code trains only the successors), a step that draws every predecessor has
-    nothing to train; it must pass, not fail in backward, and leave the successors as they were."""
+    """With the embeddings and head frozen (as the reference code trains only the successors), a step that
+    draws every predecessor has nothing to train; it must pass, not fail in backward, and leave the
+    successors as they were."""
     from safetensors.torch import load_file
 
     from kdistill import distill
