@@ -137,3 +137,15 @@ def test_the_same_run_folder_spelt_another_way_is_not_a_change(tmp_path, monkeyp
     saved = load_recipe("supersense-kd", output="runs/compare/full/supersense-kd/seed-0").dump()
     again = load_recipe("supersense-kd", output=str(tmp_path / "runs/compare/full/supersense-kd/seed-0"))
     assert recipe_changes(saved, again) == []
+
+
+def test_a_new_checkpoint_cadence_is_not_a_change():
+    # save_every only decides how often a checkpoint is written; resuming with another one, or compare
+    # meeting a finished run whose recipe differs only there, must not retrain anything
+    r = load_recipe("tinybert")
+    saved = r.dump()
+    saved["stages"][0]["train"]["save_every"] = 7
+    assert diff_configs(saved, r.dump())
+    assert recipe_changes(saved, r) == []
+    saved["stages"][0]["train"]["eval_every"] = 7  # other train fields still count
+    assert recipe_changes(saved, r) == [f"stages[0].train.eval_every: 7 -> {r.stages[0].train.eval_every}"]

@@ -258,16 +258,22 @@ def recipe_changes(previous: dict, current: Recipe) -> list[str]:
     now = current.dump()
     if isinstance(previous, dict):
         previous = {k: v for k, v in previous.items() if k != "output"}
-    return diff_configs(previous, {k: v for k, v in now.items() if k != "output"})
+    return diff_configs(previous, {k: v for k, v in now.items() if k != "output"}, ignore=CHECKPOINT_CADENCE)
 
 
-def diff_configs(old: Any, new: Any, path: str = "") -> list[str]:
-    """Field paths where two dumped recipes differ."""
+# How often a run checkpoints changes no weight (training is deterministic and resumes exactly), so a new
+# save_every neither blocks a resume nor makes compare retrain a finished run.
+CHECKPOINT_CADENCE = frozenset({"save_every"})
+
+
+def diff_configs(old: Any, new: Any, path: str = "", ignore: frozenset = frozenset()) -> list[str]:
+    """Field paths where two dumped recipes differ; keys named in `ignore` are skipped at any depth."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
         for key in sorted(set(old) | set(new), key=str):
-            out += diff_configs(old.get(key), new.get(key), f"{path}.{key}" if path else str(key))
+            if key not in ignore:
+                out += diff_configs(old.get(key), new.get(key), f"{path}.{key}" if path else str(key), ignore)
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        return [d for i, (a, b) in enumerate(zip(old, new)) for d in diff_configs(a, b, f"{path}[{i}]")]
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in diff_configs(a, b, f"{path}[{i}]", ignore)]
     return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
