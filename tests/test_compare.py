@@ -66,6 +66,43 @@ def test_recipes_whose_students_start_alike_share_one_baseline(tmp_path, make_cl
     assert "| tiny-a-baseline (also the baseline of tiny-b) |" in results.read_text()
 
 
+def test_a_later_compare_reuses_a_baseline_of_the_same_content(tmp_path, make_classifier, monkeypatch):
+    # a sweep: two recipe files differing only in their loss share one baseline across two invocations,
+    # and a baseline folder an earlier version named after its recipe is moved, not trained again
+    teacher = make_classifier(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                            for i in range(8) for w in ("red", "green", "blue")))
+    paths = []
+    for name, temperature in (("kd-t2", 2.0), ("kd-t4", 4.0)):
+        recipe = {"name": name, "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
+                  "data": {"train": {"path": str(data), "label": "y"}, "eval": {"path": str(data), "label": "y"},
+                           "max_length": 16},
+                  "losses": [{"type": "logit_kd", "temperature": temperature}], "train": {"steps": 2, "batch_size": 4}}
+        paths.append(tmp_path / f"{name}.yaml")
+        paths[-1].write_text(yaml.safe_dump(recipe))
+    runs, results = tmp_path / "runs", tmp_path / "results.md"
+    first = compare([str(paths[0])], seeds=1, output=str(runs), results=str(results))
+    [folder] = list((runs / "full" / "baselines").iterdir())
+    (folder / "seed-0").rename(tmp_path / "kept")  # as an earlier version laid it out
+    (runs / "full" / "kd-t2-baseline").mkdir()
+    (tmp_path / "kept").rename(runs / "full" / "kd-t2-baseline" / "seed-0")
+    folder.rmdir()
+
+    from kdistill.engine import run as run_module
+
+    trained = []
+
+    original = run_module.run_recipe
+    monkeypatch.setattr(run_module, "run_recipe", lambda recipe, **kw: trained.append(recipe.name) or original(recipe, **kw))
+    second = compare([str(paths[0])], seeds=1, output=str(runs), results=str(results))
+    assert trained == [] and (folder / "seed-0" / "student").is_dir()  # moved into place, reused
+    assert second["rows"][1]["score"] == first["rows"][1]["score"]
+    third = compare([str(paths[1])], seeds=1, output=str(runs), results=str(results))
+    assert trained == ["kd-t4"]  # the new recipe only: its baseline is the one already trained
+    assert third["rows"][1]["name"] == "kd-t4-baseline" and third["rows"][1]["score"] == first["rows"][1]["score"]
+
+
 def test_compare_scores_a_causal_lm_with_rouge_and_perplexity(tmp_path, tiny_gpt2_dir):
     data = tmp_path / "defs.jsonl"
     rows = [{"text": f"word: w{i} (noun)\ndefinition: a thing {i}", "prompt": f"word: w{i} (noun)\ndefinition:",

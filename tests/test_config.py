@@ -139,13 +139,15 @@ def test_the_same_run_folder_spelt_another_way_is_not_a_change(tmp_path, monkeyp
     assert recipe_changes(saved, again) == []
 
 
-def test_a_new_checkpoint_cadence_is_not_a_change():
-    # save_every only decides how often a checkpoint is written; resuming with another one, or compare
-    # meeting a finished run whose recipe differs only there, must not retrain anything
+def test_bookkeeping_and_the_name_are_not_a_change():
+    # how often a run evaluates, logs and saves (tests/engine/test_run.py: no weight changes) and what it is
+    # called: resuming with others, or compare meeting a finished run that differs only there, retrains nothing
     r = load_recipe("tinybert")
     saved = r.dump()
-    saved["stages"][0]["train"]["save_every"] = 7
+    saved["name"] = "tinybert-baseline"
+    for field in ("save_every", "eval_every", "log_every", "keep_checkpoints"):
+        saved["stages"][0]["train"][field] = 7
     assert diff_configs(saved, r.dump())
     assert recipe_changes(saved, r) == []
-    saved["stages"][0]["train"]["eval_every"] = 7  # other train fields still count
-    assert recipe_changes(saved, r) == [f"stages[0].train.eval_every: 7 -> {r.stages[0].train.eval_every}"]
+    saved["stages"][0]["train"]["seed"] = 7  # the fields that shape training still count
+    assert recipe_changes(saved, r) == ["stages[0].train.seed: 7 -> 0"]

@@ -39,7 +39,9 @@ def baseline_of(recipe: Recipe) -> Recipe:
 def baseline_key(baseline: Recipe) -> str:
     """What makes two baselines the same run: their stage with `uniform` / `every_other` written as the
     teacher layers they pick (DistilBERT's every_other is MiniLM's [2, 4, 6]), apart from how often it
-    evaluates and saves (evaluation draws no random numbers and leaves the weights alone)."""
+    evaluates, logs and saves (none of which changes a weight)."""
+    from kdistill.config import BOOKKEEPING
+
     stage = baseline.stages[0]
     dump = stage.model_dump(mode="json")
     spec = stage.student.from_teacher
@@ -54,9 +56,30 @@ def baseline_key(baseline: Recipe) -> str:
         dump["student"]["from_teacher"].update(
             layers=choose_layers(spec.layers, spec.num_layers, layer_count(config), "student.from_teacher"),
             num_layers=None)
-    for field in ("eval_every", "save_every", "keep_checkpoints"):
+    for field in BOOKKEEPING:
         dump["train"].pop(field, None)
     return json.dumps(dump, sort_keys=True)
+
+
+def baseline_dir(root: Path, baseline: Recipe, quick: bool) -> Path:
+    """Baselines live by content (`baselines/<hash of their key>`), so every later compare whose recipe
+    asks for the same baseline (a sweep of one recipe's loss settings) reuses it instead of training it
+    again, and an edited recipe's baseline never replaces the earlier one. A folder named after the recipe
+    (`<name>-baseline`, where earlier versions kept baselines) moves there if it holds this baseline."""
+    import hashlib
+
+    import yaml
+
+    from kdistill.config import recipe_changes
+
+    folder = root / "baselines" / hashlib.sha256(baseline_key(baseline).encode()).hexdigest()[:16]
+    legacy = root / baseline.name
+    saved = legacy / "seed-0" / "config.resolved.yaml"
+    if not folder.exists() and saved.exists():
+        if not recipe_changes(yaml.safe_load(saved.read_text()), variant(baseline, 0, quick, saved.parent)):
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            legacy.rename(folder)
+    return folder
 
 
 def variant(recipe: Recipe, seed: int, quick: bool, output: Path) -> Recipe:
@@ -282,7 +305,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
                               f"(execution accuracy), not `kdistill compare`")
-        pairs, base_name = [(recipe.name, recipe)], f"{recipe.name}-baseline"
+        pairs, base_name = [(recipe.name, recipe, root / recipe.name)], f"{recipe.name}-baseline"
         if baselines:
             base = baseline_of(recipe)
             base_key = baseline_key(base)
@@ -290,7 +313,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 for row in done_baselines[base_key]:
                     row["baseline_of"].append(recipe.name)
             else:
-                pairs.append((base.name, base))
+                pairs.append((base.name, base, baseline_dir(root, base, quick)))
                 done_baselines[base_key] = []
         records = test_records(recipe)
         task = recipe_task(recipe)
@@ -301,13 +324,13 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                            "params": count_parameters(teacher.model), **{k: [v] for k, v in extra.items()}}
             tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length,
                                          teacher.model.config)
-        for label, r in pairs:
+        for label, r, folder in pairs:
             points = evaluation_points(r)
             accs = {suffix: [] for suffix, _ in points}
             extras: dict[str, dict[str, list]] = {suffix: {} for suffix, _ in points}
             walls = []
             for seed in range(seeds):
-                run = variant(r, seed, quick, root / label / f"seed-{seed}")
+                run = variant(r, seed, quick, folder / f"seed-{seed}")
                 start = time.perf_counter()
                 copied = reuse_shared_stages(run, finished.setdefault(seed, []))
                 if copied and console is not None:

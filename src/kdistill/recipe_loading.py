@@ -250,20 +250,23 @@ def recipe_changes(previous: dict, current: Recipe) -> list[str]:
     """Field paths where a run's saved recipe differs from `current`. The saved one is read through
     today's schema first, so a field added since (saved without it) counts as its default, not a change.
     `output` is left out: it names where the run lives, which the caller found it by, and the same folder
-    spelt relative or absolute must not make a finished run look edited (compare would train it again)."""
+    spelt relative or absolute must not make a finished run look edited (compare would train it again).
+    So is `name`, which changes no weight: compare's baselines are shared by every recipe that asks for
+    the same one, each calling it after itself."""
     try:
         previous = build_recipe(previous, "the saved recipe").dump()
     except (KdistillError, TypeError, AttributeError):
         pass  # a field since removed or renamed: the raw difference names it
     now = current.dump()
     if isinstance(previous, dict):
-        previous = {k: v for k, v in previous.items() if k != "output"}
-    return diff_configs(previous, {k: v for k, v in now.items() if k != "output"}, ignore=CHECKPOINT_CADENCE)
+        previous = {k: v for k, v in previous.items() if k not in ("output", "name")}
+    return diff_configs(previous, {k: v for k, v in now.items() if k not in ("output", "name")}, ignore=BOOKKEEPING)
 
 
-# How often a run checkpoints changes no weight (training is deterministic and resumes exactly), so a new
-# save_every neither blocks a resume nor makes compare retrain a finished run.
-CHECKPOINT_CADENCE = frozenset({"save_every"})
+# How often a run evaluates, logs and checkpoints, and how many checkpoints it keeps, changes no weight
+# (evaluation draws no random numbers; training is deterministic and resumes exactly: tests), so changing
+# them neither blocks a resume nor makes compare retrain a finished run.
+BOOKKEEPING = frozenset({"eval_every", "log_every", "save_every", "keep_checkpoints"})
 
 
 def diff_configs(old: Any, new: Any, path: str = "", ignore: frozenset = frozenset()) -> list[str]:

@@ -100,6 +100,18 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_recipe, tmp_path):
     assert_same_weights(one, four, atol=1e-5)
 
 
+def test_evaluating_logging_and_saving_change_no_weight(tiny_recipe, tmp_path):
+    # what recipe_changes and compare's baseline key ignore (BOOKKEEPING) must be bookkeeping indeed: with
+    # dropout on, an evaluation that drew a random number would shift every later mask and the weights
+    tiny_recipe["student"] = {"config": {"num_hidden_layers": 2, "hidden_dropout_prob": 0.2}}
+    tiny_recipe["train"].update(steps=4, log_every=10)
+    quiet = distill({**tiny_recipe, "output": str(tmp_path / "quiet")}, progress=False)
+    busy_train = {**tiny_recipe["train"], "eval_every": 1, "log_every": 1, "save_every": 1, "keep_checkpoints": 1}
+    busy = distill({**tiny_recipe, "train": busy_train, "output": str(tmp_path / "busy")}, progress=False)
+    assert len([r for r in (tmp_path / "busy" / "logs" / "main.jsonl").read_text().splitlines() if '"eval"' in r]) >= 4
+    assert_same_weights(quiet, busy)
+
+
 def test_multi_stage_starts_from_previous_student(tiny_recipe):
     tiny_recipe["stages"] = [{"name": "general", "train": {"steps": 2}},
                              {"name": "task", "losses": [{"type": "embedding_cosine"}], "train": {"steps": 2}}]
