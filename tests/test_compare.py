@@ -84,17 +84,13 @@ def test_a_later_compare_reuses_a_baseline_of_the_same_content(tmp_path, make_cl
     runs, results = tmp_path / "runs", tmp_path / "results.md"
     first = compare([str(paths[0])], seeds=1, output=str(runs), results=str(results))
     [folder] = list((runs / "full" / "baselines").iterdir())
-    (folder / "seed-0").rename(tmp_path / "kept")  # as an earlier version laid it out
-    (runs / "full" / "kd-t2-baseline").mkdir()
-    (tmp_path / "kept").rename(runs / "full" / "kd-t2-baseline" / "seed-0")
-    folder.rmdir()
+    folder.rename(runs / "full" / "kd-t2-baseline")  # where an earlier version kept it
 
     from kdistill.engine import run as run_module
 
-    trained = []
-
-    original = run_module.run_recipe
-    monkeypatch.setattr(run_module, "run_recipe", lambda recipe, **kw: trained.append(recipe.name) or original(recipe, **kw))
+    trained, original = [], run_module.run_recipe
+    monkeypatch.setattr(run_module, "run_recipe",
+                        lambda recipe, **kw: trained.append(recipe.name) or original(recipe, **kw))
     second = compare([str(paths[0])], seeds=1, output=str(runs), results=str(results))
     assert trained == [] and (folder / "seed-0" / "student").is_dir()  # moved into place, reused
     assert second["rows"][1]["score"] == first["rows"][1]["score"]
