@@ -61,18 +61,18 @@ def baseline_key(baseline: Recipe) -> str:
     return json.dumps(dump, sort_keys=True)
 
 
-def baseline_dir(root: Path, baseline: Recipe, quick: bool) -> Path:
-    """Baselines live by content (`baselines/<hash of their key>`), so every later compare whose recipe
-    asks for the same baseline (a sweep of one recipe's loss settings) reuses it instead of training it
-    again, and an edited recipe's baseline never replaces the earlier one. A folder named after the recipe
-    (`<name>-baseline`, where earlier versions kept baselines) moves there if it holds this baseline."""
+def baseline_dir(root: Path, baseline: Recipe, key: str, quick: bool) -> Path:
+    """Baselines live by content (`baselines/<hash of their baseline_key>`), so every later compare whose
+    recipe asks for the same baseline (a sweep of one recipe's loss settings) reuses it instead of training
+    it again, and an edited recipe's baseline never replaces the earlier one. A folder named after the
+    recipe (`<name>-baseline`, where earlier versions kept baselines) moves there if it holds this baseline."""
     import hashlib
 
     import yaml
 
     from kdistill.config import recipe_changes
 
-    folder = root / "baselines" / hashlib.sha256(baseline_key(baseline).encode()).hexdigest()[:16]
+    folder = root / "baselines" / hashlib.sha256(key.encode()).hexdigest()[:16]
     legacy = root / baseline.name
     saved = legacy / "seed-0" / "config.resolved.yaml"
     if not folder.exists() and saved.exists():
@@ -313,7 +313,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 for row in done_baselines[base_key]:
                     row["baseline_of"].append(recipe.name)
             else:
-                pairs.append((base.name, base, baseline_dir(root, base, quick)))
+                pairs.append((base.name, base, baseline_dir(root, base, base_key, quick)))
                 done_baselines[base_key] = []
         records = test_records(recipe)
         task = recipe_task(recipe)
