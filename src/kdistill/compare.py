@@ -26,7 +26,10 @@ def baseline_of(recipe: Recipe) -> Recipe:
     steps = sum(s.train.steps for s in recipe.stages)
     student = first.student
     if student.theseus is not None:  # the same successor blocks, as a plain layer-subset student
-        student = StudentConfig(from_teacher={"layers": "uniform", "num_layers": student.theseus.modules})
+        spec = student.theseus
+        init = ({"layers": "uniform", "num_layers": spec.modules} if spec.successors == "top"
+                else {"layers": list(range(1, spec.modules + 1))})
+        student = StudentConfig(from_teacher=init)
     teacher = first.teacher.model_copy(update={"task": recipe_task(recipe)})
     if teacher.model is not None:  # the baseline never asks the teacher: no store to build, one baseline shared
         teacher = type(teacher)(model=teacher.model, task=teacher.task, trust_remote_code=teacher.trust_remote_code)

@@ -81,6 +81,9 @@ class Theseus(Strict):
     modules: int = Field(3, ge=1, description="groups of teacher blocks; each gets one successor block")
     start: float = Field(0.5, ge=0, le=1, description="replacement probability at step 0")
     full_at: float = Field(0.8, gt=0, le=1, description="fraction of the stage's steps where it reaches 1")
+    successors: Literal["top", "first"] = Field(
+        "top", description="top: successor i copies the top block of group i; first: it copies teacher block i "
+                           "(the reference code's choice: the first `modules` blocks of the fine-tuned teacher)")
 
 
 STUDENT_INITS = ("from_teacher", "config", "model", "theseus")

@@ -55,6 +55,22 @@ def test_successors_start_as_the_top_block_of_each_group(teacher):
                                teacher.bert.encoder.layer[3].output.dense.weight)
 
 
+def test_successors_first_copy_the_teachers_first_blocks(teacher):
+    """The paper's code starts successor i as teacher block i; its baseline is that same layer subset."""
+    from kdistill.compare import baseline_of
+    from kdistill.recipe_loading import load_recipe
+
+    hybrid = build_theseus(Theseus(modules=2, successors="first"), teacher, steps=10)
+    for i in range(2):
+        torch.testing.assert_close(hybrid.bert.encoder.layer[i].output.dense.weight,
+                                   teacher.bert.encoder.layer[i].output.dense.weight)
+    recipe = load_recipe({
+        "name": "t", "teacher": {"model": "packaged:all-MiniLM-L6-v2"},
+        "student": {"theseus": {"modules": 3, "successors": "first"}},
+        "data": {"train": {"source": "wordnet-supersense"}}, "losses": [{"type": "cross_entropy"}]})
+    assert baseline_of(recipe).stages[0].student.from_teacher.layers == [1, 2, 3]
+
+
 def test_export_is_a_plain_shallow_model(teacher, tmp_path):
     hybrid = build_theseus(Theseus(modules=2), teacher, steps=10).eval()
     with torch.no_grad():

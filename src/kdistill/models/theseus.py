@@ -53,7 +53,8 @@ class TheseusLayers(nn.ModuleList):
 
 def build_theseus(spec, teacher: nn.Module, steps: int) -> nn.Module:
     """A copy of the teacher whose block list is a TheseusLayers; successor i starts as the last
-    block of group i, so the top block of the teacher stays on top."""
+    block of group i, so the top block of the teacher stays on top (`successors: top`), or as teacher
+    block i (`successors: first`, as the paper's code does)."""
     n = layer_count(teacher.config)
     if n % spec.modules:
         raise PairingError(f"student.theseus.modules: {spec.modules} does not divide the teacher's {n} layers")
@@ -61,7 +62,8 @@ def build_theseus(spec, teacher: nn.Module, steps: int) -> nn.Module:
     path, blocks = find_layers(model, n)
     size = n // spec.modules
     groups = [list(blocks[i * size:(i + 1) * size]) for i in range(spec.modules)]
-    successors = [copy.deepcopy(group[-1]) for group in groups]
+    tops = [group[-1] for group in groups]
+    successors = [copy.deepcopy(b) for b in (tops if spec.successors == "top" else blocks[:spec.modules])]
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, TheseusLayers(successors, groups, spec.start, int(spec.full_at * steps)))
