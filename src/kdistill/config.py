@@ -27,6 +27,17 @@ class TeacherUpdate(Strict):
     lr: float = Field(1e-5, gt=0)
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(student ‖ teacher) in the teacher's loss")
     temperature: float = Field(1.0, gt=0)
+    lr_scale: dict[str, float] = Field(
+        default_factory=dict, description="learning-rate multipliers for teacher parameters matching these globs "
+        "(the first that matches wins), e.g. {'classifier.*': 10} for a teacher whose head starts untrained")
+
+    @field_validator("lr_scale")
+    @classmethod
+    def positive_scales(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v > 0}
+        if bad:
+            raise ValueError(f"multipliers must be > 0, got {bad}")
+        return value
 
 
 class TeacherConfig(Strict):

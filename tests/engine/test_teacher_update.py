@@ -62,3 +62,19 @@ def test_prokt_trains_the_teacher_and_resumes_exactly(prokt_recipe, tmp_path, ki
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_teacher_lr_scale_gives_matching_parameters_their_rate():
+    from kdistill.engine.teacher_update import scaled_groups
+    from kdistill.errors import ConfigError
+
+    config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                        num_labels=3)
+    teacher = BertForSequenceClassification(config)
+    groups = scaled_groups(teacher, 1e-4, {"classifier.*": 10})
+    rates = {id(p): g["lr"] for g in groups for p in g["params"]}
+    assert rates[id(teacher.classifier.weight)] == pytest.approx(1e-3)
+    assert rates[id(teacher.bert.pooler.dense.weight)] == pytest.approx(1e-4)
+    assert len(rates) == len(list(teacher.parameters()))
+    with pytest.raises(ConfigError, match=r"teacher.update.lr_scale.*matches no teacher parameter"):
+        scaled_groups(teacher, 1e-4, {"clasifier.*": 10})

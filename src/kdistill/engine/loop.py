@@ -74,14 +74,14 @@ def param_groups(module: torch.nn.Module, weight_decay: float, lr: float,
     return [{"params": params, "weight_decay": decay, "lr": lr * scale} for (decay, scale), params in groups.items()]
 
 
-def check_globs(field: str, patterns, names: list[str]) -> None:
-    """A glob that matches no student parameter is a typo, not a no-op: say which and what names look like."""
+def check_globs(field: str, patterns, names: list[str], whose: str = "student") -> None:
+    """A glob that matches no parameter is a typo, not a no-op: say which and what names look like."""
     from fnmatch import fnmatch
 
     for i, pattern in enumerate(patterns):
         if not any(fnmatch(name, pattern) for name in names):
             label = f"{field}[{i}]" if isinstance(patterns, list) else f"{field}[{pattern!r}]"
-            raise ConfigError(f"{label}: {pattern!r} matches no student parameter "
+            raise ConfigError(f"{label}: {pattern!r} matches no {whose} parameter "
                               f"(names look like {names[len(names) // 2]!r})")
 
 

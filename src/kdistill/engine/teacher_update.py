@@ -20,7 +20,7 @@ class TeacherUpdater:
             raise PairingError("teacher.update (ProKT) needs a teacher with logits and a task loss")
         self.reader, self.task, self.cfg, self.acc, self.max_grad_norm = reader, task, cfg, accelerator, max_grad_norm
         teacher.requires_grad_(True)
-        optimizer = make_adamw(teacher.parameters(), cfg.lr, accelerator.device)
+        optimizer = make_adamw(scaled_groups(teacher, cfg.lr, cfg.lr_scale), cfg.lr, accelerator.device)
         self.model, self.optimizer = accelerator.prepare(teacher, optimizer)
         self.module = teacher
 
@@ -43,3 +43,19 @@ class TeacherUpdater:
             self.acc.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def scaled_groups(teacher, lr: float, lr_scale: dict[str, float]) -> list[dict]:
+    """One parameter group per learning rate: a teacher that starts from a pretrained body and an untrained
+    head (ProKT's teacher is not a converged one) needs the head's rate raised, as a fine-tuned student does."""
+    from fnmatch import fnmatch
+
+    from kdistill.engine.loop import check_globs
+
+    named = list(teacher.named_parameters())
+    check_globs("teacher.update.lr_scale", lr_scale, [name for name, _ in named], whose="teacher")
+    groups: dict[float, list] = {}
+    for name, p in named:
+        scale = next((v for glob, v in lr_scale.items() if fnmatch(name, glob)), 1.0)
+        groups.setdefault(scale, []).append(p)
+    return [{"params": params, "lr": lr * scale} for scale, params in groups.items()]
