@@ -234,3 +234,48 @@ def test_an_edited_run_keeps_the_leading_stages_the_edit_left_alone(tmp_path, ma
     train_or_reuse(recipe(3, 0.9), None)  # the first stage changed: everything is trained again
     assert first.stat().st_mtime_ns != stamp
     assert json.loads((tmp_path / "run" / "stages" / "first" / "student" / "kdistill.json").read_text())["steps"] == 3
+
+
+def test_a_teacher_that_learns_in_the_loop_is_listed_not_scored(tmp_path, tiny_bert_dir, make_classifier):
+    # ProKT from a base encoder: its teacher has no head for the task until the run trains one, so a table
+    # of it alone lists the teacher unscored; with a fixed-teacher recipe beside it, that teacher is the row
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                            for i in range(8) for w in ("red", "green", "blue")))
+    common = {"data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
+              "train": {"steps": 2, "batch_size": 4}}
+    prokt = {"name": "tiny-prokt", "student": {"from_teacher": {"layers": [2, 4]}},
+             "teacher": {"model": tiny_bert_dir, "task": "classification",
+                         "update": {"lr": 1e-3, "lr_scale": {"classifier.*": 10}}},
+             "losses": [{"type": "logit_kd", "alpha": 0.5}], **common}
+    fixed = {"name": "tiny-kd", "teacher": {"model": make_classifier(tmp_path / "teacher")},
+             "student": {"from_teacher": {"layers": [2, 4]}}, "losses": [{"type": "logit_kd"}], **common}
+    paths = {}
+    for recipe in (prokt, fixed):
+        paths[recipe["name"]] = tmp_path / f"{recipe['name']}.yaml"
+        paths[recipe["name"]].write_text(yaml.safe_dump(recipe))
+    results = tmp_path / "results.md"
+    alone = compare([str(paths["tiny-prokt"])], seeds=1, output=str(tmp_path / "runs"), results=str(results))
+    assert alone["teacher"]["score"] is None and [r["name"] for r in alone["rows"]] == ["tiny-prokt",
+                                                                                    "tiny-prokt-baseline"]
+    table = results.read_text()
+    assert "— (learns the task in the loop: not scored) | —" in table and "| tiny-prokt |" in table
+    both = compare([str(paths["tiny-prokt"]), str(paths["tiny-kd"])], seeds=1, output=str(tmp_path / "runs"),
+                   results=str(results))
+    assert both["teacher"]["ref"] == fixed["teacher"]["model"] and both["teacher"]["score"][0] >= 0
+
+
+def test_train_flops_charge_the_teacher_for_what_it_does():
+    from kdistill.compare import estimated_train_flops
+
+    def recipe(losses, update=None):
+        teacher = {"model": "packaged:all-MiniLM-L6-v2", **({"update": update} if update else {})}
+        return load_recipe({"name": "r", "teacher": teacher, "student": {"from_teacher": {"layers": [2]}},
+                            "data": {"train": {"source": "wordnet-supersense"}}, "losses": losses,
+                            "train": {"steps": 10, "batch_size": 2}})
+
+    tokens = 10 * 2 * 5.0  # steps x batch x tokens per sequence
+    flops = {name: estimated_train_flops(r, 100, 1000, 5.0) for name, r in {
+        "labels": recipe([{"type": "cross_entropy"}]), "kd": recipe([{"type": "logit_kd"}]),
+        "prokt": recipe([{"type": "logit_kd"}], update={"lr": 1e-5})}.items()}
+    assert flops == {"labels": tokens * 600, "kd": tokens * (600 + 2000), "prokt": tokens * (600 + 6000)}

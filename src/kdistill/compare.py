@@ -12,7 +12,7 @@ from pathlib import Path
 
 from kdistill.config import Recipe, Stage, load_recipe
 from kdistill.compare_report import write_results
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, DataError, PairingError
 
 QUICK_DIVISOR = 8  # --quick: an eighth of every stage's steps, for a fast look at the direction
 
@@ -272,10 +272,17 @@ def evaluation_points(recipe: Recipe) -> list[tuple[str, int]]:
 
 
 def estimated_train_flops(recipe: Recipe, student_params: int, teacher_params: int, tokens_per_seq: float) -> float:
-    """6·N·D for the student's forward and backward plus 2·N·D for the teacher's forward (non-embedding
+    """6·N·D for the student's forward and backward plus, per stage, 2·N·D for the teacher's forward, 6·N·D
+    where it trains in the loop (ProKT), nothing where no loss asks it (a baseline) (non-embedding
     parameters, D = tokens seen): an estimate for comparing pipelines, not a measurement."""
-    tokens = sum(s.train.steps * s.train.batch_size for s in recipe.stages) * tokens_per_seq
-    return tokens * (6 * student_params + 2 * teacher_params)
+    from kdistill.losses import LOSSES
+
+    total = 0.0
+    for stage in recipe.stages:
+        asks = stage.teacher.update is not None or any(LOSSES.get(p.type).needs_teacher for p in stage.losses)
+        teacher = (6 if stage.teacher.update is not None else 2) * teacher_params if asks else 0
+        total += stage.train.steps * stage.train.batch_size * tokens_per_seq * (6 * student_params + teacher)
+    return total
 
 
 def mean_tokens(tokenizer, records: list[dict], max_length: int, config=None) -> float:
@@ -292,7 +299,6 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     from kdistill.eval.metrics import count_parameters, non_embedding_parameters
     from kdistill.engine.run import stage_student_dir
     from kdistill.models.loading import load_model
-    from kdistill.teachers.recipe_runs import resolve_teacher
 
     if not names:
         raise ConfigError("compare needs at least one recipe name or file")
@@ -300,8 +306,10 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     rows, teacher_row = [], None
     done_baselines: dict[str, list[dict]] = {}  # baseline key -> its rows, whose baseline_of lists recipes
     finished: dict[int, list[Recipe]] = {}  # seed -> runs trained (or reused) so far
-    for name in names:
-        recipe = load_recipe(name)
+    recipes = [load_recipe(name) for name in names]
+    # the table's teacher: the first fixed one (a ProKT teacher may start untrained and learn in the loop)
+    reference = next((r for r in recipes if r.stages[-1].teacher.update is None), recipes[0])
+    for name, recipe in zip(names, recipes):
         if any(getattr(s, "lion", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} runs Lion rounds; compare it with `kdistill compare-lion` (ROUGE-L per round "
                               f"against plain imitation), not `kdistill compare`")
@@ -320,11 +328,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 done_baselines[base_key] = []
         records = test_records(recipe)
         task = recipe_task(recipe)
-        teacher_ref = resolve_teacher(recipe.stages[-1].teacher.model, console)
         if teacher_row is None:
-            value, teacher, extra = score(teacher_ref, records, task)
-            teacher_row = {"name": "teacher", "ref": recipe.stages[-1].teacher.model, "score": [value],
-                           "params": count_parameters(teacher.model), **{k: [v] for k, v in extra.items()}}
+            teacher_row, teacher = reference_teacher(reference, test_records(reference), task, console)
             tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length,
                                          teacher.model.config)
         for label, r, folder in pairs:
@@ -375,6 +380,28 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     (root / "results.json").write_text(json.dumps(report, indent=2))
     write_results(report, Path(results), names)
     return report
+
+
+def reference_teacher(recipe: Recipe, records: list[dict], task: str, console=None) -> tuple[dict, object]:
+    """The table's teacher row and model. A teacher that learns the task in the loop from a base model
+    (ProKT from a pretrained encoder) has no trained head before the run: it is listed, not scored."""
+    from kdistill.eval.metrics import count_parameters
+    from kdistill.models.loading import load_model
+    from kdistill.teachers.recipe_runs import resolve_teacher
+
+    spec = recipe.stages[-1].teacher
+    ref = resolve_teacher(spec.model, console)
+    row = {"name": "teacher", "ref": spec.model}
+    try:
+        value, teacher, extra = score(ref, records, task)
+        row.update(score=[value], **{k: [v] for k, v in extra.items()})
+    except (DataError, PairingError):
+        if spec.update is None:
+            raise
+        teacher = load_model(ref, task)
+        row.update(score=None, note="learns the task in the loop: not scored")
+    row["params"] = count_parameters(teacher.model)
+    return row, teacher
 
 
 def measure_speed(teacher, student, records: list[dict], task: str) -> dict[str, float]:

@@ -12,7 +12,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 def markdown(report: dict) -> str:
     teacher, metric = report["teacher"], report["metric"]
-    t_acc = teacher["score"][0]
+    t_acc = teacher["score"][0] if teacher.get("score") else None  # None: a teacher that learns in the loop
+    t_cells = f"{t_acc:.4f} | 100%" if t_acc is not None else f"— ({teacher['note']}) | —"
     flops = any("train_pflops" in r for r in report["rows"])
     packed = any("packed" in r for r in report["rows"])
     ppl = "perplexity" in teacher
@@ -27,7 +28,7 @@ def markdown(report: dict) -> str:
     lines = [f"Test {metric}{scope} on {report['test_records']} held-out records, {seeds}"
              f"{' (--quick: 1/8 of the steps)' if report['quick'] else ''}; measured {report['created']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-             f"| teacher ({teacher['ref']}) | {t_acc:.4f} | 100% | {teacher['params']:,} | 1.00× |"
+             f"| teacher ({teacher['ref']}) | {t_cells} | {teacher['params']:,} | 1.00× |"
              + " |" * (len(head) - 5 - ppl) + (f" {teacher['perplexity'][0]:.2f} |" if ppl else "")]
     for row in report["rows"]:
         m, s = mean_std(row["score"])
@@ -55,11 +56,12 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [{"name": "teacher", "score": report["teacher"]["score"]}] + report["rows"]
+    rows = ([{"name": "teacher", "score": report["teacher"]["score"]}] if report["teacher"].get("score") else [])
+    rows += report["rows"]
     means = [mean_std(r["score"]) for r in rows]
     fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
     ax.bar([r["name"] for r in rows], [m for m, _ in means], yerr=[s for _, s in means], capsize=4,
-           color=["#555"] + ["#bbb" if r.get("baseline_of") else "#3a7" for r in rows[1:]])
+           color=["#555" if r["name"] == "teacher" else "#bbb" if r.get("baseline_of") else "#3a7" for r in rows])
     low = min(m for m, _ in means)
     ax.set(ylabel=f"test {report['metric']}", ylim=(max(0, low - 0.05), min(1, max(m for m, _ in means) + 0.02)))
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
