@@ -272,14 +272,17 @@ def evaluation_points(recipe: Recipe) -> list[tuple[str, int]]:
 
 
 def estimated_train_flops(recipe: Recipe, student_params: int, teacher_params: int, tokens_per_seq: float) -> float:
-    """6·N·D for the student's forward and backward plus, per stage, 2·N·D for the teacher's forward, 6·N·D
-    where it trains in the loop (ProKT), nothing where no loss asks it (a baseline) (non-embedding
-    parameters, D = tokens seen): an estimate for comparing pipelines, not a measurement."""
+    """6·N·D for the student's forward and backward plus, per stage, 2·N·D for the teacher's forward (or its
+    blocks inside a Theseus hybrid), 6·N·D where it trains in the loop (ProKT), nothing where no loss asks it
+    (a baseline) (non-embedding parameters, D = tokens seen): an estimate for comparing pipelines, not a
+    measurement."""
     from kdistill.losses import LOSSES
 
     total = 0.0
     for stage in recipe.stages:
-        asks = stage.teacher.update is not None or any(LOSSES.get(p.type).needs_teacher for p in stage.losses)
+        hybrid = stage.student is not None and stage.student.theseus is not None
+        asks = hybrid or stage.teacher.update is not None or any(LOSSES.get(p.type).needs_teacher
+                                                                 for p in stage.losses)
         teacher = (6 if stage.teacher.update is not None else 2) * teacher_params if asks else 0
         total += stage.train.steps * stage.train.batch_size * tokens_per_seq * (6 * student_params + teacher)
     return total
