@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -22,22 +22,24 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def positive_multipliers(value: dict[str, float]) -> dict[str, float]:
+    bad = {k: v for k, v in value.items() if not v > 0}
+    if bad:
+        raise ValueError(f"multipliers must be > 0, got {bad}")
+    return value
+
+
+LrScale = Annotated[dict[str, float], AfterValidator(positive_multipliers)]  # parameter-name globs -> multiplier
+
+
 class TeacherUpdate(Strict):
     """ProKT: the teacher keeps learning (task loss + KL toward the student) with its own optimizer."""
     lr: float = Field(1e-5, gt=0)
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(student ‖ teacher) in the teacher's loss")
     temperature: float = Field(1.0, gt=0)
-    lr_scale: dict[str, float] = Field(
+    lr_scale: LrScale = Field(
         default_factory=dict, description="learning-rate multipliers for teacher parameters matching these globs "
         "(the first that matches wins), e.g. {'classifier.*': 10} for a teacher whose head starts untrained")
-
-    @field_validator("lr_scale")
-    @classmethod
-    def positive_scales(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = {k: v for k, v in value.items() if not v > 0}
-        if bad:
-            raise ValueError(f"multipliers must be > 0, got {bad}")
-        return value
 
 
 class TeacherConfig(Strict):
@@ -207,17 +209,9 @@ class TrainConfig(Strict):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     mlm_probability: float = Field(0.15, gt=0, lt=1)
     freeze: list[str] = Field(default_factory=list, description="student parameter names to keep fixed (globs)")
-    lr_scale: dict[str, float] = Field(
+    lr_scale: LrScale = Field(
         default_factory=dict, description="learning-rate multipliers for student parameters matching these globs "
         "(the first glob that matches wins), e.g. {'classifier.*': 10} for a freshly initialised head")
-
-    @field_validator("lr_scale")
-    @classmethod
-    def positive_scales(cls, value: dict[str, float]) -> dict[str, float]:
-        bad = {k: v for k, v in value.items() if not v > 0}
-        if bad:
-            raise ValueError(f"multipliers must be > 0, got {bad}")
-        return value
 
 
 class QuantConfig(Strict):
