@@ -42,7 +42,7 @@ def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier, monkeyp
     assert [row["score"][:2] for row in again["rows"]] == [row["score"] for row in report["rows"]]
 
 
-def test_recipes_whose_students_start_alike_share_one_baseline(tmp_path, make_classifier):
+def test_recipes_whose_students_start_alike_share_one_baseline(tmp_path, make_classifier, monkeypatch):
     teacher = make_classifier(tmp_path / "teacher")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
@@ -64,6 +64,15 @@ def test_recipes_whose_students_start_alike_share_one_baseline(tmp_path, make_cl
     assert report["rows"][1]["baseline_of"] == ["tiny-a", "tiny-b"]
     assert not (tmp_path / "runs" / "full" / "tiny-b-baseline").exists()  # trained once
     assert "| tiny-a-baseline (also the baseline of tiny-b) |" in results.read_text()
+    # compared alone later, tiny-b finds its baseline kept under tiny-a's spelling ([2, 4]) and trains nothing
+    import kdistill.engine.run as engine_run
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a kept run was trained again")
+
+    monkeypatch.setattr(engine_run, "run_recipe", no_training)
+    alone = compare([str(paths[1])], seeds=1, output=str(tmp_path / "runs"), results=str(results))
+    assert alone["rows"][1]["score"] == report["rows"][1]["score"]
 
 
 def test_a_later_compare_reuses_a_baseline_of_the_same_content(tmp_path, make_classifier, monkeypatch):

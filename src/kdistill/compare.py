@@ -85,6 +85,22 @@ def baseline_dir(root: Path, baseline: Recipe, key: str, quick: bool) -> Path:
     return folder
 
 
+def kept_baseline(run: Recipe) -> Recipe:
+    """A baseline folder holds the runs of every recipe with that baseline key, written as the first of them
+    spelled it (DistilBERT's `every_other` baseline is MiniLM's `[2, 4, 6]` one): such a run is this one, so
+    it is reused as written rather than trained again for a spelling."""
+    import yaml
+
+    saved = Path(run.output) / "config.resolved.yaml"
+    if not saved.exists():
+        return run
+    try:
+        kept = load_recipe(yaml.safe_load(saved.read_text()), output=run.output)
+    except ConfigError:  # written by an older kdistill whose recipe no longer validates
+        return run
+    return kept if baseline_key(kept) == baseline_key(run) else run
+
+
 def variant(recipe: Recipe, seed: int, quick: bool, output: Path) -> Recipe:
     stages = [s.model_copy(update={"train": s.train.model_copy(update={
         "seed": seed, "steps": max(1, s.train.steps // QUICK_DIVISOR) if quick else s.train.steps})})
@@ -342,6 +358,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             walls = []
             for seed in range(seeds):
                 run = variant(r, seed, quick, folder / f"seed-{seed}")
+                if r is not recipe:
+                    run = kept_baseline(run)
                 start = time.perf_counter()
                 copied = reuse_shared_stages(run, finished.setdefault(seed, []))
                 if copied and console is not None:
