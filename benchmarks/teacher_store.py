@@ -26,7 +26,8 @@ import json
 import time
 from pathlib import Path
 
-from kdistill.compare import recipe_task, score, test_records
+from kdistill.compare import score, test_records
+from kdistill.compare_runs import recipe_task
 from kdistill.config import load_recipe
 from kdistill.engine.run import run_recipe
 from kdistill.teachers.cached import cache_teacher

@@ -3,7 +3,8 @@ import json
 
 import yaml
 
-from kdistill.compare import baseline_of, compare
+from kdistill.compare import compare
+from kdistill.compare_runs import baseline_of
 from kdistill.config import load_recipe
 
 
@@ -148,7 +149,7 @@ def test_causal_lm_scores_prompts_taken_evenly_through_the_split(tmp_path, tiny_
 def test_a_finished_run_is_reused_only_for_the_same_recipe(tiny_recipe):
     import json
 
-    from kdistill.compare import train_or_reuse
+    from kdistill.compare_runs import train_or_reuse
     from kdistill.config import load_recipe
 
     first = train_or_reuse(load_recipe(tiny_recipe), None)
@@ -196,7 +197,7 @@ def two_stage_pipeline(tmp_path, make_classifier):
 
 
 def test_a_pipeline_reuses_the_finished_stages_it_shares_with_an_earlier_one(tmp_path, make_classifier):
-    from kdistill.compare import reuse_shared_stages, train_or_reuse, variant
+    from kdistill.compare_runs import reuse_shared_stages, train_or_reuse, variant
     from kdistill.engine.run import stage_student_dir
 
     pipeline = two_stage_pipeline(tmp_path, make_classifier)
@@ -223,7 +224,7 @@ def test_a_pipeline_reuses_the_finished_stages_it_shares_with_an_earlier_one(tmp
 
 
 def test_an_edited_run_keeps_the_leading_stages_the_edit_left_alone(tmp_path, make_classifier):
-    from kdistill.compare import train_or_reuse, variant
+    from kdistill.compare_runs import train_or_reuse, variant
     from kdistill.engine.run import stage_student_dir
 
     pipeline = two_stage_pipeline(tmp_path, make_classifier)

@@ -1,8 +1,6 @@
-"""`kdistill compare`: recipes against a no-teacher baseline, over seeds, on held-out test data.
-
-The baseline of a recipe is the same student with the same initialisation, trained on the labels of
-the recipe's last (task) stage only, for as many steps as all the recipe's stages together: the
-distilled student has to beat a baseline that got every step it got, not a weakened one.
+"""`kdistill compare`: recipes against a no-teacher baseline, over seeds, on held-out test data: the
+scoring, the table's teacher, speed and training cost. Which runs are trained or reused, and how a
+baseline is made: kdistill/compare_runs.py.
 """
 from __future__ import annotations
 
@@ -10,102 +8,11 @@ import json
 import time
 from pathlib import Path
 
-from kdistill.config import Recipe, Stage, load_recipe
 from kdistill.compare_report import write_results
+from kdistill.compare_runs import (baseline_dir, baseline_key, baseline_of, kept_baseline, recipe_task,
+                                   reuse_shared_stages, train_or_reuse, variant)
+from kdistill.config import Recipe, load_recipe
 from kdistill.errors import ConfigError, DataError, PairingError
-
-QUICK_DIVISOR = 8  # --quick: an eighth of every stage's steps, for a fast look at the direction
-
-
-def baseline_of(recipe: Recipe) -> Recipe:
-    from kdistill.losses.logits import CrossEntropyParams
-
-    from kdistill.config import StudentConfig
-
-    first, last = recipe.stages[0], recipe.stages[-1]
-    steps = sum(s.train.steps for s in recipe.stages)
-    student = first.student
-    if student.theseus is not None:  # the same successor blocks, as a plain layer-subset student
-        spec = student.theseus
-        init = ({"layers": "uniform", "num_layers": spec.modules} if spec.successors == "top"
-                else {"layers": list(range(1, spec.modules + 1))})
-        student = StudentConfig(from_teacher=init)
-    teacher = first.teacher.model_copy(update={"task": recipe_task(recipe)})
-    if teacher.model is not None:  # the baseline never asks the teacher: no store to build, one baseline shared
-        teacher = type(teacher)(model=teacher.model, task=teacher.task, trust_remote_code=teacher.trust_remote_code)
-    stage = Stage(name="baseline", teacher=teacher,
-                  student=student, data=last.data, losses=[CrossEntropyParams()],
-                  train=last.train.model_copy(update={"steps": steps}))
-    return Recipe(name=f"{recipe.name}-baseline", output=recipe.output, stages=[stage])
-
-
-def baseline_key(baseline: Recipe) -> str:
-    """What makes two baselines the same run: their stage with `uniform` / `every_other` written as the
-    teacher layers they pick (DistilBERT's every_other is MiniLM's [2, 4, 6]), apart from how often it
-    evaluates, logs and saves (none of which changes a weight)."""
-    from kdistill.config import BOOKKEEPING
-
-    stage = baseline.stages[0]
-    dump = stage.model_dump(mode="json")
-    spec = stage.student.from_teacher
-    if spec is not None and isinstance(spec.layers, str) and (spec.model or stage.teacher.model) is not None:
-        from kdistill.models.arch import layer_count
-        from kdistill.models.loading import load_config
-        from kdistill.models.student import choose_layers
-        from kdistill.teachers.recipe_runs import resolve_teacher
-
-        source = spec.model or resolve_teacher(stage.teacher.model, None)
-        config = load_config(source, trust_remote_code=stage.teacher.trust_remote_code)[1]
-        dump["student"]["from_teacher"].update(
-            layers=choose_layers(spec.layers, spec.num_layers, layer_count(config), "student.from_teacher"),
-            num_layers=None)
-    for field in BOOKKEEPING:
-        dump["train"].pop(field, None)
-    return json.dumps(dump, sort_keys=True)
-
-
-def baseline_dir(root: Path, baseline: Recipe, key: str, quick: bool) -> Path:
-    """Baselines live by content (`baselines/<hash of their baseline_key>`), so every later compare whose
-    recipe asks for the same baseline (a sweep of one recipe's loss settings) reuses it instead of training
-    it again, and an edited recipe's baseline never replaces the earlier one. A folder named after the
-    recipe (`<name>-baseline`, where earlier versions kept baselines) moves there if it holds this baseline."""
-    import hashlib
-
-    import yaml
-
-    from kdistill.config import recipe_changes
-
-    folder = root / "baselines" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    legacy = root / baseline.name
-    saved = legacy / "seed-0" / "config.resolved.yaml"
-    if not folder.exists() and saved.exists():
-        if not recipe_changes(yaml.safe_load(saved.read_text()), variant(baseline, 0, quick, saved.parent)):
-            folder.parent.mkdir(parents=True, exist_ok=True)
-            legacy.rename(folder)
-    return folder
-
-
-def kept_baseline(run: Recipe) -> Recipe:
-    """A baseline folder holds the runs of every recipe with that baseline key, written as the first of them
-    spelled it (DistilBERT's `every_other` baseline is MiniLM's `[2, 4, 6]` one): such a run is this one, so
-    it is reused as written rather than trained again for a spelling."""
-    import yaml
-
-    saved = Path(run.output) / "config.resolved.yaml"
-    if not saved.exists():
-        return run
-    try:
-        kept = load_recipe(yaml.safe_load(saved.read_text()), output=run.output)
-    except ConfigError:  # written by an older kdistill whose recipe no longer validates
-        return run
-    return kept if baseline_key(kept) == baseline_key(run) else run
-
-
-def variant(recipe: Recipe, seed: int, quick: bool, output: Path) -> Recipe:
-    stages = [s.model_copy(update={"train": s.train.model_copy(update={
-        "seed": seed, "steps": max(1, s.train.steps // QUICK_DIVISOR) if quick else s.train.steps})})
-        for s in recipe.stages]
-    return Recipe(name=recipe.name, output=str(output), stages=stages)
 
 
 def test_records(recipe: Recipe) -> list[dict]:
@@ -119,12 +26,6 @@ def test_records(recipe: Recipe) -> list[dict]:
         fields = {k: v for k, v in spec.model_dump(exclude_none=True).items() if k not in ("split", "limit")}
         records += load_records({**fields, "split": "test"}, "test")
     return records
-
-
-def recipe_task(recipe: Recipe) -> str:
-    """What the final student is scored as: the last stage teacher's task (classification when auto)."""
-    task = recipe.stages[-1].teacher.task
-    return "classification" if task == "auto" else task
 
 
 METRICS = {"classification": "accuracy", "image-classification": "accuracy", "causal-lm": "ROUGE-L"}
@@ -202,76 +103,6 @@ def pipeline_wall_time(run: Recipe) -> float:
         meta = json.loads((stage_student_dir(Path(run.output), run, index) / "kdistill.json").read_text())
         total += meta.get("wall_time_s") or 0.0
     return total
-
-
-def train_or_reuse(recipe: Recipe, console) -> Path:
-    """A finished run of exactly this recipe is reused; a run of an edited recipe is trained again, from
-    the end of the leading stages the edit left as they were (editing a task stage keeps the general one)."""
-    import shutil
-
-    import yaml
-
-    from kdistill.engine.export import is_complete
-    from kdistill.engine.run import run_recipe
-    from kdistill.config import load_recipe, recipe_changes
-    from kdistill.errors import ConfigError
-
-    out = Path(recipe.output)
-    student = out / "student"
-    resolved = out / "config.resolved.yaml"
-    if resolved.exists():
-        before = yaml.safe_load(resolved.read_text())
-        if recipe_changes(before, recipe):
-            edited = out.with_name(out.name + ".edited")
-            shutil.rmtree(edited, ignore_errors=True)
-            out.rename(edited)
-            try:
-                kept = reuse_shared_stages(recipe, [load_recipe(before, output=str(edited))])
-            except ConfigError:  # written by an older kdistill whose recipe no longer validates
-                kept = []
-            shutil.rmtree(edited)
-            if console is not None:
-                console.print(f"{recipe.name}: the recipe changed since {out} was trained; training it again"
-                              + (f" from the end of its unchanged stages ({', '.join(kept)})" if kept else ""))
-    if not is_complete(student):
-        run_recipe(recipe, resume=(Path(recipe.output) / "config.resolved.yaml").exists(), console=console)
-    return student
-
-
-def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
-    """Give a run that has not started the finished leading stages it shares with an earlier run of the
-    same compare (equal stage blocks, seed included; never the last stage, whose student is the run's
-    result): BinaryBERT's W1A8 and W1A1 pipelines share their two FP stages. Training is deterministic
-    (the same stage trained twice gives the same bytes), so this is the run it would have been, minus the
-    time. Returns the names of the stages copied."""
-    import shutil
-
-    from kdistill.engine.export import is_complete
-    from kdistill.engine.run import prepare_run_dir, stage_student_dir
-
-    out = Path(run.output)
-    if (out / "config.resolved.yaml").exists():
-        return []  # started already: its own resume decides
-    dumps = [stage.model_dump(mode="json") for stage in run.stages]
-    best, source = 0, None
-    for other in finished:
-        shared = 0
-        while (shared < min(len(run.stages), len(other.stages)) - 1
-               and other.stages[shared].model_dump(mode="json") == dumps[shared]
-               and is_complete(stage_student_dir(Path(other.output), other, shared))):
-            shared += 1
-        if shared > best:
-            best, source = shared, other
-    if source is None:
-        return []
-    for stage in run.stages[:best]:
-        shutil.copytree(Path(source.output) / "stages" / stage.name, out / "stages" / stage.name)
-        log = Path(source.output) / "logs" / f"{stage.name}.jsonl"
-        if log.exists():
-            (out / "logs").mkdir(exist_ok=True)
-            shutil.copy2(log, out / "logs" / log.name)
-    prepare_run_dir(run, resume=False, force=False)  # its saved recipe: train_or_reuse resumes from there
-    return [stage.name for stage in run.stages[:best]]
 
 
 def evaluation_points(recipe: Recipe) -> list[tuple[str, int]]:

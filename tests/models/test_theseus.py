@@ -57,7 +57,7 @@ def test_successors_start_as_the_top_block_of_each_group(teacher):
 
 def test_successors_first_copy_the_teachers_first_blocks(teacher):
     """The paper's code starts successor i as teacher block i; its baseline is that same layer subset."""
-    from kdistill.compare import baseline_of
+    from kdistill.compare_runs import baseline_of
     from kdistill.recipe_loading import load_recipe
 
     hybrid = build_theseus(Theseus(modules=2, successors="first"), teacher, steps=10)
