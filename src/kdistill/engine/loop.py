@@ -59,8 +59,6 @@ def param_groups(module: torch.nn.Module, weight_decay: float, lr: float,
     from random weights on top of a pretrained body learns too slowly at the body's rate: at 1e-4 for both,
     MiniLM's supersense head reached 0.62 dev accuracy in 300 steps, at 10x for the head 0.76
     (docs/encoders/teacher-supersense.md)."""
-    from fnmatch import fnmatch
-
     lr_scale = lr_scale or {}
     groups: dict[tuple[float, float], list] = {(weight_decay, 1.0): [], (0.0, 1.0): []}
     for name, p in module.named_parameters():
@@ -69,9 +67,16 @@ def param_groups(module: torch.nn.Module, weight_decay: float, lr: float,
         decay = 0.0 if p.ndim < 2 or "norm" in name.lower() else weight_decay
         # the globs name student parameters; training-only parts (projectors) keep the base rate
         student_name = name[len("student."):] if name.startswith("student.") else None
-        scale = next((v for glob, v in lr_scale.items() if student_name and fnmatch(student_name, glob)), 1.0)
+        scale = lr_multiplier(student_name, lr_scale) if student_name else 1.0
         groups.setdefault((decay, scale), []).append(p)
     return [{"params": params, "weight_decay": decay, "lr": lr * scale} for (decay, scale), params in groups.items()]
+
+
+def lr_multiplier(name: str, lr_scale: dict[str, float]) -> float:
+    """The multiplier of the first `lr_scale` glob that matches this parameter name (1 when none does)."""
+    from fnmatch import fnmatch
+
+    return next((v for glob, v in lr_scale.items() if fnmatch(name, glob)), 1.0)
 
 
 def check_globs(field: str, patterns, names: list[str], whose: str = "student") -> None:

@@ -48,14 +48,11 @@ class TeacherUpdater:
 def scaled_groups(teacher, lr: float, lr_scale: dict[str, float]) -> list[dict]:
     """One parameter group per learning rate: a teacher that starts from a pretrained body and an untrained
     head (ProKT's teacher is not a converged one) needs the head's rate raised, as a fine-tuned student does."""
-    from fnmatch import fnmatch
-
-    from kdistill.engine.loop import check_globs
+    from kdistill.engine.loop import check_globs, lr_multiplier
 
     named = list(teacher.named_parameters())
     check_globs("teacher.update.lr_scale", lr_scale, [name for name, _ in named], whose="teacher")
     groups: dict[float, list] = {}
     for name, p in named:
-        scale = next((v for glob, v in lr_scale.items() if fnmatch(name, glob)), 1.0)
-        groups.setdefault(scale, []).append(p)
+        groups.setdefault(lr_multiplier(name, lr_scale), []).append(p)
     return [{"params": params, "lr": lr * scale} for scale, params in groups.items()]
