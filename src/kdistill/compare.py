@@ -179,7 +179,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         records = test_records(recipe)
         task = recipe_task(recipe)
         if teacher_row is None:
-            teacher_row, teacher = reference_teacher(reference, test_records(reference), task, console)
+            reference_records = records if reference is recipe else test_records(reference)
+            teacher_row, teacher = reference_teacher(reference, reference_records, task, console)
             tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length,
                                          teacher.model.config)
         for label, r, folder in pairs:
