@@ -212,6 +212,10 @@ class TrainConfig(Strict):
     lr_scale: LrScale = Field(
         default_factory=dict, description="learning-rate multipliers for student parameters matching these globs "
         "(the first glob that matches wins), e.g. {'classifier.*': 10} for a freshly initialised head")
+    head_init: Literal["keep", "fit"] = Field(
+        "keep", description="fit: before the stage's first step, the student's classifier is set to the least-squares "
+        "map from its own features to the teacher's logits (to one-hot labels when the stage reads no teacher); "
+        "keep: as the student was built or left by the stage before")
 
 
 class QuantConfig(Strict):
@@ -352,6 +356,11 @@ class Stage(Strict):
         if self.lion is not None and self.teacher.source != "live":
             raise ValueError("lion: the imitation data changes every round, so no teacher store can cover it; use "
                              "teacher.source: live (a hosted teacher goes in lion.teacher.api)")
+        if self.train.head_init == "fit" and (self.teacher.update is not None or self.teacher.source != "live"):
+            why = ("a teacher updated in the loop has not learned the task at step 0" if self.teacher.update else
+                   "a teacher store holds top-k log-probabilities, not the logits a least-squares fit reads")
+            raise ValueError(f"train.head_init: fit reads the live teacher's logits before step 1, and {why}; "
+                             f"leave head_init out of this stage")
         if self.lion is not None and self.on_policy is not None:
             raise ValueError("lion: on_policy would replace the teacher's answers the rounds train on; remove it")
         return self

@@ -191,13 +191,9 @@ class StageTrainer:
         terms = [t for t in self.parts.terms if t.fits_projector()]
         if not terms or self.teacher is None:  # a teacher store holds logits only, no hidden states
             return
-        records = spread(self.parts.train_records, FIT_RECORDS)  # across the data, not one source's first rows
-        records = self.views(records, [0] * len(records))
         sums = [LeastSquares() for _ in terms]
         self.distiller.eval()
-        for start in range(0, len(records), self.cfg.batch_size):
-            batch = {k: to_device(v, self.acc.device)
-                     for k, v in self.parts.collator(records[start:start + self.cfg.batch_size]).items()}
+        for batch in self.fit_batches(FIT_RECORDS):
             targets = self.teacher_taps(batch)
             with self.acc.autocast():
                 taps = self.distiller.reader(batch, self.distiller.tap_names)
@@ -205,11 +201,43 @@ class StageTrainer:
                 total.add(*term.projector_rows(taps, targets, batch))
         for term, total in zip(terms, sums):
             total.solve_into(term.projector)
-            if self.acc.num_processes > 1:
-                from accelerate.utils import broadcast
+            self.agree(term.parameters())
 
-                for param in term.parameters():
-                    param.copy_(broadcast(param.detach().clone(), from_process=0))
+    def fit_batches(self, limit: int):
+        """Batches of records spread across the training data (not one source's first rows), the same on
+        every process."""
+        records = spread(self.parts.train_records, limit)
+        records = self.views(records, [0] * len(records))
+        for start in range(0, len(records), self.cfg.batch_size):
+            yield {k: to_device(v, self.acc.device)
+                   for k, v in self.parts.collator(records[start:start + self.cfg.batch_size]).items()}
+
+    def agree(self, params) -> None:
+        """Rank 0's fitted weights everywhere, so DDP's replicas start alike."""
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast
+
+            for param in params:
+                param.data.copy_(broadcast(param.detach().clone(), from_process=0))
+
+    @torch.no_grad()
+    def init_head(self) -> None:
+        """train.head_init: fit (kdistill.engine.head_fit)."""
+        from kdistill.engine.head_fit import HEAD_FIT_RECORDS, classifier_layer, fit_head, head_targets
+
+        reads_teacher = self.needs_teacher and "logits" in self.parts.teacher_taps
+        num_labels = classifier_layer(self.parts.student).out_features
+
+        def targets(batch):
+            return head_targets(batch, self.teacher_taps(batch)["logits"] if reads_teacher else None, num_labels)
+
+        def read(batch):
+            with self.acc.autocast():
+                self.distiller.reader(batch, ["logits"])
+
+        self.distiller.eval()
+        fit_head(self.parts.student, read, self.fit_batches(HEAD_FIT_RECORDS), targets)
+        self.agree(classifier_layer(self.parts.student).parameters())
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -360,8 +388,10 @@ class StageTrainer:
         with progress:
             task = progress.add_task("train", total=cfg.steps, completed=self.step, stage=self.stage.name, parts="")
             self.logger.console = progress.console if self.show_progress else (self.console if self.acc.is_main_process else None)
-            if self.step == 0:  # not on resume: the checkpoint holds the projector as it had trained
+            if self.step == 0:  # not on resume: the checkpoint holds the projector and head as they had trained
                 self.fit_projectors()
+                if cfg.head_init == "fit":
+                    self.init_head()
             while self.step < cfg.steps:
                 tick = time.perf_counter()
                 last = self.train_step(self.step)
