@@ -218,6 +218,10 @@ def test_a_pipeline_reuses_the_finished_stages_it_shares_with_an_earlier_one(tmp
     assert (stage_student_dir(tmp_path / "fresh", fresh, 0) / "model.safetensors").read_bytes() == copied.read_bytes()
     assert (tmp_path / "fresh" / "student" / "model.safetensors").read_bytes() == \
         (tmp_path / "b" / "student" / "model.safetensors").read_bytes()
+    # how often a stage saves or evaluates changes no weight: still shared
+    saves_often = variant(recipe("d", 0.9), 0, False, tmp_path / "d")
+    saves_often.stages[0].train.save_every = 1
+    assert reuse_shared_stages(saves_often, [first]) == ["first"]
     # another seed, or a run that has started, shares nothing
     assert reuse_shared_stages(variant(recipe("c", 0.9), 1, False, tmp_path / "c"), [first]) == []
     assert reuse_shared_stages(second, [first]) == []

@@ -158,6 +158,8 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
     from kdistill.engine.export import is_complete
     from kdistill.engine.run import prepare_run_dir, stage_student_dir
 
+    from kdistill.config import BOOKKEEPING, diff_configs
+
     out = Path(run.output)
     if (out / "config.resolved.yaml").exists():
         return []  # started already: its own resume decides
@@ -165,8 +167,8 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
     best, source = 0, None
     for other in finished:
         shared = 0
-        while (shared < min(len(run.stages), len(other.stages)) - 1
-               and other.stages[shared].model_dump(mode="json") == dumps[shared]
+        while (shared < min(len(run.stages), len(other.stages)) - 1  # how often a stage saved changes no weight
+               and not diff_configs(other.stages[shared].model_dump(mode="json"), dumps[shared], ignore=BOOKKEEPING)
                and is_complete(stage_student_dir(Path(other.output), other, shared))):
             shared += 1
         if shared > best:
