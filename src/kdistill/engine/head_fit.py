@@ -2,10 +2,10 @@
 the teacher's logits (to one-hot labels when the stage reads no teacher), not where it was built.
 
 Why: hint stages make a narrow student's features linearly readable for the task (a least-squares probe on
-TinyBERT's pooled features onto the teacher's logits read 0.49 of the test glosses right before its layer
-stages and 0.57 after them, against the whole recipe's 0.48), and a prediction stage that starts from a
-random head spends its few hundred steps finding what one solve gives before step 1
-(docs/encoders/tinybert.md).
+TinyBERT's pooled features onto the teacher's logits reads 0.50 of the test glosses before its layer stages
+and 0.58 after them, where the recipe with a random head ended at 0.48: benchmarks/head_probe.py), and a
+prediction stage that starts from a random head spends its few hundred steps finding what one solve gives
+before step 1 (docs/encoders/tinybert.md).
 """
 from __future__ import annotations
 
