@@ -155,10 +155,9 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
     time. Returns the names of the stages copied."""
     import shutil
 
+    from kdistill.config import BOOKKEEPING, diff_configs
     from kdistill.engine.export import is_complete
     from kdistill.engine.run import prepare_run_dir, stage_student_dir
-
-    from kdistill.config import BOOKKEEPING, diff_configs
 
     out = Path(run.output)
     if (out / "config.resolved.yaml").exists():

@@ -100,3 +100,24 @@ def test_head_init_fit_is_refused_where_no_logits_are_there_to_fit(head_recipe):
     prokt = {**recipe, "teacher": {**recipe["teacher"], "update": {"lr": 1e-3}}, "losses": [{"type": "logit_kd"}]}
     with pytest.raises(Exception, match="head_init: fit reads the live teacher's logits"):
         load_recipe(prokt)
+
+
+def test_a_run_killed_after_the_fit_resumes_exactly(head_recipe, tmp_path, killed_run, monkeypatch):
+    """The fitted head is in the checkpoint; a resume must not fit it again over the trained one."""
+    from safetensors.torch import load_file
+
+    from kdistill.engine.loop import StageTrainer
+
+    _, recipe = head_recipe
+    recipe = {**recipe, "losses": [{"type": "logit_kd"}],
+              "train": {**recipe["train"], "steps": 4, "lr": 1e-3, "save_every": 2}}
+    straight = distill({**recipe, "output": str(tmp_path / "a")}, progress=False)
+    killed_run({**recipe, "output": str(tmp_path / "b")}, step=3)
+    fits = []
+    original = StageTrainer.init_head
+    monkeypatch.setattr(StageTrainer, "init_head", lambda self: fits.append(self.step) or original(self))
+    resumed = distill({**recipe, "output": str(tmp_path / "b")}, resume=True, progress=False)
+    assert fits == []  # resumed at step 2: the head comes from the checkpoint
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
