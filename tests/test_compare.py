@@ -107,6 +107,11 @@ def test_a_later_compare_reuses_a_baseline_of_the_same_content(tmp_path, make_cl
     third = compare([str(paths[1])], seeds=1, output=str(runs), results=str(results))
     assert trained == ["kd-t4"]  # the new recipe only: its baseline is the one already trained
     assert third["rows"][1]["name"] == "kd-t4-baseline" and third["rows"][1]["score"] == first["rows"][1]["score"]
+    # filed under the key an older schema gave it (a field added since changes every key): found and moved
+    old_key = folder.with_name("0123456789abcdef")
+    folder.rename(old_key)
+    compare([str(paths[0])], seeds=1, output=str(runs), results=str(results))
+    assert trained == ["kd-t4"] and (folder / "seed-0" / "student").is_dir() and not old_key.exists()
 
 
 def test_compare_scores_a_causal_lm_with_rouge_and_perplexity(tmp_path, tiny_gpt2_dir):

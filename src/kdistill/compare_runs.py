@@ -74,7 +74,9 @@ def baseline_dir(root: Path, baseline: Recipe, key: str, quick: bool) -> Path:
     """Baselines live by content (`baselines/<hash of their baseline_key>`), so every later compare whose
     recipe asks for the same baseline (a sweep of one recipe's loss settings) reuses it instead of training
     it again, and an edited recipe's baseline never replaces the earlier one. A folder named after the
-    recipe (`<name>-baseline`, where earlier versions kept baselines) moves there if it holds this baseline."""
+    recipe (`<name>-baseline`, where earlier versions kept baselines) moves there if it holds this baseline,
+    and so does a folder filed under an older key of the same run (a field added to the recipe schema since
+    changes every key: its default changes no weight)."""
     import hashlib
 
     import yaml
@@ -88,6 +90,16 @@ def baseline_dir(root: Path, baseline: Recipe, key: str, quick: bool) -> Path:
         if not recipe_changes(yaml.safe_load(saved.read_text()), variant(baseline, 0, quick, saved.parent)):
             folder.parent.mkdir(parents=True, exist_ok=True)
             legacy.rename(folder)
+    if not folder.exists():
+        same = baseline_key(variant(baseline, 0, quick, folder / "seed-0"))
+        for other in sorted(folder.parent.glob("*/seed-0/config.resolved.yaml")):
+            try:
+                kept = load_recipe(yaml.safe_load(other.read_text()), output=str(other.parent))
+            except ConfigError:  # written by an older kdistill whose recipe no longer validates
+                continue
+            if baseline_key(kept) == same:
+                other.parent.parent.rename(folder)
+                break
     return folder
 
 
