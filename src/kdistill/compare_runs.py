@@ -92,31 +92,34 @@ def baseline_dir(root: Path, baseline: Recipe, key: str, quick: bool) -> Path:
             legacy.rename(folder)
     if not folder.exists():
         same = baseline_key(variant(baseline, 0, quick, folder / "seed-0"))
-        for other in sorted(folder.parent.glob("*/seed-0/config.resolved.yaml")):
-            try:
-                kept = load_recipe(yaml.safe_load(other.read_text()), output=str(other.parent))
-            except ConfigError:  # written by an older kdistill whose recipe no longer validates
-                continue
-            if baseline_key(kept) == same:
-                other.parent.parent.rename(folder)
+        for other in sorted(folder.parent.glob("*/seed-0")):
+            kept = saved_recipe(other)
+            if kept is not None and baseline_key(kept) == same:
+                other.parent.rename(folder)
                 break
     return folder
+
+
+def saved_recipe(run_dir: Path) -> Recipe | None:
+    """The recipe a run folder was trained from, as this kdistill reads it (fields added since take their
+    defaults); None where there is none, or it no longer validates (written by an older kdistill)."""
+    import yaml
+
+    saved = Path(run_dir) / "config.resolved.yaml"
+    if not saved.exists():
+        return None
+    try:
+        return load_recipe(yaml.safe_load(saved.read_text()), output=str(run_dir))
+    except ConfigError:
+        return None
 
 
 def kept_baseline(run: Recipe) -> Recipe:
     """A baseline folder holds the runs of every recipe with that baseline key, written as the first of them
     spelled it (DistilBERT's `every_other` baseline is MiniLM's `[2, 4, 6]` one): such a run is this one, so
     it is reused as written rather than trained again for a spelling."""
-    import yaml
-
-    saved = Path(run.output) / "config.resolved.yaml"
-    if not saved.exists():
-        return run
-    try:
-        kept = load_recipe(yaml.safe_load(saved.read_text()), output=run.output)
-    except ConfigError:  # written by an older kdistill whose recipe no longer validates
-        return run
-    return kept if baseline_key(kept) == baseline_key(run) else run
+    kept = saved_recipe(Path(run.output))
+    return kept if kept is not None and baseline_key(kept) == baseline_key(run) else run
 
 
 def variant(recipe: Recipe, seed: int, quick: bool, output: Path) -> Recipe:
