@@ -29,19 +29,14 @@ import torch
 
 def features_and_logits(model, tokenizer, texts, batch_size=128, max_length=64):
     """What the classifier reads (captured on its input) and the model's logits."""
-    from kdistill.engine.head_fit import classifier_layer
+    from kdistill.engine.head_fit import classifier_layer, head_inputs
 
-    seen, feats, logits = [], [], []
-    hook = classifier_layer(model).register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            for start in range(0, len(texts), batch_size):
-                batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
-                                  max_length=max_length, return_tensors="pt")
-                logits.append(model(**batch).logits)
-                feats.append(seen[-1])
-    finally:
-        hook.remove()
+    logits = []
+    with head_inputs(classifier_layer(model)) as feats, torch.no_grad():
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True,
+                              max_length=max_length, return_tensors="pt")
+            logits.append(model(**batch).logits)
     return torch.cat(feats), torch.cat(logits)
 
 
@@ -83,9 +78,9 @@ def main() -> None:
                             lambda: build_student(spec, teacher, "classification", seed=0, head=head)))
     rows = []
     for student_dir, build in students:
-        student, tok = build().eval(), tokenizer  # the recipes here keep the teacher's tokenizer
-        fit_x, _ = features_and_logits(student, tok, [r["text"] for r in train])
-        test_x, _ = features_and_logits(student, tok, [r["text"] for r in test])
+        student = build().eval()  # the recipes here keep the teacher's tokenizer
+        fit_x, _ = features_and_logits(student, tokenizer, [r["text"] for r in train])
+        test_x, _ = features_and_logits(student, tokenizer, [r["text"] for r in test])
         for target, y in (("teacher", head_targets({}, teacher_logits, len(label_id))),
                           ("labels", head_targets(labels, None, len(label_id)))):
             sums, head = LeastSquares(), torch.nn.Linear(fit_x.shape[1], y.shape[1])

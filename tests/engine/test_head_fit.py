@@ -50,7 +50,7 @@ def test_fit_head_is_ridge_on_what_the_head_reads(make_classifier, tmp_path, tok
     y = torch.randn(40, 3, generator=gen, dtype=torch.float64)
     batches = [dict(tokenizer(texts[s:s + 16], padding=True, return_tensors="pt"), rows=y[s:s + 16])
                for s in range(0, 40, 16)]
-    fit_head(model, lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+    fit_head(model.classifier, lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
                                     token_type_ids=b["token_type_ids"]), batches, lambda b: b["rows"])
     assert_same_map(model, pooled(model, tokenizer, texts), y.numpy())
 

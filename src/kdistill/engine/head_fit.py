@@ -9,7 +9,8 @@ before step 1 (docs/encoders/tinybert.md).
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -31,26 +32,32 @@ def classifier_layer(student: nn.Module) -> nn.Linear:
     return found[-1]
 
 
-@torch.no_grad()
-def fit_head(student: nn.Module, read: Callable[[dict], None], batches: Iterable[dict],
-             targets: Callable[[dict], torch.Tensor]) -> None:
-    """Run `read` (a student forward) over `batches`, collect what the head reads and `targets(batch)`, and
-    solve the head in place."""
-    layer = classifier_layer(student)
+@contextmanager
+def head_inputs(layer: nn.Linear) -> Iterator[list[torch.Tensor]]:
+    """A list that receives what `layer` reads on each forward while the block is open."""
     seen: list[torch.Tensor] = []
     hook = layer.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach()))
-    sums = LeastSquares()
     try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def fit_head(layer: nn.Linear, read: Callable[[dict], None], batches: Iterable[dict],
+             targets: Callable[[dict], torch.Tensor]) -> None:
+    """Run `read` (a student forward) over `batches`, collect what the head `layer` reads and
+    `targets(batch)`, and solve the head in place."""
+    sums = LeastSquares()
+    with head_inputs(layer) as seen:
         for batch in batches:
-            seen.clear()
+            seen.clear()  # the sums keep what the solve needs; the features need not outlive their batch
             read(batch)
             features = seen[-1]
             if features.dim() != 2:
                 raise ConfigError(f"train.head_init: fit fits heads that read one vector per record; this "
                                   f"student's head reads shape {tuple(features.shape)} (a token-level head)")
             sums.add(features, targets(batch))
-    finally:
-        hook.remove()
     sums.solve_into(layer)
 
 
@@ -65,4 +72,4 @@ def head_targets(batch: dict, teacher_logits: torch.Tensor | None, num_labels: i
     return nn.functional.one_hot(batch["labels"].long(), num_labels).float()
 
 
-__all__ = ["HEAD_FIT_RECORDS", "classifier_layer", "fit_head", "head_targets"]
+__all__ = ["HEAD_FIT_RECORDS", "classifier_layer", "fit_head", "head_inputs", "head_targets"]

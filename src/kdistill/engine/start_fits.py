@@ -56,15 +56,16 @@ class StartFits:
     def init_head(self) -> None:
         """train.head_init: fit (kdistill.engine.head_fit)."""
         reads_teacher = self.needs_teacher and "logits" in self.parts.teacher_taps
-        num_labels = classifier_layer(self.parts.student).out_features
+        layer = classifier_layer(self.parts.student)
 
         def targets(batch):
-            return head_targets(batch, self.teacher_taps(batch)["logits"] if reads_teacher else None, num_labels)
+            return head_targets(batch, self.teacher_taps(batch)["logits"] if reads_teacher else None,
+                                layer.out_features)
 
         def read(batch):
             with self.acc.autocast():
                 self.distiller.reader(batch, ["logits"])
 
         self.distiller.eval()
-        fit_head(self.parts.student, read, self.fit_batches(HEAD_FIT_RECORDS), targets)
-        self.agree(classifier_layer(self.parts.student).parameters())
+        fit_head(layer, read, self.fit_batches(HEAD_FIT_RECORDS), targets)
+        self.agree(layer.parameters())
