@@ -116,6 +116,13 @@ def spread(records: list[dict], limit: int | None) -> list[dict]:
     return [records[i * len(records) // limit] for i in range(limit)]
 
 
+def shortest_first(records: list[dict]) -> list[dict]:
+    """Evaluation sums over every record, so their order is free: batches of similar length pad little (half
+    the eval time for glosses batched as they come). Records without text keep their order."""
+    return sorted(records, key=lambda r: len(r["text"]) + len(r.get("text_pair") or "")
+                  if isinstance(r.get("text"), str) else 0)
+
+
 def quantize_student(student, stage: Stage, collator, train: list[dict], prefix: str) -> None:
     """Move the student to the stage's precision and initialise its activation quantizers on the
     first batch of the (unshuffled) training data, so every process starts from the same scales."""
@@ -194,6 +201,6 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     return StageParts(
         store=store, teacher=None if cached else teacher, teacher_info=teacher_info, teacher_dir=loaded.path, student=student,
         student_info=student_info, tokenizer=tokenizer, terms=terms, train_records=train,
-        eval_records=spread(evals, stage.data.eval_limit), collator=collator, labels=labels,
+        eval_records=shortest_first(spread(evals, stage.data.eval_limit)), collator=collator, labels=labels,
         needs_mlm=any(t.needs_mlm for t in terms), student_taps=student_taps, teacher_taps=teacher_taps,
     )

@@ -17,9 +17,10 @@ class Distiller(nn.Module):
         self.reader = TapReader(student, student_info)
         self.tap_names = sorted(student_taps)
 
-    def forward(self, batch: dict, teacher_taps: dict, scales: list[float] | None = None) -> dict:
-        """Weighted sum of the terms. `scales` re-weights each term for exact accumulation (see engine.loop)."""
-        taps = self.reader(batch, self.tap_names)
+    def forward(self, batch: dict, teacher_taps: dict, scales: list[float] | None = None, also: tuple = ()) -> dict:
+        """Weighted sum of the terms. `scales` re-weights each term for exact accumulation (see engine.loop);
+        `also` names taps to return besides the terms' own, so evaluation reads logits from the same pass."""
+        taps = self.reader(batch, sorted(set(self.tap_names) | set(also)))
         scales = scales or [1.0] * len(self.terms)
         total = torch.zeros((), device=next(self.student.parameters()).device)
         parts = {}

@@ -262,19 +262,25 @@ class StageTrainer(StartFits):
                 batch["input_ids"], batch["mlm_labels"] = mask_tokens(
                     batch["input_ids"], batch["attention_mask"], self.parts.tokenizer, self.cfg.mlm_probability, gen)
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-            t_taps = {}
+            t_taps = self.teacher_taps(batch) if self.parts.store is None else {}
+            want = []  # read in the same student pass as the terms: a second pass cost a third of the eval
+            if "labels" in batch and self.parts.student_info.task in ("classification", "image-classification"):
+                want.append("logits")
+            if "pooled" in t_taps and self.parts.student_info.hidden_size == self.parts.teacher_info.hidden_size:
+                want.append("pooled")
             if self.parts.store is None:  # a store covers the training records only: eval reports accuracy
-                t_taps = self.teacher_taps(batch)
-                out = distiller(batch, t_taps)
+                out = distiller(batch, t_taps, also=want)
+                s_taps = out["taps"]
                 n = torch.tensor([t.count(batch) for t in terms], dtype=torch.float64)
                 sums += torch.stack([out["parts"][t.name].double().cpu() for t in terms]) * n
                 counts += n
-            if "labels" in batch and self.parts.student_info.task in ("classification", "image-classification"):
-                logits = distiller.reader(batch, ["logits"])["logits"]
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+            else:
+                s_taps = distiller.reader(batch, want) if want else {}
+            if "logits" in want:
+                correct += int((s_taps["logits"].argmax(-1) == batch["labels"]).sum())
                 n_labeled += int(batch["labels"].numel())
-            if "pooled" in t_taps and self.parts.student_info.hidden_size == self.parts.teacher_info.hidden_size:
-                s_pooled = distiller.reader(batch, ["pooled"])["pooled"]
+            if "pooled" in want:
+                s_pooled = s_taps["pooled"]
                 cosine += torch.nn.functional.cosine_similarity(s_pooled, t_taps["pooled"], dim=-1).sum().item()
                 n_seq += s_pooled.shape[0]
         parts = {t.name: float(s / max(c, 1)) for t, s, c in zip(terms, sums, counts) if c > 0}
