@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdistill.engine.build import spread
+from kdistill.engine.build import shortest_first, spread
 from kdistill.engine.head_fit import HEAD_FIT_RECORDS, classifier_layer, fit_head, head_targets
 from kdistill.losses.base import LeastSquares
 
@@ -39,7 +39,7 @@ class StartFits:
         from kdistill.engine.loop import to_device
 
         records = spread(self.parts.train_records, limit)
-        records = self.views(records, [0] * len(records))
+        records = shortest_first(self.views(records, [0] * len(records)))  # a fit sums over all: order is free
         for start in range(0, len(records), self.cfg.batch_size):
             yield {k: to_device(v, self.acc.device)
                    for k, v in self.parts.collator(records[start:start + self.cfg.batch_size]).items()}
