@@ -117,8 +117,9 @@ def spread(records: list[dict], limit: int | None) -> list[dict]:
 
 
 def shortest_first(records: list[dict]) -> list[dict]:
-    """Evaluation sums over every record, so their order is free: batches of similar length pad little (half
-    the eval time for glosses batched as they come). Records without text keep their order."""
+    """For passes that sum over every record (evaluation, least-squares fits), where order is free: batches of
+    similar length pad little (half the time for glosses batched as they come). Records without text keep their
+    order."""
     return sorted(records, key=lambda r: len(r["text"]) + len(r.get("text_pair") or "")
                   if isinstance(r.get("text"), str) else 0)
 
