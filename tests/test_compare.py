@@ -165,6 +165,23 @@ def test_a_finished_run_is_reused_only_for_the_same_recipe(tiny_recipe):
     assert json.loads((again / "kdistill.json").read_text())["steps"] == 2
 
 
+def test_compare_runs_evaluate_once_a_stage_and_reuse_runs_made_with_more_evaluations(tiny_recipe, tmp_path):
+    from pathlib import Path
+
+    from kdistill.compare_runs import train_or_reuse, variant
+    from kdistill.config import load_recipe
+
+    tiny_recipe["train"].update(steps=4, eval_every=1)
+    earlier = train_or_reuse(load_recipe(tiny_recipe), None)  # a run made with an evaluation every step
+    stamp = (earlier / "kdistill.json").stat().st_mtime_ns
+    run = variant(load_recipe(tiny_recipe), 0, False, Path(tiny_recipe["output"]))
+    assert [s.train.eval_every for s in run.stages] == [None] and run.stages[0].train.seed == 0
+    assert (train_or_reuse(run, None) / "kdistill.json").stat().st_mtime_ns == stamp
+    fresh = train_or_reuse(variant(load_recipe(tiny_recipe), 1, False, tmp_path / "fresh"), None)
+    evals = [line for line in (fresh.parent / "logs" / "main.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert len(evals) == 1 and json.loads(evals[0])["step"] == 4
+
+
 def test_kept_scores_follow_the_records_and_the_weights(tmp_path, monkeypatch):
     import kdistill.compare as compare_module
 
