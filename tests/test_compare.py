@@ -59,9 +59,16 @@ def test_recipes_whose_students_start_alike_share_one_baseline(tmp_path, make_cl
         paths.append(tmp_path / f"{name}.yaml")
         paths[-1].write_text(yaml.safe_dump(recipe))
     results = tmp_path / "results.md"
-    report = compare([str(p) for p in paths], seeds=1, output=str(tmp_path / "runs"), results=str(results))
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    report = compare([str(p) for p in paths], seeds=1, output=str(tmp_path / "runs"), results=str(results),
+                     console=console)
     assert [row["name"] for row in report["rows"]] == ["tiny-a", "tiny-a-baseline", "tiny-b", "tiny-c",
                                                       "tiny-c-baseline"]
+    # progress counts the runs it will train: three recipes and two baselines
+    counted = [line.split("]")[0] + "]" for line in console.export_text().splitlines() if line.startswith("[")]
+    assert counted == [f"[{k}/5]" for k in range(1, 6)]
     assert report["rows"][1]["baseline_of"] == ["tiny-a", "tiny-b"]
     assert not (tmp_path / "runs" / "full" / "tiny-b-baseline").exists()  # trained once
     assert "| tiny-a-baseline (also the baseline of tiny-b) |" in results.read_text()

@@ -166,6 +166,10 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
                               f"(execution accuracy), not `kdistill compare`")
+    # the count a long comparison reports its progress against: recipes sharing a baseline train it once
+    planned = seeds * (len(recipes) + (len({baseline_key(baseline_of(r)) for r in recipes}) if baselines else 0))
+    started, began = 0, time.perf_counter()
+    for name, recipe in zip(names, recipes):
         pairs, base_name = [(recipe.name, recipe, root / recipe.name)], f"{recipe.name}-baseline"
         if baselines:
             base = baseline_of(recipe)
@@ -193,6 +197,10 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 if r is not recipe:
                     run = kept_baseline(run)
                 start = time.perf_counter()
+                started += 1
+                if console is not None:
+                    console.print(f"[bold][{started}/{planned}][/bold] {label} seed {seed} "
+                                  f"({(start - began) / 60:.0f} min in)")
                 copied = reuse_shared_stages(run, finished.setdefault(seed, []))
                 if copied and console is not None:
                     console.print(f"{label} seed {seed}: stages {', '.join(copied)} are those of an earlier run")
