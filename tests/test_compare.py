@@ -322,3 +322,15 @@ def test_train_flops_charge_the_teacher_for_what_it_does():
         "labels": recipe([{"type": "cross_entropy"}]), "kd": recipe([{"type": "logit_kd"}]),
         "prokt": recipe([{"type": "logit_kd"}], update={"lr": 1e-5})}.items()}
     assert flops == {"labels": tokens * 600, "kd": tokens * (600 + 2000), "prokt": tokens * (600 + 6000)}
+
+
+def test_a_recipe_compare_cannot_run_is_refused_before_anything_trains(tiny_recipe, tmp_path):
+    import pytest
+
+    from kdistill.errors import ConfigError
+
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe))
+    with pytest.raises(ConfigError, match="compare-lion"):
+        compare([str(path), "lion"], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
+    assert not (tmp_path / "runs").exists()
