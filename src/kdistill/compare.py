@@ -166,14 +166,14 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
                               f"(execution accuracy), not `kdistill compare`")
+    bases = [(base, baseline_key(base)) for base in map(baseline_of, recipes)] if baselines else []
     # the count a long comparison reports its progress against: recipes sharing a baseline train it once
-    planned = seeds * (len(recipes) + (len({baseline_key(baseline_of(r)) for r in recipes}) if baselines else 0))
+    planned = seeds * (len(recipes) + len({key for _, key in bases}))
     started, began = 0, time.perf_counter()
-    for name, recipe in zip(names, recipes):
+    for i, recipe in enumerate(recipes):
         pairs, base_name = [(recipe.name, recipe, root / recipe.name)], f"{recipe.name}-baseline"
         if baselines:
-            base = baseline_of(recipe)
-            base_key = baseline_key(base)
+            base, base_key = bases[i]
             if base_key in done_baselines:  # the same student, init, data and steps: trained once, shown once
                 for row in done_baselines[base_key]:
                     row["baseline_of"].append(recipe.name)
