@@ -154,12 +154,14 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
                 quick: bool = typer.Option(False, help="1/8 of the steps: a fast look at the direction"),
                 output: str = typer.Option("runs/compare", help="where the runs go (reused when complete)"),
                 results: str = typer.Option("docs/results.md", help="markdown file to write the table into"),
-                baselines: bool = typer.Option(True, help="also train each recipe's no-teacher baseline")):
+                baselines: bool = typer.Option(True, help="also train each recipe's no-teacher baseline"),
+                jobs: int = typer.Option(1, min=1, help="runs trained at once, each in its own process with the "
+                                                        "cores shared out (small students: 2 on 2 cores)")):
     """Each recipe against a no-teacher baseline (same student, same init, labels only), on test data."""
     from kdistill.compare import compare
     from kdistill.compare_report import markdown
 
-    report = compare(recipes, seeds, quick, output, results, console, baselines=baselines)
+    report = compare(recipes, seeds, quick, output, results, console, baselines=baselines, jobs=jobs)
     console.print(markdown(report))
 
 

@@ -144,8 +144,27 @@ def mean_tokens(tokenizer, records: list[dict], max_length: int, config=None) ->
     return sum(lengths) / max(1, len(lengths))
 
 
+def recipe_pairs(recipes: list[Recipe], bases: list[tuple[Recipe, str]], root: Path,
+                 quick: bool) -> list[list[tuple[str, Recipe, Path]]]:
+    """Per recipe, what it trains as (label, recipe or baseline, folder): itself, and its baseline unless an
+    earlier recipe has the same one (the same student, init, data and steps: trained once, shown once)."""
+    seen, pairs = set(), []
+    for i, recipe in enumerate(recipes):
+        pairs.append([(recipe.name, recipe, root / recipe.name)])
+        if bases and bases[i][1] not in seen:
+            base, key = bases[i]
+            seen.add(key)
+            pairs[-1].append((base.name, base, baseline_dir(root, base, key, quick)))
+    return pairs
+
+
+def seed_run(r: Recipe, baseline: bool, folder: Path, seed: int, quick: bool) -> Recipe:
+    run = variant(r, seed, quick, folder / f"seed-{seed}")
+    return kept_baseline(run) if baseline else run
+
+
 def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str = "runs/compare",
-            results: str = "docs/results.md", console=None, baselines: bool = True) -> dict:
+            results: str = "docs/results.md", console=None, baselines: bool = True, jobs: int = 1) -> dict:
     from kdistill.eval.metrics import count_parameters, non_embedding_parameters
     from kdistill.engine.run import stage_student_dir
     from kdistill.models.loading import load_model
@@ -167,20 +186,26 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
                               f"(execution accuracy), not `kdistill compare`")
     bases = [(base, baseline_key(base)) for base in map(baseline_of, recipes)] if baselines else []
+    all_pairs = recipe_pairs(recipes, bases, root, quick)
     # the count a long comparison reports its progress against: recipes sharing a baseline train it once
-    planned = seeds * (len(recipes) + len({key for _, key in bases}))
+    planned = seeds * sum(map(len, all_pairs))
+    all_records = [test_records(recipe) for recipe in recipes]
     started, began = 0, time.perf_counter()
+    if jobs > 1:  # every run trained and scored first, `jobs` at a time; the loop below then reuses them
+        from kdistill.compare_parallel import Job, train_in_parallel
+
+        train_in_parallel([Job(label, seed_run(r, r is not recipe, folder, seed, quick), records, recipe_task(recipe))
+                           for recipe, pairs, records in zip(recipes, all_pairs, all_records)
+                           for label, r, folder in pairs for seed in range(seeds)], jobs, console)
     for i, recipe in enumerate(recipes):
-        pairs, base_name = [(recipe.name, recipe, root / recipe.name)], f"{recipe.name}-baseline"
+        pairs, base_name, records = all_pairs[i], f"{recipe.name}-baseline", all_records[i]
         if baselines:
-            base, base_key = bases[i]
-            if base_key in done_baselines:  # the same student, init, data and steps: trained once, shown once
+            base_key = bases[i][1]
+            if base_key in done_baselines:
                 for row in done_baselines[base_key]:
                     row["baseline_of"].append(recipe.name)
             else:
-                pairs.append((base.name, base, baseline_dir(root, base, base_key, quick)))
                 done_baselines[base_key] = []
-        records = test_records(recipe)
         task = recipe_task(recipe)
         if teacher_row is None:
             reference_records = records if reference is recipe else test_records(reference)
@@ -193,12 +218,10 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             extras: dict[str, dict[str, list]] = {suffix: {} for suffix, _ in points}
             walls = []
             for seed in range(seeds):
-                run = variant(r, seed, quick, folder / f"seed-{seed}")
-                if r is not recipe:
-                    run = kept_baseline(run)
+                run = seed_run(r, r is not recipe, folder, seed, quick)
                 start = time.perf_counter()
                 started += 1
-                if console is not None:
+                if console is not None and jobs == 1:  # the workers have reported each run already
                     console.print(f"[bold][{started}/{planned}][/bold] {label} seed {seed} "
                                   f"({(start - began) / 60:.0f} min in)")
                 copied = reuse_shared_stages(run, finished.setdefault(seed, []))

@@ -133,7 +133,7 @@ def variant(recipe: Recipe, seed: int, quick: bool, output: Path) -> Recipe:
     return Recipe(name=recipe.name, output=str(output), stages=stages)
 
 
-def train_or_reuse(recipe: Recipe, console) -> Path:
+def train_or_reuse(recipe: Recipe, console, progress: bool = True) -> Path:
     """A finished run of exactly this recipe is reused; a run of an edited recipe is trained again, from
     the end of the leading stages the edit left as they were (editing a task stage keeps the general one)."""
     import shutil
@@ -162,7 +162,8 @@ def train_or_reuse(recipe: Recipe, console) -> Path:
                 console.print(f"{recipe.name}: the recipe changed since {out} was trained; training it again"
                               + (f" from the end of its unchanged stages ({', '.join(kept)})" if kept else ""))
     if not is_complete(student):
-        run_recipe(recipe, resume=(Path(recipe.output) / "config.resolved.yaml").exists(), console=console)
+        run_recipe(recipe, resume=(Path(recipe.output) / "config.resolved.yaml").exists(), console=console,
+                   progress=progress)
     return student
 
 
@@ -174,21 +175,17 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
     time. Returns the names of the stages copied."""
     import shutil
 
-    from kdistill.config import BOOKKEEPING, diff_configs
     from kdistill.engine.export import is_complete
     from kdistill.engine.run import prepare_run_dir, stage_student_dir
 
     out = Path(run.output)
     if (out / "config.resolved.yaml").exists():
         return []  # started already: its own resume decides
-    dumps = [stage.model_dump(mode="json") for stage in run.stages]
     best, source = 0, None
     for other in finished:
-        shared = 0
-        while (shared < min(len(run.stages), len(other.stages)) - 1  # how often a stage saved changes no weight
-               and not diff_configs(other.stages[shared].model_dump(mode="json"), dumps[shared], ignore=BOOKKEEPING)
-               and is_complete(stage_student_dir(Path(other.output), other, shared))):
-            shared += 1
+        shared = leading_stages_alike(run, other)
+        while shared and not is_complete(stage_student_dir(Path(other.output), other, shared - 1)):
+            shared -= 1
         if shared > best:
             best, source = shared, other
     if source is None:
@@ -201,3 +198,16 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
             shutil.copy2(log, out / "logs" / log.name)
     prepare_run_dir(run, resume=False, force=False)  # its saved recipe: train_or_reuse resumes from there
     return [stage.name for stage in run.stages[:best]]
+
+
+def leading_stages_alike(run: Recipe, other: Recipe) -> int:
+    """How many leading stages two runs have alike (seed included; how often a stage evaluates, logs or saves
+    changes no weight), never counting either run's last stage, whose student is that run's result."""
+    from kdistill.config import BOOKKEEPING, diff_configs
+
+    shared = 0
+    while (shared < min(len(run.stages), len(other.stages)) - 1
+           and not diff_configs(other.stages[shared].model_dump(mode="json"),
+                                run.stages[shared].model_dump(mode="json"), ignore=BOOKKEEPING)):
+        shared += 1
+    return shared

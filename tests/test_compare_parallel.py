@@ -1,0 +1,73 @@
+"""`kdistill compare --jobs N` on tiny models: runs trained in worker processes, then reused by the table."""
+import json
+import shutil
+
+import pytest
+import yaml
+
+from kdistill.compare import compare
+from kdistill.compare_parallel import Job, chains, train_in_parallel
+from kdistill.compare_runs import variant
+from kdistill.errors import KdistillError
+from test_compare import two_stage_pipeline
+
+
+def tiny_recipe_file(tmp_path, make_classifier):
+    teacher = make_classifier(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                            for i in range(8) for w in ("red", "green", "blue")))
+    recipe = {"name": "tiny-kd", "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
+              "data": {"train": {"path": str(data), "label": "y"}, "eval": {"path": str(data), "label": "y"},
+                       "max_length": 16},
+              "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4}}
+    path = tmp_path / "tiny-kd.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_runs_trained_in_workers_are_those_the_table_scores(tmp_path, make_classifier, monkeypatch):
+    import kdistill.engine.run as engine_run
+    from rich.console import Console
+
+    path = tiny_recipe_file(tmp_path, make_classifier)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the table's pass trained a run the workers should have finished")
+
+    # the workers are other processes: only the table's own pass, in this one, sees the patch
+    monkeypatch.setattr(engine_run, "run_recipe", no_training)
+    console = Console(record=True, width=200)
+    report = compare([str(path)], seeds=2, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"),
+                     console=console, jobs=2)
+    assert [row["name"] for row in report["rows"]] == ["tiny-kd", "tiny-kd-baseline"]
+    text = console.export_text()
+    assert "training 4 runs, 2 at a time" in text and text.count("[4/4]") == 1  # the workers' count
+    root = tmp_path / "runs" / "full"
+    for row, folder in zip(report["rows"], [root / "tiny-kd", *root.glob("baselines/*")]):
+        for seed in range(2):
+            kept = json.loads((folder / f"seed-{seed}" / "student" / "test-scores.json").read_text())
+            assert [v["score"] for v in kept.values()] == [row["score"][seed]]  # scored once, by the worker
+            assert f"seed {seed}: test accuracy {row['score'][seed]:.4f}" in (folder / f"seed-{seed}.log").read_text()
+    again = compare([str(path)], seeds=2, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
+    assert [row["score"] for row in again["rows"]] == [row["score"] for row in report["rows"]]
+
+
+def test_runs_sharing_leading_stages_go_to_one_worker_in_order(tmp_path, make_classifier):
+    pipeline = two_stage_pipeline(tmp_path, make_classifier)
+    a0, b0, a1, c0 = (variant(pipeline(name, steps, alpha), seed, False, tmp_path / f"{name}{seed}")
+                      for name, steps, alpha, seed in (("a", 2, 0.5, 0), ("b", 2, 0.9, 0), ("a", 2, 0.5, 1),
+                                                       ("c", 3, 0.9, 0)))
+    jobs = [Job(r.name, r, [], "classification") for r in (a0, b0, a1, c0)]
+    # b shares a's first stage at seed 0; seed 1 and a longer first stage share nothing
+    assert [[job.run for job in group] for group in chains(jobs)] == [[a0, b0], [a1], [c0]]
+
+
+def test_a_failing_run_is_named_and_stops_the_rest(tmp_path, make_classifier):
+    pipeline = two_stage_pipeline(tmp_path, make_classifier)
+    runs = [variant(pipeline("a", 2, 0.5), seed, False, tmp_path / f"a/seed-{seed}") for seed in range(3)]
+    shutil.rmtree(tmp_path / "teacher")  # every run's teacher is gone
+    with pytest.raises(KdistillError, match=r"^a seed \d: .*teacher"):
+        train_in_parallel([Job("a", r, [], "classification") for r in runs], 2)
+    logs = sorted(p.name for p in (tmp_path / "a").glob("*.log"))
+    assert logs and len(logs) < 3 and "Error" in (tmp_path / "a" / logs[0]).read_text()  # the third never started
