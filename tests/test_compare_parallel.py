@@ -20,7 +20,7 @@ def tiny_recipe_file(tmp_path, make_classifier):
     recipe = {"name": "tiny-kd", "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
               "data": {"train": {"path": str(data), "label": "y"}, "eval": {"path": str(data), "label": "y"},
                        "max_length": 16},
-              "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4}}
+              "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4, "save_every": 1}}
     path = tmp_path / "tiny-kd.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -49,6 +49,7 @@ def test_runs_trained_in_workers_are_those_the_table_scores(tmp_path, make_class
             kept = json.loads((folder / f"seed-{seed}" / "student" / "test-scores.json").read_text())
             assert [v["score"] for v in kept.values()] == [row["score"][seed]]  # scored once, by the worker
             assert f"seed {seed}: test accuracy {row['score'][seed]:.4f}" in (folder / f"seed-{seed}.log").read_text()
+            assert not (folder / f"seed-{seed}" / "checkpoints").exists()  # finished: its student is what is reused
     again = compare([str(path)], seeds=2, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
     assert [row["score"] for row in again["rows"]] == [row["score"] for row in report["rows"]]
 

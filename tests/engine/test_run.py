@@ -90,6 +90,34 @@ def test_corrupt_checkpoint_is_refused(tiny_recipe, killed_run):
         distill(tiny_recipe, resume=True, progress=False)
 
 
+def test_a_full_disk_is_named_and_the_last_checkpoint_kept(tiny_recipe, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import kdistill.engine.checkpoint as checkpoint
+
+    tiny_recipe["train"].update(steps=6, save_every=2)
+    real_save = torch.save
+
+    def fills_the_disk(obj, path, *args, **kwargs):
+        if "step-0000004" in str(path):  # what torch raises when its zip writer runs out of disk
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 13632 vs 13524")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fills_the_disk)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 10**12, 504 * 1024))
+    with pytest.raises(CheckpointError, match=r"step-0000004: the disk is full \(0 MiB free\).*resume"):
+        distill(tiny_recipe, progress=False)
+    root = Path(tiny_recipe["output"]) / "checkpoints" / "main"
+    assert [p.name for p in root.iterdir()] == ["step-0000002"]  # complete, and no half-written one beside it
+    checkpoint.verify(root / "step-0000002")
+    # with room on the disk the same failure is not put down to it
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        distill(tiny_recipe, resume=True, progress=False)
+
+
 def test_gradient_accumulation_equals_one_big_batch(tiny_recipe, tmp_path):
     # a random student: its gradients are far from zero, where Adam's normalisation would amplify float noise
     tiny_recipe["student"] = {"config": {"num_hidden_layers": 2}}

@@ -60,13 +60,17 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
     (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
     barrier()
     if is_main:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        for name, (module, module_optimizer) in (extras or {}).items():  # e.g. ProKT's trained teacher
-            save_model(module, str(tmp / f"{name}.safetensors"))
-            torch.save(module_optimizer.state_dict(), tmp / f"{name}-optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_state}))
+        try:
+            save_model(model, str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            for name, (module, module_optimizer) in (extras or {}).items():  # e.g. ProKT's trained teacher
+                save_model(module, str(tmp / f"{name}.safetensors"))
+                torch.save(module_optimizer.state_dict(), tmp / f"{name}-optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_state}))
+        except (OSError, RuntimeError) as err:
+            raise_if_disk_full(err, directory, tmp)
+            raise
         files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step,
                     "world": world, "recipe_hash": recipe_hash, "files": files}
@@ -76,6 +80,24 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
         os.replace(tmp, directory)
     barrier()
     return directory
+
+
+DISK_FULL_BELOW = 256 * 2**20  # bytes free under which a failed write is put down to the disk
+
+
+def raise_if_disk_full(err: Exception, directory: Path, tmp: Path) -> None:
+    """A write that failed on a full disk becomes an error that says so (torch reports it as "unexpected pos"
+    from inside its zip writer); the half-written directory goes, the earlier checkpoints stay."""
+    import errno
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(directory.parent).free
+    if getattr(err, "errno", None) == errno.ENOSPC or free < DISK_FULL_BELOW:
+        raise CheckpointError(
+            f"could not write checkpoint {directory}: the disk is full ({free / 2**20:.0f} MiB free). Free some "
+            f"space (lower train.keep_checkpoints, or delete the checkpoints/ folders of finished runs) and run the "
+            f"same command again (`kdistill run` with --resume; `kdistill compare` resumes by itself): it continues "
+            f"from the last complete checkpoint") from err
 
 
 def read_manifest(directory: Path) -> dict:
