@@ -44,7 +44,7 @@ def main() -> None:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from kdistill.data.sources import load_records
-    from kdistill.engine.build import spread
+    from kdistill.engine.build import shortest_first, spread
     from kdistill.engine.head_fit import head_targets
     from kdistill.losses.base import LeastSquares
     from kdistill.teachers.recipe_runs import resolve_teacher
@@ -60,8 +60,9 @@ def main() -> None:
     teacher_dir = resolve_teacher(args.teacher)
     teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
     label_id = teacher.config.label2id
-    train = spread(load_records({"source": "wordnet-supersense"}, "train"), args.records)
-    test = load_records({"source": "wordnet-supersense", "split": "test"}, "test")
+    # shortest first: batches of similar length pad little, and every sum below is over all records
+    train = shortest_first(spread(load_records({"source": "wordnet-supersense"}, "train"), args.records))
+    test = shortest_first(load_records({"source": "wordnet-supersense", "split": "test"}, "test"))
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     _, teacher_logits = features_and_logits(teacher, tokenizer, [r["text"] for r in train])
     _, teacher_test = features_and_logits(teacher, tokenizer, [r["text"] for r in test])
