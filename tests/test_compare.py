@@ -8,7 +8,8 @@ from kdistill.compare_runs import baseline_of
 from kdistill.config import load_recipe
 
 
-def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier, monkeypatch):
+def tiny_kd_file(tmp_path, make_classifier, **train):
+    """A one-stage logit-KD recipe file on a tiny red/green/blue teacher (2 steps unless `train` says more)."""
     teacher = make_classifier(tmp_path / "teacher")
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
@@ -16,9 +17,14 @@ def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier, monkeyp
     recipe = {"name": "tiny-kd", "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
               "data": {"train": {"path": str(data), "label": "y"}, "eval": {"path": str(data), "label": "y"},
                        "max_length": 16},
-              "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4}}
+              "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4, **train}}
     path = tmp_path / "tiny-kd.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier, monkeypatch):
+    path = tiny_kd_file(tmp_path, make_classifier)
 
     base = baseline_of(load_recipe(str(path)))
     assert [p.type for p in base.stages[0].losses] == ["cross_entropy"] and base.stages[0].train.steps == 2

@@ -3,34 +3,19 @@ import json
 import shutil
 
 import pytest
-import yaml
 
 from kdistill.compare import compare
 from kdistill.compare_parallel import Job, chains, train_in_parallel
 from kdistill.compare_runs import variant
 from kdistill.errors import KdistillError
-from test_compare import two_stage_pipeline
-
-
-def tiny_recipe_file(tmp_path, make_classifier):
-    teacher = make_classifier(tmp_path / "teacher")
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
-                            for i in range(8) for w in ("red", "green", "blue")))
-    recipe = {"name": "tiny-kd", "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
-              "data": {"train": {"path": str(data), "label": "y"}, "eval": {"path": str(data), "label": "y"},
-                       "max_length": 16},
-              "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4, "save_every": 1}}
-    path = tmp_path / "tiny-kd.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+from test_compare import tiny_kd_file, two_stage_pipeline
 
 
 def test_runs_trained_in_workers_are_those_the_table_scores(tmp_path, make_classifier, monkeypatch):
     import kdistill.engine.run as engine_run
     from rich.console import Console
 
-    path = tiny_recipe_file(tmp_path, make_classifier)
+    path = tiny_kd_file(tmp_path, make_classifier, save_every=1)
 
     def no_training(*args, **kwargs):
         raise AssertionError("the table's pass trained a run the workers should have finished")
