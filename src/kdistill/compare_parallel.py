@@ -105,13 +105,11 @@ def train_in_parallel(jobs: list[Job], workers: int, console=None) -> None:
     with ProcessPoolExecutor(max_workers=min(workers, len(groups)),
                              mp_context=multiprocessing.get_context("spawn")) as pool:
         pending: dict = {}
-        while waiting or pending:
+        while pending or (waiting and failure is None):
             # handed over one at a time: the executor would queue more ahead, where a failure can no longer stop them
             while waiting and failure is None and len(pending) < workers:
                 group = waiting.pop(0)
                 pending[pool.submit(run_chain, group, threads)] = group
-            if not pending:
-                break
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in finished:
                 group = pending.pop(future)
