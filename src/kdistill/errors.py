@@ -19,3 +19,7 @@ class PairingError(KdistillError):
 
 class CheckpointError(KdistillError):
     """A checkpoint or run directory is corrupt, foreign, or does not match the recipe."""
+
+
+class OutputError(KdistillError):
+    """A finished result (the student's directory) could not be written, e.g. on a full disk."""

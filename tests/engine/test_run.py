@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdistill import distill
-from kdistill.errors import CheckpointError, ConfigError
+from kdistill.errors import CheckpointError, ConfigError, OutputError
 
 
 def weights(student_dir):
@@ -116,6 +116,28 @@ def test_a_full_disk_is_named_and_the_last_checkpoint_kept(tiny_recipe, monkeypa
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, 10**12))
     with pytest.raises(RuntimeError, match="unexpected pos"):
         distill(tiny_recipe, resume=True, progress=False)
+
+
+def test_a_full_disk_at_export_is_named_and_resume_finishes_the_same_student(tiny_recipe, tmp_path, monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    real_save = PreTrainedModel.save_pretrained
+
+    def fills_the_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_the_disk)
+    with pytest.raises(OutputError, match=r"could not write the student .*: the disk is full .*--resume"):
+        distill(tiny_recipe, progress=False)
+    out = Path(tiny_recipe["output"])
+    assert not [p.name for p in out.iterdir() if "student" in p.name]  # nothing half-written, nothing called finished
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
+    student = distill(tiny_recipe, resume=True, progress=False)
+    once = distill({**tiny_recipe, "output": str(tmp_path / "once")}, progress=False)
+    assert_same_weights(student, once)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_recipe, tmp_path):

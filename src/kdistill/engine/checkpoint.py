@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
+from kdistill.engine.disk import raise_if_disk_full
 from kdistill.errors import CheckpointError
 
 FORMAT = "kdistill-checkpoint"
@@ -57,7 +58,11 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     barrier()
-    (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
+    try:
+        (tmp / f"rng-{rank}.json").write_text(json.dumps(rng_state()))
+    except OSError as err:
+        full_disk(err, directory, tmp)
+        raise
     barrier()
     if is_main:
         try:
@@ -68,13 +73,13 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
                 save_model(module, str(tmp / f"{name}.safetensors"))
                 torch.save(module_optimizer.state_dict(), tmp / f"{name}-optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_state}))
+            files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
+            manifest = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step,
+                        "world": world, "recipe_hash": recipe_hash, "files": files}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         except (OSError, RuntimeError) as err:
-            raise_if_disk_full(err, directory, tmp)
+            full_disk(err, directory, tmp)
             raise
-        files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
-        manifest = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step,
-                    "world": world, "recipe_hash": recipe_hash, "files": files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if directory.exists():
             shutil.rmtree(directory)
         os.replace(tmp, directory)
@@ -82,22 +87,13 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
     return directory
 
 
-DISK_FULL_BELOW = 256 * 2**20  # bytes free under which a failed write is put down to the disk
-
-
-def raise_if_disk_full(err: Exception, directory: Path, tmp: Path) -> None:
-    """A write that failed on a full disk becomes an error that says so (torch reports it as "unexpected pos"
-    from inside its zip writer); the half-written directory goes, the earlier checkpoints stay."""
-    import errno
-
-    shutil.rmtree(tmp, ignore_errors=True)
-    free = shutil.disk_usage(directory.parent).free
-    if getattr(err, "errno", None) == errno.ENOSPC or free < DISK_FULL_BELOW:
-        raise CheckpointError(
-            f"could not write checkpoint {directory}: the disk is full ({free / 2**20:.0f} MiB free). Free some "
-            f"space (lower train.keep_checkpoints, or delete the checkpoints/ folders of finished runs) and run the "
-            f"same command again (`kdistill run` with --resume; `kdistill compare` resumes by itself): it continues "
-            f"from the last complete checkpoint") from err
+def full_disk(err: Exception, directory: Path, tmp: Path) -> None:
+    """The half-written directory goes, the earlier checkpoints stay; a full disk is named as such."""
+    raise_if_disk_full(
+        err, directory, tmp, error=CheckpointError, what="checkpoint",
+        fix="Free some space (lower train.keep_checkpoints, or delete the checkpoints/ folders of finished runs) and "
+            "run the same command again (`kdistill run` with --resume; `kdistill compare` resumes by itself): it "
+            "continues from the last complete checkpoint")
 
 
 def read_manifest(directory: Path) -> dict:

@@ -10,6 +10,9 @@ import os
 import shutil
 from pathlib import Path
 
+from kdistill.engine.disk import raise_if_disk_full
+from kdistill.errors import OutputError
+
 ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
 ST_DIRS = ("1_Pooling", "2_Normalize")
 
@@ -38,12 +41,20 @@ def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    student.save_pretrained(tmp, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    hidden = getattr(student.config, "hidden_size", None) or getattr(student.config, "n_embd", None)
-    st = bool(teacher_dir) and copy_sentence_transformers_files(teacher_dir, tmp, hidden)
-    (tmp / "kdistill.json").write_text(json.dumps({**metadata, "sentence_transformers": st}, indent=2, default=str))
+    try:
+        student.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        hidden = getattr(student.config, "hidden_size", None) or getattr(student.config, "n_embd", None)
+        st = bool(teacher_dir) and copy_sentence_transformers_files(teacher_dir, tmp, hidden)
+        (tmp / "kdistill.json").write_text(json.dumps({**metadata, "sentence_transformers": st}, indent=2, default=str))
+    except (OSError, RuntimeError) as err:
+        raise_if_disk_full(
+            err, out, tmp, error=OutputError, what="the student",
+            fix="Free some space and run the same command again (`kdistill run` with --resume; `kdistill compare` "
+                "resumes by itself): training continues from the stage's last checkpoint, and a finished stage's "
+                "student is kept")
+        raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)

@@ -1,0 +1,22 @@
+"""Writes that fail because the disk is full, told apart from other write errors.
+
+torch reports a full disk from inside its zip writer as "unexpected pos", safetensors and json as
+OSError(ENOSPC); either way the user needs to hear "the disk is full" and what is kept.
+"""
+from __future__ import annotations
+
+import errno
+import shutil
+from pathlib import Path
+
+DISK_FULL_BELOW = 256 * 2**20  # bytes free under which a failed write is put down to the disk
+
+
+def raise_if_disk_full(err: Exception, target: Path, tmp: Path, *, error: type[Exception], what: str,
+                       fix: str) -> None:
+    """Remove the half-written `tmp`; when the disk is full raise `error` naming `target`, the free space and `fix`.
+    Otherwise return, and the caller re-raises `err` as it was."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    free = shutil.disk_usage(target.parent).free
+    if getattr(err, "errno", None) == errno.ENOSPC or free < DISK_FULL_BELOW:
+        raise error(f"could not write {what} {target}: the disk is full ({free / 2**20:.0f} MiB free). {fix}") from err
