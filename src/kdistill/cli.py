@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import tempfile
 from pathlib import Path
 from typing import List, Optional
@@ -15,8 +16,19 @@ console = Console()
 err_console = Console(stderr=True)
 
 
-def friendly(fn):
-    """Known errors become one clear message and exit code 2; a traceback means a bug in kdistill."""
+RESUME_HINT = "interrupted; continue with the same command plus --resume"
+COMPARE_HINT = ("interrupted; run the same command again: finished runs are reused and the interrupted ones continue "
+                "from their last checkpoints")
+
+
+def friendly(fn=None, *, interrupted: str | None = None):
+    """Known errors become one clear message and exit code 2; a traceback means a bug in kdistill.
+
+    Ctrl-C says how to go on: `interrupted` where given, the --resume flag where the command has one."""
+    if fn is None:
+        return functools.partial(friendly, interrupted=interrupted)
+    if interrupted is None:
+        interrupted = RESUME_HINT if "resume" in inspect.signature(fn).parameters else "interrupted"
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -32,7 +44,7 @@ def friendly(fn):
             err_console.print(f"error: {err}", highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted; continue with the same command plus --resume")
+            err_console.print(interrupted)
             raise typer.Exit(130) from None
 
     return wrapper
@@ -148,7 +160,7 @@ def demo(steps: Optional[int] = typer.Option(None, help="training steps (default
 
 
 @app.command("compare")
-@friendly
+@friendly(interrupted=COMPARE_HINT)
 def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or files"),
                 seeds: int = typer.Option(3, help="seeds per recipe"),
                 quick: bool = typer.Option(False, help="1/8 of the steps: a fast look at the direction"),

@@ -159,3 +159,20 @@ def test_cache_teacher_cuts_an_existing_store_to_a_smaller_k(tmp_path):
     assert result.exit_code == 2 and "drop RECIPE, --dtype" in out
     result, out = invoke("cache-teacher", "--from-store", tmp_path / "store", "--k", 2, "--out", tmp_path / "store")
     assert result.exit_code == 2 and "into itself" in out
+
+
+def test_ctrl_c_says_how_to_go_on_for_each_command(monkeypatch):
+    """run has --resume; compare resumes by itself, so telling its user to add --resume would be an error."""
+    import kdistill
+    import kdistill.compare
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(kdistill, "distill", interrupted)
+    monkeypatch.setattr(kdistill.compare, "compare", interrupted)
+    result = runner.invoke(app, ["run", "supersense-kd"])
+    assert result.exit_code == 130 and "plus --resume" in result.output
+    result = runner.invoke(app, ["compare", "supersense-kd", "--seeds", "1"])
+    assert result.exit_code == 130 and "run the same command again" in result.output
+    assert "--resume" not in result.output
