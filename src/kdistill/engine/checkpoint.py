@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from kdistill.engine.disk import raise_if_disk_full
+from kdistill.engine.disk import RERUN, raise_if_disk_full
 from kdistill.errors import CheckpointError
 
 FORMAT = "kdistill-checkpoint"
@@ -92,8 +92,7 @@ def full_disk(err: Exception, directory: Path, tmp: Path) -> None:
     raise_if_disk_full(
         err, directory, tmp, error=CheckpointError, what="checkpoint",
         fix="Free some space (lower train.keep_checkpoints, or delete the checkpoints/ folders of finished runs) and "
-            "run the same command again (`kdistill run` with --resume; `kdistill compare` resumes by itself): it "
-            "continues from the last complete checkpoint")
+            f"{RERUN}: it continues from the last complete checkpoint")
 
 
 def read_manifest(directory: Path) -> dict:

@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 
 DISK_FULL_BELOW = 256 * 2**20  # bytes free under which a failed write is put down to the disk
+# how a run goes on after space is freed, for every write that can fail this way
+RERUN = "run the same command again (`kdistill run` with --resume; `kdistill compare` resumes by itself)"
 
 
 def raise_if_disk_full(err: Exception, target: Path, tmp: Path, *, error: type[Exception], what: str,

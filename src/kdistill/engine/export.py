@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kdistill.engine.disk import raise_if_disk_full
+from kdistill.engine.disk import RERUN, raise_if_disk_full
 from kdistill.errors import OutputError
 
 ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
@@ -51,9 +51,8 @@ def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | 
     except (OSError, RuntimeError) as err:
         raise_if_disk_full(
             err, out, tmp, error=OutputError, what="the student",
-            fix="Free some space and run the same command again (`kdistill run` with --resume; `kdistill compare` "
-                "resumes by itself): training continues from the stage's last checkpoint, and a finished stage's "
-                "student is kept")
+            fix=f"Free some space and {RERUN}: training continues from the stage's last checkpoint, and a finished "
+                "stage's student is kept")
         raise
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
