@@ -208,7 +208,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 done_baselines[base_key] = []
         task = recipe_task(recipe)
         if teacher_row is None:
-            reference_records = next(rs for r, rs in zip(recipes, all_records) if r is reference)
+            reference_records = all_records[recipes.index(reference)]
             teacher_row, teacher = reference_teacher(reference, reference_records, task, console)
             tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length,
                                          teacher.model.config)
