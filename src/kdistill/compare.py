@@ -158,6 +158,16 @@ def recipe_pairs(recipes: list[Recipe], bases: list[tuple[Recipe, str]], root: P
     return pairs
 
 
+def train_recipe_teachers(recipes: list[Recipe], console=None) -> None:
+    """Every `recipe:NAME` teacher not trained yet is trained first, here and in view: the baselines' keys
+    need its layer count, and with --jobs two workers would each start training the same teacher."""
+    from kdistill.teachers.recipe_runs import PREFIX, resolve_teacher
+
+    refs = [s.teacher.model for r in recipes for s in r.stages if str(s.teacher.model or "").startswith(PREFIX)]
+    for ref in dict.fromkeys(refs):
+        resolve_teacher(ref, console)
+
+
 def seed_run(r: Recipe, baseline: bool, folder: Path, seed: int, quick: bool) -> Recipe:
     run = variant(r, seed, quick, folder / f"seed-{seed}")
     return kept_baseline(run) if baseline else run
@@ -185,6 +195,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
                               f"(execution accuracy), not `kdistill compare`")
+    train_recipe_teachers(recipes, console)
     bases = [(base, baseline_key(base)) for base in map(baseline_of, recipes)] if baselines else []
     all_pairs = recipe_pairs(recipes, bases, root, quick)
     # the count a long comparison reports its progress against: recipes sharing a baseline train it once
