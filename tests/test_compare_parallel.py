@@ -57,3 +57,23 @@ def test_a_failing_run_is_named_and_stops_the_rest(tmp_path, make_classifier):
         train_in_parallel([Job("a", r, [], "classification") for r in runs], 2)
     logs = sorted(p.name for p in (tmp_path / "a").glob("*.log"))
     assert logs and len(logs) < 3 and "Error" in (tmp_path / "a" / logs[0]).read_text()  # the third never started
+
+
+def test_what_a_worker_run_prints_goes_to_its_log_not_the_terminal(tmp_path, make_classifier, capfd):
+    """The terminal of a --jobs compare shows the workers' one-line results; a run's progress bars and
+    library messages (transformers' loading and writing bars) belong in its log."""
+    import torch
+
+    from kdistill.compare_parallel import run_chain
+
+    from kdistill.config import load_recipe
+
+    path = tiny_kd_file(tmp_path, make_classifier)
+    run = variant(load_recipe(str(path)), 0, False, tmp_path / "tiny-kd" / "seed-0")
+    capfd.readouterr()  # what making the tiny teacher printed
+    [score] = run_chain([Job("tiny-kd", run, [{"text": "red thing 1", "label": "red"}], "classification")],
+                        torch.get_num_threads())
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""
+    log = (tmp_path / "tiny-kd" / "seed-0.log").read_text()
+    assert f"tiny-kd seed 0: test accuracy {score:.4f}" in log and "Writing model shards" in log

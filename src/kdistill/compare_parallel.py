@@ -11,6 +11,7 @@ order), as between two machines; the runs are reused by later compares either wa
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import traceback
@@ -65,7 +66,9 @@ def run_chain(chain: list[Job], threads: int) -> list[float]:
     done, scores = [], []
     for job in chain:
         job.log.parent.mkdir(parents=True, exist_ok=True)
-        with job.log.open("a") as log:
+        # the libraries' own bars and messages (transformers' loading and writing bars) too: the terminal is
+        # the table's, which shows each run's one-line result
+        with job.log.open("a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
             console = Console(file=log, width=120, force_terminal=False)
             try:
                 reuse_shared_stages(job.run, done)
