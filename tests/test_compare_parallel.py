@@ -77,3 +77,21 @@ def test_what_a_worker_run_prints_goes_to_its_log_not_the_terminal(tmp_path, mak
     assert printed.out == "" and printed.err == ""
     log = (tmp_path / "tiny-kd" / "seed-0.log").read_text()
     assert f"tiny-kd seed 0: test accuracy {score:.4f}" in log and "Writing model shards" in log
+
+
+def test_a_worker_run_log_takes_the_libraries_logging_too(tmp_path, capfd):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from kdistill.compare_parallel import into
+
+    # transformers' own handler is made before the run (error: the tests run transformers at that verbosity)
+    hf_logging.get_logger("transformers.modeling_utils")
+    before = logging.getLogger("transformers").handlers[:]
+    with (tmp_path / "run.log").open("a") as log, into(log):
+        hf_logging.get_logger("transformers.modeling_utils").error("classifier.weight | MISSING")
+    printed = capfd.readouterr()
+    assert "MISSING" not in printed.err + printed.out
+    assert "classifier.weight | MISSING" in (tmp_path / "run.log").read_text()
+    assert logging.getLogger("transformers").handlers == before  # the terminal's handler is back

@@ -53,6 +53,23 @@ def chains(jobs: list[Job]) -> list[list[Job]]:
     return groups
 
 
+@contextlib.contextmanager
+def into(log):
+    """What the libraries print during a run (transformers' loading and writing bars and its load reports) goes
+    to the run's log too: the terminal is the table's, which shows each run's one-line result. Logging needs
+    its own redirect: a handler keeps the stream it was made with."""
+    import logging
+
+    library = logging.getLogger("transformers")
+    kept = library.handlers[:]
+    library.handlers = [logging.StreamHandler(log)]
+    try:
+        with contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+            yield
+    finally:
+        library.handlers = kept
+
+
 def run_chain(chain: list[Job], threads: int) -> list[float]:
     """Train (or reuse) and score each run of a chain in this process; returns each run's last score."""
     import torch
@@ -66,9 +83,7 @@ def run_chain(chain: list[Job], threads: int) -> list[float]:
     done, scores = [], []
     for job in chain:
         job.log.parent.mkdir(parents=True, exist_ok=True)
-        # the libraries' own bars and messages (transformers' loading and writing bars) too: the terminal is
-        # the table's, which shows each run's one-line result
-        with job.log.open("a") as log, contextlib.redirect_stderr(log), contextlib.redirect_stdout(log):
+        with job.log.open("a") as log, into(log):
             console = Console(file=log, width=120, force_terminal=False)
             try:
                 reuse_shared_stages(job.run, done)
