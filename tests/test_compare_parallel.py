@@ -65,7 +65,6 @@ def test_what_a_worker_run_prints_goes_to_its_log_not_the_terminal(tmp_path, mak
     import torch
 
     from kdistill.compare_parallel import run_chain
-
     from kdistill.config import load_recipe
 
     path = tiny_kd_file(tmp_path, make_classifier)
