@@ -37,6 +37,31 @@ def save_tiny(model, tokenizer, path, st_from=None):
     return str(path)
 
 
+@pytest.fixture
+def cached_recipe_run(tmp_path, monkeypatch):
+    """cached_recipe_run(name, edit=None): a finished run of a built-in recipe (as a `recipe:NAME` teacher sees
+    it: a student and the recipe it was trained from, edited by `edit(dumped)`) under a temporary KDISTILL_HOME."""
+    import yaml
+
+    from kdistill.config import load_recipe
+    from kdistill.teachers.recipe_runs import recipe_output
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path))
+
+    def make(name="teacher-supersense", edit=None):
+        out = recipe_output(name)
+        (out / "student").mkdir(parents=True)
+        (out / "student" / "kdistill.json").write_text("{}")
+        (out / "student" / "config.json").write_text("{}")
+        dumped = load_recipe(name, output=str(out)).dump()
+        if edit:
+            edit(dumped)
+        (out / "config.resolved.yaml").write_text(yaml.safe_dump(dumped, sort_keys=False))
+        return out
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, tokenizer, minilm_dir):
     """A 4-layer, 32-wide random BERT encoder with the MiniLM tokenizer and sentence-transformers files."""

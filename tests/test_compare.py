@@ -342,7 +342,7 @@ def test_a_recipe_compare_cannot_run_is_refused_before_anything_trains(tiny_reci
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_recipe_teacher_is_trained_once_and_in_view_before_any_run(tmp_path, monkeypatch):
+def test_a_recipe_teacher_is_trained_once_and_in_view_before_any_run(cached_recipe_run, monkeypatch):
     """On a fresh machine the task teacher is trained first, in the main process with its progress shown;
     with --jobs the workers would otherwise each start training it."""
     import io
@@ -352,16 +352,11 @@ def test_a_recipe_teacher_is_trained_once_and_in_view_before_any_run(tmp_path, m
     import kdistill.engine.run as run_module
     from kdistill.compare import train_recipe_teachers
 
-    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path))
     trained = []
 
     def fake_run(recipe, resume=False, console=None, **_):
         trained.append((recipe.name, console))
-        student = tmp_path / "recipes" / recipe.name / "student"
-        student.mkdir(parents=True)
-        (student / "kdistill.json").write_text("{}")
-        (student / "config.json").write_text("{}")
-        (student.parent / "config.resolved.yaml").write_text(yaml.safe_dump(recipe.dump(), sort_keys=False))
+        cached_recipe_run(recipe.name)
 
     monkeypatch.setattr(run_module, "run_recipe", fake_run)
     out = io.StringIO()
