@@ -33,3 +33,71 @@ def test_the_warning_is_given_once_per_process(cached_recipe_run, recwarn):
     for _ in range(3):  # as a comparison does: every stage of every run resolves its teacher
         assert resolve_teacher("recipe:teacher-supersense") == str(out / "student")
     assert len([w for w in recwarn if "cached teacher" in str(w.message)]) == 1
+
+
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+lock = FileLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def hold_lock_in_another_process(path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_teacher_being_trained_by_another_command_is_waited_for_not_trained_twice(tmp_path, monkeypatch, capsys):
+    import threading
+
+    import kdistill.engine.run
+    from kdistill.teachers.recipe_runs import recipe_output
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path))
+    trained = []
+    monkeypatch.setattr(kdistill.engine.run, "run_recipe", lambda recipe, **kw: trained.append(recipe.name))
+    out = recipe_output("teacher-supersense")
+    out.mkdir(parents=True)
+    holder = hold_lock_in_another_process(out.parent / ".teacher-supersense.lock")
+    try:
+        result = []
+        waiter = threading.Thread(target=lambda: result.append(resolve_teacher("recipe:teacher-supersense")))
+        waiter.start()
+        waiter.join(timeout=2)
+        assert waiter.is_alive()  # waiting on the other command
+        # the other command finishes its run, then exits (which releases its lock)
+        (out / "student").mkdir()
+        (out / "student" / "kdistill.json").write_text("{}")
+        (out / "student" / "config.json").write_text("{}")
+        holder.kill()
+        waiter.join(timeout=30)
+        assert not waiter.is_alive()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result == [str(out / "student")]
+    assert trained == []  # used the other command's teacher
+    assert "being trained by another command" in capsys.readouterr().err
+
+
+def test_a_killed_command_leaves_no_lock_behind(tmp_path, monkeypatch):
+    import kdistill.engine.run
+    from kdistill.teachers.recipe_runs import recipe_output
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path))
+    trained = []
+    monkeypatch.setattr(kdistill.engine.run, "run_recipe", lambda recipe, **kw: trained.append(recipe.name))
+    out = recipe_output("teacher-supersense")
+    out.mkdir(parents=True)
+    holder = hold_lock_in_another_process(out.parent / ".teacher-supersense.lock")
+    holder.kill()  # killed mid-training: its lock goes with it
+    holder.wait()
+    assert resolve_teacher("recipe:teacher-supersense") == str(out / "student")
+    assert trained == ["teacher-supersense"]

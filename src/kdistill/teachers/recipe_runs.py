@@ -6,6 +6,8 @@ every student recipe and every seed of a comparison reuses the same task teacher
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 PREFIX = "recipe:"
@@ -37,10 +39,41 @@ def resolve_teacher(ref: str, console=None) -> str:
     if is_complete(student):
         warn_if_stale(recipe, out, console)
         return str(student)
-    if console is not None:
-        console.print(f"teacher {ref} is not trained yet: running recipe {name!r} once (cached in {out})")
-    run_recipe(recipe, resume=(out / "config.resolved.yaml").exists(), console=console)
+    with training_lock(out, ref, console):
+        if is_complete(student):  # another command trained it while this one waited
+            return str(student)
+        if console is not None:
+            console.print(f"teacher {ref} is not trained yet: running recipe {name!r} once (cached in {out})")
+        run_recipe(recipe, resume=(out / "config.resolved.yaml").exists(), console=console)
     return str(student)
+
+
+@contextmanager
+def training_lock(out: Path, ref: str, console=None):
+    """One command at a time trains a cached teacher: two commands started together would otherwise both
+    train it into the same folder, each overwriting the other's checkpoints. The lock is an OS file lock, so a
+    killed command leaves none behind. Processes of one distributed launch train the teacher together (each
+    rank runs the recipe), so they take no lock: a rank waiting on another's lock would stall the launch."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out.parent / f".{out.name}.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        message = f"teacher {ref} is being trained by another command: waiting for it to finish (lock {lock.lock_file})"
+        if console is not None:
+            console.print(message)
+        else:
+            print(message, file=sys.stderr, flush=True)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def warn_if_stale(recipe, out: Path, console=None) -> None:
