@@ -367,3 +367,12 @@ def test_a_recipe_teacher_is_trained_once_and_in_view_before_any_run(cached_reci
     assert "recipe:teacher-supersense is not trained yet" in out.getvalue()
     train_recipe_teachers(recipes, console)  # cached now
     assert len(trained) == 1
+
+
+def test_tinybert_baseline_reads_the_plain_glosses_not_the_synonym_copies():
+    recipe = load_recipe("tinybert")
+    assert recipe.stages[-1].data.train.augment is not None  # the recipe's task stages train on copies
+    base = baseline_of(recipe).stages[0]
+    assert base.data.train.source == "wordnet-supersense" and base.data.train.augment is None
+    assert base.data.eval == recipe.stages[-1].data.eval
+    assert base.train.steps == 450  # every step of the recipe's three stages

@@ -40,9 +40,19 @@ def baseline_of(recipe: Recipe) -> Recipe:
     if teacher.model is not None:  # the baseline never asks the teacher: no store to build, one baseline shared
         teacher = type(teacher)(model=teacher.model, task=teacher.task, trust_remote_code=teacher.trust_remote_code)
     stage = Stage(name="baseline", teacher=teacher,
-                  student=student, data=last.data, losses=[CrossEntropyParams()],
+                  student=student, data=without_text_augment(last.data), losses=[CrossEntropyParams()],
                   train=last.train.model_copy(update={"steps": steps}))
     return Recipe(name=f"{recipe.name}-baseline", output=recipe.output, stages=[stage])
+
+
+def without_text_augment(data):
+    """The baseline reads the plain records. TinyBERT's synonym-replaced copies are part of its method (the
+    teacher labels each copy as it reads it); with labels only, each copy takes its gloss's label whether or not
+    the swapped words still fit it, and such copies cost a labels-only student about a point (docs/encoders.md,
+    "The transfer set"). A baseline trained on them would be weakened, not matched."""
+    train = data.train if isinstance(data.train, list) else [data.train]
+    plain = [source.model_copy(update={"augment": None}) for source in train]
+    return data.model_copy(update={"train": plain if isinstance(data.train, list) else plain[0]})
 
 
 def baseline_key(baseline: Recipe) -> str:
