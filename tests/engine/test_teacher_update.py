@@ -78,3 +78,50 @@ def test_teacher_lr_scale_gives_matching_parameters_their_rate():
     assert len(rates) == len(list(teacher.parameters()))
     with pytest.raises(ConfigError, match=r"teacher.update.lr_scale.*matches no teacher parameter"):
         scaled_groups(teacher, 1e-4, {"clasifier.*": 10})
+
+
+def test_two_teacher_updates_equal_adamw_steps_worked_out_by_hand():
+    """The updater's optimizer steps against AdamW written out here (torch's defaults: betas 0.9/0.999, eps 1e-8,
+    weight decay 0.01, bias-corrected), on gradients of the ProKT loss written out here, the head at its 10×
+    rate: what a run's teacher does between two checkpoints."""
+    import copy
+
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                        num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    teacher = BertForSequenceClassification(config)
+    reference = copy.deepcopy(teacher)
+    start = teacher.classifier.weight.detach().clone()
+    lr, kl_weight, tau = 1e-2, 0.7, 2.0
+    cfg = TeacherUpdate(lr=lr, kl_weight=kl_weight, temperature=tau, lr_scale={"classifier.*": 10})
+    updater = TeacherUpdater(teacher, lambda batch, names: {"logits": teacher(input_ids=batch["input_ids"]).logits},
+                             "classification", cfg, Accelerator(cpu=True), max_grad_norm=None)
+    params = dict(reference.named_parameters())
+    m = {n: torch.zeros_like(p) for n, p in params.items()}
+    v = {n: torch.zeros_like(p) for n, p in params.items()}
+    for t in (1, 2):
+        batch = {"input_ids": torch.randint(0, 30, (4, 5)), "labels": torch.randint(0, 3, (4,))}
+        student_logits = torch.randn(4, 3)
+        live = updater.taps(batch, ["logits"])
+        updater.loss(live["logits"], student_logits, batch).backward()
+        updater.step()
+
+        zt = reference(input_ids=batch["input_ids"]).logits
+        log_q = zt - zt.exp().sum(-1, keepdim=True).log()
+        ce = -log_q[torch.arange(4), batch["labels"]].mean()
+        p_s = (student_logits / tau).softmax(-1)
+        log_qt = zt / tau - (zt / tau).exp().sum(-1, keepdim=True).log()
+        kl = (p_s * (p_s.log() - log_qt)).sum(-1).mean()
+        grads = dict(zip(params, torch.autograd.grad(ce + kl_weight * kl, list(params.values()))))
+        with torch.no_grad():
+            for name, p in params.items():
+                rate = lr * (10 if name.startswith("classifier.") else 1)
+                m[name] = 0.9 * m[name] + 0.1 * grads[name]
+                v[name] = 0.999 * v[name] + 0.001 * grads[name] ** 2
+                m_hat, v_hat = m[name] / (1 - 0.9 ** t), v[name] / (1 - 0.999 ** t)
+                p.mul_(1 - rate * 0.01).sub_(rate * m_hat / (v_hat.sqrt() + 1e-8))
+        for name, p in teacher.named_parameters():
+            assert torch.allclose(p, params[name], atol=1e-6), (t, name)
+    assert (teacher.classifier.weight - start).abs().max() > 0.1  # steps of about 10 × lr each: it moved
