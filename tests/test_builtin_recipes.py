@@ -112,6 +112,36 @@ def test_builtin_recipe_runs_on_stand_ins(name, teachers, tmp_path, monkeypatch)
     raw["output"] = str(tmp_path / name)
     student = distill(raw, progress=False)
     assert (student / "kdistill.json").exists() and (student / "config.json").exists()
+    if name in SUPERSENSE_STUDENTS:  # loads as a standard classifier that names its 45 classes
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(student)
+        assert sorted(model.config.id2label.values()) == sorted(WORDNET_SUPERSENSES)
+        assert model.config.num_hidden_layers == SUPERSENSE_STUDENTS[name]
+
+
+# the encoder recipes' students (layers, from the 6-layer stand-in teacher)
+SUPERSENSE_STUDENTS = {"teacher-supersense": 6, "supersense-kd": 3, "distilbert": 3, "minilm": 3, "minilmv2": 3,
+                       "prokt": 3, "theseus": 3, "tinybert": 3, "mobilebert": 6}
+
+
+@pytest.mark.parametrize("name,stage", [("tinybert", "task-intermediate"), ("theseus", "successors")])
+def test_a_multi_stage_builtin_recipe_killed_mid_stage_resumes_to_the_same_weights(name, stage, teachers, tmp_path,
+                                                                                   monkeypatch, killed_run):
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    raw = copy.deepcopy(yaml.safe_load(builtin_recipes()[name].read_text()))
+    shrink(raw, *teachers)
+    for block in [raw["train"]] + [s["train"] for s in raw["stages"] if "train" in s]:
+        block.update(steps=3, save_every=1)
+    straight = distill({**raw, "output": str(tmp_path / "straight")}, progress=False)
+    killed_run({**raw, "output": str(tmp_path / "killed")}, step=2, stage=stage)
+    resumed = distill({**raw, "output": str(tmp_path / "killed")}, resume=True, progress=False)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

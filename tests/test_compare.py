@@ -376,3 +376,12 @@ def test_tinybert_baseline_reads_the_plain_glosses_not_the_synonym_copies():
     assert base.data.train.source == "wordnet-supersense" and base.data.train.augment is None
     assert base.data.eval == recipe.stages[-1].data.eval
     assert base.train.steps == 450  # every step of the recipe's three stages
+
+
+def test_quick_runs_an_eighth_of_the_steps_in_a_folder_of_its_own(tmp_path, make_classifier):
+    path = tiny_kd_file(tmp_path, make_classifier, steps=16)
+    report = compare([str(path)], seeds=1, quick=True, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
+    assert [row["steps"] for row in report["rows"]] == [2, 2]  # the recipe and its baseline, 16 // 8 each
+    run = tmp_path / "runs" / "quick" / "tiny-kd" / "seed-0"
+    assert yaml.safe_load((run / "config.resolved.yaml").read_text())["stages"][0]["train"]["steps"] == 2
+    assert not (tmp_path / "runs" / "full").exists()  # a later full comparison never reuses a quick run

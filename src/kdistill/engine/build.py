@@ -68,10 +68,19 @@ def build_terms(stage: Stage, student_info: ModelInfo, teacher_info: ModelInfo, 
     return terms
 
 
+def declared_classes(stage: Stage) -> list[str]:
+    from kdistill.data.corpora import CORPUS_CLASSES
+
+    specs = [stage.data.train, stage.data.eval]
+    sources = [s for spec in specs if spec is not None for s in (spec if isinstance(spec, list) else [spec])]
+    return [name for s in sources if s.source in CORPUS_CLASSES for name in CORPUS_CLASSES[s.source]]
+
+
 def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str) -> tuple[list[str], dict]:
     """Class names in the teacher's own order when it already is a classifier; else a new head's."""
     _, config = load_config(teacher_ref, stage.teacher.trust_remote_code)
-    labels = label_names(records)  # train and eval: a class seen only in eval still needs an output
+    # train and eval (a class seen only in eval still needs an output), and every class a built-in source declares
+    labels = label_names(records + [{"label": name} for name in declared_classes(stage)])
     known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
     if "Classification" in " ".join(config.architectures or []):
         unknown = sorted(set(labels) - set(known))
