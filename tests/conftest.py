@@ -53,6 +53,7 @@ def cached_recipe_run(tmp_path, monkeypatch):
         (out / "student").mkdir(parents=True)
         (out / "student" / "kdistill.json").write_text("{}")
         (out / "student" / "config.json").write_text("{}")
+        (out / "student" / "model.safetensors").write_bytes(b"")
         dumped = load_recipe(name, output=str(out)).dump()
         if edit:
             edit(dumped)

@@ -97,6 +97,20 @@ def test_invalid_yaml(tmp_path):
         load_recipe(str(path))
 
 
+def test_a_recipe_that_is_a_folder_or_not_text_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_recipe(str(tmp_path))
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(128, 256)))
+    with pytest.raises(ConfigError, match="cannot be read as text"):
+        load_recipe(str(binary))
+
+
+def test_set_with_a_value_that_is_not_yaml():
+    with pytest.raises(ConfigError, match=r"--set train.steps: the value '\[1' is not valid YAML"):
+        load_recipe(base(), ["train.steps=[1"])
+
+
 @pytest.mark.parametrize("name", sorted(builtin_recipes()))
 def test_builtin_recipes_validate(name):
     r = load_recipe(name)

@@ -32,10 +32,14 @@ def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
             close = difflib.get_close_matches(str(ref), list(builtins), n=1)
             hint = f" did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"recipe {str(ref)!r} is neither a file nor a built-in recipe.{hint} built-in: {', '.join(builtins)}")
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} is not a file (a recipe is one YAML file)")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"recipe {path} cannot be read as text: {err}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping with teacher, student, data, losses, train, output")
     return raw, str(path)
@@ -57,7 +61,11 @@ def apply_override(raw: dict, assignment: str) -> None:
         elif not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
         if last:
-            node[part] = yaml.safe_load(value)
+            try:
+                node[part] = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML "
+                                  f"(quote it, or close its brackets)") from None
         else:
             if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
                 node[part] = {}

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from kdistill import distill
-from kdistill.errors import CheckpointError, ConfigError, OutputError
+from kdistill.errors import CheckpointError, ConfigError, DataError, OutputError
 
 
 def weights(student_dir):
@@ -67,13 +67,52 @@ def test_rerun_without_resume_refuses_to_overwrite(tiny_recipe):
         distill(tiny_recipe, progress=False)
 
 
-def test_resume_with_changed_recipe_is_refused_unless_forced(tiny_recipe):
-    tiny_recipe["train"]["save_every"] = 2
-    distill(tiny_recipe, progress=False)
+def test_resume_with_changed_recipe_is_refused_unless_forced(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
     changed = {**tiny_recipe, "train": {**tiny_recipe["train"], "lr": 0.5}}
     with pytest.raises(CheckpointError, match=r"train\.lr: 0\.001 -> 0\.5"):
         distill(changed, resume=True, progress=False)
-    distill(changed, resume=True, force=True, progress=False)
+    # forced, it gets as far as the stage's checkpoint, which was written by the old stage and says so
+    with pytest.raises(CheckpointError, match="different stage configuration"):
+        distill(changed, resume=True, force=True, progress=False)
+
+
+def test_a_finished_run_is_not_relabelled_as_trained_by_a_changed_recipe(tiny_recipe):
+    student = distill(tiny_recipe, progress=False)
+    resolved = (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text()
+    longer = {**tiny_recipe, "train": {**tiny_recipe["train"], "steps": 3}}
+    with pytest.raises(CheckpointError, match="finished run.*choose another --output"):
+        distill(longer, resume=True, force=True, progress=False)
+    assert (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text() == resolved  # still the truth
+    assert json.loads((student / "kdistill.json").read_text())["steps"] == tiny_recipe["train"]["steps"]
+
+
+def test_a_run_that_failed_before_training_does_not_hold_its_folder(tiny_recipe):
+    broken = {**tiny_recipe, "data": {**tiny_recipe["data"], "train": {"path": "/nonexistent/d.jsonl"}}}
+    with pytest.raises(DataError, match="not found"):
+        distill(broken, progress=False)
+    assert (Path(tiny_recipe["output"]) / "config.resolved.yaml").exists()
+    assert (distill(tiny_recipe, progress=False) / "kdistill.json").exists()  # the fixed recipe, no --resume needed
+
+
+def test_an_unreadable_saved_recipe_names_the_way_out(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    (Path(tiny_recipe["output"]) / "config.resolved.yaml").write_text("")
+    with pytest.raises(CheckpointError, match="corrupt.*--resume --force"):
+        distill(tiny_recipe, resume=True, progress=False)
+    assert (distill(tiny_recipe, resume=True, force=True, progress=False) / "kdistill.json").exists()
+
+
+def test_a_student_missing_its_weights_is_not_finished(tmp_path):
+    from kdistill.engine.export import is_complete
+
+    (tmp_path / "kdistill.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    assert not is_complete(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert is_complete(tmp_path)
 
 
 def test_corrupt_checkpoint_is_refused(tiny_recipe, killed_run):

@@ -69,3 +69,14 @@ def test_trained_bpe_tokenizer_round_trips_and_wraps_texts(tmp_path):
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(tmp_path)("Permission")["input_ids"] == tok("Permission")["input_ids"]
+
+
+def test_truncated_weights_are_named_not_a_safetensors_traceback(tmp_path, tiny_bert_dir):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_bert_dir, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(DataError, match=f"weights in {damaged} are damaged or truncated"):
+        load_model(str(damaged))

@@ -76,6 +76,7 @@ def test_a_teacher_being_trained_by_another_command_is_waited_for_not_trained_tw
         (out / "student").mkdir()
         (out / "student" / "kdistill.json").write_text("{}")
         (out / "student" / "config.json").write_text("{}")
+        (out / "student" / "model.safetensors").write_bytes(b"")
         holder.kill()
         waiter.join(timeout=30)
         assert not waiter.is_alive()

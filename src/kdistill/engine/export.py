@@ -64,5 +64,11 @@ def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | 
     return out
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
 def is_complete(student_dir: Path) -> bool:
-    return (student_dir / "kdistill.json").exists() and (student_dir / "config.json").exists()
+    """A student is written whole (save_student renames it into place); one missing its weights was damaged
+    since, and counts as not finished, so a resumed run or a cached teacher writes it again."""
+    return ((student_dir / "kdistill.json").exists() and (student_dir / "config.json").exists()
+            and any((student_dir / name).exists() for name in WEIGHT_FILES))

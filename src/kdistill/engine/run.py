@@ -43,28 +43,48 @@ def synthesis_dir(out: Path, stage) -> Path:
     return out / "stages" / stage.name
 
 
+def trained_anything(out: Path) -> bool:
+    """A run folder holds training only once a checkpoint, a stage or a student is in it: a command that
+    failed while building its first stage (a missing data file) left only its recipe, and is no run to keep."""
+    return any((out / name).exists() for name in ("checkpoints", "stages", "student"))
+
+
 def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
     """Refuse to overwrite a run unless resuming it, and refuse to resume it with a different recipe."""
     out = Path(recipe.output)
     resolved = out / "config.resolved.yaml"
     current = recipe.dump()
-    if resolved.exists():
+    if resolved.exists() and trained_anything(out):
         if not resume:
             raise ConfigError(
                 f"{out} already holds a run; pass --resume to continue it, or choose another --output"
             )
         try:
             previous = yaml.safe_load(resolved.read_text())
-        except yaml.YAMLError:
-            raise CheckpointError(f"{resolved} is corrupt; cannot tell which recipe wrote this run") from None
-        changed = recipe_changes(previous, recipe)
+        except (OSError, yaml.YAMLError):
+            previous = None
+        if not isinstance(previous, dict):
+            if not force:
+                raise CheckpointError(f"{resolved} is corrupt; cannot tell which recipe wrote this run. Pass --resume "
+                                      f"--force to continue it with this recipe, or choose another --output")
+            changed = [f"{resolved} was unreadable"]
+        else:
+            changed = recipe_changes(previous, recipe)
         if changed and not force:
             raise CheckpointError(
                 f"cannot resume {out}: the recipe differs from the one that started it:\n  "
                 + "\n  ".join(changed) + "\nundo those changes, or pass --force to resume anyway"
             )
-    out.mkdir(parents=True, exist_ok=True)
-    resolved.write_text(yaml.safe_dump(current, sort_keys=False))
+        if changed and is_complete(out / "student"):
+            raise CheckpointError(
+                f"{out} holds a finished run, trained by the recipe before these changes ({'; '.join(changed[:3])}); "
+                f"a finished run keeps no state to continue from with another recipe: choose another --output")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        resolved.write_text(yaml.safe_dump(current, sort_keys=False))
+    except OSError as err:
+        raise ConfigError(f"output {out}: cannot write the run there ({err.strerror or err}); choose another "
+                          f"--output") from None
     return out
 
 
@@ -195,6 +215,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
     first = next((s for s in recipe.stages if s.synthesize is None), recipe.stages[0])
     accelerator = make_accelerator(first.train.precision)
     if accelerator.is_main_process:
+        if resume and console is not None and not trained_anything(Path(recipe.output)):
+            console.print(f"[yellow]nothing to resume in {recipe.output}[/yellow]: starting from step 0")
         out = prepare_run_dir(recipe, resume, force)
     accelerator.wait_for_everyone()
     out = Path(recipe.output)

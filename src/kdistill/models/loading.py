@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 from kdistill.errors import ConfigError, DataError
 
 # Models that ship inside a PyPI package, so they work with no hub access.
@@ -143,6 +145,9 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
             model = architecture_class(config, task).from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         raise DataError(f"could not load {task} model from {ref!r}: {first_line(err)}") from None
+    except SafetensorError as err:  # a truncated or damaged weights file
+        raise DataError(f"the weights in {path} are damaged or truncated ({first_line(err)}); copy or train that "
+                        f"model again (a cached recipe:NAME teacher: delete its folder and it is retrained)") from None
     return Loaded(model, load_tokenizer(path, trust_remote_code), path, task)
 
 
