@@ -134,7 +134,7 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
              data: List[str] = typer.Option(..., help="built-in corpus name, a .jsonl/.csv/.txt file, or dataset:NAME; repeatable"),
              split: str = typer.Option("eval", help="split of built-in corpora"),
              limit: int = typer.Option(512, help="texts per dataset"),
-             max_length: int = typer.Option(128, help="tokens per text"),
+             max_length: int = typer.Option(128, min=8, help="tokens per text"),
              speed: bool = typer.Option(True, help="measure encode speed (tens of seconds on a CPU)"),
              output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json)")):
     """Compare a student with its teacher: size, speed, embedding fidelity, accuracy or perplexity."""
@@ -150,7 +150,7 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
 
 @app.command()
 @friendly
-def demo(steps: Optional[int] = typer.Option(None, help="training steps (default: the recipe's)"),
+def demo(steps: Optional[int] = typer.Option(None, min=1, help="training steps (default: the recipe's)"),
          output: str = typer.Option("runs/demo", help="run directory"),
          resume: bool = typer.Option(False, help="continue an interrupted demo")):
     """Distill the packaged all-MiniLM-L6-v2 into a 3-layer student and print teacher vs student."""
@@ -162,7 +162,7 @@ def demo(steps: Optional[int] = typer.Option(None, help="training steps (default
 @app.command("compare")
 @friendly(interrupted=COMPARE_HINT)
 def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or files"),
-                seeds: int = typer.Option(3, help="seeds per recipe"),
+                seeds: int = typer.Option(3, min=1, help="seeds per recipe"),
                 quick: bool = typer.Option(False, help="1/8 of the steps: a fast look at the direction"),
                 output: str = typer.Option("runs/compare", help="where the runs go (reused when complete)"),
                 results: str = typer.Option("docs/results.md", help="markdown file to write the table into"),
@@ -180,7 +180,7 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
 @app.command("cache-teacher")
 @friendly
 def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe name or file whose teacher to cache"),
-                      k: int = typer.Option(64, help="top-k log-probabilities kept per position"),
+                      k: int = typer.Option(64, min=1, help="top-k log-probabilities kept per position"),
                       stage: Optional[int] = typer.Option(None, help="which stage's teacher and training data (default 0)"),
                       out: Optional[str] = typer.Option(None, help="store directory (default: OUTPUT/teacher-store)"),
                       temperature: Optional[float] = typer.Option(None, help="default: the stage's KD temperature"),
@@ -203,6 +203,8 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
     from kdistill.teachers.cached import cache_teacher
     from kdistill.teachers.store import narrow_store, storage_report
 
+    if dtype not in (None, "float16", "float32"):
+        raise ConfigError(f"--dtype {dtype}: a store keeps float16 or float32 log-probabilities")
     if from_store:
         given = [name for name, value in (("RECIPE", recipe), ("--stage", stage), ("--temperature", temperature),
                                           ("--dtype", dtype), ("--set", set_), ("--no-next-token", not next_token), ("--sample", sample),
@@ -252,7 +254,7 @@ def export_cmd(model_dir: str = typer.Argument(..., help="a finished student dir
 
 @app.command("compare-pad")
 @friendly
-def compare_pad_cmd(seeds: int = typer.Option(3, help="seeds per variant"),
+def compare_pad_cmd(seeds: int = typer.Option(3, min=1, help="seeds per variant"),
                     output: str = typer.Option("runs/pad-compare", help="where runs and the table go"),
                     test_limit: Optional[int] = typer.Option(None, help="test problems scored (default: all)")):
     """PaD: students on execution-filtered vs unfiltered teacher programs vs direct answers, scored by
@@ -264,7 +266,7 @@ def compare_pad_cmd(seeds: int = typer.Option(3, help="seeds per variant"),
 
 @app.command("compare-lion")
 @friendly
-def compare_lion_cmd(seeds: int = typer.Option(1, help="seeds per variant"),
+def compare_lion_cmd(seeds: int = typer.Option(1, min=1, help="seeds per variant"),
                      output: str = typer.Option("runs/lion-compare", help="where runs and the table go"),
                      set_: Optional[List[str]] = SetOpt):
     """Lion (imitation, discrimination, generation rounds) against plain imitation for the same number of
@@ -301,7 +303,7 @@ def cache_api_teacher_cmd(recipe: str = typer.Argument(..., help="recipe whose t
 @app.command("serve-teacher")
 @friendly
 def serve_teacher(model_dir: str = typer.Argument(..., help="a Hugging Face causal LM directory (or recipe:NAME)"),
-                  port: int = typer.Option(8000, help="TCP port"),
+                  port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
                   host: str = typer.Option("127.0.0.1", help="address to bind; other than loopback needs --allow-remote"),
                   allow_remote: bool = typer.Option(False, help="allow binding a non-loopback address"),
                   model_name: Optional[str] = typer.Option(None, help="the model id clients ask for (default: the folder name)")):

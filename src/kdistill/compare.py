@@ -181,6 +181,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
 
     if not names:
         raise ConfigError("compare needs at least one recipe name or file")
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
     root = Path(output) / ("quick" if quick else "full")
     rows, teacher_row = [], None
     done_baselines: dict[str, list[dict]] = {}  # baseline key -> its rows, whose baseline_of lists recipes

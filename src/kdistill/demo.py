@@ -76,7 +76,7 @@ def run_demo(console, steps: int | None = None, output: str = "runs/demo", resum
     from kdistill import distill, load_recipe
     from kdistill.eval.report import evaluate
 
-    overrides = ([f"train.steps={steps}"] if steps else []) + list(extra_overrides)
+    overrides = ([f"train.steps={steps}"] if steps is not None else []) + list(extra_overrides)
     recipe = load_recipe(RECIPE, overrides, output)
     out = Path(recipe.output)
     console.print(f"[bold]kdistill demo[/]: {recipe.stages[0].teacher.model} -> 3-layer student, "

@@ -74,6 +74,11 @@ CASES = {
                                          "losses": [{"type": "hidden_mse", "projector": "none"}]}, "projector"),
     "missing data file": ({"data__train": {"path": "/nonexistent/train.jsonl"}}, "/nonexistent/train.jsonl"),
     "missing teacher": ({"teacher": {"model": "/nonexistent/model"}}, "does not exist"),
+    "student vocabulary smaller than the tokenizer": (
+        {"student": {"config": {"vocab_size": 100, "num_hidden_layers": 1}}}, "its vocabulary has 100 tokens"),
+    "fewer positions than max_length": (
+        {"student": {"config": {"max_position_embeddings": 16, "num_hidden_layers": 1}}},
+        "data.max_length is 32 but the student has 16 positions"),
 }
 
 
@@ -92,6 +97,14 @@ def test_logits_between_different_vocabularies(tiny_gpt2_dir, tiny_recipe, tmp_p
                  student={"config": {"vocab_size": 1000, "n_layer": 1}}, losses=[{"type": "logit_kd"}])
     result, out = invoke("run", write(tmp_path, recipe), "--no-progress")
     assert result.exit_code == 2 and "vocabulary" in out
+
+
+def test_an_output_that_cannot_be_a_folder(tiny_recipe, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result, out = invoke("run", write(tmp_path, tiny_recipe), "--no-progress", "--output", blocker)
+    assert result.exit_code == 2 and f"output {blocker}: cannot write the run there" in out, out
+    assert blocker.read_text() == ""
 
 
 def test_empty_dataset(tiny_recipe, tmp_path):
@@ -176,3 +189,18 @@ def test_ctrl_c_says_how_to_go_on_for_each_command(monkeypatch):
     result = runner.invoke(app, ["compare", "supersense-kd", "--seeds", "1"])
     assert result.exit_code == 130 and "run the same command again" in result.output
     assert "--resume" not in result.output
+
+
+def test_a_store_of_an_embedding_teacher_is_refused(tiny_recipe, tmp_path):
+    result, out = invoke("cache-teacher", write(tmp_path, tiny_recipe), "--out", tmp_path / "store")
+    assert result.exit_code == 2 and "is an embedding model" in out and "keep teacher.source: live" in out, out
+    assert not (tmp_path / "store").exists()
+
+
+def test_numeric_options_out_of_range_are_refused_by_the_command_line(tmp_path):
+    for args in (["compare", "x", "--seeds", "0"], ["cache-teacher", "x", "--k", "0"], ["demo", "--steps", "0"],
+                 ["serve-teacher", "x", "--port", "99999"], ["eval", "--student", "x", "--max-length", "0"]):
+        result, out = invoke(*args)
+        assert result.exit_code == 2 and "Invalid value" in out, (args, out)
+    result, out = invoke("cache-teacher", "x", "--dtype", "int8")
+    assert result.exit_code == 2 and "float16 or float32" in out

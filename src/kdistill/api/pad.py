@@ -94,7 +94,11 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
     `--set`-style assignments (e.g. {"pad": ["stages.1.train.steps=100"]})."""
     from kdistill.api.synthesize import SUMMARY
     from kdistill.engine.run import synthesis_dir
+    from kdistill.errors import ConfigError
     from kdistill.teachers.recipe_runs import resolve_teacher
+
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,24 @@ def build_terms(stage: Stage, student_info: ModelInfo, teacher_info: ModelInfo, 
     return terms
 
 
+def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str) -> None:
+    """Both models read the teacher's tokenizer's ids, padded or cut to data.max_length: an id past the student's
+    embedding table, or a position past either model's, fails deep inside torch (an index error) otherwise."""
+    embeddings = student.get_input_embeddings() if hasattr(student, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if tokenizer is not None and rows is not None and rows < len(tokenizer):
+        raise PairingError(
+            f"{prefix}student: its vocabulary has {rows:,} tokens but the teacher's tokenizer has {len(tokenizer):,}; "
+            f"the student reads the teacher's tokenizer, so give it at least that many (student.config.vocab_size) "
+            f"or use a model that shares the teacher's tokenizer")
+    for who, model in (("student", student), ("teacher", teacher)):
+        config = model.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if isinstance(positions, int) and max_length > positions:
+            raise ConfigError(f"{prefix}data.max_length is {max_length} but the {who} has {positions} positions; "
+                              f"lower data.max_length to {positions} or less")
+
+
 def declared_classes(stage: Stage) -> list[str]:
     from kdistill.data.corpora import CORPUS_CLASSES
 
@@ -188,6 +206,8 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     teacher_info = model_info(teacher, loaded.task, pooling)
     student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head,
                             stage.train.steps)
+    if loaded.task != "image-classification":
+        check_text_fits(student, teacher, loaded.tokenizer, stage.data.max_length, prefix)
     collator = make_collator(stage, loaded, teacher.config, labels, prefix, student.config)
     tokenizer = loaded.tokenizer
     if loaded.task == "image-classification":  # the student saves the preprocessing it was trained with

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from kdistill.errors import CheckpointError, ConfigError
+from kdistill.errors import CheckpointError, ConfigError, PairingError
 
 TEACHER_FILES = "teacher"  # subfolder of a store: the teacher's config.json and tokenizer
 
@@ -136,6 +136,9 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     records = read_sources(stage.data.train, "train", "data.train", stage.train.seed)
     loaded = load_model(resolve_teacher(stage.teacher.model, console), stage.teacher.task,
                         stage.teacher.trust_remote_code)
+    if loaded.task not in ("classification", "image-classification", "causal-lm", "masked-lm"):
+        raise PairingError(f"teacher.model {stage.teacher.model} is an {loaded.task} model; a teacher store keeps "
+                           f"output distributions (logits), which it has none of: keep teacher.source: live")
     teacher = loaded.model.eval()
     collator = make_collator(stage, loaded, teacher.config, None, "")
     fingerprints = {"teacher": fingerprint_tensors(teacher.state_dict()),
