@@ -165,3 +165,15 @@ def test_bookkeeping_and_the_name_are_not_a_change():
     assert recipe_changes(saved, r) == []
     saved["stages"][0]["train"]["seed"] = 7  # the fields that shape training still count
     assert recipe_changes(saved, r) == ["stages[0].train.seed: 7 -> 0"]
+
+
+def test_the_python_api_applies_output_to_a_loaded_recipe_and_refuses_what_it_cannot_apply(tmp_path):
+    import kdistill
+
+    recipe = kdistill.load_recipe(base())
+    assert kdistill.load_recipe(recipe, output=str(tmp_path / "elsewhere")).output == str(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="not to a loaded Recipe"):
+        kdistill.load_recipe(recipe, ["train.steps=7"])
+    with pytest.raises(ConfigError, match="list of 'KEY=VALUE' strings"):
+        kdistill.load_recipe(base(), "train.steps=7")
+    assert kdistill.load_recipe(base(), ["train.steps=7"]).stages[0].train.steps == 7

@@ -13,8 +13,17 @@ __version__ = "0.1.0"
 
 def load_recipe(ref, overrides=(), output=None):
     """A validated recipe from a YAML path, a built-in recipe name, or a dict."""
+    from kdistill.config import Recipe
     from kdistill.config import load_recipe as _load
+    from kdistill.errors import ConfigError
 
+    if isinstance(overrides, (str, dict)):
+        raise ConfigError(f"overrides is a list of 'KEY=VALUE' strings (as --set takes), got {overrides!r}")
+    if isinstance(ref, Recipe):
+        if overrides:  # its stages already hold every setting, so `train.steps=...` would change nothing
+            raise ConfigError("overrides apply to a recipe's name, file or dict, not to a loaded Recipe; "
+                              "pass the name or file with overrides instead")
+        ref = ref.dump()
     return _load(ref, overrides, output)
 
 
@@ -26,7 +35,7 @@ def distill(recipe, overrides=(), output: str | None = None, resume: bool = Fals
     from kdistill.config import Recipe
     from kdistill.engine.run import run_recipe
 
-    if not isinstance(recipe, Recipe):
+    if not isinstance(recipe, Recipe) or overrides or output:
         recipe = load_recipe(recipe, overrides, output)
     return run_recipe(recipe, resume=resume, force=force, console=Console(), progress=progress)
 
