@@ -140,6 +140,13 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
     """Compare a student with its teacher: size, speed, embedding fidelity, accuracy or perplexity."""
     from kdistill.eval.report import evaluate, render_table, save, spec_from_arg
 
+    if teacher is None:  # an embedding student has no metric of its own: the table would be empty
+        import json
+
+        made = Path(student) / "kdistill.json"
+        trained_by = json.loads(made.read_text()).get("teacher") if made.is_file() else None
+        console.print("[yellow]no --teacher[/yellow]: fidelity to a teacher (cosine, similarity, neighbours) is left "
+                      "out" + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
     result = evaluate(student, teacher, [spec_from_arg(d) for d in data], split=split, limit=limit,
                       max_length=max_length, speed=speed)
     console.print(render_table(result))
