@@ -49,6 +49,9 @@ def test_run_then_eval_via_cli(tmp_path, tiny_recipe, text_file):
     report = json.loads((student / "eval.json").read_text())
     entry = next(iter(report["datasets"].values()))
     assert 0.0 < entry["cosine"] <= 1.0 and entry["n"] == 12
+    result, out = invoke("eval", "--student", student, "--data", data, "--no-speed", "--output", tmp_path / "alone.json")
+    assert result.exit_code == 0 and "no --teacher" in out
+    assert f"trained by --teacher {tiny_recipe['teacher']['model']}" in " ".join(out.split())
 
 
 def bad(tiny_recipe, **changes):
