@@ -183,3 +183,8 @@ def test_stop_then_start_serves_again_on_the_same_port(tiny_gpt2_dir):
         assert server.port == port and httpx.get(server.url + "/models").status_code == 200
     finally:
         server.stop()
+
+
+def test_an_encoder_is_not_served_with_a_random_lm_head(tiny_bert_dir):
+    with pytest.raises(ConfigError, match="needs a causal LM"):
+        TeacherServer(tiny_bert_dir, port=0)

@@ -44,8 +44,12 @@ class TeacherServer(LocalModel):
             raise ConfigError(f"host {host!r} is not a loopback address and the teacher server has no "
                               "authentication: serve on 127.0.0.1, or pass allow_remote=True (--allow-remote) "
                               "to expose it on purpose")
-        from kdistill.models.loading import load_model
+        from kdistill.models.loading import detect_task, load_config, load_model
 
+        task = detect_task(load_config(model_dir)[1])
+        if task != "causal-lm":  # loaded as one anyway, it would answer from a randomly initialised LM head
+            raise ConfigError(f"{model_dir} is a {task} model; the teacher server generates text, so it needs a "
+                              f"causal LM (a GPT-2 or Llama directory, or recipe:lm-teacher)")
         loaded = load_model(model_dir, task="causal-lm")
         self.model, self.tokenizer = loaded.model.eval(), loaded.tokenizer
         if self.tokenizer is None:
