@@ -35,7 +35,7 @@ def baseline_of(recipe: Recipe) -> Recipe:
         spec = student.theseus
         init = ({"layers": "uniform", "num_layers": spec.modules} if spec.successors == "top"
                 else {"layers": list(range(1, spec.modules + 1))})
-        student = StudentConfig(from_teacher=init)
+        student = StudentConfig(from_teacher={**init, "layers_from": spec.layers_from})
     teacher = first.teacher.model_copy(update={"task": recipe_task(recipe)})
     if teacher.model is not None:  # the baseline never asks the teacher: no store to build, one baseline shared
         teacher = type(teacher)(model=teacher.model, task=teacher.task, trust_remote_code=teacher.trust_remote_code)

@@ -81,6 +81,9 @@ class FromTeacher(Strict):
                                     "of each attention head; the head count stays the teacher's")
     intermediate_size: int | None = Field(None, ge=1, description="with hidden_size: the feed-forward width to cut to "
                                           "(default: the teacher's ratio to its hidden size)")
+    layers_from: str | None = Field(None, description="copy only the chosen layers from this model (same architecture); "
+                                    "embeddings and head stay the teacher's (the baseline of a Theseus run whose "
+                                    "successors start from another model)")
 
     @model_validator(mode="after")
     def width_needs_hidden_size(self):
@@ -97,6 +100,9 @@ class Theseus(Strict):
     successors: Literal["top", "first"] = Field(
         "top", description="top: successor i copies the top block of group i; first: it copies teacher block i "
                            "(the reference code's choice: the first `modules` blocks of the fine-tuned teacher)")
+    layers_from: str | None = Field(None, description="successors copy those blocks of this model (same architecture) "
+                                    "instead of the teacher's, e.g. the pretrained checkpoint the teacher was "
+                                    "fine-tuned from; embeddings and head stay the teacher's")
 
 
 STUDENT_INITS = ("from_teacher", "config", "model", "theseus")

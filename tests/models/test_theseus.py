@@ -71,6 +71,42 @@ def test_successors_first_copy_the_teachers_first_blocks(teacher):
     assert baseline_of(recipe).stages[0].student.from_teacher.layers == [1, 2, 3]
 
 
+def test_successors_from_another_model_and_their_baseline_start_alike(teacher, tmp_path):
+    """`layers_from`: the successors copy another model's blocks (a pretrained checkpoint), the rest stays the
+    teacher's; the baseline compare builds from the option is that very student, weight for weight."""
+    from kdistill.compare_runs import baseline_of
+    from kdistill.config import StudentConfig
+    from kdistill.models.student import build_student
+
+    torch.manual_seed(1)
+    donor = BertForSequenceClassification(teacher.config).eval()  # another model of the same architecture
+    donor.save_pretrained(tmp_path / "donor")
+    spec = Theseus(modules=2, layers_from=str(tmp_path / "donor"))
+    hybrid = build_student(StudentConfig(theseus=spec), teacher, "classification", seed=0, steps=10)
+    for i, block in enumerate((donor.bert.encoder.layer[1], donor.bert.encoder.layer[3])):
+        torch.testing.assert_close(hybrid.bert.encoder.layer[i].output.dense.weight, block.output.dense.weight)
+    torch.testing.assert_close(hybrid.bert.encoder.layer.predecessors[1][1].output.dense.weight,
+                               teacher.bert.encoder.layer[3].output.dense.weight)
+    torch.testing.assert_close(hybrid.bert.embeddings.word_embeddings.weight, teacher.bert.embeddings.word_embeddings.weight)
+
+    recipe = load_recipe_with(StudentConfig(theseus=spec))
+    base_spec = baseline_of(recipe).stages[0].student
+    assert base_spec.from_teacher.layers_from == str(tmp_path / "donor")
+    base = build_student(base_spec, teacher, "classification", seed=0)
+    exported = successor_only(hybrid).state_dict()
+    assert exported.keys() == base.state_dict().keys()
+    for key, value in base.state_dict().items():
+        torch.testing.assert_close(exported[key], value, msg=key)
+
+
+def load_recipe_with(student):
+    from kdistill.recipe_loading import load_recipe
+
+    return load_recipe({"name": "t", "teacher": {"model": "packaged:all-MiniLM-L6-v2"},
+                        "student": student.model_dump(exclude_none=True),
+                        "data": {"train": {"source": "wordnet-supersense"}}, "losses": [{"type": "cross_entropy"}]})
+
+
 def test_export_is_a_plain_shallow_model(teacher, tmp_path):
     hybrid = build_theseus(Theseus(modules=2), teacher, steps=10).eval()
     with torch.no_grad():

@@ -70,10 +70,29 @@ def from_teacher(spec, teacher, where="student.from_teacher", **context):
                 continue
             key = f"{prefix}{new_index[index]}.{rest}"
         state[key] = value.clone()
+    if spec.layers_from is not None:
+        if spec.model is not None or spec.hidden_size is not None:
+            raise ConfigError(f"{where}.layers_from replaces only the layers; it does not combine with model or "
+                              f"hidden_size")
+        donor = same_architecture(spec.layers_from, teacher, f"{where}.layers_from", context)
+        for key, value in donor.state_dict().items():  # the chosen layers, renumbered as above
+            if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] in new_index:
+                index, rest = key[len(prefix):].split(".", 1)
+                state[f"{prefix}{new_index[index]}.{rest}"] = value.clone()
     if spec.hidden_size is not None:
         state = narrow_state(state, student, config.num_attention_heads)
     student.load_state_dict(state, strict=True)
     return student
+
+
+def same_architecture(ref: str, teacher, where: str, context: dict):
+    """A model whose blocks can stand in for the teacher's (same class and layer count)."""
+    source = load_model(ref, context.get("task", "auto"), **(context.get("head") or {})).model
+    if type(source) is not type(teacher) or layer_count(source.config) != layer_count(teacher.config):
+        raise PairingError(f"{where}: {ref} is a {layer_count(source.config)}-layer {type(source).__name__}, the "
+                           f"teacher a {layer_count(teacher.config)}-layer {type(teacher).__name__}; blocks can only "
+                           f"be copied between the same architecture")
+    return source
 
 
 @INITS.register("config")
@@ -111,7 +130,9 @@ def from_directory(ref: str, teacher, task: str = "auto", head: dict | None = No
 def theseus(spec, teacher, steps: int = 0, **context):
     from kdistill.models.theseus import build_theseus
 
-    return build_theseus(spec, teacher, steps)  # the replacement schedule needs the stage length
+    donor = (same_architecture(spec.layers_from, teacher, "student.theseus.layers_from", context)
+             if spec.layers_from is not None else None)
+    return build_theseus(spec, teacher, steps, donor)  # the replacement schedule needs the stage length
 
 
 def build_student(student_cfg, teacher, task: str, seed: int, previous_dir: str | None = None,

@@ -51,10 +51,11 @@ class TheseusLayers(nn.ModuleList):
         self.replace_rate = state.get("replace_rate", self.replace_rate)
 
 
-def build_theseus(spec, teacher: nn.Module, steps: int) -> nn.Module:
+def build_theseus(spec, teacher: nn.Module, steps: int, donor: nn.Module | None = None) -> nn.Module:
     """A copy of the teacher whose block list is a TheseusLayers; successor i starts as the last
     block of group i, so the top block of the teacher stays on top (`successors: top`), or as teacher
-    block i (`successors: first`, as the paper's code does)."""
+    block i (`successors: first`, as the paper's code does); those blocks of `donor` instead of the teacher's
+    when given (`layers_from`)."""
     n = layer_count(teacher.config)
     if n % spec.modules:
         raise PairingError(f"student.theseus.modules: {spec.modules} does not divide the teacher's {n} layers")
@@ -62,8 +63,10 @@ def build_theseus(spec, teacher: nn.Module, steps: int) -> nn.Module:
     path, blocks = find_layers(model, n)
     size = n // spec.modules
     groups = [list(blocks[i * size:(i + 1) * size]) for i in range(spec.modules)]
-    tops = [group[-1] for group in groups]
-    successors = [copy.deepcopy(b) for b in (tops if spec.successors == "top" else blocks[:spec.modules])]
+    picks = ([(i + 1) * size - 1 for i in range(spec.modules)] if spec.successors == "top"
+             else list(range(spec.modules)))
+    source = blocks if donor is None else find_layers(donor, n)[1]
+    successors = [copy.deepcopy(source[i]) for i in picks]
     parent_path, _, attr = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, attr, TheseusLayers(successors, groups, spec.start, int(spec.full_at * steps)))
