@@ -67,7 +67,7 @@ def render(teacher_ref: str, init: dict, final: dict):
         table.add_row(f"[bold]{name}[/] ({domain}, n={entry['n']})", "", "", "")
         for key, label in (("cosine", "cosine to teacher"), ("spearman", "pairwise-similarity Spearman"),
                            ("recall_at_10", "neighbour recall@10")):
-            table.add_row(f"  {label}", "1.000", f"{before[key]:.3f}", f"{entry[key]:.3f}")
+            table.add_row(f"  {label}", "1.000", *("—" if v is None else f"{v:.3f}" for v in (before[key], entry[key])))
     return table
 
 

@@ -103,7 +103,9 @@ def test_fidelity_edge_cases():
         fidelity(torch.randn(3, 4), torch.randn(4, 4))
     tiny = fidelity(torch.randn(2, 4), torch.randn(2, 4))
     assert tiny["spearman"] is None  # one pair: no ranking to correlate
-    assert tiny["recall_at_10"] == 1.0  # k shrinks to the one other text
+    assert tiny["recall_at_10"] is None  # every other text is among the 10 nearest: nothing measured
+    assert fidelity(torch.randn(11, 4), torch.randn(11, 4))["recall_at_10"] is None
+    assert fidelity(torch.randn(12, 4), torch.randn(12, 4))["recall_at_10"] is not None
 
 
 # ---------------------------------------------------------------- encode
