@@ -334,3 +334,10 @@ def test_a_stage_teacher_run_resumes_from_another_spelling_of_its_folder(tiny_re
     monkeypatch.chdir(tmp_path)
     resumed = distill({**tiny_recipe, "output": "b"}, resume=True, progress=False)
     assert_same_weights(straight, tmp_path / resumed)
+
+
+def test_fp16_on_a_cpu_is_said_to_train_in_fp32():
+    from kdistill.engine.run import make_accelerator
+
+    with pytest.warns(UserWarning, match="fp16 needs a GPU"):
+        make_accelerator("fp16", cpu=True)

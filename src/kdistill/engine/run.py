@@ -29,6 +29,11 @@ def make_accelerator(precision: str = "fp32", cpu: bool | None = None):
     # Terms may leave some student parameters unused (e.g. BERT's pooler): DDP must allow that.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    if cpu and precision == "fp16":  # Accelerate has no fp16 autocast on a CPU and quietly trains in fp32
+        import warnings
+
+        warnings.warn("train.precision: fp16 needs a GPU; on this CPU the run trains in fp32 (bf16 works on a CPU)",
+                      stacklevel=2)
     return Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), kwargs_handlers=[ddp])
 
 
