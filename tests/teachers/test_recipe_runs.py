@@ -1,5 +1,8 @@
-"""`teacher: {model: recipe:NAME}`: the cached run is reused, and a run from another version of the recipe says so."""
+"""`teacher: {model: recipe:NAME}`: the cached run is reused, a run from another version of the recipe says so, and
+one command at a time trains it."""
 import warnings
+
+import pytest
 
 from kdistill.teachers.recipe_runs import resolve_teacher
 
@@ -54,9 +57,10 @@ def hold_lock_in_another_process(path):
     return holder
 
 
-def test_a_teacher_being_trained_by_another_command_is_waited_for_not_trained_twice(tmp_path, monkeypatch, capsys):
-    import threading
-
+@pytest.fixture
+def untrained_teacher(tmp_path, monkeypatch):
+    """(its run folder, the recipes this process trains, a held lock on it in another process): teacher-supersense
+    not trained yet under a temporary KDISTILL_HOME, with training itself recorded instead of run."""
     import kdistill.engine.run
     from kdistill.teachers.recipe_runs import recipe_output
 
@@ -66,38 +70,34 @@ def test_a_teacher_being_trained_by_another_command_is_waited_for_not_trained_tw
     out = recipe_output("teacher-supersense")
     out.mkdir(parents=True)
     holder = hold_lock_in_another_process(out.parent / ".teacher-supersense.lock")
-    try:
-        result = []
-        waiter = threading.Thread(target=lambda: result.append(resolve_teacher("recipe:teacher-supersense")))
-        waiter.start()
-        waiter.join(timeout=2)
-        assert waiter.is_alive()  # waiting on the other command
-        # the other command finishes its run, then exits (which releases its lock)
-        (out / "student").mkdir()
-        (out / "student" / "kdistill.json").write_text("{}")
-        (out / "student" / "config.json").write_text("{}")
-        (out / "student" / "model.safetensors").write_bytes(b"")
-        holder.kill()
-        waiter.join(timeout=30)
-        assert not waiter.is_alive()
-    finally:
-        holder.kill()
-        holder.wait()
+    yield out, trained, holder
+    holder.kill()
+    holder.wait()
+
+
+def test_a_teacher_being_trained_by_another_command_is_waited_for_not_trained_twice(untrained_teacher, capsys):
+    import threading
+
+    out, trained, holder = untrained_teacher
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(resolve_teacher("recipe:teacher-supersense")))
+    waiter.start()
+    waiter.join(timeout=2)
+    assert waiter.is_alive()  # waiting on the other command
+    # the other command finishes its run, then exits (which releases its lock)
+    (out / "student").mkdir()
+    for name in ("kdistill.json", "config.json", "model.safetensors"):
+        (out / "student" / name).write_text("{}")
+    holder.kill()
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
     assert result == [str(out / "student")]
     assert trained == []  # used the other command's teacher
     assert "being trained by another command" in capsys.readouterr().err
 
 
-def test_a_killed_command_leaves_no_lock_behind(tmp_path, monkeypatch):
-    import kdistill.engine.run
-    from kdistill.teachers.recipe_runs import recipe_output
-
-    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path))
-    trained = []
-    monkeypatch.setattr(kdistill.engine.run, "run_recipe", lambda recipe, **kw: trained.append(recipe.name))
-    out = recipe_output("teacher-supersense")
-    out.mkdir(parents=True)
-    holder = hold_lock_in_another_process(out.parent / ".teacher-supersense.lock")
+def test_a_killed_command_leaves_no_lock_behind(untrained_teacher):
+    out, trained, holder = untrained_teacher
     holder.kill()  # killed mid-training: its lock goes with it
     holder.wait()
     assert resolve_teacher("recipe:teacher-supersense") == str(out / "student")
