@@ -336,8 +336,12 @@ def test_a_stage_teacher_run_resumes_from_another_spelling_of_its_folder(tiny_re
     assert_same_weights(straight, tmp_path / resumed)
 
 
-def test_fp16_on_a_cpu_is_said_to_train_in_fp32():
+def test_fp16_on_a_cpu_is_said_to_train_in_fp32(monkeypatch):
+    import accelerate
+
     from kdistill.engine.run import make_accelerator
 
+    # Accelerate's state is one per process, already made by earlier tests: record the request instead
+    monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: kwargs)
     with pytest.warns(UserWarning, match="fp16 needs a GPU"):
-        make_accelerator("fp16", cpu=True)
+        assert make_accelerator("fp16", cpu=True)["mixed_precision"] == "fp16"
