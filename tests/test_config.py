@@ -106,6 +106,12 @@ def test_a_recipe_that_is_a_folder_or_not_text_is_named(tmp_path):
         load_recipe(str(binary))
 
 
+def test_set_into_a_scalar_is_refused_not_replaced():
+    with pytest.raises(ConfigError, match=r"--set train.steps.foo: train.steps is 10, not a mapping"):
+        load_recipe(base(), ["train.steps.foo=3"])
+    assert load_recipe(base(), ["student.from_teacher.num_layers=3"]).stages[0].student.from_teacher.num_layers == 3
+
+
 def test_set_with_a_value_that_is_not_yaml():
     with pytest.raises(ConfigError, match=r"--set train.steps: the value '\[1' is not valid YAML"):
         load_recipe(base(), ["train.steps=[1"])

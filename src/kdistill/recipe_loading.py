@@ -67,8 +67,11 @@ def apply_override(raw: dict, assignment: str) -> None:
                 raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML "
                                   f"(quote it, or close its brackets)") from None
         else:
-            if isinstance(node, dict) and not isinstance(node.get(part), (dict, list)):
+            if isinstance(node, dict) and node.get(part) is None:
                 node[part] = {}
+            elif not isinstance(node[part], (dict, list)):
+                raise ConfigError(f"--set {key}: {'.'.join(str(p) for p in parts[:i + 1])} is {node[part]!r}, "
+                                  f"not a mapping to set {parts[i + 1]!r} in")
             node = node[part]
 
 
