@@ -385,3 +385,13 @@ def test_quick_runs_an_eighth_of_the_steps_in_a_folder_of_its_own(tmp_path, make
     run = tmp_path / "runs" / "quick" / "tiny-kd" / "seed-0"
     assert yaml.safe_load((run / "config.resolved.yaml").read_text())["stages"][0]["train"]["steps"] == 2
     assert not (tmp_path / "runs" / "full").exists()  # a later full comparison never reuses a quick run
+
+
+def test_an_embedding_recipe_is_refused_before_any_training(tmp_path):
+    import pytest
+
+    from kdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="minilm-l3's teacher task is 'embedding'.*kdistill eval"):
+        compare(["minilm-l3"], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
+    assert not (tmp_path / "runs").exists()

@@ -18,9 +18,16 @@ QUICK_DIVISOR = 8  # --quick: an eighth of every stage's steps, for a fast look 
 
 
 def recipe_task(recipe: Recipe) -> str:
-    """What the final student is scored as: the last stage teacher's task (classification when auto)."""
-    task = recipe.stages[-1].teacher.task
-    return "classification" if task == "auto" else task
+    """What the final student is scored as: the last stage teacher's task; `auto` is read from a teacher
+    directory's config (a `recipe:NAME` teacher may not be trained yet: classification)."""
+    last = recipe.stages[-1].teacher
+    if last.task != "auto":
+        return last.task
+    if last.model is None or last.model.startswith(("recipe:", "stage:")):
+        return "classification"
+    from kdistill.models.loading import detect_task, load_config
+
+    return detect_task(load_config(last.model, last.trust_remote_code)[1])
 
 
 def baseline_of(recipe: Recipe) -> Recipe:
