@@ -80,3 +80,15 @@ def test_truncated_weights_are_named_not_a_safetensors_traceback(tmp_path, tiny_
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(DataError, match=f"weights in {damaged} are damaged or truncated"):
         load_model(str(damaged))
+
+
+def test_an_unreadable_tokenizer_is_named_not_reported_missing(tmp_path, tiny_bert_dir):
+    import shutil
+
+    from kdistill.models.loading import load_tokenizer
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_bert_dir, damaged)
+    (damaged / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match=r"tokenizer in .*damaged \(tokenizer.json.*cannot be read"):
+        load_tokenizer(str(damaged))

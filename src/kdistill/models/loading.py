@@ -160,7 +160,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         return load_image_processor(path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError):
+    except Exception as err:  # a damaged tokenizer.json raises the tokenizers library's plain Exception
+        present = [name for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
+                   if os.path.isdir(path) and (Path(path) / name).exists()]
+        if present:  # a tokenizer is there but unreadable: say so, not that there is none
+            raise DataError(f"the tokenizer in {path} ({', '.join(present)}) cannot be read: {first_line(err)}; "
+                            f"copy it again from the model it came with") from None
+        if not isinstance(err, (OSError, ValueError, TypeError)):
+            raise
         return None  # bare checkpoints have none
 
 
