@@ -40,9 +40,13 @@ class StageParts:
 def read_sources(specs, split: str, where: str, seed: int = 0) -> list[dict]:
     specs = specs if isinstance(specs, list) else [specs]
     records = []
-    for spec in specs:
+    for i, spec in enumerate(specs):
         fields = spec.model_dump(exclude_none=True, exclude={"augment"})
-        loaded = load_records(fields, split_default=split)
+        try:
+            loaded = load_records(fields, split_default=split)
+        except (DataError, ConfigError) as err:  # the message says what is wrong; the prefix says where
+            place = f"{where}[{i}]" if len(specs) > 1 else where
+            raise type(err)(f"{place}: {err}") from None
         if spec.augment is not None and split == "train":
             from kdistill.data.augment import augment_records
 
