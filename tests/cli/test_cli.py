@@ -75,7 +75,8 @@ CASES = {
     "loss layer out of range": ({"losses": [{"type": "hidden_mse", "layers": [[1, 7]]}]}, "out of range"),
     "wider student without projector": ({"student": {"config": {"hidden_size": 64, "intermediate_size": 64}},
                                          "losses": [{"type": "hidden_mse", "projector": "none"}]}, "projector"),
-    "missing data file": ({"data__train": {"path": "/nonexistent/train.jsonl"}}, "/nonexistent/train.jsonl"),
+    "missing data file": ({"data__train": {"path": "/nonexistent/train.jsonl"}},
+                          "data.train: data file not found: /nonexistent/train.jsonl"),
     "missing teacher": ({"teacher": {"model": "/nonexistent/model"}}, "does not exist"),
     "student vocabulary smaller than the tokenizer": (
         {"student": {"config": {"vocab_size": 100, "num_hidden_layers": 1}}}, "its vocabulary has 100 tokens"),
