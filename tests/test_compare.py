@@ -338,7 +338,7 @@ def test_a_recipe_compare_cannot_run_is_refused_before_anything_trains(tiny_reci
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_recipe))
     with pytest.raises(ConfigError, match="compare-lion"):
-        compare([str(path), "lion"], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
+        compare(["lion", str(path)], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
     assert not (tmp_path / "runs").exists()
 
 

@@ -188,11 +188,6 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     done_baselines: dict[str, list[dict]] = {}  # baseline key -> its rows, whose baseline_of lists recipes
     finished: dict[int, list[Recipe]] = {}  # seed -> runs trained (or reused) so far
     recipes = [load_recipe(name) for name in names]
-    for recipe in recipes:  # before any training: a recipe compare cannot score is refused at once
-        if recipe_task(recipe) not in METRICS:
-            raise ConfigError(f"compare scores {', '.join(METRICS)} students by their test metric; {recipe.name}'s "
-                              f"teacher task is {recipe_task(recipe)!r}; such students are compared by fidelity to the teacher "
-                              f"instead: `kdistill eval --student DIR --teacher TEACHER --data ...`")
     # the table's teacher: the first fixed one (a ProKT teacher may start untrained and learn in the loop)
     reference = next((r for r in recipes if r.stages[-1].teacher.update is None), recipes[0])
     for name, recipe in zip(names, recipes):
@@ -202,6 +197,10 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
                               f"(execution accuracy), not `kdistill compare`")
+        if recipe_task(recipe) not in METRICS:  # refused before any training, not after it
+            raise ConfigError(f"compare scores {', '.join(METRICS)} students by their test metric; {name}'s "
+                              f"teacher task is {recipe_task(recipe)!r}; such students are compared by fidelity to "
+                              f"the teacher instead: `kdistill eval --student DIR --teacher TEACHER --data ...`")
     train_recipe_teachers(recipes, console)
     bases = [(base, baseline_key(base)) for base in map(baseline_of, recipes)] if baselines else []
     all_pairs = recipe_pairs(recipes, bases, root, quick)
