@@ -84,6 +84,22 @@ def merge(base: Any, update: Any) -> Any:
     return copy.deepcopy(update)
 
 
+def known_fields() -> list[str]:
+    """Every field name of kdistill's recipe models (schema and loss parameters): a misspelt field is
+    most often one of these."""
+    from pydantic import BaseModel
+
+    seen, stack, names = set(), [BaseModel], set()
+    while stack:
+        for cls in stack.pop().__subclasses__():
+            if cls not in seen:
+                seen.add(cls)
+                stack.append(cls)
+                if cls.__module__.startswith("kdistill"):
+                    names.update(cls.model_fields)
+    return sorted(names)
+
+
 def format_validation(err: ValidationError, prefix: str, source: str) -> str:
     entries = []
     for e in err.errors():
@@ -95,7 +111,8 @@ def format_validation(err: ValidationError, prefix: str, source: str) -> str:
                 path += f".{part}" if path else str(part)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown field"
+            close = difflib.get_close_matches(str(e["loc"][-1]), known_fields(), n=1, cutoff=0.75)
+            msg = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
         elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
             msg += f" (got {e['input']!r})"
         entries.append((path or "recipe", e["type"], msg))

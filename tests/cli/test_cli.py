@@ -121,7 +121,7 @@ def test_empty_dataset(tiny_recipe, tmp_path):
 
 def test_bad_set_and_missing_recipe(tmp_path, tiny_recipe):
     result, out = invoke("run", write(tmp_path, tiny_recipe), "--set", "train.stpes=3")
-    assert result.exit_code == 2 and "train.stpes: unknown field" in out
+    assert result.exit_code == 2 and "train.stpes: unknown field; did you mean 'steps'?" in out
     result, out = invoke("run", "no-such-recipe")
     assert result.exit_code == 2 and "built-in" in out
 
