@@ -174,12 +174,15 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
                 output: str = typer.Option("runs/compare", help="where the runs go (reused when complete)"),
                 results: str = typer.Option("docs/results.md", help="markdown file to write the table into"),
                 baselines: bool = typer.Option(True, help="also train each recipe's no-teacher baseline"),
-                jobs: int = typer.Option(1, min=1, help="runs trained at once, each in its own process with the "
-                                                        "cores shared out (small students: 2 on 2 cores)")):
+                jobs: Optional[int] = typer.Option(
+                    None, min=1, help="runs trained at once, each in its own process with the cores shared out "
+                                      "(default: 2 without a GPU on 2 cores or more, else 1)")):
     """Each recipe against a no-teacher baseline (same student, same init, labels only), on test data."""
     from kdistill.compare import compare
+    from kdistill.compare_parallel import default_jobs
     from kdistill.compare_report import markdown
 
+    jobs = default_jobs() if jobs is None else jobs
     report = compare(recipes, seeds, quick, output, results, console, baselines=baselines, jobs=jobs)
     console.print(markdown(report))
 

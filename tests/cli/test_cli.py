@@ -195,6 +195,25 @@ def test_ctrl_c_says_how_to_go_on_for_each_command(monkeypatch):
     assert "--resume" not in result.output
 
 
+def test_compare_trains_two_runs_at_a_time_by_default_without_a_gpu(monkeypatch):
+    import os
+
+    import torch
+
+    import kdistill.compare
+
+    asked = []
+    monkeypatch.setattr(kdistill.compare, "compare", lambda *a, jobs, **kw: asked.append(jobs) or {"rows": []})
+    monkeypatch.setattr("kdistill.compare_report.markdown", lambda report: "")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    invoke("compare", "supersense-kd")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    invoke("compare", "supersense-kd")
+    invoke("compare", "supersense-kd", "--jobs", "3")
+    assert asked == [2, 1, 3]
+
+
 def test_a_store_of_an_embedding_teacher_is_refused(tiny_recipe, tmp_path):
     result, out = invoke("cache-teacher", write(tmp_path, tiny_recipe), "--out", tmp_path / "store")
     assert result.exit_code == 2 and "is an embedding model" in out and "keep teacher.source: live" in out, out
