@@ -56,15 +56,26 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = ([{"name": "teacher", "score": report["teacher"]["score"]}] if report["teacher"].get("score") else [])
+    teacher = report["teacher"]
+    rows = ([{"name": "teacher", "score": teacher["score"], "speedup": 1.0}] if teacher.get("score") else [])
     rows += report["rows"]
+    names = [r["name"] for r in rows]
+    colors = ["#555" if r["name"] == "teacher" else "#bbb" if r.get("baseline_of") else "#3a7" for r in rows]
     means = [mean_std(r["score"]) for r in rows]
-    fig, ax = plt.subplots(figsize=(1.4 * len(rows) + 2, 4))
-    ax.bar([r["name"] for r in rows], [m for m, _ in means], yerr=[s for _, s in means], capsize=4,
-           color=["#555" if r["name"] == "teacher" else "#bbb" if r.get("baseline_of") else "#3a7" for r in rows])
+    # the table's columns a reader compares at a glance: the metric (with % of the teacher), speed-up, wall time
+    fig, (ax, speed, wall) = plt.subplots(3, 1, sharex=True, figsize=(1.4 * len(rows) + 2, 8),
+                                          gridspec_kw={"height_ratios": [2, 1, 1]})
+    bars = ax.bar(names, [m for m, _ in means], yerr=[s for _, s in means], capsize=4, color=colors)
     low = min(m for m, _ in means)
-    ax.set(ylabel=f"test {report['metric']}", ylim=(max(0, low - 0.05), min(1, max(m for m, _ in means) + 0.02)))
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    ax.set(ylabel=f"test {report['metric']}", ylim=(max(0, low - 0.05), min(1, max(m for m, _ in means) + 0.03)))
+    if teacher.get("score"):
+        t = teacher["score"][0]
+        ax.bar_label(bars, labels=[f"{m / t:.0%}" for m, _ in means], fontsize=8, padding=2)
+    speed.bar(names, [r.get("speedup") or 0 for r in rows], color=colors)
+    speed.set(ylabel="speed-up (×)")
+    wall.bar(names, [statistics.mean(r["wall_time_s"]) if r.get("wall_time_s") else 0 for r in rows], color=colors)
+    wall.set(ylabel="train wall time (s)")
+    plt.setp(wall.get_xticklabels(), rotation=20, ha="right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
