@@ -68,7 +68,7 @@ def plot(report: dict, path: Path) -> None:
     bars = ax.bar(names, [m for m, _ in means], yerr=[s for _, s in means], capsize=4, color=colors)
     low = min(m for m, _ in means)
     ax.set(ylabel=f"test {report['metric']}", ylim=(max(0, low - 0.05), min(1, max(m for m, _ in means) + 0.03)))
-    if teacher.get("score"):
+    if teacher.get("score") and teacher["score"][0]:  # a teacher scoring 0 (a tiny random one) gives no percentage
         t = teacher["score"][0]
         ax.bar_label(bars, labels=[f"{m / t:.0%}" for m, _ in means], fontsize=8, padding=2)
     speed.bar(names, [r.get("speedup") or 0 for r in rows], color=colors)
