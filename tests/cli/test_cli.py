@@ -227,3 +227,21 @@ def test_numeric_options_out_of_range_are_refused_by_the_command_line(tmp_path):
         assert result.exit_code == 2 and "Invalid value" in out, (args, out)
     result, out = invoke("cache-teacher", "x", "--dtype", "int8")
     assert result.exit_code == 2 and "float16 or float32" in out
+
+
+def test_validate_full_pairs_an_automatic_store_with_the_live_teacher_without_building_it(tmp_path, make_classifier,
+                                                                                          monkeypatch):
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                            for i in range(8) for w in ("red", "green", "blue")))
+    recipe = {"name": "stored", "teacher": {"model": make_classifier(tmp_path / "teacher"), "source": "cache"},
+              "student": {"config": {"num_hidden_layers": 1}},
+              "data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
+              "losses": [{"type": "logit_kd"}], "train": {"steps": 2, "batch_size": 4}}
+    result, out = invoke("validate", write(tmp_path, recipe), "--full")
+    assert result.exit_code == 0 and "built on the first run" in out, out
+    assert not (tmp_path / "home" / "stores").exists()
+    recipe["student"] = {"from_teacher": {"layers": [1]}}  # the store holds no weights to copy: still refused
+    result, out = invoke("validate", write(tmp_path, recipe, "r2.yaml"), "--full")
+    assert result.exit_code == 2 and "teacher store does not hold" in out, out

@@ -72,6 +72,12 @@ def build_terms(stage: Stage, student_info: ModelInfo, teacher_info: ModelInfo, 
     return terms
 
 
+def check_store_student(stage: Stage, prefix: str) -> None:
+    if stage.student is not None and stage.student.kind()[0] in ("from_teacher", "theseus"):
+        raise ConfigError(f"{prefix}student: {stage.student.kind()[0]} copies the teacher's weights, which a "
+                          f"teacher store does not hold; use student.config or student.model")
+
+
 def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str) -> None:
     """Both models read the teacher's tokenizer's ids, padded or cut to data.max_length: an id past the student's
     embedding table, or a position past either model's, fails deep inside torch (an index error) otherwise."""
@@ -199,9 +205,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     if task in ("classification", "image-classification"):
         labels, head = class_head(stage, teacher_ref, train + evals, prefix)
     if cached:
-        if stage.student is not None and stage.student.kind()[0] in ("from_teacher", "theseus"):
-            raise ConfigError(f"{prefix}student: {stage.student.kind()[0]} copies the teacher's weights, which a "
-                              f"teacher store does not hold; use student.config or student.model")
+        check_store_student(stage, prefix)
         loaded = skeleton(teacher_ref, task, head)
     else:
         loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head)
