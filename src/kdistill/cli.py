@@ -101,6 +101,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                           f"{stage.train.steps} steps, losses {losses}", highlight=False)
             if full_stage:
                 from kdistill.engine.build import build_stage, check_store_student
+                from kdistill.teachers.cached import with_live_teacher
 
                 prefix = f"stages[{i}]." if len(r.stages) > 1 else ""
                 if stage.teacher.source == "cache" and stage.teacher.path is None:
@@ -108,7 +109,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                     # building the store here (it can take as long as an epoch of the teacher)
                     check_store_student(stage, prefix)
                     console.print("  (its teacher store is built on the first run; paired here with the live teacher)")
-                    stage = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"source": "live"})})
+                    stage = with_live_teacher(stage)
                 parts = build_stage(stage, previous if stage.student is None else None, prefix, console)
                 console.print(f"  {len(parts.train_records)} train / {len(parts.eval_records)} eval records; "
                               f"taps: student {sorted(parts.student_taps)}, teacher {sorted(parts.teacher_taps)}",

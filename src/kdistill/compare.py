@@ -197,9 +197,10 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
                               f"(execution accuracy), not `kdistill compare`")
-        if recipe_task(recipe) not in METRICS:  # refused before any training, not after it
+        task = recipe_task(recipe)
+        if task not in METRICS:  # refused before any training, not after it
             raise ConfigError(f"compare scores {', '.join(METRICS)} students by their test metric; {name}'s "
-                              f"teacher task is {recipe_task(recipe)!r}; such students are compared by fidelity to "
+                              f"teacher task is {task!r}; such students are compared by fidelity to "
                               f"the teacher instead: `kdistill eval --student DIR --teacher TEACHER --data ...`")
     train_recipe_teachers(recipes, console)
     bases = [(base, baseline_key(base)) for base in map(baseline_of, recipes)] if baselines else []

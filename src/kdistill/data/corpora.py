@@ -237,10 +237,6 @@ def wordnet_supersense(split: str = "train") -> list[dict]:
     return wordnet_glosses(split)
 
 
-# Sources whose class list is known ahead: a new head gets every class even when `limit` or a split leaves some out
-# (the supersense test split has 44 of the 45)
-CORPUS_CLASSES = {"wordnet-supersense": WORDNET_SUPERSENSES, "wordnet-glosses": WORDNET_SUPERSENSES}
-
 POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
 
 
@@ -315,7 +311,10 @@ def digits(split: str = "train") -> list[dict]:
             for i in range(len(images)) if bucket_split(f"digits-{i}") == split]
 
 
-CORPUS_CLASSES["digits"] = tuple(str(i) for i in range(10))
+# Sources whose class list is known ahead: a new head gets every class even when `limit` or a split leaves some out
+# (the supersense test split has 44 of the 45)
+CORPUS_CLASSES = {"wordnet-supersense": WORDNET_SUPERSENSES, "wordnet-glosses": WORDNET_SUPERSENSES,
+                  "digits": tuple(str(i) for i in range(10))}
 
 
 # ---------------------------------------------------------------- arithmetic word problems (synthetic)

@@ -44,12 +44,11 @@ def from_teacher(spec, teacher, where="student.from_teacher", **context):
 
     With `model:` the layers come from that model instead (DistilBERT initialises from the pretrained,
     not the fine-tuned, teacher); the student keeps the teacher's class, so a task head starts fresh."""
+    if spec.layers_from is not None and (spec.model is not None or spec.hidden_size is not None):
+        raise ConfigError(f"{where}.layers_from replaces only the layers; it does not combine with model or "
+                          f"hidden_size")
     if spec.model is not None:
-        source = load_model(spec.model, context.get("task", "auto"), **(context.get("head") or {})).model
-        if type(source) is not type(teacher):
-            raise PairingError(f"{where}.model: {spec.model} is a {type(source).__name__}, the teacher a "
-                               f"{type(teacher).__name__}; layers can only be copied between the same architecture")
-        teacher = source
+        teacher = same_architecture(spec.model, teacher, f"{where}.model", context, same_depth=False)
     config = teacher.config
     n_teacher = layer_count(config)
     layers = choose_layers(spec.layers, spec.num_layers, n_teacher, where)
@@ -62,36 +61,34 @@ def from_teacher(spec, teacher, where="student.from_teacher", **context):
     student = type(teacher)(student_config)
     new_index = {str(t - 1): str(s) for s, t in enumerate(layers)}
     prefix = path + "."
+    source = teacher.state_dict()
+    if spec.layers_from is not None:  # the donor's layers, the teacher's embeddings and head
+        donor = same_architecture(spec.layers_from, teacher, f"{where}.layers_from", context)
+        source.update((key, value) for key, value in donor.state_dict().items() if key.startswith(prefix))
     state = {}
-    for key, value in teacher.state_dict().items():
+    for key, value in source.items():
         if key.startswith(prefix):
             index, rest = key[len(prefix):].split(".", 1)
             if index not in new_index:
                 continue
             key = f"{prefix}{new_index[index]}.{rest}"
         state[key] = value.clone()
-    if spec.layers_from is not None:
-        if spec.model is not None or spec.hidden_size is not None:
-            raise ConfigError(f"{where}.layers_from replaces only the layers; it does not combine with model or "
-                              f"hidden_size")
-        donor = same_architecture(spec.layers_from, teacher, f"{where}.layers_from", context)
-        for key, value in donor.state_dict().items():  # the chosen layers, renumbered as above
-            if key.startswith(prefix) and key[len(prefix):].split(".", 1)[0] in new_index:
-                index, rest = key[len(prefix):].split(".", 1)
-                state[f"{prefix}{new_index[index]}.{rest}"] = value.clone()
     if spec.hidden_size is not None:
         state = narrow_state(state, student, config.num_attention_heads)
     student.load_state_dict(state, strict=True)
     return student
 
 
-def same_architecture(ref: str, teacher, where: str, context: dict):
-    """A model whose blocks can stand in for the teacher's (same class and layer count)."""
+def same_architecture(ref: str, teacher, where: str, context: dict, same_depth: bool = True):
+    """A model whose layers can stand in for the teacher's: the same class, and (`same_depth`, where its layers
+    take the teacher's places) the same layer count."""
     source = load_model(ref, context.get("task", "auto"), **(context.get("head") or {})).model
-    if type(source) is not type(teacher) or layer_count(source.config) != layer_count(teacher.config):
-        raise PairingError(f"{where}: {ref} is a {layer_count(source.config)}-layer {type(source).__name__}, the "
-                           f"teacher a {layer_count(teacher.config)}-layer {type(teacher).__name__}; blocks can only "
-                           f"be copied between the same architecture")
+    if type(source) is not type(teacher):
+        raise PairingError(f"{where}: {ref} is a {type(source).__name__}, the teacher a {type(teacher).__name__}; "
+                           f"layers can only be copied between the same architecture")
+    if same_depth and layer_count(source.config) != layer_count(teacher.config):
+        raise PairingError(f"{where}: {ref} has {layer_count(source.config)} layers, the teacher "
+                           f"{layer_count(teacher.config)}; its layers must take the teacher's places one for one")
     return source
 
 

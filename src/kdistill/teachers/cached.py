@@ -187,6 +187,11 @@ def teacher_views(stage, records: list[dict]) -> list[tuple[str, dict]]:
     return [(record_key(v), v) for v in views]
 
 
+def with_live_teacher(stage):
+    """The stage with its teacher run live: what an automatic store is built from (and paired against)."""
+    return stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"source": "live"})})
+
+
 def automatic_store(stage, console=None) -> Path:
     """`teacher: {source: cache, model: M}` without a path: M's store for this data, built on first use
     under $KDISTILL_HOME/stores and reused by every later run, seed and student that asks the same."""
@@ -212,9 +217,8 @@ def automatic_store(stage, console=None) -> Path:
     if not (out / "manifest.json").exists():
         if console is not None:
             console.print(f"building the teacher store {out} (once; later runs reuse it)")
-        live = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"source": "live"})})
         start = time.perf_counter()
-        cache_stage(live, out, k=stage.teacher.top_k, console=console, sample=stage.teacher.sample,
+        cache_stage(with_live_teacher(stage), out, k=stage.teacher.top_k, console=console, sample=stage.teacher.sample,
                     sample_head=stage.teacher.sample_head)
         if console is not None:
             console.print(f"teacher store built in {time.perf_counter() - start:.0f} s")
