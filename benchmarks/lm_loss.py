@@ -7,6 +7,8 @@ generalised JSD at β and backpropagates to the student's hidden states and head
   chunked  kdistill.losses.chunked.chunked_divergence on (h, W) directly, its default chunk (or --chunk
            tokens at a time); on CUDA its rows run in Triton (kdistill.losses.triton_rows), and
   chunked-torch  the same with the torch kernels, so the table shows what the fused rows add
+  chunked-tf32x3 (CUDA) the chunked loss with each float32 product as three TF32 tensor-core products
+           (kdistill.losses.split_matmul: float32 accuracy, checked against plain below like every method)
 --matmul-precision high lets every method's float32 matmuls use TF32 (torch.set_float32_matmul_precision);
 the default, highest, keeps them exact float32.
 On the CPU each case runs in its own subprocess; "extra peak memory" is that process's peak RSS minus
@@ -77,7 +79,8 @@ def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, ch
         h_s.grad = w_s.grad = None
         if method.startswith("chunked"):
             loss = chunked_divergence(h_s, w_s, h_t, w_t, divergence="generalized_jsd", beta=beta, chunk_size=chunk,
-                                      kernels="torch" if method == "chunked-torch" else "auto")
+                                      kernels="torch" if method == "chunked-torch" else "auto",
+                                      matmuls="tf32x3" if method == "chunked-tf32x3" else "torch")
         else:
             zs = h_s @ w_s.T
             with torch.no_grad():
@@ -161,7 +164,9 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    methods = ["plain", "chunked"] + (["chunked-torch"] if has_triton(args.device) else []) + (["trl"] if has_trl() else [])
+    # TF32 tensor cores are a CUDA feature: on a CPU the split is three float32 products instead of one
+    methods = (["plain", "chunked"] + (["chunked-tf32x3"] if args.device != "cpu" else [])
+               + (["chunked-torch"] if has_triton(args.device) else []) + (["trl"] if has_trl() else []))
     load_before = os.getloadavg()
     rows = []
     for vocab in args.vocab:
@@ -199,9 +204,12 @@ def main() -> None:
             r = row[method]
             cells.append(r["error"][:30] if "error" in r else
                          f"{r['seconds']:.2f} s / {r['extra_peak_mib']:.0f} MiB{'' if r.get('matches_plain', True) else ' ≠'}")
-        if "trl" in methods and "seconds" in row["trl"] and "seconds" in row["chunked"]:
-            cells.append(f"{row['trl']['seconds'] / row['chunked']['seconds']:.1f}× faster, "
-                         f"{row['chunked']['extra_peak_mib'] / max(row['trl']['extra_peak_mib'], 1e-9):.2f}× memory")
+        ours = [m for m in ("chunked", "chunked-tf32x3") if m in methods and "seconds" in row[m]]
+        if "trl" in methods and "seconds" in row["trl"] and ours:
+            cells.append("; ".join(f"{m.removeprefix('chunked-') if m != 'chunked' else m}: "
+                                   f"{row['trl']['seconds'] / row[m]['seconds']:.1f}× faster, "
+                                   f"{row[m]['extra_peak_mib'] / max(row['trl']['extra_peak_mib'], 1e-9):.2f}× memory"
+                                   for m in ours))
         else:
             cells.append("")
         table.add_row(*cells)

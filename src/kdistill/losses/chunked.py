@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kdistill.losses import functional, triton_rows
+from kdistill.losses import functional, split_matmul, triton_rows
 from kdistill.losses.chunk_kernels import kernel_for
 
 Tensor = torch.Tensor
@@ -50,6 +50,12 @@ plain path holds five or six (at 32k × 512: 64-token chunks, 45 MiB of buffers 
 TRL, 7% slower than 128-token ones)."""
 
 SHORTEST_CHUNK = 32
+
+SPLIT_LOGITS_PER_CHUNK = 1 << 27
+"""With matmuls='tf32x3' the default chunk holds up to this many logits (512 MiB a buffer) and up to half the
+positions: each chunk streams the heads through nine products instead of three, so short chunks cost more
+than with torch's float32 products (H200, 128k × 2,048, β = 0.5: 1,024-token chunks 19.0 ms, 786-token ones
+22.6 ms)."""
 
 CHUNKED_DIVERGENCES = tuple(name for name in functional.DIVERGENCES if name != "mse")
 """Names accepted by :func:`chunked_divergence`'s ``divergence`` argument ("mse" needs whole logits)."""
@@ -124,21 +130,24 @@ KERNELS = ("auto", "torch", "triton")
 (a CUDA device with Triton) and the torch kernels elsewhere."""
 
 
-def pick_kernel(divergence: str, beta: float, alpha: float, device: torch.device, kernels: str = "auto"):
-    """(rows function, scratch buffers, whether it wants log-probabilities), or None for a constant zero."""
+def pick_kernel(divergence: str, beta: float, alpha: float, device: torch.device, kernels: str = "auto",
+                split: bool = False):
+    """(rows function, scratch buffers, whether it wants log-probabilities, whether it leaves the gradient split
+    as split_matmul.split does: TF32 part in the teacher's buffer), or None for a constant zero. ``split`` asks for
+    that split where the kernel can make it."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels != "torch" and triton_rows.available(device):
-        rows = triton_rows.rows_for(divergence, beta, alpha)
+        rows = triton_rows.rows_for(divergence, beta, alpha, split=split)
         if rows is not None:
-            return rows, 0, False
+            return rows, 0, False, split
     if kernels == "triton":
         raise ValueError("kernels='triton' needs Triton, which is not installed (it comes with CUDA builds of "
                          "torch); kernels='auto' uses the torch kernels without it" if triton_rows.triton is None
                          else f"no Triton kernel for {divergence!r} on {device}: Triton's rows cover js and "
                          f"{', '.join(triton_rows.MODES)} on CUDA (kernels='auto' falls back to torch's)")
     torch_kernel = kernel_for(divergence, beta, alpha)
-    return None if torch_kernel is None else (*torch_kernel, True)
+    return None if torch_kernel is None else (*torch_kernel, True, False)
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -147,7 +156,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, t_hidden: Tensor,
                 t_weight: Tensor, t_bias: Tensor | None, rows: Tensor | None, fn: Divergence,
-                kernel, temperature: float, vocab: int, chunk_size: int) -> Tensor:
+                kernel, temperature: float, vocab: int, chunk_size: int, matmuls: str) -> Tensor:
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         # Gradients accumulated over chunks go to float32 buffers so low-precision heads do not
         # lose the small per-chunk contributions; they are cast back once, in backward.
@@ -158,7 +167,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         args = (hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperature, vocab, chunk_size)
         total = hidden.new_zeros((), dtype=torch.float32)
         if kernel is not None:
-            total = _fused_pass(*args, kernel, grads)
+            total = _fused_pass(*args, kernel, grads, matmuls)
             if not torch.isfinite(total):
                 # Non-finite logits: start over with the definitions' own 0·log 0 and ±inf rules.
                 for grad in grads:
@@ -183,16 +192,18 @@ class _ChunkedDivergence(torch.autograd.Function):
         grad_h = None if grad_h is None else grad_h.mul_(grad_output.to(grad_h.dtype))
         grad_w = None if grad_w is None else grad_w.mul_(grad_output).to(w_dtype)
         grad_b = None if grad_b is None else grad_b.mul_(grad_output).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
 
 
 def _fused_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperature, vocab,
-                chunk_size, kernel, grads) -> Tensor:
+                chunk_size, kernel, grads, matmuls="torch") -> Tensor:
     """Σ of the per-row divergences / count, adding each chunk's gradient to ``grads`` on the way."""
-    rows_fn, n_scratch, normalise = kernel
+    rows_fn, n_scratch, normalise, _ = kernel
     grad_h, grad_w, grad_b = grads
     w, b = _head(weight, bias, vocab)
     t_w, t_b = _head(t_weight, t_bias, vocab)
+    if matmuls == "tf32x3":
+        return _fused_pass_split(hidden, w, b, t_hidden, t_w, t_b, rows, temperature, chunk_size, kernel, grads)
     count = hidden.shape[0] if rows is None else rows.numel()
     # Allocated once and reused by every chunk (the last one uses a prefix).
     height = min(chunk_size, max(count, 1))
@@ -217,6 +228,48 @@ def _fused_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperat
                 grad_w[:vocab].add_(g.T @ h, alpha=scale)
         if grad_b is not None:
             grad_b[:vocab].add_(lq[:n].sum(0), alpha=scale)
+    return total / max(count, 1)
+
+
+SPLIT_SLICE = 1 << 23
+"""The teacher's head is split a slice of at most this many weights at a time (two 32 MiB buffers), not kept
+split whole: it enters one product per chunk, where the student's enters two and is split once per call."""
+
+
+def _fused_pass_split(hidden, w, b, t_hidden, t_w, t_b, rows, temperature, chunk_size, kernel, grads) -> Tensor:
+    """_fused_pass with every product as three TF32 ones (:mod:`split_matmul`). The logit gradient is split in
+    place (by the Triton rows as they write it, or after them) into the teacher's buffer, free by then."""
+    rows_fn, n_scratch, normalise, split_by_rows = kernel
+    grad_h, grad_w, grad_b = grads
+    vocab, alpha = w.shape[0], 1.0 / temperature
+    w_parts = split_matmul.split(w)
+    slice_rows = max(1, SPLIT_SLICE // t_w.shape[1])
+    count = hidden.shape[0] if rows is None else rows.numel()
+    height = min(chunk_size, max(count, 1))
+    lq, lp, *scratch = (torch.empty(height, vocab, dtype=torch.float32, device=hidden.device)
+                        for _ in range(2 + n_scratch))
+    scale = 1.0 / (temperature * max(count, 1))
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start, stop, part in _chunks(rows, count, chunk_size):
+        n = stop - start
+        h_parts = split_matmul.split(_take(hidden, part))
+        split_matmul.addmm(lq[:n], h_parts, split_matmul.transposed(w_parts), alpha=alpha, bias=b)
+        t_parts = split_matmul.split(_take(t_hidden, part))
+        for first in range(0, vocab, slice_rows):
+            cut = slice(first, min(first + slice_rows, vocab))
+            split_matmul.addmm(lp[:n, cut], t_parts, split_matmul.transposed(split_matmul.split(t_w[cut])),
+                               alpha=alpha, bias=None if t_b is None else t_b[cut])
+        if normalise:
+            torch.log_softmax(lq[:n], -1, out=lq[:n])
+            torch.log_softmax(lp[:n], -1, out=lp[:n])
+        total += rows_fn(lq[:n], lp[:n], *(s[:n] for s in scratch)).sum()
+        if grad_b is not None:  # ∂ℓ/∂s per row, before the split leaves half of it in lp
+            grad_b[:vocab].add_(lq[:n].sum(0) + (lp[:n].sum(0) if split_by_rows else 0), alpha=scale)
+        g_parts = (lp[:n], lq[:n]) if split_by_rows else split_matmul.split_into(lq[:n], lp[:n])
+        if grad_h is not None:
+            grad_h[part] = split_matmul.addmm(hidden.new_empty(n, hidden.shape[1]), g_parts, w_parts, alpha=scale)
+        if grad_w is not None:
+            split_matmul.addmm(grad_w[:vocab], split_matmul.transposed(g_parts), h_parts, alpha=scale, beta=1.0)
     return total / max(count, 1)
 
 
@@ -250,9 +303,12 @@ def _autograd_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, tempe
     return total
 
 
-def default_chunk(positions: int, vocab: int) -> int:
+def default_chunk(positions: int, vocab: int, matmuls: str = "torch") -> int:
     """Tokens per chunk: at most CHUNK_TOKENS, LOGITS_PER_CHUNK // vocab and an eighth of the positions,
-    at least SHORTEST_CHUNK (or one, for a vocabulary past the logit budget)."""
+    at least SHORTEST_CHUNK (or one, for a vocabulary past the logit budget); for tf32x3 products, at most
+    SPLIT_LOGITS_PER_CHUNK // vocab and half the positions."""
+    if matmuls == "tf32x3":
+        return max(1, min(SPLIT_LOGITS_PER_CHUNK // vocab, max(SHORTEST_CHUNK, math.ceil(positions / 2))))
     share = max(SHORTEST_CHUNK, math.ceil(positions / POSITIONS_PER_CHUNK))
     return max(1, min(CHUNK_TOKENS, LOGITS_PER_CHUNK // vocab, share))
 
@@ -262,7 +318,7 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
                        alpha: float = 0.1, temperature: float = 1.0, mask: Tensor | None = None,
                        chunk_size: int | None = None, student_bias: Tensor | None = None,
                        teacher_bias: Tensor | None = None, vocab_size: int | None = None,
-                       kernels: str = "auto") -> Tensor:
+                       kernels: str = "auto", matmuls: str = "torch") -> Tensor:
     """``functional.<divergence>`` of the two LM heads' logits, without materialising them.
 
     Equal (values and gradients) to ``f(student_hidden @ student_weight.T + student_bias,
@@ -279,7 +335,9 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
     Only the student gets gradients; the teacher side is computed without a graph. The graph
     this returns cannot be differentiated twice, nor backpropagated twice. ``vocab_size`` is the
     tokenizer's real size, needed when the two heads are padded to different sizes. ``kernels`` picks
-    the per-chunk divergence code (:data:`KERNELS`); every choice gives the same values.
+    the per-chunk divergence code (:data:`KERNELS`); every choice gives the same values. ``matmuls``
+    (:data:`~kdistill.losses.split_matmul.MATMULS`): "tf32x3" makes each float32 product three TF32 products,
+    float32-accurate and, on GPUs with TF32 tensor cores, faster than torch's IEEE float32 one; float32 only.
     """
     fn = functional.divergence_fn(divergence, beta=beta, alpha=alpha, valid=CHUNKED_DIVERGENCES)
     if temperature <= 0:
@@ -295,9 +353,19 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(f"{name} LM head of shape {tuple(weight.shape)} does not map hidden "
                              f"size {hidden.shape[-1]} to a vocabulary")
+    if matmuls not in split_matmul.MATMULS:
+        raise ValueError(f"matmuls must be one of {', '.join(split_matmul.MATMULS)}, got {matmuls!r}")
+    if matmuls == "tf32x3":
+        low = [name for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                                    ("student_bias", student_bias), ("teacher_bias", teacher_bias))
+               if x is not None and x.dtype != torch.float32]
+        if low:
+            raise ValueError(f"matmuls='tf32x3' splits float32 products; {', '.join(low)} "
+                             "is not float32 (use matmuls='torch')")
     vocab = _shared_vocab(student_weight, teacher_weight, vocab_size)
     rows = _kept_rows(mask, lead, student_hidden.device)
-    chunk_size = chunk_size or default_chunk(lead.numel() if rows is None else rows.numel(), vocab)
+    chunk_size = chunk_size or default_chunk(lead.numel() if rows is None else rows.numel(), vocab, matmuls)
 
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     if not torch.is_grad_enabled():
@@ -309,6 +377,6 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
     t_weight = teacher_weight.detach()
     t_bias = None if teacher_bias is None else teacher_bias.detach()
     return _ChunkedDivergence.apply(hidden, student_weight, student_bias, t_hidden, t_weight, t_bias,
-                                    rows, fn, pick_kernel(divergence, beta, alpha, hidden.device, kernels),
-                                    temperature, vocab,
-                                    chunk_size)
+                                    rows, fn, pick_kernel(divergence, beta, alpha, hidden.device, kernels,
+                                                          split=matmuls == "tf32x3"),
+                                    temperature, vocab, chunk_size, matmuls)
