@@ -88,16 +88,19 @@ def sparse_divergence(student_logits: Tensor, topk_logprobs: Tensor, topk_indice
 
 
 class _StudentBuckets(torch.autograd.Function):
-    """(…, k + 1) log-probabilities of softmax(z / τ): the k tokens at ``indices``, then all the others, in five
+    """(…, k + 1) log-probabilities of softmax(z / τ): the k tokens at ``indices``, then all the others, in four
     passes over the vocabulary and one back.
 
     The autograd form makes a dozen vocabulary-sized tensors per step (log-softmax, the scattered copy, its
     masked fill and logsumexp, and their backwards), which made a step from the store cost 1.15–1.4× a plain
-    SFT step. Here one buffer e = exp(s − max s) serves both sides: its sum is the softmax normaliser, and
-    with the k stored tokens zeroed its sum is the rest bucket's mass, a sum of the kept terms rather than
-    1 − Σ q_top, so nothing cancels. With q_rest = Σ_rest e / Σ e and G the sum of the incoming gradients,
-    ∂/∂s_j = e_j/Σ_rest e · (g_rest − q_rest·G) outside the k and g_i − q_i·G at token i of the k.
-    The k indices of a position must be distinct (the store's are); masked positions may hold anything.
+    SFT step. Here one buffer serves both directions: e = exp(s − m) over the tokens outside the k (the k set to
+    −inf first), m the largest of those, so the rest bucket is log Σ e + m, a sum of its own terms shifted by its
+    own maximum: it neither cancels (as 1 − Σ q_top would) nor underflows when the k hold nearly all the mass
+    (as a shift by the overall maximum would), and no row needs a second look (which cost a device sync a
+    step). The normaliser is logaddexp of the k's log-sum-exp and the rest's. With q_rest the rest's probability
+    and G the sum of the incoming gradients, ∂/∂s_j = e_j/Σ e · (g_rest − q_rest·G) outside the k and
+    g_i − q_i·G at token i of the k. The k indices of a position must be distinct (the store's are); masked
+    positions may hold anything.
     """
 
     @staticmethod
@@ -105,26 +108,16 @@ class _StudentBuckets(torch.autograd.Function):
         s = logits.float()
         if temperature != 1:
             s = s / temperature
-        peak = s.amax(-1, keepdim=True)
-        e = torch.sub(s, peak).exp_()
-        log_norm = peak + e.sum(-1, keepdim=True).log_()
-        top = s.gather(-1, indices).sub_(log_norm)
-        e.scatter_(-1, indices, 0.0)
+        top = s.gather(-1, indices)
+        e = s.scatter(-1, indices, -math.inf)
+        peak = e.amax(-1, keepdim=True)
+        # no token outside the k (k = V, or the rest all -inf): an empty bucket, log 0 = -inf, without NaN
+        peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+        e.sub_(peak).exp_()
         rest_sum = e.sum(-1, keepdim=True)
-        rest = rest_sum.log() + peak - log_norm
-        # exp underflowed for every token outside the k (all below the peak by ~100): the rest bucket is tiny
-        # but not empty; those few rows are redone with the rest's own maximum as the shift.
-        underflow = (rest_sum == 0).squeeze(-1) & (indices.shape[-1] < s.shape[-1])
-        if underflow.any():
-            rows = s[underflow].scatter(-1, indices[underflow], -math.inf)
-            rows_peak = rows.amax(-1, keepdim=True)
-            finite = torch.isfinite(rows_peak)
-            shifted = torch.where(finite, rows - rows_peak, -math.inf).exp_()
-            rows_sum = shifted.sum(-1, keepdim=True)
-            rest[underflow] = torch.where(finite, rows_peak + rows_sum.log(), -math.inf) - log_norm[underflow]
-            e[underflow] = shifted
-            rest_sum[underflow] = torch.where(finite, rows_sum, 0.0)
-        buckets = torch.cat([top, rest], -1)
+        rest = rest_sum.log() + peak
+        log_norm = torch.logaddexp(torch.logsumexp(top, -1, keepdim=True), rest)
+        buckets = torch.cat([top.sub_(log_norm), rest.sub_(log_norm)], -1)
         ctx.save_for_backward(e, rest_sum, indices, buckets)
         ctx.temperature, ctx.dtype = temperature, logits.dtype
         return buckets
