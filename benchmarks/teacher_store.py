@@ -17,7 +17,7 @@ store as a pass at that k). `--train-limit N` keeps the first N records of each 
 the store is built over the data the runs read, and a 400-step run reads 12,800 texts.
 
 Prints a table and writes its run into benchmarks/results/teacher_store.json (one run per device, teacher, recipe,
-settings and store kind; a run with the same ones is replaced).
+settings, k and store kind; a run with the same ones is replaced).
 """
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def main() -> None:
            "torch": torch.__version__, "rows": rows, "created": time.strftime("%Y-%m-%d %H:%M")}
     out = Path(__file__).parent / "results" / "teacher_store.json"
     out.parent.mkdir(exist_ok=True)
-    same = ("recipe", "teacher", "steps", "train_limit", "next_token", "sample", "sample_head", "seed", "device")
+    same = ("recipe", "teacher", "steps", "train_limit", "next_token", "sample", "sample_head", "seed", "device", "k")
     runs = json.loads(out.read_text()).get("runs", []) if out.exists() else []
     runs = [r for r in runs if any(r.get(key) != run[key] for key in same)] + [run]
     out.write_text(json.dumps({"runs": runs}, indent=2))
