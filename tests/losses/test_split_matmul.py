@@ -91,3 +91,21 @@ def test_split_products_default_to_taller_chunks():
     assert default_chunk(2048, 128_000, "tf32x3") == 1024                   # half the positions
     assert default_chunk(512, 128_000, "tf32x3") == 256                    # half the positions
     assert default_chunk(2048, 128_000) == 128                              # torch's products: unchanged
+
+
+def test_a_recipe_trains_with_split_products_like_the_plain_loss(tiny_gpt2_dir, text_file, tmp_path):
+    from kdistill import distill
+    from kdistill.errors import KdistillError
+    from kdistill.models.loading import load_model
+
+    kd = {"type": "logit_kd", "temperature": 2.0, "divergence": "generalized_jsd", "beta": 0.3}
+    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
+              "losses": [kd], "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "weight_decay": 0.0}}
+    plain_run = distill({**recipe, "output": str(tmp_path / "plain")}, progress=False)
+    split_run = distill({**recipe, "output": str(tmp_path / "split"),
+                         "losses": [{**kd, "chunk_size": 5, "matmuls": "tf32x3"}]}, progress=False)
+    a, b = (load_model(str(d), "causal-lm").model.state_dict() for d in (plain_run, split_run))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    with pytest.raises(KdistillError, match=r"losses\[0\]\.matmuls: tf32x3 products are a choice of the chunked path"):
+        distill({**recipe, "output": str(tmp_path / "bad"), "losses": [{**kd, "matmuls": "tf32x3"}]}, progress=False)
