@@ -23,7 +23,7 @@ and the extra peak memory is torch's peak allocation minus what the inputs hold.
                                  [--device cuda]
 
 Prints a table and records the run in benchmarks/results/lm_loss.json under "runs", replacing an
-earlier run of the same command. TRL is a benchmark-only dependency (`pip install --no-deps trl`);
+earlier run of the same command on the same device. TRL is a benchmark-only dependency (`pip install --no-deps trl`);
 without it the trl column is skipped.
 """
 from __future__ import annotations
@@ -232,7 +232,8 @@ def save(rows: list, chunk: int | None, load_before: tuple, device: str, precisi
            "load_avg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
            "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "rows": rows}
-    runs = [r for r in previous if r.get("command") != run["command"]] + [run]
+    # a run replaces the same command's run on the same device only: the H100 and H200 runs of one command both stay
+    runs = [r for r in previous if (r.get("command"), r.get("device")) != (run["command"], run["device"])] + [run]
     # machine, cpus and torch are per run: runs from different machines (a CPU here, a lent GPU) share the file
     out.write_text(json.dumps({"hidden": HIDDEN, "created": run["created"], "runs": runs}, indent=2))
     print(f"wrote {out}")
