@@ -16,7 +16,9 @@ make a dozen chunk-sized temporaries per chunk. On CUDA the common ones run inst
 row (:mod:`kdistill.losses.triton_rows`), which reads the logits at most three times. Both equal the function
 of the same name in :mod:`kdistill.losses.functional` (to float32 rounding), with the same mask semantics: the mean
 over unmasked positions. Logits that are not finite (a -inf bias ruling tokens out, say) fall back
-to autograd through those functions, which define the 0·log 0 and ±inf cases.
+to autograd through those functions, which define the 0·log 0 and ±inf cases. The four vocabulary-sized
+products of each chunk, what is left of its time, are :mod:`kdistill.losses.chunk_products`': torch's own, or
+with ``matmuls="tf32x3"`` three TF32 tensor-core products for each float32 one.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 
 from kdistill.losses import functional, split_matmul, triton_rows
 from kdistill.losses.chunk_kernels import kernel_for
+from kdistill.losses.chunk_products import PRODUCTS
 
 Tensor = torch.Tensor
 Divergence = Callable[..., Tensor]
@@ -110,21 +113,6 @@ def _head(weight: Tensor, bias: Tensor | None, vocab: int) -> tuple[Tensor, Tens
     return weight[:vocab], None if bias is None else bias[:vocab]
 
 
-def _log_probs_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, temperature: float,
-                    normalise: bool = True) -> Tensor:
-    """out ← log_softmax((h·wᵀ + b)/τ) in float32, without a temporary when everything is float32
-    (only (h·wᵀ + b)/τ when not ``normalise``: the Triton kernels normalise as they read)."""
-    if h.dtype == w.dtype == out.dtype and (b is None or b.dtype == out.dtype):
-        # beta=0 ignores out's old contents (NaN included); τ folds into the matmul's scaling
-        torch.addmm(out if b is None else b, h, w.T, beta=0.0 if b is None else 1.0 / temperature,
-                    alpha=1.0 / temperature, out=out)
-    else:  # low-precision heads: logits in their dtype, as the plain path makes them, then float32
-        out.copy_(F.linear(h, w, b))
-        if temperature != 1:
-            out.div_(temperature)
-    return torch.log_softmax(out, -1, out=out) if normalise else out
-
-
 KERNELS = ("auto", "torch", "triton")
 """Values of :func:`chunked_divergence`'s ``kernels``: "auto" takes Triton's fused rows where they exist
 (a CUDA device with Triton) and the torch kernels elsewhere."""
@@ -198,12 +186,11 @@ class _ChunkedDivergence(torch.autograd.Function):
 def _fused_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperature, vocab,
                 chunk_size, kernel, grads, matmuls="torch") -> Tensor:
     """Σ of the per-row divergences / count, adding each chunk's gradient to ``grads`` on the way."""
-    rows_fn, n_scratch, normalise, _ = kernel
+    rows_fn, n_scratch, normalise, split_by_rows = kernel
     grad_h, grad_w, grad_b = grads
     w, b = _head(weight, bias, vocab)
     t_w, t_b = _head(t_weight, t_bias, vocab)
-    if matmuls == "tf32x3":
-        return _fused_pass_split(hidden, w, b, t_hidden, t_w, t_b, rows, temperature, chunk_size, kernel, grads)
+    products = PRODUCTS[matmuls](w, t_w, temperature)
     count = hidden.shape[0] if rows is None else rows.numel()
     # Allocated once and reused by every chunk (the last one uses a prefix).
     height = min(chunk_size, max(count, 1))
@@ -214,62 +201,20 @@ def _fused_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperat
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start, stop, part in _chunks(rows, count, chunk_size):
         n = stop - start
-        h = _take(hidden, part)
-        _log_probs_into(lq[:n], h, w, b, temperature, normalise)
-        _log_probs_into(lp[:n], _take(t_hidden, part), t_w, t_b, temperature, normalise)
-        total += rows_fn(lq[:n], lp[:n], *(s[:n] for s in scratch)).sum()
-        g = lq[:n] if w.dtype == torch.float32 else lq[:n].to(w.dtype)  # ∂ℓ/∂s per row
-        if grad_h is not None:
-            grad_h[part] = torch.mm(g, w).mul_(scale).to(grad_h.dtype)
-        if grad_w is not None:
-            if g.dtype == grad_w.dtype:
-                grad_w[:vocab].addmm_(g.T, h, alpha=scale)
-            else:
-                grad_w[:vocab].add_(g.T @ h, alpha=scale)
-        if grad_b is not None:
-            grad_b[:vocab].add_(lq[:n].sum(0), alpha=scale)
-    return total / max(count, 1)
-
-
-SPLIT_SLICE = 1 << 23
-"""The teacher's head is split a slice of at most this many weights at a time (two 32 MiB buffers), not kept
-split whole: it enters one product per chunk, where the student's enters two and is split once per call."""
-
-
-def _fused_pass_split(hidden, w, b, t_hidden, t_w, t_b, rows, temperature, chunk_size, kernel, grads) -> Tensor:
-    """_fused_pass with every product as three TF32 ones (:mod:`split_matmul`). The logit gradient is split in
-    place (by the Triton rows as they write it, or after them) into the teacher's buffer, free by then."""
-    rows_fn, n_scratch, normalise, split_by_rows = kernel
-    grad_h, grad_w, grad_b = grads
-    vocab, alpha = w.shape[0], 1.0 / temperature
-    w_parts = split_matmul.split(w)
-    slice_rows = max(1, SPLIT_SLICE // t_w.shape[1])
-    count = hidden.shape[0] if rows is None else rows.numel()
-    height = min(chunk_size, max(count, 1))
-    lq, lp, *scratch = (torch.empty(height, vocab, dtype=torch.float32, device=hidden.device)
-                        for _ in range(2 + n_scratch))
-    scale = 1.0 / (temperature * max(count, 1))
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start, stop, part in _chunks(rows, count, chunk_size):
-        n = stop - start
-        h_parts = split_matmul.split(_take(hidden, part))
-        split_matmul.addmm(lq[:n], h_parts, split_matmul.transposed(w_parts), alpha=alpha, bias=b)
-        t_parts = split_matmul.split(_take(t_hidden, part))
-        for first in range(0, vocab, slice_rows):
-            cut = slice(first, min(first + slice_rows, vocab))
-            split_matmul.addmm(lp[:n, cut], t_parts, split_matmul.transposed(split_matmul.split(t_w[cut])),
-                               alpha=alpha, bias=None if t_b is None else t_b[cut])
-        if normalise:
+        h = products.operand(_take(hidden, part))
+        products.student_logits(lq[:n], h, b)
+        products.teacher_logits(lp[:n], products.operand(_take(t_hidden, part)), t_b)
+        if normalise:  # the torch kernels take log-probabilities; the Triton rows normalise as they read
             torch.log_softmax(lq[:n], -1, out=lq[:n])
             torch.log_softmax(lp[:n], -1, out=lp[:n])
         total += rows_fn(lq[:n], lp[:n], *(s[:n] for s in scratch)).sum()
-        if grad_b is not None:  # ∂ℓ/∂s per row, before the split leaves half of it in lp
-            grad_b[:vocab].add_(lq[:n].sum(0) + (lp[:n].sum(0) if split_by_rows else 0), alpha=scale)
-        g_parts = (lp[:n], lq[:n]) if split_by_rows else split_matmul.split_into(lq[:n], lp[:n])
+        if grad_b is not None:  # ∂ℓ/∂s per row (rows that split it left its TF32 part in lp)
+            grad_b[:vocab].add_(lq[:n].sum(0) + lp[:n].sum(0) if split_by_rows else lq[:n].sum(0), alpha=scale)
+        g = products.gradient(lq[:n], lp[:n], split_by_rows)
         if grad_h is not None:
-            grad_h[part] = split_matmul.addmm(hidden.new_empty(n, hidden.shape[1]), g_parts, w_parts, alpha=scale)
+            grad_h[part] = products.hidden_gradient(g, scale).to(grad_h.dtype)
         if grad_w is not None:
-            split_matmul.addmm(grad_w[:vocab], split_matmul.transposed(g_parts), h_parts, alpha=scale, beta=1.0)
+            products.add_head_gradient(grad_w[:vocab], g, h, scale)
     return total / max(count, 1)
 
 
