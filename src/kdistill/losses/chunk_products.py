@@ -95,3 +95,4 @@ class SplitProducts:
 
 
 PRODUCTS = {"torch": TorchProducts, "tf32x3": SplitProducts}
+"""The chunked loss's ``matmuls`` choices."""

@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kdistill.losses import functional, split_matmul, triton_rows
+from kdistill.losses import functional, triton_rows
 from kdistill.losses.chunk_kernels import kernel_for
 from kdistill.losses.chunk_products import PRODUCTS
 
@@ -281,7 +281,7 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
     this returns cannot be differentiated twice, nor backpropagated twice. ``vocab_size`` is the
     tokenizer's real size, needed when the two heads are padded to different sizes. ``kernels`` picks
     the per-chunk divergence code (:data:`KERNELS`); every choice gives the same values. ``matmuls``
-    (:data:`~kdistill.losses.split_matmul.MATMULS`): "tf32x3" makes each float32 product three TF32 products,
+    (:data:`~kdistill.losses.chunk_products.PRODUCTS`): "tf32x3" makes each float32 product three TF32 products,
     float32-accurate and, on GPUs with TF32 tensor cores, faster than torch's IEEE float32 one; float32 only.
     """
     fn = functional.divergence_fn(divergence, beta=beta, alpha=alpha, valid=CHUNKED_DIVERGENCES)
@@ -298,8 +298,8 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(f"{name} LM head of shape {tuple(weight.shape)} does not map hidden "
                              f"size {hidden.shape[-1]} to a vocabulary")
-    if matmuls not in split_matmul.MATMULS:
-        raise ValueError(f"matmuls must be one of {', '.join(split_matmul.MATMULS)}, got {matmuls!r}")
+    if matmuls not in PRODUCTS:
+        raise ValueError(f"matmuls must be one of {', '.join(PRODUCTS)}, got {matmuls!r}")
     if matmuls == "tf32x3":
         low = [name for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
                                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),

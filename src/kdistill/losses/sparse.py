@@ -88,8 +88,8 @@ def sparse_divergence(student_logits: Tensor, topk_logprobs: Tensor, topk_indice
 
 
 class _StudentBuckets(torch.autograd.Function):
-    """(…, k + 1) log-probabilities of softmax(z / τ): the k tokens at ``indices``, then all the others, in four
-    passes over the vocabulary and one back.
+    """(…, k + 1) log-probabilities of softmax(z / τ): the k tokens at ``indices``, then all the others, in five
+    passes over the vocabulary (the copy with the k set to -inf, its maximum, the shift, exp, the sum) and one back.
 
     The autograd form makes a dozen vocabulary-sized tensors per step (log-softmax, the scattered copy, its
     masked fill and logsumexp, and their backwards), which made a step from the store cost 1.15–1.4× a plain

@@ -23,10 +23,6 @@ import torch
 
 Tensor = torch.Tensor
 
-MATMULS = ("torch", "tf32x3")
-"""How the chunked loss multiplies: "torch" is torch's own float32 product (IEEE, unless
-torch.set_float32_matmul_precision allows TF32); "tf32x3" splits it into three TF32 products."""
-
 _ROUND_BIT = 1 << 12        # half of the last kept mantissa bit: adding it rounds to nearest (ties away)
 _KEEP_TF32 = -(1 << 13)     # 0xFFFFE000 as int32: sign, exponent and the top 10 mantissa bits
 
