@@ -26,6 +26,26 @@ def test_hub_id_goes_to_the_hub_and_fails_clearly_offline(monkeypatch):
         load_model("sentence-transformers/all-MiniLM-L12-v2")
 
 
+def test_uncached_hub_id_without_a_network_fails_at_once_naming_the_fix(monkeypatch, tmp_path):
+    import socket
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+    def unreachable(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.perf_counter()
+    with pytest.raises(DataError, match=r"'some-org/some-model' is not a local folder nor in the Hugging Face cache, "
+                                        r"and huggingface.co cannot be reached .*huggingface-cli download some-org/some-model"):
+        load_model("some-org/some-model")
+    assert time.perf_counter() - start < 5  # not the hub client's ~30 s of retries
+
+
 def test_task_detection(tiny_bert_dir, tiny_gpt2_dir):
     assert load_model(tiny_bert_dir).task == "embedding"
     loaded = load_model(tiny_gpt2_dir)

@@ -4,8 +4,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 from safetensors import SafetensorError
 
@@ -48,7 +50,30 @@ def resolve_model_path(ref: str) -> str:
     looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or path.suffix in {".json", ".safetensors"}
     if looks_local:
         raise DataError(f"model directory {ref!r} does not exist")
+    check_hub_reachable(ref)
     return ref
+
+
+def check_hub_reachable(ref: str) -> None:
+    """A hub id that is not in the local cache while the hub cannot be reached fails at once, naming what to do,
+    rather than after the hub client's five retries (about 30 s) and its generic message."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}  # read now, not at import
+    if offline or constants.HF_HUB_OFFLINE:  # transformers then answers from the cache at once
+        return
+    try:
+        if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: transformers' own message says so
+        return
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as err:
+        raise DataError(f"model {ref!r} is not a local folder nor in the Hugging Face cache, and {host} cannot be "
+                        f"reached ({err}): pass a local model folder (or packaged:all-MiniLM-L6-v2), or download it "
+                        f"where there is a network (`huggingface-cli download {ref}`)") from None
 
 
 def detect_task(config) -> str:
