@@ -16,9 +16,7 @@ make a dozen chunk-sized temporaries per chunk. On CUDA the common ones run inst
 row (:mod:`kdistill.losses.triton_rows`), which reads the logits at most three times. Both equal the function
 of the same name in :mod:`kdistill.losses.functional` (to float32 rounding), with the same mask semantics: the mean
 over unmasked positions. Logits that are not finite (a -inf bias ruling tokens out, say) fall back
-to autograd through those functions, which define the 0·log 0 and ±inf cases. The four vocabulary-sized
-products of each chunk, what is left of its time, are :mod:`kdistill.losses.chunk_products`': torch's own, or
-with ``matmuls="tf32x3"`` three TF32 tensor-core products for each float32 one.
+to autograd through those functions, which define the 0·log 0 and ±inf cases.
 """
 
 from __future__ import annotations
@@ -31,7 +29,6 @@ import torch.nn.functional as F
 
 from kdistill.losses import functional, triton_rows
 from kdistill.losses.chunk_kernels import kernel_for
-from kdistill.losses.chunk_products import PRODUCTS
 
 Tensor = torch.Tensor
 Divergence = Callable[..., Tensor]
@@ -53,12 +50,6 @@ plain path holds five or six (at 32k × 512: 64-token chunks, 45 MiB of buffers 
 TRL, 7% slower than 128-token ones)."""
 
 SHORTEST_CHUNK = 32
-
-SPLIT_LOGITS_PER_CHUNK = 1 << 27
-"""With matmuls='tf32x3' the default chunk holds up to this many logits (512 MiB a buffer) and up to half the
-positions: each chunk streams the heads through nine products instead of three, so short chunks cost more
-than with torch's float32 products (H200, 128k × 2,048, β = 0.5: 1,024-token chunks 19.0 ms, 786-token ones
-22.6 ms)."""
 
 CHUNKED_DIVERGENCES = tuple(name for name in functional.DIVERGENCES if name != "mse")
 """Names accepted by :func:`chunked_divergence`'s ``divergence`` argument ("mse" needs whole logits)."""
@@ -113,29 +104,41 @@ def _head(weight: Tensor, bias: Tensor | None, vocab: int) -> tuple[Tensor, Tens
     return weight[:vocab], None if bias is None else bias[:vocab]
 
 
+def _log_probs_into(out: Tensor, h: Tensor, w: Tensor, b: Tensor | None, temperature: float,
+                    normalise: bool = True) -> Tensor:
+    """out ← log_softmax((h·wᵀ + b)/τ) in float32, without a temporary when everything is float32
+    (only (h·wᵀ + b)/τ when not ``normalise``: the Triton kernels normalise as they read)."""
+    if h.dtype == w.dtype == out.dtype and (b is None or b.dtype == out.dtype):
+        # beta=0 ignores out's old contents (NaN included); τ folds into the matmul's scaling
+        torch.addmm(out if b is None else b, h, w.T, beta=0.0 if b is None else 1.0 / temperature,
+                    alpha=1.0 / temperature, out=out)
+    else:  # low-precision heads: logits in their dtype, as the plain path makes them, then float32
+        out.copy_(F.linear(h, w, b))
+        if temperature != 1:
+            out.div_(temperature)
+    return torch.log_softmax(out, -1, out=out) if normalise else out
+
+
 KERNELS = ("auto", "torch", "triton")
 """Values of :func:`chunked_divergence`'s ``kernels``: "auto" takes Triton's fused rows where they exist
 (a CUDA device with Triton) and the torch kernels elsewhere."""
 
 
-def pick_kernel(divergence: str, beta: float, alpha: float, device: torch.device, kernels: str = "auto",
-                split: bool = False):
-    """(rows function, scratch buffers, whether it wants log-probabilities, whether it leaves the gradient split
-    as split_matmul.split does: TF32 part in the teacher's buffer), or None for a constant zero. ``split`` asks for
-    that split where the kernel can make it."""
+def pick_kernel(divergence: str, beta: float, alpha: float, device: torch.device, kernels: str = "auto"):
+    """(rows function, scratch buffers, whether it wants log-probabilities), or None for a constant zero."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels != "torch" and triton_rows.available(device):
-        rows = triton_rows.rows_for(divergence, beta, alpha, split=split)
+        rows = triton_rows.rows_for(divergence, beta, alpha)
         if rows is not None:
-            return rows, 0, False, split
+            return rows, 0, False
     if kernels == "triton":
         raise ValueError("kernels='triton' needs Triton, which is not installed (it comes with CUDA builds of "
                          "torch); kernels='auto' uses the torch kernels without it" if triton_rows.triton is None
                          else f"no Triton kernel for {divergence!r} on {device}: Triton's rows cover js and "
                          f"{', '.join(triton_rows.MODES)} on CUDA (kernels='auto' falls back to torch's)")
     torch_kernel = kernel_for(divergence, beta, alpha)
-    return None if torch_kernel is None else (*torch_kernel, True, False)
+    return None if torch_kernel is None else (*torch_kernel, True)
 
 
 class _ChunkedDivergence(torch.autograd.Function):
@@ -144,7 +147,7 @@ class _ChunkedDivergence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, t_hidden: Tensor,
                 t_weight: Tensor, t_bias: Tensor | None, rows: Tensor | None, fn: Divergence,
-                kernel, temperature: float, vocab: int, chunk_size: int, matmuls: str) -> Tensor:
+                kernel, temperature: float, vocab: int, chunk_size: int) -> Tensor:
         needs_h, needs_w, needs_b = ctx.needs_input_grad[:3]
         # Gradients accumulated over chunks go to float32 buffers so low-precision heads do not
         # lose the small per-chunk contributions; they are cast back once, in backward.
@@ -155,7 +158,7 @@ class _ChunkedDivergence(torch.autograd.Function):
         args = (hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperature, vocab, chunk_size)
         total = hidden.new_zeros((), dtype=torch.float32)
         if kernel is not None:
-            total = _fused_pass(*args, kernel, grads, matmuls)
+            total = _fused_pass(*args, kernel, grads)
             if not torch.isfinite(total):
                 # Non-finite logits: start over with the definitions' own 0·log 0 and ±inf rules.
                 for grad in grads:
@@ -180,17 +183,16 @@ class _ChunkedDivergence(torch.autograd.Function):
         grad_h = None if grad_h is None else grad_h.mul_(grad_output.to(grad_h.dtype))
         grad_w = None if grad_w is None else grad_w.mul_(grad_output).to(w_dtype)
         grad_b = None if grad_b is None else grad_b.mul_(grad_output).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def _fused_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperature, vocab,
-                chunk_size, kernel, grads, matmuls="torch") -> Tensor:
+                chunk_size, kernel, grads) -> Tensor:
     """Σ of the per-row divergences / count, adding each chunk's gradient to ``grads`` on the way."""
-    rows_fn, n_scratch, normalise, split_by_rows = kernel
+    rows_fn, n_scratch, normalise = kernel
     grad_h, grad_w, grad_b = grads
     w, b = _head(weight, bias, vocab)
     t_w, t_b = _head(t_weight, t_bias, vocab)
-    products = PRODUCTS[matmuls](w, t_w, temperature)
     count = hidden.shape[0] if rows is None else rows.numel()
     # Allocated once and reused by every chunk (the last one uses a prefix).
     height = min(chunk_size, max(count, 1))
@@ -201,20 +203,20 @@ def _fused_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, temperat
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start, stop, part in _chunks(rows, count, chunk_size):
         n = stop - start
-        h = products.operand(_take(hidden, part))
-        products.student_logits(lq[:n], h, b)
-        products.teacher_logits(lp[:n], products.operand(_take(t_hidden, part)), t_b)
-        if normalise:  # the torch kernels take log-probabilities; the Triton rows normalise as they read
-            torch.log_softmax(lq[:n], -1, out=lq[:n])
-            torch.log_softmax(lp[:n], -1, out=lp[:n])
+        h = _take(hidden, part)
+        _log_probs_into(lq[:n], h, w, b, temperature, normalise)
+        _log_probs_into(lp[:n], _take(t_hidden, part), t_w, t_b, temperature, normalise)
         total += rows_fn(lq[:n], lp[:n], *(s[:n] for s in scratch)).sum()
-        if grad_b is not None:  # ∂ℓ/∂s per row (rows that split it left its TF32 part in lp)
-            grad_b[:vocab].add_(lq[:n].sum(0) + lp[:n].sum(0) if split_by_rows else lq[:n].sum(0), alpha=scale)
-        g = products.gradient(lq[:n], lp[:n], split_by_rows)
+        g = lq[:n] if w.dtype == torch.float32 else lq[:n].to(w.dtype)  # ∂ℓ/∂s per row
         if grad_h is not None:
-            grad_h[part] = products.hidden_gradient(g, scale).to(grad_h.dtype)
+            grad_h[part] = torch.mm(g, w).mul_(scale).to(grad_h.dtype)
         if grad_w is not None:
-            products.add_head_gradient(grad_w[:vocab], g, h, scale)
+            if g.dtype == grad_w.dtype:
+                grad_w[:vocab].addmm_(g.T, h, alpha=scale)
+            else:
+                grad_w[:vocab].add_(g.T @ h, alpha=scale)
+        if grad_b is not None:
+            grad_b[:vocab].add_(lq[:n].sum(0), alpha=scale)
     return total / max(count, 1)
 
 
@@ -248,12 +250,9 @@ def _autograd_pass(hidden, weight, bias, t_hidden, t_weight, t_bias, rows, tempe
     return total
 
 
-def default_chunk(positions: int, vocab: int, matmuls: str = "torch") -> int:
+def default_chunk(positions: int, vocab: int) -> int:
     """Tokens per chunk: at most CHUNK_TOKENS, LOGITS_PER_CHUNK // vocab and an eighth of the positions,
-    at least SHORTEST_CHUNK (or one, for a vocabulary past the logit budget); for tf32x3 products, at most
-    SPLIT_LOGITS_PER_CHUNK // vocab and half the positions."""
-    if matmuls == "tf32x3":
-        return max(1, min(SPLIT_LOGITS_PER_CHUNK // vocab, max(SHORTEST_CHUNK, math.ceil(positions / 2))))
+    at least SHORTEST_CHUNK (or one, for a vocabulary past the logit budget)."""
     share = max(SHORTEST_CHUNK, math.ceil(positions / POSITIONS_PER_CHUNK))
     return max(1, min(CHUNK_TOKENS, LOGITS_PER_CHUNK // vocab, share))
 
@@ -263,7 +262,7 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
                        alpha: float = 0.1, temperature: float = 1.0, mask: Tensor | None = None,
                        chunk_size: int | None = None, student_bias: Tensor | None = None,
                        teacher_bias: Tensor | None = None, vocab_size: int | None = None,
-                       kernels: str = "auto", matmuls: str = "torch") -> Tensor:
+                       kernels: str = "auto") -> Tensor:
     """``functional.<divergence>`` of the two LM heads' logits, without materialising them.
 
     Equal (values and gradients) to ``f(student_hidden @ student_weight.T + student_bias,
@@ -280,9 +279,7 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
     Only the student gets gradients; the teacher side is computed without a graph. The graph
     this returns cannot be differentiated twice, nor backpropagated twice. ``vocab_size`` is the
     tokenizer's real size, needed when the two heads are padded to different sizes. ``kernels`` picks
-    the per-chunk divergence code (:data:`KERNELS`); every choice gives the same values. ``matmuls``
-    (:data:`~kdistill.losses.chunk_products.PRODUCTS`): "tf32x3" makes each float32 product three TF32 products,
-    float32-accurate and, on GPUs with TF32 tensor cores, faster than torch's IEEE float32 one; float32 only.
+    the per-chunk divergence code (:data:`KERNELS`); every choice gives the same values.
     """
     fn = functional.divergence_fn(divergence, beta=beta, alpha=alpha, valid=CHUNKED_DIVERGENCES)
     if temperature <= 0:
@@ -298,19 +295,9 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
         if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             raise ValueError(f"{name} LM head of shape {tuple(weight.shape)} does not map hidden "
                              f"size {hidden.shape[-1]} to a vocabulary")
-    if matmuls not in PRODUCTS:
-        raise ValueError(f"matmuls must be one of {', '.join(PRODUCTS)}, got {matmuls!r}")
-    if matmuls == "tf32x3":
-        low = [name for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
-                                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
-                                    ("student_bias", student_bias), ("teacher_bias", teacher_bias))
-               if x is not None and x.dtype != torch.float32]
-        if low:
-            raise ValueError(f"matmuls='tf32x3' splits float32 products; {', '.join(low)} "
-                             "is not float32 (use matmuls='torch')")
     vocab = _shared_vocab(student_weight, teacher_weight, vocab_size)
     rows = _kept_rows(mask, lead, student_hidden.device)
-    chunk_size = chunk_size or default_chunk(lead.numel() if rows is None else rows.numel(), vocab, matmuls)
+    chunk_size = chunk_size or default_chunk(lead.numel() if rows is None else rows.numel(), vocab)
 
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
     if not torch.is_grad_enabled():
@@ -322,6 +309,6 @@ def chunked_divergence(student_hidden: Tensor, student_weight: Tensor, teacher_h
     t_weight = teacher_weight.detach()
     t_bias = None if teacher_bias is None else teacher_bias.detach()
     return _ChunkedDivergence.apply(hidden, student_weight, student_bias, t_hidden, t_weight, t_bias,
-                                    rows, fn, pick_kernel(divergence, beta, alpha, hidden.device, kernels,
-                                                          split=matmuls == "tf32x3"),
-                                    temperature, vocab, chunk_size, matmuls)
+                                    rows, fn, pick_kernel(divergence, beta, alpha, hidden.device, kernels),
+                                    temperature, vocab,
+                                    chunk_size)

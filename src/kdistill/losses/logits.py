@@ -55,9 +55,6 @@ class LogitKDParams(TermParams):
     chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, description="causal LMs: make and consume the logits this many tokens at a time (peak memory "
         "independent of batch × length × vocabulary); auto: as many tokens as a fixed logit budget allows")
-    matmuls: Literal["torch", "tf32x3"] = Field(
-        "torch", description="with chunk_size, on float32 heads: tf32x3 makes each float32 product three TF32 "
-        "tensor-core products (float32-accurate; faster on GPUs with TF32 tensor cores, slower on CPUs)")
 
 
 @register_loss("logit_kd")
@@ -70,9 +67,6 @@ class LogitKD(LossTerm):
         super().__init__(params, student, teacher, where)
         if student.logits_per != teacher.logits_per:
             raise PairingError(f"{where}: student logits are per {student.logits_per}, teacher's per {teacher.logits_per}")
-        if params.matmuls != "torch" and params.chunk_size is None:
-            raise PairingError(f"{where}.matmuls: {params.matmuls} products are a choice of the chunked path; "
-                               f"set chunk_size (e.g. auto) or leave matmuls at torch")
         if params.chunk_size is not None:
             if student.task != "causal-lm" or params.alpha > 0 or params.divergence == "mse":
                 raise PairingError(f"{where}.chunk_size: the chunked path is for causal-LM students, with alpha 0 "
@@ -117,8 +111,7 @@ class LogitKD(LossTerm):
         w_s, w_t = s["lm_head"], t["lm_head"]
         soft = chunked_divergence(s["head_input"], w_s, t["head_input"], w_t, divergence=p.divergence, beta=p.beta,
                                   alpha=p.skew, temperature=p.temperature, mask=logits_mask(batch, s["head_input"]),
-                                  chunk_size=None if p.chunk_size == "auto" else p.chunk_size, vocab_size=min(w_s.shape[0], w_t.shape[0]),
-                                  matmuls=p.matmuls)
+                                  chunk_size=None if p.chunk_size == "auto" else p.chunk_size, vocab_size=min(w_s.shape[0], w_t.shape[0]))
         return p.temperature**2 * soft
 
     def from_store(self, zs, stored, batch):

@@ -41,11 +41,9 @@ def available(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def rows_for(name: str, beta: float, alpha: float, split: bool = False):
+def rows_for(name: str, beta: float, alpha: float):
     """A ``rows(s, t) -> values`` function for divergence ``name``, or None where this module has none.
-    ``s`` and ``t`` are (rows, V) float32 tempered logits; ``s`` is overwritten with ∂ℓ/∂s, or with ``split``
-    ``t`` with ∂ℓ/∂s rounded to TF32 and ``s`` with the rest (split_matmul.split's pair, written as the
-    gradient is made instead of in two more passes over it)."""
+    ``s`` and ``t`` are (rows, V) float32 tempered logits; ``s`` is overwritten with ∂ℓ/∂s."""
     form = reduced(name, beta, alpha)
     if form is None or form[0] not in MODES:
         return None
@@ -60,7 +58,7 @@ def rows_for(name: str, beta: float, alpha: float, split: bool = False):
             # Triton launches on the current device, which need not be the tensors'
             with torch.cuda.device(s.device) if s.is_cuda else contextlib.nullcontext():
                 _divergence_rows[(n,)](s, t, values, s.stride(0), t.stride(0), float(beta), _TINY, VOCAB=vocab,
-                                       MODE=mode, SPLIT=split, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                       MODE=mode, BLOCK=block, num_warps=8 if block >= 2048 else 4)
         return values
 
     return rows
@@ -83,19 +81,8 @@ if triton is not None:
         return row_max + tl.log(tl.sum(total * tl.exp(top - row_max), 0))
 
     @triton.jit
-    def _store_gradient(s_ptr, t_ptr, grad, keep, SPLIT: tl.constexpr):
-        """grad into s, or its TF32 rounding into t and the rest into s (each element was read already)."""
-        if SPLIT:
-            # round to nearest TF32 as split_matmul.split does: add half the last kept bit, clear the 13 below
-            hi = ((grad.to(tl.int32, bitcast=True) + 4096) & -8192).to(tl.float32, bitcast=True)
-            tl.store(t_ptr, hi, mask=keep)
-            tl.store(s_ptr, grad - hi, mask=keep)
-        else:
-            tl.store(s_ptr, grad, mask=keep)
-
-    @triton.jit
     def _divergence_rows(s_ptr, t_ptr, out_ptr, s_stride, t_stride, beta, tiny,
-                         VOCAB: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+                         VOCAB: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         s_ptr += row * s_stride
         t_ptr += row * t_stride
@@ -113,10 +100,10 @@ if triton is not None:
             p = tl.where(keep, tl.exp(log_p), 0.0)
             if MODE == 0:  # KL(p‖q) = Σ p(log p − log q); ∂/∂s = q − p
                 acc_a += p * (log_p - log_q)
-                _store_gradient(s_ptr + start + cols, t_ptr + start + cols, q - p, keep, SPLIT)
+                tl.store(s_ptr + start + cols, q - p, mask=keep)
             elif MODE == 3:  # −Σ p log q; ∂/∂s = q − p
                 acc_a -= p * log_q
-                _store_gradient(s_ptr + start + cols, t_ptr + start + cols, q - p, keep, SPLIT)
+                tl.store(s_ptr + start + cols, q - p, mask=keep)
             elif MODE == 1:  # KL(q‖p) = Σ q(log q − log p)
                 acc_a += q * (log_q - log_p)
             else:  # β·KL(p‖m) + (1−β)·KL(q‖m), m = βp + (1−β)q
@@ -141,5 +128,5 @@ if triton is not None:
                 else:  # ∂/∂s = (1−β)·q·(log q − log m − KL(q‖m))
                     log_m = tl.log(tl.maximum(beta * tl.exp(log_p) + (1.0 - beta) * q, tiny))
                     grad = (1.0 - beta) * q * (log_q - log_m - value_b)
-                _store_gradient(s_ptr + start + cols, t_ptr + start + cols, grad, keep, SPLIT)
+                tl.store(s_ptr + start + cols, grad, mask=keep)
         tl.store(out_ptr + row, value)
