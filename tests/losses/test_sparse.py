@@ -283,6 +283,20 @@ def test_fused_buckets_rest_below_exp_range():
     assert_close(g_fused, g_plain, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("gap", [90.0, 102.0, 104.0])
+def test_fused_buckets_rest_where_exp_is_subnormal(gap):
+    """The rest ~100 nats under the peak: exp(rest - peak) is a float32 subnormal, not 0, and has lost most of
+    its digits, so a rest bucket shifted by the overall peak is off (the form before 2026-11-27: by 5e-3 at a gap
+    of 102, 0.18 at 104); shifted by the rest's own maximum it matches float64."""
+    logits = torch.zeros(3, 30)
+    logits[:, :3] = torch.tensor([gap, gap - 0.5, gap - 2.0])
+    logits[:, 3:] = torch.linspace(-1.0, 1.0, 27)
+    indices = torch.arange(3).expand(3, 3).contiguous()
+    buckets = _StudentBuckets.apply(logits, indices, 1.0)
+    exact = torch.logsumexp(logits[:, 3:].double(), -1) - torch.logsumexp(logits.double(), -1)
+    assert_close(buckets[:, -1].double(), exact, atol=1e-4, rtol=0)
+
+
 def test_fused_buckets_keep_low_precision_logits_dtype():
     logits = torch.randn(3, 16).bfloat16().requires_grad_()
     indices = torch.tensor([[0, 3], [5, 1], [15, 2]])
