@@ -245,3 +245,8 @@ def test_validate_full_pairs_an_automatic_store_with_the_live_teacher_without_bu
     recipe["student"] = {"from_teacher": {"layers": [1]}}  # the store holds no weights to copy: still refused
     result, out = invoke("validate", write(tmp_path, recipe, "r2.yaml"), "--full")
     assert result.exit_code == 2 and "teacher store does not hold" in out, out
+    recipe["student"] = {"config": {"num_hidden_layers": 1}}
+    recipe["losses"] = [{"type": "logit_kd"}, {"type": "hidden_mse"}]  # a term the store cannot feed: refused too
+    result, out = invoke("validate", write(tmp_path, recipe, "r3.yaml"), "--full")
+    assert result.exit_code == 2 and "losses[1]: hidden_mse needs the live teacher" in out, out
+    assert not (tmp_path / "home" / "stores").exists()

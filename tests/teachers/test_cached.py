@@ -130,3 +130,43 @@ def test_automatic_sampled_store_from_the_recipe(tiny_gpt2_dir, text_file, tmp_p
     assert len(new) == 1 and TeacherStore.open(new.pop()).columns == 12
     with pytest.raises(ConfigError, match="sample_head: keeps the top H"):
         load_recipe({**recipe, "teacher": {"model": tiny_gpt2_dir, "source": "cache", "sample_head": 4}})
+
+
+@pytest.mark.parametrize("term", [{"type": "taid"}, {"type": "dkd"}, {"type": "hidden_mse"},
+                                  {"type": "logit_kd", "chunk_size": 4}])
+def test_terms_that_need_the_live_teacher_are_refused_on_a_store_by_name(tiny_gpt2_dir, text_file, tmp_path, term):
+    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 1, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    store = cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "store"))
+    bad = {**cached(recipe, store, tmp_path / "bad"), "losses": [{"type": "logit_kd", "temperature": 1.0}, term]}
+    with pytest.raises(PairingError, match=rf"losses\[1\]: {term['type']}.* needs the live teacher .*which a teacher "
+                                           r"store does not hold.*teacher.source: live"):
+        distill(bad, progress=False)
+    assert not (tmp_path / "bad" / "student").exists()
+
+
+def test_a_student_with_another_tokenizer_is_refused(tiny_gpt2_dir, text_file, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    # a word-level tokenizer of ten words: not the teacher's WordPiece
+    words = {w: i for i, w in enumerate("[UNK] the a of to in is for on with".split())}
+    raw = Tokenizer(models.WordLevel(words, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    other = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]")
+    student_dir = tmp_path / "student-other-tokenizer"
+    config = GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=4, n_positions=128)
+    GPT2LMHeadModel(config).save_pretrained(student_dir)
+    other.save_pretrained(student_dir)
+    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"model": str(student_dir)},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 1.0, "chunk_size": 4}], "train": {"steps": 1, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    with pytest.raises(PairingError, match=r"student.model: .*'s tokenizer is not the teacher's \(10 against 30522 "
+                                           r"tokens"):
+        distill(recipe, progress=False)
+    # the teacher's own tokenizer beside the same weights: accepted
+    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(student_dir)
+    assert distill(recipe, progress=False).exists()

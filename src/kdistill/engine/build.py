@@ -11,7 +11,8 @@ from kdistill.data import TextCollator, label_names, load_records
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
-from kdistill.models.loading import Loaded, detect_task, load_config, load_model, load_tokenizer, new_model, read_pooling
+from kdistill.models.loading import (Loaded, detect_task, load_config, load_model, load_tokenizer, new_model, read_pooling,
+                                     resolve_model_path)
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
 from kdistill.teachers.cached import open_for_stage
@@ -76,6 +77,33 @@ def check_store_student(stage: Stage, prefix: str) -> None:
     if stage.student is not None and stage.student.kind()[0] in ("from_teacher", "theseus"):
         raise ConfigError(f"{prefix}student: {stage.student.kind()[0]} copies the teacher's weights, which a "
                           f"teacher store does not hold; use student.config or student.model")
+
+
+def check_store_terms(terms: list[LossTerm]) -> None:
+    """A teacher store holds the teacher's top-k log-probabilities: only terms that read those can train from it."""
+    for term in terms:
+        if term.needs_teacher and not term.reads_store:
+            chunked = " with chunk_size (the chunked path makes the teacher's logits from its LM head)" * bool(
+                getattr(term.params, "chunk_size", None))
+            raise PairingError(f"{term.where}: {term.params.type}{chunked} needs the live teacher "
+                               f"({', '.join(term.teacher_taps())}), which a teacher store does not hold (only its "
+                               f"top-k log-probabilities); use logit_kd (or deit) without chunk_size with a store, or "
+                               f"the live teacher (teacher.source: live)")
+
+
+def check_student_tokenizer(stage: Stage, tokenizer, prefix: str) -> None:
+    """A student saved with its own tokenizer must read tokens as the teacher's does: the data is tokenized once,
+    with the teacher's tokenizer, for both."""
+    kind, spec = stage.student.kind() if stage.student is not None else (None, None)
+    if kind != "model" or str(spec).startswith("blueprint:") or not hasattr(tokenizer, "get_vocab"):
+        return
+    own = load_tokenizer(resolve_model_path(spec))
+    if own is None or not hasattr(own, "get_vocab") or own.get_vocab() == tokenizer.get_vocab():
+        return
+    raise PairingError(f"{prefix}student.model: {spec}'s tokenizer is not the teacher's ({len(own)} against "
+                       f"{len(tokenizer)} tokens, or the same number mapped differently): the data is tokenized with "
+                       f"the teacher's, so this student would read other tokens than it learned; use a student with "
+                       f"the teacher's tokenizer (student.from_teacher or student.config) or a teacher with its own")
 
 
 def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str) -> None:
@@ -216,6 +244,8 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
                             stage.train.steps)
     if loaded.task != "image-classification":
         check_text_fits(student, teacher, loaded.tokenizer, stage.data.max_length, prefix)
+        if previous_student is None:
+            check_student_tokenizer(stage, loaded.tokenizer, prefix)
     collator = make_collator(stage, loaded, teacher.config, labels, prefix, student.config)
     tokenizer = loaded.tokenizer
     if loaded.task == "image-classification":  # the student saves the preprocessing it was trained with
@@ -229,6 +259,8 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has "
                            f"{student.config.num_labels} outputs")
     terms = build_terms(stage, student_info, teacher_info, prefix)
+    if cached:
+        check_store_terms(terms)
     s_reader, t_reader = TapReader(student, student_info), TapReader(teacher, teacher_info)
     student_taps = set().union(*(s_reader.canonical(t.student_taps(), t.where) for t in terms))
     teacher_taps = set().union(*(t_reader.canonical(t.teacher_taps(), t.where) for t in terms))

@@ -40,6 +40,11 @@ class LossTerm(nn.Module):
     needs_mlm: ClassVar[bool] = False  # the batch must carry masked input_ids and mlm_labels
     needs_teacher: ClassVar[bool] = True
 
+    @property
+    def reads_store(self) -> bool:
+        """Whether the term can take its teacher from a store (top-k log-probabilities, as SparseLogits)."""
+        return False
+
     def __init__(self, params: TermParams, student: ModelInfo, teacher: ModelInfo, where: str = "losses"):
         super().__init__()
         self.params = params

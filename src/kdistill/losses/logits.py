@@ -78,6 +78,10 @@ class LogitKD(LossTerm):
                 f"logit losses need the same vocabulary"
             )
 
+    @property
+    def reads_store(self) -> bool:
+        return not self.params.chunk_size  # the chunked path makes the teacher's logits from its LM head
+
     def student_taps(self):
         return ["head_input", "lm_head"] if self.params.chunk_size else ["logits"]
 
