@@ -170,3 +170,23 @@ def test_a_student_with_another_tokenizer_is_refused(tiny_gpt2_dir, text_file, t
     # the teacher's own tokenizer beside the same weights: accepted
     AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(student_dir)
     assert distill(recipe, progress=False).exists()
+
+
+def test_a_store_named_beside_another_teacher_model_is_refused(tiny_gpt2_dir, text_file, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 1, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    store = cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "store"))
+    other = tmp_path / "other-teacher"  # a deeper GPT-2 with the same tokenizer
+    GPT2LMHeadModel(GPT2Config(**{**load_model(tiny_gpt2_dir).model.config.to_dict(), "n_layer": 3})).save_pretrained(other)
+    load_model(tiny_gpt2_dir).tokenizer.save_pretrained(other)
+    named = {**cached(recipe, store, tmp_path / "named"), "teacher": {"model": str(other), "source": "cache",
+                                                                      "path": str(store)}}
+    with pytest.raises(PairingError, match=r"teacher: the store at teacher.path was built from another model than "
+                                           r"teacher.model .*: its n_layer is 2, the model's 3"):
+        distill(named, progress=False)
+    named["teacher"]["model"] = tiny_gpt2_dir  # the model it came from: accepted
+    assert distill(named, progress=False).exists()

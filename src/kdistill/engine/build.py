@@ -15,7 +15,7 @@ from kdistill.models.loading import (Loaded, detect_task, load_config, load_mode
                                      resolve_model_path)
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
-from kdistill.teachers.cached import open_for_stage
+from kdistill.teachers.cached import check_store_teacher, open_for_stage
 from kdistill.teachers.recipe_runs import resolve_teacher
 
 
@@ -219,12 +219,15 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
     evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
     cached = stage.teacher.source == "cache"
+    named_beside_store = cached and stage.teacher.path is not None and stage.teacher.model is not None
     if cached and stage.teacher.path is None:  # a store of teacher.model, built once and then reused
         from kdistill.teachers.cached import automatic_store
 
         path = str(automatic_store(stage, console))
         stage = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"path": path})})
     teacher_ref = cached_teacher_dir(stage, prefix) if cached else resolve_teacher(stage.teacher.model, console)
+    if named_beside_store:
+        check_store_teacher(stage.teacher.model, teacher_ref, prefix)
     torch.manual_seed(stage.train.seed)  # a new classification head is initialised while loading
     task = stage.teacher.task
     if task == "auto":

@@ -237,6 +237,41 @@ def open_for_stage(stage, tokenizer, records: list[dict], where: str, collator=N
         raise CheckpointError(f"{where}teacher.path: {err}") from None
 
 
+IDENTITY_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
+                 "num_attention_heads", "n_head", "intermediate_size", "id2label")
+"""What a model's config says about which model it is, for :func:`check_store_teacher`."""
+
+
+def check_store_teacher(model_ref: str, store_teacher_dir: str, where: str) -> None:
+    """``teacher.model`` named beside ``teacher.path``: the store must have been built from that model. Its config
+    and tokenizer are compared with the copies the store keeps; its weights are not read (that is a pass over the
+    teacher's files, which a store exists to spare; the manifest keeps their fingerprint). A ``recipe:NAME`` teacher
+    that is not trained yet is not trained for this."""
+    from kdistill.engine.export import is_complete
+    from kdistill.models.loading import load_config, load_tokenizer
+    from kdistill.teachers.recipe_runs import PREFIX, recipe_output
+
+    ref = str(model_ref)
+    if ref.startswith(PREFIX):
+        trained = recipe_output(ref[len(PREFIX):]) / "student"
+        if not is_complete(trained):
+            return
+        ref = str(trained)
+    path, named = load_config(ref)
+    stored = load_config(store_teacher_dir)[1].to_dict()
+    named = named.to_dict()
+    for key in IDENTITY_KEYS:
+        if named.get(key) != stored.get(key):
+            raise PairingError(f"{where}teacher: the store at teacher.path was built from another model than "
+                               f"teacher.model {model_ref!r}: its {key} is {stored.get(key)!r}, the model's "
+                               f"{named.get(key)!r}; name the model the store came from, leave teacher.model out, or "
+                               f"build a store of this one (`kdistill cache-teacher`)")
+    if tokenizer_fingerprint(load_tokenizer(path)) != tokenizer_fingerprint(load_tokenizer(store_teacher_dir)):
+        raise PairingError(f"{where}teacher: the store at teacher.path was built with another tokenizer than "
+                           f"teacher.model {model_ref!r}'s; name the model the store came from, leave teacher.model "
+                           f"out, or build a store of this one (`kdistill cache-teacher`)")
+
+
 def sparse_batch(store, records: list[dict], attention_mask: torch.Tensor | None, per_token: bool) -> SparseLogits:
     """The stored entries of a batch's records, padded to the batch's shape (read in one gather per shard)."""
     keys = [stored_key(store, r) for r in records]
