@@ -76,6 +76,10 @@ def test_teacher_mixed_sampling_weights(tiny_gpt2_dir):
     generated = mixed["importance"][mixed["loss_mask"]]
     assert (generated > 0).all() and (generated < 1 / 0.7 + 1e-6).all()  # q / (0.3 p + 0.7 q) <= 1 / 0.7
     assert not torch.allclose(generated, torch.ones_like(generated))
+    # alpha = 0: plain student sampling, every weight 1 whatever the teacher
+    plain = OnPolicy(OnPolicyConfig(fraction=1.0, max_new_tokens=4, teacher_mix=0.0), loaded.tokenizer, 102, 0)
+    unmixed = plain.sample(loaded.model, records, 32, 0, 0, 0, teacher=other)
+    assert torch.equal(unmixed["importance"], torch.ones_like(unmixed["importance"]))
 
 
 def test_minillm_run(tiny_gpt2_dir, text_file, tmp_path):

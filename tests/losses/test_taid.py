@@ -40,6 +40,22 @@ def test_target_interpolates_detached_student_and_teacher_logits():
     assert torch.allclose(zs.grad[0, :2], (torch.softmax(zs.detach()[0, :2], -1) - target) / 2, atol=1e-6)
 
 
+def test_interpolation_endpoints_are_the_student_itself_and_plain_kd():
+    from kdistill.losses import functional
+
+    term = LOSSES.get("taid")(TAIDParams(t_start=0.0, temperature=1.0), LM, LM)
+    zs = torch.randn(2, 4, 5, requires_grad=True)
+    zt = torch.randn(2, 4, 5)
+    batch = {"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])}
+    at_zero = term({"logits": zs}, {"logits": zt}, batch)  # t = 0: the target is the student itself
+    (grad,) = torch.autograd.grad(at_zero, zs)
+    assert at_zero.item() == pytest.approx(0.0, abs=1e-7) and grad.abs().max().item() < 1e-7
+    term.t = 1.0  # t = 1: the teacher alone, i.e. plain forward-KL distillation
+    at_one = term({"logits": zs}, {"logits": zt}, batch)
+    mask = batch["attention_mask"].bool()
+    assert at_one.item() == pytest.approx(functional.kl_div(zs, zt, 1.0, mask).item(), rel=1e-6)
+
+
 def test_schedule_by_hand():
     p = TAIDParams(t_start=0.4, t_end=1.0, step_size=0.1, momentum=0.9)
     # delta = (2.0 - 1.5) / 2.0 = 0.25; m = 0.1 * 0.25 = 0.025; t = 0.4 + 0.1 * sigmoid(0.025) * 0.6
