@@ -27,6 +27,7 @@ without it the trl column is skipped.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -226,6 +227,7 @@ def save(rows: list, chunk: int | None, load_before: tuple, device: str, precisi
            # other jobs on the machine slow every method, the many small ops of a chunked pass most
            "load_avg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
            "machine": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+           "trl": importlib.metadata.version("trl") if has_trl() else None,
            "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu", "rows": rows}
     # a run replaces the same command's run on the same device only: the H100 and H200 runs of one command both stay
     runs = [r for r in previous if (r.get("command"), r.get("device")) != (run["command"], run["device"])] + [run]
