@@ -238,8 +238,9 @@ def open_for_stage(stage, tokenizer, records: list[dict], where: str, collator=N
 
 
 IDENTITY_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidden_layers", "n_layer",
-                 "num_attention_heads", "n_head", "intermediate_size", "id2label")
-"""What a model's config says about which model it is, for :func:`check_store_teacher`."""
+                 "num_attention_heads", "n_head", "intermediate_size")
+"""What a model's config says about which model it is, for :func:`check_store_teacher` (not its labels: a store
+of a classifier may hold a head made for the data's classes, and those are checked against the data anyway)."""
 
 
 def check_store_teacher(model_ref: str, store_teacher_dir: str, where: str) -> None:
