@@ -31,6 +31,8 @@ def test_uncached_hub_id_without_a_network_fails_at_once_naming_the_fix(monkeypa
     import time
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing cached
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
@@ -44,6 +46,10 @@ def test_uncached_hub_id_without_a_network_fails_at_once_naming_the_fix(monkeypa
                                         r"and huggingface.co cannot be reached .*huggingface-cli download some-org/some-model"):
         load_model("some-org/some-model")
     assert time.perf_counter() - start < 5  # not the hub client's ~30 s of retries
+    from kdistill.models.loading import check_hub_reachable
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # behind a proxy a direct probe proves nothing
+    check_hub_reachable("some-org/some-model")
 
 
 def test_task_detection(tiny_bert_dir, tiny_gpt2_dir):

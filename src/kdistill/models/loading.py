@@ -62,6 +62,8 @@ def check_hub_reachable(ref: str) -> None:
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}  # read now, not at import
     if offline or constants.HF_HUB_OFFLINE:  # transformers then answers from the cache at once
         return
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # the hub is reached through the proxy, which a direct connection here would not test
     try:
         if isinstance(try_to_load_from_cache(ref, "config.json"), str):
             return
