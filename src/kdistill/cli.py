@@ -109,11 +109,10 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                     # the automatic store is the live teacher's outputs: pair with that teacher instead of
                     # building the store here (it can take as long as an epoch of the teacher)
                     check_store_student(stage, prefix)
+                    check_store_terms(stage, prefix)
                     console.print("  (its teacher store is built on the first run; paired here with the live teacher)")
                     stage = with_live_teacher(stage)
                 parts = build_stage(stage, previous if stage.student is None else None, prefix, console)
-                if automatic_store:
-                    check_store_terms(parts.terms)
                 console.print(f"  {len(parts.train_records)} train / {len(parts.eval_records)} eval records; "
                               f"taps: student {sorted(parts.student_taps)}, teacher {sorted(parts.teacher_taps)}",
                               highlight=False)

@@ -133,7 +133,7 @@ def test_automatic_sampled_store_from_the_recipe(tiny_gpt2_dir, text_file, tmp_p
 
 
 @pytest.mark.parametrize("term", [{"type": "taid"}, {"type": "dkd"}, {"type": "hidden_mse"},
-                                  {"type": "logit_kd", "chunk_size": 4}])
+                                  {"type": "logit_kd", "chunk_size": 4}, {"type": "logit_kd", "divergence": "mse"}])
 def test_terms_that_need_the_live_teacher_are_refused_on_a_store_by_name(tiny_gpt2_dir, text_file, tmp_path, term):
     recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
               "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
@@ -145,6 +145,18 @@ def test_terms_that_need_the_live_teacher_are_refused_on_a_store_by_name(tiny_gp
                                            r"store does not hold.*teacher.source: live"):
         distill(bad, progress=False)
     assert not (tmp_path / "bad" / "student").exists()
+
+
+def test_an_automatic_store_is_not_built_for_a_recipe_it_cannot_feed(tiny_gpt2_dir, text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir, "source": "cache", "top_k": 8},
+              "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
+              "losses": [{"type": "logit_kd"}, {"type": "hidden_mse"}], "train": {"steps": 1, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    with pytest.raises(PairingError, match=r"losses\[1\]: hidden_mse needs the live teacher"):
+        distill(recipe, progress=False)
+    assert not (tmp_path / "home" / "stores").exists()  # refused before a pass of the teacher over the data
 
 
 def test_a_student_with_another_tokenizer_is_refused(tiny_gpt2_dir, text_file, tmp_path):
@@ -164,11 +176,13 @@ def test_a_student_with_another_tokenizer_is_refused(tiny_gpt2_dir, text_file, t
               "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
               "losses": [{"type": "logit_kd", "temperature": 1.0, "chunk_size": 4}], "train": {"steps": 1, "batch_size": 4},
               "output": str(tmp_path / "run")}
-    with pytest.raises(PairingError, match=r"student.model: .*'s tokenizer is not the teacher's \(10 against 30522 "
-                                           r"tokens"):
+    with pytest.raises(PairingError, match=r"student.model: .*'s tokenizer is not the teacher's: 305\d\d of the "
+                                           r"teacher's 30522 tokens have another id or none"):
         distill(recipe, progress=False)
-    # the teacher's own tokenizer beside the same weights: accepted
-    AutoTokenizer.from_pretrained(tiny_gpt2_dir).save_pretrained(student_dir)
+    # the teacher's own tokenizer with one more special token (the student's own): accepted
+    teachers = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
+    teachers.add_special_tokens({"additional_special_tokens": ["<|student-only|>"]})
+    teachers.save_pretrained(student_dir)
     assert distill(recipe, progress=False).exists()
 
 
@@ -205,3 +219,10 @@ def test_a_full_vocabulary_store_trains_a_causal_lm_like_the_live_teacher(tiny_g
     b = load_model(str(from_store), "causal-lm").model.state_dict()
     # float32 rounding of log-softmax against the buckets: ~3e-6 after two AdamW steps (a flipped update is 2e-3)
     assert all(torch.allclose(a[key], b[key], atol=2e-5, rtol=0) for key in a)
+
+
+def test_a_store_of_a_classifier_without_a_trained_head_is_refused(classifier_recipe, tiny_bert_dir, tmp_path):
+    headless = {**classifier_recipe, "teacher": {"model": tiny_bert_dir, "task": "classification"}}
+    with pytest.raises(PairingError, match="has no trained classification head .*BertModel.*random head's outputs"):
+        cache_teacher(load_recipe(headless), k=3, out=str(tmp_path / "store"))
+    assert not (tmp_path / "store").exists()

@@ -79,15 +79,19 @@ def check_store_student(stage: Stage, prefix: str) -> None:
                           f"teacher store does not hold; use student.config or student.model")
 
 
-def check_store_terms(terms: list[LossTerm]) -> None:
-    """A teacher store holds the teacher's top-k log-probabilities: only terms that read those can train from it."""
-    for term in terms:
-        if term.needs_teacher and not term.reads_store:
-            chunked = " with chunk_size (the chunked path makes the teacher's logits from its LM head)" * bool(
-                getattr(term.params, "chunk_size", None))
-            raise PairingError(f"{term.where}: {term.params.type}{chunked} needs the live teacher "
-                               f"({', '.join(term.teacher_taps())}), which a teacher store does not hold (only its "
-                               f"top-k log-probabilities); use logit_kd (or deit) without chunk_size with a store, or "
+def check_store_terms(stage: Stage, prefix: str) -> None:
+    """A teacher store holds the teacher's top-k log-probabilities: only terms that read those can train from it.
+    Checked from the recipe alone, before an automatic store is built (a pass of the teacher over the data)."""
+    for i, params in enumerate(stage.losses):
+        term = LOSSES.get(params.type, f"{prefix}losses[{i}].type")
+        if term.needs_teacher and not term.reads_store(params):
+            why = (" with chunk_size (the chunked path makes the teacher's logits from its LM head)"
+                   if getattr(params, "chunk_size", None) else
+                   " with divergence mse (it compares whole logit vectors)" if getattr(params, "divergence", "") == "mse"
+                   else "")
+            raise PairingError(f"{prefix}losses[{i}]: {params.type}{why} needs the live teacher (its full outputs, "
+                               f"hidden states or LM head), which a teacher store does not hold (only its top-k "
+                               f"log-probabilities); use logit_kd (or deit) without chunk_size with a store, or "
                                f"the live teacher (teacher.source: live)")
 
 
@@ -98,12 +102,20 @@ def check_student_tokenizer(stage: Stage, tokenizer, prefix: str) -> None:
     if kind != "model" or str(spec).startswith("blueprint:") or not hasattr(tokenizer, "get_vocab"):
         return
     own = load_tokenizer(resolve_model_path(spec))
-    if own is None or not hasattr(own, "get_vocab") or own.get_vocab() == tokenizer.get_vocab():
+    if own is None or not hasattr(own, "get_vocab"):
         return
-    raise PairingError(f"{prefix}student.model: {spec}'s tokenizer is not the teacher's ({len(own)} against "
-                       f"{len(tokenizer)} tokens, or the same number mapped differently): the data is tokenized with "
-                       f"the teacher's, so this student would read other tokens than it learned; use a student with "
-                       f"the teacher's tokenizer (student.from_teacher or student.config) or a teacher with its own")
+    # tokens the student adds (special ones, say) are never in the data; a teacher's added token the student
+    # lacks only matters if it occurs, and check_text_fits already bounds the ids
+    mine, added = own.get_vocab(), set(tokenizer.get_added_vocab()) if hasattr(tokenizer, "get_added_vocab") else set()
+    wrong = [(tok, i) for tok, i in tokenizer.get_vocab().items() if mine.get(tok, i if tok in added else None) != i]
+    if not wrong:
+        return
+    tok, i = sorted(wrong, key=lambda pair: pair[1])[0]
+    raise PairingError(f"{prefix}student.model: {spec}'s tokenizer is not the teacher's: {len(wrong)} of the teacher's "
+                       f"{len(tokenizer)} tokens have another id or none in the student's (e.g. {tok!r}: {i} for the "
+                       f"teacher, {mine.get(tok)} for the student); the data is tokenized with the teacher's, so this "
+                       f"student would read other tokens than it learned; use a student with the teacher's tokenizer "
+                       f"(student.from_teacher or student.config) or a teacher with its own")
 
 
 def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str) -> None:
@@ -220,6 +232,9 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
     cached = stage.teacher.source == "cache"
     named_beside_store = cached and stage.teacher.path is not None and stage.teacher.model is not None
+    if cached:  # before an automatic store is built: the recipe alone decides these
+        check_store_student(stage, prefix)
+        check_store_terms(stage, prefix)
     if cached and stage.teacher.path is None:  # a store of teacher.model, built once and then reused
         from kdistill.teachers.cached import automatic_store
 
@@ -227,7 +242,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         stage = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"path": path})})
     teacher_ref = cached_teacher_dir(stage, prefix) if cached else resolve_teacher(stage.teacher.model, console)
     if named_beside_store:
-        check_store_teacher(stage.teacher.model, teacher_ref, prefix)
+        check_store_teacher(stage.teacher.model, teacher_ref, prefix, stage.teacher.trust_remote_code)
     torch.manual_seed(stage.train.seed)  # a new classification head is initialised while loading
     task = stage.teacher.task
     if task == "auto":
@@ -236,7 +251,6 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     if task in ("classification", "image-classification"):
         labels, head = class_head(stage, teacher_ref, train + evals, prefix)
     if cached:
-        check_store_student(stage, prefix)
         loaded = skeleton(teacher_ref, task, head)
     else:
         loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head)
@@ -262,8 +276,6 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has "
                            f"{student.config.num_labels} outputs")
     terms = build_terms(stage, student_info, teacher_info, prefix)
-    if cached:
-        check_store_terms(terms)
     s_reader, t_reader = TapReader(student, student_info), TapReader(teacher, teacher_info)
     student_taps = set().union(*(s_reader.canonical(t.student_taps(), t.where) for t in terms))
     teacher_taps = set().union(*(t_reader.canonical(t.teacher_taps(), t.where) for t in terms))

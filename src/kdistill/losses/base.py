@@ -40,9 +40,10 @@ class LossTerm(nn.Module):
     needs_mlm: ClassVar[bool] = False  # the batch must carry masked input_ids and mlm_labels
     needs_teacher: ClassVar[bool] = True
 
-    @property
-    def reads_store(self) -> bool:
-        """Whether the term can take its teacher from a store (top-k log-probabilities, as SparseLogits)."""
+    @classmethod
+    def reads_store(cls, params: TermParams) -> bool:
+        """Whether a term with these params can take its teacher from a store (top-k log-probabilities, as
+        SparseLogits). A class method, so a recipe is checked before an automatic store is built for it."""
         return False
 
     def __init__(self, params: TermParams, student: ModelInfo, teacher: ModelInfo, where: str = "losses"):

@@ -35,7 +35,9 @@ class DeiT(LossTerm):
             raise PairingError(f"{where}: deit needs a DeiT student with a distillation token "
                                f"(student: {{model: blueprint:deit-3x96-p4}}), not a {student.model_type}")
 
-    reads_store = True
+    @classmethod
+    def reads_store(cls, params) -> bool:
+        return True
 
     def student_taps(self):
         return ["cls_logits", "distillation_logits"]

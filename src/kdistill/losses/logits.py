@@ -78,9 +78,10 @@ class LogitKD(LossTerm):
                 f"logit losses need the same vocabulary"
             )
 
-    @property
-    def reads_store(self) -> bool:
-        return not self.params.chunk_size  # the chunked path makes the teacher's logits from its LM head
+    @classmethod
+    def reads_store(cls, params) -> bool:
+        # the chunked path makes the teacher's logits from its LM head; mse compares whole logit vectors
+        return not params.chunk_size and params.divergence != "mse"
 
     def student_taps(self):
         return ["head_input", "lm_head"] if self.params.chunk_size else ["logits"]

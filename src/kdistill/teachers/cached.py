@@ -139,6 +139,14 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     if loaded.task not in ("classification", "image-classification", "causal-lm", "masked-lm"):
         raise PairingError(f"teacher.model {stage.teacher.model} is an {loaded.task} model; a teacher store keeps "
                            f"output distributions (logits), which it has none of: keep teacher.source: live")
+    if loaded.task in ("classification", "image-classification"):
+        from kdistill.models.loading import load_config
+
+        saved = load_config(loaded.path, stage.teacher.trust_remote_code)[1].architectures or []
+        if "Classification" not in " ".join(saved):
+            raise PairingError(f"teacher.model {stage.teacher.model} has no trained classification head (saved as "
+                               f"{', '.join(saved) or 'no architecture'}): a store of it would hold a random head's "
+                               f"outputs; fine-tune it on the task first (a fine_tune stage, e.g. recipe:teacher-supersense)")
     teacher = loaded.model.eval()
     collator = make_collator(stage, loaded, teacher.config, None, "")
     fingerprints = {"teacher": fingerprint_tensors(teacher.state_dict()),
@@ -243,7 +251,7 @@ IDENTITY_KEYS = ("model_type", "vocab_size", "hidden_size", "n_embd", "num_hidde
 of a classifier may hold a head made for the data's classes, and those are checked against the data anyway)."""
 
 
-def check_store_teacher(model_ref: str, store_teacher_dir: str, where: str) -> None:
+def check_store_teacher(model_ref: str, store_teacher_dir: str, where: str, trust_remote_code: bool = False) -> None:
     """``teacher.model`` named beside ``teacher.path``: the store must have been built from that model. Its config
     and tokenizer are compared with the copies the store keeps; its weights are not read (that is a pass over the
     teacher's files, which a store exists to spare; the manifest keeps their fingerprint). A ``recipe:NAME`` teacher
@@ -253,13 +261,15 @@ def check_store_teacher(model_ref: str, store_teacher_dir: str, where: str) -> N
     from kdistill.teachers.recipe_runs import PREFIX, recipe_output
 
     ref = str(model_ref)
+    if ref.startswith("stage:"):  # an earlier stage's student: `kdistill run` resolves it, `validate` cannot yet
+        return
     if ref.startswith(PREFIX):
         trained = recipe_output(ref[len(PREFIX):]) / "student"
         if not is_complete(trained):
             return
         ref = str(trained)
-    path, named = load_config(ref)
-    stored = load_config(store_teacher_dir)[1].to_dict()
+    path, named = load_config(ref, trust_remote_code)
+    stored = load_config(store_teacher_dir, trust_remote_code)[1].to_dict()
     named = named.to_dict()
     for key in IDENTITY_KEYS:
         if named.get(key) != stored.get(key):
@@ -267,7 +277,8 @@ def check_store_teacher(model_ref: str, store_teacher_dir: str, where: str) -> N
                                f"teacher.model {model_ref!r}: its {key} is {stored.get(key)!r}, the model's "
                                f"{named.get(key)!r}; name the model the store came from, leave teacher.model out, or "
                                f"build a store of this one (`kdistill cache-teacher`)")
-    if tokenizer_fingerprint(load_tokenizer(path)) != tokenizer_fingerprint(load_tokenizer(store_teacher_dir)):
+    if (tokenizer_fingerprint(load_tokenizer(path, trust_remote_code))
+            != tokenizer_fingerprint(load_tokenizer(store_teacher_dir, trust_remote_code))):
         raise PairingError(f"{where}teacher: the store at teacher.path was built with another tokenizer than "
                            f"teacher.model {model_ref!r}'s; name the model the store came from, leave teacher.model "
                            f"out, or build a store of this one (`kdistill cache-teacher`)")
