@@ -31,7 +31,7 @@ def test_uncached_hub_id_without_a_network_fails_at_once_naming_the_fix(monkeypa
     import time
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+    for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))  # nothing cached
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
@@ -50,6 +50,13 @@ def test_uncached_hub_id_without_a_network_fails_at_once_naming_the_fix(monkeypa
 
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # behind a proxy a direct probe proves nothing
     check_hub_reachable("some-org/some-model")
+    monkeypatch.delenv("HTTPS_PROXY")
+    probed = []
+    monkeypatch.setattr(socket, "create_connection", lambda address, timeout: probed.append(address) or unreachable())
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://mirror.example:8765")  # a mirror, plain http
+    with pytest.raises(DataError, match="mirror.example cannot be reached"):
+        check_hub_reachable("some-org/some-model")
+    assert probed == [("mirror.example", 8765)]
 
 
 def test_task_detection(tiny_bert_dir, tiny_gpt2_dir):

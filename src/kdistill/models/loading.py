@@ -62,16 +62,18 @@ def check_hub_reachable(ref: str) -> None:
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}  # read now, not at import
     if offline or constants.HF_HUB_OFFLINE:  # transformers then answers from the cache at once
         return
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                             "all_proxy")):
         return  # the hub is reached through the proxy, which a direct connection here would not test
     try:
         if isinstance(try_to_load_from_cache(ref, "config.json"), str):
             return
     except ValueError:  # not a valid repo id: transformers' own message says so
         return
-    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    endpoint = urlparse(constants.ENDPOINT)  # HF_ENDPOINT: a mirror may be plain http, on its own port
+    host = endpoint.hostname or constants.ENDPOINT
     try:
-        socket.create_connection((host, 443), timeout=5).close()
+        socket.create_connection((host, endpoint.port or (80 if endpoint.scheme == "http" else 443)), timeout=5).close()
     except OSError as err:
         raise DataError(f"model {ref!r} is not a local folder nor in the Hugging Face cache, and {host} cannot be "
                         f"reached ({err}): pass a local model folder (or packaged:all-MiniLM-L6-v2), or download it "
