@@ -64,11 +64,16 @@ def test_store_for_other_data_or_corrupt_is_refused(classifier_recipe, tmp_path)
         distill(copying, progress=False)
 
 
+def lm_recipe(teacher_dir, text_file, tmp_path, limit=12, max_length=24, steps=1, **fields):
+    """A tiny causal-LM recipe over the docstrings file: the teacher's logits, a 1-layer student."""
+    return {"name": "lm", "teacher": {"model": teacher_dir}, "student": {"config": {"n_layer": 1}},
+            "data": {"train": {"path": text_file, "text": "sentence", "limit": limit}, "max_length": max_length},
+            "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": steps, "batch_size": 4},
+            "output": str(tmp_path / "run"), **fields}
+
+
 def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):
-    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
-              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
-              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 2, "batch_size": 4},
-              "output": str(tmp_path / "run")}
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, steps=2)
     store = cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "store"))
     student = distill(cached(recipe, store, tmp_path / "from-store"), progress=False)
     meta = json.loads((student / "kdistill.json").read_text())
@@ -135,10 +140,7 @@ def test_automatic_sampled_store_from_the_recipe(tiny_gpt2_dir, text_file, tmp_p
 @pytest.mark.parametrize("term", [{"type": "taid"}, {"type": "dkd"}, {"type": "hidden_mse"},
                                   {"type": "logit_kd", "chunk_size": 4}, {"type": "logit_kd", "divergence": "mse"}])
 def test_terms_that_need_the_live_teacher_are_refused_on_a_store_by_name(tiny_gpt2_dir, text_file, tmp_path, term):
-    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
-              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
-              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 1, "batch_size": 4},
-              "output": str(tmp_path / "run")}
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path)
     store = cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "store"))
     bad = {**cached(recipe, store, tmp_path / "bad"), "losses": [{"type": "logit_kd", "temperature": 1.0}, term]}
     with pytest.raises(PairingError, match=rf"losses\[1\]: {term['type']}.* needs the live teacher .*which a teacher "
@@ -149,11 +151,8 @@ def test_terms_that_need_the_live_teacher_are_refused_on_a_store_by_name(tiny_gp
 
 def test_an_automatic_store_is_not_built_for_a_recipe_it_cannot_feed(tiny_gpt2_dir, text_file, tmp_path, monkeypatch):
     monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
-    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir, "source": "cache", "top_k": 8},
-              "student": {"config": {"n_layer": 1}},
-              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
-              "losses": [{"type": "logit_kd"}, {"type": "hidden_mse"}], "train": {"steps": 1, "batch_size": 4},
-              "output": str(tmp_path / "run")}
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, losses=[{"type": "logit_kd"}, {"type": "hidden_mse"}],
+                       teacher={"model": tiny_gpt2_dir, "source": "cache", "top_k": 8})
     with pytest.raises(PairingError, match=r"losses\[1\]: hidden_mse needs the live teacher"):
         distill(recipe, progress=False)
     assert not (tmp_path / "home" / "stores").exists()  # refused before a pass of the teacher over the data
@@ -172,10 +171,8 @@ def test_a_student_with_another_tokenizer_is_refused(tiny_gpt2_dir, text_file, t
     config = GPT2Config(vocab_size=30522, n_embd=32, n_layer=1, n_head=4, n_positions=128)
     GPT2LMHeadModel(config).save_pretrained(student_dir)
     other.save_pretrained(student_dir)
-    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"model": str(student_dir)},
-              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
-              "losses": [{"type": "logit_kd", "temperature": 1.0, "chunk_size": 4}], "train": {"steps": 1, "batch_size": 4},
-              "output": str(tmp_path / "run")}
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, student={"model": str(student_dir)},
+                       losses=[{"type": "logit_kd", "temperature": 1.0, "chunk_size": 4}])
     with pytest.raises(PairingError, match=r"student.model: .*'s tokenizer is not the teacher's: 305\d\d of the "
                                            r"teacher's 30522 tokens have another id or none"):
         distill(recipe, progress=False)
@@ -189,10 +186,7 @@ def test_a_student_with_another_tokenizer_is_refused(tiny_gpt2_dir, text_file, t
 def test_a_store_named_beside_another_teacher_model_is_refused(tiny_gpt2_dir, text_file, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
-              "data": {"train": {"path": text_file, "text": "sentence", "limit": 12}, "max_length": 24},
-              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 1, "batch_size": 4},
-              "output": str(tmp_path / "run")}
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path)
     store = cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "store"))
     other = tmp_path / "other-teacher"  # a deeper GPT-2 with the same tokenizer
     GPT2LMHeadModel(GPT2Config(**{**load_model(tiny_gpt2_dir).model.config.to_dict(), "n_layer": 3})).save_pretrained(other)
@@ -207,10 +201,8 @@ def test_a_store_named_beside_another_teacher_model_is_refused(tiny_gpt2_dir, te
 
 
 def test_a_full_vocabulary_store_trains_a_causal_lm_like_the_live_teacher(tiny_gpt2_dir, text_file, tmp_path):
-    recipe = {"name": "lm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
-              "data": {"train": {"path": text_file, "text": "sentence", "limit": 8}, "max_length": 16},
-              "losses": [{"type": "logit_kd", "temperature": 2.0}], "train": {"steps": 2, "batch_size": 4, "lr": 1e-3},
-              "output": str(tmp_path / "live")}
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, limit=8, max_length=16, output=str(tmp_path / "live"),
+                       losses=[{"type": "logit_kd", "temperature": 2.0}], train={"steps": 2, "batch_size": 4, "lr": 1e-3})
     live = distill(recipe, progress=False)
     vocab = load_model(tiny_gpt2_dir).model.config.vocab_size
     store = cache_teacher(load_recipe(recipe), k=vocab, out=str(tmp_path / "store"), dtype="float32", next_token=False)
