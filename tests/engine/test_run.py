@@ -73,9 +73,67 @@ def test_resume_with_changed_recipe_is_refused_unless_forced(tiny_recipe, killed
     changed = {**tiny_recipe, "train": {**tiny_recipe["train"], "lr": 0.5}}
     with pytest.raises(CheckpointError, match=r"train\.lr: 0\.001 -> 0\.5"):
         distill(changed, resume=True, progress=False)
+    resolved = (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text()
     # forced, it gets as far as the stage's checkpoint, which was written by the old stage and says so
     with pytest.raises(CheckpointError, match="different stage configuration"):
         distill(changed, resume=True, force=True, progress=False)
+    # ... and the run's own recipe is still the saved one, so the right recipe resumes it
+    assert (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text() == resolved
+    assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()
+
+
+def test_bookkeeping_changes_do_not_block_a_resume(tiny_recipe, tmp_path, killed_run):
+    tiny_recipe["train"].update(steps=6, save_every=2)
+    straight = distill({**tiny_recipe, "output": str(tmp_path / "straight")}, progress=False)
+    killed = {**tiny_recipe, "output": str(tmp_path / "killed")}
+    killed_run(killed, step=4)
+    # how often it saves, logs and evaluates, and how many checkpoints it keeps, changes no weight
+    other = {**killed, "train": {**killed["train"], "save_every": 1, "log_every": 2, "keep_checkpoints": 3}}
+    assert_same_weights(straight, distill(other, resume=True, progress=False))
+
+
+def test_a_checkpoint_from_before_bookkeeping_left_the_hash_still_resumes(tiny_recipe, killed_run):
+    from kdistill.config import load_recipe
+    from kdistill.engine.checkpoint import verify
+    from kdistill.engine.loop import stage_hash
+
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    ckpt = Path(tiny_recipe["output"]) / "checkpoints" / "main" / "step-0000002"
+    stage = load_recipe(tiny_recipe).stages[0]
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["recipe_hash"] == stage_hash(stage) != stage_hash(stage, legacy=True)
+    (ckpt / "manifest.json").write_text(json.dumps({**manifest, "recipe_hash": stage_hash(stage, legacy=True)}))
+    verify(ckpt, (stage_hash(stage), stage_hash(stage, legacy=True)))  # what a resume accepts
+    assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()
+
+
+def test_a_forced_resume_refuses_changes_to_a_finished_stage(tiny_recipe, killed_run):
+    tiny_recipe["stages"] = [{"name": "general", "train": {"steps": 2}},
+                             {"name": "task", "losses": [{"type": "embedding_cosine"}], "train": {"steps": 4}}]
+    tiny_recipe["train"]["save_every"] = 2
+    killed_run(tiny_recipe, step=3, stage="task")
+    changed = {**tiny_recipe, "stages": [{**tiny_recipe["stages"][0], "train": {"steps": 2, "lr": 0.5}},
+                                         tiny_recipe["stages"][1]]}
+    resolved = (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text()
+    with pytest.raises(CheckpointError, match=r"stage 'general' is finished, trained by the recipe before these "
+                                              r"changes \(stages\.0\.train\.lr: 0\.001 -> 0\.5\)"):
+        distill(changed, resume=True, force=True, progress=False)
+    assert (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text() == resolved
+
+
+def test_odd_folders_and_manifests_in_checkpoints_are_named_or_ignored(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    root = Path(tiny_recipe["output"]) / "checkpoints" / "main"
+    (root / "step-backup").mkdir()  # a folder a user made beside the checkpoints: not one of them
+    ckpt = root / "step-0000002"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    (ckpt / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
+    with pytest.raises(CheckpointError, match=r"manifest.json is corrupt \(no files\); delete .*step-0000002"):
+        distill(tiny_recipe, resume=True, progress=False)
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()
 
 
 def test_a_finished_run_is_not_relabelled_as_trained_by_a_changed_recipe(tiny_recipe):

@@ -34,11 +34,14 @@ def sha256(path: Path) -> str:
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    return {
+    state = {
         "torch": torch.get_rng_state().tolist(),
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
     }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # dropout and masks drawn on the GPU
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -47,6 +50,8 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, stage: str, recipe_hash: str,
@@ -105,10 +110,16 @@ def read_manifest(directory: Path) -> dict:
         raise CheckpointError(f"{path} is corrupt (not JSON); delete {directory} to resume from an earlier checkpoint") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{directory} is not a kdistill checkpoint (format {manifest.get('format')!r})")
+    missing = [key for key in ("files", "recipe_hash") if key not in manifest]
+    if missing:
+        raise CheckpointError(f"{path} is corrupt (no {', '.join(missing)}); delete {directory} to resume from an "
+                              f"earlier checkpoint")
     return manifest
 
 
-def verify(directory: Path, recipe_hash: str | None = None) -> dict:
+def verify(directory: Path, recipe_hash: str | tuple[str, ...] | None = None) -> dict:
+    """The manifest of a complete, undamaged checkpoint written by a stage whose hash is ``recipe_hash`` (or one
+    of them)."""
     manifest = read_manifest(directory)
     for name, digest in manifest["files"].items():
         path = directory / name
@@ -117,7 +128,8 @@ def verify(directory: Path, recipe_hash: str | None = None) -> dict:
                 f"checkpoint {directory} is corrupt: {name} is {'missing' if not path.exists() else 'damaged'} "
                 f"(checksum mismatch); delete this directory to resume from an earlier checkpoint"
             )
-    if recipe_hash is not None and manifest["recipe_hash"] != recipe_hash:
+    accepted = (recipe_hash,) if isinstance(recipe_hash, str) else recipe_hash
+    if accepted is not None and manifest["recipe_hash"] not in accepted:
         raise CheckpointError(
             f"checkpoint {directory} was written by a different stage configuration; "
             f"resume with the recipe that wrote it, or start a new run with another --output"
@@ -125,7 +137,8 @@ def verify(directory: Path, recipe_hash: str | None = None) -> dict:
     return manifest
 
 
-def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int = 0, recipe_hash: str | None = None,
+def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int = 0,
+                    recipe_hash: str | tuple[str, ...] | None = None,
                     extras: dict | None = None) -> dict:
     manifest = verify(directory, recipe_hash)
     try:
@@ -150,8 +163,9 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int =
 def list_checkpoints(root: Path) -> list[Path]:
     if not root.exists():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and not p.name.endswith(".tmp")),
-                  key=lambda p: int(p.name.split("-")[1]))
+    # only step-<digits>: a step-N.tmp being written, or a folder a user made beside them (step-backup), is not one
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()),
+                  key=lambda p: int(p.name[5:]))
 
 
 def prune(root: Path, keep: int) -> None:

@@ -48,8 +48,16 @@ class StageResult:
     final_eval: dict
 
 
-def stage_hash(stage: Stage) -> str:
-    return hashlib.sha256(json.dumps(stage.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+def stage_hash(stage: Stage, legacy: bool = False) -> str:
+    """What a checkpoint must match to be resumed: the stage's settings without its bookkeeping (how often it
+    evaluates, logs and saves: recipe_loading.BOOKKEEPING), which changes no weight. ``legacy``: the hash of
+    checkpoints written before 2026-11-28, over every field."""
+    from kdistill.recipe_loading import BOOKKEEPING
+
+    dumped = stage.model_dump(mode="json")
+    if not legacy:
+        dumped["train"] = {k: v for k, v in dumped["train"].items() if k not in BOOKKEEPING}
+    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float, lr: float,
@@ -109,6 +117,7 @@ class StageTrainer(StartFits):
         # checkpoints are bound to the stage as the recipe wrote it: `stage:` references resolved to paths
         # under the run folder would tie them to how that folder was spelt
         self.hash = stage_hash(declared or stage)
+        self.accepted_hashes = (self.hash, stage_hash(declared or stage, legacy=True))
         self.console = console
         self.show_progress = progress and accelerator.is_main_process
         freeze(parts.student, self.cfg.freeze)
@@ -316,7 +325,8 @@ class StageTrainer(StartFits):
         if not checkpoints:
             return False
         state = load_checkpoint(checkpoints[-1], model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
-                                scheduler=self.scheduler, rank=self.acc.process_index, recipe_hash=self.hash,
+                                scheduler=self.scheduler, rank=self.acc.process_index,
+                                recipe_hash=self.accepted_hashes,
                                 extras=self.extras())
         self.step = state["step"]
         for i, part in enumerate(self.stateful):

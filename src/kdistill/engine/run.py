@@ -54,11 +54,14 @@ def trained_anything(out: Path) -> bool:
     return any((out / name).exists() for name in ("checkpoints", "stages", "student"))
 
 
-def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
-    """Refuse to overwrite a run unless resuming it, and refuse to resume it with a different recipe."""
+def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> str | None:
+    """Refuse to overwrite a run unless resuming it, and refuse to resume it with a different recipe. Returns the
+    recipe text still to be saved as config.resolved.yaml when a forced resume changed the recipe: it is written
+    only once a stage has accepted its checkpoint, so a refused resume leaves the run's own recipe in place."""
     out = Path(recipe.output)
     resolved = out / "config.resolved.yaml"
     current = recipe.dump()
+    changed: list[str] = []
     if resolved.exists() and trained_anything(out):
         if not resume:
             raise ConfigError(
@@ -84,13 +87,34 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> Path:
             raise CheckpointError(
                 f"{out} holds a finished run, trained by the recipe before these changes ({'; '.join(changed[:3])}); "
                 f"a finished run keeps no state to continue from with another recipe: choose another --output")
+        if changed and isinstance(previous, dict):
+            check_finished_stages_unchanged(recipe, previous, current, out)
+    text = yaml.safe_dump(current, sort_keys=False)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        resolved.write_text(yaml.safe_dump(current, sort_keys=False))
+        if not changed:
+            resolved.write_text(text)
     except OSError as err:
         raise ConfigError(f"output {out}: cannot write the run there ({err.strerror or err}); choose another "
                           f"--output") from None
-    return out
+    return text if changed else None
+
+
+def check_finished_stages_unchanged(recipe: Recipe, previous: dict, current: dict, out: Path) -> None:
+    """A forced resume trains no finished stage again, so a change to one would be recorded but never applied."""
+    from kdistill.recipe_loading import BOOKKEEPING, diff_configs
+
+    old_stages = previous.get("stages")
+    if not isinstance(old_stages, list) or len(old_stages) != len(current["stages"]):
+        return  # the stages themselves changed: the checkpoints' own hashes refuse what does not fit
+    for index, (old, new) in enumerate(zip(old_stages, current["stages"])):
+        if is_complete(stage_student_dir(out, recipe, index)):
+            differences = diff_configs(old, new, f"stages.{index}", ignore=BOOKKEEPING)
+            if differences:
+                raise CheckpointError(
+                    f"cannot resume {out}: stage {recipe.stages[index].name!r} is finished, trained by the recipe "
+                    f"before these changes ({'; '.join(differences[:3])}), and a resumed run does not train it "
+                    f"again: undo them, or choose another --output")
 
 
 def with_stage_teacher(stage, out: Path, recipe: Recipe):
@@ -219,11 +243,20 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
 
     first = next((s for s in recipe.stages if s.synthesize is None), recipe.stages[0])
     accelerator = make_accelerator(first.train.precision)
+    pending_recipe = None
     if accelerator.is_main_process:
         if resume and console is not None and not trained_anything(Path(recipe.output)):
             console.print(f"[yellow]nothing to resume in {recipe.output}[/yellow]: starting from step 0")
-        out = prepare_run_dir(recipe, resume, force)
+        pending_recipe = prepare_run_dir(recipe, resume, force)
     accelerator.wait_for_everyone()
+
+    def accept_recipe() -> None:
+        """A forced resume's recipe becomes the run's once a stage has accepted its checkpoint (or starts anew)."""
+        nonlocal pending_recipe
+        if accelerator.is_main_process and pending_recipe is not None:
+            (Path(recipe.output) / "config.resolved.yaml").write_text(pending_recipe)
+            pending_recipe = None
+
     out = Path(recipe.output)
     previous: str | None = None
     history = []
@@ -232,6 +265,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
     final = out / "student" if trains else synthesis_dir(out, recipe.stages[-1])
     for index, stage in enumerate(recipe.stages):
         if stage.synthesize is not None:  # makes data on the main process; the student is untouched
+            accept_recipe()
             if accelerator.is_main_process:
                 run_synthesize_stage(stage, index, recipe, out, resume, console, progress)
             accelerator.wait_for_everyone()
@@ -242,6 +276,7 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
             previous = str(target)  # a finished stage is not trained again
             continue
         if stage.lion is not None:  # rounds of answers, training, judging and writing; a student at the end
+            accept_recipe()
             previous = str(run_lion_stage(stage, index, recipe, out, resume, previous, accelerator, console, progress))
             if accelerator.is_main_process:
                 plot_losses(out)
@@ -251,8 +286,11 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
         parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console)
         trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress, declared=declared)
         resumed = resume and trainer.resume()
+        accept_recipe()
         if resumed and console is not None and accelerator.is_main_process:
             console.print(f"resuming stage {stage.name!r} at step {trainer.step}")
+        elif resume and console is not None and accelerator.is_main_process and trained_anything(out):
+            console.print(f"stage {stage.name!r} has no checkpoint to resume from: training it from step 0")
         result = trainer.fit()
         accelerator.wait_for_everyone()
         history.append({"stage": stage.name, "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2),
