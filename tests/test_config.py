@@ -31,6 +31,11 @@ def test_set_overrides_any_field_with_yaml_values():
     assert [p.type for p in r.stages[0].losses] == ["embedding_cosine", "attention_kl"]
 
 
+def test_set_takes_list_items_as_the_difference_messages_print_them():
+    r = load_recipe(base(), ["losses[0].weight=0.25"])  # as `stages[0].train.lr: ... -> ...` is printed
+    assert r.stages[0].losses[0].weight == 0.25
+
+
 def test_set_without_equals_sign():
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         load_recipe(base(), ["train.steps"])

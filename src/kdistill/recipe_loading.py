@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +47,12 @@ def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
 
 
 def apply_override(raw: dict, assignment: str) -> None:
-    """`a.b.c=value`, value parsed as YAML (so numbers, booleans and lists work); list items by index."""
+    """`a.b.c=value`, value parsed as YAML (so numbers, booleans and lists work); list items by index, written
+    `stages.0.train.lr` or, as the recipe-difference messages print it, `stages[0].train.lr`."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.steps=100")
     key, value = assignment.split("=", 1)
-    parts = key.strip().split(".")
+    parts = re.sub(r"\[(-?\d+)\]", r".\1", key.strip()).split(".")
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
