@@ -1,5 +1,6 @@
 """End-to-end runs on a tiny BERT: outputs, exact resume, exact accumulation, refusals."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -375,8 +376,8 @@ def test_resume_in_the_middle_of_the_second_stage(tiny_recipe, tmp_path, killed_
     assert first.stat().st_mtime_ns == stamp  # stage 1 was not redone
     assert_same_weights(straight, resumed)
     logs = [json.loads(line) for line in (tmp_path / "b" / "logs" / "task.jsonl").read_text().splitlines()]
-    # step 3 ran once before the kill (after the step-2 checkpoint) and again after resuming; the log keeps both
-    assert [r["step"] for r in logs if r["kind"] == "train"] == [1, 2, 3, 3, 4]
+    # step 3 ran once before the kill (after the step-2 checkpoint) and again after resuming: logged once
+    assert [r["step"] for r in logs if r["kind"] == "train"] == [1, 2, 3, 4]
 
 
 def test_a_stage_teacher_run_resumes_from_another_spelling_of_its_folder(tiny_recipe, tmp_path, killed_run,
@@ -403,3 +404,19 @@ def test_fp16_on_a_cpu_is_said_to_train_in_fp32(monkeypatch):
     monkeypatch.setattr(accelerate, "Accelerator", lambda **kwargs: kwargs)
     with pytest.warns(UserWarning, match="fp16 needs a GPU"):
         assert make_accelerator("fp16", cpu=True)["mixed_precision"] == "fp16"
+
+
+def test_a_copy_abandoned_by_a_killed_export_is_removed_by_the_next(tmp_path):
+    import subprocess
+    import sys
+
+    from kdistill.engine.export import remove_abandoned_copies
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited: its copy is abandoned
+    out = tmp_path / "student"
+    (tmp_path / f".student.tmp-{pid}").mkdir()
+    (tmp_path / f".student.tmp-{os.getpid()}").mkdir()  # this process's own: kept
+    (tmp_path / ".student.tmp-notapid").mkdir()
+    remove_abandoned_copies(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".student.tmp-{os.getpid()}", ".student.tmp-notapid"])

@@ -35,10 +35,28 @@ def copy_sentence_transformers_files(teacher_dir: str, out: Path, hidden_size: i
     return True
 
 
+def remove_abandoned_copies(out: Path) -> None:
+    """Half-written copies of ``out`` left by a process killed while exporting (``.NAME.tmp-PID`` with PID no longer
+    running): each is a whole model's worth of disk, and no later export of the same name would reuse it."""
+    if not out.parent.exists():
+        return
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | None, metadata: dict) -> Path:
     """Write into a temporary sibling, then rename: a directory at `out_dir` is always complete."""
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    remove_abandoned_copies(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

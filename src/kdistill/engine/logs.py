@@ -36,6 +36,16 @@ class RunLogger:
             parts = "  ".join(f"{k} {v:.4g}" for k, v in flatten(values).items() if isinstance(v, float))
             self.console.print(f"[dim]{self.stage}[/] {kind} step {step}: {parts}")
 
+    def forget_after(self, step: int) -> None:
+        """On resuming at ``step``: drop the rows logged past it before the run stopped. Those steps run again, and
+        kept twice they would make the loss curves double back."""
+        if not self.enabled or not self.jsonl.exists():
+            return
+        lines = self.jsonl.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            self.jsonl.write_text("".join(line + "\n" for line in kept))
+
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()

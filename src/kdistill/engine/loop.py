@@ -331,6 +331,7 @@ class StageTrainer(StartFits):
         self.step = state["step"]
         for i, part in enumerate(self.stateful):
             part.load_method_state(state["method"].get(str(i), {}))
+        self.logger.forget_after(self.step)
         return True
 
     # ---- the loop ------------------------------------------------------------------------------
