@@ -420,3 +420,21 @@ def test_a_copy_abandoned_by_a_killed_export_is_removed_by_the_next(tmp_path):
     (tmp_path / ".student.tmp-notapid").mkdir()
     remove_abandoned_copies(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".student.tmp-{os.getpid()}", ".student.tmp-notapid"])
+
+
+def test_resuming_with_another_process_count_says_it_is_not_exact(tiny_recipe, killed_run):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from kdistill.config import load_recipe
+    from kdistill.engine.run import run_recipe
+
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    manifest_path = Path(tiny_recipe["output"]) / "checkpoints" / "main" / "step-0000002" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "world": 2}))  # as if written by a two-process launch
+    out = StringIO()
+    run_recipe(load_recipe(tiny_recipe), resume=True, console=Console(file=out, width=200), progress=False)
+    assert "written by 2 process(es), this run has 1" in out.getvalue()

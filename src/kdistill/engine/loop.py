@@ -22,7 +22,7 @@ from kdistill.data import mask_tokens
 from kdistill.data.images import view_seed
 from kdistill.engine.batches import BatchPlan
 from kdistill.engine.build import StageParts
-from kdistill.engine.checkpoint import list_checkpoints, load_checkpoint, prune, save_checkpoint
+from kdistill.engine.checkpoint import list_checkpoints, load_checkpoint, prune, read_manifest, save_checkpoint
 from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
 from kdistill.engine.on_policy import OnPolicy
@@ -332,6 +332,12 @@ class StageTrainer(StartFits):
         for i, part in enumerate(self.stateful):
             part.load_method_state(state["method"].get(str(i), {}))
         self.logger.forget_after(self.step)
+        world = read_manifest(checkpoints[-1]).get("world", 1)
+        if world != self.acc.num_processes and self.console is not None and self.acc.is_main_process:
+            # each process's batches and random state follow from the process count: the run goes on, not exactly
+            self.console.print(f"[yellow]{checkpoints[-1]} was written by {world} process(es), this run has "
+                               f"{self.acc.num_processes}[/yellow]: it continues, but not bit for bit as the "
+                               f"interrupted run would have")
         return True
 
     # ---- the loop ------------------------------------------------------------------------------
