@@ -11,8 +11,8 @@ from kdistill.data import TextCollator, label_names, load_records
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
-from kdistill.models.loading import (Loaded, detect_task, load_config, load_model, load_tokenizer, new_model, read_pooling,
-                                     resolve_model_path)
+from kdistill.models.loading import (Loaded, detect_task, has_classifier_head, load_config, load_model, load_tokenizer,
+                                     new_model, read_pooling, resolve_model_path)
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
 from kdistill.teachers.cached import check_store_teacher, open_for_stage
@@ -150,7 +150,7 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
     # train and eval (a class seen only in eval still needs an output), and every class a built-in source declares
     labels = label_names(records + [{"label": name} for name in declared_classes(stage)])
     known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
-    if "Classification" in " ".join(config.architectures or []):
+    if has_classifier_head(config):
         unknown = sorted(set(labels) - set(known))
         if unknown:
             raise PairingError(

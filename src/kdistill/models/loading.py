@@ -80,6 +80,12 @@ def check_hub_reachable(ref: str) -> None:
                         f"where there is a network (`huggingface-cli download {ref}`)") from None
 
 
+def has_classifier_head(config) -> bool:
+    """Whether the checkpoint was saved with a classification head (its architectures as saved: loading a base
+    model as a classifier keeps them, with a random head on top)."""
+    return "Classification" in " ".join(getattr(config, "architectures", None) or [])
+
+
 def detect_task(config) -> str:
     return task_of(" ".join(getattr(config, "architectures", None) or []))
 

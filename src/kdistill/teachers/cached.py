@@ -124,7 +124,7 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     from rich.progress import Progress
 
     from kdistill.engine.build import make_collator, read_sources
-    from kdistill.models.loading import load_model
+    from kdistill.models.loading import has_classifier_head, load_model
     from kdistill.teachers.fingerprint import fingerprint_tensors
     from kdistill.teachers.recipe_runs import resolve_teacher
     from kdistill.teachers.store import StoreWriter
@@ -139,14 +139,11 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     if loaded.task not in ("classification", "image-classification", "causal-lm", "masked-lm"):
         raise PairingError(f"teacher.model {stage.teacher.model} is an {loaded.task} model; a teacher store keeps "
                            f"output distributions (logits), which it has none of: keep teacher.source: live")
-    if loaded.task in ("classification", "image-classification"):
-        from kdistill.models.loading import load_config
-
-        saved = load_config(loaded.path, stage.teacher.trust_remote_code)[1].architectures or []
-        if "Classification" not in " ".join(saved):
-            raise PairingError(f"teacher.model {stage.teacher.model} has no trained classification head (saved as "
-                               f"{', '.join(saved) or 'no architecture'}): a store of it would hold a random head's "
-                               f"outputs; fine-tune it on the task first (a fine_tune stage, e.g. recipe:teacher-supersense)")
+    if loaded.task in ("classification", "image-classification") and not has_classifier_head(loaded.model.config):
+        saved = ", ".join(loaded.model.config.architectures or []) or "no architecture"
+        raise PairingError(f"teacher.model {stage.teacher.model} has no trained classification head (saved as "
+                           f"{saved}): a store of it would hold a random head's outputs; fine-tune it on the task "
+                           f"first (a fine_tune stage, e.g. recipe:teacher-supersense)")
     teacher = loaded.model.eval()
     collator = make_collator(stage, loaded, teacher.config, None, "")
     fingerprints = {"teacher": fingerprint_tensors(teacher.state_dict()),
