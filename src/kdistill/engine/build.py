@@ -73,22 +73,16 @@ def build_terms(stage: Stage, student_info: ModelInfo, teacher_info: ModelInfo, 
     return terms
 
 
-def check_store_student(stage: Stage, prefix: str) -> None:
+def check_store_stage(stage: Stage, prefix: str) -> None:
+    """A teacher store holds the teacher's top-k log-probabilities, no weights: the student may not copy the
+    teacher's layers, and only terms that read those log-probabilities can train from it. Checked from the recipe
+    alone, before an automatic store is built (a pass of the teacher over the data)."""
     if stage.student is not None and stage.student.kind()[0] in ("from_teacher", "theseus"):
         raise ConfigError(f"{prefix}student: {stage.student.kind()[0]} copies the teacher's weights, which a "
                           f"teacher store does not hold; use student.config or student.model")
-
-
-def check_store_terms(stage: Stage, prefix: str) -> None:
-    """A teacher store holds the teacher's top-k log-probabilities: only terms that read those can train from it.
-    Checked from the recipe alone, before an automatic store is built (a pass of the teacher over the data)."""
     for i, params in enumerate(stage.losses):
-        term = LOSSES.get(params.type, f"{prefix}losses[{i}].type")
-        if term.needs_teacher and not term.reads_store(params):
-            why = (" with chunk_size (the chunked path makes the teacher's logits from its LM head)"
-                   if getattr(params, "chunk_size", None) else
-                   " with divergence mse (it compares whole logit vectors)" if getattr(params, "divergence", "") == "mse"
-                   else "")
+        why = LOSSES.get(params.type, f"{prefix}losses[{i}].type").store_refusal(params)
+        if why is not None:
             raise PairingError(f"{prefix}losses[{i}]: {params.type}{why} needs the live teacher (its full outputs, "
                                f"hidden states or LM head), which a teacher store does not hold (only its top-k "
                                f"log-probabilities); use logit_kd (or deit) without chunk_size with a store, or "
@@ -233,8 +227,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     cached = stage.teacher.source == "cache"
     named_beside_store = cached and stage.teacher.path is not None and stage.teacher.model is not None
     if cached:  # before an automatic store is built: the recipe alone decides these
-        check_store_student(stage, prefix)
-        check_store_terms(stage, prefix)
+        check_store_stage(stage, prefix)
     if cached and stage.teacher.path is None:  # a store of teacher.model, built once and then reused
         from kdistill.teachers.cached import automatic_store
 

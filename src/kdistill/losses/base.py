@@ -41,10 +41,12 @@ class LossTerm(nn.Module):
     needs_teacher: ClassVar[bool] = True
 
     @classmethod
-    def reads_store(cls, params: TermParams) -> bool:
-        """Whether a term with these params can take its teacher from a store (top-k log-probabilities, as
-        SparseLogits). A class method, so a recipe is checked before an automatic store is built for it."""
-        return False
+    def store_refusal(cls, params: TermParams) -> str | None:
+        """None when a term with these params can train beside a teacher store (top-k log-probabilities, as
+        SparseLogits), or needs no teacher; else why not, as a phrase after the term's name ("" when the term
+        needs the live teacher whatever its params). A class method, so a recipe is checked before an automatic
+        store is built for it."""
+        return "" if cls.needs_teacher else None
 
     def __init__(self, params: TermParams, student: ModelInfo, teacher: ModelInfo, where: str = "losses"):
         super().__init__()

@@ -36,8 +36,8 @@ class DeiT(LossTerm):
                                f"(student: {{model: blueprint:deit-3x96-p4}}), not a {student.model_type}")
 
     @classmethod
-    def reads_store(cls, params) -> bool:
-        return True
+    def store_refusal(cls, params) -> str | None:
+        return None
 
     def student_taps(self):
         return ["cls_logits", "distillation_logits"]

@@ -79,9 +79,12 @@ class LogitKD(LossTerm):
             )
 
     @classmethod
-    def reads_store(cls, params) -> bool:
-        # the chunked path makes the teacher's logits from its LM head; mse compares whole logit vectors
-        return not params.chunk_size and params.divergence != "mse"
+    def store_refusal(cls, params) -> str | None:
+        if params.chunk_size:
+            return " with chunk_size (the chunked path makes the teacher's logits from its LM head)"
+        if params.divergence == "mse":
+            return " with divergence mse (it compares whole logit vectors)"
+        return None
 
     def student_taps(self):
         return ["head_input", "lm_head"] if self.params.chunk_size else ["logits"]
