@@ -194,6 +194,10 @@ class DataConfig(Strict):
     max_length: int = Field(128, ge=8)
     eval_limit: int = Field(256, ge=1, description="eval records used during training")
     group_by_length: bool = Field(False, description="batch texts of similar length together (less padding)")
+    loss_on: Literal["all", "completion"] = Field(
+        "all", description="causal LMs: the positions of a data batch the loss is taken on: every token, or only those "
+        "that predict the tokens after each record's `prompt` (after the first half of its tokens where it has none, "
+        "as on-policy prompts are cut), like TRL's completion-only loss")
     image_size: int | None = Field(None, ge=4, description="images: resize to this (default: the model's image_size)")
     image_augment: ImageAugment | None = Field(None, description="images: seeded random views for training")
 

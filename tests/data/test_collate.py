@@ -86,3 +86,33 @@ def test_mask_tokens_is_deterministic_for_a_seeded_generator(tokenizer):
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     assert not torch.equal(first[1], other[1])
     assert (first[1] != -100).any()
+
+
+def test_completion_only_masks_the_positions_before_completion_tokens(tokenizer):
+    """data.loss_on: completion. Position i is scored against token i + 1: from the prompt's last token to the
+    text's last but one. A record without a prompt is cut at half its tokens, as on-policy prompts are."""
+    records = [{"text": "word: cat (noun)\ndefinition: a small animal", "prompt": "word: cat (noun)\ndefinition:"},
+               {"text": "return the sum of the numbers in a list of numbers"}]
+    batch = TextCollator(tokenizer, max_length=64, completion_only=True)(records)
+    assert "loss_mask" not in TextCollator(tokenizer, max_length=64)(records)
+    text = tokenizer(records[0]["text"])["input_ids"]
+    prompt = tokenizer(records[0]["prompt"])["input_ids"][:-1]  # its own [SEP] is not part of the text's prompt
+    assert text[: len(prompt)] == prompt and text[len(prompt)] != tokenizer.sep_token_id
+    assert batch["loss_mask"][0].nonzero().flatten().tolist() == list(range(len(prompt) - 1, len(text) - 1))
+    n = int(batch["attention_mask"][1].sum())
+    assert batch["loss_mask"][1].nonzero().flatten().tolist() == list(range(n // 2 - 1, n - 1))
+    assert not batch["loss_mask"][0, len(text) - 1:].any()  # the last real token and the padding
+
+
+def test_completion_only_left_padded(tokenizer):
+    from transformers import AutoTokenizer
+
+    left = AutoTokenizer.from_pretrained(tokenizer.name_or_path, padding_side="left")
+    records = [{"text": "word: cat (noun)\ndefinition: a small animal", "prompt": "word: cat (noun)\ndefinition:"},
+               {"text": "word: dog (noun)\ndefinition: a domestic animal that barks at strangers",
+                "prompt": "word: dog (noun)\ndefinition:"}]
+    right = TextCollator(tokenizer, max_length=64, completion_only=True)(records)
+    padded = TextCollator(left, max_length=64, completion_only=True)(records)
+    for row in range(2):  # the same positions of the same tokens, wherever the padding went
+        r, p = right["attention_mask"][row].bool(), padded["attention_mask"][row].bool()
+        assert torch.equal(right["loss_mask"][row][r], padded["loss_mask"][row][p])

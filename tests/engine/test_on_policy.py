@@ -65,3 +65,36 @@ def test_seqkd_batches_are_the_teachers_greedy_continuations(tiny_gpt2_dir):
     keep = batch["loss_mask"][0, :-1]
     manual = torch.nn.functional.cross_entropy(logits[0, :-1][keep], batch["input_ids"][0, 1:][keep])
     assert torch.allclose(hard_label_loss(logits, batch, "causal-lm"), manual)
+
+
+def test_data_loss_on_completion_trains_on_the_tokens_after_the_prompt(tiny_gpt2_dir, tiny_bert_dir, tmp_path):
+    import pytest
+
+    from kdistill.errors import ConfigError
+
+    rows = [{"prompt": f"word: {w} (noun)\ndefinition:", "text": f"word: {w} (noun)\ndefinition: {d}"}
+            for w, d in [("cat", "a small animal"), ("dog", "a domestic animal that barks"),
+                         ("oak", "a tree"), ("sea", "a large body of salt water")]]
+    data = tmp_path / "defs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = {"name": "sft", "teacher": {"model": tiny_gpt2_dir}, "student": {"model": tiny_gpt2_dir},
+              "data": {"train": {"path": str(data)}, "max_length": 32, "loss_on": "completion"},
+              "losses": [{"type": "cross_entropy"}], "output": str(tmp_path / "run"),
+              "train": {"steps": 1, "batch_size": 4, "log_every": 1, "lr": 1e-3}}
+    distill(recipe, progress=False)
+    logged = [json.loads(line) for line in (tmp_path / "run" / "logs" / "main.jsonl").read_text().splitlines()]
+    first = next(r for r in logged if r["kind"] == "train")["loss"]
+    loaded = load_model(tiny_gpt2_dir, "causal-lm")  # the student before its one step
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for r in rows:
+            ids = loaded.tokenizer(r["text"])["input_ids"]
+            start = len(loaded.tokenizer(r["prompt"])["input_ids"]) - 1  # the prompt without its [SEP]
+            logits = loaded.model(input_ids=torch.tensor([ids])).logits[0]
+            for i in range(start - 1, len(ids) - 1):  # the tokens after the prompt, the text's [SEP] included
+                total -= torch.log_softmax(logits[i], -1)[ids[i + 1]].item()
+                n += 1
+    assert first == pytest.approx(total / n, rel=1e-5)
+    with pytest.raises(ConfigError, match=r"data\.loss_on: completion is for causal-LM students"):
+        distill({**recipe, "teacher": {"model": tiny_bert_dir}, "student": {"from_teacher": {"layers": [1]}},
+                 "output": str(tmp_path / "bert")}, progress=False)

@@ -438,3 +438,18 @@ def test_resuming_with_another_process_count_says_it_is_not_exact(tiny_recipe, k
     out = StringIO()
     run_recipe(load_recipe(tiny_recipe), resume=True, console=Console(file=out, width=200), progress=False)
     assert "written by 2 process(es), this run has 1" in out.getvalue()
+
+
+def test_stage_hashes_of_checkpoints_from_before_data_loss_on_are_unchanged():
+    """A field added to the recipe later hashes, at its default, as if absent: checkpoints written before it
+    still resume (the values are those of the code before data.loss_on existed)."""
+    from kdistill.config import load_recipe
+    from kdistill.engine.loop import stage_hash
+
+    recipe = {"name": "h", "teacher": {"model": "/nowhere/teacher"}, "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"source": "wordnet-definitions"}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 4}}
+    stage = load_recipe(recipe).stages[0]
+    assert (stage_hash(stage), stage_hash(stage, legacy=True)) == ("2b9f2d87a74cc13c", "5b40e3df018308fa")
+    recipe["data"]["loss_on"] = "completion"
+    assert stage_hash(load_recipe(recipe).stages[0]) != stage_hash(stage)

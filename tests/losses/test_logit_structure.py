@@ -140,3 +140,23 @@ def test_structure_terms_on_a_classifier():
     assert clkd({"logits": s}, {"logits": t}, batch).item() == pytest.approx(4.0 * fn.clkd(s, t, 2.0).item(), rel=1e-6)
     sink = make({"type": "sinkhorn"}, "classification")
     assert sink({"logits": s}, {"logits": t}, batch).item() == pytest.approx(fn.sinkhorn(s, t).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("spec", [{"type": "dkd", "temperature": 2.0, "ce_weight": 0.5},
+                                  {"type": "logit_kd", "temperature": 1.0, "alpha": 0.3},
+                                  {"type": "cross_entropy"}, {"type": "taid"}])
+def test_a_loss_mask_scores_only_its_positions(spec):
+    """data.loss_on: completion (and generated batches): positions outside the loss_mask change nothing."""
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 6), torch.randn(2, 5, 6)
+    batch = {"input_ids": torch.randint(0, 6, (2, 5)), "attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]),
+             "loss_mask": torch.tensor([[0, 1, 1, 1, 0], [0, 0, 1, 0, 0]]).bool()}
+    term = make(spec, "causal-lm")
+    got = term({"logits": s}, {"logits": t}, batch)
+    moved = s.clone()
+    moved[~batch["loss_mask"]] += 5 * torch.randn(int((~batch["loss_mask"]).sum()), 6)
+    assert term({"logits": moved}, {"logits": t}, batch).item() == pytest.approx(got.item(), rel=1e-6)
+    inside = s.clone()
+    inside[0, 2] += 5 * torch.randn(6)
+    assert term({"logits": inside}, {"logits": t}, batch).item() != pytest.approx(got.item(), rel=1e-3)
+    assert term.count(batch) == 4

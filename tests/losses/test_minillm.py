@@ -90,3 +90,16 @@ def test_minillm_run(tiny_gpt2_dir, text_file, tmp_path):
               "train": {"steps": 3, "batch_size": 4, "grad_accum": 2, "lr": 1e-3}, "output": str(tmp_path / "run")}
     student = distill(recipe, progress=False)
     assert (student / "config.json").exists()
+
+
+def test_a_completion_only_data_batch_gets_the_language_modelling_loss_on_its_completion():
+    """A data micro-batch with a loss_mask (data.loss_on: completion) is still a data batch: generated ones are
+    told apart by their importance weights."""
+    torch.manual_seed(0)
+    zs, zt = torch.randn(1, 5, 5), torch.randn(1, 5, 5)
+    batch = {"input_ids": torch.randint(0, 5, (1, 5)), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "loss_mask": torch.tensor([[0, 0, 1, 1, 0]]).bool()}
+    term = LOSSES.get("minillm")(MiniLLMParams(lm_weight=0.5), LM, LM)
+    ce = torch.nn.functional.cross_entropy(zs[0, 2:4], batch["input_ids"][0, 3:5])
+    assert term({"logits": zs}, {"logits": zt}, batch).item() == pytest.approx(0.5 * ce.item(), rel=1e-6)
+    assert term.count(batch) == 2

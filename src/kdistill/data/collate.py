@@ -14,12 +14,17 @@ class TextCollator:
     Pads to the longest sequence in the batch (not to max_length): short batches stay cheap.
     """
 
-    def __init__(self, tokenizer, max_length: int, label_to_id: Mapping[str, int] | None = None):
+    def __init__(self, tokenizer, max_length: int, label_to_id: Mapping[str, int] | None = None,
+                 completion_only: bool = False, token_types: bool = True):
         if max_length < 1:
             raise ConfigError(f"max_length must be at least 1, got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.label_to_id = dict(label_to_id) if label_to_id is not None else None
+        self.completion_only = completion_only
+        # False for causal LMs: GPT-2 adds the embedding of token_type_ids (its token 0's, where a BERT tokenizer
+        # gives zeros) to every position, which generation, given no token types, never does
+        self.token_types = token_types
 
     def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
         if not records:
@@ -34,12 +39,32 @@ class TextCollator:
             pairs = [r["text_pair"] for r in records]
         batch = self.tokenizer(texts, text_pair=pairs, padding="longest", truncation=True,
                                max_length=self.max_length, return_tensors="pt")
-        out = {k: v for k, v in batch.items()
-               if k in ("input_ids", "attention_mask", "token_type_ids")}
+        keys = ("input_ids", "attention_mask", "token_type_ids") if self.token_types else ("input_ids", "attention_mask")
+        out = {k: v for k, v in batch.items() if k in keys}
         labels = self._labels(records)
         if labels is not None:
             out["labels"] = labels
+        if self.completion_only:
+            out["loss_mask"] = self._completion_mask(records, out["input_ids"], out["attention_mask"])
         return out
+
+    def _completion_mask(self, records: Sequence[dict], ids: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """Causal LMs: True at the positions whose next token follows the record's prompt, the mask on-policy
+        batches carry for their generated tokens. The prompt's length is where its own tokens stop agreeing with
+        the text's, so an end token the tokenizer adds to every text, or a merge across the boundary, does not
+        count as prompt."""
+        mask = torch.zeros_like(ids, dtype=torch.bool)
+        for row, record in enumerate(records):
+            real = attention[row].nonzero().flatten()
+            start, tokens = int(real[0]), ids[row, real].tolist()
+            if record.get("prompt"):
+                prompt = self.tokenizer(record["prompt"], truncation=True, max_length=self.max_length)["input_ids"]
+                length = next((i for i, (a, b) in enumerate(zip(prompt, tokens)) if a != b), min(len(prompt), len(tokens)))
+            else:
+                length = max(1, len(tokens) // 2)
+            # position i predicts token i + 1: from the prompt's last token to the text's last but one
+            mask[row, start + max(length, 1) - 1: start + len(tokens) - 1] = True
+        return mask
 
     def _labels(self, records: Sequence[dict]) -> torch.Tensor | None:
         if self.label_to_id is None:

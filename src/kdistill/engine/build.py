@@ -218,7 +218,12 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
         raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer; text distillation needs one")
     if stage.data.image_augment is not None:
         raise ConfigError(f"{prefix}data.image_augment: the teacher is a {loaded.task} model, not an image classifier")
-    return TextCollator(loaded.tokenizer, stage.data.max_length, label_to_id)
+    completion_only = stage.data.loss_on == "completion"
+    if completion_only and loaded.task != "causal-lm":
+        raise ConfigError(f"{prefix}data.loss_on: completion is for causal-LM students (the teacher is a {loaded.task} "
+                          f"model); remove it")
+    return TextCollator(loaded.tokenizer, stage.data.max_length, label_to_id, completion_only,
+                        token_types=loaded.task != "causal-lm")
 
 
 def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None) -> StageParts:

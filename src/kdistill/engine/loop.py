@@ -48,6 +48,10 @@ class StageResult:
     final_eval: dict
 
 
+# Fields added to a stage after checkpoints were written, with the default that trains as before they existed.
+ADDED_LATER = [("data", "loss_on", "all")]
+
+
 def stage_hash(stage: Stage, legacy: bool = False) -> str:
     """What a checkpoint must match to be resumed: the stage's settings without its bookkeeping (how often it
     evaluates, logs and saves: recipe_loading.BOOKKEEPING), which changes no weight. ``legacy``: the hash of
@@ -55,6 +59,9 @@ def stage_hash(stage: Stage, legacy: bool = False) -> str:
     from kdistill.recipe_loading import BOOKKEEPING
 
     dumped = stage.model_dump(mode="json")
+    for section, field, default in ADDED_LATER:  # at its default, a newer field hashes as if it were not there
+        if dumped[section].get(field) == default:
+            del dumped[section][field]
     if not legacy:
         dumped["train"] = {k: v for k, v in dumped["train"].items() if k not in BOOKKEEPING}
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]

@@ -61,6 +61,7 @@ def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             inputs = tokenize(model, tokenizer, texts[start:start + batch_size], max_length)
+            inputs.pop("token_type_ids", None)  # as in training and generation (data.collate: GPT-2 would add them)
             logits = model(**inputs, return_dict=True).logits[:, :-1].float()
             targets = inputs["input_ids"][:, 1:]
             # Right padding: a target is real exactly when its own mask is set.

@@ -11,7 +11,7 @@ from pydantic import Field
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
 from kdistill.losses.base import LossTerm, TermParams, register_loss, sequence_count, token_count
-from kdistill.losses.logits import hard_label_loss, logits_mask
+from kdistill.losses.logits import hard_label_loss, logits_mask, next_token_mask
 
 
 class _LogitTerm(LossTerm):
@@ -48,7 +48,7 @@ class DecoupledKD(_LogitTerm):
 
     def count(self, batch):
         if self.student_info.logits_per == "token":
-            return int(batch["attention_mask"][:, 1:].sum())
+            return int(next_token_mask(batch).sum())
         return sequence_count(batch)
 
     def forward(self, s, t, batch):
@@ -59,7 +59,7 @@ class DecoupledKD(_LogitTerm):
             targets, mask = batch["labels"], None
         else:  # position i is scored against token i+1
             zs, zt = zs[:, :-1], zt[:, :-1]
-            targets, mask = batch["input_ids"][:, 1:], batch["attention_mask"][:, 1:].bool()
+            targets, mask = batch["input_ids"][:, 1:], next_token_mask(batch)
         loss = p.temperature**2 * fn.dkd(zs, zt, targets, p.alpha, p.beta, p.temperature, mask)
         if p.ce_weight > 0:
             loss = loss + p.ce_weight * hard_label_loss(s["logits"], batch, self.student_info.task)

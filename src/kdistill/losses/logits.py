@@ -30,17 +30,23 @@ def hard_label_loss(logits: torch.Tensor, batch: dict, task: str) -> torch.Tenso
         if "labels" not in batch:
             raise PairingError("a hard-label loss needs labels: give the data source a `label:` field")
         return F.cross_entropy(logits.float(), batch["labels"])
-    # causal LM: position i predicts token i+1; padding (and, in generated batches, the prompt) is ignored
-    keep = batch["loss_mask"][:, :-1] if "loss_mask" in batch else batch["attention_mask"][:, 1:]
-    targets = batch["input_ids"][:, 1:].masked_fill(~keep.bool(), -100)
+    # causal LM: position i predicts token i+1
+    targets = batch["input_ids"][:, 1:].masked_fill(~next_token_mask(batch), -100)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+
+
+def next_token_mask(batch: dict) -> torch.Tensor:
+    """Causal LMs, (B, L - 1): the positions scored against their next token. Padding is left out, and so is the
+    prompt where the batch has a `loss_mask` (generated batches, data.loss_on: completion)."""
+    keep = batch["loss_mask"][:, :-1] if "loss_mask" in batch else batch["attention_mask"][:, 1:]
+    return keep.bool()
 
 
 def hard_label_count(batch: dict, task: str) -> int:
     if task == "masked-lm" or "mlm_labels" in batch:
         return int((batch["mlm_labels"] != -100).sum())
     if task in ("causal-lm",):
-        return int(batch["loss_mask"].sum() if "loss_mask" in batch else batch["attention_mask"][:, 1:].sum())
+        return int(next_token_mask(batch).sum())
     return sequence_count(batch)
 
 

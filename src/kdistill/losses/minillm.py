@@ -23,7 +23,7 @@ from pydantic import Field
 from kdistill.losses import functional as fn
 from kdistill.losses.base import TermParams, register_loss
 from kdistill.losses.logit_structure import _LogitTerm
-from kdistill.losses.logits import hard_label_loss
+from kdistill.losses.logits import hard_label_count, hard_label_loss
 
 
 class MiniLLMParams(TermParams):
@@ -46,13 +46,11 @@ class MiniLLM(_LogitTerm):
     Params = MiniLLMParams
 
     def count(self, batch):
-        if "loss_mask" in batch:
-            return int(batch["loss_mask"].sum())
-        return int(batch["attention_mask"][:, 1:].sum())  # the language-modelling loss's targets
+        return hard_label_count(batch, "causal-lm")  # generated tokens, or the language-modelling loss's targets
 
     def forward(self, s, t, batch):
         zs, p = s["logits"], self.params
-        if "loss_mask" not in batch:
+        if "importance" not in batch:  # a data micro-batch (generated ones carry the samples' importance weights)
             return p.lm_weight * hard_label_loss(zs, batch, "causal-lm")
         mask = batch["loss_mask"][:, :-1].bool()
         zs, zt = zs[:, :-1].float(), t["logits"][:, :-1].float()
