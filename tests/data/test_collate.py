@@ -116,3 +116,9 @@ def test_completion_only_left_padded(tokenizer):
     for row in range(2):  # the same positions of the same tokens, wherever the padding went
         r, p = right["attention_mask"][row].bool(), padded["attention_mask"][row].bool()
         assert torch.equal(right["loss_mask"][row][r], padded["loss_mask"][row][p])
+
+
+def test_completion_only_names_a_batch_with_nothing_after_its_prompts(tokenizer):
+    records = [{"text": "word: cat (noun)\ndefinition: a small animal", "prompt": "word: cat (noun)\ndefinition:"}]
+    with pytest.raises(DataError, match=r"no record of this batch has a token after its prompt within max_length 6"):
+        TextCollator(tokenizer, max_length=6, completion_only=True)(records)

@@ -64,6 +64,10 @@ class TextCollator:
                 length = max(1, len(tokens) // 2)
             # position i predicts token i + 1: from the prompt's last token to the text's last but one
             mask[row, start + max(length, 1) - 1: start + len(tokens) - 1] = True
+        if not mask.any():  # the loss would be 0 / 0
+            raise DataError(f"data.loss_on: completion: no record of this batch has a token after its prompt within "
+                            f"max_length {self.max_length} (first prompt: {records[0].get('prompt')!r}); raise "
+                            f"data.max_length or shorten the prompts")
         return mask
 
     def _labels(self, records: Sequence[dict]) -> torch.Tensor | None:
