@@ -98,3 +98,31 @@ def test_data_loss_on_completion_trains_on_the_tokens_after_the_prompt(tiny_gpt2
     with pytest.raises(ConfigError, match=r"data\.loss_on: completion is for causal-LM students"):
         distill({**recipe, "teacher": {"model": tiny_bert_dir}, "student": {"from_teacher": {"layers": [1]}},
                  "output": str(tmp_path / "bert")}, progress=False)
+
+
+def test_the_trl_benchmark_hands_trl_the_positions_and_prompts_kdistill_uses(tiny_gpt2_dir):
+    """benchmarks/gkd_trl.py: TRL's GKDTrainer scores position i where labels[i + 1] != -100, and samples from
+    left-padded `prompts`; both must be what kdistill's completion-only batches and on-policy prompts are."""
+    import importlib.util
+    from pathlib import Path
+
+    from kdistill.data.collate import TextCollator
+
+    path = Path(__file__).parents[2] / "benchmarks" / "gkd_trl.py"
+    spec = importlib.util.spec_from_file_location("gkd_trl", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    loaded = load_model(tiny_gpt2_dir, "causal-lm")
+    collator = TextCollator(loaded.tokenizer, 32, completion_only=True, token_types=False)
+    policy = OnPolicy(OnPolicyConfig(fraction=0.5), loaded.tokenizer, 102, seed=0)
+    records = [{"text": "word: cat (noun)\ndefinition: a small animal", "prompt": "word: cat (noun)\ndefinition:",
+                "reference": "a small animal"},
+               {"text": "return the sum of the numbers in a list of numbers", "prompt": None, "reference": None}]
+    batch = bench.TRLBatches(collator, policy, 32, pad=0)(records)
+    ours = collator([{k: v for k, v in r.items() if v is not None} for r in records])
+    assert torch.equal(batch["labels"][:, 1:] != -100, ours["loss_mask"][:, :-1])
+    assert (batch["labels"][:, 0] == -100).all() and torch.equal(batch["input_ids"], ours["input_ids"])
+    for row, record in enumerate(records):
+        prompt = batch["prompts"][row][batch["prompt_attention_mask"][row].bool()].tolist()
+        assert prompt == policy.prompt_ids({k: v for k, v in record.items() if v is not None}, 32)
+    assert batch["prompt_attention_mask"][:, -1].all()  # left-padded: every prompt ends at the last column
