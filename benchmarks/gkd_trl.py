@@ -18,6 +18,7 @@ number of completion tokens of the *data* batch even when the batch it trains on
 random stream.
 
     python benchmarks/gkd_trl.py [--steps 400] [--seeds 0 1] [--train-limit 16000] [--device cpu] [--reuse]
+                                 [--libraries kdistill trl] [--trl-token-mean]
 
 `--reuse` scores the students an earlier call left in the same `--output` instead of training them again.
 `--trl-token-mean` adds a third run: TRL's trainer with each micro-batch's loss averaged over the tokens it trains
@@ -107,9 +108,10 @@ def trl_run(recipe, output: Path, device: str, token_mean: bool = False) -> tupl
                      remove_unused_columns=False, dataloader_num_workers=0)
     optimizer = make_adamw(param_groups(student, train.weight_decay, train.lr), train.lr, device)
     scheduler = make_scheduler(optimizer, train.steps, train.warmup, train.schedule)
-    trainer = (token_mean_trainer(GKDTrainer) if token_mean else GKDTrainer)(model=student, teacher_model=parts.teacher.to(device), args=args,
-                         train_dataset=Dataset.from_list(parts.train_records), processing_class=tokenizer,
-                         data_collator=batches, optimizers=(optimizer, scheduler))
+    trainer_class = token_mean_trainer(GKDTrainer) if token_mean else GKDTrainer
+    trainer = trainer_class(model=student, teacher_model=parts.teacher.to(device), args=args,
+                            train_dataset=Dataset.from_list(parts.train_records), processing_class=tokenizer,
+                            data_collator=batches, optimizers=(optimizer, scheduler))
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default="runs/bench-gkd-trl")
     parser.add_argument("--reuse", action="store_true", help="score the students an earlier call trained (same output)")
+    parser.add_argument("--libraries", nargs="+", default=["kdistill", "trl"], choices=["kdistill", "trl", "trl-token-mean"],
+                        help="which trainers to run (default kdistill and trl)")
     parser.add_argument("--trl-token-mean", action="store_true",
                         help="also TRL's trainer with every micro-batch's loss averaged over its own tokens")
     args = parser.parse_args()
@@ -164,7 +168,7 @@ def main() -> None:
 
     console, root, rows = Console(), Path(args.output), []
     settings = {"recipe": args.recipe, "steps": args.steps, "train_limit": args.train_limit, "seeds": args.seeds,
-                "trl_token_mean": args.trl_token_mean}
+                "libraries": args.libraries + ["trl-token-mean"] * args.trl_token_mean}
     for seed in args.seeds:
         # no checkpoints and no evaluation during the run: TRL's trainer times its steps alone too
         overrides = [f"train.steps={args.steps}", "train.eval_every=null", "train.save_every=null", "data.eval=null",
@@ -175,7 +179,7 @@ def main() -> None:
                                              for spec in (train if isinstance(train, list) else [train])]
         recipe = load_recipe(raw, output=str(root / f"kdistill-{seed}"))
         records = test_records(load_recipe(args.recipe))  # the recipe's own eval source's test split (eval is off here)
-        for library in ["kdistill", "trl"] + ["trl-token-mean"] * args.trl_token_mean:
+        for library in args.libraries + ["trl-token-mean"] * (args.trl_token_mean and "trl-token-mean" not in args.libraries):
             console.print(f"[bold]{library}[/], seed {seed}: {args.steps} steps")
             output = root / f"{library}-{seed}"
             if args.reuse and (output / "timing.json").exists():  # trained by an earlier call: score it again
