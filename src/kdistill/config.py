@@ -2,24 +2,23 @@
 
 A recipe is shared defaults plus an optional list of `stages`; each stage is the defaults with its own
 blocks merged on top (dicts merge, lists and scalars replace). Reading, merging and the validation of
-registered parts (loss terms, filters, referees) are in kdistill.recipe_loading.
+registered parts (loss terms, filters, referees) are in kdistill.recipe_loading; the data blocks in
+kdistill.config_data, the blocks of API-based stages (synthesize, Lion) in kdistill.config_api.
 """
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
+
+from kdistill.config_api import APITeacher, GeneratorTeacher, LionConfig, Sampling, SynthesizeConfig  # noqa: F401
+from kdistill.config_data import Augment, DataConfig, DataSource, ImageAugment, Strict, suggest  # noqa: F401
 
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
 STAGE_TEACHER = "stage:"
 STAGE_FIELDS = ("teacher", "student", "data", "losses", "train", "quant", "on_policy", "lion")
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def positive_multipliers(value: dict[str, float]) -> dict[str, float]:
@@ -108,12 +107,6 @@ class Theseus(Strict):
 STUDENT_INITS = ("from_teacher", "config", "model", "theseus")
 
 
-def suggest(name: str, valid, kind: str) -> str:
-    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {name!r}{hint} valid: {', '.join(valid)}"
-
-
 class StudentConfig(Strict):
     from_teacher: FromTeacher | None = None
     config: dict[str, Any] | None = None
@@ -141,65 +134,6 @@ class StudentConfig(Strict):
             if getattr(self, key) is not None:
                 return key, getattr(self, key)
         raise AssertionError("validated to have one")
-
-
-class Augment(Strict):
-    copies: int = Field(4, ge=1, description="augmented copies per record (the original is kept)")
-    replace_prob: float = Field(0.4, ge=0, le=1, description="chance of replacing each word with a synonym")
-
-
-class DataSource(Strict):
-    source: str | None = None
-    path: str | None = None
-    dataset: str | None = None
-    config: str | None = None
-    split: str | None = None
-    text: str = "text"
-    label: str | None = None
-    text_pair: str | None = None
-    limit: int | None = Field(None, ge=1)
-    augment: Augment | None = Field(None, description="TinyBERT-style WordNet synonym replacement (train only)")
-
-    @model_validator(mode="after")
-    def exactly_one(self):
-        given = [k for k in ("source", "path", "dataset") if getattr(self, k) is not None]
-        if len(given) != 1:
-            raise ValueError(f"give exactly one of source, path, dataset (got {given or 'none'})")
-        if self.source is not None:
-            from kdistill.data.corpora import CORPORA
-
-            if self.source not in CORPORA:
-                raise ValueError(suggest(self.source, CORPORA.names(), "corpus"))
-        return self
-
-
-class ImageAugment(Strict):
-    """Random views of training images, seeded per image and epoch so any view can be replayed."""
-    shift: float = Field(0.1, ge=0, le=0.5, description="largest shift, as a fraction of the image size")
-    rotate: float = Field(10.0, ge=0, le=180, description="largest rotation in degrees")
-    scale: tuple[float, float] = Field((0.9, 1.1), description="range of the zoom factor")
-    seed: int = Field(0, description="views come from this seed, not train.seed, so one teacher store of the "
-                      "views serves every training seed")
-
-    @model_validator(mode="after")
-    def ordered(self):
-        if not 0 < self.scale[0] <= self.scale[1]:
-            raise ValueError(f"scale must be [low, high] with 0 < low <= high, got {list(self.scale)}")
-        return self
-
-
-class DataConfig(Strict):
-    train: DataSource | list[DataSource]
-    eval: DataSource | list[DataSource] | None = None
-    max_length: int = Field(128, ge=8)
-    eval_limit: int = Field(256, ge=1, description="eval records used during training")
-    group_by_length: bool = Field(False, description="batch texts of similar length together (less padding)")
-    loss_on: Literal["all", "completion"] = Field(
-        "all", description="causal LMs: the positions of a data batch the loss is taken on: every token, or only those "
-        "that predict the tokens after each record's `prompt` (after the first half of its tokens where it has none, "
-        "as on-policy prompts are cut), like TRL's completion-only loss")
-    image_size: int | None = Field(None, ge=4, description="images: resize to this (default: the model's image_size)")
-    image_augment: ImageAugment | None = Field(None, description="images: seeded random views for training")
 
 
 class TrainConfig(Strict):
@@ -247,93 +181,6 @@ class OnPolicyConfig(Strict):
                                "and record importance weights q/mix; 0 samples from the student alone")
     generator: Literal["student", "teacher"] = Field("student", description="teacher: SeqKD, the teacher writes the text")
     greedy: bool = Field(False, description="greedy decoding instead of sampling")
-
-
-class APITeacher(Strict):
-    """A teacher reached over the OpenAI-compatible protocol (kdistill.api.TeacherAPI)."""
-    base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1 (`kdistill serve-teacher`) or a hosted service")
-    model: str
-    api_key_env: str | None = Field(None, description="environment variable holding the key (never the key itself)")
-    max_concurrency: int = Field(4, ge=1)
-    timeout_s: float = Field(60, gt=0)
-    max_retries: int = Field(5, ge=0)
-    chat: bool = Field(False, description="ask /chat/completions with the prompt as one user message "
-                       "(default: /completions with the prompt as it is)")
-
-
-class GeneratorTeacher(Strict):
-    """Who writes the candidates of a synthesize stage: a local causal LM or a service."""
-    model: str | None = Field(None, description="local dir, hub id, recipe:NAME, blueprint:NAME or stage:NAME "
-                              "(an earlier training stage's student), sampled in-process")
-    api: APITeacher | None = None
-
-    @model_validator(mode="after")
-    def exactly_one(self):
-        if (self.model is None) == (self.api is None):
-            raise ValueError("give exactly one of model (a local causal LM) or api ({base_url, model, ...})")
-        return self
-
-
-class Sampling(Strict):
-    temperature: float = Field(0.8, ge=0, le=2, description="0 = greedy (then candidates > 1 repeat themselves)")
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(128, ge=1)
-    seed: int = Field(0, description="candidates come from this seed, not train.seed, so one synthesized set "
-                      "serves every training seed")
-
-
-class SynthesizeConfig(Strict):
-    """A generator writes `candidates` completions per prompt, a filter keeps or drops each, and the kept set
-    becomes training data (`data: {train: {path: stage:NAME}}`), with provenance on every row."""
-    teacher: GeneratorTeacher
-    prompts: DataSource = Field(description="the records to prompt with (any data source; every field of a "
-                                "record can be used in template and filter)")
-    template: str = Field("{prompt}", description="the prompt text: a format string over the record's fields")
-    candidates: int = Field(4, ge=1, le=64, description="completions per prompt")
-    sampling: Sampling = Sampling()
-    filter: Any = Field(default_factory=lambda: {"type": "none"},
-                        description="{type: execution | threshold | none, ...} (kdistill.api.filters)")
-    dedupe: bool = Field(True, description="drop a candidate identical to an earlier one of the same prompt")
-    text: str = Field("{prompt}{completion}", description="the training text of a row: a format string over "
-                      "prompt, completion and the record's fields")
-    batch_size: int = Field(8, ge=1, description="prompts generated together (a unit of resumption)")
-    cache: str | None = Field(None, description="an SQLite file of the generator's answers (default: the API "
-                              "teacher's is {stage dir}/teacher.sqlite; a local model's is off): runs sharing a "
-                              "cache never ask the same question twice")
-    export: str | None = Field(None, description="also copy the kept rows to this .jsonl file")
-
-
-class LionConfig(Strict):
-    """Lion's adversarial loop (kdistill.api.lion): rounds of imitation (the stage's losses and train settings on
-    the teacher's answers to the pool), discrimination (a referee marks the pool's hard instructions) and
-    generation (a writer adds instructions like the hard ones, and some like the easy ones). The stage's
-    data.train holds the seed instructions."""
-    teacher: GeneratorTeacher | None = Field(None, description="who answers the instructions: a local causal LM "
-                                             "(default: the stage's teacher.model) or api: {...} for a hosted one")
-    rounds: int = Field(3, ge=1)
-    seed_instructions: int | None = Field(None, ge=1, description="the first pool: this many records of "
-                                          "data.train, sampled with `seed` (default: all of them)")
-    new_instructions: int = Field(200, ge=1, description="instructions written after each round for the next")
-    hard_share: float = Field(0.5, ge=0, le=1, description="share of the new instructions modelled on hard ones; "
-                              "the rest on easy ones")
-    template: str = Field("{prompt}", description="an instruction's prompt: a format string over a record's fields")
-    text: str = Field("{prompt}{answer}", description="a training text: a format string over prompt and answer")
-    answers: Sampling = Field(default_factory=lambda: Sampling(temperature=0.0, max_new_tokens=32),
-                              description="how the teacher answers (the student answers greedily, as long)")
-    train_on: Literal["pool", "new"] = Field("pool", description="imitation data of a round: every answered "
-                                             "instruction so far (pool) or only the round's new ones")
-    referee: Any = Field(default_factory=lambda: {"type": "rouge"},
-                         description="{type: rouge | llm_judge, ...} (kdistill.api.referees)")
-    writer: Any = Field(default_factory=lambda: {"type": "wordnet-neighbours"},
-                        description="{type: wordnet-neighbours | wordnet-random | teacher, ...} "
-                        "(kdistill.api.instruction_writers)")
-    eval: DataSource | None = Field(None, description="held-out prompts with a `reference`: the student's "
-                                    "ROUGE-L after each round (and before the first)")
-    eval_limit: int = Field(100, ge=1, description="eval prompts used, spread through eval")
-    batch_size: int = Field(16, ge=1, description="prompts answered together (teacher and student)")
-    seed: int = Field(0, description="the seed pool and the writer's choices")
-    cache: str | None = Field(None, description="an SQLite file of the teacher's answers (default: "
-                              "{stage dir}/teacher.sqlite): runs sharing it never ask the same question twice")
 
 
 class Stage(Strict):

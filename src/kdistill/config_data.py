@@ -1,0 +1,78 @@
+"""The recipe's data blocks: where a stage's records come from (built-in corpora, files, datasets), their
+augmentation and how they are batched; with Strict, the base of every recipe block, and `suggest` for unknown
+names. kdistill.config re-exports them."""
+from __future__ import annotations
+
+import difflib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def suggest(name: str, valid, kind: str) -> str:
+    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown {kind} {name!r}{hint} valid: {', '.join(valid)}"
+
+
+class Augment(Strict):
+    copies: int = Field(4, ge=1, description="augmented copies per record (the original is kept)")
+    replace_prob: float = Field(0.4, ge=0, le=1, description="chance of replacing each word with a synonym")
+
+
+class DataSource(Strict):
+    source: str | None = None
+    path: str | None = None
+    dataset: str | None = None
+    config: str | None = None
+    split: str | None = None
+    text: str = "text"
+    label: str | None = None
+    text_pair: str | None = None
+    limit: int | None = Field(None, ge=1)
+    augment: Augment | None = Field(None, description="TinyBERT-style WordNet synonym replacement (train only)")
+
+    @model_validator(mode="after")
+    def exactly_one(self):
+        given = [k for k in ("source", "path", "dataset") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of source, path, dataset (got {given or 'none'})")
+        if self.source is not None:
+            from kdistill.data.corpora import CORPORA
+
+            if self.source not in CORPORA:
+                raise ValueError(suggest(self.source, CORPORA.names(), "corpus"))
+        return self
+
+
+class ImageAugment(Strict):
+    """Random views of training images, seeded per image and epoch so any view can be replayed."""
+    shift: float = Field(0.1, ge=0, le=0.5, description="largest shift, as a fraction of the image size")
+    rotate: float = Field(10.0, ge=0, le=180, description="largest rotation in degrees")
+    scale: tuple[float, float] = Field((0.9, 1.1), description="range of the zoom factor")
+    seed: int = Field(0, description="views come from this seed, not train.seed, so one teacher store of the "
+                      "views serves every training seed")
+
+    @model_validator(mode="after")
+    def ordered(self):
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"scale must be [low, high] with 0 < low <= high, got {list(self.scale)}")
+        return self
+
+
+class DataConfig(Strict):
+    train: DataSource | list[DataSource]
+    eval: DataSource | list[DataSource] | None = None
+    max_length: int = Field(128, ge=8)
+    eval_limit: int = Field(256, ge=1, description="eval records used during training")
+    group_by_length: bool = Field(False, description="batch texts of similar length together (less padding)")
+    loss_on: Literal["all", "completion"] = Field(
+        "all", description="causal LMs: the positions of a data batch the loss is taken on: every token, or only those "
+        "that predict the tokens after each record's `prompt` (after the first half of its tokens where it has none, "
+        "as on-policy prompts are cut), like TRL's completion-only loss")
+    image_size: int | None = Field(None, ge=4, description="images: resize to this (default: the model's image_size)")
+    image_augment: ImageAugment | None = Field(None, description="images: seeded random views for training")
