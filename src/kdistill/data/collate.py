@@ -8,6 +8,12 @@ import torch
 from kdistill.errors import ConfigError, DataError
 
 
+def implied_prompt_length(tokens: int) -> int:
+    """A causal-LM record without a `prompt` is prompted with the first half of its tokens (at least one): the
+    collator's completion-only mask and the on-policy sampler's prompts both follow this rule."""
+    return max(1, tokens // 2)
+
+
 class TextCollator:
     """Tokenize a list of records {"text", ["text_pair"], ["label"]} into one padded batch.
 
@@ -61,7 +67,7 @@ class TextCollator:
                 prompt = self.tokenizer(record["prompt"], truncation=True, max_length=self.max_length)["input_ids"]
                 length = next((i for i, (a, b) in enumerate(zip(prompt, tokens)) if a != b), min(len(prompt), len(tokens)))
             else:
-                length = max(1, len(tokens) // 2)
+                length = implied_prompt_length(len(tokens))
             # position i predicts token i + 1: from the prompt's last token to the text's last but one
             mask[row, start + max(length, 1) - 1: start + len(tokens) - 1] = True
         if not mask.any():  # the loss would be 0 / 0

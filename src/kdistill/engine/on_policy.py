@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from kdistill.data.collate import implied_prompt_length
+
 
 def cache_argument(model) -> str:
     """`cache` in recent transformers, `past_key_values` before."""
@@ -37,7 +39,7 @@ class OnPolicy:
             ids = self.tokenizer(record["prompt"], truncation=True, max_length=max_length)["input_ids"]
         else:
             ids = self.tokenizer(record["text"], truncation=True, max_length=max_length)["input_ids"]
-            ids = ids[: max(1, len(ids) // 2)]
+            ids = ids[: implied_prompt_length(len(ids))]
         # WordPiece-style tokenizers end every text with their end token: a prompt must not
         return ids[:-1] if len(ids) > 1 and ids[-1] == self.eos else ids
 
