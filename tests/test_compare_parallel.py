@@ -1,6 +1,10 @@
 """`kdistill compare --jobs N` on tiny models: runs trained in worker processes, then reused by the table."""
 import json
+import os
 import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -94,3 +98,46 @@ def test_a_worker_run_log_takes_the_libraries_logging_too(tmp_path, capfd):
     assert "MISSING" not in printed.err + printed.out
     assert "classifier.weight | MISSING" in (tmp_path / "run.log").read_text()
     assert logging.getLogger("transformers").handlers == before  # the terminal's handler is back
+
+
+WORKER_SCRIPT = """
+import multiprocessing, os, time
+from concurrent.futures import ProcessPoolExecutor
+from kdistill.compare_parallel import exit_with_parent
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(), 0.1)) as pool:
+        print(pool.submit(os.getpid).result(), flush=True)
+        pool.submit(time.sleep, 120)
+        time.sleep(120)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may be slow to reap an orphan that exited)."""
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
+def test_a_worker_ends_when_its_compare_process_is_killed(tmp_path):
+    # SIGKILL reaches the parent alone, as `kill`, a time limit or the OOM killer do: its worker must not train on
+    script = tmp_path / "parent.py"
+    script.write_text(WORKER_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        time.sleep(0.5)
+        assert _running(worker)  # busy in its sleep while the parent lives
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 15
+        while _running(worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(worker)
+    finally:
+        parent.kill()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -78,6 +79,20 @@ def into(log):
         library.handlers = kept
 
 
+def exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Run in each worker as it starts: once the compare process that started it is gone, the worker ends too.
+    A Ctrl-C reaches every process of the terminal, but `kill`, a scheduler's time limit or the out-of-memory killer
+    reach the parent alone; its workers would train on unseen, and a rerun of compare would then train the same run
+    folders beside them. Checkpoints are written to a temporary folder and renamed, so ending mid-step loses only
+    the steps since the last one."""
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is handed to another parent (init or a subreaper)
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="kdistill-exit-with-parent", daemon=True).start()
+
+
 def run_chain(chain: list[Job], threads: int) -> list[float]:
     """Train (or reuse) and score each run of a chain in this process; returns each run's last score."""
     import torch
@@ -129,7 +144,8 @@ def train_in_parallel(jobs: list[Job], workers: int, console=None) -> None:
     waiting = list(groups)
     # spawn, not fork: a forked child inherits the parent's OpenMP thread pool in an unusable state
     with ProcessPoolExecutor(max_workers=min(workers, len(groups)),
-                             mp_context=multiprocessing.get_context("spawn")) as pool:
+                             mp_context=multiprocessing.get_context("spawn"),
+                             initializer=exit_with_parent, initargs=(os.getpid(),)) as pool:
         pending: dict = {}
         while pending or (waiting and failure is None):
             # handed over one at a time: the executor would queue more ahead, where a failure can no longer stop them
