@@ -23,7 +23,7 @@ def test_records(recipe: Recipe) -> list[dict]:
     specs = source if isinstance(source, list) else [source]
     records = []
     for spec in specs:
-        fields = {k: v for k, v in spec.model_dump(exclude_none=True).items() if k not in ("split", "limit")}
+        fields = {k: v for k, v in spec.model_dump(exclude_none=True).items() if k not in ("split", "limit", "sample")}
         records += load_records({**fields, "split": "test"}, "test")
     return records
 

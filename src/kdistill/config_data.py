@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 
 class Strict(BaseModel):
@@ -33,8 +33,19 @@ class DataSource(Strict):
     text: str = "text"
     label: str | None = None
     text_pair: str | None = None
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="the first N records (of the split)")
+    sample: int | None = Field(None, ge=1, description="N records drawn at random, the same N every run (a fixed "
+                               "seed, not train.seed, so every seed and baseline sees them), in the source's order")
     augment: Augment | None = Field(None, description="TinyBERT-style WordNet synonym replacement (train only)")
+
+    @model_serializer(mode="wrap")
+    def _absent_when_unset(self, handler):
+        # `sample` came after checkpoints, teacher stores and compare baselines were keyed by a source's dump: unset,
+        # it dumps as if it did not exist, so those keys stay as they were
+        dumped = handler(self)
+        if isinstance(dumped, dict) and dumped.get("sample") is None:
+            dumped.pop("sample", None)
+        return dumped
 
     @model_validator(mode="after")
     def exactly_one(self):

@@ -66,6 +66,27 @@ def test_builtin_source_with_split_and_limit():
     assert {r["text"] for r in train}.isdisjoint(r["text"] for r in records)
 
 
+def test_sample_draws_the_same_records_every_time_in_source_order():
+    everything = load_records({"source": "stdlib-docstrings"})
+    records = load_records({"source": "stdlib-docstrings", "sample": 40})
+    assert records == load_records({"source": "stdlib-docstrings", "sample": 40})
+    position = {r["text"]: i for i, r in enumerate(everything)}
+    places = [position[r["text"]] for r in records]
+    assert len(set(places)) == 40 and places == sorted(places)
+    # drawn through the whole source, where limit takes its head
+    assert places[-1] > len(everything) // 2 and places != list(range(40))
+    # after limit: a sample of the first 100
+    assert all(position[r["text"]] < 100 for r in load_records({"source": "stdlib-docstrings", "limit": 100,
+                                                                 "sample": 10}))
+
+
+def test_sample_larger_than_the_source_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in ROWS))
+    with pytest.raises(ConfigError, match=f"sample: 99 asks for more records than the source has \\({len(ROWS)}\\)"):
+        load_records({"path": str(path), "text": "sentence", "sample": 99})
+
+
 def test_saved_dataset_round_trip(tmp_path):
     datasets = pytest.importorskip("datasets")
     data = datasets.DatasetDict({
@@ -163,3 +184,14 @@ def test_spec_needs_exactly_one_kind_and_a_valid_limit(tmp_path):
         load_records({"source": "stdlib-docstrings", "limit": 0})
     with pytest.raises(ConfigError, match="did you mean 'stdlib-docstrings'"):
         load_records({"source": "stdlib-docstring"})
+
+
+def test_compare_scores_the_whole_test_split_of_a_sampled_source():
+    from kdistill.compare import test_records
+    from kdistill.config import load_recipe
+
+    recipe = load_recipe({"name": "s", "teacher": {"model": "/nowhere"}, "student": {"config": {"n_layer": 1}},
+                          "data": {"train": {"source": "stdlib-docstrings", "sample": 20},
+                                   "eval": {"source": "stdlib-docstrings", "split": "eval", "sample": 5, "limit": 9}},
+                          "losses": [{"type": "cross_entropy"}], "train": {"steps": 1}})
+    assert test_records(recipe) == load_records({"source": "stdlib-docstrings", "split": "test"})

@@ -442,7 +442,7 @@ def test_resuming_with_another_process_count_says_it_is_not_exact(tiny_recipe, k
 
 def test_stage_hashes_of_checkpoints_from_before_data_loss_on_are_unchanged():
     """A field added to the recipe later hashes, at its default, as if absent: checkpoints written before it
-    still resume (the values are those of the code before data.loss_on existed)."""
+    still resume (the values are those of the code before data.loss_on and a source's sample existed)."""
     from kdistill.config import load_recipe
     from kdistill.engine.loop import stage_hash
 
@@ -452,4 +452,7 @@ def test_stage_hashes_of_checkpoints_from_before_data_loss_on_are_unchanged():
     stage = load_recipe(recipe).stages[0]
     assert (stage_hash(stage), stage_hash(stage, legacy=True)) == ("2b9f2d87a74cc13c", "5b40e3df018308fa")
     recipe["data"]["loss_on"] = "completion"
+    assert stage_hash(load_recipe(recipe).stages[0]) != stage_hash(stage)
+    recipe["data"]["loss_on"] = "all"
+    recipe["data"]["train"]["sample"] = 100
     assert stage_hash(load_recipe(recipe).stages[0]) != stage_hash(stage)

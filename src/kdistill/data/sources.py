@@ -10,6 +10,7 @@ import csv
 import itertools
 import json
 import os
+import random
 from typing import Any, Iterable, Iterator
 
 from kdistill.data.corpora import load_corpus
@@ -20,7 +21,8 @@ FILE_KINDS = ".jsonl, .csv, .txt, a folder saved with datasets' save_to_disk, or
 
 
 def load_records(spec: dict, split_default: str = "train") -> list[dict]:
-    """Records for one data source block; `limit: N` keeps the first N after the split."""
+    """Records for one data source block; `limit: N` keeps the first N after the split, `sample: N` then N of
+    those drawn at random with a fixed seed (the same N every run), in their order."""
     kinds = [k for k in SOURCE_KINDS if spec.get(k) is not None]
     if len(kinds) != 1:
         raise ConfigError(f"a data source needs exactly one of {', '.join(SOURCE_KINDS)}; "
@@ -44,7 +46,21 @@ def load_records(spec: dict, split_default: str = "train") -> list[dict]:
 
     if not records:  # `empty` is the message each loader wrote for its own kind of emptiness
         raise DataError(empty)
-    return records
+    return _sample(records, spec.get("sample"))
+
+
+def _sample(records: list[dict], n) -> list[dict]:
+    """N records drawn without replacement, seeded by a constant: built-in corpora come in file order, grouped by
+    topic (wordnet-supersense's first 1,000 glosses are 95% one class), so `limit` is a biased subset and this
+    one is not."""
+    if n is None:
+        return records
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"sample must be a positive integer, got {n!r}")
+    if n > len(records):
+        raise ConfigError(f"sample: {n} asks for more records than the source has ({len(records):,}); "
+                          f"lower it, or leave sample out to take them all")
+    return [records[i] for i in sorted(random.Random(0).sample(range(len(records)), n))]
 
 
 def label_names(records: Iterable[dict]) -> list[str]:
