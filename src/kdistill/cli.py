@@ -242,7 +242,10 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
                              sample_head=sample_head)
     report = storage_report(path)
     console.print(f"wrote {path}: {report.bytes_per_position:.0f} bytes per position on disk vs "
-                  f"{report.dense_bytes_per_position:,} for full float32 logits ({report.compression:.0f}× smaller)")
+                  f"{report.dense_bytes_per_position:,} for full float32 logits "
+                  + (f"({report.compression:.0f}× smaller)" if report.compression >= 1.5 else
+                     f"({1 / report.compression:.1f}× their size: a store saves space only where k is well under the "
+                     f"number of outputs; --k sets it)"))
 
 
 @app.command("export")

@@ -229,6 +229,31 @@ def test_existing_store_needs_overwrite(store_path):
     assert sorted(p.name for p in store_path.parent.iterdir()) == ["store"]
 
 
+def test_overwrite_replaces_only_a_store(tmp_path):
+    # a user's folder, a finished run or a file at the output path is refused before the teacher pass, untouched
+    folder = tmp_path / "mine"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep")
+    (tmp_path / "file").write_text("keep")
+    (tmp_path / "other-json").mkdir()
+    (tmp_path / "other-json" / "manifest.json").write_text('{"format": "something else"}')
+    for path, what in ((folder, "not a teacher store"), (tmp_path / "file", "is a file"),
+                       (tmp_path / "other-json", "not a teacher store")):
+        with pytest.raises(CheckpointError, match=what):
+            StoreWriter(path, k=2, fingerprints={}, overwrite=True)
+    assert (folder / "notes.txt").read_text() == "keep" and (folder / "sub").is_dir()
+    assert (tmp_path / "file").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "mine", "other-json"]  # no partial folder left
+    # and at the end: a folder that appeared at the path while the store was being written
+    writer = StoreWriter(tmp_path / "late", k=2, fingerprints={}, overwrite=True)
+    writer.add("only", torch.randn(1, V))
+    (tmp_path / "late").mkdir()
+    with pytest.raises(CheckpointError, match="not a teacher store"):
+        writer.close()
+    writer.abort()
+    assert list((tmp_path / "late").iterdir()) == []
+
+
 # ------------------------------------------------------------------------------ helpers, report
 
 def test_store_pickles_for_dataloader_workers(store_path):

@@ -128,6 +128,7 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     from kdistill.teachers.fingerprint import fingerprint_tensors
     from kdistill.teachers.recipe_runs import resolve_teacher
     from kdistill.teachers.store import StoreWriter
+    from kdistill.teachers.store_writer import is_store
 
     if sample_head and not sample:
         raise ConfigError(f"sample_head={sample_head} keeps the teacher's top tokens beside the draws of `sample`; "
@@ -154,6 +155,8 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     next_token = next_token and loaded.task == "causal-lm" and not sample
     head = min(sample_head, vocab - 1) if sample else 0
     k = min(sample, vocab - head) if sample else min(k, vocab - next_token)
+    if console is not None and is_store(Path(out)):
+        console.print(f"replacing the earlier store at {out} once this one is complete")
     with StoreWriter(out, k=k, temperature=temperature, fingerprints=fingerprints, dtype=dtype, vocab_size=vocab,
                      overwrite=True, next_token=next_token, sampled=bool(sample), head=head) as writer, torch.inference_mode(), \
             Progress(disable=console is None, console=console) as progress:

@@ -129,6 +129,22 @@ def sample_sparse(logits: Tensor, draws: int, temperature: float = 1.0,
 
 # ------------------------------------------------------------------------------------- writer
 
+def is_store(path: Path) -> bool:
+    """A folder whose manifest.json names this format: what a StoreWriter may replace."""
+    try:
+        return json.loads((path / "manifest.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def refuse_unless_store(path: Path) -> None:
+    """overwrite= replaces an earlier store, never a file or a folder of something else (a run, the user's own)."""
+    if path.exists() and not is_store(path):
+        what = "a file" if path.is_file() else "a folder that is not a teacher store (no store manifest.json)"
+        raise CheckpointError(f"{path} exists and is {what}; a store replaces only an earlier store: pick another "
+                              f"output path, or move that one away")
+
+
 class StoreWriter:
     """Collects items and writes shards of about ``shard_size`` positions.
 
@@ -150,6 +166,7 @@ class StoreWriter:
             raise ValueError(f"k = {k} is larger than the vocabulary ({vocab_size})")
         if self.path.exists() and not overwrite:
             raise CheckpointError(f"{self.path} already exists; delete it or pass overwrite=True")
+        refuse_unless_store(self.path)
         self.k, self.temperature, self.dtype, self.vocab_size = k, float(temperature), dtype, vocab_size
         if sampled and next_token:
             raise ValueError("a sampled store keeps no next-token column (its draws are already unbiased)")
@@ -240,6 +257,7 @@ class StoreWriter:
         if self.path.exists() and not self.overwrite:  # appeared while we were writing
             raise CheckpointError(f"{self.path} already exists; delete it or pass overwrite=True "
                                   f"(the finished store is left in {self._tmp})")
+        refuse_unless_store(self.path)
         if self.path.exists():  # move the old store aside first, delete it once replaced
             old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
             os.replace(self.path, old)
