@@ -188,3 +188,16 @@ def test_the_python_api_applies_output_to_a_loaded_recipe_and_refuses_what_it_ca
     with pytest.raises(ConfigError, match="list of 'KEY=VALUE' strings"):
         kdistill.load_recipe(base(), "train.steps=7")
     assert kdistill.load_recipe(base(), ["train.steps=7"]).stages[0].train.steps == 7
+
+
+@pytest.mark.parametrize("output", [None, "", "  "])
+def test_an_empty_output_is_refused_not_a_folder_named_none(output):
+    with pytest.raises(ConfigError, match="output is empty; give the run's folder"):
+        load_recipe({**base(), "output": output})
+
+
+@pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", "", "has space"])
+def test_a_stage_name_is_a_folder_name_inside_the_run(name):
+    with pytest.raises(ConfigError, match=r"stages\[1\]\.name .*letters, digits"):
+        load_recipe({**base(), "stages": [{"name": "first"}, {"name": name}]})
+    assert load_recipe({**base(), "stages": [{"name": "general"}, {"name": "task-2.b_c"}]}).stages[1].name == "task-2.b_c"

@@ -214,6 +214,9 @@ def check_stage_references(stages: list[Stage], multi: bool, source: str) -> Non
                                   f"that stage's kept rows); {why}earlier synthesize stages: {', '.join(synthesized) or 'none'}")
 
 
+STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     raw = copy.deepcopy(raw)
     known = {"name", "output", "stages", "synthesize", *STAGE_FIELDS}
@@ -223,6 +226,9 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: unknown top-level field {', '.join(hints)}; valid: {', '.join(sorted(known))}")
     if "output" not in raw:
         raw["output"] = f"runs/{raw.get('name', 'run')}"
+    if raw["output"] is None or not str(raw["output"]).strip():  # `output:` with no value would be a folder "None"
+        raise ConfigError(f"{source}: output is empty; give the run's folder (e.g. output: runs/my-run), or leave the "
+                          f"field out for runs/{raw.get('name', 'NAME')}")
     if "synthesize" in raw and raw.get("stages"):
         raise ConfigError(f"{source}: synthesize: at the top level makes a one-stage recipe; with stages:, put "
                           "it inside the stage that synthesizes")
@@ -254,6 +260,11 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
             validate_lion(stage, prefix, source)
         stages.append(stage)
     names = [s.name for s in stages]
+    for i, name in enumerate(names):
+        # a stage's name is a folder and file name inside the run (checkpoints/NAME, NAME.jsonl)
+        if not STAGE_NAME.fullmatch(name) or name in (".", ".."):
+            raise ConfigError(f"{source}: stages[{i}].name {name!r}: a stage name becomes a folder inside the run, so "
+                              f"it takes letters, digits, '_', '-' and '.' only (e.g. general, task-2)")
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: stage names must be unique, got {names}")
     check_stage_references(stages, bool(raw.get("stages")), source)
