@@ -195,3 +195,21 @@ def test_compare_scores_the_whole_test_split_of_a_sampled_source():
                                    "eval": {"source": "stdlib-docstrings", "split": "eval", "sample": 5, "limit": 9}},
                           "losses": [{"type": "cross_entropy"}], "train": {"steps": 1}})
     assert test_records(recipe) == load_records({"source": "stdlib-docstrings", "split": "test"})
+
+
+def test_files_that_are_not_plain_utf8_get_named(tmp_path):
+    bom = tmp_path / "excel.csv"
+    bom.write_bytes("text,label\ncaf\u00e9 au lait,drink\n".encode("utf-8-sig"))
+    assert load_records({"path": str(bom), "label": "label"}) == [{"text": "caf\u00e9 au lait", "label": "drink"}]
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\u00e9,drink\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin.csv is not UTF-8 text .*save it as UTF-8"):
+        load_records({"path": str(latin), "label": "label"})
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("text,label\ncats, dogs and birds,animals\n")
+    with pytest.raises(DataError, match=r"ragged.csv line 2 has 3 fields but the header names 2; .*double quotes"):
+        load_records({"path": str(ragged), "label": "label"})
+    control = tmp_path / "control.jsonl"
+    control.write_text('{"text": "a\tb"}\n')
+    with pytest.raises(DataError, match=r"line 1 is not valid JSON: Invalid control character at column 12"):
+        load_records({"path": str(control)})

@@ -17,6 +17,7 @@ from kdistill.data.corpora import load_corpus
 from kdistill.errors import ConfigError, DataError
 
 SOURCE_KINDS = ("source", "path", "dataset")
+ENCODING = "utf-8-sig"  # UTF-8 that skips a leading byte-order mark (Excel's "CSV UTF-8" writes one)
 FILE_KINDS = ".jsonl, .csv, .txt, a folder saved with datasets' save_to_disk, or a folder of class folders of images"
 
 
@@ -95,18 +96,23 @@ def _load_path(path: str, fields: dict, split: str, limit: int | None):
         raise ConfigError(f"{path} is a .txt file (one text per line); it has no label or "
                           "text_pair fields: use .jsonl or .csv for those")
     rows = itertools.islice(readers[ext](path), limit)
-    return [_pick(row, fields, f"{path} {where}") for where, row in rows], f"{path} has no records"
+    try:
+        return [_pick(row, fields, f"{path} {where}") for where, row in rows], f"{path} has no records"
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (byte {err.start} of a line cannot be read as UTF-8: "
+                        f"{err.object[err.start:err.start + 4]!r}); save it as UTF-8 (with or without a byte-order "
+                        f"mark) and try again") from None
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=ENCODING) as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number} is not valid JSON: {exc.msg}")
+                raise DataError(f"{path} line {number} is not valid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {number} is a JSON {type(row).__name__}, "
                                 "expected an object such as {\"text\": ...}")
@@ -114,15 +120,19 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
 
 
 def _csv_rows(path: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding=ENCODING, newline="") as f:
         reader = csv.DictReader(f)
         for row in reader:
             # line_num is the physical line, header included, which is what an editor shows.
+            if None in row:  # DictReader's place for values past the header's columns
+                raise DataError(f"{path} line {reader.line_num} has {len(reader.fieldnames) + len(row[None])} "
+                                f"fields but the header names {len(reader.fieldnames)}; a text with a comma in it "
+                                f"must be in double quotes")
             yield f"line {reader.line_num}", row
 
 
 def _txt_rows(path: str) -> Iterator[tuple[str, dict]]:
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding=ENCODING) as f:
         for number, line in enumerate(f, 1):
             if line.strip():
                 yield f"line {number}", {"text": line.rstrip("\r\n")}
