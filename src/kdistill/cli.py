@@ -138,7 +138,8 @@ def recipes():
 @app.command("eval")
 @friendly
 def eval_cmd(student: str = typer.Option(..., help="student model directory"),
-             teacher: Optional[str] = typer.Option(None, help="teacher: directory, hub id or packaged:NAME"),
+             teacher: Optional[str] = typer.Option(None, help="teacher: directory, hub id, packaged:NAME or "
+                                                   "recipe:NAME (a built-in recipe's trained model)"),
              data: List[str] = typer.Option(..., help="built-in corpus name, a .jsonl/.csv/.txt file, or dataset:NAME; repeatable"),
              split: str = typer.Option("eval", help="split of built-in corpora"),
              limit: int = typer.Option(512, help="texts per dataset"),
@@ -155,12 +156,42 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
         trained_by = json.loads(made.read_text()).get("teacher") if made.is_file() else None
         console.print("[yellow]no --teacher[/yellow]: fidelity to a teacher (cosine, similarity, neighbours) is left "
                       "out" + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
-    result = evaluate(student, teacher, [spec_from_arg(d) for d in data], split=split, limit=limit,
-                      max_length=max_length, speed=speed)
-    console.print(render_table(result))
     path = Path(output) if output else Path(student) / "eval.json"
+    check_report_path(path)  # before the evaluation, not after it, which would lose its results
+    result = evaluate(student, trained_recipe(teacher) if teacher else None, [spec_from_arg(d) for d in data],
+                      split=split, limit=limit, max_length=max_length, speed=speed)
+    console.print(render_table(result))
     save(result, path)
     console.print(f"saved {path}")
+
+
+def check_report_path(path: Path) -> None:
+    from kdistill.errors import ConfigError
+
+    if path.is_dir():
+        raise ConfigError(f"--output {path} is a folder; give the report's file name, e.g. {path / 'eval.json'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--output {path}: {parent} is a file, so no folder can be made there; "
+                                  f"choose another path")
+            break
+
+
+def trained_recipe(teacher: str) -> str:
+    """recipe:NAME as the model that recipe trained; evaluating does not start its training."""
+    from kdistill.errors import ConfigError
+
+    from kdistill.engine.export import is_complete
+    from kdistill.teachers.recipe_runs import PREFIX, recipe_output
+
+    if not teacher.startswith(PREFIX):
+        return teacher
+    trained = recipe_output(teacher[len(PREFIX):]) / "student"
+    if not is_complete(trained):
+        raise ConfigError(f"--teacher {teacher}: that recipe has not been trained here yet (no {trained}); "
+                          f"`kdistill run {teacher[len(PREFIX):]}` trains it")
+    return str(trained)
 
 
 @app.command()

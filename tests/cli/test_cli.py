@@ -52,6 +52,21 @@ def test_run_then_eval_via_cli(tmp_path, tiny_recipe, text_file):
     result, out = invoke("eval", "--student", student, "--data", data, "--no-speed", "--output", tmp_path / "alone.json")
     assert result.exit_code == 0 and "no --teacher" in out
     assert f"trained by --teacher {tiny_recipe['teacher']['model']}" in " ".join(out.split())
+    # a bad --output is refused before the evaluation runs, not after it (its results would be lost)
+    (tmp_path / "a-file").write_text("")
+    for output, message in ((tmp_path, "is a folder; give the report's file name"),
+                            (tmp_path / "a-file" / "r.json", "a-file is a file, so no folder can be made there")):
+        result, out = invoke("eval", "--student", student, "--data", data, "--no-speed", "--output", output)
+        assert result.exit_code == 2 and message in " ".join(out.split()) and "Traceback" not in out
+
+
+def test_eval_takes_a_recipe_teacher_without_training_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    result, out = invoke("eval", "--student", tmp_path, "--teacher", "recipe:teacher-supersense",
+                         "--data", "wordnet-supersense", "--no-speed", "--output", tmp_path / "r.json")
+    assert result.exit_code == 2 and "has not been trained here yet" in out
+    assert "kdistill run teacher-supersense" in " ".join(out.split())
+    assert not (tmp_path / "home").exists()
 
 
 def bad(tiny_recipe, **changes):
