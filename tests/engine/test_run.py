@@ -312,6 +312,13 @@ def test_freeze_keeps_matching_parameters_fixed(tiny_recipe):
     assert not torch.equal(trained["encoder.layer.1.output.dense.weight"], teacher.encoder.layer[3].output.dense.weight)
 
 
+def test_freezing_every_parameter_is_refused_not_reported_done(tiny_recipe):
+    tiny_recipe["train"]["freeze"] = ["*"]
+    with pytest.raises(ConfigError, match=r"fixes every parameter of the student, so the stage would train nothing"):
+        distill(tiny_recipe, progress=False)
+    assert not (Path(tiny_recipe["output"]) / "student").exists()
+
+
 def test_freeze_pattern_that_matches_nothing(tiny_recipe):
     tiny_recipe["train"]["freeze"] = ["encoder.layers.*"]
     with pytest.raises(ConfigError, match=r"train.freeze\[0\]"):

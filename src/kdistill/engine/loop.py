@@ -113,6 +113,9 @@ def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
     for name, param in student.named_parameters():
         if any(fnmatch(name, pattern) for pattern in patterns):
             param.requires_grad_(False)
+    if patterns and not any(param.requires_grad for param in student.parameters()):
+        raise ConfigError(f"train.freeze {patterns} fixes every parameter of the student, so the stage would train "
+                          f"nothing; name only the parts to keep fixed (e.g. '*embeddings*')")
 
 
 class StageTrainer(StartFits):
