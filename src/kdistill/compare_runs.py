@@ -210,13 +210,13 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
             best, source = shared, other
     if source is None:
         return []
+    prepare_run_dir(run, resume=False, force=False)  # its saved recipe (first: it makes the folder a run's)
     for stage in run.stages[:best]:
         shutil.copytree(Path(source.output) / "stages" / stage.name, out / "stages" / stage.name)
         log = Path(source.output) / "logs" / f"{stage.name}.jsonl"
         if log.exists():
             (out / "logs").mkdir(exist_ok=True)
             shutil.copy2(log, out / "logs" / log.name)
-    prepare_run_dir(run, resume=False, force=False)  # its saved recipe: train_or_reuse resumes from there
     return [stage.name for stage in run.stages[:best]]
 
 
