@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from kdistill import distill
@@ -62,6 +63,18 @@ def test_resume_is_bit_exact(tiny_recipe, tmp_path, killed_run):
     assert_same_weights(straight, resumed)
 
 
+def test_an_output_folder_holding_other_things_is_refused_and_left_as_it_was(tiny_recipe):
+    out = Path(tiny_recipe["output"])
+    (out / "student").mkdir(parents=True)
+    (out / "student" / "readme").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds something other than a kdistill run .*new or empty folder"):
+        distill(tiny_recipe, progress=False)
+    assert [p.name for p in out.rglob("*")] == ["student", "readme"]
+    (out / "student" / "readme").unlink()
+    (out / "student").rmdir()
+    assert (distill(tiny_recipe, progress=False) / "kdistill.json").exists()  # an empty folder is fine
+
+
 def test_rerun_without_resume_refuses_to_overwrite(tiny_recipe):
     distill(tiny_recipe, progress=False)
     with pytest.raises(ConfigError, match="--resume"):
@@ -75,12 +88,37 @@ def test_resume_with_changed_recipe_is_refused_unless_forced(tiny_recipe, killed
     with pytest.raises(CheckpointError, match=r"train\.lr: 0\.001 -> 0\.5"):
         distill(changed, resume=True, progress=False)
     resolved = (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text()
-    # forced, it gets as far as the stage's checkpoint, which was written by the old stage and says so
-    with pytest.raises(CheckpointError, match="different stage configuration"):
-        distill(changed, resume=True, force=True, progress=False)
-    # ... and the run's own recipe is still the saved one, so the right recipe resumes it
+    # the refusal leaves the run's own recipe saved, so the right recipe resumes it
     assert (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text() == resolved
     assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()
+
+
+def logged_lrs(output) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(output) / "logs" / "main.jsonl").read_text().splitlines()]
+    return {row["step"]: row["lr"] for row in rows if "lr" in row}
+
+
+def test_a_forced_resume_goes_on_under_the_changed_settings(tiny_recipe, tmp_path, killed_run):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)  # the checkpoint is at step 2
+    longer = {**tiny_recipe, "train": {**tiny_recipe["train"], "lr": 0.01, "steps": 6, "weight_decay": 0.05}}
+    student = distill(longer, resume=True, force=True, progress=False)
+    assert json.loads((student / "kdistill.json").read_text())["steps"] == 6
+    assert yaml.safe_load((Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text())["stages"][0]["train"][
+        "lr"] == 0.01
+    # from step 3 on, the learning rate is what a run of the changed recipe from the start has at that step
+    fresh = distill({**longer, "output": str(tmp_path / "fresh")}, progress=False)
+    resumed, reference = logged_lrs(tiny_recipe["output"]), logged_lrs(fresh.parent)
+    assert [resumed[step] for step in (3, 4, 5, 6)] == pytest.approx([reference[step] for step in (3, 4, 5, 6)])
+    assert resumed[1] != reference[1]  # the steps before it ran under the old rate
+
+
+def test_a_forced_resume_cannot_shorten_a_stage_past_its_checkpoint(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=6, save_every=4)
+    killed_run(tiny_recipe, step=5)  # the checkpoint is at step 4
+    shorter = {**tiny_recipe, "train": {**tiny_recipe["train"], "steps": 3}}
+    with pytest.raises(CheckpointError, match=r"is at step 4, past this recipe's train.steps 3; raise train.steps"):
+        distill(shorter, resume=True, force=True, progress=False)
 
 
 def test_bookkeeping_changes_do_not_block_a_resume(tiny_recipe, tmp_path, killed_run):

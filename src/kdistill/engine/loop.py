@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kdistill.config import Stage
-from kdistill.errors import ConfigError
+from kdistill.errors import CheckpointError, ConfigError
 from kdistill.data import mask_tokens
 from kdistill.data.images import view_seed
 from kdistill.engine.batches import BatchPlan
@@ -120,8 +120,10 @@ def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
 
 class StageTrainer(StartFits):
     def __init__(self, parts: StageParts, stage: Stage, run_dir: Path, accelerator, console=None, progress=True,
-                 declared: Stage | None = None):
+                 declared: Stage | None = None, force: bool = False):
         self.parts, self.stage, self.cfg, self.acc = parts, stage, stage.train, accelerator
+        self.force = force  # resume a checkpoint written under other settings (kdistill run --resume --force)
+        self.resumed_under_changes = False
         self.run_dir = run_dir
         self.ckpt_root = run_dir / "checkpoints" / stage.name
         # checkpoints are bound to the stage as the recipe wrote it: `stage:` references resolved to paths
@@ -334,10 +336,18 @@ class StageTrainer(StartFits):
         checkpoints = list_checkpoints(self.ckpt_root)
         if not checkpoints:
             return False
+        changed = self.force and read_manifest(checkpoints[-1])["recipe_hash"] not in self.accepted_hashes
+        settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         state = load_checkpoint(checkpoints[-1], model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
                                 scheduler=self.scheduler, rank=self.acc.process_index,
-                                recipe_hash=self.accepted_hashes,
+                                recipe_hash=None if changed else self.accepted_hashes,
                                 extras=self.extras())
+        if changed:
+            if state["step"] > self.cfg.steps:
+                raise CheckpointError(f"{checkpoints[-1]} is at step {state['step']}, past this recipe's "
+                                      f"train.steps {self.cfg.steps}; raise train.steps to {state['step']} or more")
+            self.take_new_settings(settings)
+        self.resumed_under_changes = changed
         self.step = state["step"]
         for i, part in enumerate(self.stateful):
             part.load_method_state(state["method"].get(str(i), {}))
@@ -349,6 +359,16 @@ class StageTrainer(StartFits):
                                f"{self.acc.num_processes}[/yellow]: it continues, but not bit for bit as the "
                                f"interrupted run would have")
         return True
+
+    def take_new_settings(self, settings: list[dict]) -> None:
+        """A forced resume goes on under the recipe as it is now: the checkpoint's optimizer state brought back its
+        learning rates and weight decay, and its scheduler the old base rates; the schedule itself (steps, warm-up,
+        shape) is already this recipe's, as it is made from the recipe and not saved."""
+        for group, new in zip(self.optimizer.param_groups, settings):
+            group.update({key: new[key] for key in ("initial_lr", "weight_decay") if key in new})
+        self.scheduler.base_lrs = [group["initial_lr"] for group in self.optimizer.param_groups]
+        for group, base, factor in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * factor(self.scheduler.last_epoch)
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> StageResult:

@@ -62,6 +62,10 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> str | None:
     resolved = out / "config.resolved.yaml"
     current = recipe.dump()
     changed: list[str] = []
+    if out.is_dir() and not resolved.exists() and any(out.iterdir()):
+        # not a kdistill run: its student/ or checkpoints/ would be written over what is there
+        raise ConfigError(f"output {out} is a folder that holds something other than a kdistill run ({len(list(out.iterdir()))} "
+                          f"entries, no config.resolved.yaml); choose a new or empty folder for the run")
     if resolved.exists() and trained_anything(out):
         if not resume:
             raise ConfigError(
@@ -284,11 +288,14 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
         declared = stage
         stage = with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix)
         parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console)
-        trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress, declared=declared)
+        trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress, declared=declared,
+                               force=force)
         resumed = resume and trainer.resume()
         accept_recipe()
         if resumed and console is not None and accelerator.is_main_process:
-            console.print(f"resuming stage {stage.name!r} at step {trainer.step}")
+            console.print(f"resuming stage {stage.name!r} at step {trainer.step}"
+                          + (" under the changed recipe (--force): its learning rate, weight decay and schedule from "
+                             "here on" if trainer.resumed_under_changes else ""))
         elif resume and console is not None and accelerator.is_main_process and trained_anything(out):
             console.print(f"stage {stage.name!r} has no checkpoint to resume from: training it from step 0")
         result = trainer.fit()
