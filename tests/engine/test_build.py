@@ -1,3 +1,7 @@
+import json
+
+import pytest
+
 from kdistill.engine.build import spread
 
 
@@ -6,3 +10,24 @@ def test_eval_limit_takes_records_evenly_through_an_ordered_corpus():
     picked = spread(records, 10)
     assert [r["pos"] for r in picked] == ["noun"] * 7 + ["verb"] * 2 + ["adj"]
     assert spread(records, 500) == records and spread(records, None) == records
+
+
+def test_a_classifier_data_mixing_labelled_and_unlabelled_records_is_refused_before_training(tmp_path, make_classifier):
+    from kdistill import distill
+    from kdistill.errors import DataError
+
+    teacher = make_classifier(tmp_path / "teacher")
+    labelled, bare = tmp_path / "labelled.jsonl", tmp_path / "bare.jsonl"
+    labelled.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                                for i in range(4) for w in ("red", "green", "blue")))
+    bare.write_text("".join(json.dumps({"text": f"plain text {i}"}) + "\n" for i in range(5)))
+    recipe = {"name": "mixed", "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
+              "data": {"train": [{"path": str(labelled), "label": "y"}, {"path": str(bare)}], "max_length": 16},
+              "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    with pytest.raises(DataError, match=r"data.train: 5 of its 17 records have no label \(e.g. 'plain text 0'\)"):
+        distill(recipe, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    recipe["data"]["train"] = [{"path": str(bare)}]  # unlabelled alone is distillation on the teacher's outputs
+    recipe["losses"] = [{"type": "logit_kd", "alpha": 0.0}]
+    assert (distill(recipe, progress=False) / "kdistill.json").exists()

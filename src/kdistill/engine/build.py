@@ -130,6 +130,18 @@ def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str) -
                               f"lower data.max_length to {positions} or less")
 
 
+def check_all_or_none_labelled(records: list[dict], prefix: str) -> None:
+    """A classifier's batch cannot mix labelled and unlabelled records, and which batches mix depends on the
+    shuffle: found here, not some steps into training."""
+    unlabelled = [r for r in records if r.get("label") is None]
+    if unlabelled and len(unlabelled) < len(records):
+        example = str(unlabelled[0].get("text", unlabelled[0].get("image_path", "")))[:60]
+        raise DataError(f"{prefix}data.train: {len(unlabelled):,} of its {len(records):,} records have no label (e.g. "
+                        f"{example!r}) and the others have one; a batch cannot mix them: label every source (a "
+                        f"file's `label:` field), or train on unlabelled records alone with loss terms that need no "
+                        f"labels")
+
+
 def declared_classes(stage: Stage) -> list[str]:
     from kdistill.data.corpora import CORPUS_CLASSES
 
@@ -247,6 +259,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         task = detect_task(load_config(teacher_ref, stage.teacher.trust_remote_code)[1])
     labels, head = None, {}
     if task in ("classification", "image-classification"):
+        check_all_or_none_labelled(train, prefix)
         labels, head = class_head(stage, teacher_ref, train + evals, prefix)
     if cached:
         loaded = skeleton(teacher_ref, task, head)
