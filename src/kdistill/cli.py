@@ -89,6 +89,11 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
             if full and "stage:" in str(stage.data.train):
                 console.print(f"  (stage {i} trains on data an earlier stage synthesizes: not built by --full)")
                 full_stage = False
+            elif full and untrained_recipe(stage.teacher.model):
+                # a check must not start a training (teacher-supersense: 1,500 steps); `run` trains it first
+                console.print(f"  (stage {i}'s teacher {stage.teacher.model} is not trained yet: `kdistill run` trains "
+                              f"it first; --full pairs the rest once it is)", highlight=False)
+                full_stage = False
             else:
                 full_stage = full
             if getattr(stage, "lion", None) is not None:
@@ -163,6 +168,14 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
     console.print(render_table(result))
     save(result, path)
     console.print(f"saved {path}")
+
+
+def untrained_recipe(model) -> bool:
+    from kdistill.engine.export import is_complete
+    from kdistill.teachers.recipe_runs import PREFIX, recipe_output
+
+    ref = str(model or "")
+    return ref.startswith(PREFIX) and not is_complete(recipe_output(ref[len(PREFIX):]) / "student")
 
 
 def check_report_path(path: Path) -> None:

@@ -265,3 +265,11 @@ def test_validate_full_pairs_an_automatic_store_with_the_live_teacher_without_bu
     result, out = invoke("validate", write(tmp_path, recipe, "r3.yaml"), "--full")
     assert result.exit_code == 2 and "losses[1]: hidden_mse needs the live teacher" in out, out
     assert not (tmp_path / "home" / "stores").exists()
+
+
+def test_validate_full_does_not_train_an_untrained_recipe_teacher(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    result, out = invoke("validate", "supersense-kd", "--full")
+    assert result.exit_code == 0, out
+    assert "recipe:teacher-supersense is not trained yet" in " ".join(out.split())
+    assert not (tmp_path / "home" / "recipes").exists()
