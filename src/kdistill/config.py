@@ -161,6 +161,14 @@ class TrainConfig(Strict):
         "map from its own features to the teacher's logits (to one-hot labels when the stage reads no teacher); "
         "keep: as the student was built or left by the stage before")
 
+    @model_validator(mode="after")
+    def whole_micro_batches(self):
+        # the processes of a distributed launch split each micro-batch again: the engine checks that at start
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum} (each "
+                             f"optimizer step is grad_accum micro-batches of equal size)")
+        return self
+
 
 class QuantConfig(Strict):
     """Quantization-aware training of the student at this precision (kdistill.quant)."""
