@@ -212,6 +212,19 @@ def test_a_student_missing_its_weights_is_not_finished(tmp_path):
     assert is_complete(tmp_path)
 
 
+def test_a_finished_student_truncated_since_is_trained_again_on_resume(tiny_recipe):
+    from kdistill.engine.export import is_complete
+
+    tiny_recipe["train"].update(steps=2, save_every=2)
+    student = distill(tiny_recipe, progress=False)
+    weights = student / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])  # a disk that filled, or a copy cut short
+    assert not is_complete(student)
+    assert is_complete(distill(tiny_recipe, resume=True, progress=False))  # exported again from its checkpoint
+    assert weights.read_bytes() == whole
+
+
 def test_corrupt_checkpoint_is_refused(tiny_recipe, killed_run):
     tiny_recipe["train"].update(steps=4, save_every=2)
     killed_run(tiny_recipe, step=3)

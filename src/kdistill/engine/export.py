@@ -65,7 +65,11 @@ def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | 
             tokenizer.save_pretrained(tmp)
         hidden = getattr(student.config, "hidden_size", None) or getattr(student.config, "n_embd", None)
         st = bool(teacher_dir) and copy_sentence_transformers_files(teacher_dir, tmp, hidden)
-        (tmp / "kdistill.json").write_text(json.dumps({**metadata, "sentence_transformers": st}, indent=2, default=str))
+        # the weights' sizes, so a finished student truncated since (a disk that filled, a partial copy) is not taken
+        # for finished by is_complete
+        sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".bin")}
+        (tmp / "kdistill.json").write_text(json.dumps({**metadata, "sentence_transformers": st, "weight_bytes": sizes},
+                                                      indent=2, default=str))
     except (OSError, RuntimeError) as err:
         raise_if_disk_full(
             err, out, tmp, error=OutputError, what="the student",
@@ -88,5 +92,13 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def is_complete(student_dir: Path) -> bool:
     """A student is written whole (save_student renames it into place); one missing its weights was damaged
     since, and counts as not finished, so a resumed run or a cached teacher writes it again."""
-    return ((student_dir / "kdistill.json").exists() and (student_dir / "config.json").exists()
-            and any((student_dir / name).exists() for name in WEIGHT_FILES))
+    if not ((student_dir / "kdistill.json").exists() and (student_dir / "config.json").exists()
+            and any((student_dir / name).exists() for name in WEIGHT_FILES)):
+        return False
+    try:
+        recorded = json.loads((student_dir / "kdistill.json").read_text()).get("weight_bytes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    # students saved before the sizes were recorded have none to compare
+    return all((student_dir / name).exists() and (student_dir / name).stat().st_size == size
+               for name, size in recorded.items())
