@@ -201,3 +201,10 @@ def test_a_stage_name_is_a_folder_name_inside_the_run(name):
     with pytest.raises(ConfigError, match=r"stages\[1\]\.name .*letters, digits"):
         load_recipe({**base(), "stages": [{"name": "first"}, {"name": name}]})
     assert load_recipe({**base(), "stages": [{"name": "general"}, {"name": "task-2.b_c"}]}).stages[1].name == "task-2.b_c"
+
+
+def test_set_names_an_index_out_of_range_and_a_list_the_recipe_lacks():
+    with pytest.raises(ConfigError, match=r"losses has 1 item\(s\), so index 5 is out of range \(0 to 0\)"):
+        load_recipe(base(), ["losses.5.weight=1"])
+    with pytest.raises(ConfigError, match=r"no stages list to index; a one-stage recipe has none: set train.steps"):
+        load_recipe(base(), ["stages.3.train.steps=1"])

@@ -57,8 +57,12 @@ def apply_override(raw: dict, assignment: str) -> None:
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
         if isinstance(node, list):
-            if not part.lstrip("-").isdigit() or not -len(node) <= int(part) < len(node):
-                raise ConfigError(f"--set {key}: {'.'.join(parts[:i]) or 'recipe'} is a list of {len(node)}; use an index")
+            where = '.'.join(parts[:i]) or 'recipe'
+            if not part.lstrip("-").isdigit():
+                raise ConfigError(f"--set {key}: {where} is a list of {len(node)}; use an index")
+            if not -len(node) <= int(part) < len(node):
+                raise ConfigError(f"--set {key}: {where} has {len(node)} item(s), so index {part} is out of range "
+                                  f"(0 to {len(node) - 1})")
             part = int(part)
         elif not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
@@ -70,6 +74,10 @@ def apply_override(raw: dict, assignment: str) -> None:
                                   f"(quote it, or close its brackets)") from None
         else:
             if isinstance(node, dict) and node.get(part) is None:
+                if parts[i + 1].lstrip("-").isdigit():  # an index into a list the recipe does not have
+                    hint = f"; a one-stage recipe has none: set {'.'.join(parts[i + 2:]) or 'the field'} directly" \
+                        if part == "stages" else ""
+                    raise ConfigError(f"--set {key}: the recipe has no {'.'.join(parts[:i + 1])} list to index{hint}")
                 node[part] = {}
             elif not isinstance(node[part], (dict, list)):
                 raise ConfigError(f"--set {key}: {'.'.join(str(p) for p in parts[:i + 1])} is {node[part]!r}, "
