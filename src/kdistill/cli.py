@@ -77,7 +77,10 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
     """Check a recipe without running it."""
     from kdistill import load_recipe
 
+    from kdistill.recipe_references import check_references
+
     r = load_recipe(recipe, set_ or [])
+    check_references(r)
     with tempfile.TemporaryDirectory() as tmp:
         previous = None
         for i, stage in enumerate(r.stages):

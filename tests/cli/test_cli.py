@@ -273,3 +273,16 @@ def test_validate_full_does_not_train_an_untrained_recipe_teacher(tmp_path, monk
     assert result.exit_code == 0, out
     assert "recipe:teacher-supersense is not trained yet" in " ".join(out.split())
     assert not (tmp_path / "home" / "recipes").exists()
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("teacher.model=recipe:teacher-supersens", "did you mean recipe:teacher-supersense?"),
+    ("teacher.model=packaged:all-MiniLM-L12", "unknown packaged model 'all-MiniLM-L12'"),
+    ("student={model: blueprint:gpt2-6x385}", "did you mean blueprint:gpt2-6x384?"),
+    ("student={from_teacher: {layers: [2], model: ./nowhere}}", "student.from_teacher.model: model directory './nowhere'"),
+    ("data.train={path: /nowhere/train.jsonl}", "data.train: data file not found: /nowhere/train.jsonl"),
+    ("data.train.split=validation", "unknown split 'validation' at data.train.split"),
+])
+def test_plain_validate_finds_what_a_recipe_refers_to_that_does_not_exist(assignment, message):
+    result, out = invoke("validate", "supersense-kd", "--set", assignment)
+    assert result.exit_code == 2 and message in " ".join(out.split()) and "Traceback" not in out

@@ -1,0 +1,57 @@
+"""What plain `kdistill validate` checks without loading a model or reading data: that the names and files a recipe
+refers to exist (a misspelt recipe:, packaged: or blueprint: name, a missing data file or model folder, an unknown
+split). `validate --full` and `run` load them and find the rest (layers, widths, taps)."""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+
+from kdistill.config import DataSource, Recipe
+from kdistill.errors import ConfigError, DataError
+
+
+def check_references(recipe: Recipe) -> None:
+    for i, stage in enumerate(recipe.stages):
+        prefix = f"stages[{i}]." if len(recipe.stages) > 1 else ""
+        if stage.teacher is not None:
+            check_model(stage.teacher.model, f"{prefix}teacher.model")
+        if stage.student is not None:
+            kind, spec = stage.student.kind()
+            if kind == "model":
+                check_model(spec, f"{prefix}student.model")
+            for field in ("model", "layers_from"):
+                check_model(getattr(spec, field, None), f"{prefix}student.{kind}.{field}")
+        if stage.data is not None:
+            for block, split in (("train", "train"), ("eval", "eval")):
+                specs = getattr(stage.data, block)
+                for source in specs if isinstance(specs, list) else [specs] if specs is not None else []:
+                    check_source(source, split, f"{prefix}data.{block}")
+
+
+def check_model(ref: str | None, where: str) -> None:
+    from kdistill.config import builtin_recipes
+    from kdistill.models.blueprints import BLUEPRINTS
+    from kdistill.models.loading import PACKAGED
+
+    if not ref or str(ref).startswith("stage:"):  # an earlier stage's student: exists once that stage has run
+        return
+    ref = str(ref)
+    kind, _, name = ref.partition(":")
+    known = {"recipe": list(builtin_recipes()), "packaged": list(PACKAGED), "blueprint": BLUEPRINTS.names()}
+    if kind in known and name not in known[kind]:
+        close = difflib.get_close_matches(name, known[kind], n=1, cutoff=0.5)
+        hint = f"; did you mean {kind}:{close[0]}?" if close else ""
+        raise ConfigError(f"{where}: unknown {kind} model {name!r}{hint} valid: {', '.join(known[kind])}")
+    path = Path(ref).expanduser()
+    if kind not in known and ref.startswith((".", "/", "~")) and not path.is_dir():
+        raise DataError(f"{where}: model directory {ref!r} does not exist")
+
+
+def check_source(source: DataSource, split: str, where: str) -> None:
+    from kdistill.data.corpora import check_split
+
+    if source.source is not None:
+        check_split(source.split or split, f"{where}.split")
+    if source.path is not None and not str(source.path).startswith("stage:") and not Path(source.path).exists():
+        raise DataError(f"{where}: data file not found: {source.path} (paths are relative to the working directory "
+                        f"{Path.cwd()})")
