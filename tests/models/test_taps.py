@@ -88,6 +88,10 @@ def test_logits_tap_on_bare_encoder_is_a_clear_error():
     model, info, batch = make("bert")
     with pytest.raises(PairingError, match="no logits"):
         TapReader(model, info)(batch, ["logits"])
+    # and before any forward, from the task alone: validate --full reads the taps' names, not their values
+    assert info.task == "embedding"
+    with pytest.raises(PairingError, match=r"tap 'logits' at losses\[0\]: this model is loaded as an embedding model"):
+        TapReader(model, info).canonical(["logits"], "losses[0]")
 
 
 @pytest.mark.parametrize("name, match", [

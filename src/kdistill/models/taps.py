@@ -47,6 +47,10 @@ def parse_tap(name: str, info: ModelInfo, where: str = "tap") -> tuple[str, int 
     if kind in PLAIN:
         if index is not None:
             raise PairingError(f"tap {name!r} at {where} takes no layer index")
+        if kind == "logits" and info.task == "embedding":  # known from the recipe: no need to wait for a forward
+            raise PairingError(f"tap 'logits' at {where}: this model is loaded as an embedding model (a bare encoder, "
+                               f"no head, so no logits); use pooled or hidden_states taps, or load it with a head "
+                               f"(teacher.task: masked-lm / classification / causal-lm)")
         return kind, None
     if index is None:
         raise PairingError(f"tap {name!r} at {where} needs a layer index, e.g. {kind}[1]")
