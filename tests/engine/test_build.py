@@ -28,6 +28,11 @@ def test_a_classifier_data_mixing_labelled_and_unlabelled_records_is_refused_bef
     with pytest.raises(DataError, match=r"data.train: 5 of its 17 records have no label \(e.g. 'plain text 0'\)"):
         distill(recipe, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
-    recipe["data"]["train"] = [{"path": str(bare)}]  # unlabelled alone is distillation on the teacher's outputs
+    recipe["data"]["train"] = [{"path": str(bare)}]
+    # unlabelled alone: refused by name for a term that trains on labels, before any step ...
+    with pytest.raises(DataError, match=r"data.train has no labels, but losses\[0\] train\(s\) on them"):
+        distill(recipe, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    # ... and distillation on the teacher's outputs alone
     recipe["losses"] = [{"type": "logit_kd", "alpha": 0.0}]
     assert (distill(recipe, progress=False) / "kdistill.json").exists()

@@ -63,6 +63,11 @@ class LossTerm(nn.Module):
     def student_taps(self) -> list[str]:
         raise NotImplementedError
 
+    def uses_labels(self) -> bool:
+        """Whether a classifier's batches must carry class labels for this term (checked once the data is read, so
+        unlabelled data fails before training, not at its first step)."""
+        return False
+
     def teacher_taps(self) -> list[str]:
         return []
 

@@ -48,6 +48,9 @@ class DeiT(LossTerm):
     def count(self, batch):
         return sequence_count(batch)
 
+    def uses_labels(self):
+        return True
+
     def forward(self, s, t, batch):
         p = self.params
         if "labels" not in batch:

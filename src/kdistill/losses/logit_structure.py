@@ -51,6 +51,9 @@ class DecoupledKD(_LogitTerm):
             return int(next_token_mask(batch).sum())
         return sequence_count(batch)
 
+    def uses_labels(self):
+        return True  # the target class splits TCKD from NCKD
+
     def forward(self, s, t, batch):
         zs, zt, p = s["logits"], t["logits"], self.params
         if zs.dim() == 2:

@@ -101,6 +101,9 @@ class LogitKD(LossTerm):
     def count(self, batch):
         return token_count(batch) if self.student_info.logits_per == "token" else sequence_count(batch)
 
+    def uses_labels(self):
+        return self.params.alpha > 0
+
     def forward(self, s, t, batch):
         if self.params.chunk_size:
             return self.chunked(s, t, batch)
@@ -165,6 +168,9 @@ class CrossEntropy(LossTerm):
     def count(self, batch):
         return hard_label_count(batch, self.student_info.task)
 
+    def uses_labels(self):
+        return True
+
     def forward(self, s, t, batch):
         return hard_label_loss(s["logits"], batch, self.student_info.task)
 
@@ -180,6 +186,9 @@ class MaskedLM(CrossEntropy):
 
     Params = MLMParams
     needs_mlm = True
+
+    def uses_labels(self):
+        return False  # its labels are the masked tokens, made from the text
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
