@@ -89,7 +89,7 @@ def trl_run(recipe, output: Path, device: str, token_mean: bool = False) -> tupl
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from kdistill.engine.build import build_stage
-    from kdistill.engine.loop import param_groups
+    from kdistill.engine.params import param_groups
     from kdistill.engine.on_policy import OnPolicy
     from kdistill.engine.schedule import make_adamw, make_scheduler
 

@@ -27,7 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from kdistill.config import load_recipe
 from kdistill.engine.build import build_stage
-from kdistill.engine.loop import StageTrainer, param_groups
+from kdistill.engine.loop import StageTrainer
+from kdistill.engine.params import param_groups
 from kdistill.engine.run import make_accelerator
 from kdistill.engine.schedule import make_adamw, make_scheduler
 from kdistill.models.student import build_student

@@ -392,7 +392,7 @@ def test_lr_scale_multiplies_the_learning_rate_of_matching_parameters(tiny_recip
 
 def test_lr_scale_groups():
     """Student parameters get the first matching glob's multiple; training-only parts (projectors) do not."""
-    from kdistill.engine.loop import param_groups
+    from kdistill.engine.params import param_groups
 
     module = torch.nn.Module()
     module.student = torch.nn.Module()

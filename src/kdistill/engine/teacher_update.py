@@ -48,7 +48,7 @@ class TeacherUpdater:
 def scaled_groups(teacher, lr: float, lr_scale: dict[str, float]) -> list[dict]:
     """One parameter group per learning rate: a teacher that starts from a pretrained body and an untrained
     head (ProKT's teacher is not a converged one) needs the head's rate raised, as a fine-tuned student does."""
-    from kdistill.engine.loop import check_globs, lr_multiplier
+    from kdistill.engine.params import check_globs, lr_multiplier
 
     named = list(teacher.named_parameters())
     check_globs("teacher.update.lr_scale", lr_scale, [name for name, _ in named], whose="teacher")
