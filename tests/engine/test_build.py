@@ -30,7 +30,7 @@ def test_a_classifier_data_mixing_labelled_and_unlabelled_records_is_refused_bef
     assert not (tmp_path / "run" / "checkpoints").exists()
     recipe["data"]["train"] = [{"path": str(bare)}]
     # unlabelled alone: refused by name for a term that trains on labels, before any step ...
-    with pytest.raises(DataError, match=r"data.train has no labels, but losses\[0\] train\(s\) on them"):
+    with pytest.raises(DataError, match=r"data.train has no labels, but losses\[0\] trains on them"):
         distill(recipe, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
     # ... and distillation on the teacher's outputs alone

@@ -288,11 +288,12 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
                            f"{student.config.num_labels} outputs")
     terms = build_terms(stage, student_info, teacher_info, prefix)
     if labels is not None and not any(r.get("label") is not None for r in train):
-        needing = [t.where for t in terms if t.uses_labels()] + [f"{prefix}teacher.update"] * bool(stage.teacher.update)
+        needing = [t.where for t in terms if t.uses_labels()]
+        needing += [f"{prefix}teacher.update"] if stage.teacher.update else []
         if needing:
-            raise DataError(f"{prefix}data.train has no labels, but {', '.join(needing)} train(s) on them; give each "
-                            f"source its label field (`label:` for a file), or use only terms that need no labels "
-                            f"(e.g. logit_kd with alpha: 0)")
+            raise DataError(f"{prefix}data.train has no labels, but {', '.join(needing)} "
+                            f"{'trains' if len(needing) == 1 else 'train'} on them; give each source its label field "
+                            f"(`label:` for a file), or use only terms that need no labels (e.g. logit_kd with alpha: 0)")
     s_reader, t_reader = TapReader(student, student_info), TapReader(teacher, teacher_info)
     student_taps = set().union(*(s_reader.canonical(t.student_taps(), t.where) for t in terms))
     teacher_taps = set().union(*(t_reader.canonical(t.teacher_taps(), t.where) for t in terms))

@@ -64,7 +64,8 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> str | None:
     changed: list[str] = []
     if out.is_dir() and not resolved.exists() and any(out.iterdir()):
         # not a kdistill run: its student/ or checkpoints/ would be written over what is there
-        raise ConfigError(f"output {out} is a folder that holds something other than a kdistill run ({len(list(out.iterdir()))} "
+        entries = len(list(out.iterdir()))
+        raise ConfigError(f"output {out} is a folder that holds something other than a kdistill run ({entries} "
                           f"entries, no config.resolved.yaml); choose a new or empty folder for the run")
     if resolved.exists() and trained_anything(out):
         if not resume:
