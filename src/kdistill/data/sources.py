@@ -112,7 +112,8 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {number} is not valid JSON: {exc.msg.removesuffix(' at')} at column {exc.colno}") from None
+                raise DataError(f"{path} line {number} is not valid JSON: {exc.msg.removesuffix(' at')} at column "
+                                f"{exc.colno}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {number} is a JSON {type(row).__name__}, "
                                 "expected an object such as {\"text\": ...}")
