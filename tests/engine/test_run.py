@@ -514,3 +514,18 @@ def test_stage_hashes_of_checkpoints_from_before_data_loss_on_are_unchanged():
     recipe["data"]["loss_on"] = "all"
     recipe["data"]["train"]["sample"] = 100
     assert stage_hash(load_recipe(recipe).stages[0]) != stage_hash(stage)
+
+
+def test_a_run_folder_another_command_is_training_is_refused(tiny_recipe):
+    from filelock import FileLock
+
+    out = Path(tiny_recipe["output"])
+    held = FileLock(str(out.parent / f".{out.name}.run.lock"))
+    held.acquire()  # as another `kdistill run` of this folder would
+    try:
+        with pytest.raises(ConfigError, match=r"is being trained by another kdistill command .*choose another --output"):
+            distill(tiny_recipe, progress=False)
+        assert not out.exists()
+    finally:
+        held.release()
+    assert (distill(tiny_recipe, progress=False) / "kdistill.json").exists()

@@ -11,6 +11,8 @@ Layout of `output/`:
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 from pathlib import Path
 
@@ -241,7 +243,39 @@ def run_lion_stage(stage, index: int, recipe: Recipe, out: Path, resume: bool, p
     return target
 
 
+@contextlib.contextmanager
+def run_lock(out: Path):
+    """One command at a time trains a run folder: a second `run` of it, or a compare started again while an earlier
+    one (or its workers) still trains, would write the same checkpoints over each other. An OS file lock beside the
+    folder, so a killed command leaves none held. The processes of one distributed launch share the run: they take
+    none."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        yield
+        return
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(out.parent / f".{out.name}.run.lock"))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ConfigError(f"output {out} is being trained by another kdistill command (it holds {lock.lock_file}); "
+                          f"wait for it to end, or choose another --output") from None
+    except OSError as err:
+        raise ConfigError(f"output {out}: cannot write the run there ({err.strerror or err}); choose another "
+                          f"--output") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, console=None, progress: bool = True) -> Path:
+    with run_lock(Path(recipe.output)):
+        return train_recipe(recipe, resume, force, console, progress)
+
+
+def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: bool) -> Path:
     from kdistill.engine.build import build_stage
     from kdistill.engine.logs import plot_losses
     from kdistill.engine.loop import StageTrainer
