@@ -166,7 +166,7 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
                       "out" + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
     path = Path(output) if output else Path(student) / "eval.json"
     check_report_path(path)  # before the evaluation, not after it, which would lose its results
-    result = evaluate(student, trained_recipe(teacher) if teacher else None, [spec_from_arg(d) for d in data],
+    result = evaluate(student, eval_teacher(teacher) if teacher else None, [spec_from_arg(d) for d in data],
                       split=split, limit=limit, max_length=max_length, speed=speed)
     console.print(render_table(result))
     save(result, path)
@@ -174,11 +174,10 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
 
 
 def untrained_recipe(model) -> bool:
-    from kdistill.engine.export import is_complete
-    from kdistill.teachers.recipe_runs import PREFIX, recipe_output
+    from kdistill.teachers.recipe_runs import PREFIX, trained_recipe
 
     ref = str(model or "")
-    return ref.startswith(PREFIX) and not is_complete(recipe_output(ref[len(PREFIX):]) / "student")
+    return ref.startswith(PREFIX) and trained_recipe(ref) is None
 
 
 def check_report_path(path: Path) -> None:
@@ -194,19 +193,18 @@ def check_report_path(path: Path) -> None:
             break
 
 
-def trained_recipe(teacher: str) -> str:
+def eval_teacher(teacher: str) -> str:
     """recipe:NAME as the model that recipe trained; evaluating does not start its training."""
     from kdistill.errors import ConfigError
-
-    from kdistill.engine.export import is_complete
-    from kdistill.teachers.recipe_runs import PREFIX, recipe_output
+    from kdistill.teachers.recipe_runs import PREFIX, recipe_output, trained_recipe
 
     if not teacher.startswith(PREFIX):
         return teacher
-    trained = recipe_output(teacher[len(PREFIX):]) / "student"
-    if not is_complete(trained):
-        raise ConfigError(f"--teacher {teacher}: that recipe has not been trained here yet (no {trained}); "
-                          f"`kdistill run {teacher[len(PREFIX):]}` trains it")
+    trained = trained_recipe(teacher)
+    if trained is None:
+        raise ConfigError(f"--teacher {teacher}: that recipe has not been trained here yet (no "
+                          f"{recipe_output(teacher[len(PREFIX):]) / 'student'}); `kdistill run {teacher[len(PREFIX):]}` "
+                          f"trains it")
     return str(trained)
 
 

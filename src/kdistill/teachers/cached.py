@@ -256,16 +256,15 @@ def check_store_teacher(model_ref: str, store_teacher_dir: str, where: str, trus
     and tokenizer are compared with the copies the store keeps; its weights are not read (that is a pass over the
     teacher's files, which a store exists to spare; the manifest keeps their fingerprint). A ``recipe:NAME`` teacher
     that is not trained yet is not trained for this."""
-    from kdistill.engine.export import is_complete
     from kdistill.models.loading import load_config, load_tokenizer
-    from kdistill.teachers.recipe_runs import PREFIX, recipe_output
+    from kdistill.teachers.recipe_runs import PREFIX, trained_recipe
 
     ref = str(model_ref)
     if ref.startswith("stage:"):  # an earlier stage's student: `kdistill run` resolves it, `validate` cannot yet
         return
     if ref.startswith(PREFIX):
-        trained = recipe_output(ref[len(PREFIX):]) / "student"
-        if not is_complete(trained):
+        trained = trained_recipe(ref)
+        if trained is None:
             return
         ref = str(trained)
     path, named = load_config(ref, trust_remote_code)

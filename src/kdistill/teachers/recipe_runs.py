@@ -24,6 +24,17 @@ def recipe_output(name: str) -> Path:
     return kdistill_home() / "recipes" / name
 
 
+def trained_recipe(ref: str) -> Path | None:
+    """`recipe:NAME`'s trained model folder, without training it: None when it is not trained yet. Any other
+    reference is no recipe: a ValueError (callers check the prefix first)."""
+    from kdistill.engine.export import is_complete
+
+    if not str(ref).startswith(PREFIX):
+        raise ValueError(f"{ref!r} is not a {PREFIX}NAME reference")
+    student = recipe_output(str(ref)[len(PREFIX):]) / "student"
+    return student if is_complete(student) else None
+
+
 def resolve_teacher(ref: str, console=None) -> str:
     """A model reference for loading; `recipe:NAME` is trained first if it has not been yet."""
     if not str(ref).startswith(PREFIX):
