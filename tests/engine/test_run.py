@@ -113,6 +113,16 @@ def test_a_forced_resume_goes_on_under_the_changed_settings(tiny_recipe, tmp_pat
     assert resumed[1] != reference[1]  # the steps before it ran under the old rate
 
 
+def test_a_forced_resume_says_what_it_cannot_change(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    # weight decay 0 puts every parameter in one optimizer group: the checkpoint's moments no longer fit
+    changed = {**tiny_recipe, "train": {**tiny_recipe["train"], "weight_decay": 0.0}}
+    with pytest.raises(CheckpointError, match=r"does not fit this run.*can change how the stage trains .*not what it "
+                                              r"trains"):
+        distill(changed, resume=True, force=True, progress=False)
+
+
 def test_a_forced_resume_cannot_shorten_a_stage_past_its_checkpoint(tiny_recipe, killed_run):
     tiny_recipe["train"].update(steps=6, save_every=4)
     killed_run(tiny_recipe, step=5)  # the checkpoint is at step 4

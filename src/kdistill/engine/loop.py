@@ -288,10 +288,18 @@ class StageTrainer(StartFits):
             return False
         changed = self.force and read_manifest(checkpoints[-1])["recipe_hash"] not in self.accepted_hashes
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
-        state = load_checkpoint(checkpoints[-1], model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
-                                scheduler=self.scheduler, rank=self.acc.process_index,
-                                recipe_hash=None if changed else self.accepted_hashes,
-                                extras=self.extras())
+        try:
+            state = load_checkpoint(checkpoints[-1], model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
+                                    scheduler=self.scheduler, rank=self.acc.process_index,
+                                    recipe_hash=None if changed else self.accepted_hashes,
+                                    extras=self.extras())
+        except CheckpointError as err:
+            if not changed or "does not fit" not in str(err):
+                raise
+            raise CheckpointError(f"{err}. A forced resume can change how the stage trains (steps, learning rate, "
+                                  f"schedule), not what it trains: other loss terms, train.freeze, train.lr_scale or a "
+                                  f"weight_decay of 0 change the student's parameters or their optimizer groups; undo "
+                                  f"that change, or start a new run with another --output") from None
         if changed:
             if state["step"] > self.cfg.steps:
                 raise CheckpointError(f"{checkpoints[-1]} is at step {state['step']}, past this recipe's "
