@@ -49,9 +49,9 @@ def check_model(ref: str | None, where: str) -> None:
 
 def check_source(source: DataSource, split: str, where: str) -> None:
     from kdistill.data.corpora import check_split
+    from kdistill.data.sources import require_path
 
     if source.source is not None:
         check_split(source.split or split, f"{where}.split")
-    if source.path is not None and not str(source.path).startswith("stage:") and not Path(source.path).exists():
-        raise DataError(f"{where}: data file not found: {source.path} (paths are relative to the working directory "
-                        f"{Path.cwd()})")
+    if source.path is not None and not str(source.path).startswith("stage:"):
+        require_path(str(source.path), where)

@@ -75,12 +75,17 @@ def label_names(records: Iterable[dict]) -> list[str]:
 # ---------------------------------------------------------------- local files
 
 
+def require_path(path: str, where: str = "") -> None:
+    """A `path:` source that does not exist, named with the folder relative paths start from."""
+    if not os.path.exists(path):
+        raise DataError(f"{where + ': ' if where else ''}data file not found: {path} (paths are relative to the working "
+                        f"directory {os.getcwd()})")
+
+
 def _load_path(path: str, fields: dict, split: str, limit: int | None):
     # A plain file is one split already (the recipe names one file per split); only a saved
     # DatasetDict folder has splits to choose from.
-    if not os.path.exists(path):
-        raise DataError(f"data file not found: {path} (paths are relative to the working "
-                        f"directory {os.getcwd()})")
+    require_path(path)
     if os.path.isdir(path):
         from kdistill.data.images import image_folder, is_image_folder
 
