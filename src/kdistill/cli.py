@@ -297,7 +297,8 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
 @friendly
 def export_cmd(model_dir: str = typer.Argument(..., help="a finished student directory (or a run directory)"),
                out: str = typer.Argument(..., help="where to write the exported model"),
-               packed: bool = typer.Option(False, "--packed", help="pack 1-bit weights into bits (8 per byte)")):
+               packed: bool = typer.Option(False, "--packed", help="pack 1-bit weights into bits (8 per byte); "
+                                           "required: the one export format so far")):
     """Export a student. --packed: a real 1-bit model (signs as bits + one scale per row) that
     `kdistill.load_model` / `kdistill eval` load back with the same outputs."""
     from pathlib import Path
@@ -305,17 +306,20 @@ def export_cmd(model_dir: str = typer.Argument(..., help="a finished student dir
     from kdistill.errors import ConfigError
     from kdistill.quant.packing import export_packed
 
+    source = Path(model_dir)
+    if not source.exists():
+        raise ConfigError(f"{model_dir} does not exist: give a finished student directory or a run directory")
     if not packed:
         raise ConfigError("export has one format so far: add --packed (a student directory is already a "
                           "Hugging Face model directory)")
-    source = Path(model_dir)
     if (source / "student" / "config.json").exists():
         source = source / "student"
     report = export_packed(str(source), out)
     fp = report["quantized_linear_fp32_bytes"]
     console.print(f"wrote {out}: quantized linear weights {report['quantized_linear_packed_bytes']:,} bytes packed "
                   f"vs {fp:,} bytes FP32 (1/{fp / report['quantized_linear_packed_bytes']:.1f}); "
-                  f"file {report['packed_file_bytes']:,} bytes vs {report['source_file_bytes'] or 0:,}")
+                  f"file {report['packed_file_bytes']:,} bytes"
+                  + (f" vs {report['source_file_bytes']:,}" if report["source_file_bytes"] else ""))
 
 
 @app.command("compare-pad")

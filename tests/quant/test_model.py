@@ -120,3 +120,26 @@ def test_packed_export_refuses_a_non_binary_student(classifier, tokenizer, tmp_p
     tokenizer.save_pretrained(tmp_path / "ternary")
     with pytest.raises(ConfigError, match="1-bit"):
         export_packed(str(tmp_path / "ternary"), str(tmp_path / "packed"))
+
+
+def test_packed_export_replaces_only_its_own_output(classifier, batch, tokenizer, tmp_path):
+    quantize_model(classifier, {"weights": 1, "activations": 8})
+    classifier.save_pretrained(tmp_path / "run" / "student")
+    tokenizer.save_pretrained(tmp_path / "run" / "student")
+    student = str(tmp_path / "run" / "student")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("keep")
+    (tmp_path / "afile").write_text("keep")
+    for target, match in [(student, "is the student"), (str(tmp_path / "run"), "holds it"),
+                          (f"{student}/packed", "inside it"), (str(user), "not an earlier packed export"),
+                          (str(tmp_path / "afile"), "is a file")]:
+        with pytest.raises(ConfigError, match=match):
+            export_packed(student, target)
+    assert (user / "notes.txt").read_text() == "keep" and (tmp_path / "afile").read_text() == "keep"
+    assert (tmp_path / "run" / "student" / "model.safetensors").exists()
+    with pytest.raises(ConfigError, match="does not exist"):
+        export_packed(str(tmp_path / "missing"), str(tmp_path / "out"))
+    export_packed(student, str(tmp_path / "packed"))
+    export_packed(student, str(tmp_path / "packed"))  # an earlier export is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine", "packed", "run"]

@@ -95,3 +95,7 @@ def test_cli_packed_export(pipeline, tmp_path):
     refused = runner.invoke(app, ["export", str(Path(pipeline["output"]) / "stages" / "fp" / "student"),
                                   str(tmp_path / "p2"), "--packed"])
     assert refused.exit_code == 2 and "not a quantized student" in refused.output
+    missing = runner.invoke(app, ["export", str(tmp_path / "nothing"), str(tmp_path / "p3")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    into_run = runner.invoke(app, ["export", str(Path(pipeline["output"])), str(Path(pipeline["output"])), "--packed"])
+    assert into_run.exit_code == 2 and "holds it" in into_run.output and student.exists()

@@ -62,12 +62,13 @@ def export_packed(model_dir: str, out_dir: str) -> dict:
 
     from kdistill.models.loading import load_model
 
+    out = Path(out_dir)
+    check_export_target(Path(model_dir), out)
     loaded = load_model(model_dir)
     if not getattr(loaded.model.config, "kdistill_quant", None):
         raise ConfigError(f"{model_dir} is not a quantized student (its config has no kdistill_quant); "
                           f"train it with a recipe that has `quant: {{weights: 1}}`")
     tensors, sizes = pack_state(loaded.model)
-    out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -84,10 +85,33 @@ def export_packed(model_dir: str, out_dir: str) -> dict:
               "source_file_bytes": source.stat().st_size if source.exists() else None}
     report["quantized_linear_ratio"] = sizes["quantized_linear_packed_bytes"] / sizes["quantized_linear_fp32_bytes"]
     (tmp / "packed.json").write_text(json.dumps(report, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
+    old = None
+    if out.exists():  # an earlier export (checked above): moved aside first, deleted once replaced
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
     os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     return report
+
+
+def is_packed_export(path: Path) -> bool:
+    return path.is_dir() and (path / PACKED_FILE).is_file() and (path / "packed.json").is_file()
+
+
+def check_export_target(source: Path, out: Path) -> None:
+    """The export replaces only an earlier export or an empty folder, never the student it reads or a user's files."""
+    if not source.exists():
+        raise ConfigError(f"{source} does not exist: give a finished student directory or a run directory")
+    src, dst = source.resolve(), out.resolve()
+    if dst == src or dst in src.parents or src in dst.parents:
+        raise ConfigError(f"the export folder {out} is the student {source}, inside it, or holds it (it would be "
+                          f"replaced by its own export): pick an output path outside both")
+    if out.is_file():
+        raise ConfigError(f"{out} is a file: pick a folder path for the export")
+    if out.is_dir() and any(out.iterdir()) and not is_packed_export(out):
+        raise ConfigError(f"{out} is a non-empty folder that is not an earlier packed export; an export replaces only "
+                          f"its own output: pick another path, or move that folder away")
 
 
 def unpack_into(model, path: str) -> None:
