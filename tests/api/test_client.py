@@ -269,3 +269,15 @@ def test_an_echoed_prompts_first_token_may_have_a_null_log_probability_and_no_ot
     assert parsed.token_logprobs == [None, -0.5] and parsed.top_logprobs == [[], [("b", -0.5), ("c", -1.5)]]
     with pytest.raises(GarbageResponse, match="malformed logprobs"):
         _completion("k", "/completions", answer([-0.1, None]), cached=False)
+
+
+def test_a_broken_service_is_given_up_on_not_asked_item_by_item(stub, tmp_path):
+    stub.script = [("status", 501)] * 100  # 501: not implemented, never retried
+    with api(stub.url, max_concurrency=2, cache_path=tmp_path / "a.sqlite") as client:
+        with pytest.raises(TeacherUnavailable, match=r"failed 8 requests in a row .*HTTP 501.*cached in"):
+            client.map([{"prompt": str(i)} for i in range(60)], progress=False)
+    assert len(stub.seen) < 20  # the 501s once each, and what was in flight; not all 60
+    stub.script = [("status", 404)] + [("ok",)] * 3 + [("status", 404)] * 7 + [("ok",)]
+    with api(stub.url, max_concurrency=1) as client:  # scattered failures are items, not a dead service
+        results = client.map([{"prompt": str(i)} for i in range(12)], progress=False)
+    assert [r.ok for r in results] == [False, True, True, True] + [False] * 7 + [True]

@@ -28,7 +28,12 @@ from kdistill.errors import ConfigError, KdistillError
 
 log = logging.getLogger("kdistill.api.client")
 
-SERVE_HINT = "start it (for a local model: `kdistill serve-teacher MODEL_DIR --port N`) or fix teacher.api.base_url"
+SERVE_HINT = ("start it (for a local model: `kdistill serve-teacher MODEL_DIR --port N`) or fix its address "
+              "(teacher.api.base_url in a recipe, --base-url on the command line)")
+
+
+# Busy or briefly failing: worth another try. 501 (not implemented) and the other 4xx are permanent.
+RETRIED = frozenset({408, 429, 500, 502, 503, 504})
 
 
 class TeacherUnavailable(KdistillError):
@@ -155,14 +160,20 @@ class TeacherAPI:
         """One chat completion; raises TeacherRequestError if it fails after its retries."""
         return self._one({"messages": messages, "candidate": candidate, **sampling})
 
-    def map(self, requests: list[dict], progress: bool = True) -> list[Completion | Failure]:
+    def map(self, requests: list[dict], progress: bool = True,
+            give_up_after: int | None = None) -> list[Completion | Failure]:
         """Ask every request ({"prompt": ...} or {"messages": ...}, sampling settings, optional
         "candidate"), ``max_concurrency`` at a time; results come back in order. Identical requests
-        are asked once. Each answer is cached the moment it arrives."""
+        are asked once. Each answer is cached the moment it arrives.
+
+        One bad item is a Failure in the results, but ``give_up_after`` failures in a row (default
+        max(8, 2 * max_concurrency)) mean the service itself is broken (a wrong endpoint, a server
+        answering 501 or 500 to everything): the rest is not asked and TeacherUnavailable is raised."""
         prepared = [self._prepare(request, f"requests[{i}]") for i, request in enumerate(requests)]
         unique = {key: (endpoint, body) for key, endpoint, body in prepared}
         answers: dict[str, Completion | Failure] = {}
-        failed = cached = 0
+        failed = cached = in_a_row = 0
+        give_up_after = give_up_after or max(8, 2 * self.max_concurrency)
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                    TimeRemainingColumn)
 
@@ -179,12 +190,21 @@ class TeacherAPI:
                     answer = answers[futures[future]] = future.result()
                     failed += not answer.ok
                     cached += bool(answer.ok and answer.cached)
+                    in_a_row = 0 if answer.ok else in_a_row + 1
                     bar.update(task, advance=1, cached=cached, failed=failed)
+                    if in_a_row >= give_up_after:
+                        raise TeacherUnavailable(self._gave_up(in_a_row, answer, len(unique) - len(answers)))
         except BaseException:  # Ctrl-C: drop what has not started; finished answers are already cached
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
         return [answers[key] for key, _, _ in prepared]
+
+    def _gave_up(self, in_a_row: int, last: Failure, left: int) -> str:
+        kept = (f"the answers that came back are cached in {self.cache.path}, so a new run asks only for the rest"
+                if self.cache is not None else "nothing was cached (no cache_path)")
+        return (f"the teacher API at {self.base_url} failed {in_a_row} requests in a row (last: {last.error}); "
+                f"stopped without asking the {left} left: {SERVE_HINT}; {kept}")
 
     def check(self, budget_s: float = 10) -> list[str]:
         """One GET /models (retried within ``budget_s``): the ids the service lists. Raises
@@ -265,8 +285,8 @@ class TeacherAPI:
 
     def _send(self, method: str, path: str, body: dict | None, *, deadline: float | None = None,
               timeout: float | None = None) -> httpx.Response:
-        """The request with retries: timeouts, connection errors, 429 and 5xx are retried with
-        exponential backoff and jitter (or the server's Retry-After); other 4xx fail at once."""
+        """The request with retries: timeouts, connection errors and the statuses in RETRIED are retried
+        with exponential backoff and jitter (or the server's Retry-After); other errors fail at once."""
         attempts = 0
         while True:
             attempts += 1
@@ -286,7 +306,7 @@ class TeacherAPI:
                     return response
                 status, retry_after = response.status_code, _retry_after(response)
                 problem = f"HTTP {status}: {self._redact(_error_message(response))[:300]}"
-                if status != 429 and status < 500:
+                if status not in RETRIED:
                     raise _Failed(problem, status, attempts)
             if retry_after is None:  # exponential, with jitter so parallel workers do not retry in step
                 retry_after = self.backoff_s * 2 ** (attempts - 1) * random.uniform(0.5, 1.5)
