@@ -339,6 +339,10 @@ def test_a_recipe_compare_cannot_run_is_refused_before_anything_trains(tiny_reci
     path.write_text(yaml.safe_dump(tiny_recipe))
     with pytest.raises(ConfigError, match="compare-lion"):
         compare(["lion", str(path)], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
+    with pytest.raises(ConfigError, match="results .* is a folder"):  # not after the runs, losing the table
+        compare([str(path)], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path))
+    with pytest.raises(ConfigError, match="none of teacher-supersense distils from a teacher"):
+        compare(["teacher-supersense"], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
     assert not (tmp_path / "runs").exists()
 
 

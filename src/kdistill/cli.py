@@ -155,7 +155,7 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
              speed: bool = typer.Option(True, help="measure encode speed (tens of seconds on a CPU)"),
              output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json)")):
     """Compare a student with its teacher: size, speed, embedding fidelity, accuracy or perplexity."""
-    from kdistill.eval.report import evaluate, render_table, save, spec_from_arg
+    from kdistill.eval.report import check_report_path, evaluate, render_table, save, spec_from_arg
 
     if teacher is None:  # an embedding student has no metric of its own: the table would be empty
         import json
@@ -165,7 +165,7 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
         console.print("[yellow]no --teacher[/yellow]: fidelity to a teacher (cosine, similarity, neighbours) is left "
                       "out" + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
     path = Path(output) if output else Path(student) / "eval.json"
-    check_report_path(path)  # before the evaluation, not after it, which would lose its results
+    check_report_path(path, "--output", "eval.json")  # before the evaluation, not after it, which would lose its results
     result = evaluate(student, eval_teacher(teacher) if teacher else None, [spec_from_arg(d) for d in data],
                       split=split, limit=limit, max_length=max_length, speed=speed)
     console.print(render_table(result))
@@ -178,19 +178,6 @@ def untrained_recipe(model) -> bool:
 
     ref = str(model or "")
     return ref.startswith(PREFIX) and trained_recipe(ref) is None
-
-
-def check_report_path(path: Path) -> None:
-    from kdistill.errors import ConfigError
-
-    if path.is_dir():
-        raise ConfigError(f"--output {path} is a folder; give the report's file name, e.g. {path / 'eval.json'}")
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(f"--output {path}: {parent} is a file, so no folder can be made there; "
-                                  f"choose another path")
-            break
 
 
 def eval_teacher(teacher: str) -> str:

@@ -118,19 +118,22 @@ def evaluation_points(recipe: Recipe) -> list[tuple[str, int]]:
     return [(f" [{labels[i]}]", i) for i in ends] + [(f" [{labels[last]}]", last)]
 
 
+def asks_teacher(stage) -> bool:
+    """Whether a stage runs its teacher: a loss reads it, it trains in the loop, or its blocks are in a hybrid."""
+    from kdistill.losses import LOSSES
+
+    hybrid = stage.student is not None and stage.student.theseus is not None
+    return hybrid or stage.teacher.update is not None or any(LOSSES.get(p.type).needs_teacher for p in stage.losses)
+
+
 def estimated_train_flops(recipe: Recipe, student_params: int, teacher_params: int, tokens_per_seq: float) -> float:
     """6·N·D for the student's forward and backward plus, per stage, 2·N·D for the teacher's forward (or its
     blocks inside a Theseus hybrid), 6·N·D where it trains in the loop (ProKT), nothing where no loss asks it
     (a baseline) (non-embedding parameters, D = tokens seen): an estimate for comparing pipelines, not a
     measurement."""
-    from kdistill.losses import LOSSES
-
     total = 0.0
     for stage in recipe.stages:
-        hybrid = stage.student is not None and stage.student.theseus is not None
-        asks = hybrid or stage.teacher.update is not None or any(LOSSES.get(p.type).needs_teacher
-                                                                 for p in stage.losses)
-        teacher = (6 if stage.teacher.update is not None else 2) * teacher_params if asks else 0
+        teacher = (6 if stage.teacher.update is not None else 2) * teacher_params if asks_teacher(stage) else 0
         total += stage.train.steps * stage.train.batch_size * tokens_per_seq * (6 * student_params + teacher)
     return total
 
@@ -176,6 +179,7 @@ def seed_run(r: Recipe, baseline: bool, folder: Path, seed: int, quick: bool) ->
 def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str = "runs/compare",
             results: str = "docs/results.md", console=None, baselines: bool = True, jobs: int = 1) -> dict:
     from kdistill.eval.metrics import count_parameters, non_embedding_parameters
+    from kdistill.eval.report import check_report_path
     from kdistill.engine.run import stage_student_dir
     from kdistill.models.loading import load_model
 
@@ -183,13 +187,19 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         raise ConfigError("compare needs at least one recipe name or file")
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    check_report_path(results, "results", "results.md")  # before the runs, not after them
     root = Path(output) / ("quick" if quick else "full")
     rows, teacher_row = [], None
     done_baselines: dict[str, list[dict]] = {}  # baseline key -> its rows, whose baseline_of lists recipes
     finished: dict[int, list[Recipe]] = {}  # seed -> runs trained (or reused) so far
     recipes = [load_recipe(name) for name in names]
+    distilling = [r for r in recipes if any(map(asks_teacher, r.stages))]
+    if not distilling:  # a teacher recipe's `teacher:` is the model it starts from, not a reference to score
+        raise ConfigError(f"none of {', '.join(names)} distils from a teacher (each trains on labels only, like a "
+                          f"teacher recipe or a baseline); compare scores distillation recipes against their "
+                          f"no-teacher baselines: name at least one (e.g. one whose teacher is recipe:{names[0]})")
     # the table's teacher: the first fixed one (a ProKT teacher may start untrained and learn in the loop)
-    reference = next((r for r in recipes if r.stages[-1].teacher.update is None), recipes[0])
+    reference = next((r for r in distilling if r.stages[-1].teacher.update is None), distilling[0])
     for name, recipe in zip(names, recipes):
         if any(getattr(s, "lion", None) is not None for s in recipe.stages):
             raise ConfigError(f"{name} runs Lion rounds; compare it with `kdistill compare-lion` (ROUGE-L per round "

@@ -10,6 +10,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def spread(values: list[float], digits: int) -> str:
+    """'mean ± std' over seeds; one seed has no spread to show (a '± 0' would claim one)."""
+    m, s = mean_std(values)
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if len(values) > 1 else f"{m:.{digits}f}"
+
+
 def markdown(report: dict) -> str:
     teacher, metric = report["teacher"], report["metric"]
     t_acc = teacher["score"][0] if teacher.get("score") else None  # None: a teacher that learns in the loop
@@ -31,10 +37,10 @@ def markdown(report: dict) -> str:
              f"| teacher ({teacher['ref']}) | {t_cells} | {teacher['params']:,} | 1.00× |"
              + " |" * (len(head) - 5 - ppl) + (f" {teacher['perplexity'][0]:.2f} |" if ppl else "")]
     for row in report["rows"]:
-        m, s = mean_std(row["score"])
+        m = statistics.mean(row["score"])
         shared = (row.get("baseline_of") or [])[1:]
         name = row["name"] + (f" (also the baseline of {', '.join(shared)})" if shared else "")
-        cells = [name, f"{m:.4f} ± {s:.4f}" + (f" ({len(row['score'])})" if mixed else ""), f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
+        cells = [name, spread(row["score"], 4) + (f" ({len(row['score'])})" if mixed else ""), f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
                  f"{row['speedup']:.2f}×" if row["speedup"] else "—", str(row.get("steps", "")),
                  f"{statistics.mean(row['wall_time_s']):.0f}" if row.get("wall_time_s") else ""]
         if flops:
@@ -44,8 +50,7 @@ def markdown(report: dict) -> str:
             cells.append(f"{p['quantized_linear_packed_bytes'] / 2**20:.2f} MiB "
                          f"(1/{1 / p['quantized_linear_ratio']:.1f})" if p else "")
         if ppl:
-            pm, ps = mean_std(row["perplexity"])
-            cells.append(f"{pm:.2f} ± {ps:.2f}")
+            cells.append(spread(row["perplexity"], 2))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

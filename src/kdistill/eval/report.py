@@ -279,3 +279,18 @@ def save(result: dict, path: str | os.PathLike) -> str:
         json.dump(_finite(result), f, indent=2, allow_nan=False)
         f.write("\n")
     return path
+
+
+def check_report_path(path: str | os.PathLike, option: str, file_name: str) -> None:
+    """Refuse a report path that cannot be written, before the work whose results it would lose."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{option} {path} is a folder; give the report's file name, e.g. {path / file_name}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"{option} {path}: {parent} is a file, so no folder can be made there; "
+                                  f"choose another path")
+            break
