@@ -35,9 +35,28 @@ def distill(recipe, overrides=(), output: str | None = None, resume: bool = Fals
     from kdistill.config import Recipe
     from kdistill.engine.run import run_recipe
 
-    if not isinstance(recipe, Recipe) or overrides or output:
-        recipe = load_recipe(recipe, overrides, output)
-    return run_recipe(recipe, resume=resume, force=force, console=Console(), progress=progress)
+    from kdistill.errors import KdistillError
+
+    try:
+        if not isinstance(recipe, Recipe) or overrides or output:
+            recipe = load_recipe(recipe, overrides, output)
+        return run_recipe(recipe, resume=resume, force=force, console=Console(), progress=progress)
+    except KdistillError as err:
+        raise type(err)(in_api_words(str(err))) from err.__cause__
+
+
+# The engine's refusals name the command line's flags; a Python caller passes the keywords instead.
+API_WORDS = {"--resume --force": "resume=True, force=True", "--resume": "resume=True", "--force": "force=True",
+             "--output": "output=", "--set": "overrides="}
+
+
+def in_api_words(message: str) -> str:
+    import re
+
+    from kdistill.engine.disk import RERUN
+
+    words = {RERUN: "call distill again with resume=True", **API_WORDS}  # longest first: the regex takes the first
+    return re.sub("|".join(map(re.escape, words)), lambda m: words[m.group(0)], message)
 
 
 def load_model(ref: str, task: str = "auto"):

@@ -284,6 +284,11 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
 
 def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> Recipe:
     """A validated Recipe from a file, a built-in name, or a dict, with `a.b=value` overrides applied."""
+    if not isinstance(ref, (str, Path, dict)):
+        raise ConfigError(f"a recipe is a built-in name, a YAML file path or a dict; got {type(ref).__name__} "
+                          f"{ref!r} (`kdistill recipes` lists the names)")
+    if not all(isinstance(o, str) for o in overrides):
+        raise ConfigError(f"overrides are 'KEY=VALUE' strings (as --set takes), got {list(overrides)!r}")
     if isinstance(ref, dict):
         raw, source = copy.deepcopy(ref), "recipe"
     else:

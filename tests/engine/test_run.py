@@ -77,8 +77,12 @@ def test_an_output_folder_holding_other_things_is_refused_and_left_as_it_was(tin
 
 def test_rerun_without_resume_refuses_to_overwrite(tiny_recipe):
     distill(tiny_recipe, progress=False)
-    with pytest.raises(ConfigError, match="--resume"):
-        distill(tiny_recipe, progress=False)
+    with pytest.raises(ConfigError, match="pass resume=True to continue it, or choose another output="):
+        distill(tiny_recipe, progress=False)  # the Python API's words, not the command line's flags
+    with pytest.raises(ConfigError, match="a recipe is a built-in name, a YAML file path or a dict; got int 42"):
+        distill(42)
+    with pytest.raises(ConfigError, match="overrides are 'KEY=VALUE' strings"):
+        distill(tiny_recipe, overrides=[3])
 
 
 def test_resume_with_changed_recipe_is_refused_unless_forced(tiny_recipe, killed_run):
@@ -189,7 +193,7 @@ def test_a_finished_run_is_not_relabelled_as_trained_by_a_changed_recipe(tiny_re
     student = distill(tiny_recipe, progress=False)
     resolved = (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text()
     longer = {**tiny_recipe, "train": {**tiny_recipe["train"], "steps": 3}}
-    with pytest.raises(CheckpointError, match="finished run.*choose another --output"):
+    with pytest.raises(CheckpointError, match="finished run.*choose another output="):
         distill(longer, resume=True, force=True, progress=False)
     assert (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text() == resolved  # still the truth
     assert json.loads((student / "kdistill.json").read_text())["steps"] == tiny_recipe["train"]["steps"]
@@ -207,7 +211,7 @@ def test_an_unreadable_saved_recipe_names_the_way_out(tiny_recipe, killed_run):
     tiny_recipe["train"].update(steps=4, save_every=2)
     killed_run(tiny_recipe, step=3)
     (Path(tiny_recipe["output"]) / "config.resolved.yaml").write_text("")
-    with pytest.raises(CheckpointError, match="corrupt.*--resume --force"):
+    with pytest.raises(CheckpointError, match="corrupt.*Pass resume=True, force=True"):
         distill(tiny_recipe, resume=True, progress=False)
     assert (distill(tiny_recipe, resume=True, force=True, progress=False) / "kdistill.json").exists()
 
@@ -289,7 +293,7 @@ def test_a_full_disk_at_export_is_named_and_resume_finishes_the_same_student(tin
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", fills_the_disk)
-    with pytest.raises(OutputError, match=r"could not write the student .*: the disk is full .*--resume"):
+    with pytest.raises(OutputError, match=r"could not write the student .*: the disk is full .*call distill again with resume=True"):
         distill(tiny_recipe, progress=False)
     out = Path(tiny_recipe["output"])
     assert not [p.name for p in out.iterdir() if "student" in p.name]  # nothing half-written, nothing called finished
@@ -533,7 +537,7 @@ def test_a_run_folder_another_command_is_training_is_refused(tiny_recipe):
     held = FileLock(str(out.parent / f".{out.name}.run.lock"))
     held.acquire()  # as another `kdistill run` of this folder would
     try:
-        with pytest.raises(ConfigError, match=r"is being trained by another kdistill command .*choose another --output"):
+        with pytest.raises(ConfigError, match=r"is being trained by another kdistill command .*choose another output="):
             distill(tiny_recipe, progress=False)
         assert not out.exists()
     finally:
