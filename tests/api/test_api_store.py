@@ -119,3 +119,11 @@ def test_an_answer_without_echoed_logprobs_fails_its_text_and_is_asked_again_nex
     (answer,) = echoed_scores(service, [score_request([5, 6], 2)], progress=False)
     assert not answer.ok and "no echoed logprobs" in answer.error
     assert "k1" not in service.cache  # not kept: the next run asks the service again
+
+
+def test_bad_settings_are_refused_before_the_service_is_asked(recipe):
+    from kdistill.errors import ConfigError
+
+    for settings in ({"k": 0}, {"dtype": "bfloat8"}, {"max_tokens": -1}):
+        with pytest.raises(ConfigError, match=r"k must be >= 1 .*dtype float16 or float32"):
+            cache_api_teacher(recipe, {"base_url": "http://127.0.0.1:9", "model": "m"}, "unused", **settings)
