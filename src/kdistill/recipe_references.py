@@ -3,7 +3,6 @@ refers to exist (a misspelt recipe:, packaged: or blueprint: name, a missing dat
 split). `validate --full` and `run` load them and find the rest (layers, widths, taps)."""
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 
 from kdistill.config import DataSource, Recipe
@@ -29,21 +28,12 @@ def check_references(recipe: Recipe) -> None:
 
 
 def check_model(ref: str | None, where: str) -> None:
-    from kdistill.config import builtin_recipes
-    from kdistill.models.blueprints import BLUEPRINTS
-    from kdistill.models.loading import PACKAGED
+    from kdistill.models.loading import check_model_name, looks_local
 
     if not ref or str(ref).startswith("stage:"):  # an earlier stage's student: exists once that stage has run
         return
-    ref = str(ref)
-    kind, _, name = ref.partition(":")
-    known = {"recipe": list(builtin_recipes()), "packaged": list(PACKAGED), "blueprint": BLUEPRINTS.names()}
-    if kind in known and name not in known[kind]:
-        close = difflib.get_close_matches(name, known[kind], n=1, cutoff=0.5)
-        hint = f"; did you mean {kind}:{close[0]}?" if close else ""
-        raise ConfigError(f"{where}: unknown {kind} model {name!r}{hint} valid: {', '.join(known[kind])}")
-    path = Path(ref).expanduser()
-    if kind not in known and ref.startswith((".", "/", "~")) and not path.is_dir():
+    check_model_name(str(ref), where)
+    if looks_local(str(ref)) and not Path(ref).expanduser().is_dir():  # the loader's rule: not tried on the hub
         raise DataError(f"{where}: model directory {ref!r} does not exist")
 
 

@@ -102,3 +102,16 @@ def test_a_killed_command_leaves_no_lock_behind(untrained_teacher):
     holder.wait()
     assert resolve_teacher("recipe:teacher-supersense") == str(out / "student")
     assert trained == ["teacher-supersense"]
+
+
+def test_recipe_names_a_built_in_recipe_with_the_closest_suggested(tmp_path):
+    from kdistill.errors import ConfigError
+    from kdistill.models.loading import packaged_dir
+
+    with pytest.raises(ConfigError, match="unknown recipe model 'lm-teachr'; did you mean recipe:lm-teacher?"):
+        resolve_teacher("recipe:lm-teachr")
+    (tmp_path / "mine.yaml").write_text("name: mine\n")  # a file is a recipe to run, not a cached teacher
+    with pytest.raises(ConfigError, match="unknown recipe model"):
+        resolve_teacher(f"recipe:{tmp_path / 'mine.yaml'}")
+    with pytest.raises(ConfigError, match="did you mean packaged:all-MiniLM-L6-v2?"):
+        packaged_dir("all-MiniLM-L6")

