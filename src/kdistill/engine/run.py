@@ -246,28 +246,19 @@ def run_lion_stage(stage, index: int, recipe: Recipe, out: Path, resume: bool, p
 @contextlib.contextmanager
 def run_lock(out: Path):
     """One command at a time trains a run folder: a second `run` of it, or a compare started again while an earlier
-    one (or its workers) still trains, would write the same checkpoints over each other. An OS file lock beside the
-    folder, so a killed command leaves none held. The processes of one distributed launch share the run: they take
-    none."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        yield
-        return
-    from filelock import FileLock, Timeout
+    one (or its workers) still trains, would write the same checkpoints over each other."""
+    from kdistill.engine.locks import folder_lock
 
-    lock = FileLock(str(out.parent / f".{out.name}.run.lock"))
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ConfigError(f"output {out} is being trained by another kdistill command (it holds {lock.lock_file}); "
-                          f"wait for it to end, or choose another --output") from None
-    except OSError as err:
+    def refuse(lock_file: str):
+        raise ConfigError(f"output {out} is being trained by another kdistill command (it holds {lock_file}); "
+                          f"wait for it to end, or choose another --output")
+
+    def unwritable(err: OSError):
         raise ConfigError(f"output {out}: cannot write the run there ({err.strerror or err}); choose another "
                           f"--output") from None
-    try:
+
+    with folder_lock(out, "run.lock", refuse, unwritable):
         yield
-    finally:
-        lock.release()
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, console=None, progress: bool = True) -> Path:

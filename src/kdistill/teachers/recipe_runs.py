@@ -66,29 +66,23 @@ def resolve_teacher(ref: str, console=None) -> str:
 @contextmanager
 def training_lock(out: Path, ref: str, console=None):
     """One command at a time trains a cached teacher: two commands started together would otherwise both
-    train it into the same folder, each overwriting the other's checkpoints. The lock is an OS file lock, so a
-    killed command leaves none behind. Processes of one distributed launch train the teacher together (each
-    rank runs the recipe), so they take no lock: a rank waiting on another's lock would stall the launch."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        yield
-        return
-    from filelock import FileLock, Timeout
+    train it into the same folder, each overwriting the other's checkpoints. A second one waits."""
+    from kdistill.engine.locks import folder_lock
+    from kdistill.errors import ConfigError
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out.parent / f".{out.name}.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        message = f"teacher {ref} is being trained by another command: waiting for it to finish (lock {lock.lock_file})"
+    def wait(lock_file: str):
+        message = f"teacher {ref} is being trained by another command: waiting for it to finish (lock {lock_file})"
         if console is not None:
             console.print(message)
         else:
             print(message, file=sys.stderr, flush=True)
-        lock.acquire()
-    try:
+
+    def unwritable(err: OSError):
+        raise ConfigError(f"teacher {ref}: cannot write its cache in {out.parent} ({err.strerror or err}); set "
+                          f"KDISTILL_HOME to a writable folder") from None
+
+    with folder_lock(out, "lock", wait, unwritable):
         yield
-    finally:
-        lock.release()
 
 
 def warn_if_stale(recipe, out: Path, console=None) -> None:
