@@ -23,6 +23,22 @@ def tiny_kd_file(tmp_path, make_classifier, **train):
     return path
 
 
+def slow_agreement(teacher_dir: str, student_dir: str) -> float:
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from kdistill.compare_unseen import unseen_texts
+
+    def predict(path):
+        model, tokenizer = AutoModelForSequenceClassification.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        limit = min(128, model.config.max_position_embeddings)
+        with torch.no_grad():
+            return [int(model(**tokenizer(t, truncation=True, max_length=limit, return_tensors="pt")).logits.argmax())
+                    for t in unseen_texts()]
+
+    return sum(a == b for a, b in zip(predict(teacher_dir), predict(student_dir))) / len(unseen_texts())
+
+
 def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier, monkeypatch):
     path = tiny_kd_file(tmp_path, make_classifier)
 
@@ -37,6 +53,10 @@ def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier, monkeyp
     assert all(len(row["score"]) == 2 and all(0 <= a <= 1 for a in row["score"]) for row in report["rows"])
     text = results.read_text()
     assert "| tiny-kd-baseline |" in text and (tmp_path / "results-tiny-kd.png").exists()
+    # the unseen domain: agreement with the teacher on license paragraphs, against a text-at-a-time count
+    assert report["unseen"]["metric"] == "agreement with the teacher" and "unseen domain: agreement" in text
+    seed1 = tmp_path / "runs" / "full" / "tiny-kd" / "seed-1" / "student"
+    assert report["rows"][0]["unseen"][1] == slow_agreement(str(tmp_path / "teacher"), str(seed1))
     import kdistill.compare as compare_module
 
     scored = []
@@ -144,6 +164,26 @@ def test_compare_scores_a_causal_lm_with_rouge_and_perplexity(tmp_path, tiny_gpt
     assert report["metric"] == "ROUGE-L" and [r["name"] for r in report["rows"]] == ["tiny-lm-kd", "tiny-lm-kd-baseline"]
     assert all(0 <= r["score"][0] <= 1 and r["perplexity"][0] > 1 for r in report["rows"])
     assert "test ROUGE-L" in results.read_text() and "perplexity" in results.read_text()
+    # the unseen domain: perplexity on license paragraphs, against a text-at-a-time mean of token NLLs
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kdistill.compare_unseen import unseen_texts
+
+    student = tmp_path / "runs" / "full" / "tiny-lm-kd" / "seed-0" / "student"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(student), AutoTokenizer.from_pretrained(student)
+    total = count = 0
+    with torch.no_grad():
+        for text in unseen_texts():
+            ids = tokenizer(text, truncation=True, max_length=min(128, model.config.n_positions),
+                            return_tensors="pt")["input_ids"]
+            logits = model(ids).logits[0, :-1]
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    assert math.isclose(report["rows"][0]["unseen"][0], math.exp(total / count), rel_tol=1e-4)
+    assert report["teacher"]["unseen"][0] > 1 and "unseen domain: perplexity" in results.read_text()
 
 
 def test_causal_lm_scores_prompts_taken_evenly_through_the_split(tmp_path, tiny_gpt2_dir, monkeypatch):
@@ -399,3 +439,12 @@ def test_an_embedding_recipe_is_refused_before_any_training(tmp_path):
     with pytest.raises(ConfigError, match="minilm-l3's teacher task is 'embedding'.*kdistill eval"):
         compare(["minilm-l3"], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
     assert not (tmp_path / "runs").exists()
+
+
+def test_no_unseen_score_where_the_corpus_is_missing_or_the_task_has_none(monkeypatch, tmp_path):
+    import kdistill.data.corpora as corpora
+    from kdistill.compare_unseen import unseen_records, unseen_texts
+
+    assert len(unseen_texts()) > 500 and unseen_records("image-classification", None) is None
+    monkeypatch.setattr(corpora, "LICENSES_DIR", str(tmp_path / "none"))
+    assert unseen_texts() is None and unseen_records("causal-lm", None) is None

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from kdistill.compare_report import write_results
+from kdistill.compare_unseen import UNSEEN, UNSEEN_METRICS, score_unseen, unseen_records
 from kdistill.compare_runs import (baseline_dir, baseline_key, baseline_of, kept_baseline, recipe_task,
                                    reuse_shared_stages, train_or_reuse, variant)
 from kdistill.config import Recipe, load_recipe
@@ -67,17 +68,19 @@ def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object
 SCORING_VERSIONS = {"causal-lm": "2"}  # 2: prompts and perplexity texts taken evenly through the split
 
 
-def score_once(student_dir: Path, records: list[dict], task: str) -> tuple[float, dict]:
-    """score() of a finished student, kept in STUDENT/test-scores.json: a compare run again (more seeds, one
-    more recipe, after a crash) does not test the students it already tested on the same records. The key
-    holds the records themselves (labels included), the weights' size and time stamp and the scoring version."""
+def score_once(student_dir: Path, records: list[dict], task: str, scorer=None) -> tuple[float, dict]:
+    """scorer() (score, or compare_unseen.score_unseen) of a finished student, kept in STUDENT/test-scores.json:
+    a compare run again (more seeds, one more recipe, after a crash) does not test the students it already
+    tested on the same records. The key holds the records themselves (labels included), the weights' size and
+    time stamp, the scoring version and which scorer."""
     import hashlib
     import os
 
     weights = sorted(student_dir.glob("*.safetensors"))
     generated = GENERATED if task == "causal-lm" else None
     digest = hashlib.sha256(json.dumps([SCORING_VERSIONS.get(task, "1"), task, generated,
-                                        [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]]).encode())
+                                        [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in weights]]
+                                       + ([scorer.__name__] if scorer is not None else [])).encode())
     for record in records:
         digest.update(json.dumps(record, sort_keys=True, default=str).encode())
     key, path = digest.hexdigest(), student_dir / "test-scores.json"
@@ -86,7 +89,7 @@ def score_once(student_dir: Path, records: list[dict], task: str) -> tuple[float
     except (ValueError, OSError):
         kept = {}  # unreadable: score again and write it anew
     if key not in kept:
-        value, _, extra = score(str(student_dir), records, task)
+        value, _, extra = (scorer or score)(str(student_dir), records, task)
         kept[key] = {"score": value, "extra": extra}
         partial = path.with_name(f".{path.name}.{os.getpid()}")
         partial.write_text(json.dumps(kept, indent=1))
@@ -240,6 +243,10 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             teacher_row, teacher = reference_teacher(reference, reference_records, task, console)
             tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length,
                                          teacher.model.config)
+            # a teacher that learns the task in the loop has no predictions to agree with before the run
+            unseen = unseen_records(task, teacher) if teacher_row.get("score") else None
+            if unseen and task == "causal-lm":
+                teacher_row["unseen"] = [score_unseen(teacher.path, unseen, task)[0]]
         for label, r, folder in pairs:
             points = evaluation_points(r)
             accs = {suffix: [] for suffix, _ in points}
@@ -259,12 +266,16 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 finished[seed].append(run)
                 walls.append(pipeline_wall_time(run) or time.perf_counter() - start)
                 for suffix, index in points:
-                    acc, extra = score_once(stage_student_dir(Path(run.output), run, index), records, task)
+                    student_dir = stage_student_dir(Path(run.output), run, index)
+                    acc, extra = score_once(student_dir, records, task)
+                    if unseen:
+                        extra = {**extra, "unseen": score_once(student_dir, unseen, task, score_unseen)[0]}
                     accs[suffix].append(acc)
                     for key, value in extra.items():
                         extras[suffix].setdefault(key, []).append(value)
                     if console is not None:
-                        console.print(f"{label}{suffix} seed {seed}: test {METRICS[task]} {acc:.4f}")
+                        console.print(f"{label}{suffix} seed {seed}: test {METRICS[task]} {acc:.4f}" + (
+                            f"; unseen domain {UNSEEN_METRICS[task]} {extra['unseen']:.4f}" if unseen else ""))
             for suffix, index in points:
                 model = load_model(str(stage_student_dir(Path(run.output), run, index)), task)  # the last seed's
                 speedup = None  # fake quantization runs float kernels: its speed says nothing about 1-bit ones
@@ -286,6 +297,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 if row["baseline_of"] is not None:
                     done_baselines[base_key].append(row)
     report = {"quick": quick, "seeds": seeds, "test_records": len(records), "metric": METRICS[task],
+              "unseen": {"corpus": UNSEEN, "texts": len(unseen), "metric": UNSEEN_METRICS[task]} if unseen else None,
               "teacher": teacher_row, "rows": rows,
               "created": time.strftime("%Y-%m-%d %H:%M")}
     root.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,11 @@ def markdown(report: dict) -> str:
     head = ["model", f"test {metric}" + (" (seeds)" if mixed else ""), "% of teacher", "parameters", "speed-up",
             "steps", "train wall time (s)"]
     head += ["est. train PFLOP"] * flops + ["packed 1-bit weights (vs FP32)"] * packed + ["perplexity"] * ppl
+    unseen = report.get("unseen")
+    if unseen:  # the metric's digits: perplexities in the tens, agreements as shares
+        digits = 2 if unseen["metric"] == "perplexity" else 4
+        head.append(f"unseen domain: {unseen['metric']}")
+        t_unseen = f" {teacher['unseen'][0]:.{digits}f} |" if teacher.get("unseen") else " — |"
     from kdistill.compare import GENERATED
 
     scope = f" ({GENERATED} generated definitions, taken evenly through the split)" if metric == "ROUGE-L" else ""
@@ -35,7 +40,8 @@ def markdown(report: dict) -> str:
              f"{' (--quick: 1/8 of the steps)' if report['quick'] else ''}; measured {report['created']}.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head),
              f"| teacher ({teacher['ref']}) | {t_cells} | {teacher['params']:,} | 1.00× |"
-             + " |" * (len(head) - 5 - ppl) + (f" {teacher['perplexity'][0]:.2f} |" if ppl else "")]
+             + " |" * (len(head) - 5 - ppl - bool(unseen)) + (f" {teacher['perplexity'][0]:.2f} |" if ppl else "")
+             + (t_unseen if unseen else "")]
     for row in report["rows"]:
         m = statistics.mean(row["score"])
         shared = (row.get("baseline_of") or [])[1:]
@@ -51,8 +57,18 @@ def markdown(report: dict) -> str:
                          f"(1/{1 / p['quantized_linear_ratio']:.1f})" if p else "")
         if ppl:
             cells.append(spread(row["perplexity"], 2))
+        if unseen:
+            cells.append(spread(row["unseen"], digits) if row.get("unseen") else "")
         lines.append("| " + " | ".join(cells) + " |")
+    if unseen:
+        lines += ["", f"Unseen domain: {unseen['texts']} paragraphs of the `{unseen['corpus']}` corpus (legal English "
+                      f"no recipe trains on); {UNSEEN_NOTES[unseen['metric']]}."]
     return "\n".join(lines)
+
+
+UNSEEN_NOTES = {"perplexity": "the students' perplexity there, lower is better",
+                "agreement with the teacher": "the share of them where the student predicts the teacher's class "
+                                              "(no labels exist there: fidelity to the teacher is what can be measured)"}
 
 
 def plot(report: dict, path: Path) -> None:

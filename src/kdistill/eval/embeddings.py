@@ -40,6 +40,9 @@ def tokenize(model, tokenizer, texts: Sequence[str], max_length: int,
     if tokenizer is None:
         raise DataError(f"{type(model).__name__} has no tokenizer in its directory; "
                         "text evaluation needs one (save it with tokenizer.save_pretrained)")
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:  # a text longer than the model's positions would not run
+        max_length = min(max_length, positions)
     enc = tokenizer(list(texts), text_pair=list(pairs) if pairs is not None else None,
                     truncation=True, max_length=max_length)
     longest = max(len(ids) for ids in enc["input_ids"])

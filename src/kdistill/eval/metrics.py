@@ -33,20 +33,27 @@ def accuracy(model, tokenizer, records: Sequence[dict], label_names: Sequence[st
     if unknown:
         raise DataError(f"labels {', '.join(map(repr, unknown[:10]))} are not among the model's "
                         f"{len(index)} classes ({', '.join(list(index)[:10])}...)")
+    predicted = predictions(model, tokenizer, labelled, batch_size, max_length)
+    return sum(p == index[str(r["label"])] for p, r in zip(predicted, labelled)) / len(labelled)
+
+
+def predictions(model, tokenizer, records: Sequence[dict], batch_size: int = 64, max_length: int = 128) -> list[int]:
+    """The class id a classifier predicts (its argmax logit) for each record, in the records' order."""
     # by length, so each batch pads to nearly its own length: on test sets of mixed lengths that is
-    # the larger part of the time (the count is the same in any order)
-    labelled.sort(key=lambda r: len(r["text"]) + len(r.get("text_pair") or ""))
+    # the larger part of the time
+    order = sorted(range(len(records)),
+                   key=lambda i: len(records[i]["text"]) + len(records[i].get("text_pair") or ""))
+    out = [0] * len(records)
     model.eval()
-    correct = 0
     with torch.inference_mode():
-        for start in range(0, len(labelled), batch_size):
-            chunk = labelled[start:start + batch_size]
+        for start in range(0, len(order), batch_size):
+            chunk = [records[i] for i in order[start:start + batch_size]]
             pairs = [r["text_pair"] for r in chunk] if "text_pair" in chunk[0] else None
             inputs = tokenize(model, tokenizer, [r["text"] for r in chunk], max_length, pairs)
-            predicted = model(**inputs, return_dict=True).logits.argmax(-1).cpu()
-            target = torch.tensor([index[str(r["label"])] for r in chunk])
-            correct += int((predicted == target).sum())
-    return correct / len(labelled)
+            predicted = model(**inputs, return_dict=True).logits.argmax(-1).tolist()
+            for i, p in zip(order[start:start + batch_size], predicted):
+                out[i] = p
+    return out
 
 
 def perplexity(model, tokenizer, texts: Sequence[str], batch_size: int = 16,
