@@ -62,10 +62,12 @@ def run(recipe: str = typer.Argument(..., help="recipe YAML file or built-in rec
         force: bool = typer.Option(False, help="with --resume: resume even if the recipe changed"),
         progress: bool = typer.Option(True, help="show a progress bar")):
     """Run a distillation recipe."""
-    from kdistill import distill, load_recipe
+    from kdistill import load_recipe
+    from kdistill.engine.run import run_recipe
 
     recipe_obj = load_recipe(recipe, set_ or [], output)
-    student = distill(recipe_obj, resume=resume, force=force, progress=progress)
+    # not kdistill.distill: its refusals name the Python keywords, these name this command's flags
+    student = run_recipe(recipe_obj, resume=resume, force=force, console=console, progress=progress)
     console.print(f"[green]done[/]: student saved to {student}")
 
 

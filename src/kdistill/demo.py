@@ -73,7 +73,8 @@ def render(teacher_ref: str, init: dict, final: dict):
 
 def run_demo(console, steps: int | None = None, output: str = "runs/demo", resume: bool = False,
              limit: int = 512, extra_overrides: tuple[str, ...] = ()) -> dict:
-    from kdistill import distill, load_recipe
+    from kdistill import load_recipe
+    from kdistill.engine.run import run_recipe
     from kdistill.eval.report import evaluate
 
     overrides = ([f"train.steps={steps}"] if steps is not None else []) + list(extra_overrides)
@@ -83,7 +84,7 @@ def run_demo(console, steps: int | None = None, output: str = "runs/demo", resum
                   f"{recipe.stages[0].train.steps} steps on stdlib docstrings + WordNet glosses; run directory {out}")
     student = out / "student"
     if not (resume and (student / "kdistill.json").exists()):
-        student = distill(recipe, resume=resume)
+        student = run_recipe(recipe, resume=resume, console=console)
     init_dir = out / "student-init"
     save_initial_student(recipe, init_dir)
     console.print("evaluating teacher, student at init and distilled student ...")

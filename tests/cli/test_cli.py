@@ -145,6 +145,8 @@ def test_foreign_checkpoint_directory(tmp_path, tiny_recipe):
     recipe = bad(tiny_recipe, train={"steps": 2, "batch_size": 4, "save_every": 1})
     path = write(tmp_path, recipe)
     assert invoke("run", path, "--no-progress")[0].exit_code == 0
+    again, out = invoke("run", path, "--no-progress")  # the command's flags, not the Python API's keywords
+    assert again.exit_code == 2 and "pass --resume to continue it, or choose another --output" in out
     ckpt = Path(recipe["output"]) / "checkpoints" / "main"
     (ckpt / "step-0000009").mkdir()
     (ckpt / "step-0000009" / "manifest.json").write_text('{"format": "something-else"}')
