@@ -218,3 +218,24 @@ def test_a_store_of_a_classifier_without_a_trained_head_is_refused(classifier_re
     with pytest.raises(PairingError, match="has no trained classification head .*BertModel.*random head's outputs"):
         cache_teacher(load_recipe(headless), k=3, out=str(tmp_path / "store"))
     assert not (tmp_path / "store").exists()
+
+
+def test_an_image_file_is_keyed_by_its_content_not_its_name(tmp_path):
+    import os
+
+    import pytest
+
+    from kdistill.errors import DataError
+    from kdistill.teachers.cached import record_key
+
+    a, b = tmp_path / "a.png", tmp_path / "copy" / "a.png"
+    b.parent.mkdir()
+    a.write_bytes(b"pixels one")
+    b.write_bytes(b"pixels one")
+    before = record_key({"image_path": str(a)})
+    assert record_key({"image_path": str(b)}) == before  # the same image in another folder: the same teacher output
+    a.write_bytes(b"pixels two")  # overwritten in place: a store made before must not match it
+    os.utime(a, ns=(1, 1))
+    assert record_key({"image_path": str(a)}) != before
+    with pytest.raises(DataError, match="cannot read image"):
+        record_key({"image_path": str(tmp_path / "missing.png")})

@@ -11,16 +11,18 @@ that it does.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from kdistill.errors import CheckpointError, ConfigError, PairingError
+from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError
 
 TEACHER_FILES = "teacher"  # subfolder of a store: the teacher's config.json and tokenizer
 
@@ -39,9 +41,20 @@ def image_key(record: dict) -> str:
     if "image" in record:
         pixels = np.ascontiguousarray(record["image"], dtype=np.float32)
         data = repr(pixels.shape).encode() + pixels.tobytes()
-    else:
-        data = record["image_path"].encode()
+    else:  # the file's content, not its name: images overwritten in place must not find the old entries
+        path = record["image_path"]
+        try:
+            stat = os.stat(path)
+        except OSError as err:
+            raise DataError(f"cannot read image {path}: {err.strerror or err}") from None
+        data = _file_digest(path, stat.st_size, stat.st_mtime_ns)
     return hashlib.sha256(data).hexdigest()[:24]
+
+
+@functools.lru_cache(maxsize=None)
+def _file_digest(path: str, size: int, mtime_ns: int) -> bytes:
+    """Read once per file version (size and time stamp): a store's keys are looked up every batch."""
+    return hashlib.sha256(Path(path).read_bytes()).digest()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
