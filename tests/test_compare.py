@@ -448,3 +448,20 @@ def test_no_unseen_score_where_the_corpus_is_missing_or_the_task_has_none(monkey
     assert len(unseen_texts()) > 500 and unseen_records("image-classification", None) is None
     monkeypatch.setattr(corpora, "LICENSES_DIR", str(tmp_path / "none"))
     assert unseen_texts() is None and unseen_records("causal-lm", None) is None
+
+
+def test_training_records_are_never_the_test_split(tmp_path, make_classifier):
+    import pytest
+
+    from kdistill.compare import test_records
+    from kdistill.errors import ConfigError
+
+    recipe = yaml.safe_load(tiny_kd_file(tmp_path, make_classifier).read_text())
+    del recipe["data"]["eval"]  # a file is one split: its "test" records would be the training records
+    with pytest.raises(ConfigError, match="no data.eval and .*d.jsonl has no test split of its own"):
+        test_records(load_recipe(recipe))
+    recipe["data"]["train"] = {"source": "wordnet-supersense", "limit": 5}  # a corpus has its own test split
+    from kdistill.data import load_records
+
+    train = {r["id"] for r in load_records({"source": "wordnet-supersense"}, "train")}
+    assert not train & {r["id"] for r in test_records(load_recipe(recipe))}

@@ -168,7 +168,14 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
                       "out" + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
     path = Path(output) if output else Path(student) / "eval.json"
     check_report_path(path, "--output", "eval.json")  # before the evaluation, not after it, which would lose its results
-    result = evaluate(student, eval_teacher(teacher) if teacher else None, [spec_from_arg(d) for d in data],
+    from kdistill.data.sources import has_splits
+
+    specs = [spec_from_arg(d) for d in data]
+    for spec in specs:
+        if not has_splits(spec):  # so a user does not take its scores for held-out ones
+            console.print(f"note: {spec['path']} is one split (a file, or a folder without train/ and test/ folders): "
+                          f"all of it is scored, whatever --split says")
+    result = evaluate(student, eval_teacher(teacher) if teacher else None, specs,
                       split=split, limit=limit, max_length=max_length, speed=speed)
     console.print(render_table(result))
     save(result, path)

@@ -18,10 +18,16 @@ from kdistill.errors import ConfigError, DataError, PairingError
 
 def test_records(recipe: Recipe) -> list[dict]:
     from kdistill.data import load_records
+    from kdistill.data.sources import has_splits
 
     last = recipe.stages[-1]
     source = last.data.eval or last.data.train
     specs = source if isinstance(source, list) else [source]
+    one_split = [spec.path for spec in specs if not has_splits(spec)]
+    if last.data.eval is None and one_split:  # its "test split" would be the very records the students train on
+        raise ConfigError(f"{recipe.name}: compare tests on held-out records, but the recipe has no data.eval and "
+                          f"{one_split[0]} has no test split of its own (a file, or a folder without train/ and "
+                          f"test/ folders, is one split): give data.eval records no stage trains on")
     records = []
     for spec in specs:
         fields = {k: v for k, v in spec.model_dump(exclude_none=True).items() if k not in ("split", "limit", "sample")}

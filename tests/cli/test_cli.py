@@ -197,13 +197,13 @@ def test_cache_teacher_cuts_an_existing_store_to_a_smaller_k(tmp_path):
 
 def test_ctrl_c_says_how_to_go_on_for_each_command(monkeypatch):
     """run has --resume; compare resumes by itself, so telling its user to add --resume would be an error."""
-    import kdistill
     import kdistill.compare
+    import kdistill.engine.run
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(kdistill, "distill", interrupted)
+    monkeypatch.setattr(kdistill.engine.run, "run_recipe", interrupted)
     monkeypatch.setattr(kdistill.compare, "compare", interrupted)
     result = runner.invoke(app, ["run", "supersense-kd"])
     assert result.exit_code == 130 and "plus --resume" in result.output

@@ -82,6 +82,22 @@ def require_path(path: str, where: str = "") -> None:
                         f"directory {os.getcwd()})")
 
 
+def has_splits(spec) -> bool:
+    """Whether a data source holds splits besides its training records: a built-in corpus, a hub dataset, a saved
+    dataset folder or a folder of split folders does; a plain file or a folder of class folders is one split, the
+    same records whatever split is asked of it."""
+    path = spec.path if hasattr(spec, "path") else spec.get("path")
+    if path is None or not os.path.exists(path):
+        return True
+    if os.path.isfile(path):
+        return False
+    from kdistill.data.images import SPLIT_FOLDERS, is_image_folder
+
+    if is_image_folder(path):
+        return any(os.path.isdir(os.path.join(path, name)) for names in SPLIT_FOLDERS.values() for name in names)
+    return True
+
+
 def _load_path(path: str, fields: dict, split: str, limit: int | None):
     # A plain file is one split already (the recipe names one file per split); only a saved
     # DatasetDict folder has splits to choose from.
