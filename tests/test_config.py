@@ -100,6 +100,13 @@ def test_invalid_yaml(tmp_path):
     path.write_text("teacher: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_recipe(str(path))
+    # YAML lets the last of two equal keys win: a second train: block would silently replace the first
+    path.write_text("name: x\ntrain: {steps: 2}\nlosses: [{type: logit_kd, type: cross_entropy}]\ntrain: {steps: 9}\n")
+    with pytest.raises(ConfigError, match=r"the key 'train' is given twice(.|\n)*line 4"):
+        load_recipe(str(path))
+    path.write_text("name: x\ntrain: {steps: 2}\nlosses: [{type: logit_kd, type: cross_entropy}]\n")
+    with pytest.raises(ConfigError, match=r"the key 'type' is given twice(.|\n)*line 3"):
+        load_recipe(str(path))
 
 
 def test_a_recipe_that_is_a_folder_or_not_text_is_named(tmp_path):

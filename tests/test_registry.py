@@ -26,3 +26,5 @@ def test_unknown_name_suggests_closest_and_lists_valid():
         reg.get("hiden_mse", "losses[0].type")
     msg = str(err.value)
     assert "losses[0].type" in msg and "did you mean 'hidden_mse'" in msg and "attention_kl" in msg
+    with pytest.raises(ConfigError, match=r"a loss name at losses\[0\].type is one name \(a string\), got list"):
+        reg.get(["hidden_mse"], "losses[0].type")  # YAML `type: [hidden_mse]`: not a TypeError from a set lookup

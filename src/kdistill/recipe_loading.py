@@ -3,6 +3,7 @@ block against the schema (kdistill.config) with errors that name the field path,
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import difflib
 import re
@@ -22,6 +23,24 @@ def builtin_recipes() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.yaml"))}
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key given twice in one mapping is an error: YAML's rule is that the last one
+    wins, so a second `train:` block would silently replace the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, collections.abc.Hashable):
+                continue  # the base class names an unhashable key
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping (the second would silently replace "
+                    f"the first): keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
     """Raw dict of a recipe given as a path or a built-in name."""
     path = Path(ref)
@@ -36,7 +55,7 @@ def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
     if not path.is_file():
         raise ConfigError(f"recipe {path} is not a file (a recipe is one YAML file)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     except (OSError, UnicodeDecodeError) as err:

@@ -24,6 +24,9 @@ class Registry(Generic[T]):
         return add
 
     def get(self, name: str, where: str = "") -> T:
+        if not isinstance(name, str):
+            raise ConfigError(f"a {self.kind} name{' at ' + where if where else ''} is one name (a string), got "
+                              f"{type(name).__name__} {name!r}; valid: {', '.join(sorted(self._items))}")
         if name not in self._items:
             raise ConfigError(self.unknown_message(name, where))
         return self._items[name]
