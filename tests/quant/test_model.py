@@ -143,3 +143,14 @@ def test_packed_export_replaces_only_its_own_output(classifier, batch, tokenizer
     export_packed(student, str(tmp_path / "packed"))
     export_packed(student, str(tmp_path / "packed"))  # an earlier export is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine", "packed", "run"]
+
+
+def test_an_image_student_is_refused_before_it_trains():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from kdistill.errors import PairingError
+
+    vit = ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=64, image_size=16, patch_size=4, num_channels=1))
+    with pytest.raises(PairingError, match="takes text models .*reads pixel_values"):
+        quantize_model(vit, {"weights": 1, "activations": 8})

@@ -86,6 +86,11 @@ def quantize_model(model: nn.Module, spec: dict, where: str = "quant") -> nn.Mod
     A model that is already quantized moves to the new precision: ternary -> binary splits each weight
     (BinaryBERT) when `split` is on; a new activation width gets fresh quantizers."""
     weights, acts = spec["weights"], spec["activations"]
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        # transformers saves ViT-family weights under other names than its modules carry, which our loader of
+        # quantized students does not translate: such a student would train and then not load back
+        raise PairingError(f"{where}: quantization-aware training takes text models (BERT- and Llama-style); "
+                           f"{type(model).__name__} reads {model.main_input_name} and is not supported yet")
     keep_fp = list(spec.get("keep_fp", ["embeddings", "classifier"]))
     if "embeddings" not in keep_fp:
         raise ConfigError(f"{where}.keep_fp: quantized embeddings are not supported; keep 'embeddings' in the list")
