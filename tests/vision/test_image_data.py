@@ -86,3 +86,39 @@ def test_micro_epochs_name_the_epoch_each_record_is_drawn_in():
     pairs = [(i, e) for step in range(10) for idx, eps in zip(plan.micro_batches(step), plan.micro_epochs(step))
              for i, e in zip(idx, eps)]
     assert len(pairs) == len(set(pairs)) == 40
+
+
+def test_models_and_records_that_cannot_meet_are_named_before_training():
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+
+    from kdistill.data.images import check_image_fits
+    from kdistill.errors import PairingError
+
+    def vit(size, channels):
+        return ViTForImageClassification(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                   intermediate_size=32, image_size=size, patch_size=4,
+                                                   num_channels=channels))
+
+    images = [{"image": np.zeros((1, 8, 8), dtype=np.float32), "label": "0"}]
+    collator = ImageCollator(16, 1)
+    check_image_fits({"teacher": vit(16, 1), "student": vit(16, 1)}, collator, images)
+    convnet = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8],
+                                                        depths=[1], layer_type="basic"))
+    check_image_fits({"teacher": convnet, "student": vit(16, 1)}, collator, images)  # a convnet takes any size
+    with pytest.raises(PairingError, match="teacher takes 32×32 images, but they are resized to 16×16"):
+        check_image_fits({"teacher": vit(32, 1), "student": vit(16, 1)}, collator, images)
+    with pytest.raises(PairingError, match="student reads 3-channel images and the data is made 1-channel"):
+        check_image_fits({"teacher": vit(16, 1), "student": vit(16, 3)}, collator, images)
+    with pytest.raises(DataError, match="an image model trains on images .* 'a gloss'"):
+        check_image_fits({"teacher": vit(16, 1)}, collator, images + [{"text": "a gloss", "label": "0"}])
+
+
+def test_a_student_of_another_modality_than_the_teachers_task_is_named():
+    from transformers import ViTConfig
+
+    from kdistill.errors import PairingError
+    from kdistill.models.loading import new_model
+
+    with pytest.raises(PairingError, match="a vit model cannot be built as a classification model"):
+        new_model(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+                  "classification")

