@@ -212,6 +212,28 @@ def data_specs(stage: Stage) -> list[tuple[str, DataSource]]:
     return out
 
 
+def check_precision_order(stages: list, source: str) -> None:
+    """What the engine would refuse after the earlier stages trained, refused before: a later stage keeps training
+    the quantized student, so it needs its own precision; split binary halves cannot become wider again."""
+    quantized, split = None, False
+    for i, stage in enumerate(stages):
+        where = f"{source}: stages[{i}].quant"
+        fresh = stage.student is not None and not str(stage.student.model or "").startswith("stage:")
+        if stage.synthesize is not None or fresh:
+            quantized, split = None, False  # a new student starts at full precision (or none trains here)
+        if stage.quant is None:
+            if quantized is not None and stage.synthesize is None:
+                raise ConfigError(f"{where}: stages[{quantized}] quantized the student and this stage trains it on; "
+                                  f"give it its own quant: block (the precision it trains at)")
+            continue
+        if split and stage.quant.weights != 1:
+            raise ConfigError(f"{where}.weights: an earlier stage split the ternary weights into two binary halves "
+                              f"(BinaryBERT); they cannot become {stage.quant.weights}-bit again")
+        split = split or (quantized is not None and stages[quantized].quant.weights == 2 and stage.quant.weights == 1
+                          and stage.quant.split)
+        quantized = i
+
+
 def check_stage_references(stages: list[Stage], multi: bool, source: str) -> None:
     """`teacher.model: stage:NAME` names an earlier training stage (its student); `path: stage:NAME` in data
     names an earlier synthesize stage (its kept rows)."""
@@ -267,7 +289,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     for i, block in enumerate(blocks):
         prefix = f"stages[{i}]." if raw.get("stages") else ""
         if not isinstance(block, dict):
-            raise ConfigError(f"{source}: {prefix or 'stages'} must be a mapping")
+            raise ConfigError(f"{source}: {prefix.rstrip('.') or 'stages'} must be a mapping")
         # The shared defaults describe training; a synthesize stage is its own block alone.
         merged = copy.deepcopy(block) if "synthesize" in block else merge(defaults, block)
         trained_before = any(s.synthesize is None for s in stages)
@@ -295,6 +317,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: stage names must be unique, got {names}")
     check_stage_references(stages, bool(raw.get("stages")), source)
+    check_precision_order(stages, source)
     try:
         return Recipe(name=raw.get("name", Path(source).stem), output=str(raw["output"]), stages=stages)
     except ValidationError as err:

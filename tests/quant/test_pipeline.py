@@ -99,3 +99,22 @@ def test_cli_packed_export(pipeline, tmp_path):
     assert missing.exit_code == 2 and "does not exist" in missing.output
     into_run = runner.invoke(app, ["export", str(Path(pipeline["output"])), str(Path(pipeline["output"])), "--packed"])
     assert into_run.exit_code == 2 and "holds it" in into_run.output and student.exists()
+
+
+def test_a_precision_order_the_engine_cannot_train_is_refused_when_the_recipe_is_read():
+    from kdistill.config import load_recipe
+    from kdistill.errors import ConfigError
+
+    base = {"name": "q", "output": "/tmp/q", "student": {"from_teacher": {"layers": [1]}},
+            "teacher": {"model": "packaged:all-MiniLM-L6-v2", "task": "classification"},
+            "data": {"train": {"source": "wordnet-supersense"}}, "losses": [{"type": "cross_entropy"}]}
+
+    def stages(*quants):
+        return {**base, "stages": [{"name": f"s{i}", **({"quant": q} if q else {})} for i, q in enumerate(quants)]}
+
+    w2, w1 = {"weights": 2, "activations": 8}, {"weights": 1, "activations": 8}
+    load_recipe(stages(None, w2, w1))  # full precision, ternary, then split to binary: BinaryBERT's order
+    with pytest.raises(ConfigError, match=r"stages\[2\].quant: stages\[1\] quantized the student"):
+        load_recipe(stages(None, w1, None))  # it stayed quantized, whatever the stage seemed to say
+    with pytest.raises(ConfigError, match=r"stages\[2\].quant.weights: an earlier stage split .* cannot become 2-bit"):
+        load_recipe(stages(w2, w1, w2))  # refused after two stages had trained, before
