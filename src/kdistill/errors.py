@@ -23,3 +23,8 @@ class CheckpointError(KdistillError):
 
 class OutputError(KdistillError):
     """A finished result (the student's directory) could not be written, e.g. on a full disk."""
+
+
+def article(word: str) -> str:
+    """'an embedding', 'a classification': for messages that name a task or kind."""
+    return f"{'an' if str(word)[:1].lower() in 'aeiou' else 'a'} {word}"

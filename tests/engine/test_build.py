@@ -36,3 +36,17 @@ def test_a_classifier_data_mixing_labelled_and_unlabelled_records_is_refused_bef
     # ... and distillation on the teacher's outputs alone
     recipe["losses"] = [{"type": "logit_kd", "alpha": 0.0}]
     assert (distill(recipe, progress=False) / "kdistill.json").exists()
+
+
+def test_one_class_is_no_classifier(tiny_bert_dir, tmp_path):
+    from kdistill import distill
+    from kdistill.errors import DataError
+
+    data = tmp_path / "one.jsonl"
+    data.write_text("".join(f'{{"text": "thing {i}", "y": "red"}}\n' for i in range(8)))
+    recipe = {"name": "one", "teacher": {"model": tiny_bert_dir, "task": "classification"},
+              "student": {"from_teacher": {"layers": [1]}}, "data": {"train": {"path": str(data), "label": "y"}},
+              "losses": [{"type": "cross_entropy"}], "train": {"steps": 1, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    with pytest.raises(DataError, match="data has one class \\('red'\\); a classifier needs two or more"):
+        distill(recipe, progress=False)

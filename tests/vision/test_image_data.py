@@ -122,3 +122,7 @@ def test_a_student_of_another_modality_than_the_teachers_task_is_named():
     with pytest.raises(PairingError, match="a vit model cannot be built as a classification model"):
         new_model(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
                   "classification")
+    from kdistill.errors import article
+
+    assert (article("embedding"), article("image-classification"), article("causal-lm")) == \
+        ("an embedding", "an image-classification", "a causal-lm")

@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from kdistill.api.local_model import BadRequest, LocalModel, Sample
-from kdistill.errors import ConfigError, KdistillError
+from kdistill.errors import ConfigError, KdistillError, article
 
 log = logging.getLogger("kdistill.api.server")
 
@@ -48,7 +48,7 @@ class TeacherServer(LocalModel):
 
         task = detect_task(load_config(model_dir)[1])
         if task != "causal-lm":  # loaded as one anyway, it would answer from a randomly initialised LM head
-            raise ConfigError(f"{model_dir} is a {task} model; the teacher server generates text, so it needs a "
+            raise ConfigError(f"{model_dir} is {article(task)} model; the teacher server generates text, so it needs a "
                               f"causal LM (a GPT-2 or Llama directory, or recipe:lm-teacher)")
         loaded = load_model(model_dir, task="causal-lm")
         self.model, self.tokenizer = loaded.model.eval(), loaded.tokenizer

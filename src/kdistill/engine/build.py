@@ -8,7 +8,7 @@ import torch
 
 from kdistill.config import Stage
 from kdistill.data import TextCollator, label_names, load_records
-from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError
+from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError, article
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
 from kdistill.models.loading import (Loaded, detect_task, has_classifier_head, load_config, load_model, load_tokenizer,
@@ -165,6 +165,9 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
                 f"teacher and data must share their classes"
             )
         labels = known
+    if len(labels) < 2:  # one class trains to a zero loss and predicts it for everything
+        raise DataError(f"{prefix}data has one class ({', '.join(map(repr, labels))}); a classifier needs two or "
+                        f"more: check the label field, or the class folders of an image folder")
     # A base model gets a new head with these classes (e.g. to fine-tune a teacher); a student loaded
     # from a directory (a previous, task-agnostic stage) gets the same head.
     return labels, {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
@@ -229,10 +232,11 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
     if loaded.tokenizer is None or not callable(getattr(loaded.tokenizer, "pad", None)):
         raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer; text distillation needs one")
     if stage.data.image_augment is not None:
-        raise ConfigError(f"{prefix}data.image_augment: the teacher is a {loaded.task} model, not an image classifier")
+        raise ConfigError(f"{prefix}data.image_augment: the teacher is {article(loaded.task)} model, not an image "
+                          f"classifier")
     completion_only = stage.data.loss_on == "completion"
     if completion_only and loaded.task != "causal-lm":
-        raise ConfigError(f"{prefix}data.loss_on: completion is for causal-LM students (the teacher is a {loaded.task} "
+        raise ConfigError(f"{prefix}data.loss_on: completion is for causal-LM students (the teacher is {article(loaded.task)} "
                           f"model); remove it")
     return TextCollator(loaded.tokenizer, stage.data.max_length, label_to_id, completion_only,
                         token_types=loaded.task != "causal-lm")

