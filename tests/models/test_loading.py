@@ -17,6 +17,11 @@ def test_local_directories(tmp_path, tiny_bert_dir):
         resolve_model_path(str(tmp_path))
     with pytest.raises(DataError, match="does not exist"):
         resolve_model_path("./missing/model")
+    run = tmp_path / "run"
+    (run / "student").mkdir(parents=True)
+    (run / "student" / "config.json").write_text("{}")
+    with pytest.raises(DataError, match="it is a kdistill run: its model is .*run/student"):
+        resolve_model_path(str(run))
 
 
 def test_hub_id_goes_to_the_hub_and_fails_clearly_offline(monkeypatch):

@@ -75,7 +75,9 @@ def resolve_model_path(ref: str) -> str:
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise DataError(f"{ref} is a directory but has no config.json: not a Hugging Face model directory")
+            hint = f"; it is a kdistill run: its model is {path / 'student'}" if (path / "student" / "config.json").exists() \
+                else ""
+            raise DataError(f"{ref} is a directory but has no config.json: not a Hugging Face model directory{hint}")
         return str(path)
     if looks_local(ref):
         raise DataError(f"model directory {ref!r} does not exist")
