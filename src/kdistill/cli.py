@@ -167,7 +167,7 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
         console.print("[yellow]no --teacher[/yellow]: fidelity to a teacher (cosine, similarity, neighbours) is left "
                       "out" + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
     path = Path(output) if output else Path(student) / "eval.json"
-    check_report_path(path, "--output", "eval.json")  # before the evaluation, not after it, which would lose its results
+    check_report_path(path, "--output", "eval.json")  # before the evaluation: after it, its results would be lost
     from kdistill.data.sources import has_splits
 
     specs = [spec_from_arg(d) for d in data]

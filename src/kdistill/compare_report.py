@@ -46,7 +46,8 @@ def markdown(report: dict) -> str:
         m = statistics.mean(row["score"])
         shared = (row.get("baseline_of") or [])[1:]
         name = row["name"] + (f" (also the baseline of {', '.join(shared)})" if shared else "")
-        cells = [name, spread(row["score"], 4) + (f" ({len(row['score'])})" if mixed else ""), f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
+        cells = [name, spread(row["score"], 4) + (f" ({len(row['score'])})" if mixed else ""),
+                 f"{m / t_acc:.1%}" if t_acc else "—", f"{row['params']:,}",
                  f"{row['speedup']:.2f}×" if row["speedup"] else "—", str(row.get("steps", "")),
                  f"{statistics.mean(row['wall_time_s']):.0f}" if row.get("wall_time_s") else ""]
         if flops:
@@ -66,9 +67,10 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-UNSEEN_NOTES = {"perplexity": "the students' perplexity there, lower is better",
-                "agreement with the teacher": "the share of them where the student predicts the teacher's class "
-                                              "(no labels exist there: fidelity to the teacher is what can be measured)"}
+UNSEEN_NOTES = {
+    "perplexity": "the students' perplexity there, lower is better",
+    "agreement with the teacher": "the share of them where the student predicts the teacher's class (no labels "
+                                  "exist there: fidelity to the teacher is what can be measured)"}
 
 
 def plot(report: dict, path: Path) -> None:

@@ -236,8 +236,8 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
                           f"classifier")
     completion_only = stage.data.loss_on == "completion"
     if completion_only and loaded.task != "causal-lm":
-        raise ConfigError(f"{prefix}data.loss_on: completion is for causal-LM students (the teacher is {article(loaded.task)} "
-                          f"model); remove it")
+        raise ConfigError(f"{prefix}data.loss_on: completion is for causal-LM students (the teacher is "
+                          f"{article(loaded.task)} model); remove it")
     return TextCollator(loaded.tokenizer, stage.data.max_length, label_to_id, completion_only,
                         token_types=loaded.task != "causal-lm")
 

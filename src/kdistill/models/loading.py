@@ -76,7 +76,8 @@ def resolve_model_path(ref: str) -> str:
     if path.is_dir():
         if not (path / "config.json").exists():
             run_student = path / "student"
-            hint = f"; it is a kdistill run: its model is {run_student}" if (run_student / "config.json").exists() else ""
+            hint = (f"; it is a kdistill run: its model is {run_student}" if (run_student / "config.json").exists()
+                    else "")
             raise DataError(f"{ref} is a directory but has no config.json: not a Hugging Face model directory{hint}")
         return str(path)
     if looks_local(ref):
