@@ -331,7 +331,8 @@ def test_a_teacher_that_learns_in_the_loop_is_listed_not_scored(tmp_path, tiny_b
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
                             for i in range(8) for w in ("red", "green", "blue")))
-    common = {"data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
+    common = {"data": {"train": {"path": str(data), "label": "y"}, "eval": {"path": str(data), "label": "y"},
+                       "max_length": 16},
               "train": {"steps": 2, "batch_size": 4}}
     prokt = {"name": "tiny-prokt", "student": {"from_teacher": {"layers": [2, 4]}},
              "teacher": {"model": tiny_bert_dir, "task": "classification",
