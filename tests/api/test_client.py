@@ -277,7 +277,11 @@ def test_a_broken_service_is_given_up_on_not_asked_item_by_item(stub, tmp_path):
         with pytest.raises(TeacherUnavailable, match=r"failed 8 requests in a row .*HTTP 501.*cached in"):
             client.map([{"prompt": str(i)} for i in range(60)], progress=False)
     assert len(stub.seen) < 20  # the 501s once each, and what was in flight; not all 60
-    stub.script = [("status", 404)] + [("ok",)] * 3 + [("status", 404)] * 7 + [("ok",)]
-    with api(stub.url, max_concurrency=1) as client:  # scattered failures are items, not a dead service
-        results = client.map([{"prompt": str(i)} for i in range(12)], progress=False)
+    other = Stub()  # a service of its own: nothing of the scenario above can reach it
+    other.script = [("status", 404)] + [("ok",)] * 3 + [("status", 404)] * 7 + [("ok",)]
+    try:
+        with api(other.url, max_concurrency=1) as client:  # scattered failures are items, not a dead service
+            results = client.map([{"prompt": str(i)} for i in range(12)], progress=False)
+    finally:
+        other.close()
     assert [r.ok for r in results] == [False, True, True, True] + [False] * 7 + [True]

@@ -193,6 +193,8 @@ class TeacherAPI:
                     in_a_row = 0 if answer.ok else in_a_row + 1
                     bar.update(task, advance=1, cached=cached, failed=failed)
                     if in_a_row >= give_up_after:
+                        # the requests already sent finish (at most max_concurrency) before the client may close
+                        pool.shutdown(wait=True, cancel_futures=True)
                         raise TeacherUnavailable(self._gave_up(in_a_row, answer, len(unique) - len(answers)))
         except BaseException:  # Ctrl-C: drop what has not started; finished answers are already cached
             pool.shutdown(wait=False, cancel_futures=True)
