@@ -243,8 +243,10 @@ def test_manifoldkd_pairing_errors():
         tm(hidden([1, 2], 8), hidden([1, 2], 8, patches=4), PIXELS)
     with pytest.raises(PairingError, match=r"losses\[0\]\.layers"):
         term({"type": "manifoldkd", "layers": []})
-    with pytest.raises(PairingError, match="no transformer layers"):
-        term({"type": "manifoldkd"}, info(), info(layers=0))
+    with pytest.raises(PairingError, match="no transformer layers.*use a transformer teacher .*a convnet has no"):
+        term({"type": "manifoldkd"}, info(), info(layers=0))  # a convnet: the fix is another teacher, not 'live'
+    with pytest.raises(PairingError, match="no transformer layers.*use a transformer teacher .*a convnet has no"):
+        term({"type": "vitkd"}, info(), info(layers=0))
 
 
 # ---------------------------------------------------------------- with real tiny ViTs

@@ -173,7 +173,7 @@ class LayerPairTerm(LossTerm):
     """A term over mapped (student layer, teacher layer) pairs of hidden states, one item per sequence or
     image (ManifoldKD, CKA): the teacher must have layers, and the map at least one pair."""
 
-    teacher_fix = "use a live teacher (teacher.source: live)"
+    teacher_fix = "use a transformer teacher (a convnet has no layers of tokens), run live (teacher.source: live)"
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)

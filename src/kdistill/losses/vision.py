@@ -24,7 +24,8 @@ from kdistill.losses.features import LayerSpec
 from kdistill.models.arch import ModelInfo
 from kdistill.models.layer_map import LayerMap
 
-FEATURES_FIX = "use a live teacher model (teacher.source: live), whose hidden states can be read"
+FEATURES_FIX = ("this term reads the teacher's token features: use a transformer teacher (ViT, DeiT; a convnet has "
+                "no tokens), run live (teacher.source: live), whose hidden states can be read")
 
 
 def hidden_tap(taps: dict, name: str, who: str, where: str) -> torch.Tensor:
