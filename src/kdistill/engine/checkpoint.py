@@ -137,6 +137,10 @@ def verify(directory: Path, recipe_hash: str | tuple[str, ...] | None = None) ->
     return manifest
 
 
+class CheckpointMismatch(CheckpointError):
+    """A sound checkpoint whose tensors or optimizer state do not fit the model and optimizer built now."""
+
+
 def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int = 0,
                     recipe_hash: str | tuple[str, ...] | None = None,
                     extras: dict | None = None) -> dict:
@@ -144,7 +148,7 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int =
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
         if missing or unexpected:
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"checkpoint {directory} does not fit this student: missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
@@ -153,7 +157,7 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int =
             load_model(module, str(directory / f"{name}.safetensors"))
             module_optimizer.load_state_dict(torch.load(directory / f"{name}-optimizer.pt", weights_only=True))
     except (RuntimeError, ValueError, KeyError, FileNotFoundError) as err:
-        raise CheckpointError(f"checkpoint {directory} does not fit this run: {str(err).splitlines()[0]}") from None
+        raise CheckpointMismatch(f"checkpoint {directory} does not fit this run: {str(err).splitlines()[0]}") from None
     rng_file = directory / f"rng-{rank}.json"
     if rng_file.exists():
         set_rng_state(json.loads(rng_file.read_text()))

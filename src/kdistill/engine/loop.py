@@ -22,7 +22,8 @@ from kdistill.data import mask_tokens
 from kdistill.data.images import view_seed
 from kdistill.engine.batches import BatchPlan
 from kdistill.engine.build import StageParts
-from kdistill.engine.checkpoint import list_checkpoints, load_checkpoint, prune, read_manifest, save_checkpoint
+from kdistill.engine.checkpoint import (CheckpointMismatch, list_checkpoints, load_checkpoint, prune, read_manifest,
+                                       save_checkpoint)
 from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
 from kdistill.engine.on_policy import OnPolicy
@@ -293,8 +294,8 @@ class StageTrainer(StartFits):
                                     scheduler=self.scheduler, rank=self.acc.process_index,
                                     recipe_hash=None if changed else self.accepted_hashes,
                                     extras=self.extras())
-        except CheckpointError as err:
-            if not changed or "does not fit" not in str(err):
+        except CheckpointMismatch as err:
+            if not changed:
                 raise
             raise CheckpointError(f"{err}. A forced resume can change how the stage trains (steps, learning rate, "
                                   f"schedule), not what it trains: other loss terms, train.freeze, train.lr_scale or a "
