@@ -300,16 +300,15 @@ def export_cmd(model_dir: str = typer.Argument(..., help="a finished student dir
     from pathlib import Path
 
     from kdistill.errors import ConfigError
-    from kdistill.quant.packing import export_packed
+    from kdistill.quant.packing import check_export_target, export_packed
 
     source = Path(model_dir)
-    if not source.exists():
-        raise ConfigError(f"{model_dir} does not exist: give a finished student directory or a run directory")
+    if (source / "student" / "config.json").exists():
+        source = source / "student"
+    check_export_target(source, Path(out))  # a missing source is named before the format is
     if not packed:
         raise ConfigError("export has one format so far: add --packed (a student directory is already a "
                           "Hugging Face model directory)")
-    if (source / "student" / "config.json").exists():
-        source = source / "student"
     report = export_packed(str(source), out)
     fp = report["quantized_linear_fp32_bytes"]
     console.print(f"wrote {out}: quantized linear weights {report['quantized_linear_packed_bytes']:,} bytes packed "
