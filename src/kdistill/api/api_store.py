@@ -65,9 +65,10 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     from kdistill.teachers.cached import TEACHER_FILES, data_fingerprint, tokenizer_fingerprint
     from kdistill.teachers.recipe_runs import resolve_teacher
     from kdistill.teachers.store import StoreWriter
+    from kdistill.teachers.store_writer import DTYPES
 
-    if k < 1 or dtype not in ("float16", "float32") or max_tokens < 0:  # before the service is asked anything
-        raise ConfigError(f"k must be >= 1 (got {k}), dtype float16 or float32 (got {dtype!r}) and max_tokens "
+    if k < 1 or dtype not in DTYPES or max_tokens < 0:  # before the service is asked anything
+        raise ConfigError(f"k must be >= 1 (got {k}), dtype {' or '.join(DTYPES)} (got {dtype!r}) and max_tokens "
                           f">= 0 (got {max_tokens})")
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if not 0 <= stage_index < len(recipe.stages) or recipe.stages[stage_index].data is None:
