@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from kdistill.compare_report import write_results
-from kdistill.compare_unseen import UNSEEN, UNSEEN_METRICS, score_unseen, unseen_records
+from kdistill.compare_unseen import UNSEEN, UNSEEN_METRICS, score_unseen, unseen_metric, unseen_records
 from kdistill.compare_runs import (baseline_dir, baseline_key, baseline_of, kept_baseline, recipe_task,
                                    reuse_shared_stages, train_or_reuse, variant)
 from kdistill.config import Recipe, load_recipe
@@ -252,7 +252,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             # a teacher that learns the task in the loop has no predictions to agree with before the run
             unseen = unseen_records(task, teacher) if teacher_row.get("score") else None
             if unseen and task == "causal-lm":
-                teacher_row["unseen"] = [score_unseen(teacher.path, unseen, task)[0]]
+                teacher_row["unseen"] = [unseen_metric(teacher, unseen, task)]
         for label, r, folder in pairs:
             points = evaluation_points(r)
             accs = {suffix: [] for suffix, _ in points}

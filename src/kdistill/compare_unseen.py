@@ -45,12 +45,17 @@ def unseen_records(task: str, teacher) -> list[dict] | None:
 
 def score_unseen(model_dir: str, records: list[dict], task: str) -> tuple[float, object, dict]:
     """(the unseen-domain metric, the loaded model, {}): compare.score's shape, so score_once keeps it."""
-    from kdistill.eval.metrics import accuracy, perplexity
     from kdistill.models.loading import load_model
 
     loaded = load_model(model_dir, task)
+    return unseen_metric(loaded, records, task), loaded, {}
+
+
+def unseen_metric(loaded, records: list[dict], task: str) -> float:
+    """The metric of a model already loaded (the table's teacher is, for its own row)."""
+    from kdistill.eval.metrics import accuracy, perplexity
+
     if task == "causal-lm":
-        return perplexity(loaded.model, loaded.tokenizer, [r["text"] for r in records]), loaded, {}
+        return perplexity(loaded.model, loaded.tokenizer, [r["text"] for r in records])
     config = loaded.model.config
-    return accuracy(loaded.model, loaded.tokenizer, records, [config.id2label[i] for i in range(config.num_labels)]), \
-        loaded, {}
+    return accuracy(loaded.model, loaded.tokenizer, records, [config.id2label[i] for i in range(config.num_labels)])
