@@ -55,6 +55,19 @@ def test_errors_name_the_field(override, expected):
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize("override", ["quant.weights=true", "train.lr=true", "train.steps=false"])
+def test_a_yes_no_is_not_read_as_a_number(override):
+    # pydantic's lax mode reads `true` as 1: `quant: {weights: true}` would train a binary student
+    field = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"{field}: .* is a yes/no; this field takes a number"):
+        load_recipe(base(), [override])
+
+
+def test_yes_no_fields_still_take_yes_no():
+    recipe = load_recipe(base(), ["data.group_by_length=true", "quant.attention=false"])
+    assert recipe.stages[0].data.group_by_length is True and recipe.stages[0].quant.attention is False
+
+
 def test_unknown_student_init_suggests():
     raw = base()
     raw["student"] = {"from_techer": {"layers": [1]}}

@@ -4,13 +4,33 @@ names. kdistill.config re-exports them."""
 from __future__ import annotations
 
 import difflib
-from typing import Literal
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+
+def takes_bool(annotation) -> bool:
+    """Whether a field of this type means a yes/no anywhere in it (pydantic would read `true` as 1 for a number)."""
+    if annotation is bool or annotation is Any:
+        return True
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return any(isinstance(v, bool) for v in get_args(annotation))
+    if origin in (Union, UnionType, Annotated):
+        return any(takes_bool(a) for a in get_args(annotation))
+    return False
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, value, info):
+        if isinstance(value, bool) and not takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is a yes/no; this field takes a number or a name")
+        return value
 
 
 def suggest(name: str, valid, kind: str) -> str:
