@@ -543,3 +543,19 @@ def test_a_run_folder_another_command_is_training_is_refused(tiny_recipe):
     finally:
         held.release()
     assert (distill(tiny_recipe, progress=False) / "kdistill.json").exists()
+
+
+def test_a_batch_larger_than_the_training_data_is_pointed_out(tiny_recipe):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from kdistill.config import load_recipe
+    from kdistill.data import load_records
+    from kdistill.engine.run import run_recipe
+
+    records = len(load_records(tiny_recipe["data"]["train"]))
+    tiny_recipe["train"].update(steps=1, batch_size=records + 4)
+    out = StringIO()
+    run_recipe(load_recipe(tiny_recipe), console=Console(file=out, width=200), progress=False)
+    assert f"train.batch_size {records + 4} is more than the {records} training records" in out.getvalue()

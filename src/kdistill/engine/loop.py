@@ -104,6 +104,10 @@ class StageTrainer(StartFits):
         self.plan = BatchPlan(len(parts.train_records), self.cfg.batch_size, self.cfg.grad_accum,
                               accelerator.num_processes, accelerator.process_index, self.cfg.seed,
                               lengths=[len(r["text"]) for r in parts.train_records] if stage.data.group_by_length else None)
+        records = len(parts.train_records)
+        if self.cfg.batch_size > records and console is not None and accelerator.is_main_process:
+            console.print(f"[yellow]train.batch_size {self.cfg.batch_size} is more than the {records:,} training "
+                          f"records[/yellow]: every batch holds some of them twice or more")
         self.logger = RunLogger(run_dir, stage.name, enabled=accelerator.is_main_process)
         self.on_policy = None
         if stage.on_policy is not None and stage.on_policy.fraction > 0:
