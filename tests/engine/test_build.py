@@ -50,3 +50,24 @@ def test_one_class_is_no_classifier(tiny_bert_dir, tmp_path):
               "output": str(tmp_path / "run")}
     with pytest.raises(DataError, match="data has one class \\('red'\\); a classifier needs two or more"):
         distill(recipe, progress=False)
+
+
+def test_classes_only_in_the_eval_data_are_pointed_out(tiny_bert_dir, tmp_path):
+    from io import StringIO
+
+    from rich.console import Console
+
+    from kdistill.config import load_recipe
+    from kdistill.engine.run import run_recipe
+
+    train, dev = tmp_path / "train.jsonl", tmp_path / "dev.jsonl"
+    train.write_text("".join(f'{{"text": "thing {i}", "y": "{c}"}}\n' for i in range(4) for c in ("red", "blue")))
+    dev.write_text("".join(f'{{"text": "thing {i}", "y": "{c}"}}\n' for i in range(2) for c in ("red", "teal")))
+    recipe = {"name": "evalonly", "teacher": {"model": tiny_bert_dir, "task": "classification"},
+              "student": {"from_teacher": {"layers": [1]}},
+              "data": {"train": {"path": str(train), "label": "y"}, "eval": {"path": str(dev), "label": "y"}},
+              "losses": [{"type": "cross_entropy"}], "train": {"steps": 1, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    out = StringIO()
+    run_recipe(load_recipe(recipe), console=Console(file=out, width=300), progress=False)
+    assert "data.eval has 1 class(es) the training data lacks (teal)" in out.getvalue()

@@ -265,6 +265,11 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     if task in ("classification", "image-classification"):
         check_all_or_none_labelled(train, prefix)
         labels, head = class_head(stage, teacher_ref, train + evals, prefix)
+        eval_only = sorted(set(label_names(evals)) - set(label_names(train)))
+        if eval_only and console is not None:
+            console.print(f"[yellow]{prefix}data.eval has {len(eval_only)} class(es) the training data lacks "
+                          f"({', '.join(eval_only[:5])}{', ...' if len(eval_only) > 5 else ''})[/yellow]: the "
+                          f"student gets outputs for them but no training record of them")
     if cached:
         loaded = skeleton(teacher_ref, task, head)
     else:
