@@ -180,3 +180,21 @@ def test_vit_taps_give_patch_tokens_and_the_deit_distillation_token(tmp_path, mo
     assert taps["patches[3]"].shape == (3, 16, 96)
     with pytest.raises(PairingError, match="no distillation token"):
         TapReader(vit, model_info(vit, "image-classification"))(pixels, ["distillation_token"])
+
+
+def test_an_unreadable_image_stops_the_run_before_its_first_step(vit_teacher, tmp_path):
+    from PIL import Image
+
+    from kdistill.errors import DataError
+
+    for split in ("train", "dev"):
+        for label in ("3", "7"):
+            (tmp_path / "imgs" / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(tmp_path / "imgs" / split / label / f"{i}.png")
+    (tmp_path / "imgs" / "dev" / "7" / "9.png").write_bytes(b"")  # an empty file, in the eval data
+    run = recipe(vit_teacher, tmp_path / "run", [{"type": "cross_entropy"}])
+    run["data"] = {"train": {"path": str(tmp_path / "imgs")}, "eval": {"path": str(tmp_path / "imgs")}}
+    with pytest.raises(DataError, match=r"cannot read image .*dev/7/9.png .*remove or replace the file"):
+        distill(run, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

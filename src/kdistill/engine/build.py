@@ -286,9 +286,10 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     collator = make_collator(stage, loaded, teacher.config, labels, prefix, student.config)
     tokenizer = loaded.tokenizer
     if loaded.task == "image-classification":  # the student saves the preprocessing it was trained with
-        from kdistill.data.images import check_image_fits, image_processor
+        from kdistill.data.images import check_image_fits, check_images_open, image_processor
 
         check_image_fits({f"{prefix}teacher": teacher, f"{prefix}student": student}, collator, train, prefix)
+        check_images_open(train + evals, prefix)
         tokenizer = image_processor(collator.image_size, collator.channels, collator.mean, collator.std)
     if stage.quant is not None:
         quantize_student(student, stage, collator, train, prefix)
