@@ -53,6 +53,8 @@ class DataSource(Strict):
     text: str = "text"
     label: str | None = None
     text_pair: str | None = None
+    image: str | None = Field(None, description="the field holding an image file's path (relative to the data "
+                              "file's folder) or a dataset's image column: the records are images, not texts")
     limit: int | None = Field(None, ge=1, description="the first N records (of the split)")
     sample: int | None = Field(None, ge=1, description="N records drawn at random, the same N every run (a fixed "
                                "seed, not train.seed, so every seed and baseline sees them), in the source's order")
@@ -60,11 +62,12 @@ class DataSource(Strict):
 
     @model_serializer(mode="wrap")
     def _absent_when_unset(self, handler):
-        # `sample` came after checkpoints, teacher stores and compare baselines were keyed by a source's dump: unset,
-        # it dumps as if it did not exist, so those keys stay as they were
+        # `sample` and `image` came after checkpoints, teacher stores and compare baselines were keyed by a source's
+        # dump: unset, they dump as if they did not exist, so those keys stay as they were
         dumped = handler(self)
-        if isinstance(dumped, dict) and dumped.get("sample") is None:
-            dumped.pop("sample", None)
+        for later in ("sample", "image"):
+            if isinstance(dumped, dict) and dumped.get(later) is None:
+                dumped.pop(later, None)
         return dumped
 
     @model_validator(mode="after")

@@ -45,6 +45,35 @@ def test_an_image_folder_with_split_folders_becomes_labelled_records(tmp_path):
     assert batch["labels"].tolist() == [0, 1]
 
 
+def test_a_table_of_image_paths_gives_image_records_relative_to_its_folder(tmp_path):
+    write_png(tmp_path / "pics" / "a.png", 255)
+    write_png(tmp_path / "pics" / "b.png", 0)
+    (tmp_path / "t.csv").write_text("file,y\npics/a.png,cat\n" + f"{tmp_path / 'pics' / 'b.png'},dog\n")
+    records = load_records({"path": str(tmp_path / "t.csv"), "image": "file", "label": "y"})
+    assert [(r["image_path"], r["label"]) for r in records] == [
+        (str(tmp_path / "pics" / "a.png"), "cat"), (str(tmp_path / "pics" / "b.png"), "dog")]
+    batch = ImageCollator(8, 1, {"cat": 0, "dog": 1})(records)
+    assert batch["pixel_values"][0].allclose(torch.tensor(1.0)) and batch["labels"].tolist() == [0, 1]
+    # without `image:` the text field is missing, and the message names the field that holds images
+    with pytest.raises(DataError, match=r"'file' holds image files: give `image: file`"):
+        load_records({"path": str(tmp_path / "t.csv"), "label": "y"})
+    (tmp_path / "t.jsonl").write_text('{"file": "pics/gone.png", "y": "cat"}\n')
+    with pytest.raises(DataError, match=r"field 'file' at .*t.jsonl line 1: image file not found: .*pics/gone.png"):
+        load_records({"path": str(tmp_path / "t.jsonl"), "image": "file", "label": "y"})
+
+
+def test_a_dataset_image_column_gives_image_records(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    pictures = [Image.fromarray(np.full((5, 6, 3), v, dtype=np.uint8)) for v in (255, 0)]
+    data = datasets.Dataset.from_dict({"img": pictures, "y": ["cat", "dog"]}).cast_column("img", datasets.Image())
+    data.save_to_disk(str(tmp_path / "saved"))
+    records = load_records({"path": str(tmp_path / "saved"), "image": "img", "label": "y"})
+    assert records[0]["image"].shape == (3, 5, 6) and records[0]["image"].min() == 1.0 and records[1]["image"].max() == 0
+    assert ImageCollator(8, 1, {"cat": 0, "dog": 1})(records)["pixel_values"].shape == (2, 1, 8, 8)
+
+
 def test_a_broken_image_file_is_a_clear_error(tmp_path):
     write_png(tmp_path / "cat" / "a.png", 255)
     (tmp_path / "cat" / "b.png").write_bytes(b"not a png")

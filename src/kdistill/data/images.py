@@ -177,8 +177,8 @@ def check_image_fits(models: dict, collator: ImageCollator, records: list[dict],
     their forward): image records, each model's channel count, and a ViT's fixed input size."""
     text = next((r for r in records if "image" not in r and "image_path" not in r), None)
     if text is not None:
-        raise DataError(f"{prefix}data.train: an image model trains on images (a folder of class folders, or the "
-                        f"digits corpus), but a record has none: {str(text.get('text', text))[:60]!r}")
+        raise DataError(f"{prefix}data.train: an image model trains on images (a folder of class folders, a table "
+                        f"with `image: FIELD`, or the digits corpus), but a record has none: {str(text.get('text', text))[:60]!r}")
     for where, model in models.items():
         config = model.config
         channels = getattr(config, "num_channels", None)

@@ -34,6 +34,8 @@ def load_records(spec: dict, split_default: str = "train") -> list[dict]:
     split = spec.get("split") or split_default
     fields = {"text": spec.get("text") or "text", "label": spec.get("label"),
               "text_pair": spec.get("text_pair")}
+    if spec.get("image") is not None:  # an image record carries no text
+        fields = {"image": spec["image"], "label": spec.get("label")}
 
     if kinds[0] == "source":
         records = load_corpus(spec["source"], split)
@@ -113,12 +115,13 @@ def _load_path(path: str, fields: dict, split: str, limit: int | None):
     if ext not in readers:
         raise ConfigError(f"cannot read {path}: unsupported file kind {ext or '(no extension)'!r}; "
                           f"supported: {FILE_KINDS}")
-    if ext == ".txt" and (fields["label"] or fields["text_pair"]):
-        raise ConfigError(f"{path} is a .txt file (one text per line); it has no label or "
-                          "text_pair fields: use .jsonl or .csv for those")
+    if ext == ".txt" and (fields["label"] or fields.get("text_pair") or fields.get("image")):
+        raise ConfigError(f"{path} is a .txt file (one text per line); it has no label, text_pair or "
+                          "image fields: use .jsonl or .csv for those")
     rows = itertools.islice(readers[ext](path), limit)
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        return [_pick(row, fields, f"{path} {where}") for where, row in rows], f"{path} has no records"
+        return [_pick(row, fields, f"{path} {where}", folder) for where, row in rows], f"{path} has no records"
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text (byte {err.start} of a line cannot be read as UTF-8: "
                         f"{err.object[err.start:err.start + 4]!r}); save it as UTF-8 (with or without a byte-order "
@@ -160,8 +163,9 @@ def _txt_rows(path: str) -> Iterator[tuple[str, dict]]:
                 yield f"line {number}", {"text": line.rstrip("\r\n")}
 
 
-def _pick(row: dict, fields: dict, where: str) -> dict:
-    """Rename the user's field names to the fixed record keys, with errors that point at the row."""
+def _pick(row: dict, fields: dict, where: str, folder: str | None = None) -> dict:
+    """Rename the user's field names to the fixed record keys, with errors that point at the row; an image
+    field's relative paths are taken from `folder` (the data file's)."""
     record: dict[str, Any] = {}
     for key, field in fields.items():
         if field is None:
@@ -169,8 +173,11 @@ def _pick(row: dict, fields: dict, where: str) -> dict:
         if field not in row or row[field] is None:
             state = "is missing" if field not in row else "is null"
             raise DataError(f"field {field!r} (the {key} field) {state} at {where}; "
-                            f"fields there: {', '.join(map(str, row)) or 'none'}")
+                            f"fields there: {', '.join(map(str, row)) or 'none'}{_image_hint(row, key)}")
         value = row[field]
+        if key == "image":
+            record.update(_image_record(value, field, where, folder))
+            continue
         if key != "label" and not isinstance(value, str):
             raise DataError(f"field {field!r} at {where} is {type(value).__name__}, "
                             f"expected a string")
@@ -182,6 +189,28 @@ def _pick(row: dict, fields: dict, where: str) -> dict:
 
 
 GENERATION_FIELDS = ("prompt", "reference")
+
+
+def _image_hint(row: dict, key: str) -> str:
+    from kdistill.data.images import IMAGE_EXTENSIONS
+
+    paths = [name for name, v in row.items() if isinstance(v, str) and os.path.splitext(v)[1].lower() in IMAGE_EXTENSIONS]
+    return f"; {paths[0]!r} holds image files: give `image: {paths[0]}` for image records" if key == "text" and paths else ""
+
+
+def _image_record(value, field: str, where: str, folder: str | None) -> dict:
+    """An image path (a file's row) or a decoded image (a dataset's image column) as an image record."""
+    if isinstance(value, str):
+        path = value if os.path.isabs(value) or folder is None else os.path.join(folder, value)
+        if not os.path.isfile(path):
+            raise DataError(f"field {field!r} at {where}: image file not found: {path}")
+        return {"image_path": path, "id": value}
+    if hasattr(value, "convert"):  # a PIL image, as `datasets` decodes an Image column
+        import numpy as np
+
+        array = np.asarray(value.convert("L" if value.mode in ("1", "L", "I;16", "I") else "RGB"), dtype=np.float32) / 255.0
+        return {"image": array[None] if array.ndim == 2 else array.transpose(2, 0, 1), "id": where}
+    raise DataError(f"field {field!r} at {where} is {type(value).__name__}, expected an image file's path or an image")
 
 
 # ---------------------------------------------------------------- Hugging Face datasets
