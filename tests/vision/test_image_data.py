@@ -62,6 +62,12 @@ def test_a_table_of_image_paths_gives_image_records_relative_to_its_folder(tmp_p
         load_records({"path": str(tmp_path / "t.jsonl"), "image": "file", "label": "y"})
 
 
+def test_a_folder_of_images_without_class_folders_says_where_classes_go(tmp_path):
+    write_png(tmp_path / "flat" / "a.png", 255)
+    with pytest.raises(DataError, match=r"flat holds 1 image files but no class folders: put each class's images in"):
+        load_records({"path": str(tmp_path / "flat")})
+
+
 def test_a_dataset_image_column_gives_image_records(tmp_path):
     datasets = pytest.importorskip("datasets")
     from PIL import Image

@@ -109,6 +109,7 @@ def _load_path(path: str, fields: dict, split: str, limit: int | None):
 
         if is_image_folder(path):  # path/CLASS/*.png (or path/SPLIT/CLASS/*.png)
             return image_folder(path, split)[:limit], f"{path} has no images"
+        _refuse_flat_image_folder(path)
         return _load_saved_dataset(path, fields, split, limit)
     ext = os.path.splitext(path)[1].lower()
     readers = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".txt": _txt_rows}
@@ -126,6 +127,15 @@ def _load_path(path: str, fields: dict, split: str, limit: int | None):
         raise DataError(f"{path} is not UTF-8 text (byte {err.start} of a line cannot be read as UTF-8: "
                         f"{err.object[err.start:err.start + 4]!r}); save it as UTF-8 (with or without a byte-order "
                         f"mark) and try again") from None
+
+
+def _refuse_flat_image_folder(path: str) -> None:
+    from kdistill.data.images import IMAGE_EXTENSIONS
+
+    images = [f for f in os.listdir(path) if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    if images:  # the class is where a folder of images keeps it: in the name of the folder each image is in
+        raise DataError(f"{path} holds {len(images):,} image files but no class folders: put each class's images "
+                        f"in {path}/CLASS/, or list them in a .csv with `image:` and `label:` fields")
 
 
 def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
