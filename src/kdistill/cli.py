@@ -152,6 +152,9 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
                                                    "recipe:NAME (a built-in recipe's trained model)"),
              data: List[str] = typer.Option(..., help="built-in corpus name, a .jsonl/.csv/.txt file, or dataset:NAME; repeatable"),
              split: str = typer.Option("eval", help="split of built-in corpora"),
+             text: Optional[str] = typer.Option(None, help="the text field of --data files and datasets (default text)"),
+             label: Optional[str] = typer.Option(None, help="their label field: accuracy for classifiers"),
+             image: Optional[str] = typer.Option(None, help="their image field (file paths, or a dataset's images)"),
              limit: int = typer.Option(512, help="texts per dataset"),
              max_length: int = typer.Option(128, min=8, help="tokens per text"),
              speed: bool = typer.Option(True, help="measure encode speed (tens of seconds on a CPU)"),
@@ -164,13 +167,13 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
 
         made = Path(student) / "kdistill.json"
         trained_by = json.loads(made.read_text()).get("teacher") if made.is_file() else None
-        console.print("[yellow]no --teacher[/yellow]: fidelity to a teacher (cosine, similarity, neighbours) is left "
-                      "out" + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
+        console.print("[yellow]no --teacher[/yellow]: the comparisons with a teacher (embedding fidelity, per-layer CKA) are "
+                      "left out" + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
     path = Path(output) if output else Path(student) / "eval.json"
     check_report_path(path, "--output", "eval.json")  # before the evaluation: after it, its results would be lost
     from kdistill.data.sources import has_splits
 
-    specs = [spec_from_arg(d) for d in data]
+    specs = [spec_from_arg(d, {"text": text, "label": label, "image": image}) for d in data]
     for spec in specs:
         if not has_splits(spec):  # so a user does not take its scores for held-out ones
             console.print(f"note: {spec['path']} is one split (a file, or a folder without train/ and test/ folders): "

@@ -60,6 +60,17 @@ def test_run_then_eval_via_cli(tmp_path, tiny_recipe, text_file):
         assert result.exit_code == 2 and message in " ".join(out.split()) and "Traceback" not in out
 
 
+def test_eval_reads_the_label_field_of_a_file_for_a_classifier(tmp_path, make_classifier):
+    teacher = make_classifier(tmp_path / "clf")
+    data = tmp_path / "labelled.csv"
+    data.write_text("sentence,colour\n" + "".join(f"a {c} thing {i},{c}\n" for i in range(3) for c in ("red", "blue")))
+    result, out = invoke("eval", "--student", teacher, "--data", data, "--text", "sentence", "--label", "colour",
+                         "--no-speed", "--output", tmp_path / "r.json")
+    assert result.exit_code == 0, out
+    entry = json.loads((tmp_path / "r.json").read_text())["datasets"][str(data)]
+    assert entry["n"] == 6 and 0 <= entry["accuracy"]["student"] <= 1
+
+
 def test_eval_takes_a_recipe_teacher_without_training_it(tmp_path, monkeypatch):
     monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
     result, out = invoke("eval", "--student", tmp_path, "--teacher", "recipe:teacher-supersense",

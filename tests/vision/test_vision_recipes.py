@@ -162,6 +162,28 @@ def test_kdistill_eval_reports_accuracy_speed_and_per_layer_cka_for_images(vit_t
     render_table(result)  # renders without error
 
 
+def test_kdistill_eval_of_an_image_student_takes_a_table_of_images_and_refuses_texts(vit_teacher, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from kdistill.cli import app
+
+    (tmp_path / "pics").mkdir()
+    rows = []
+    for i in range(6):
+        Image.fromarray(np.full((16, 16), 40 * i, dtype=np.uint8)).save(tmp_path / "pics" / f"{i}.png")
+        rows.append(f"pics/{i}.png,{i % 2}")
+    (tmp_path / "t.csv").write_text("file,digit\n" + "\n".join(rows) + "\n")
+    args = ["eval", "--student", vit_teacher, "--no-speed", "--output", str(tmp_path / "r.json")]
+    result = CliRunner().invoke(app, args + ["--data", str(tmp_path / "t.csv"), "--image", "file", "--label", "digit"])
+    assert result.exit_code == 0, result.output
+    entry = next(iter(json.loads((tmp_path / "r.json").read_text())["datasets"].values()))
+    assert entry["n"] == 6 and 0 <= entry["accuracy"]["student"] <= 1
+    result = CliRunner().invoke(app, args + ["--data", "stdlib-docstrings", "--limit", "4"])
+    assert result.exit_code == 2 and "data 'stdlib-docstrings' holds texts" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+
+
 def test_vit_taps_give_patch_tokens_and_the_deit_distillation_token(tmp_path, monkeypatch):
     from kdistill.models.student import from_directory
     from kdistill.models.taps import TapReader

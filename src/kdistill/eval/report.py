@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from kdistill.errors import ConfigError, PairingError, article
+from kdistill.errors import ConfigError, DataError, PairingError, article
 
 # Tasks whose pooled last hidden state is the model's output, so fidelity to the teacher is its
 # quality measure. Classifiers and causal LMs are judged by their own head instead.
@@ -34,17 +34,19 @@ class Side:
     pooling: str
 
 
-def spec_from_arg(arg: str) -> dict:
+def spec_from_arg(arg: str, fields: dict | None = None) -> dict:
     """A data source block from one command-line word: a built-in corpus name, a file or saved
-    dataset folder, or `dataset:NAME` for the Hugging Face hub."""
+    dataset folder, or `dataset:NAME` for the Hugging Face hub; `fields` (text, label, image: the names of
+    those fields) apply to files and datasets, which name their own."""
     from kdistill.data import CORPORA
 
+    fields = {k: v for k, v in (fields or {}).items() if v is not None}
     if arg.startswith("dataset:"):
-        return {"dataset": arg.split(":", 1)[1]}
+        return {"dataset": arg.split(":", 1)[1], **fields}
     if arg in CORPORA:
         return {"source": arg}
     if os.path.exists(arg) or arg.lower().endswith(FILE_SUFFIXES):
-        return {"path": arg}
+        return {"path": arg, **fields}
     raise ConfigError(CORPORA.unknown_message(arg, "--data")
                       + "; or give a .jsonl/.csv/.txt file, or dataset:NAME for a hub dataset")
 
@@ -140,6 +142,7 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
             "params": count_parameters(side.model),
             "size_mb": None if size is None else size / 1e6, "texts_per_s": None,
         }
+    check_modality(datasets, sides["student"])
     if sides["student"].task in IMAGE_TASKS:
         return evaluate_images(result, sides, datasets, speed)
     pair = "teacher" in sides and all(s.task in ENCODER_TASKS for s in sides.values())
@@ -173,6 +176,19 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
         if "teacher" in tps:
             result["speedup"] = tps["student"] / tps["teacher"]
     return result
+
+
+def check_modality(datasets: dict[str, list[dict]], student: Side) -> None:
+    """Images for an image model and texts for a text model, named (either way the model fails deep inside)."""
+    images = student.task in IMAGE_TASKS
+    for name, records in datasets.items():
+        if all(("image" in r or "image_path" in r) == images for r in records):
+            continue
+        if images:
+            raise DataError(f"data {name!r} holds texts, and {student.ref} is an image classifier: evaluate it on "
+                            f"images (a folder of class folders, the digits corpus, or a table with an image field)")
+        raise DataError(f"data {name!r} holds images, and {student.ref} is {article(student.task)} model: "
+                        f"evaluate it on texts")
 
 
 def evaluate_images(result: dict, sides: dict, datasets: dict, speed: bool) -> dict:
