@@ -170,6 +170,19 @@ def test_it_refuses_a_public_address_and_a_busy_port(tiny_gpt2_dir, teacher):
         TeacherServer(tiny_gpt2_dir, host="0.0.0.0", port=0)
     with pytest.raises(KdistillError, match="--port"):
         TeacherServer(tiny_gpt2_dir, port=teacher.port).start()
+    # a host that is no address of this machine is not a busy port
+    for host in ("nosuchhost.invalid", "192.0.2.1"):  # a name that does not resolve; a documentation-only address
+        with pytest.raises(KdistillError, match="--host must be an address of this machine") as err:
+            TeacherServer(tiny_gpt2_dir, host=host, port=0, allow_remote=True).start()
+        assert "--port" not in str(err.value)
+
+
+def test_a_file_given_as_the_model_is_named_as_a_file(tmp_path):
+    from kdistill.errors import DataError
+
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(DataError, match=r"data.csv is a file; a model is a folder \(config.json and weights\)"):
+        TeacherServer(str(tmp_path / "data.csv"), port=0)
 
 
 def test_stop_then_start_serves_again_on_the_same_port(tiny_gpt2_dir):

@@ -10,6 +10,7 @@ caller says otherwise; requests are generated one at a time under a lock.
 """
 from __future__ import annotations
 
+import errno
 import ipaddress
 import json
 import logging
@@ -70,8 +71,11 @@ class TeacherServer(LocalModel):
         try:
             self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
         except OSError as err:
-            raise KdistillError(f"cannot listen on {self.host}:{self.port} ({err.strerror}): "
-                                "pick another port with --port, or stop what is using it") from None
+            if err.errno == errno.EADDRINUSE or err.errno == errno.EACCES:
+                fix = "pick another port with --port, or stop what is using it"
+            else:  # a name that does not resolve, or an address that is not this machine's
+                fix = "--host must be an address of this machine (127.0.0.1, or 0.0.0.0 for every one)"
+            raise KdistillError(f"cannot listen on {self.host}:{self.port} ({err.strerror}): {fix}") from None
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]  # port 0 -> the free port the OS chose
         return self._httpd

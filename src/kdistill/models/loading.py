@@ -80,6 +80,8 @@ def resolve_model_path(ref: str) -> str:
                     else "")
             raise DataError(f"{ref} is a directory but has no config.json: not a Hugging Face model directory{hint}")
         return str(path)
+    if path.is_file():
+        raise DataError(f"{ref} is a file; a model is a folder (config.json and weights), or a hub id")
     if looks_local(ref):
         raise DataError(f"model directory {ref!r} does not exist")
     check_hub_reachable(ref)
