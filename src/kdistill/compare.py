@@ -322,6 +322,11 @@ def reference_teacher(recipe: Recipe, records: list[dict], task: str, console=No
     spec = recipe.stages[-1].teacher
     ref = resolve_teacher(spec.model, console)
     row = {"name": "teacher", "ref": spec.model}
+    if str(spec.model).startswith("blueprint:"):  # its head is drawn anew in every run: nothing fixed to score
+        teacher = load_model(ref, task)
+        row.update(score=None, note="a random init (blueprint): not scored")
+        row["params"] = count_parameters(teacher.model)
+        return row, teacher
     try:
         value, teacher, extra = score(ref, records, task)
         row.update(score=[value], **{k: [v] for k, v in extra.items()})

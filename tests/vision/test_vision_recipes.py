@@ -220,3 +220,18 @@ def test_an_unreadable_image_stops_the_run_before_its_first_step(vit_teacher, tm
     with pytest.raises(DataError, match=r"cannot read image .*dev/7/9.png .*remove or replace the file"):
         distill(run, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_blueprint_teacher_takes_the_data_classes_and_is_listed_unscored(tmp_path, monkeypatch):
+    """A blueprint's saved head (DeiT's: 2 classes) is a random init like the rest: the data's 10 digit classes
+    replace it, and compare's table does not score it as if it were a trained teacher."""
+    from kdistill.compare import reference_teacher
+    from kdistill.data import load_records
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    run = recipe("blueprint:deit-3x96-p4", tmp_path / "run", [{"type": "cross_entropy"}], steps=1)
+    student = distill(run, progress=False)
+    assert len(json.loads((student / "config.json").read_text())["id2label"]) == 10
+    row, _ = reference_teacher(load_recipe(run), load_records({"source": "digits", "limit": 8}, "test"),
+                               "image-classification")
+    assert row["score"] is None and "random init" in row["note"] and row["params"] > 0

@@ -156,7 +156,8 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
     # train and eval (a class seen only in eval still needs an output), and every class a built-in source declares
     labels = label_names(records + [{"label": name} for name in declared_classes(stage)])
     known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
-    if has_classifier_head(config):
+    blueprint = str(stage.teacher.model or "").startswith("blueprint:")  # a fresh random init: its head takes the data's classes
+    if has_classifier_head(config) and not blueprint:
         unknown = sorted(set(labels) - set(known))
         if unknown:
             raise PairingError(
@@ -273,7 +274,9 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     if cached:
         loaded = skeleton(teacher_ref, task, head)
     else:
-        loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head)
+        blueprint = head and str(stage.teacher.model).startswith("blueprint:")  # a random head of other classes
+        loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head,
+                            **({"ignore_mismatched_sizes": True} if blueprint else {}))
     teacher = loaded.model.eval().requires_grad_(False)
     pooling = read_pooling(loaded.path)
     teacher_info = model_info(teacher, loaded.task, pooling)
