@@ -3,11 +3,12 @@ augmentation and how they are batched; with Strict, the base of every recipe blo
 names. kdistill.config re-exports them."""
 from __future__ import annotations
 
-import difflib
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+
+from kdistill.errors import did_you_mean
 
 
 def takes_bool(annotation) -> bool:
@@ -34,9 +35,7 @@ class Strict(BaseModel):
 
 
 def suggest(name: str, valid, kind: str) -> str:
-    close = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown {kind} {name!r}{hint} valid: {', '.join(valid)}"
+    return f"unknown {kind} {name!r}{did_you_mean(name, valid)} valid: {', '.join(valid)}"
 
 
 class Augment(Strict):

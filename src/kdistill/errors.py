@@ -25,6 +25,14 @@ class OutputError(KdistillError):
     """A finished result (the student's directory) could not be written, e.g. on a full disk."""
 
 
+def did_you_mean(name, valid, cutoff: float = 0.5, spell=repr) -> str:
+    """"; did you mean X?" for the closest of `valid` to a mistyped name (X as `spell` writes it), else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=cutoff)
+    return f"; did you mean {spell(close[0])}?" if close else ""
+
+
 def article(word: str) -> str:
     """'an embedding', 'a classification': for messages that name a task or kind."""
     return f"{'an' if str(word)[:1].lower() in 'aeiou' else 'a'} {word}"

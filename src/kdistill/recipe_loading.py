@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections.abc
 import copy
-import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from pydantic import ValidationError
 from kdistill.config import (
     RECIPES_DIR, STAGE_FIELDS, STAGE_TEACHER, DataSource, Recipe, Stage,
 )
-from kdistill.errors import ConfigError, KdistillError
+from kdistill.errors import ConfigError, KdistillError, did_you_mean
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -49,9 +48,8 @@ def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
         if str(ref) in builtins:
             path = builtins[str(ref)]
         else:
-            close = difflib.get_close_matches(str(ref), list(builtins), n=1)
-            hint = f" did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"recipe {str(ref)!r} is neither a file nor a built-in recipe.{hint} built-in: {', '.join(builtins)}")
+            hint = did_you_mean(ref, builtins, cutoff=0.6)
+            raise ConfigError(f"recipe {str(ref)!r} is neither a file nor a built-in recipe{hint or ';'} built-in: {', '.join(builtins)}")
     if not path.is_file():
         raise ConfigError(f"recipe {path} is not a file (a recipe is one YAML file)")
     try:
@@ -140,8 +138,7 @@ def format_validation(err: ValidationError, prefix: str, source: str) -> str:
                 path += f".{part}" if path else str(part)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(str(e["loc"][-1]), known_fields(), n=1, cutoff=0.75)
-            msg = "unknown field" + (f"; did you mean {close[0]!r}?" if close else "")
+            msg = "unknown field" + did_you_mean(e["loc"][-1], known_fields(), cutoff=0.75)
         elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
             msg += f" (got {e['input']!r})"
         entries.append((path or "recipe", e["type"], msg))
@@ -271,7 +268,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     known = {"name", "output", "stages", "synthesize", *STAGE_FIELDS}
     extra = [k for k in raw if k not in known]
     if extra:
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, n=1)) else repr(k) for k in extra]
+        hints = [repr(k) + (f" ({hint[2:]})" if (hint := did_you_mean(k, known, cutoff=0.6)) else "") for k in extra]
         raise ConfigError(f"{source}: unknown top-level field {', '.join(hints)}; valid: {', '.join(sorted(known))}")
     if "output" not in raw:
         raw["output"] = f"runs/{raw.get('name', 'run')}"

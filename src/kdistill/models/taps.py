@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from kdistill.errors import PairingError
+from kdistill.errors import PairingError, did_you_mean
 from kdistill.models.arch import ModelInfo, find_qkv
 from kdistill.models.layer_map import normalise_layer
 
@@ -38,10 +38,7 @@ def parse_tap(name: str, info: ModelInfo, where: str = "tap") -> tuple[str, int 
     match = _TAP.match(name.strip())
     kind = match.group(1) if match else name
     if kind not in TAP_KINDS:
-        import difflib
-
-        close = difflib.get_close_matches(kind, TAP_KINDS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = did_you_mean(kind, TAP_KINDS, cutoff=0.6)
         raise PairingError(f"unknown tap {name!r} at {where}{hint} valid: {', '.join(TAP_KINDS)}")
     index = match.group(2)
     if kind in PLAIN:
