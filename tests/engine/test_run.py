@@ -127,6 +127,15 @@ def test_a_forced_resume_says_what_it_cannot_change(tiny_recipe, killed_run):
         distill(changed, resume=True, force=True, progress=False)
 
 
+def test_a_forced_resume_with_another_student_is_named(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    fewer_layers = {**tiny_recipe, "student": {"from_teacher": {"layers": [2]}}}
+    with pytest.raises(CheckpointError, match=r"does not fit this student: missing \[\], unexpected \['student.encoder"
+                                              r".layer.1.*not what it trains: another student"):
+        distill(fewer_layers, resume=True, force=True, progress=False)
+
+
 def test_a_forced_resume_cannot_shorten_a_stage_past_its_checkpoint(tiny_recipe, killed_run):
     tiny_recipe["train"].update(steps=6, save_every=4)
     killed_run(tiny_recipe, step=5)  # the checkpoint is at step 4

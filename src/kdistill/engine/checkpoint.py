@@ -149,7 +149,8 @@ def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int =
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
         if missing or unexpected:
             raise CheckpointMismatch(
-                f"checkpoint {directory} does not fit this student: missing {missing[:3]}, unexpected {unexpected[:3]}"
+                f"checkpoint {directory} does not fit this student: missing {sorted(missing)[:3]}, unexpected "
+                f"{sorted(unexpected)[:3]}"
             )
         optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))

@@ -302,7 +302,7 @@ class StageTrainer(StartFits):
             if not changed:
                 raise
             raise CheckpointError(f"{err}. A forced resume can change how the stage trains (steps, learning rate, "
-                                  f"schedule), not what it trains: other loss terms, train.freeze, train.lr_scale or a "
+                                  f"schedule), not what it trains: another student, other loss terms, train.freeze, train.lr_scale or a "
                                   f"weight_decay of 0 change the student's parameters or their optimizer groups; undo "
                                   f"that change, or start a new run with another --output") from None
         if changed:
