@@ -68,6 +68,18 @@ def test_yes_no_fields_still_take_yes_no():
     assert recipe.stages[0].data.group_by_length is True and recipe.stages[0].quant.attention is False
 
 
+def test_minillm_without_generated_batches_and_contradictory_sampling_are_refused():
+    from kdistill.config import builtin_recipes
+
+    minillm = str(builtin_recipes()["minillm"])
+    with pytest.raises(ConfigError, match="minillm learns from the student's own samples, and this stage generates none"):
+        load_recipe(minillm, ["on_policy.fraction=0"])
+    with pytest.raises(ConfigError, match=r"teacher_mix .*; greedy: true \(SeqKD's writing\) cannot go with it"):
+        load_recipe(minillm, ["on_policy.greedy=true"])
+    with pytest.raises(ConfigError, match=r"generator: teacher and greedy: true \(SeqKD's writing\) cannot go"):
+        load_recipe(str(builtin_recipes()["seqkd"]), ["on_policy.teacher_mix=0.3"])
+
+
 def test_unknown_student_init_suggests():
     raw = base()
     raw["student"] = {"from_techer": {"layers": [1]}}

@@ -190,6 +190,16 @@ class OnPolicyConfig(Strict):
     generator: Literal["student", "teacher"] = Field("student", description="teacher: SeqKD, the teacher writes the text")
     greedy: bool = Field(False, description="greedy decoding instead of sampling")
 
+    @model_validator(mode="after")
+    def one_way_to_write(self):
+        # teacher-mixed sampling draws every token from α·p + (1−α)·q: it can be neither the teacher alone nor greedy
+        if self.teacher_mix > 0 and (self.generator == "teacher" or self.greedy):
+            chosen = " and ".join(x for x, on in (("generator: teacher", self.generator == "teacher"),
+                                                  ("greedy: true", self.greedy)) if on)
+            raise ValueError(f"teacher_mix (MiniLLM's sampling) draws each token from a mix of teacher and student; "
+                             f"{chosen} (SeqKD's writing) cannot go with it: keep one of the two")
+        return self
+
 
 class Stage(Strict):
     """A training stage (teacher, student, data, losses, train), a synthesize stage (synthesize only) or a
@@ -228,6 +238,11 @@ class Stage(Strict):
                              f"leave head_init out of this stage")
         if self.lion is not None and self.on_policy is not None:
             raise ValueError("lion: on_policy would replace the teacher's answers the rounds train on; remove it")
+        generated = self.on_policy is not None and self.on_policy.fraction > 0
+        if not generated and any(isinstance(t, dict) and t.get("type") == "minillm" for t in self.losses):
+            # on data batches the term is only its language-modelling loss: the run would be SFT under another name
+            raise ValueError("losses: minillm learns from the student's own samples, and this stage generates none: "
+                             "add on_policy: {fraction: 0.5} (MiniLLM's default), or use cross_entropy for plain SFT")
         return self
 
 
