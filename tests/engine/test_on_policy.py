@@ -28,6 +28,25 @@ def test_sample_marks_the_positions_that_predict_generated_tokens(tiny_gpt2_dir)
     assert policy.wants(3, 0, 0) and not OnPolicy(OnPolicyConfig(fraction=0.0), loaded.tokenizer, 102, 0).wants(3, 0, 0)
 
 
+def test_generated_batches_stay_inside_the_models_positions(tiny_gpt2_dir, text_file, tmp_path):
+    import pytest
+
+    from kdistill.errors import ConfigError
+
+    loaded = load_model(tiny_gpt2_dir, "causal-lm")  # 128 positions
+    policy = OnPolicy(OnPolicyConfig(fraction=1.0, max_new_tokens=120), loaded.tokenizer, 102, seed=0, positions=128)
+    long_text = {"text": " ".join(["many words here"] * 60)}
+    assert len(policy.prompt_ids(long_text, 64)) > 8  # half of 64 tokens, more than the room left
+    batch = policy.sample(loaded.model, [long_text], 64, step=0, micro=0, rank=0)  # prompt cut to 8: 8 + 120 fit
+    assert batch["input_ids"].shape[1] <= 128
+    recipe = {"name": "long", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 8}, "max_length": 24},
+              "losses": [{"type": "logit_kd"}], "on_policy": {"fraction": 0.5, "max_new_tokens": 128},
+              "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "run")}
+    with pytest.raises(ConfigError, match="on_policy.max_new_tokens is 128 but the student has 128 positions"):
+        distill(recipe, progress=False)
+
+
 def test_gkd_run_resumes_exactly(tiny_gpt2_dir, text_file, tmp_path, killed_run):
     recipe = {"name": "gkd", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
               "data": {"train": {"path": text_file, "text": "sentence", "limit": 16}, "max_length": 24},

@@ -112,9 +112,16 @@ def check_student_tokenizer(stage: Stage, tokenizer, prefix: str) -> None:
                        f"(student.from_teacher or student.config) or a teacher with its own")
 
 
-def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str) -> None:
+def positions_of(model) -> int | None:
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return positions if isinstance(positions, int) else None
+
+
+def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str, new_tokens: int = 0) -> None:
     """Both models read the teacher's tokenizer's ids, padded or cut to data.max_length: an id past the student's
-    embedding table, or a position past either model's, fails deep inside torch (an index error) otherwise."""
+    embedding table, or a position past either model's, fails deep inside torch (an index error) otherwise.
+    Generated batches add `new_tokens` to their prompts, which are cut to make room for them (OnPolicy)."""
     embeddings = student.get_input_embeddings() if hasattr(student, "get_input_embeddings") else None
     rows = getattr(embeddings, "num_embeddings", None)
     if tokenizer is not None and rows is not None and rows < len(tokenizer):
@@ -123,11 +130,13 @@ def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str) -
             f"the student reads the teacher's tokenizer, so give it at least that many (student.config.vocab_size) "
             f"or use a model that shares the teacher's tokenizer")
     for who, model in (("student", student), ("teacher", teacher)):
-        config = model.config
-        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-        if isinstance(positions, int) and max_length > positions:
+        positions = positions_of(model)
+        if positions is not None and max_length > positions:
             raise ConfigError(f"{prefix}data.max_length is {max_length} but the {who} has {positions} positions; "
                               f"lower data.max_length to {positions} or less")
+        if positions is not None and new_tokens >= positions:
+            raise ConfigError(f"{prefix}on_policy.max_new_tokens is {new_tokens} but the {who} has {positions} "
+                              f"positions, prompt included; lower max_new_tokens below {positions}")
 
 
 def check_all_or_none_labelled(records: list[dict], prefix: str) -> None:
@@ -283,7 +292,8 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head,
                             stage.train.steps)
     if loaded.task != "image-classification":
-        check_text_fits(student, teacher, loaded.tokenizer, stage.data.max_length, prefix)
+        new_tokens = stage.on_policy.max_new_tokens if stage.on_policy and stage.on_policy.fraction > 0 else 0
+        check_text_fits(student, teacher, loaded.tokenizer, stage.data.max_length, prefix, new_tokens)
         if previous_student is None:
             check_student_tokenizer(stage, loaded.tokenizer, prefix)
     collator = make_collator(stage, loaded, teacher.config, labels, prefix, student.config)

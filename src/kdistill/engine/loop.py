@@ -21,7 +21,7 @@ from kdistill.errors import CheckpointError
 from kdistill.data import mask_tokens
 from kdistill.data.images import view_seed
 from kdistill.engine.batches import BatchPlan
-from kdistill.engine.build import StageParts
+from kdistill.engine.build import StageParts, positions_of
 from kdistill.engine.checkpoint import (CheckpointMismatch, list_checkpoints, load_checkpoint, prune, read_manifest,
                                        save_checkpoint)
 from kdistill.engine.distiller import Distiller
@@ -111,8 +111,9 @@ class StageTrainer(StartFits):
         self.logger = RunLogger(run_dir, stage.name, enabled=accelerator.is_main_process)
         self.on_policy = None
         if stage.on_policy is not None and stage.on_policy.fraction > 0:
+            limits = [positions_of(m) for m in (parts.student, parts.teacher) if m is not None]
             self.on_policy = OnPolicy(stage.on_policy, parts.tokenizer, parts.student.config.eos_token_id,
-                                      self.cfg.seed)
+                                      self.cfg.seed, positions=min([p for p in limits if p] or [None]))
         self.step = 0
 
     # ---- batches -------------------------------------------------------------------------------

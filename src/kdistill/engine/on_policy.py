@@ -25,8 +25,11 @@ def _seed(*parts: int) -> int:
 
 
 class OnPolicy:
-    def __init__(self, cfg, tokenizer, eos_token_id: int | None, seed: int):
+    def __init__(self, cfg, tokenizer, eos_token_id: int | None, seed: int, positions: int | None = None):
+        """`positions`: the fewest positions of the models that read a generated batch; prompts are cut to leave
+        room for max_new_tokens in them."""
         self.cfg, self.tokenizer, self.seed = cfg, tokenizer, seed
+        self.positions = positions
         self.eos = eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_token_id or 0)
 
@@ -48,6 +51,8 @@ class OnPolicy:
                teacher=None) -> dict:
         """A batch of prompt + sampled continuation, right-padded, with `loss_mask` on the positions
         whose next token was generated."""
+        if self.positions is not None:
+            max_length = min(max_length, self.positions - self.cfg.max_new_tokens)
         prompts = [self.prompt_ids(r, max_length) for r in records]
         width = max(len(p) for p in prompts)
         device = next(student.parameters()).device
