@@ -147,6 +147,18 @@ def test_flipped_byte_in_shard(store_path):
         TeacherStore.open(store_path, verify=True)
 
 
+def test_a_manifest_edited_to_another_width_is_refused(store_path):
+    manifest = json.loads((store_path / "manifest.json").read_text())
+    manifest["k"] = manifest["columns"] = K - 2
+    (store_path / "manifest.json").write_text(json.dumps(manifest))
+    store = TeacherStore.open(store_path)
+    for read in (lambda: store["sample-0"], lambda: store.read_many(["sample-0", "sample-1"])):
+        with pytest.raises(CheckpointError, match=rf"manifest.json gives {K - 2} columns a position, "
+                                                  rf"shard-00000.safetensors holds {K}"):
+            read()
+        store = TeacherStore.open(store_path)
+
+
 def test_missing_shard(store_path):
     (store_path / "shard-00001.safetensors").unlink()
     with pytest.raises(CheckpointError, match=r"shard-00001\.safetensors is missing"):

@@ -151,6 +151,10 @@ class TeacherStore:
         if sha256(self.path / record["file"]) != record["sha256"]:
             raise CheckpointError(f"teacher store {self.path} is corrupt: {record['file']} is damaged "
                                   f"(checksum mismatch); {REBUILD_HINT}")
+        width = _tensor_shapes(self.path / record["file"]).get("topk_logprobs", [0, None])[-1]
+        if width != self.columns:  # an edited manifest: the rows would be read at the wrong width
+            raise CheckpointError(f"teacher store {self.path} is corrupt: manifest.json gives {self.columns} columns a "
+                                  f"position, {record['file']} holds {width}; {REBUILD_HINT}")
         self._verified.add(number)
 
     def _shard(self, number: int):
@@ -169,13 +173,21 @@ class TeacherStore:
 _NUMPY_DTYPES = {"F16": np.float16, "F32": np.float32, "I16": np.int16, "I32": np.int32, "I64": np.int64}
 
 
+def _header(file: Path) -> tuple[int, dict]:
+    with open(file, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return size, json.loads(handle.read(size))
+
+
+def _tensor_shapes(file: Path) -> dict[str, list[int]]:
+    return {name: info["shape"] for name, info in _header(file)[1].items() if name != "__metadata__"}
+
+
 def _memory_map(file: Path) -> dict[str, np.ndarray]:
     """A safetensors file's tensors as read-only numpy memory maps. safetensors' own reader hands out contiguous
     slices only; a batch wants scattered rows, and fancy indexing a map reads just those. The layout is the
     format's published one: an 8-byte little-endian header size, the JSON header, then the data."""
-    with open(file, "rb") as handle:
-        size = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(size))
+    size, header = _header(file)
     data = np.memmap(file, dtype=np.uint8, mode="r", offset=8 + size)
     arrays = {}
     for name, info in header.items():
