@@ -72,6 +72,19 @@ def lm_recipe(teacher_dir, text_file, tmp_path, limit=12, max_length=24, steps=1
             "output": str(tmp_path / "run"), **fields}
 
 
+def test_a_store_written_to_its_default_place_inside_the_run_folder_lets_the_run_start(tiny_gpt2_dir, text_file,
+                                                                                        tmp_path):
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path)
+    store = cache_teacher(load_recipe(recipe))  # OUTPUT/teacher-store
+    assert store == tmp_path / "run" / "teacher-store"
+    assert (distill(cached(recipe, store, tmp_path / "run"), progress=False) / "config.json").exists()
+    # a recipe whose teacher already reads a store built from a named model: cache-teacher runs that model
+    auto = {**recipe, "teacher": {"model": tiny_gpt2_dir, "source": "cache", "top_k": 8}, "output": str(tmp_path / "a")}
+    assert cache_teacher(load_recipe(auto), k=4).name == "teacher-store"
+    with pytest.raises(ConfigError, match="this stage's teacher is a store .* with no teacher.model"):
+        cache_teacher(load_recipe(cached(recipe, store, tmp_path / "b")))
+
+
 def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):
     recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, steps=2)
     store = cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "store"))
@@ -156,6 +169,19 @@ def test_an_automatic_store_is_not_built_for_a_recipe_it_cannot_feed(tiny_gpt2_d
     with pytest.raises(PairingError, match=r"losses\[1\]: hidden_mse needs the live teacher"):
         distill(recipe, progress=False)
     assert not (tmp_path / "home" / "stores").exists()  # refused before a pass of the teacher over the data
+    # the same for a divergence a sampled store cannot estimate, automatic or at a path
+    sampled = {**recipe, "teacher": {"model": tiny_gpt2_dir, "source": "cache", "sample": 4},
+               "losses": [{"type": "logit_kd", "divergence": "js"}]}
+    with pytest.raises(PairingError, match=r"losses\[0\]: a sampled teacher store estimates forward KL without bias, "
+                                           r"not js"):
+        distill(sampled, progress=False)
+    assert not (tmp_path / "home" / "stores").exists()
+    store = cache_teacher(load_recipe(recipe), sample=4, out=str(tmp_path / "drawn"))
+    at_path = {**sampled, "teacher": {"source": "cache", "path": str(store)}, "student": {"config": {"n_layer": 1}}}
+    from kdistill.engine.build import build_stage
+
+    with pytest.raises(PairingError, match="not js"):  # what validate --full builds
+        build_stage(load_recipe(at_path).stages[0])
 
 
 def test_a_student_with_another_tokenizer_is_refused(tiny_gpt2_dir, text_file, tmp_path):

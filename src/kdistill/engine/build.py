@@ -1,6 +1,7 @@
 """Config to objects, in one place: a validated Stage becomes the teacher, student, terms and data."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,13 +81,27 @@ def check_store_stage(stage: Stage, prefix: str) -> None:
     if stage.student is not None and stage.student.kind()[0] in ("from_teacher", "theseus"):
         raise ConfigError(f"{prefix}student: {stage.student.kind()[0]} copies the teacher's weights, which a "
                           f"teacher store does not hold; use student.config or student.model")
+    sampled = stage.teacher.sample is not None or stored_setting(stage.teacher.path, "sampled")
     for i, params in enumerate(stage.losses):
+        divergence = getattr(params, "divergence", "kl")
+        if sampled and divergence != "kl":
+            raise PairingError(f"{prefix}losses[{i}]: a sampled teacher store estimates forward KL without bias, not "
+                               f"{divergence}; use divergence: kl, or a top-k store (no sample: / --sample)")
         why = LOSSES.get(params.type, f"{prefix}losses[{i}].type").store_refusal(params)
         if why is not None:
             raise PairingError(f"{prefix}losses[{i}]: {params.type}{why} needs the live teacher (its full outputs, "
                                f"hidden states or LM head), which a teacher store does not hold (only its top-k "
                                f"log-probabilities); use logit_kd (or deit) without chunk_size with a store, or "
                                f"the live teacher (teacher.source: live)")
+
+
+def stored_setting(path: str | None, key: str):
+    """A setting of the store at `path` from its manifest, or None where there is none to read yet (a wrong path
+    is named when the store is opened)."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()).get(key) if path else None
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_student_tokenizer(stage: Stage, tokenizer, prefix: str) -> None:

@@ -64,7 +64,10 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> str | None:
     resolved = out / "config.resolved.yaml"
     current = recipe.dump()
     changed: list[str] = []
-    if out.is_dir() and not resolved.exists() and any(out.iterdir()):
+    from kdistill.teachers.store_writer import is_store
+
+    # a teacher store `kdistill cache-teacher` wrote into the run's folder (its default --out) is no obstacle
+    if out.is_dir() and not resolved.exists() and any(not is_store(entry) for entry in out.iterdir()):
         # not a kdistill run: its student/ or checkpoints/ would be written over what is there
         entries = len(list(out.iterdir()))
         raise ConfigError(f"output {out} is a folder that holds something other than a kdistill run ({entries} "

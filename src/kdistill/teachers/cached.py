@@ -125,8 +125,12 @@ def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = N
     if not 0 <= stage_index < len(recipe.stages):
         raise ConfigError(f"--stage {stage_index}: the recipe has stages 0..{len(recipe.stages) - 1}")
     stage = recipe.stages[stage_index]
-    if stage.teacher.source != "live":
-        raise ConfigError("cache-teacher needs a recipe whose teacher is a model (teacher.source: live)")
+    if stage.teacher.source != "live":  # the model a store is made of is run here: its settings make this store
+        if stage.teacher.model is None:
+            raise ConfigError("cache-teacher runs the teacher model, and this stage's teacher is a store (teacher.path) "
+                              "with no teacher.model: name the model beside it, or train from the store as it is")
+        live = stage.teacher.model_copy(update={"source": "live", "path": None, "sample": None, "sample_head": 0})
+        stage = stage.model_copy(update={"teacher": live})
     return cache_stage(stage, Path(out or Path(recipe.output) / "teacher-store"), k, batch_size, temperature,
                        dtype, console, next_token, sample, sample_head)
 
