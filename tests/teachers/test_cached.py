@@ -77,7 +77,12 @@ def test_a_store_written_to_its_default_place_inside_the_run_folder_lets_the_run
     recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path)
     store = cache_teacher(load_recipe(recipe))  # OUTPUT/teacher-store
     assert store == tmp_path / "run" / "teacher-store"
-    assert (distill(cached(recipe, store, tmp_path / "run"), progress=False) / "config.json").exists()
+    with_eval = cached(recipe, store, tmp_path / "run")
+    with_eval["data"] = {**recipe["data"], "eval": {"path": text_file, "text": "sentence", "limit": 4}}
+    student = distill(with_eval, progress=False)
+    # the store holds no teacher outputs for the eval records: no eval loss is reported, rather than a loss of 0
+    assert json.loads((student / "kdistill.json").read_text())["metrics"]["eval"] == {}
+    assert '"kind": "eval"' not in (tmp_path / "run" / "logs" / "main.jsonl").read_text()
     # a recipe whose teacher already reads a store built from a named model: cache-teacher runs that model
     auto = {**recipe, "teacher": {"model": tiny_gpt2_dir, "source": "cache", "top_k": 8}, "output": str(tmp_path / "a")}
     assert cache_teacher(load_recipe(auto), k=4).name == "teacher-store"

@@ -82,7 +82,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(stages), figsize=(6 * len(stages), 4), squeeze=False)
     for ax, stage in zip(axes[0], stages):
         train = [r for r in records if r["stage"] == stage and r["kind"] == "train"]
-        evals = [r for r in records if r["stage"] == stage and r["kind"] == "eval"]
+        evals = [r for r in records if r["stage"] == stage and r["kind"] == "eval" and "loss" in r]
         steps = [r["step"] for r in train]
         ax.plot(steps, [r["loss"] for r in train], label="loss", linewidth=2)
         for name in (train[0].get("parts", {}) if train else {}):

@@ -261,7 +261,8 @@ class StageTrainer(StartFits):
                 cosine += torch.nn.functional.cosine_similarity(s_pooled, t_taps["pooled"], dim=-1).sum().item()
                 n_seq += s_pooled.shape[0]
         parts = {t.name: float(s / max(c, 1)) for t, s, c in zip(terms, sums, counts) if c > 0}
-        result = {"loss": sum(t.weight * parts[t.name] for t in terms if t.name in parts), "parts": parts}
+        # from a store no term can be scored on eval records (it holds the training records only): no loss, not 0
+        result = {"loss": sum(t.weight * parts[t.name] for t in terms if t.name in parts), "parts": parts} if parts else {}
         if n_seq:
             result["embedding_cosine_to_teacher"] = cosine / n_seq
         if n_labeled:
@@ -369,6 +370,7 @@ class StageTrainer(StartFits):
                     self.save()
         if not last_eval and self.parts.eval_records:
             last_eval = self.evaluate()
-            self.logger.log(self.step, last_eval, kind="eval")
+            if last_eval:
+                self.logger.log(self.step, last_eval, kind="eval")
         self.logger.close()
         return StageResult(self.step, time.perf_counter() - start_time, last, last_eval)
