@@ -117,6 +117,17 @@ def test_data_loss_on_completion_trains_on_the_tokens_after_the_prompt(tiny_gpt2
     with pytest.raises(ConfigError, match=r"data\.loss_on: completion is for causal-LM students"):
         distill({**recipe, "teacher": {"model": tiny_bert_dir}, "student": {"from_teacher": {"layers": [1]}},
                  "output": str(tmp_path / "bert")}, progress=False)
+    # a prompt/completion table read as text: completion would train on completions without their prompts
+    table = tmp_path / "pc.jsonl"
+    table.write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["text"][len(r["prompt"]):]}) + "\n"
+                             for r in rows))
+    from kdistill.errors import DataError
+
+    split = {**recipe, "data": {**recipe["data"], "train": {"path": str(table), "text": "completion"}},
+             "output": str(tmp_path / "pc")}
+    with pytest.raises(DataError, match=r"data.train: data.loss_on: completion needs each record's text to start "
+                                        r"with its prompt, and one does not \(prompt 'word: cat"):
+        distill(split, progress=False)
 
 
 def test_the_trl_benchmark_hands_trl_the_positions_and_prompts_kdistill_uses(tiny_gpt2_dir):

@@ -8,6 +8,18 @@ import torch
 from kdistill.errors import ConfigError, DataError
 
 
+def check_prompts_lead(records: Sequence[dict], where: str) -> None:
+    """Completion-only loss masks a record's text after its `prompt`, so the prompt must be where the text starts; a
+    prompt/completion table given as `text: completion` would otherwise train on the completions without their
+    prompts."""
+    for record in records:
+        prompt, text = record.get("prompt"), record.get("text", "")
+        if prompt and not text.startswith(prompt.rstrip()):
+            raise DataError(f"{where}: data.loss_on: completion needs each record's text to start with its prompt, and "
+                            f"one does not (prompt {prompt[:40]!r}, text {text[:40]!r}); for a prompt/completion table, "
+                            f"give a text field that holds both")
+
+
 def implied_prompt_length(tokens: int) -> int:
     """A causal-LM record without a `prompt` is prompted with the first half of its tokens (at least one): the
     collator's completion-only mask and the on-policy sampler's prompts both follow this rule."""

@@ -9,6 +9,7 @@ import torch
 
 from kdistill.config import Stage
 from kdistill.data import TextCollator, label_names, load_records
+from kdistill.data.collate import check_prompts_lead
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError, article
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
@@ -270,6 +271,9 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
 def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None) -> StageParts:
     train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
     evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
+    if stage.data.loss_on == "completion":
+        check_prompts_lead(train, f"{prefix}data.train")
+        check_prompts_lead(evals, f"{prefix}data.eval")
     cached = stage.teacher.source == "cache"
     named_beside_store = cached and stage.teacher.path is not None and stage.teacher.model is not None
     if cached:  # before an automatic store is built: the recipe alone decides these
