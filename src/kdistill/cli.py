@@ -289,7 +289,7 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
                   f"{report.dense_bytes_per_position:,} for full float32 logits "
                   + (f"({report.compression:.0f}× smaller)" if report.compression >= 1.5 else
                      f"({1 / report.compression:.1f}× their size: a store saves space only where k is well under the "
-                     f"number of outputs; --k sets it)"))
+                     f"number of outputs; {'--sample and --sample-head set it' if sample else '--k sets it'})"))
 
 
 @app.command("export")

@@ -90,6 +90,18 @@ def test_a_store_written_to_its_default_place_inside_the_run_folder_lets_the_run
         cache_teacher(load_recipe(cached(recipe, store, tmp_path / "b")))
 
 
+def test_cache_teacher_refuses_what_would_make_a_useless_store(tiny_gpt2_dir, text_file, tmp_path):
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path)
+    with pytest.raises(ConfigError, match="--temperature 0: a temperature divides the logits"):
+        cache_teacher(load_recipe(recipe), temperature=0, out=str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match="sample_head=40000: the teacher has 30,522 tokens"):
+        cache_teacher(load_recipe(recipe), sample=4, sample_head=40000, out=str(tmp_path / "s"))
+    random_teacher = {**recipe, "teacher": {"model": "blueprint:gpt2-6x384", "task": "causal-lm"}}
+    with pytest.raises(PairingError, match="is a random init \\(a blueprint\\): a store of it would hold untrained"):
+        cache_teacher(load_recipe(random_teacher), out=str(tmp_path / "s"))
+    assert not (tmp_path / "s").exists()
+
+
 def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):
     recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, steps=2)
     store = cache_teacher(load_recipe(recipe), k=8, out=str(tmp_path / "store"))

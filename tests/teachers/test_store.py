@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pickle
 
 import pytest
@@ -230,6 +231,14 @@ def test_killed_writer_leaves_no_store(tmp_path):
         TeacherStore.open(tmp_path / "s")
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_finished_writer_removes_what_a_killed_one_left(tmp_path):
+    dead = tmp_path / ".s.partial-999999999-abcd"  # no such process
+    dead.mkdir()
+    (tmp_path / f".s.partial-{os.getpid()}-mine").mkdir()  # a live process's (this one's): kept
+    write(tmp_path / "s")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".s.partial-{os.getpid()}-mine", "s"])
 
 
 def test_existing_store_needs_overwrite(store_path):

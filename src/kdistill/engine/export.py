@@ -35,13 +35,14 @@ def copy_sentence_transformers_files(teacher_dir: str, out: Path, hidden_size: i
     return True
 
 
-def remove_abandoned_copies(out: Path) -> None:
-    """Half-written copies of ``out`` left by a process killed while exporting (``.NAME.tmp-PID`` with PID no longer
-    running): each is a whole model's worth of disk, and no later export of the same name would reuse it."""
+def remove_abandoned_copies(out: Path, marker: str = "tmp") -> None:
+    """Half-written copies of ``out`` left by a process killed while writing it (``.NAME.MARKER-PID[-...]`` with PID no
+    longer running): each is a whole model's (or store's) worth of disk, and no later write of the same name would
+    reuse it."""
     if not out.parent.exists():
         return
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        pid = stale.name.rsplit("-", 1)[1]
+    for stale in out.parent.glob(f".{out.name}.{marker}-*"):
+        pid = stale.name[len(f".{out.name}.{marker}-"):].split("-")[0]
         if not pid.isdigit() or int(pid) == os.getpid():
             continue
         try:

@@ -150,6 +150,12 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     if sample_head and not sample:
         raise ConfigError(f"sample_head={sample_head} keeps the teacher's top tokens beside the draws of `sample`; "
                           f"give sample=N too, or leave sample_head at 0 for a top-k store")
+    if temperature is not None and not temperature > 0:
+        raise ConfigError(f"--temperature {temperature}: a temperature divides the logits, so it must be above 0")
+    if str(stage.teacher.model).startswith("blueprint:"):  # `teacher:` of a teacher recipe: what it trains from
+        raise PairingError(f"teacher.model {stage.teacher.model} is a random init (a blueprint): a store of it would "
+                           f"hold untrained outputs; cache a recipe that distils from a trained teacher (e.g. lm-kd, "
+                           f"whose teacher is recipe:lm-teacher)")
     temperature = kd_temperature(stage) if temperature is None else temperature
     records = read_sources(stage.data.train, "train", "data.train", stage.train.seed)
     loaded = load_model(resolve_teacher(stage.teacher.model, console), stage.teacher.task,
@@ -170,8 +176,16 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     items = teacher_views(stage, records)
     vocab = teacher.config.get_text_config().vocab_size if loaded.task == "causal-lm" else teacher.config.num_labels
     next_token = next_token and loaded.task == "causal-lm" and not sample
-    head = min(sample_head, vocab - 1) if sample else 0
+    if sample and sample_head >= vocab:
+        raise ConfigError(f"sample_head={sample_head}: the teacher has {vocab:,} tokens; keep the head below that, so "
+                          f"some remain to draw from")
+    head = sample_head if sample else 0
+    asked = sample or k
     k = min(sample, vocab - head) if sample else min(k, vocab - next_token)
+    if k < asked and console is not None:
+        console.print(f"[yellow]{asked} columns asked, {k} kept[/yellow]: the teacher has {vocab:,} tokens"
+                      + (f", {head} of them in the exact head" if head else "")
+                      + (" and the next token has a column of its own" if next_token else ""))
     if console is not None and is_store(Path(out)):
         console.print(f"replacing the earlier store at {out} once this one is complete")
     with StoreWriter(out, k=k, temperature=temperature, fingerprints=fingerprints, dtype=dtype, vocab_size=vocab,

@@ -179,7 +179,9 @@ class StoreWriter:
         self.shard_size, self.overwrite = shard_size, overwrite
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Hidden and on the same filesystem as `path`, so the final rename is atomic.
-        self._tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-", dir=self.path.parent))
+        # The PID in the name lets a later writer remove what a killed one left (remove_abandoned_copies).
+        self._tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-",
+                                                       dir=self.path.parent))
         self._index: dict[str, list[int]] = {}
         self._shards: list[dict] = []
         self._extras: dict[str, dict] | None = None  # name -> {"dtype", "shape"}, fixed by the first item
@@ -265,6 +267,9 @@ class StoreWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._tmp = None
+        from kdistill.engine.export import remove_abandoned_copies
+
+        remove_abandoned_copies(self.path, "partial")
         return self.path
 
     def abort(self) -> None:
