@@ -100,6 +100,11 @@ def test_cache_teacher_refuses_what_would_make_a_useless_store(tiny_gpt2_dir, te
     with pytest.raises(PairingError, match="is a random init \\(a blueprint\\): a store of it would hold untrained"):
         cache_teacher(load_recipe(random_teacher), out=str(tmp_path / "s"))
     assert not (tmp_path / "s").exists()
+    from kdistill.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=r"teacher.path: .*nowhere does not exist; build a store there with "
+                                              r"`kdistill cache-teacher RECIPE --out"):
+        distill(cached(recipe, tmp_path / "nowhere", tmp_path / "run"), progress=False)
 
 
 def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):

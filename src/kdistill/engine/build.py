@@ -204,6 +204,9 @@ def cached_teacher_dir(stage: Stage, prefix: str) -> str:
     from kdistill.teachers.cached import TEACHER_FILES
 
     path = Path(stage.teacher.path) / TEACHER_FILES
+    if not Path(stage.teacher.path).exists():
+        raise CheckpointError(f"{prefix}teacher.path: {stage.teacher.path} does not exist; build a store there with "
+                              f"`kdistill cache-teacher RECIPE --out {stage.teacher.path}`")
     if not (path / "config.json").exists():
         raise CheckpointError(f"{prefix}teacher.path: {stage.teacher.path} is not a teacher store (no "
                               f"{TEACHER_FILES}/config.json); build one with `kdistill cache-teacher RECIPE`")
