@@ -167,8 +167,9 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
 
         made = Path(student) / "kdistill.json"
         trained_by = json.loads(made.read_text()).get("teacher") if made.is_file() else None
-        console.print("[yellow]no --teacher[/yellow]: the comparisons with a teacher (embedding fidelity, per-layer CKA) are "
-                      "left out" + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
+        console.print("[yellow]no --teacher[/yellow]: the comparisons with a teacher (embedding fidelity, per-layer "
+                      "CKA) are left out"
+                      + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
     path = Path(output) if output else Path(student) / "eval.json"
     check_report_path(path, "--output", "eval.json")  # before the evaluation: after it, its results would be lost
     from kdistill.data.sources import has_splits

@@ -192,7 +192,7 @@ class OnPolicyConfig(Strict):
 
     @model_validator(mode="after")
     def one_way_to_write(self):
-        # teacher-mixed sampling draws every token from α·p + (1−α)·q: it can be neither the teacher alone nor greedy
+        # teacher-mixed sampling draws every token from α·p + (1−α)·q: neither the teacher alone nor greedy
         if self.teacher_mix > 0 and (self.generator == "teacher" or self.greedy):
             chosen = " and ".join(x for x, on in (("generator: teacher", self.generator == "teacher"),
                                                   ("greedy: true", self.greedy)) if on)

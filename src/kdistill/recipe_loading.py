@@ -49,7 +49,8 @@ def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
             path = builtins[str(ref)]
         else:
             hint = did_you_mean(ref, builtins, cutoff=0.6)
-            raise ConfigError(f"recipe {str(ref)!r} is neither a file nor a built-in recipe{hint or ';'} built-in: {', '.join(builtins)}")
+            raise ConfigError(f"recipe {str(ref)!r} is neither a file nor a built-in recipe{hint or ';'} built-in: "
+                              f"{', '.join(builtins)}")
     if not path.is_file():
         raise ConfigError(f"recipe {path} is not a file (a recipe is one YAML file)")
     try:

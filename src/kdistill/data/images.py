@@ -178,7 +178,8 @@ def check_image_fits(models: dict, collator: ImageCollator, records: list[dict],
     text = next((r for r in records if "image" not in r and "image_path" not in r), None)
     if text is not None:
         raise DataError(f"{prefix}data.train: an image model trains on images (a folder of class folders, a table "
-                        f"with `image: FIELD`, or the digits corpus), but a record has none: {str(text.get('text', text))[:60]!r}")
+                        f"with `image: FIELD`, or the digits corpus), but a record has none: "
+                        f"{str(text.get('text', text))[:60]!r}")
     for where, model in models.items():
         config = model.config
         channels = getattr(config, "num_channels", None)
@@ -204,5 +205,5 @@ def image_processor(image_size: int, channels: int, mean: float = 0.5, std: floa
                      image_std=[std] * channels, resample=2, do_convert_rgb=channels == 3)
 
 
-__all__ = ["image_processor", "ImageCollator", "affine_views", "check_images_open", "image_folder", "image_shape", "is_image_folder", "read_image",
-           "view_params", "view_seed"]
+__all__ = ["image_processor", "ImageCollator", "affine_views", "check_images_open", "image_folder", "image_shape",
+           "is_image_folder", "read_image", "view_params", "view_seed"]

@@ -204,8 +204,11 @@ GENERATION_FIELDS = ("prompt", "reference")
 def _image_hint(row: dict, key: str) -> str:
     from kdistill.data.images import IMAGE_EXTENSIONS
 
-    paths = [name for name, v in row.items() if isinstance(v, str) and os.path.splitext(v)[1].lower() in IMAGE_EXTENSIONS]
-    return f"; {paths[0]!r} holds image files: give `image: {paths[0]}` for image records" if key == "text" and paths else ""
+    paths = [name for name, v in row.items()
+             if isinstance(v, str) and os.path.splitext(v)[1].lower() in IMAGE_EXTENSIONS]
+    if key != "text" or not paths:
+        return ""
+    return f"; {paths[0]!r} holds image files: give `image: {paths[0]}` for image records"
 
 
 def _image_record(value, field: str, where: str, folder: str | None) -> dict:
@@ -218,7 +221,8 @@ def _image_record(value, field: str, where: str, folder: str | None) -> dict:
     if hasattr(value, "convert"):  # a PIL image, as `datasets` decodes an Image column
         import numpy as np
 
-        array = np.asarray(value.convert("L" if value.mode in ("1", "L", "I;16", "I") else "RGB"), dtype=np.float32) / 255.0
+        grey = value.mode in ("1", "L", "I;16", "I")
+        array = np.asarray(value.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
         return {"image": array[None] if array.ndim == 2 else array.transpose(2, 0, 1), "id": where}
     raise DataError(f"field {field!r} at {where} is {type(value).__name__}, expected an image file's path or an image")
 

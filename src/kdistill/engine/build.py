@@ -181,7 +181,8 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
     # train and eval (a class seen only in eval still needs an output), and every class a built-in source declares
     labels = label_names(records + [{"label": name} for name in declared_classes(stage)])
     known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
-    blueprint = str(stage.teacher.model or "").startswith("blueprint:")  # a fresh random init: its head takes the data's classes
+    # a blueprint is a fresh random init: its head takes the data's classes
+    blueprint = str(stage.teacher.model or "").startswith("blueprint:")
     if has_classifier_head(config) and not blueprint:
         unknown = sorted(set(labels) - set(known))
         if unknown:

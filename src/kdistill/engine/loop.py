@@ -262,7 +262,8 @@ class StageTrainer(StartFits):
                 n_seq += s_pooled.shape[0]
         parts = {t.name: float(s / max(c, 1)) for t, s, c in zip(terms, sums, counts) if c > 0}
         # from a store no term can be scored on eval records (it holds the training records only): no loss, not 0
-        result = {"loss": sum(t.weight * parts[t.name] for t in terms if t.name in parts), "parts": parts} if parts else {}
+        loss = sum(t.weight * parts[t.name] for t in terms if t.name in parts)
+        result = {"loss": loss, "parts": parts} if parts else {}
         if n_seq:
             result["embedding_cosine_to_teacher"] = cosine / n_seq
         if n_labeled:
@@ -304,8 +305,9 @@ class StageTrainer(StartFits):
             if not changed:
                 raise
             raise CheckpointError(f"{err}. A forced resume can change how the stage trains (steps, learning rate, "
-                                  f"schedule), not what it trains: another student, other loss terms, train.freeze, train.lr_scale or a "
-                                  f"weight_decay of 0 change the student's parameters or their optimizer groups; undo "
+                                  f"schedule), not what it trains: another student, other loss terms, train.freeze, "
+                                  f"train.lr_scale or a weight_decay of 0 change the student's parameters or their "
+                                  f"optimizer groups; undo "
                                   f"that change, or start a new run with another --output") from None
         if changed:
             if state["step"] > self.cfg.steps:
