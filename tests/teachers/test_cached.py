@@ -105,6 +105,11 @@ def test_cache_teacher_refuses_what_would_make_a_useless_store(tiny_gpt2_dir, te
     with pytest.raises(CheckpointError, match=r"teacher.path: .*nowhere does not exist; build a store there with "
                                               r"`kdistill cache-teacher RECIPE --out"):
         distill(cached(recipe, tmp_path / "nowhere", tmp_path / "run"), progress=False)
+    store = cache_teacher(load_recipe(recipe), k=4, out=str(tmp_path / "store"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (store / "teacher" / name).unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="is damaged: teacher/ has lost the teacher's tokenizer"):
+        distill(cached(recipe, store, tmp_path / "run"), progress=False)
 
 
 def test_causal_lm_from_a_top_k_store(tiny_gpt2_dir, text_file, tmp_path):
