@@ -466,3 +466,16 @@ def test_training_records_are_never_the_test_split(tmp_path, make_classifier):
 
     train = {r["id"] for r in load_records({"source": "wordnet-supersense"}, "train")}
     assert not train & {r["id"] for r in test_records(load_recipe(recipe))}
+
+
+def test_quick_gives_the_baseline_as_many_steps_as_the_shortened_stages_together(tmp_path):
+    from kdistill.compare import seed_run
+    from kdistill.config import builtin_recipes
+
+    mobilebert = load_recipe(str(builtin_recipes()["mobilebert"]))
+    quick_total = sum(max(1, s.train.steps // 8) for s in mobilebert.stages)
+    assert quick_total != max(1, sum(s.train.steps for s in mobilebert.stages) // 8)  # the rounding that differed
+    runs = [seed_run(r, r is not mobilebert, tmp_path / r.name, 0, quick=True)
+            for r in (mobilebert, baseline_of(mobilebert, quick=True))]
+    assert [sum(s.train.steps for s in run.stages) for run in runs] == [quick_total, quick_total]
+    assert baseline_of(mobilebert).stages[0].train.steps == sum(s.train.steps for s in mobilebert.stages)

@@ -156,8 +156,7 @@ def mean_tokens(tokenizer, records: list[dict], max_length: int, config=None) ->
     return sum(lengths) / max(1, len(lengths))
 
 
-def recipe_pairs(recipes: list[Recipe], bases: list[tuple[Recipe, str]], root: Path,
-                 quick: bool) -> list[list[tuple[str, Recipe, Path]]]:
+def recipe_pairs(recipes: list[Recipe], bases: list[tuple[Recipe, str]], root: Path) -> list[list[tuple[str, Recipe, Path]]]:
     """Per recipe, what it trains as (label, recipe or baseline, folder): itself, and its baseline unless an
     earlier recipe has the same one (the same student, init, data and steps: trained once, shown once)."""
     seen, pairs = set(), []
@@ -166,7 +165,7 @@ def recipe_pairs(recipes: list[Recipe], bases: list[tuple[Recipe, str]], root: P
         if bases and bases[i][1] not in seen:
             base, key = bases[i]
             seen.add(key)
-            pairs[-1].append((base.name, base, baseline_dir(root, base, key, quick)))
+            pairs[-1].append((base.name, base, baseline_dir(root, base, key)))
     return pairs
 
 
@@ -181,7 +180,7 @@ def train_recipe_teachers(recipes: list[Recipe], console=None) -> None:
 
 
 def seed_run(r: Recipe, baseline: bool, folder: Path, seed: int, quick: bool) -> Recipe:
-    run = variant(r, seed, quick, folder / f"seed-{seed}")
+    run = variant(r, seed, quick and not baseline, folder / f"seed-{seed}")  # a baseline's steps are final
     return kept_baseline(run) if baseline else run
 
 
@@ -222,8 +221,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                               f"teacher task is {task!r}; such students are compared by fidelity to "
                               f"the teacher instead: `kdistill eval --student DIR --teacher TEACHER --data ...`")
     train_recipe_teachers(recipes, console)
-    bases = [(base, baseline_key(base)) for base in map(baseline_of, recipes)] if baselines else []
-    all_pairs = recipe_pairs(recipes, bases, root, quick)
+    bases = [(base, baseline_key(base)) for base in (baseline_of(r, quick) for r in recipes)] if baselines else []
+    all_pairs = recipe_pairs(recipes, bases, root)
     # the count a long comparison reports its progress against: recipes sharing a baseline train it once
     planned = seeds * sum(map(len, all_pairs))
     all_records = [test_records(recipe) for recipe in recipes]

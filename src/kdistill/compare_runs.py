@@ -30,13 +30,20 @@ def recipe_task(recipe: Recipe) -> str:
     return detect_task(load_config(last.model, last.trust_remote_code)[1])
 
 
-def baseline_of(recipe: Recipe) -> Recipe:
+def quick_steps(steps: int) -> int:
+    return max(1, steps // QUICK_DIVISOR)
+
+
+def baseline_of(recipe: Recipe, quick: bool = False) -> Recipe:
+    """The recipe's no-teacher baseline, with as many steps as all its stages together (under --quick, as all its
+    shortened stages: an eighth of their sum would differ by the rounding of each stage). Its steps are final: a
+    baseline goes through `variant` without --quick."""
     from kdistill.losses.logits import CrossEntropyParams
 
     from kdistill.config import StudentConfig
 
     first, last = recipe.stages[0], recipe.stages[-1]
-    steps = sum(s.train.steps for s in recipe.stages)
+    steps = sum(quick_steps(s.train.steps) if quick else s.train.steps for s in recipe.stages)
     student = first.student
     if student.theseus is not None:  # the same successor blocks, as a plain layer-subset student
         spec = student.theseus
@@ -87,7 +94,7 @@ def baseline_key(baseline: Recipe) -> str:
     return json.dumps(dump, sort_keys=True)
 
 
-def baseline_dir(root: Path, baseline: Recipe, key: str, quick: bool) -> Path:
+def baseline_dir(root: Path, baseline: Recipe, key: str) -> Path:
     """Baselines live by content (`baselines/<hash of their baseline_key>`), so every later compare whose
     recipe asks for the same baseline (a sweep of one recipe's loss settings) reuses it instead of training
     it again, and an edited recipe's baseline never replaces the earlier one. A folder named after the
@@ -104,11 +111,11 @@ def baseline_dir(root: Path, baseline: Recipe, key: str, quick: bool) -> Path:
     legacy = root / baseline.name
     saved = legacy / "seed-0" / "config.resolved.yaml"
     if not folder.exists() and saved.exists():
-        if not recipe_changes(yaml.safe_load(saved.read_text()), variant(baseline, 0, quick, saved.parent)):
+        if not recipe_changes(yaml.safe_load(saved.read_text()), variant(baseline, 0, False, saved.parent)):
             folder.parent.mkdir(parents=True, exist_ok=True)
             legacy.rename(folder)
     if not folder.exists():
-        same = baseline_key(variant(baseline, 0, quick, folder / "seed-0"))
+        same = baseline_key(variant(baseline, 0, False, folder / "seed-0"))
         for other in sorted(folder.parent.glob("*/seed-0")):
             kept = saved_recipe(other)
             if kept is not None and baseline_key(kept) == same:
@@ -144,7 +151,7 @@ def variant(recipe: Recipe, seed: int, quick: bool, output: Path) -> Recipe:
     (the table scores the test split itself; in the encoder comparison the mid-stage evaluations took 102 s of
     a seed's 47 minutes). Evaluation changes no weight, so runs made with them are still reused."""
     stages = [s.model_copy(update={"train": s.train.model_copy(update={
-        "seed": seed, "steps": max(1, s.train.steps // QUICK_DIVISOR) if quick else s.train.steps,
+        "seed": seed, "steps": quick_steps(s.train.steps) if quick else s.train.steps,
         "eval_every": None})})
         for s in recipe.stages]
     return Recipe(name=recipe.name, output=str(output), stages=stages)
