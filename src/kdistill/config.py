@@ -88,6 +88,9 @@ class FromTeacher(Strict):
     def width_needs_hidden_size(self):
         if self.intermediate_size is not None and self.hidden_size is None:
             raise ValueError("intermediate_size cuts a narrower student; give hidden_size too")
+        if self.num_layers is not None and self.layers != "uniform":
+            raise ValueError(f"num_layers is for layers: uniform; with layers: {self.layers} the student has "
+                             f"those layers: drop num_layers")
         return self
 
 

@@ -21,6 +21,10 @@ def test_choose_layers():
     assert choose_layers([1, -1], None, 6, "s") == [1, 6]
     with pytest.raises(PairingError, match="out of range"):
         choose_layers([0, 7], None, 6, "s")
+    with pytest.raises(ConfigError, match="s.layers: teacher layer 6 given twice"):  # -1 is layer 6
+        choose_layers([6, -1], None, 6, "s")
+    with pytest.raises(ValueError, match="num_layers is for layers: uniform"):  # pydantic's, named by load_recipe
+        StudentConfig.model_validate({"from_teacher": {"layers": [1, 2], "num_layers": 3}})
 
 
 def test_from_teacher_copies_embeddings_and_chosen_layers():
@@ -48,6 +52,12 @@ def test_from_teacher_can_copy_layers_of_another_model(tmp_path):
     other = StudentConfig.model_validate({"from_teacher": {"layers": [1], "model": str(tmp_path / "gpt2")}})
     with pytest.raises(PairingError, match="same architecture"):
         build_student(other, teacher, "embedding", seed=0)
+    # layers_from puts another model's layers between the teacher's embeddings and head: its width must match
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=6, num_attention_heads=4, intermediate_size=32,
+                         vocab_size=100)).save_pretrained(tmp_path / "narrow")
+    narrow = StudentConfig.model_validate({"from_teacher": {"layers": [2], "layers_from": str(tmp_path / "narrow")}})
+    with pytest.raises(PairingError, match="narrow is 16 wide, the teacher 32"):
+        build_student(narrow, teacher, "embedding", seed=0)
 
 
 def test_from_teacher_gpt2_uses_its_own_layer_path():

@@ -32,6 +32,10 @@ def choose_layers(spec, num_layers: int | None, teacher_layers: int, where: str)
             f"{where}.layers: {bad or 'empty list'} out of range; the teacher has layers 1..{teacher_layers} "
             f"(numbered from 1, negative numbers count from the last)"
         )
+    twice = sorted({x for x in layers if layers.count(x) > 1})
+    if twice:
+        raise ConfigError(f"{where}.layers: teacher layer {', '.join(map(str, twice))} given twice (counting negative "
+                          f"numbers from the last); each student layer is a copy of a different teacher layer")
     return layers
 
 
@@ -81,7 +85,7 @@ def from_teacher(spec, teacher, where="student.from_teacher", **context):
 
 def same_architecture(ref: str, teacher, where: str, context: dict, same_depth: bool = True):
     """A model whose layers can stand in for the teacher's: the same class, and (`same_depth`, where its layers
-    take the teacher's places) the same layer count."""
+    take the teacher's places between its embeddings and head) the same layer count and width."""
     source = load_model(ref, context.get("task", "auto"), **(context.get("head") or {})).model
     if type(source) is not type(teacher):
         raise PairingError(f"{where}: {ref} is a {type(source).__name__}, the teacher a {type(teacher).__name__}; "
@@ -89,6 +93,10 @@ def same_architecture(ref: str, teacher, where: str, context: dict, same_depth: 
     if same_depth and layer_count(source.config) != layer_count(teacher.config):
         raise PairingError(f"{where}: {ref} has {layer_count(source.config)} layers, the teacher "
                            f"{layer_count(teacher.config)}; its layers must take the teacher's places one for one")
+    widths = [getattr(m.config.get_text_config(), "hidden_size", None) for m in (source, teacher)]
+    if same_depth and widths[0] != widths[1]:
+        raise PairingError(f"{where}: {ref} is {widths[0]} wide, the teacher {widths[1]}; its layers must fit "
+                           f"between the teacher's embeddings and head: give a model of the teacher's width")
     return source
 
 
