@@ -48,6 +48,8 @@ def test_set_without_equals_sign():
     ("losses.0.temperature=2", "losses[0].temperature: unknown field"),
     ("data.train.source=stdlib-docstring", "did you mean 'stdlib-docstrings'"),
     ("train.steps=0", "train.steps"),
+    ("losses.0.layers=[]", "losses[0].layers: List should have at least 1 item"),
+    ("losses=[{type: qkv_relation, relations: []}]", "losses[0].relations: List should have at least 1 item"),
 ])
 def test_errors_name_the_field(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -146,7 +148,8 @@ def test_a_recipe_that_is_a_folder_or_not_text_is_named(tmp_path):
 def test_set_into_a_scalar_is_refused_not_replaced():
     with pytest.raises(ConfigError, match=r"--set train.steps.foo: train.steps is 10, not a mapping"):
         load_recipe(base(), ["train.steps.foo=3"])
-    assert load_recipe(base(), ["student.from_teacher.num_layers=3"]).stages[0].student.from_teacher.num_layers == 3
+    uniform = load_recipe(base(), ["student.from_teacher.layers=uniform", "student.from_teacher.num_layers=3"])
+    assert uniform.stages[0].student.from_teacher.num_layers == 3
 
 
 def test_set_with_a_value_that_is_not_yaml():

@@ -1,7 +1,7 @@
 """Hint terms on hidden features: per-layer hidden states and pooled sentence embeddings."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -12,7 +12,8 @@ from kdistill.models.taps import parse_tap, tap_name
 from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count,
                                   skip_cls_count, token_mask)
 
-LayerSpec = Literal["uniform", "last"] | list[tuple[int, int]]
+# an empty map would leave the term nothing to sum (torch.cat of no tensors)
+LayerSpec = Literal["uniform", "last"] | Annotated[list[tuple[int, int]], Field(min_length=1)]
 
 # Taps with no position 0 to leave out: one vector per sequence, or (patches) CLS already cut off.
 NO_CLS_POSITION = ("pooled", "cls_logits", "distillation_logits", "distillation_token", "patches")

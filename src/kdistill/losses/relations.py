@@ -131,7 +131,7 @@ class ValueRelation(LossTerm):
 class QKVRelationParams(SkipCLSParams):
     type: Literal["qkv_relation"] = "qkv_relation"
     layers: LayerSpec = "last"
-    relations: list[Literal["q", "k", "v"]] = ["q", "k", "v"]
+    relations: list[Literal["q", "k", "v"]] = Field(["q", "k", "v"], min_length=1)
     relation_heads: int | None = Field(None, ge=1, description="default: the teacher's head count")
 
 
