@@ -84,7 +84,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
     r = load_recipe(recipe, set_ or [])
     check_references(r)
     with tempfile.TemporaryDirectory() as tmp:
-        previous = None
+        previous, built = None, {}  # stage name -> its (untrained) student, saved: what a `stage:` teacher reads
         for i, stage in enumerate(r.stages):
             if stage.synthesize is not None:  # generates data; nothing to pair until it has run
                 from kdistill.api.synthesize import describe
@@ -101,6 +101,9 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                 full_stage = False
             else:
                 full_stage = full
+            teacher_stage = str(stage.teacher.model or "").removeprefix("stage:") if stage.teacher else None
+            if full_stage and teacher_stage != str(stage.teacher.model or ""):
+                full_stage = teacher_stage in built  # else that stage was not built here: nothing to pair with
             if getattr(stage, "lion", None) is not None:
                 from kdistill.api.lion import describe as describe_lion
 
@@ -114,6 +117,9 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                 from kdistill.teachers.cached import with_live_teacher
 
                 prefix = f"stages[{i}]." if len(r.stages) > 1 else ""
+                if teacher_stage in built:
+                    stage = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={
+                        "model": built[teacher_stage]})})
                 automatic_store = stage.teacher.source == "cache" and stage.teacher.path is None
                 if automatic_store:
                     # the automatic store is the live teacher's outputs: pair with that teacher instead of
@@ -125,7 +131,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                 console.print(f"  {len(parts.train_records)} train / {len(parts.eval_records)} eval records; "
                               f"taps: student {sorted(parts.student_taps)}, teacher {sorted(parts.teacher_taps)}",
                               highlight=False)
-                previous = f"{tmp}/stage{i}"  # the next stage pairs with this (untrained) student
+                previous = built[stage.name] = f"{tmp}/stage{i}"  # the next stage pairs with this (untrained) student
                 parts.student.save_pretrained(previous)
                 parts.tokenizer.save_pretrained(previous)
     console.print(f"[green]ok[/]: {r.name} is valid ({len(r.stages)} stage{'s' if len(r.stages) > 1 else ''}) -> {r.output}")

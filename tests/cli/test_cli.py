@@ -37,6 +37,14 @@ def test_validate_builtin_and_file(tmp_path, tiny_recipe):
     assert "hidden_states[4]" in out and "64 train" in out
 
 
+def test_validate_full_pairs_a_stage_teacher_with_that_stages_student(tmp_path, tiny_recipe):
+    chained = {**tiny_recipe, "stages": [{"name": "a"}, {"name": "b", "teacher": {"model": "stage:a"},
+                                                         "student": {"from_teacher": {"layers": [1]}}}]}
+    result, out = invoke("validate", write(tmp_path, chained), "--full")
+    assert result.exit_code == 0, out
+    assert "stage 1 b: teacher stage:a" in " ".join(out.split()) and "ok:" in out
+
+
 def test_run_then_eval_via_cli(tmp_path, tiny_recipe, text_file):
     result, out = invoke("run", write(tmp_path, tiny_recipe), "--set", "train.steps=2", "--no-progress")
     assert result.exit_code == 0, out
