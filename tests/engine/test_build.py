@@ -71,3 +71,15 @@ def test_classes_only_in_the_eval_data_are_pointed_out(tiny_bert_dir, tmp_path):
     out = StringIO()
     run_recipe(load_recipe(recipe), console=Console(file=out, width=300), progress=False)
     assert "data.eval has 1 class(es) the training data lacks (teal)" in out.getvalue()
+
+
+def test_a_masked_lm_teacher_without_an_mlm_head_is_refused(tiny_bert_dir, tmp_path):
+    from kdistill import distill
+    from kdistill.errors import PairingError
+
+    recipe = {"name": "mlm", "teacher": {"model": tiny_bert_dir, "task": "masked-lm"},
+              "student": {"from_teacher": {"layers": [1]}}, "data": {"train": {"source": "stdlib-docstrings",
+                                                                              "limit": 8}},
+              "losses": [{"type": "logit_kd"}], "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "r")}
+    with pytest.raises(PairingError, match="was saved without an MLM head .*BertModel.*random head"):
+        distill(recipe, progress=False)

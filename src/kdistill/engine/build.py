@@ -299,6 +299,12 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     task = stage.teacher.task
     if task == "auto":
         task = detect_task(load_config(teacher_ref, stage.teacher.trust_remote_code)[1])
+    if task == "masked-lm" and not cached:
+        archs = " ".join(load_config(teacher_ref, stage.teacher.trust_remote_code)[1].architectures or [])
+        if "MaskedLM" not in archs and "PreTraining" not in archs:  # loaded anyway, the head would be random
+            raise PairingError(f"{prefix}teacher.model {stage.teacher.model} was saved without an MLM head "
+                               f"({archs or 'no architecture'}), so as task masked-lm it would predict tokens with a "
+                               f"random head; use a checkpoint with one (...ForMaskedLM), or a task it was trained for")
     labels, head = None, {}
     if task in ("classification", "image-classification"):
         check_all_or_none_labelled(train, prefix)
