@@ -434,6 +434,18 @@ def test_lr_scale_groups():
     assert [(g["lr"], g["weight_decay"]) for g in param_groups(module, 0.01, 1e-4)] == [(1e-4, 0.01), (1e-4, 0.0)]
 
 
+def test_a_later_stages_freeze_glob_is_named_with_its_stage_when_the_stage_is_built(tiny_recipe, tmp_path):
+    from kdistill.engine.build import build_stage
+    from kdistill.config import load_recipe
+
+    staged = {**tiny_recipe, "stages": [{"name": "a"}, {"name": "b", "train": {"freeze": ["encoder.layer.5.*"]}}]}
+    recipe = load_recipe(staged)
+    build_stage(recipe.stages[0], prefix="stages[0].").student.save_pretrained(tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"stages\[1\].train.freeze\[0\]: 'encoder.layer.5.\*' matches no student "
+                                          r"parameter; did you mean 'encoder.layer.1"):
+        build_stage(recipe.stages[1], str(tmp_path / "a"), prefix="stages[1].")  # what run and validate --full build
+
+
 def test_lr_scale_refusals(tiny_recipe):
     tiny_recipe["train"]["lr_scale"] = {"classifier.*": 10}  # the tiny encoder has no classifier
     with pytest.raises(ConfigError, match=r"train.lr_scale\['classifier.\*'\]: .* matches no student parameter"):

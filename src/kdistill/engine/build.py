@@ -15,6 +15,7 @@ from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
 from kdistill.models.loading import (Loaded, detect_task, has_classifier_head, load_config, load_model, load_tokenizer,
                                      new_model, read_pooling, resolve_model_path)
+from kdistill.engine.params import check_globs
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
 from kdistill.teachers.cached import check_store_teacher, open_for_stage
@@ -325,6 +326,9 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     teacher_info = model_info(teacher, loaded.task, pooling)
     student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head,
                             stage.train.steps)
+    names = [name for name, _ in student.named_parameters()]  # before any stage trains (validate --full too)
+    check_globs(f"{prefix}train.freeze", stage.train.freeze, names)
+    check_globs(f"{prefix}train.lr_scale", stage.train.lr_scale, names)
     if loaded.task != "image-classification":
         new_tokens = stage.on_policy.max_new_tokens if stage.on_policy and stage.on_policy.fraction > 0 else 0
         check_text_fits(student, teacher, loaded.tokenizer, stage.data.max_length, prefix, new_tokens)

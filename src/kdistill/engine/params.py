@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, did_you_mean
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float, lr: float,
@@ -41,8 +41,8 @@ def check_globs(field: str, patterns, names: list[str], whose: str = "student") 
     for i, pattern in enumerate(patterns):
         if not any(fnmatch(name, pattern) for name in names):
             label = f"{field}[{i}]" if isinstance(patterns, list) else f"{field}[{pattern!r}]"
-            raise ConfigError(f"{label}: {pattern!r} matches no {whose} parameter "
-                              f"(names look like {names[len(names) // 2]!r})")
+            hint = did_you_mean(pattern, names, cutoff=0.6) or f"; names look like {names[len(names) // 2]!r}"
+            raise ConfigError(f"{label}: {pattern!r} matches no {whose} parameter{hint}")
 
 
 def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
