@@ -49,6 +49,8 @@ def test_set_without_equals_sign():
     ("data.train.source=stdlib-docstring", "did you mean 'stdlib-docstrings'"),
     ("train.steps=0", "train.steps"),
     ("losses.0.layers=[]", "losses[0].layers: List should have at least 1 item"),
+    ("losses=[{type: embedding_mse, layers: [[0, 0]]}]", "losses[0].layers: unknown field here (other blocks"),
+    ("data.eval={source: stdlib-docstrings, augment: {copies: 2}}", "eval: augment makes copies of training records"),
     ("losses=[{type: qkv_relation, relations: []}]", "losses[0].relations: List should have at least 1 item"),
 ])
 def test_errors_name_the_field(override, expected):

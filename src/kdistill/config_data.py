@@ -109,3 +109,10 @@ class DataConfig(Strict):
         "as on-policy prompts are cut), like TRL's completion-only loss")
     image_size: int | None = Field(None, ge=4, description="images: resize to this (default: the model's image_size)")
     image_augment: ImageAugment | None = Field(None, description="images: seeded random views for training")
+
+    @model_validator(mode="after")
+    def augment_trains_only(self):
+        sources = self.eval if isinstance(self.eval, list) else [self.eval] if self.eval is not None else []
+        if any(s.augment is not None for s in sources):  # evaluation reads the plain records
+            raise ValueError("eval: augment makes copies of training records only; move it to data.train")
+        return self

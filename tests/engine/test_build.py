@@ -83,3 +83,15 @@ def test_a_masked_lm_teacher_without_an_mlm_head_is_refused(tiny_bert_dir, tmp_p
               "losses": [{"type": "logit_kd"}], "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "r")}
     with pytest.raises(PairingError, match="was saved without an MLM head .*BertModel.*random head"):
         distill(recipe, progress=False)
+
+
+def test_a_classifier_of_a_task_not_yet_learned_on_unlabelled_data_says_labels_are_missing(tiny_bert_dir, tmp_path):
+    from kdistill import distill
+    from kdistill.errors import DataError
+
+    recipe = {"name": "nolabels", "teacher": {"model": tiny_bert_dir, "task": "classification"},
+              "student": {"from_teacher": {"layers": [1]}}, "data": {"train": {"source": "stdlib-docstrings",
+                                                                              "limit": 8}},
+              "losses": [{"type": "logit_kd"}], "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "r")}
+    with pytest.raises(DataError, match="data has no labels, and the teacher is a classifier of a task not yet"):
+        distill(recipe, progress=False)

@@ -193,6 +193,9 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
                 f"teacher and data must share their classes"
             )
         labels = known
+    if not labels:
+        raise DataError(f"{prefix}data has no labels, and the teacher is a classifier of a task not yet learned: "
+                        f"give the label field of the data (e.g. label: y), or a teacher trained on the task")
     if len(labels) < 2:  # one class trains to a zero loss and predicts it for everything
         raise DataError(f"{prefix}data has one class ({', '.join(map(repr, labels))}); a classifier needs two or "
                         f"more: check the label field, or the class folders of an image folder")
