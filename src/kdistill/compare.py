@@ -156,7 +156,8 @@ def mean_tokens(tokenizer, records: list[dict], max_length: int, config=None) ->
     return sum(lengths) / max(1, len(lengths))
 
 
-def recipe_pairs(recipes: list[Recipe], bases: list[tuple[Recipe, str]], root: Path) -> list[list[tuple[str, Recipe, Path]]]:
+def recipe_pairs(recipes: list[Recipe], bases: list[tuple[Recipe, str]],
+                 root: Path) -> list[list[tuple[str, Recipe, Path]]]:
     """Per recipe, what it trains as (label, recipe or baseline, folder): itself, and its baseline unless an
     earlier recipe has the same one (the same student, init, data and steps: trained once, shown once)."""
     seen, pairs = set(), []
