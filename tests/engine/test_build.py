@@ -73,25 +73,18 @@ def test_classes_only_in_the_eval_data_are_pointed_out(tiny_bert_dir, tmp_path):
     assert "data.eval has 1 class(es) the training data lacks (teal)" in out.getvalue()
 
 
-def test_a_masked_lm_teacher_without_an_mlm_head_is_refused(tiny_bert_dir, tmp_path):
+@pytest.mark.parametrize("task, error, message", [
+    ("masked-lm", "PairingError", "was saved without an MLM head .*BertModel.*random head"),
+    ("classification", "DataError", "data has no labels, and the teacher is a classifier of a task not yet"),
+])
+def test_a_teacher_asked_for_a_task_it_has_not_learned_is_refused_by_name(tiny_bert_dir, tmp_path, task, error,
+                                                                           message):
+    import kdistill.errors
     from kdistill import distill
-    from kdistill.errors import PairingError
 
-    recipe = {"name": "mlm", "teacher": {"model": tiny_bert_dir, "task": "masked-lm"},
-              "student": {"from_teacher": {"layers": [1]}}, "data": {"train": {"source": "stdlib-docstrings",
-                                                                              "limit": 8}},
-              "losses": [{"type": "logit_kd"}], "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "r")}
-    with pytest.raises(PairingError, match="was saved without an MLM head .*BertModel.*random head"):
-        distill(recipe, progress=False)
-
-
-def test_a_classifier_of_a_task_not_yet_learned_on_unlabelled_data_says_labels_are_missing(tiny_bert_dir, tmp_path):
-    from kdistill import distill
-    from kdistill.errors import DataError
-
-    recipe = {"name": "nolabels", "teacher": {"model": tiny_bert_dir, "task": "classification"},
-              "student": {"from_teacher": {"layers": [1]}}, "data": {"train": {"source": "stdlib-docstrings",
-                                                                              "limit": 8}},
-              "losses": [{"type": "logit_kd"}], "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "r")}
-    with pytest.raises(DataError, match="data has no labels, and the teacher is a classifier of a task not yet"):
+    recipe = {"name": "untaught", "teacher": {"model": tiny_bert_dir, "task": task},
+              "student": {"from_teacher": {"layers": [1]}},
+              "data": {"train": {"source": "stdlib-docstrings", "limit": 8}}, "losses": [{"type": "logit_kd"}],
+              "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "r")}
+    with pytest.raises(getattr(kdistill.errors, error), match=message):
         distill(recipe, progress=False)
