@@ -329,9 +329,6 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     teacher_info = model_info(teacher, loaded.task, pooling)
     student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head,
                             stage.train.steps)
-    names = [name for name, _ in student.named_parameters()]  # before any stage trains (validate --full too)
-    check_globs(f"{prefix}train.freeze", stage.train.freeze, names)
-    check_globs(f"{prefix}train.lr_scale", stage.train.lr_scale, names)
     if loaded.task != "image-classification":
         new_tokens = stage.on_policy.max_new_tokens if stage.on_policy and stage.on_policy.fraction > 0 else 0
         check_text_fits(student, teacher, loaded.tokenizer, stage.data.max_length, prefix, new_tokens)
@@ -347,6 +344,11 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         tokenizer = image_processor(collator.image_size, collator.channels, collator.mean, collator.std)
     if stage.quant is not None:
         quantize_student(student, stage, collator, train, prefix)
+    # against the student as it trains (quantizers add parameters), and here rather than in the loop, so that
+    # validate --full checks a later stage's globs and messages name the stage
+    names = [name for name, _ in student.named_parameters()]
+    check_globs(f"{prefix}train.freeze", stage.train.freeze, names)
+    check_globs(f"{prefix}train.lr_scale", stage.train.lr_scale, names)
     student_info = model_info(student, loaded.task, pooling)
     if labels is not None and getattr(student.config, "num_labels", None) != len(labels):
         raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has "

@@ -27,7 +27,7 @@ from kdistill.engine.checkpoint import (CheckpointMismatch, list_checkpoints, lo
 from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
 from kdistill.engine.on_policy import OnPolicy
-from kdistill.engine.params import check_globs, freeze, param_groups
+from kdistill.engine.params import freeze, param_groups
 from kdistill.engine.schedule import make_adamw, make_scheduler
 from kdistill.engine.start_fits import StartFits
 from kdistill.engine.teacher_update import TeacherUpdater
@@ -96,7 +96,6 @@ class StageTrainer(StartFits):
         self.needs_teacher = any(t.needs_teacher for t in parts.terms)
         # parts with a schedule and state: the loss terms, plus student modules such as Theseus' layers
         self.stateful = list(parts.terms) + [m for m in parts.student.modules() if hasattr(m, "method_state")]
-        check_globs("train.lr_scale", self.cfg.lr_scale, [name for name, _ in parts.student.named_parameters()])
         optimizer = make_adamw(param_groups(self.distiller, self.cfg.weight_decay, self.cfg.lr, self.cfg.lr_scale),
                                self.cfg.lr, accelerator.device)
         self.scheduler = make_scheduler(optimizer, self.cfg.steps, self.cfg.warmup, self.cfg.schedule)

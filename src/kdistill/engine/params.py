@@ -46,10 +46,10 @@ def check_globs(field: str, patterns, names: list[str], whose: str = "student") 
 
 
 def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
-    """Keep parameters matching any glob fixed (MobileBERT's progressive transfer freezes lower layers)."""
+    """Keep parameters matching any glob fixed (MobileBERT's progressive transfer freezes lower layers); the globs
+    were checked against the student's names when the stage was built (build_stage)."""
     from fnmatch import fnmatch
 
-    check_globs("train.freeze", patterns, [name for name, _ in student.named_parameters()])
     for name, param in student.named_parameters():
         if any(fnmatch(name, pattern) for pattern in patterns):
             param.requires_grad_(False)
