@@ -83,7 +83,9 @@ def check_store_stage(stage: Stage, prefix: str) -> None:
     if stage.student is not None and stage.student.kind()[0] in ("from_teacher", "theseus"):
         raise ConfigError(f"{prefix}student: {stage.student.kind()[0]} copies the teacher's weights, which a "
                           f"teacher store does not hold; use student.config or student.model")
-    sampled = stage.teacher.sample is not None or stored_setting(stage.teacher.path, "sampled")
+    from kdistill.teachers.store_writer import manifest_field
+
+    sampled = stage.teacher.sample is not None or manifest_field(stage.teacher.path, "sampled")
     for i, params in enumerate(stage.losses):
         divergence = getattr(params, "divergence", "kl")
         if sampled and divergence != "kl":
@@ -95,15 +97,6 @@ def check_store_stage(stage: Stage, prefix: str) -> None:
                                f"hidden states or LM head), which a teacher store does not hold (only its top-k "
                                f"log-probabilities); use logit_kd (or deit) without chunk_size with a store, or "
                                f"the live teacher (teacher.source: live)")
-
-
-def stored_setting(path: str | None, key: str):
-    """A setting of the store at `path` from its manifest, or None where there is none to read yet (a wrong path
-    is named when the store is opened)."""
-    try:
-        return json.loads((Path(path) / "manifest.json").read_text()).get(key) if path else None
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def check_student_tokenizer(stage: Stage, tokenizer, prefix: str) -> None:

@@ -129,12 +129,17 @@ def sample_sparse(logits: Tensor, draws: int, temperature: float = 1.0,
 
 # ------------------------------------------------------------------------------------- writer
 
+def manifest_field(path: str | Path | None, key: str):
+    """One field of the manifest at `path`, or None where there is no readable one (opening the store names why)."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()).get(key) if path else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def is_store(path: Path) -> bool:
     """A folder whose manifest.json names this format: what a StoreWriter may replace."""
-    try:
-        return json.loads((path / "manifest.json").read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
+    return manifest_field(path, "format") == FORMAT
 
 
 def refuse_unless_store(path: Path) -> None:
