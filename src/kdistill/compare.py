@@ -316,13 +316,14 @@ def reference_teacher(recipe: Recipe, records: list[dict], task: str, console=No
     """The table's teacher row and model. A teacher that learns the task in the loop from a base model
     (ProKT from a pretrained encoder) has no trained head before the run: it is listed, not scored."""
     from kdistill.eval.metrics import count_parameters
+    from kdistill.models.blueprints import is_blueprint
     from kdistill.models.loading import load_model
     from kdistill.teachers.recipe_runs import resolve_teacher
 
     spec = recipe.stages[-1].teacher
     ref = resolve_teacher(spec.model, console)
     row = {"name": "teacher", "ref": spec.model}
-    if str(spec.model).startswith("blueprint:"):  # its head is drawn anew in every run: nothing fixed to score
+    if is_blueprint(spec.model):  # its head is drawn anew in every run: nothing fixed to score
         teacher = load_model(ref, task)
         row.update(score=None, note="a random init (blueprint): not scored")
         row["params"] = count_parameters(teacher.model)

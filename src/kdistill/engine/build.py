@@ -13,6 +13,7 @@ from kdistill.data.collate import check_prompts_lead
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError, article
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
+from kdistill.models.blueprints import is_blueprint
 from kdistill.models.loading import (Loaded, detect_task, has_classifier_head, load_config, load_model, load_tokenizer,
                                      new_model, read_pooling, resolve_model_path)
 from kdistill.engine.params import check_globs
@@ -103,7 +104,7 @@ def check_student_tokenizer(stage: Stage, tokenizer, prefix: str) -> None:
     """A student saved with its own tokenizer must read tokens as the teacher's does: the data is tokenized once,
     with the teacher's tokenizer, for both."""
     kind, spec = stage.student.kind() if stage.student is not None else (None, None)
-    if kind != "model" or str(spec).startswith("blueprint:") or not hasattr(tokenizer, "get_vocab"):
+    if kind != "model" or is_blueprint(spec) or not hasattr(tokenizer, "get_vocab"):
         return
     own = load_tokenizer(resolve_model_path(spec))
     if own is None or not hasattr(own, "get_vocab"):
@@ -176,7 +177,7 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
     labels = label_names(records + [{"label": name} for name in declared_classes(stage)])
     known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
     # a blueprint is a fresh random init: its head takes the data's classes
-    blueprint = str(stage.teacher.model or "").startswith("blueprint:")
+    blueprint = is_blueprint(stage.teacher.model)
     if has_classifier_head(config) and not blueprint:
         unknown = sorted(set(labels) - set(known))
         if unknown:
@@ -314,7 +315,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     if cached:
         loaded = skeleton(teacher_ref, task, head)
     else:
-        blueprint = head and str(stage.teacher.model).startswith("blueprint:")  # a random head of other classes
+        blueprint = head and is_blueprint(stage.teacher.model)  # a random head of other classes
         loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head,
                             **({"ignore_mismatched_sizes": True} if blueprint else {}))
     teacher = loaded.model.eval().requires_grad_(False)

@@ -17,6 +17,11 @@ from kdistill.registry import Registry
 BLUEPRINTS: Registry[dict] = Registry("blueprint")
 PREFIX = "blueprint:"
 
+
+def is_blueprint(ref) -> bool:
+    """A `blueprint:NAME` reference: an architecture with a fresh random init, never trained weights."""
+    return str(ref or "").startswith(PREFIX)
+
 # Special tokens of the MiniLM WordPiece vocabulary, reused as a causal LM's BOS/EOS/PAD.
 _WORDPIECE_LM = {"bos_token_id": 101, "eos_token_id": 102, "pad_token_id": 0}
 

@@ -7,6 +7,7 @@ import torch
 
 from kdistill.errors import ConfigError, PairingError
 from kdistill.models.arch import find_layers, layer_count
+from kdistill.models.blueprints import is_blueprint
 from kdistill.models.loading import detect_task, load_model, model_class
 from kdistill.models.narrow import narrow_config, narrow_state
 from kdistill.registry import Registry
@@ -120,7 +121,7 @@ def from_config(overrides: dict, teacher, where="student.config", **context):
 def from_directory(ref: str, teacher, task: str = "auto", head: dict | None = None, **context):
     """A saved model; `blueprint:NAME` is an architecture, so it starts from a fresh seeded random init
     (each seed of a comparison is then a different student, as with `config:`)."""
-    if str(ref).startswith("blueprint:"):
+    if is_blueprint(ref):
         from kdistill.models.loading import load_config, new_model
 
         config = load_config(ref)[1]

@@ -141,6 +141,7 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     from rich.progress import Progress
 
     from kdistill.engine.build import make_collator, read_sources
+    from kdistill.models.blueprints import is_blueprint
     from kdistill.models.loading import has_classifier_head, load_model
     from kdistill.teachers.fingerprint import fingerprint_tensors
     from kdistill.teachers.recipe_runs import resolve_teacher
@@ -152,7 +153,7 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
                           f"give sample=N too, or leave sample_head at 0 for a top-k store")
     if temperature is not None and not temperature > 0:
         raise ConfigError(f"--temperature {temperature}: a temperature divides the logits, so it must be above 0")
-    if str(stage.teacher.model).startswith("blueprint:"):  # `teacher:` of a teacher recipe: what it trains from
+    if is_blueprint(stage.teacher.model):  # `teacher:` of a teacher recipe: what it trains from
         raise PairingError(f"teacher.model {stage.teacher.model} is a random init (a blueprint): a store of it would "
                            f"hold untrained outputs; cache a recipe that distils from a trained teacher (e.g. lm-kd, "
                            f"whose teacher is recipe:lm-teacher)")
