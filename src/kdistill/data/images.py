@@ -26,6 +26,11 @@ SPLIT_FOLDERS = {"train": ("train",), "eval": ("dev", "eval", "val", "validation
 # ---------------------------------------------------------------- folders of images
 
 
+def is_image_record(record: dict) -> bool:
+    """Pixels (`image`) or an image file (`image_path`), rather than a text."""
+    return "image" in record or "image_path" in record
+
+
 def is_image_folder(path: str) -> bool:
     """A folder of class folders of images, or of split folders (train/, test/, ...) holding those."""
     root = Path(path)
@@ -175,7 +180,7 @@ def image_shape(config, data_size: int | None) -> tuple[int, int]:
 def check_image_fits(models: dict, collator: ImageCollator, records: list[dict], prefix: str = "") -> None:
     """Images the models can read, named before the first step (the models' own errors come from deep inside
     their forward): image records, each model's channel count, and a ViT's fixed input size."""
-    text = next((r for r in records if "image" not in r and "image_path" not in r), None)
+    text = next((r for r in records if not is_image_record(r)), None)
     if text is not None:
         raise DataError(f"{prefix}data.train: an image model trains on images (a folder of class folders, a table "
                         f"with `image: FIELD`, or the digits corpus), but a record has none: "
@@ -206,4 +211,4 @@ def image_processor(image_size: int, channels: int, mean: float = 0.5, std: floa
 
 
 __all__ = ["image_processor", "ImageCollator", "affine_views", "check_images_open", "image_folder", "image_shape",
-           "is_image_folder", "read_image", "view_params", "view_seed"]
+           "is_image_folder", "is_image_record", "read_image", "view_params", "view_seed"]

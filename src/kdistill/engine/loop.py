@@ -112,7 +112,7 @@ class StageTrainer(StartFits):
         if stage.on_policy is not None and stage.on_policy.fraction > 0:
             limits = [positions_of(m) for m in (parts.student, parts.teacher) if m is not None]
             self.on_policy = OnPolicy(stage.on_policy, parts.tokenizer, parts.student.config.eos_token_id,
-                                      self.cfg.seed, positions=min([p for p in limits if p] or [None]))
+                                      self.cfg.seed, positions=min(filter(None, limits), default=None))
         self.step = 0
 
     # ---- batches -------------------------------------------------------------------------------

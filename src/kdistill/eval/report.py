@@ -54,6 +54,7 @@ def spec_from_arg(arg: str, fields: dict | None = None) -> dict:
 def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -> dict[str, list[dict]]:
     """{name: records} for one source block or a list of them, each named by its source value."""
     from kdistill.data import load_records
+    from kdistill.data.images import is_image_record
 
     specs = [data_spec] if isinstance(data_spec, dict) else list(data_spec)
     if not specs:
@@ -72,7 +73,7 @@ def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -
         if name in out:
             name = f"{name} #{i}"
         records = load_records({k: v for k, v in spec.items() if k != "name"}, split)
-        out[name] = [r for r in records if str(r.get("text", "")).strip() or "image" in r or "image_path" in r]
+        out[name] = [r for r in records if str(r.get("text", "")).strip() or is_image_record(r)]
     return out
 
 
@@ -180,9 +181,11 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
 
 def check_modality(datasets: dict[str, list[dict]], student: Side) -> None:
     """Images for an image model and texts for a text model, named (either way the model fails deep inside)."""
+    from kdistill.data.images import is_image_record
+
     images = student.task in IMAGE_TASKS
     for name, records in datasets.items():
-        if all(("image" in r or "image_path" in r) == images for r in records):
+        if all(is_image_record(r) == images for r in records):
             continue
         if images:
             raise DataError(f"data {name!r} holds texts, and {student.ref} is an image classifier: evaluate it on "

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
+from kdistill.data.images import is_image_record
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError
 
 TEACHER_FILES = "teacher"  # subfolder of a store: the teacher's config.json and tokenizer
 
 
 def record_key(record: dict) -> str:
-    if "image" in record or "image_path" in record:
+    if is_image_record(record):
         key = image_key(record)
         return key if record.get("epoch") is None else f"{key}@{record['epoch']}"
     text = record["text"] + ("\x00" + record["text_pair"] if "text_pair" in record else "")
