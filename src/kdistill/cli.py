@@ -101,8 +101,9 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                 full_stage = False
             else:
                 full_stage = full
-            teacher_stage = str(stage.teacher.model or "").removeprefix("stage:") if stage.teacher else None
-            if full_stage and teacher_stage != str(stage.teacher.model or ""):
+            ref = str(stage.teacher.model or "") if stage.teacher else ""
+            teacher_stage = ref[len("stage:"):] if ref.startswith("stage:") else None
+            if full_stage and teacher_stage is not None:
                 full_stage = teacher_stage in built  # else that stage was not built here: nothing to pair with
             if getattr(stage, "lion", None) is not None:
                 from kdistill.api.lion import describe as describe_lion
@@ -117,7 +118,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                 from kdistill.teachers.cached import with_live_teacher
 
                 prefix = f"stages[{i}]." if len(r.stages) > 1 else ""
-                if teacher_stage in built:
+                if teacher_stage is not None:
                     stage = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={
                         "model": built[teacher_stage]})})
                 automatic_store = stage.teacher.source == "cache" and stage.teacher.path is None
