@@ -323,19 +323,19 @@ def reference_teacher(recipe: Recipe, records: list[dict], task: str, console=No
     spec = recipe.stages[-1].teacher
     ref = resolve_teacher(spec.model, console)
     row = {"name": "teacher", "ref": spec.model}
-    if is_blueprint(spec.model):  # its head is drawn anew in every run: nothing fixed to score
+    # a blueprint's head is drawn anew in every run: nothing fixed to score
+    unscored = "a random init (blueprint): not scored" if is_blueprint(spec.model) else None
+    if unscored is None:
+        try:
+            value, teacher, extra = score(ref, records, task)
+            row.update(score=[value], **{k: [v] for k, v in extra.items()})
+        except (DataError, PairingError):
+            if spec.update is None:
+                raise
+            unscored = "learns the task in the loop: not scored"
+    if unscored is not None:
         teacher = load_model(ref, task)
-        row.update(score=None, note="a random init (blueprint): not scored")
-        row["params"] = count_parameters(teacher.model)
-        return row, teacher
-    try:
-        value, teacher, extra = score(ref, records, task)
-        row.update(score=[value], **{k: [v] for k, v in extra.items()})
-    except (DataError, PairingError):
-        if spec.update is None:
-            raise
-        teacher = load_model(ref, task)
-        row.update(score=None, note="learns the task in the loop: not scored")
+        row.update(score=None, note=unscored)
     row["params"] = count_parameters(teacher.model)
     return row, teacher
 
