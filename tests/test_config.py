@@ -52,11 +52,20 @@ def test_set_without_equals_sign():
     ("losses=[{type: embedding_mse, layers: [[0, 0]]}]", "losses[0].layers: unknown field here (other blocks"),
     ("data.eval={source: stdlib-docstrings, augment: {copies: 2}}", "eval: augment makes copies of training records"),
     ("losses=[{type: qkv_relation, relations: []}]", "losses[0].relations: List should have at least 1 item"),
+    ("data.train={source: stdlib-docstrings, augment: {replace_prob: 0}}", "replace_prob: Input should be greater than 0"),
 ])
 def test_errors_name_the_field(override, expected):
     with pytest.raises(ConfigError) as err:
         load_recipe(base(), [override])
     assert expected in str(err.value)
+
+
+def test_a_bad_field_inside_one_source_is_not_also_called_not_a_list():
+    # data.train takes one source or a list: the list branch's complaint only hides the real one
+    with pytest.raises(ConfigError) as err:
+        load_recipe(base(), ["data.train={source: stdlib-docstrings, augment: {replace_prob: lots}}"])
+    assert "augment.replace_prob: Input should be a valid number" in str(err.value)
+    assert "valid list" not in str(err.value)
 
 
 @pytest.mark.parametrize("override", ["quant.weights=true", "train.lr=true", "train.steps=false"])

@@ -40,7 +40,7 @@ def suggest(name: str, valid, kind: str) -> str:
 
 class Augment(Strict):
     copies: int = Field(4, ge=1, description="augmented copies per record (the original is kept)")
-    replace_prob: float = Field(0.4, ge=0, le=1, description="chance of replacing each word with a synonym")
+    replace_prob: float = Field(0.4, gt=0, le=1, description="chance of replacing each word with a synonym")
 
 
 class DataSource(Strict):

@@ -146,7 +146,11 @@ def format_validation(err: ValidationError, prefix: str, source: str) -> str:
             msg += f" (got {e['input']!r})"
         entries.append((path or "recipe", e["type"], msg))
     # A union field (one source or a list) fails once per branch; our own message is the useful one.
+    # A branch that failed deeper (a bad field inside the one source) explains the other branch's
+    # "not a list" too.
     explained = {path for path, kind, _ in entries if kind == "value_error"}
+    explained |= {path for path, kind, _ in entries if kind == "list_type"
+                  and any(other.startswith((path + ".", path + "[")) for other, _, _ in entries)}
     lines = [f"{path}: {msg}" for path, kind, msg in entries if kind == "value_error" or path not in explained]
     unique = list(dict.fromkeys(lines))
     return f"{source}: invalid recipe\n  " + "\n  ".join(unique)
