@@ -97,3 +97,9 @@ def test_layer_map():
     assert LayerMap.resolve([[1, 2], [-1, -1]], 3, 6).pairs == ((1, 2), (3, 6))
     with pytest.raises(PairingError, match="teacher layer"):
         LayerMap.resolve([[1, 9]], 3, 6)
+
+
+def test_a_layer_pair_given_twice_is_refused():
+    # [3, 6] and [-1, -1] are one pair for a 3-layer student of a 6-layer teacher
+    with pytest.raises(PairingError, match=r"the pair \[-1, -1\] is student layer 3 -> teacher layer 6, already listed"):
+        LayerMap.resolve([[3, 6], [-1, -1]], 3, 6)

@@ -34,6 +34,10 @@ class LayerMap:
                 raise PairingError(f"{where}: each pair must be [student_layer, teacher_layer], got {pair!r}")
             s, t = (normalise_layer(x, n, f"{where} ({who} layer)") for x, n, who in
                     ((pair[0], n_student, "student"), (pair[1], n_teacher, "teacher")))
+            if (s, t) in pairs:
+                # counted twice it would silently double that pair's weight in the loss
+                raise PairingError(f"{where}: the pair {list(pair)} is student layer {s} -> teacher layer {t}, "
+                                   "already listed; give each pair once (the loss's weight scales it)")
             pairs.append((s, t))
         return cls(tuple(pairs))
 
