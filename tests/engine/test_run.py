@@ -503,7 +503,7 @@ def test_a_copy_abandoned_by_a_killed_export_is_removed_by_the_next(tmp_path):
     import subprocess
     import sys
 
-    from kdistill.engine.export import remove_abandoned_copies
+    from kdistill.engine.disk import remove_abandoned_copies
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has exited: its copy is abandoned
@@ -511,8 +511,12 @@ def test_a_copy_abandoned_by_a_killed_export_is_removed_by_the_next(tmp_path):
     (tmp_path / f".student.tmp-{pid}").mkdir()
     (tmp_path / f".student.tmp-{os.getpid()}").mkdir()  # this process's own: kept
     (tmp_path / ".student.tmp-notapid").mkdir()
+    (tmp_path / f".student.old-{pid}").mkdir()  # killed between moving the old student aside and the new one in
     remove_abandoned_copies(out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".student.tmp-{os.getpid()}", ".student.tmp-notapid"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f".student.tmp-{os.getpid()}", ".student.tmp-notapid",
+                                                                 f".student.old-{pid}"])
+    remove_abandoned_copies(out, "old")
+    assert f".student.old-{pid}" not in [p.name for p in tmp_path.iterdir()]
 
 
 def test_resuming_with_another_process_count_says_it_is_not_exact(tiny_recipe, killed_run):

@@ -1,4 +1,5 @@
-"""Writes that fail because the disk is full, told apart from other write errors.
+"""Writes that fail because the disk is full, told apart from other write errors, and the half-written
+copies that killed writers leave behind.
 
 torch reports a full disk from inside its zip writer as "unexpected pos", safetensors and json as
 OSError(ENOSPC); either way the user needs to hear "the disk is full" and what is kept.
@@ -6,6 +7,7 @@ OSError(ENOSPC); either way the user needs to hear "the disk is full" and what i
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -22,3 +24,21 @@ def raise_if_disk_full(err: Exception, target: Path, tmp: Path, *, error: type[E
     free = shutil.disk_usage(target.parent).free
     if getattr(err, "errno", None) == errno.ENOSPC or free < DISK_FULL_BELOW:
         raise error(f"could not write {what} {target}: the disk is full ({free / 2**20:.0f} MiB free). {fix}") from err
+
+
+def remove_abandoned_copies(out: Path, marker: str = "tmp") -> None:
+    """Half-written copies of ``out`` left by a process killed while writing it (``.NAME.MARKER-PID[-...]`` with PID no
+    longer running): each is a whole model's (or store's) worth of disk, and no later write of the same name would
+    reuse it."""
+    if not out.parent.exists():
+        return
+    for stale in out.parent.glob(f".{out.name}.{marker}-*"):
+        pid = stale.name[len(f".{out.name}.{marker}-"):].split("-")[0]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(stale, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kdistill.engine.disk import RERUN, raise_if_disk_full
+from kdistill.engine.disk import RERUN, raise_if_disk_full, remove_abandoned_copies
 from kdistill.errors import OutputError
 
 ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
@@ -35,29 +35,12 @@ def copy_sentence_transformers_files(teacher_dir: str, out: Path, hidden_size: i
     return True
 
 
-def remove_abandoned_copies(out: Path, marker: str = "tmp") -> None:
-    """Half-written copies of ``out`` left by a process killed while writing it (``.NAME.MARKER-PID[-...]`` with PID no
-    longer running): each is a whole model's (or store's) worth of disk, and no later write of the same name would
-    reuse it."""
-    if not out.parent.exists():
-        return
-    for stale in out.parent.glob(f".{out.name}.{marker}-*"):
-        pid = stale.name[len(f".{out.name}.{marker}-"):].split("-")[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-        except ProcessLookupError:
-            shutil.rmtree(stale, ignore_errors=True)
-        except PermissionError:  # alive, another user's
-            continue
-
-
 def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | None, metadata: dict) -> Path:
     """Write into a temporary sibling, then rename: a directory at `out_dir` is always complete."""
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     remove_abandoned_copies(out)
+    remove_abandoned_copies(out, "old")  # a writer killed between the two renames below
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

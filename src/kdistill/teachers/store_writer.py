@@ -41,6 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from kdistill.engine.checkpoint import sha256
+from kdistill.engine.disk import remove_abandoned_copies
 from kdistill.errors import CheckpointError
 
 Tensor = torch.Tensor
@@ -272,9 +273,8 @@ class StoreWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._tmp = None
-        from kdistill.engine.export import remove_abandoned_copies
-
         remove_abandoned_copies(self.path, "partial")
+        remove_abandoned_copies(self.path, "old")  # a writer killed between the two renames above
         return self.path
 
     def abort(self) -> None:
