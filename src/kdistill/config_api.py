@@ -2,11 +2,20 @@
 samples, and the synthesize and Lion stages built on them. kdistill.config re-exports them."""
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from kdistill.config_data import DataSource, Strict
+
+
+ENV_NAME_RULE = ("teacher.api.api_key_env takes the NAME of the environment variable that holds the key (letters, "
+                 "digits and _, e.g. OPENAI_API_KEY), never the key itself: export the key in that variable")
+
+
+def is_env_name(name: str) -> bool:
+    return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None
 
 
 class APITeacher(Strict):
@@ -19,6 +28,14 @@ class APITeacher(Strict):
     max_retries: int = Field(5, ge=0)
     chat: bool = Field(False, description="ask /chat/completions with the prompt as one user message "
                        "(default: /completions with the prompt as it is)")
+
+    @field_validator("api_key_env")
+    @classmethod
+    def a_name_not_a_key(cls, value):
+        # a pasted key must not be echoed in the message nor reach config.resolved.yaml
+        if value is not None and not is_env_name(value):
+            raise ValueError(ENV_NAME_RULE)
+        return value
 
 
 class GeneratorTeacher(Strict):

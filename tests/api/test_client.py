@@ -45,7 +45,7 @@ class Stub:
                     error = {"message": f"busy; you sent {authorization}"}
                     return self.answer(step[1], {"error": error}, step[2] if len(step) > 2 else {})
                 if step[0] == "garbage":
-                    return self.raw(200, step[1])
+                    return self.raw(200, step[1], step[2] if len(step) > 2 else {})
                 if step[0] == "sleep":
                     time.sleep(step[1])
                 text = f"answer to {body.get('prompt') or body['messages'][-1]['content']}"
@@ -285,3 +285,84 @@ def test_a_broken_service_is_given_up_on_not_asked_item_by_item(stub, tmp_path):
     finally:
         other.close()
     assert [r.ok for r in results] == [False, True, True, True] + [False] * 7 + [True]
+
+
+def test_proxy_5xx_are_retried_and_permanent_ones_are_not(stub):
+    stub.script = [("status", 520), ("status", 529), ("status", 524)]
+    with api(stub.url) as client:
+        assert client.complete("x").ok and client.requests_sent == 4
+        stub.script = [("status", 505)]
+        with pytest.raises(TeacherRequestError, match="HTTP 505"):
+            client.complete("y")
+        assert client.requests_sent == 5
+
+
+def test_a_body_that_fails_to_decode_is_asked_again(stub):
+    stub.script = [("garbage", b"not gzip at all", {"Content-Encoding": "gzip"})]
+    with api(stub.url) as client:
+        assert client.complete("x").text == "answer to x" and client.requests_sent == 2
+
+
+def test_non_finite_log_probabilities_and_odd_indices_are_garbage_not_crashes():
+    from kdistill.api.client import GarbageResponse, _completion
+
+    def answer(value, index=0):
+        return {"choices": [{"index": index, "text": "a", "logprobs": {"tokens": ["a"], "token_logprobs": [value],
+                                                                        "top_logprobs": [{"a": value}]}},
+                            {"index": 1, "text": "b"}]}
+
+    assert _completion("k", "/completions", answer(-0.5), cached=False).choices[1].text == "b"
+    for value in (float("nan"), float("-inf")):
+        with pytest.raises(GarbageResponse, match="not a finite number"):
+            _completion("k", "/completions", answer(value), cached=False)
+    with pytest.raises(GarbageResponse, match="indices are not all integers"):
+        _completion("k", "/completions", answer(-0.5, index="0"), cached=False)
+
+
+def test_a_key_pasted_where_its_variable_name_goes_is_refused_and_not_repeated():
+    from kdistill.config import APITeacher
+
+    with pytest.raises(ConfigError) as err:
+        TeacherAPI("http://127.0.0.1:1", "m", api_key_env=KEY)
+    assert "NAME of the environment variable" in str(err.value) and KEY not in str(err.value)
+    with pytest.raises(ValueError) as err:
+        APITeacher(base_url="http://127.0.0.1:1", model="m", api_key_env=KEY)
+    assert KEY not in str(err.value).replace(f"input_value='{KEY}'", "")  # pydantic's own echo is never printed
+
+
+def test_a_service_that_wants_a_key_when_none_is_configured_says_so():
+    class Locked(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Locked)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with api(f"http://127.0.0.1:{httpd.server_address[1]}") as client:
+            with pytest.raises(TeacherUnavailable, match="wants a key .*name that variable in teacher.api.api_key_env"):
+                client.check(budget_s=2)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_an_interrupted_map_stops_retrying_what_was_in_flight(stub):
+    import os
+    import signal
+
+    stub.script = [("status", 503, {"Retry-After": "3"})] * 20
+    timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C half a second in
+    with api(stub.url, max_concurrency=2, max_retries=5) as client:
+        timer.start()
+        with pytest.raises(KeyboardInterrupt):
+            client.map([{"prompt": str(i)} for i in range(4)], progress=False)
+        start = time.monotonic()
+        while any(t.name.startswith("teacher-api") and t.is_alive() for t in threading.enumerate()):
+            time.sleep(0.05)
+            assert time.monotonic() - start < 2, "requests in flight went on retrying after the interrupt"
+    assert len(stub.seen) == 2  # the two in flight, each asked once

@@ -11,19 +11,19 @@ header: it is not logged, cached, pickled, or shown in any message or repr.
 """
 from __future__ import annotations
 
-import email.utils
-import json
 import logging
 import os
 import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
 
 import httpx
 
 from kdistill.api.response_cache import ResponseCache, request_key
+from kdistill.api.responses import (  # noqa: F401 - Choice and GarbageResponse are part of this module's API
+    Choice, Completion, Failure, GarbageResponse, _completion, _error_message, _retry_after)
+from kdistill.config_api import ENV_NAME_RULE, is_env_name
 from kdistill.errors import ConfigError, KdistillError
 
 log = logging.getLogger("kdistill.api.client")
@@ -32,8 +32,13 @@ SERVE_HINT = ("start it (for a local model: `kdistill serve-teacher MODEL_DIR --
               "(teacher.api.base_url in a recipe, --base-url on the command line)")
 
 
-# Busy or briefly failing: worth another try. 501 (not implemented) and the other 4xx are permanent.
-RETRIED = frozenset({408, 429, 500, 502, 503, 504})
+# Busy or briefly failing: worth another try (408, 429 and every 5xx, proxies' 520-529 included). 501 (not
+# implemented), 505 (HTTP version) and the other 4xx are permanent.
+PERMANENT_5XX = frozenset({501, 505})
+
+
+def is_retried(status: int) -> bool:
+    return status in (408, 429) or (500 <= status < 600 and status not in PERMANENT_5XX)
 
 
 class TeacherUnavailable(KdistillError):
@@ -42,44 +47,6 @@ class TeacherUnavailable(KdistillError):
 
 class TeacherRequestError(KdistillError):
     """One request failed after its retries (``complete``/``chat``; ``map`` records a Failure instead)."""
-
-
-class GarbageResponse(ValueError):
-    """A 200 answer that is not a usable completion: not JSON, no choices, wrong types."""
-
-
-@dataclass(frozen=True)
-class Choice:
-    text: str
-    finish_reason: str | None
-    tokens: list[str] | None = None                            # present when logprobs were asked for
-    token_logprobs: list[float | None] | None = None          # None: an echoed prompt's first token
-    top_logprobs: list[list[tuple[str, float]]] | None = None  # per position, most likely first
-
-
-@dataclass(frozen=True)
-class Completion:
-    key: str                  # the cache key of the request
-    choices: list[Choice]
-    usage: dict = field(default_factory=dict)
-    cached: bool = False      # answered from the cache, no request made
-    ok = True
-
-    # the first choice, for the common n = 1 case
-    text = property(lambda self: self.choices[0].text)
-    finish_reason = property(lambda self: self.choices[0].finish_reason)
-    tokens = property(lambda self: self.choices[0].tokens)
-    token_logprobs = property(lambda self: self.choices[0].token_logprobs)
-    top_logprobs = property(lambda self: self.choices[0].top_logprobs)
-
-
-@dataclass(frozen=True)
-class Failure:
-    key: str
-    error: str                # what went wrong, in words
-    status: int | None = None  # the HTTP status, when there was one
-    attempts: int = 1
-    ok = False
 
 
 class _Failed(Exception):
@@ -181,10 +148,11 @@ class TeacherAPI:
                    TextColumn("cached {task.fields[cached]} · failed {task.fields[failed]}"),
                    TimeElapsedColumn(), TimeRemainingColumn())
         pool = ThreadPoolExecutor(max_workers=self.max_concurrency, thread_name_prefix="teacher-api")
+        stop = threading.Event()  # set when this map ends early: its requests in flight retry no more
         try:
             with Progress(*columns, disable=not progress) as bar:
                 task = bar.add_task(f"teacher {self.model}", total=len(unique), cached=0, failed=0)
-                futures = {pool.submit(self._ask_safely, key, endpoint, body): key
+                futures = {pool.submit(self._ask_safely, key, endpoint, body, stop): key
                            for key, (endpoint, body) in unique.items()}
                 for future in as_completed(futures):
                     answer = answers[futures[future]] = future.result()
@@ -194,9 +162,11 @@ class TeacherAPI:
                     bar.update(task, advance=1, cached=cached, failed=failed)
                     if in_a_row >= give_up_after:
                         # the requests already sent finish (at most max_concurrency) before the client may close
+                        stop.set()
                         pool.shutdown(wait=True, cancel_futures=True)
                         raise TeacherUnavailable(self._gave_up(in_a_row, answer, len(unique) - len(answers)))
         except BaseException:  # Ctrl-C: drop what has not started; finished answers are already cached
+            stop.set()  # and what is in flight is not retried (a request still runs out its timeout)
             pool.shutdown(wait=False, cancel_futures=True)
             raise
         pool.shutdown()
@@ -216,6 +186,10 @@ class TeacherAPI:
             response = self._send("GET", "/models", None, deadline=time.monotonic() + budget_s,
                                   timeout=min(self.timeout_s, budget_s))
         except _Failed as err:
+            if err.status in (401, 403) and self.api_key_env is None:
+                raise TeacherUnavailable(f"the teacher API at {self.base_url} wants a key ({err.problem}): export it "
+                                         "in an environment variable and name that variable in "
+                                         "teacher.api.api_key_env") from None
             if err.status in (401, 403):
                 raise TeacherUnavailable(f"the teacher API at {self.base_url} refused the key in "
                                          f"${self.api_key_env} ({err.problem}): put a valid key in that "
@@ -259,38 +233,41 @@ class TeacherAPI:
             raise TeacherRequestError(f"the teacher API at {self.base_url} could not answer: {answer.error}")
         return answer
 
-    def _ask_safely(self, key: str, endpoint: str, body: dict) -> Completion | Failure:
+    def _ask_safely(self, key: str, endpoint: str, body: dict, stop: threading.Event) -> Completion | Failure:
         try:
-            return self._ask(key, endpoint, body)
+            return self._ask(key, endpoint, body, stop)
         except Exception as err:  # a bug must cost one item, not the run (and is logged in full)
             log.exception("teacher request %s failed unexpectedly", key[:12])
             return Failure(key, self._redact(f"{type(err).__name__}: {err}"))
 
-    def _ask(self, key: str, endpoint: str, body: dict) -> Completion | Failure:
+    def _ask(self, key: str, endpoint: str, body: dict, stop: threading.Event | None = None) -> Completion | Failure:
         if self.cache is not None and (payload := self.cache.get(key)) is not None:
             return _completion(key, endpoint, payload, cached=True)
         try:
-            response = self._send("POST", endpoint, body)
+            response = self._send("POST", endpoint, body, stop=stop)
         except _Failed as err:
             log.warning("teacher request %s failed: %s", key[:12], err.problem)
             return Failure(key, err.problem, err.status, err.attempts)
         try:
             payload = response.json()
             answer = _completion(key, endpoint, payload, cached=False)
+            if self.cache is not None:  # refuses NaN anywhere in the answer (JSON has none)
+                self.cache.put(key, endpoint, body, payload)
         except (ValueError, GarbageResponse) as err:  # not cached: a later run asks again
             problem = f"garbage response: {self._redact(str(err))[:300]}"
             log.warning("teacher request %s: %s", key[:12], problem)
             return Failure(key, problem, response.status_code)
-        if self.cache is not None:
-            self.cache.put(key, endpoint, body, payload)
         return answer
 
     def _send(self, method: str, path: str, body: dict | None, *, deadline: float | None = None,
-              timeout: float | None = None) -> httpx.Response:
-        """The request with retries: timeouts, connection errors and the statuses in RETRIED are retried
-        with exponential backoff and jitter (or the server's Retry-After); other errors fail at once."""
+              timeout: float | None = None, stop: threading.Event | None = None) -> httpx.Response:
+        """The request with retries: timeouts, connection errors, undecodable bodies and the statuses that
+        is_retried names are retried with exponential backoff and jitter (or the server's Retry-After); other
+        errors fail at once."""
         attempts = 0
         while True:
+            if stop is not None and stop.is_set():
+                raise _Failed("not asked: the run was stopped", None, attempts)
             attempts += 1
             status, retry_after = None, None
             try:
@@ -303,12 +280,14 @@ class TeacherAPI:
                 problem = f"no answer within {timeout or self.timeout_s:g} s"
             except httpx.TransportError as err:
                 problem = f"connection failed ({type(err).__name__}: {self._redact(str(err))[:200]})"
+            except httpx.DecodingError as err:  # a body mangled on the way (bad gzip): asked again
+                problem = f"an answer that could not be decoded ({self._redact(str(err))[:200]})"
             else:
                 if response.status_code < 400:
                     return response
                 status, retry_after = response.status_code, _retry_after(response)
                 problem = f"HTTP {status}: {self._redact(_error_message(response))[:300]}"
-                if status not in RETRIED:
+                if not is_retried(status):
                     raise _Failed(problem, status, attempts)
             if retry_after is None:  # exponential, with jitter so parallel workers do not retry in step
                 retry_after = self.backoff_s * 2 ** (attempts - 1) * random.uniform(0.5, 1.5)
@@ -316,7 +295,8 @@ class TeacherAPI:
             if attempts > self.max_retries or (deadline is not None and time.monotonic() + delay >= deadline):
                 raise _Failed(problem, status, attempts)
             log.info("%s %s: %s; retry %d/%d in %.2f s", method, path, problem, attempts, self.max_retries, delay)
-            time.sleep(delay)
+            if stop.wait(delay) if stop is not None else time.sleep(delay):
+                raise _Failed(f"{problem}; not retried: the run was stopped", status, attempts)
 
     def _redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
@@ -325,6 +305,8 @@ class TeacherAPI:
 def _read_key(env: str | None) -> str | None:
     if env is None:
         return None
+    if not is_env_name(env):  # most likely the key itself, pasted in: not repeated here
+        raise ConfigError(ENV_NAME_RULE)
     value = os.environ.get(env)
     if not value:
         raise ConfigError(f"teacher.api.api_key_env names ${env}, which is not set: export the API key in that "
@@ -332,67 +314,3 @@ def _read_key(env: str | None) -> str | None:
     return value
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:  # an HTTP date
-        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return response.text.strip() or response.reason_phrase
-
-
-def _completion(key: str, endpoint: str, payload, cached: bool) -> Completion:
-    choices = payload.get("choices") if isinstance(payload, dict) else None
-    if not isinstance(choices, list) or not choices:
-        raise GarbageResponse(f"no choices in {json.dumps(payload)[:200]}")
-    ordered = sorted(choices, key=lambda c: c.get("index", 0) if isinstance(c, dict) else 0)
-    parsed = [_chat_choice(c) if endpoint == "/chat/completions" else _legacy_choice(c) for c in ordered]
-    usage = payload.get("usage")
-    return Completion(key, parsed, usage if isinstance(usage, dict) else {}, cached)
-
-
-def _legacy_choice(choice) -> Choice:
-    if not isinstance(choice, dict) or not isinstance(choice.get("text"), str):
-        raise GarbageResponse("a choice has no text")
-    logprobs = choice.get("logprobs")
-    if not logprobs:
-        return Choice(choice["text"], choice.get("finish_reason"))
-    try:
-        # echo: true gives the prompt's first token a null log-probability (nothing comes before it)
-        tokens = list(logprobs["tokens"])
-        values = [None if v is None and i == 0 else float(v) for i, v in enumerate(logprobs["token_logprobs"])]
-        tops = [sorted(((str(t), float(v)) for t, v in (top or {}).items()), key=lambda p: -p[1])
-                for top in logprobs.get("top_logprobs") or [None] * len(tokens)]
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise GarbageResponse("malformed logprobs") from None
-    if not len(tokens) == len(values) == len(tops):
-        raise GarbageResponse("logprobs lists of different lengths")
-    return Choice(choice["text"], choice.get("finish_reason"), tokens, values, tops)
-
-
-def _chat_choice(choice) -> Choice:
-    message = choice.get("message") if isinstance(choice, dict) else None
-    if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-        raise GarbageResponse("a choice has no message content")
-    logprobs = choice.get("logprobs")
-    if not logprobs:
-        return Choice(message["content"], choice.get("finish_reason"))
-    try:
-        content = logprobs["content"]
-        tokens, values = [str(e["token"]) for e in content], [float(e["logprob"]) for e in content]
-        tops = [[(str(t["token"]), float(t["logprob"])) for t in e.get("top_logprobs") or []] for e in content]
-    except (KeyError, TypeError, ValueError):
-        raise GarbageResponse("malformed logprobs") from None
-    return Choice(message["content"], choice.get("finish_reason"), tokens, values, tops)
