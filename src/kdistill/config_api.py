@@ -78,6 +78,9 @@ class SynthesizeConfig(Strict):
                               "teacher's is {stage dir}/teacher.sqlite; a local model's is off): runs sharing a "
                               "cache never ask the same question twice")
     export: str | None = Field(None, description="also copy the kept rows to this .jsonl file")
+    on_teacher_error: Literal["stop", "skip"] = Field(
+        "stop", description="prompts the teacher failed on after its retries: stop (the stage is not finished, "
+        "and --resume asks only those again) or skip (train on the rest; counted in summary.json)")
 
 
 class LionConfig(Strict):

@@ -166,16 +166,33 @@ def test_generator_failures_are_recorded_and_asked_again_on_resume(tmp_path):
                 out[0][1] = Sample("", error="HTTP 503: overloaded")
             return out
 
+    from kdistill.api.client import TeacherRequestError
+
     flaky = Flaky(lambda p, j: f"print({j})")
     flaky.broken = True
-    summary = run_synthesis(stage(tmp_path, filter={"type": "none"}), tmp_path / "out", generator=flaky, progress=False)
+    with pytest.raises(TeacherRequestError, match=r"failed 3 of 5 prompts .*HTTP 503: overloaded.*--resume"):
+        run_synthesis(stage(tmp_path, filter={"type": "none"}), tmp_path / "out", generator=flaky, progress=False)
     failed = [r for r in rows(tmp_path / "out") if r["verdict"] == "teacher_error"]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["dropped_by_verdict"] == {"teacher_error": 3} and failed[0]["reason"] == "HTTP 503: overloaded"
+    assert not is_synthesized(tmp_path / "out")  # so a resumed run does not take the set as finished
     flaky.broken, flaky.calls = False, []
     summary = run_synthesis(stage(tmp_path, filter={"type": "none"}), tmp_path / "out", resume=True, generator=flaky,
                             progress=False)
     assert sorted(key_of(p) for call in flaky.calls for p in call) == ["p0", "p2", "p4"]
     assert summary["kept"] == 20 and "teacher_error" not in summary["by_verdict"]
+
+
+def test_skip_trains_without_the_prompts_the_teacher_failed_on(tmp_path):
+    class Flaky(Stub):
+        def sample(self, prompts, seeds, n, sampling, logprobs=False):
+            out = super().sample(prompts, seeds, n, sampling, logprobs)
+            out[0][0] = Sample("", error="HTTP 400: content policy")
+            return out
+
+    summary = run_synthesis(stage(tmp_path, filter={"type": "none"}, on_teacher_error="skip"), tmp_path / "out",
+                            generator=Flaky(lambda p, j: f"print({j})"), progress=False)
+    assert summary["complete"] and summary["teacher_errors"] == 3 and is_synthesized(tmp_path / "out")
 
 
 def test_missing_template_field_names_it(tmp_path):

@@ -294,12 +294,12 @@ class Synthesis:
         rows = [row for row in map(json.loads, (self.dir / DATA).read_text(encoding="utf-8").splitlines())]
         kept = [row for row in rows if row["kept"]]
         write_atomic(self.dir / KEPT, jsonl(kept))
-        if self.cfg.export:
-            Path(self.cfg.export).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.dir / KEPT, self.cfg.export)
         refined = [row for row in rows if row["refined"]]
+        failed = {row["id"]: row["error"] or row["reason"] for row in rows if row["verdict"] == "teacher_error"}
         summary = {
-            "complete": True, "teacher": rows[0]["teacher"] if rows else None, "filter": self.cfg.filter.type,
+            # prompts the service failed on leave the set incomplete unless the recipe says to train without them
+            "complete": not failed or self.cfg.on_teacher_error == "skip", "teacher_errors": len(failed),
+            "teacher": rows[0]["teacher"] if rows else None, "filter": self.cfg.filter.type,
             "prompts": len(self.keys), "candidates": len(rows), "kept": len(kept), "dropped": len(rows) - len(kept),
             "prompts_with_a_kept_candidate": len({row["id"] for row in kept}),
             "by_verdict": dict(Counter(row["verdict"] for row in rows).most_common()),
@@ -309,6 +309,17 @@ class Synthesis:
             "prompts_generated_this_run": self.generated, "prompts_resumed": resumed, "wall_time_s": round(wall_s, 2),
         }
         write_atomic(self.dir / SUMMARY, json.dumps(summary, indent=2))
+        if failed and self.cfg.on_teacher_error == "stop":
+            from kdistill.api.client import TeacherRequestError
+
+            raise TeacherRequestError(
+                f"{self.where}: the teacher failed {len(failed)} of {len(self.keys)} prompts after its retries "
+                f"(first: {next(iter(failed.values()))}); every other prompt's candidates are kept in "
+                f"{self.dir / DATA}. Run the same command with --resume to ask only those {len(failed)} again, or "
+                f"set {self.where}.on_teacher_error: skip to train without them")
+        if self.cfg.export:  # only a finished set leaves the stage
+            Path(self.cfg.export).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.dir / KEPT, self.cfg.export)
         if self.console is not None:
             self.console.print(f"synthesize: kept {summary['kept']} of {summary['candidates']} candidates "
                                f"({', '.join(f'{k} {v}' for k, v in summary['by_verdict'].items())}) -> {self.dir / KEPT}",
