@@ -18,6 +18,22 @@ def is_env_name(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) is not None
 
 
+def only_fields(template: str, allowed: tuple[str, ...]) -> str:
+    """`template` if it is a format string over `allowed` only (a pydantic validator's check: the
+    prompt is filled in mid-run, after a round of training, where a KeyError would cost that round)."""
+    import string
+
+    try:
+        used = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        raise ValueError(f"not a valid format string ({err}); write a literal brace as {{{{ or }}}}") from None
+    for name in used:
+        if name.split(".")[0].split("[")[0] not in allowed:
+            raise ValueError(f"uses {{{name}}}, which it does not have; its fields: "
+                             f"{', '.join('{' + a + '}' for a in allowed)} (a literal brace is {{{{ or }}}})")
+    return template
+
+
 class APITeacher(Strict):
     """A teacher reached over the OpenAI-compatible protocol (kdistill.api.TeacherAPI)."""
     base_url: str = Field(description="e.g. http://127.0.0.1:8000/v1 (`kdistill serve-teacher`) or a hosted service")

@@ -336,6 +336,11 @@ def test_the_lion_block_is_checked_by_field():
         load_recipe(base_recipe(teacher={"source": "cache", "path": "store", "task": "causal-lm"}))
     with pytest.raises(ConfigError, match="lion.teacher.model.*earlier stage"):
         load_recipe(base_recipe(lion={"teacher": {"model": "stage:nothing"}}))
+    # a template's fields are checked when the recipe is read, not after a round of training
+    with pytest.raises(ConfigError, match=r"lion.referee.template: uses \{question\}.*\{answer_2\}"):
+        load_recipe(base_recipe(lion={"referee": {"type": "llm_judge", "template": "Q: {question}"}}))
+    with pytest.raises(ConfigError, match=r"lion.writer.template: uses \{example\}.*\{kind\}"):
+        load_recipe(base_recipe(lion={"writer": {"type": "teacher", "template": "like {example}"}}))
 
 
 def test_the_comparison_table_has_a_row_per_round_and_the_teacher_for_scale():

@@ -22,9 +22,10 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kdistill.config import Strict
+from kdistill.config_api import only_fields
 
 from kdistill.api.wordnet_graph import RELATIONS
 from kdistill.registry import Registry
@@ -186,6 +187,8 @@ class TeacherWriter:
         temperature: float = Field(1.0, ge=0, le=2)
         max_tokens: int = Field(256, ge=1)
         max_chars: int = Field(2000, ge=1, description="a longer answer is a failure, not an instruction")
+
+        _fields = field_validator("template")(lambda value: only_fields(value, ("instruction", "kind")))
 
     def __init__(self, params, teacher_api=None, cache_path=None, where: str = "lion.writer", client=None):
         self.params = params

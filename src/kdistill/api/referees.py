@@ -15,9 +15,10 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from kdistill.config import Strict
+from kdistill.config_api import only_fields
 
 from kdistill.registry import Registry
 
@@ -126,6 +127,8 @@ class LLMJudge:
         template: str = Field(JUDGE_TEMPLATE, description="the judge's prompt: {instruction}, {answer_1}, {answer_2}")
         max_tokens: int = Field(512, ge=1)
         temperature: float = Field(0.0, ge=0, le=2)
+
+        _fields = field_validator("template")(lambda value: only_fields(value, ("instruction", "answer_1", "answer_2")))
 
     def __init__(self, params, teacher_api=None, cache_path=None, where: str = "lion.referee", client=None):
         self.params = params
