@@ -366,3 +366,20 @@ def test_an_interrupted_map_stops_retrying_what_was_in_flight(stub):
             time.sleep(0.05)
             assert time.monotonic() - start < 2, "requests in flight went on retrying after the interrupt"
     assert len(stub.seen) == 2  # the two in flight, each asked once
+
+
+def has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_the_server_listens_on_the_ipv6_loopback(tiny_gpt2_dir):
+    with TeacherServer(tiny_gpt2_dir, host="::1", port=0) as server:
+        assert server.url.startswith("http://[::1]:")
+        with api(server.url, model=server.model_name) as client:
+            assert client.check() == [server.model_name] and client.complete("a", max_tokens=2).ok

@@ -14,6 +14,7 @@ import errno
 import ipaddress
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -69,12 +70,15 @@ class TeacherServer(LocalModel):
     def bind(self) -> ThreadingHTTPServer:
         handler = type("Handler", (RequestHandler,), {"teacher": self})
         try:
-            self._httpd = ThreadingHTTPServer((self.host, self.port), handler)
+            # the standard server is IPv4 only; an IPv6 address (::1) needs its own address family
+            server = ThreadingHTTPServer if ":" not in self.host else type(
+                "ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+            self._httpd = server((self.host, self.port), handler)
         except OSError as err:
             if err.errno == errno.EADDRINUSE or err.errno == errno.EACCES:
                 fix = "pick another port with --port, or stop what is using it"
             else:  # a name that does not resolve, or an address that is not this machine's
-                fix = "--host must be an address of this machine (127.0.0.1, or 0.0.0.0 for every one)"
+                fix = "--host must be an address of this machine (127.0.0.1 or ::1, or 0.0.0.0 for every one)"
             raise KdistillError(f"cannot listen on {self.host}:{self.port} ({err.strerror}): {fix}") from None
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]  # port 0 -> the free port the OS chose
