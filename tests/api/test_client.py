@@ -383,3 +383,11 @@ def test_the_server_listens_on_the_ipv6_loopback(tiny_gpt2_dir):
         assert server.url.startswith("http://[::1]:")
         with api(server.url, model=server.model_name) as client:
             assert client.check() == [server.model_name] and client.complete("a", max_tokens=2).ok
+
+
+def test_a_negative_content_length_is_refused_not_waited_on(teacher):
+    host, port = teacher.url.split("//")[1].split("/")[0].split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:  # the connection stays open
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n{}")
+        head = conn.recv(4096).decode()
+    assert head.startswith("HTTP/1.0 400") or head.startswith("HTTP/1.1 400")

@@ -248,8 +248,10 @@ class RequestHandler(BaseHTTPRequestHandler):
     def read_json(self) -> dict:
         try:
             length = int(self.headers.get("Content-Length", ""))
+            if length < 0:  # read(-1) would wait for the client to close the connection
+                raise ValueError(length)
         except ValueError:
-            raise BadRequest("the request needs a Content-Length header") from None
+            raise BadRequest("the request needs a Content-Length header (a byte count >= 0)") from None
         if length > MAX_BODY_BYTES:
             raise BadRequest(f"the request body is over {MAX_BODY_BYTES >> 20} MB", status=413)
         try:
