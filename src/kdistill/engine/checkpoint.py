@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_model, save_model
 
-from kdistill.engine.disk import RERUN, raise_if_disk_full
+from kdistill.engine.disk import RERUN, WRITE_ERRORS, raise_if_disk_full
 from kdistill.errors import CheckpointError
 
 FORMAT = "kdistill-checkpoint"
@@ -82,7 +82,7 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
             manifest = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step,
                         "world": world, "recipe_hash": recipe_hash, "files": files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        except (OSError, RuntimeError) as err:
+        except WRITE_ERRORS as err:
             full_disk(err, directory, tmp)
             raise
         if directory.exists():

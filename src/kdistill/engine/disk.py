@@ -1,8 +1,9 @@
 """Writes that fail because the disk is full, told apart from other write errors, and the half-written
 copies that killed writers leave behind.
 
-torch reports a full disk from inside its zip writer as "unexpected pos", safetensors and json as
-OSError(ENOSPC); either way the user needs to hear "the disk is full" and what is kept.
+torch reports a full disk from inside its zip writer as a RuntimeError ("unexpected pos"), safetensors as its
+own SafetensorError ("No space left on device"), Python's files as OSError(ENOSPC); either way the user needs to
+hear "the disk is full" and what is kept.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import os
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
+
+WRITE_ERRORS = (OSError, RuntimeError, SafetensorError)  # what a write that runs out of disk raises
 DISK_FULL_BELOW = 256 * 2**20  # bytes free under which a failed write is put down to the disk
 # how a run goes on after space is freed, for every write that can fail this way
 RERUN = "run the same command again (`kdistill run` with --resume; `kdistill compare` resumes by itself)"
@@ -22,7 +26,7 @@ def raise_if_disk_full(err: Exception, target: Path, tmp: Path, *, error: type[E
     Otherwise return, and the caller re-raises `err` as it was."""
     shutil.rmtree(tmp, ignore_errors=True)
     free = shutil.disk_usage(target.parent).free
-    if getattr(err, "errno", None) == errno.ENOSPC or free < DISK_FULL_BELOW:
+    if getattr(err, "errno", None) == errno.ENOSPC or "No space left" in str(err) or free < DISK_FULL_BELOW:
         raise error(f"could not write {what} {target}: the disk is full ({free / 2**20:.0f} MiB free). {fix}") from err
 
 

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kdistill.engine.disk import RERUN, raise_if_disk_full, remove_abandoned_copies
+from kdistill.engine.disk import RERUN, WRITE_ERRORS, raise_if_disk_full, remove_abandoned_copies
 from kdistill.errors import OutputError
 
 ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
@@ -54,7 +54,7 @@ def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | 
         sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".bin")}
         (tmp / "kdistill.json").write_text(json.dumps({**metadata, "sentence_transformers": st, "weight_bytes": sizes},
                                                       indent=2, default=str))
-    except (OSError, RuntimeError) as err:
+    except WRITE_ERRORS as err:
         raise_if_disk_full(
             err, out, tmp, error=OutputError, what="the student",
             fix=f"Free some space and {RERUN}: training continues from the stage's last checkpoint, and a finished "

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdistill.errors import CheckpointError, ConfigError
+from kdistill.engine.disk import WRITE_ERRORS, raise_if_disk_full
+from kdistill.errors import CheckpointError, ConfigError, OutputError
 from kdistill.quant.linear import QuantLinear, packed_rows
 
 PACKED_FILE = "model.packed.safetensors"
@@ -58,8 +59,6 @@ def pack_state(model) -> tuple[dict[str, torch.Tensor], dict]:
 
 def export_packed(model_dir: str, out_dir: str) -> dict:
     """Write the packed 1-bit model of a quantized student directory; returns the size report."""
-    from safetensors.torch import save_file
-
     from kdistill.models.loading import load_model
 
     out = Path(out_dir)
@@ -72,19 +71,13 @@ def export_packed(model_dir: str, out_dir: str) -> dict:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(tensors, tmp / PACKED_FILE, metadata={"format": FORMAT})
-    loaded.model.config.save_pretrained(tmp)
-    for name in COPIED:
-        if (Path(model_dir) / name).exists():
-            shutil.copy2(Path(model_dir) / name, tmp / name)
-    for sub in ("1_Pooling", "2_Normalize"):
-        if (Path(model_dir) / sub).is_dir():
-            shutil.copytree(Path(model_dir) / sub, tmp / sub)
-    source = Path(model_dir) / "model.safetensors"
-    report = {**sizes, "packed_file_bytes": (tmp / PACKED_FILE).stat().st_size,
-              "source_file_bytes": source.stat().st_size if source.exists() else None}
-    report["quantized_linear_ratio"] = sizes["quantized_linear_packed_bytes"] / sizes["quantized_linear_fp32_bytes"]
-    (tmp / "packed.json").write_text(json.dumps(report, indent=2))
+    try:
+        report = write_packed(tmp, tensors, sizes, loaded.model.config, Path(model_dir))
+    except WRITE_ERRORS as err:
+        raise_if_disk_full(err, out, tmp, error=OutputError, what="the packed export",
+                           fix="Free some space and run the same export again")
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = None
     if out.exists():  # an earlier export (checked above): moved aside first, deleted once replaced
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -92,6 +85,25 @@ def export_packed(model_dir: str, out_dir: str) -> dict:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+    return report
+
+
+def write_packed(tmp: Path, tensors: dict, sizes: dict, config, model_dir: Path) -> dict:
+    from safetensors.torch import save_file
+
+    save_file(tensors, tmp / PACKED_FILE, metadata={"format": FORMAT})
+    config.save_pretrained(tmp)
+    for name in COPIED:
+        if (model_dir / name).exists():
+            shutil.copy2(model_dir / name, tmp / name)
+    for sub in ("1_Pooling", "2_Normalize"):
+        if (model_dir / sub).is_dir():
+            shutil.copytree(model_dir / sub, tmp / sub)
+    source = model_dir / "model.safetensors"
+    report = {**sizes, "packed_file_bytes": (tmp / PACKED_FILE).stat().st_size,
+              "source_file_bytes": source.stat().st_size if source.exists() else None}
+    report["quantized_linear_ratio"] = sizes["quantized_linear_packed_bytes"] / sizes["quantized_linear_fp32_bytes"]
+    (tmp / "packed.json").write_text(json.dumps(report, indent=2))
     return report
 
 

@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from kdistill.engine.checkpoint import sha256
-from kdistill.engine.disk import remove_abandoned_copies
+from kdistill.engine.disk import WRITE_ERRORS, raise_if_disk_full, remove_abandoned_copies
 from kdistill.errors import CheckpointError
 
 Tensor = torch.Tensor
@@ -316,8 +316,13 @@ class StoreWriter:
         }
         for extra_name in self._extras or {}:
             tensors[f"extra.{extra_name}"] = torch.stack([e.extra[extra_name] for e in self._pending])
-        save_file({key: value.contiguous() for key, value in tensors.items()}, str(self._tmp / name),
-                  metadata={"format": FORMAT})
+        try:
+            save_file({key: value.contiguous() for key, value in tensors.items()}, str(self._tmp / name),
+                      metadata={"format": FORMAT})
+        except WRITE_ERRORS as err:
+            raise_if_disk_full(err, self.path, self._tmp, error=CheckpointError, what="the teacher store",
+                               fix="Free some space and build it again (nothing of it is kept)")
+            raise
         self._shards.append({"file": name, "items": len(self._pending), "positions": self._pending_positions,
                              **_file_record(self._tmp / name)})
         self._pending, self._pending_positions = [], 0
