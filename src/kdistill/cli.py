@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import tempfile
 from pathlib import Path
 from typing import List, Optional
@@ -68,7 +69,8 @@ def run(recipe: str = typer.Argument(..., help="recipe YAML file or built-in rec
     recipe_obj = load_recipe(recipe, set_ or [], output)
     # not kdistill.distill: its refusals name the Python keywords, these name this command's flags
     student = run_recipe(recipe_obj, resume=resume, force=force, console=console, progress=progress)
-    console.print(f"[green]done[/]: student saved to {student}")
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process, under torchrun or accelerate
+        console.print(f"[green]done[/]: student saved to {student}")
 
 
 @app.command()

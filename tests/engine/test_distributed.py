@@ -1,4 +1,4 @@
-"""Two CPU processes through `accelerate launch` make the same updates as one process on the same global batch."""
+"""Two CPU processes through `torchrun` make the same updates as one process on the same global batch."""
 import json
 import os
 import shutil
@@ -19,8 +19,8 @@ def losses(run_dir):
     return [json.loads(line)["loss"] for line in lines if json.loads(line)["kind"] == "train"]
 
 
-@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
-                    reason="accelerate launcher not installed")
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                    reason="torchrun launcher not installed")
 def test_two_processes_match_one(tiny_recipe, tmp_path):
     # a random student (large, clean gradients), narrower than the teacher: hidden_mse fits its projector
     # on every process and takes rank 0's
@@ -30,11 +30,13 @@ def test_two_processes_match_one(tiny_recipe, tmp_path):
 
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({**tiny_recipe, "output": str(tmp_path / "two")}))
-    launcher = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    cmd = [launcher, "launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "kdistill", "run", str(recipe), "--no-progress"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    # not `accelerate launch --cpu --num_processes 2`, which starts a single process
+    launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [launcher, "--nproc_per_node", "2", "-m", "kdistill", "run", str(recipe), "--no-progress"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    made_by = json.loads((tmp_path / "two" / "student" / "kdistill.json").read_text())
+    assert made_by["processes"] == 2 and json.loads((one / "kdistill.json").read_text())["processes"] == 1
 
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
