@@ -127,6 +127,41 @@ def test_a_forced_resume_says_what_it_cannot_change(tiny_recipe, killed_run):
         distill(changed, resume=True, force=True, progress=False)
 
 
+def test_a_forced_resume_with_other_loss_terms_is_refused(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    fewer_terms = {**tiny_recipe, "losses": tiny_recipe["losses"][:1]}  # the same parameters: the optimizer fits
+    with pytest.raises(CheckpointError, match=r"trained with the loss terms \['embedding_cosine', 'hidden_mse'.*this "
+                                              r"recipe has \['embedding_cosine'\]: a forced resume"):
+        distill(fewer_terms, resume=True, force=True, progress=False)
+    heavier = {**tiny_recipe, "losses": [{**term, "weight": 2.0} for term in tiny_recipe["losses"]]}
+    assert (distill(heavier, resume=True, force=True, progress=False) / "kdistill.json").exists()  # weights may change
+
+
+def test_a_truncated_log_line_does_not_stop_a_resume_and_the_curves_plot(tiny_recipe, killed_run):
+    from kdistill.engine.logs import plot_losses
+
+    tiny_recipe["train"].update(steps=4, save_every=2, log_every=1)
+    killed_run(tiny_recipe, step=3)
+    log = Path(tiny_recipe["output"]) / "logs" / "main.jsonl"
+    log.write_text(log.read_text()[:-30])  # a kill in the middle of a write
+    assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()
+    rows = [(json.loads(line)["kind"], json.loads(line)["step"]) for line in log.read_text().splitlines()]
+    train = [step for kind, step in rows if kind == "train"]
+    assert train == [1, 2, 3, 4]  # the cut line gone, the steps after the checkpoint logged once
+    assert plot_losses(Path(tiny_recipe["output"])) is not None
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tiny_recipe, killed_run):
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    tiny_recipe["train"].update(steps=4, save_every=2, log_every=1)
+    killed_run(tiny_recipe, step=3)  # step 3 was logged, then the run stopped; it resumes from step 2
+    distill(tiny_recipe, resume=True, progress=False)
+    events = event_accumulator.EventAccumulator(str(Path(tiny_recipe["output"]) / "tensorboard" / "main"))
+    events.Reload()  # reads every file of the folder, honouring the resumed writer's purge of step 3 on
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+
+
 def test_a_forced_resume_with_another_student_is_named(tiny_recipe, killed_run):
     tiny_recipe["train"].update(steps=4, save_every=2)
     killed_run(tiny_recipe, step=3)

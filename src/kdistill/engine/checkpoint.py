@@ -176,3 +176,16 @@ def list_checkpoints(root: Path) -> list[Path]:
 def prune(root: Path, keep: int) -> None:
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def saved_loss_terms(run_dir: Path, stage: str) -> list[str] | None:
+    """The loss term types of `stage` in the recipe the run was started (or last accepted) with, None if unknown."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((run_dir / "config.resolved.yaml").read_text())
+        stages = saved["stages"] if isinstance(saved, dict) and "stages" in saved else [saved]
+        block = next(s for s in stages if isinstance(s, dict) and s.get("name", "main") == stage)
+        return [term["type"] for term in block.get("losses", [])]
+    except (OSError, yaml.YAMLError, KeyError, TypeError, StopIteration):
+        return None

@@ -12,15 +12,22 @@ class RunLogger:
         self.stage = stage
         self.console = console
         self.jsonl = run_dir / "logs" / f"{stage}.jsonl"
+        self.tb_dir = run_dir / "tensorboard" / stage
         self.tb = None
+        self.purge_from: int | None = None  # set on resuming: TensorBoard drops that step and later ones
         if enabled:
             self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+
+    def tensorboard(self):
+        """The writer, opened at the first record, so a resumed run can open it with purge_step."""
+        if self.tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard" / stage))
             except ImportError:  # tensorboard is an optional extra
-                self.tb = None
+                self.tb = False
+            else:
+                self.tb = SummaryWriter(str(self.tb_dir), purge_step=self.purge_from)
+        return self.tb or None
 
     def log(self, step: int, values: dict, kind: str = "train") -> None:
         if not self.enabled:
@@ -28,27 +35,37 @@ class RunLogger:
         record = {"stage": self.stage, "kind": kind, "step": step, "time": round(time.time(), 3), **values}
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
+        if (tb := self.tensorboard()) is not None:
             for key, value in flatten(values).items():
                 if isinstance(value, (int, float)):
-                    self.tb.add_scalar(f"{kind}/{key}", value, step)
+                    tb.add_scalar(f"{kind}/{key}", value, step)
         if self.console is not None and kind == "eval":  # train parts live in the progress bar
             parts = "  ".join(f"{k} {v:.4g}" for k, v in flatten(values).items() if isinstance(v, float))
             self.console.print(f"[dim]{self.stage}[/] {kind} step {step}: {parts}")
 
     def forget_after(self, step: int) -> None:
         """On resuming at ``step``: drop the rows logged past it before the run stopped. Those steps run again, and
-        kept twice they would make the loss curves double back."""
+        kept twice they would make the loss curves double back. A line cut short by the stop goes too."""
+        self.purge_from = step + 1
         if not self.enabled or not self.jsonl.exists():
             return
         lines = self.jsonl.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in lines if (row := parse(line)) is not None and row.get("step", 0) <= step]
         if len(kept) != len(lines):
             self.jsonl.write_text("".join(line + "\n" for line in kept))
 
     def close(self) -> None:
-        if self.tb is not None:
+        if self.tb:
             self.tb.close()
+
+
+def parse(line: str) -> dict | None:
+    """A log row, or None for a blank line or one cut short (a process killed mid-write, a full disk)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def flatten(values: dict, prefix: str = "") -> dict:
@@ -64,7 +81,7 @@ def flatten(values: dict, prefix: str = "") -> dict:
 def read_logs(run_dir: Path) -> list[dict]:
     records = []
     for path in sorted((run_dir / "logs").glob("*.jsonl")):
-        records += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records += [row for line in path.read_text().splitlines() if (row := parse(line)) is not None]
     return records
 
 
@@ -85,8 +102,9 @@ def plot_losses(run_dir: Path) -> Path | None:
         evals = [r for r in records if r["stage"] == stage and r["kind"] == "eval" and "loss" in r]
         steps = [r["step"] for r in train]
         ax.plot(steps, [r["loss"] for r in train], label="loss", linewidth=2)
-        for name in (train[0].get("parts", {}) if train else {}):
-            ax.plot(steps, [r["parts"][name] for r in train], label=name, alpha=0.7)
+        # every term any row has: a forced resume may have changed the terms part-way (absent: a gap)
+        for name in dict.fromkeys(name for r in train for name in r.get("parts", {})):
+            ax.plot(steps, [r.get("parts", {}).get(name, float("nan")) for r in train], label=name, alpha=0.7)
         if evals:
             ax.plot([r["step"] for r in evals], [r["loss"] for r in evals], "o--", label="eval loss")
         ax.set(title=stage, xlabel="step", yscale="log")

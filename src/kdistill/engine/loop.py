@@ -23,7 +23,7 @@ from kdistill.data.images import view_seed
 from kdistill.engine.batches import BatchPlan
 from kdistill.engine.build import StageParts, positions_of
 from kdistill.engine.checkpoint import (CheckpointMismatch, list_checkpoints, load_checkpoint, prune, read_manifest,
-                                       save_checkpoint)
+                                       save_checkpoint, saved_loss_terms)
 from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
 from kdistill.engine.on_policy import OnPolicy
@@ -309,6 +309,11 @@ class StageTrainer(StartFits):
                                   f"optimizer groups; undo "
                                   f"that change, or start a new run with another --output") from None
         if changed:
+            before, now = saved_loss_terms(self.run_dir, self.stage.name), [term.type for term in self.stage.losses]
+            if before is not None and before != now:  # the loss curves and a method's state belong to the terms
+                raise CheckpointError(f"{checkpoints[-1]} was trained with the loss terms {before}, this recipe has "
+                                      f"{now}: a forced resume can change how the stage trains, not what it "
+                                      "trains; undo that change, or start a new run with another --output")
             if state["step"] > self.cfg.steps:
                 raise CheckpointError(f"{checkpoints[-1]} is at step {state['step']}, past this recipe's "
                                       f"train.steps {self.cfg.steps}; raise train.steps to {state['step']} or more")
