@@ -43,6 +43,13 @@ def test_jsonl_keeps_int_labels_and_skips_blank_lines(tmp_path):
     assert label_names(records + [{"text": "x", "label": 2}]) == ["1", "2", "10"]
 
 
+def test_a_list_as_a_label_names_the_field_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"sentence": "a b", "y": 1}\n{"sentence": "c d", "y": [1, 2]}\n')
+    with pytest.raises(DataError, match=r"'y' \(the label field\) at .*d.jsonl line 2 is a list; .*multi-label"):
+        load_records({"path": str(path), "text": "sentence", "label": "y"})
+
+
 def test_csv_with_custom_fields(tmp_path):
     path = write_csv(tmp_path / "d.csv", ROWS)
     records = load_records({"path": str(path), "text": "sentence", "label": "topic"})

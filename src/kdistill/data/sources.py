@@ -191,6 +191,9 @@ def _pick(row: dict, fields: dict, where: str, folder: str | None = None) -> dic
         if key != "label" and not isinstance(value, str):
             raise DataError(f"field {field!r} at {where} is {type(value).__name__}, "
                             f"expected a string")
+        if key == "label" and isinstance(value, (list, dict)):
+            raise DataError(f"field {field!r} (the label field) at {where} is a {type(value).__name__}; a label is one "
+                            "class name or number (one class per record: multi-label data is not supported)")
         record[key] = value
     for key in GENERATION_FIELDS:  # kept as they are: a causal LM is scored on prompt -> reference
         if isinstance(row.get(key), str):
