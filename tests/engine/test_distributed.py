@@ -38,6 +38,12 @@ def test_two_processes_match_one(tiny_recipe, tmp_path):
     made_by = json.loads((tmp_path / "two" / "student" / "kdistill.json").read_text())
     assert made_by["processes"] == 2 and json.loads((one / "kdistill.json").read_text())["processes"] == 1
 
+    # the same run again without --resume: the main process's refusal, said once, and no other process's traceback
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    said = again.stdout + again.stderr
+    assert again.returncode != 0 and said.count("already holds a run; pass --resume") == 1
+    assert "Connection closed" not in said and "exitcode  : 2" in said
+
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
     a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
     for key in a:
