@@ -9,7 +9,7 @@ scores dev accuracy (records taken evenly through the dev split):
 
     python benchmarks/head_lr.py [--steps 300] [--lr 1e-4] [--modes cls cls-10x mean]
 
-About 5 minutes per mode on 2 cores. Prints a table and writes benchmarks/results/head_lr.json.
+About 6 minutes per mode (12 for `cls`) on 2 cores. Prints a table and writes benchmarks/results/head_lr.json.
 """
 from __future__ import annotations
 
