@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import httpx
 
 from kdistill.api.response_cache import ResponseCache, request_key
-from kdistill.api.responses import (  # noqa: F401 - Choice and GarbageResponse are part of this module's API
+from kdistill.api.responses import (  # noqa: F401 - Choice is re-exported: kdistill.api and tests take it from here
     Choice, Completion, Failure, GarbageResponse, _completion, _error_message, _retry_after)
 from kdistill.config_api import ENV_NAME_RULE, is_env_name
 from kdistill.errors import ConfigError, KdistillError

@@ -352,7 +352,8 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
                 "teacher": stage.teacher.model or f"cache:{stage.teacher.path}", "student_init": stage.student.model_dump(exclude_none=True)
                 if stage.student else {"previous_stage": previous},
                 "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2),
-                "processes": accelerator.num_processes, "metrics": {"train": result.final_train, "eval": result.final_eval},
+                "processes": accelerator.num_processes,
+                "metrics": {"train": result.final_train, "eval": result.final_eval},
                 "config": stage.model_dump(mode="json", exclude_none=True),
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             }
