@@ -357,6 +357,8 @@ def test_an_interrupted_map_stops_retrying_what_was_in_flight(stub):
 
     stub.script = [("status", 503, {"Retry-After": "3"})] * 20
     timer = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))  # Ctrl-C half a second in
+    # Python's own Ctrl-C, whatever handler an earlier test in this process left installed
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with api(stub.url, max_concurrency=2, max_retries=5) as client:
         timer.start()
         with pytest.raises(KeyboardInterrupt):
@@ -365,6 +367,7 @@ def test_an_interrupted_map_stops_retrying_what_was_in_flight(stub):
         while any(t.name.startswith("teacher-api") and t.is_alive() for t in threading.enumerate()):
             time.sleep(0.05)
             assert time.monotonic() - start < 2, "requests in flight went on retrying after the interrupt"
+    signal.signal(signal.SIGINT, previous)
     assert len(stub.seen) == 2  # the two in flight, each asked once
 
 
