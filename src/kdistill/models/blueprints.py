@@ -99,13 +99,15 @@ def materialise(spec: dict, out: Path) -> None:
         else:
             tokenizer = load_tokenizer(resolve_model_path(spec["tokenizer"]))
         config = AutoConfig.for_model(spec["model_type"], vocab_size=len(tokenizer), **spec["config"])
-    torch.manual_seed(0)
-    if spec.get("architecture"):
-        import transformers
+    # seeded for a fixed blueprint, on a forked RNG: the run that first makes it must draw what later runs draw
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if spec.get("architecture"):
+            import transformers
 
-        model = getattr(transformers, spec["architecture"])(config)
-    else:
-        model = model_class(spec["task"]).from_config(config)
+            model = getattr(transformers, spec["architecture"])(config)
+        else:
+            model = model_class(spec["task"]).from_config(config)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
