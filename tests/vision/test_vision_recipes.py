@@ -235,3 +235,17 @@ def test_a_blueprint_teacher_takes_the_data_classes_and_is_listed_unscored(tmp_p
     row, _ = reference_teacher(load_recipe(run), load_records({"source": "digits", "limit": 8}, "test"),
                                "image-classification")
     assert row["score"] is None and "random init" in row["note"] and row["params"] > 0
+
+
+def test_a_cnn_trained_at_another_size_is_saved_and_evaluated_at_it(tmp_path, monkeypatch):
+    from kdistill.eval.images import collator_for
+    from kdistill.models.loading import load_model
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    run = recipe("blueprint:resnet-small", tmp_path / "run", [{"type": "cross_entropy"}],
+                 student={"model": "blueprint:resnet-small"}, steps=1)
+    run["data"]["image_size"] = 32  # the blueprint's config says 16
+    student = distill(run, progress=False)
+    loaded = load_model(str(student))
+    assert loaded.model.config.image_size == 32 and collator_for(loaded.model).image_size == 32
+    assert loaded.tokenizer.size["height"] == 32  # the saved processor agrees

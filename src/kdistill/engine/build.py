@@ -336,6 +336,10 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         check_image_fits({f"{prefix}teacher": teacher, f"{prefix}student": student}, collator, train, prefix)
         check_images_open(train + evals, prefix)
         tokenizer = image_processor(collator.image_size, collator.channels, collator.mean, collator.std)
+        if getattr(student.config, "image_size", None) not in (None, collator.image_size):
+            # a size-free model (a CNN) trained at data.image_size: its saved config says that size, which
+            # `kdistill eval` and other tools resize to
+            student.config.image_size = collator.image_size
     if stage.quant is not None:
         quantize_student(student, stage, collator, train, prefix)
     # against the student as it trains (quantizers add parameters), and here rather than in the loop, so that
