@@ -161,3 +161,17 @@ def test_a_student_of_another_modality_than_the_teachers_task_is_named():
 
     assert (article("embedding"), article("image-classification"), article("causal-lm")) == \
         ("an embedding", "an image-classification", "a causal-lm")
+
+
+def test_a_large_image_is_shrunk_as_the_saved_processor_shrinks_it(tmp_path):
+    # PIL's bilinear resize antialiases; without it ours gave other pixels (0.36 apart) and other predictions
+    import numpy as np
+    from PIL import Image
+
+    from kdistill.data.images import ImageCollator, image_processor
+
+    path = tmp_path / "big.png"
+    Image.fromarray((np.random.default_rng(0).random((60, 60)) * 255).astype(np.uint8), mode="L").save(path)
+    ours = ImageCollator(16, 1)([{"image_path": str(path)}])["pixel_values"][0, 0].numpy()
+    theirs = image_processor(16, 1)(Image.open(path).convert("L"), return_tensors="np")["pixel_values"][0, 0]
+    assert np.abs(ours - theirs).max() < 0.02  # PIL rounds to 8 bits: 1/255 in [0, 1] is 0.008 after the std

@@ -145,8 +145,9 @@ class ImageCollator:
                     x = x.mean(0, keepdim=True)
                 else:
                     raise DataError(f"record {r.get('id')} has {x.shape[0]} channels; the model takes {self.channels}")
+            # antialiased, as PIL's bilinear resize in the saved image processor is (it matters only when shrinking)
             out.append(F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear",
-                                     align_corners=False)[0])
+                                     align_corners=False, antialias=True)[0])
         return torch.stack(out)
 
     def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
