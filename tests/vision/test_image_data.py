@@ -175,3 +175,20 @@ def test_a_large_image_is_shrunk_as_the_saved_processor_shrinks_it(tmp_path):
     ours = ImageCollator(16, 1)([{"image_path": str(path)}])["pixel_values"][0, 0].numpy()
     theirs = image_processor(16, 1)(Image.open(path).convert("L"), return_tensors="np")["pixel_values"][0, 0]
     assert np.abs(ours - theirs).max() < 0.02  # PIL rounds to 8 bits: 1/255 in [0, 1] is 0.008 after the std
+
+
+def test_a_16_bit_grey_image_keeps_its_range():
+    # PIL's convert("L") clips 16-bit values at 255: a gradient read as nearly all white before
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from kdistill.data.images import read_image
+
+    gradient = np.tile(np.linspace(0, 65535, 64), (64, 1)).astype(np.uint16)
+    with tempfile.TemporaryDirectory() as folder:
+        Image.fromarray(gradient).save(f"{folder}/g16.png")
+        grey, colour = read_image(f"{folder}/g16.png", 1), read_image(f"{folder}/g16.png", 3)
+    assert grey.shape == (1, 64, 64) and colour.shape == (3, 64, 64)
+    np.testing.assert_allclose(grey[0], gradient / 65535.0, atol=1e-6)

@@ -71,11 +71,23 @@ def read_image(path: str, channels: int) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            array = np.asarray(img, dtype=np.float32) / 255.0
+            return image_array(img, channels)
     except (OSError, UnidentifiedImageError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def image_array(img, channels: int) -> np.ndarray:
+    """(channels, H, W) in [0, 1] from a PIL image. 16- and 32-bit grey images are scaled by their own range:
+    PIL's convert("L") clips them at 255, which reads a 16-bit image as nearly all white."""
+    if img.mode.startswith("I"):  # "I;16", "I;16B", "I": integer grey, 16 bits in practice (PNG, TIFF)
+        grey = np.asarray(img, dtype=np.float32) / 65535.0
+    elif img.mode == "F":  # float grey, taken to be in [0, 1]
+        grey = np.asarray(img, dtype=np.float32)
+    else:
+        array = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+        return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    grey = np.clip(grey, 0.0, 1.0)[None]
+    return grey if channels == 1 else np.repeat(grey, channels, axis=0)
 
 
 def check_images_open(records: list[dict], prefix: str = "") -> None:

@@ -222,11 +222,10 @@ def _image_record(value, field: str, where: str, folder: str | None) -> dict:
             raise DataError(f"field {field!r} at {where}: image file not found: {path}")
         return {"image_path": path, "id": value}
     if hasattr(value, "convert"):  # a PIL image, as `datasets` decodes an Image column
-        import numpy as np
+        from kdistill.data.images import image_array
 
-        grey = value.mode in ("1", "L", "I;16", "I")
-        array = np.asarray(value.convert("L" if grey else "RGB"), dtype=np.float32) / 255.0
-        return {"image": array[None] if array.ndim == 2 else array.transpose(2, 0, 1), "id": where}
+        grey = value.mode in ("1", "L", "F") or value.mode.startswith("I")
+        return {"image": image_array(value, 1 if grey else 3), "id": where}
     raise DataError(f"field {field!r} at {where} is {type(value).__name__}, expected an image file's path or an image")
 
 
