@@ -139,9 +139,9 @@ def format_validation(err: ValidationError, prefix: str, source: str) -> str:
                 path += f".{part}" if path else str(part)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            name = str(e["loc"][-1])
-            msg = ("unknown field here (other blocks or loss types take it, this one does not)" if name in known_fields()
-                   else "unknown field" + did_you_mean(name, known_fields(), cutoff=0.75))
+            name, known = str(e["loc"][-1]), known_fields()
+            msg = ("unknown field here (other blocks or loss types take it, this one does not)" if name in known
+                   else "unknown field" + did_you_mean(name, known, cutoff=0.75))
         elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
             msg += f" (got {e['input']!r})"
         entries.append((path or "recipe", e["type"], msg))

@@ -166,8 +166,8 @@ class Lion:
         if self.console is not None:
             hard = f", {summary['hard']} hard of {len(judged)} judged" if judged else ""
             rouge = f", held-out ROUGE-L {score:.4f}" if score is not None else ""
-            lost = summary["teacher_failures"]  # counted, not retried: a round trains on what came back
-            lost = f" ({lost} unanswered: teacher errors or empty answers, in {ANSWERS})" if lost else ""
+            unanswered = summary["teacher_failures"]  # counted, not retried: a round trains on what came back
+            lost = f" ({unanswered} unanswered: teacher errors or empty answers, in {ANSWERS})" if unanswered else ""
             self.console.print(f"lion round {r}: {len(new)} new instructions{lost}, trained on {len(rows)}{hard}{rouge}",
                                highlight=False)
         return summary

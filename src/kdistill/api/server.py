@@ -35,6 +35,11 @@ COMPLETION_FIELDS = COMMON_FIELDS | {"prompt", "logprobs", "echo"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 
 
+class ThreadingHTTPServer6(ThreadingHTTPServer):
+    """The standard server is IPv4 only; an IPv6 address (::1) needs its own address family."""
+    address_family = socket.AF_INET6
+
+
 class TeacherServer(LocalModel):
     """``TeacherServer(model_dir, port=0).start()`` serves in a background thread; ``.url`` is the base
     URL (with ``/v1``); ``.stop()`` stops accepting (requests in flight finish) and ``.start()`` again
@@ -70,9 +75,7 @@ class TeacherServer(LocalModel):
     def bind(self) -> ThreadingHTTPServer:
         handler = type("Handler", (RequestHandler,), {"teacher": self})
         try:
-            # the standard server is IPv4 only; an IPv6 address (::1) needs its own address family
-            server = ThreadingHTTPServer if ":" not in self.host else type(
-                "ThreadingHTTPServer6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+            server = ThreadingHTTPServer6 if ":" in self.host else ThreadingHTTPServer
             self._httpd = server((self.host, self.port), handler)
         except OSError as err:
             if err.errno == errno.EADDRINUSE or err.errno == errno.EACCES:

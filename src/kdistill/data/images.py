@@ -76,9 +76,12 @@ def read_image(path: str, channels: int) -> np.ndarray:
         raise DataError(f"cannot read image {path}: {err}") from None
 
 
-def image_array(img, channels: int) -> np.ndarray:
-    """(channels, H, W) in [0, 1] from a PIL image. 16- and 32-bit grey images are scaled by their own range:
-    PIL's convert("L") clips them at 255, which reads a 16-bit image as nearly all white."""
+def image_array(img, channels: int | None = None) -> np.ndarray:
+    """(channels, H, W) in [0, 1] from a PIL image; channels None keeps grey images grey and makes others RGB.
+    16- and 32-bit grey images are scaled by their own range: PIL's convert("L") clips them at 255, which reads
+    a 16-bit image as nearly all white."""
+    if channels is None:
+        channels = 1 if img.mode in ("1", "L", "F") or img.mode.startswith("I") else 3
     if img.mode.startswith("I"):  # "I;16", "I;16B", "I": integer grey, 16 bits in practice (PNG, TIFF)
         grey = np.asarray(img, dtype=np.float32) / 65535.0
     elif img.mode == "F":  # float grey, taken to be in [0, 1]

@@ -224,8 +224,7 @@ def _image_record(value, field: str, where: str, folder: str | None) -> dict:
     if hasattr(value, "convert"):  # a PIL image, as `datasets` decodes an Image column
         from kdistill.data.images import image_array
 
-        grey = value.mode in ("1", "L", "F") or value.mode.startswith("I")
-        return {"image": image_array(value, 1 if grey else 3), "id": where}
+        return {"image": image_array(value), "id": where}
     raise DataError(f"field {field!r} at {where} is {type(value).__name__}, expected an image file's path or an image")
 
 

@@ -10,13 +10,13 @@ import torch
 from kdistill.config import Stage
 from kdistill.data import TextCollator, label_names, load_records
 from kdistill.data.collate import check_prompts_lead
+from kdistill.engine.params import check_globs
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError, article
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
 from kdistill.models.blueprints import is_blueprint
 from kdistill.models.loading import (Loaded, detect_task, has_classifier_head, load_config, load_model, load_tokenizer,
                                      new_model, read_pooling, resolve_model_path)
-from kdistill.engine.params import check_globs
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
 from kdistill.teachers.cached import check_store_teacher, open_for_stage

@@ -276,23 +276,23 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
 
     first = next((s for s in recipe.stages if s.synthesize is None), recipe.stages[0])
     accelerator = make_accelerator(first.train.precision)
-    pending_recipe, refusal = None, [None]
+    pending_recipe, refusal = None, None
     if accelerator.is_main_process:
         if resume and console is not None and not trained_anything(Path(recipe.output)):
             console.print(f"[yellow]nothing to resume in {recipe.output}[/yellow]: starting from step 0")
         try:
             pending_recipe = prepare_run_dir(recipe, resume, force)
         except KdistillError as err:
-            refusal = [err]
+            refusal = err
     if accelerator.num_processes > 1:
         # the other processes learn of a refusal here instead of dying at the next barrier with a traceback each
         from accelerate.utils import broadcast_object_list
 
-        flag = broadcast_object_list([refusal[0] is not None])[0]
-        if flag and not accelerator.is_main_process:
+        refused = broadcast_object_list([refusal is not None])[0]
+        if refused and not accelerator.is_main_process:
             raise SystemExit(2)  # the main process says why, once
-    if refusal[0] is not None:
-        raise refusal[0]
+    if refusal is not None:
+        raise refusal
     accelerator.wait_for_everyone()
 
     def accept_recipe() -> None:

@@ -74,9 +74,8 @@ def export_packed(model_dir: str, out_dir: str) -> dict:
     try:
         report = write_packed(tmp, tensors, sizes, loaded.model.config, Path(model_dir))
     except WRITE_ERRORS as err:
-        raise_if_disk_full(err, out, tmp, error=OutputError, what="the packed export",
+        raise_if_disk_full(err, out, tmp, error=OutputError, what="the packed export",  # tmp removed either way
                            fix="Free some space and run the same export again")
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if out.exists():  # an earlier export (checked above): moved aside first, deleted once replaced
