@@ -9,9 +9,12 @@ generalised JSD at β and backpropagates to the student's hidden states and head
   chunked-torch  the same with the torch kernels, so the table shows what the fused rows add
 --matmul-precision high lets every method's float32 matmuls use TF32 (torch.set_float32_matmul_precision);
 the default, highest, keeps them exact float32.
-On the CPU each case runs in its own subprocess; "extra peak memory" is that process's peak RSS minus
-its RSS after the imports and the inputs, so neither is counted (it does include the gradients, which every
-method returns: grads_mib in the JSON). "seconds" is the best wall time of --repeats steps after a
+On the CPU each case runs in its own subprocess; "extra peak memory" is that process's peak RSS over the
+timed steps minus its RSS before them, after the imports, the inputs and one warm-up step, so none of those
+is counted (the first step's own growth, code pages and thread pools loaded once, which every method pays
+alike, is in the JSON as first_step_mib; the peak does include the gradients, which every method returns:
+grads_mib). glibc is told to give every freed block over 64 KiB back at once (MALLOC_MMAP_THRESHOLD_), so
+a buffer kept from the warm-up cannot hide in the baseline. "seconds" is the best wall time of --repeats steps after a
 warm-up, "cpu_seconds" the process CPU time of that step (less sensitive to other jobs sharing the
 machine; BENCH_THREADS sets torch's threads). Values are checked against the plain result
 (1e-5 relative). With --device cuda the cases run in one process, timed with the device synchronised,
@@ -31,7 +34,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -71,8 +73,6 @@ def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, ch
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def step():
         h_s.grad = w_s.grad = None
@@ -90,7 +90,13 @@ def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, ch
         loss.backward()
         return float(loss)  # float() waits for the device, so each timed step is complete
 
+    if not cuda:
+        before_warm_up = rss_mib("VmRSS")
     value = step()  # warm-up (and the value)
+    if not cuda:
+        h_s.grad = w_s.grad = None  # each timed step makes its own
+        first_step = rss_mib("VmRSS") - before_warm_up
+        base = reset_peak_rss()
     times = []
     for _ in range(repeats):
         start, cpu = time.perf_counter(), time.process_time()
@@ -99,9 +105,23 @@ def run_case(method: str, vocab: int, length: int, beta: float, repeats: int, ch
     seconds, cpu_seconds = min(times)
     if cuda:
         extra = (torch.cuda.max_memory_allocated() - base) / 2**20
-    else:
-        extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
-    return {"value": value, "seconds": seconds, "cpu_seconds": cpu_seconds, "extra_peak_mib": extra}
+        return {"value": value, "seconds": seconds, "cpu_seconds": cpu_seconds, "extra_peak_mib": extra}
+    return {"value": value, "seconds": seconds, "cpu_seconds": cpu_seconds, "extra_peak_mib": rss_mib("VmHWM") - base,
+            "first_step_mib": first_step}
+
+
+def rss_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak_rss() -> float:
+    """Start a new peak-RSS window (Linux: writing 5 to clear_refs resets VmHWM); returns the RSS now."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return rss_mib("VmRSS")
 
 
 def in_process(*args) -> dict:
@@ -118,7 +138,7 @@ def in_process(*args) -> dict:
 
 def in_subprocess(*args, precision: str = "highest") -> dict:
     out = subprocess.run([sys.executable, __file__, "--matmul-precision", precision, "--case", *map(str, args)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
