@@ -136,8 +136,12 @@ def test_structure_terms_on_a_classifier():
     ce = torch.nn.functional.cross_entropy(s, batch["labels"])
     expected = fn.dkd(s, t, batch["labels"], 1.0, 8.0, 1.0) + ce
     assert dkd({"logits": s}, {"logits": t}, batch).item() == pytest.approx(expected.item(), rel=1e-6)
-    clkd = make({"type": "clkd", "temperature": 2.0}, "classification")
-    assert clkd({"logits": s}, {"logits": t}, batch).item() == pytest.approx(4.0 * fn.clkd(s, t, 2.0).item(), rel=1e-6)
+    clkd = make({"type": "clkd", "temperature": 2.0, "class_weight": 0.5, "correlation_weight": 3.0}, "classification")
+    # τ² scales the two tempered KLs only: the correlation matrices are of the raw logits
+    kls = clkd_reference(s.tolist(), t.tolist(), 2.0, 0.5, 0.0)
+    correlation = clkd_reference(s.tolist(), t.tolist(), 2.0, 0.0, 1.0) - clkd_reference(s.tolist(), t.tolist(), 2.0, 0.0, 0.0)
+    expected = 4.0 * kls + 3.0 * correlation
+    assert clkd({"logits": s}, {"logits": t}, batch).item() == pytest.approx(expected, rel=1e-5)
     sink = make({"type": "sinkhorn"}, "classification")
     assert sink({"logits": s}, {"logits": t}, batch).item() == pytest.approx(fn.sinkhorn(s, t).item(), rel=1e-6)
 

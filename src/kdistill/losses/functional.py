@@ -248,19 +248,20 @@ def _class_correlation(z: Tensor) -> Tensor:
 
 
 def clkd(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, class_weight: float = 1.0,
-         correlation_weight: float = 1.0, mask: Tensor | None = None) -> Tensor:
-    """Class-aware logit KD: instance-level KL (softmax over classes, per row) + class-level KL
-    (softmax over the batch, per class) + MSE between the teacher's and the student's class
-    correlation matrices over the batch. Batch-wise: the rows are the unmasked positions."""
+         correlation_weight: float = 1.0, mask: Tensor | None = None, kl_scale: float = 1.0) -> Tensor:
+    """Class-aware logit KD: kl_scale·(instance-level KL (softmax over classes, per row) + class-level KL
+    (softmax over the batch, per class)) + MSE between the teacher's and the student's class
+    correlation matrices over the batch. Batch-wise: the rows are the unmasked positions.
+    ``kl_scale`` is for τ², which only the tempered KLs need: the correlations are of the raw logits."""
     zs, zt = _rows(student_logits, mask), _rows(teacher_logits, mask)
     if zs.shape[0] == 0:
         return student_logits.sum() * 0.0
     instance = _kl(F.log_softmax(zt / temperature, -1), F.log_softmax(zs / temperature, -1)).mean()
     if zs.shape[0] < 2:  # class-level terms need a batch
-        return instance
+        return kl_scale * instance
     per_class = _kl(F.log_softmax(zt.T / temperature, -1), F.log_softmax(zs.T / temperature, -1)).mean()
     correlation = (_class_correlation(zt) - _class_correlation(zs)).pow(2).mean()
-    return instance + class_weight * per_class + correlation_weight * correlation
+    return kl_scale * (instance + class_weight * per_class) + correlation_weight * correlation
 
 
 def sinkhorn(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, epsilon: float = 0.1,

@@ -84,8 +84,8 @@ class ClassAwareKD(_LogitTerm):
 
     def forward(self, s, t, batch):
         p = self.params
-        return p.temperature**2 * fn.clkd(s["logits"], t["logits"], p.temperature, p.class_weight,
-                                          p.correlation_weight, logits_mask(batch, s["logits"]))
+        return fn.clkd(s["logits"], t["logits"], p.temperature, p.class_weight, p.correlation_weight,
+                       logits_mask(batch, s["logits"]), kl_scale=p.temperature**2)
 
 
 class SinkhornParams(TermParams):
