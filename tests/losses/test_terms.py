@@ -69,6 +69,40 @@ def test_logit_kd_sequence_level_classification():
     assert loss.item() == pytest.approx(0.5 * soft + 0.5 * hard, rel=1e-5)
 
 
+def stored_top(t, k):
+    from kdistill.teachers.cached import SparseLogits
+
+    logprobs = torch.log_softmax(t, -1)
+    top, indices = logprobs.topk(k, -1)
+    return SparseLogits(top, indices, torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7)), temperature=1.0)
+
+
+def test_logit_kd_uniform_tail_from_a_store_is_tinyvits_target():
+    s, t, k = torch.randn(B, V), torch.randn(B, V), 3
+    cls = info(task="classification")
+    stored = stored_top(t, k)
+    loss = term({"type": "logit_kd", "temperature": 1.0, "tail": "uniform"}, cls, cls)({"logits": s}, {"logits": stored}, BATCH)
+    ref = 0.0
+    for b in range(B):  # TinyViT (Wu et al. 2022, sec. 3.1): the top k as stored, the rest of the mass shared evenly
+        p = softmax(t[b].tolist())
+        kept = set(stored.indices[b].tolist())
+        rest = (1 - sum(p[c] for c in kept)) / (V - k)
+        target = [p[c] if c in kept else rest for c in range(V)]
+        ref += kl(target, softmax(s[b].tolist())) / B
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    bucket = term({"type": "logit_kd", "temperature": 1.0}, cls, cls)({"logits": s}, {"logits": stored}, BATCH)
+    assert bucket.item() < loss.item()  # one bucket loses how the tail is spread: a lower bound
+
+
+def test_logit_kd_uniform_tail_refuses_a_sampled_store():
+    s, t = torch.randn(B, V), torch.randn(B, V)
+    cls = info(task="classification")
+    stored = stored_top(t, 3)
+    stored.sampled = True
+    with pytest.raises(PairingError, match="tail: uniform"):
+        term({"type": "logit_kd", "temperature": 1.0, "tail": "uniform"}, cls, cls)({"logits": s}, {"logits": stored}, BATCH)
+
+
 def test_logit_kd_refuses_different_vocabularies():
     with pytest.raises(PairingError, match="vocabulary"):
         term({"type": "logit_kd"}, info(task="causal-lm", vocab=7), info(task="causal-lm", vocab=9))

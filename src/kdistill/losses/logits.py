@@ -58,6 +58,9 @@ class LogitKDParams(TermParams):
                         "mse"] = "kl"
     skew: float = Field(0.1, ge=0, le=1, description="alpha of skew_kl / skew_reverse_kl")
     beta: float = Field(0.5, ge=0, le=1, description="β of generalized_jsd (0: forward KL, 1: reverse KL), as GKD")
+    tail: Literal["bucket", "uniform"] = Field(
+        "bucket", description="teacher stores: the mass outside the stored top k as one more outcome (bucket), or "
+        "spread evenly over the other classes (uniform, TinyViT's rule)")
     chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, description="causal LMs: make and consume the logits this many tokens at a time (peak memory "
         "independent of batch × length × vocabulary); auto: as many tokens as a fixed logit budget allows")
@@ -140,11 +143,14 @@ class LogitKD(LossTerm):
         if stored.sampled and p.divergence != "kl":
             raise PairingError(f"{self.where}: a sampled teacher store estimates forward KL without bias, not "
                                f"{p.divergence}; use divergence: kl, or a top-k store (`cache-teacher` without --sample)")
+        if stored.sampled and p.tail == "uniform":
+            raise PairingError(f"{self.where}.tail: uniform spreads the mass outside a top k; a sampled store has "
+                               f"no top k (use tail: bucket, or a top-k store)")
         if abs(stored.temperature - p.temperature) > 1e-9:
             raise PairingError(f"{self.where}: the teacher store holds the teacher at temperature "
                                f"{stored.temperature}, this term uses {p.temperature}; rebuild the store")
         soft = sparse_divergence(zs, stored.logprobs, stored.indices, stored.tail, p.divergence, alpha=p.skew,
-                                 beta=p.beta, temperature=p.temperature, mask=logits_mask(batch, zs))
+                                 beta=p.beta, temperature=p.temperature, mask=logits_mask(batch, zs), tail=p.tail)
         loss = (1 - p.alpha) * p.temperature**2 * soft
         if p.alpha > 0:
             loss = loss + p.alpha * hard_label_loss(zs, batch, self.student_info.task)
