@@ -579,7 +579,8 @@ def test_resuming_with_another_process_count_says_it_is_not_exact(tiny_recipe, k
 
 def test_stage_hashes_of_checkpoints_from_before_data_loss_on_are_unchanged():
     """A field added to the recipe later hashes, at its default, as if absent: checkpoints written before it
-    still resume (the values are those of the code before data.loss_on and a source's sample existed)."""
+    still resume (the values are those of the code before data.loss_on, a source's sample and logit_kd's tail
+    existed)."""
     from kdistill.config import load_recipe
     from kdistill.engine.loop import stage_hash
 
@@ -592,6 +593,9 @@ def test_stage_hashes_of_checkpoints_from_before_data_loss_on_are_unchanged():
     assert stage_hash(load_recipe(recipe).stages[0]) != stage_hash(stage)
     recipe["data"]["loss_on"] = "all"
     recipe["data"]["train"]["sample"] = 100
+    assert stage_hash(load_recipe(recipe).stages[0]) != stage_hash(stage)
+    del recipe["data"]["train"]["sample"]
+    recipe["losses"][0]["tail"] = "uniform"  # a loss-term field added later (logit_kd's tail): the same rule
     assert stage_hash(load_recipe(recipe).stages[0]) != stage_hash(stage)
 
 

@@ -52,6 +52,7 @@ class StageResult:
 
 # Fields added to a stage after checkpoints were written, with the default that trains as before they existed.
 ADDED_LATER = [("data", "loss_on", "all")]
+ADDED_LATER_TO_TERMS = [("logit_kd", "tail", "bucket")]  # (loss type, field, default)
 
 
 def stage_hash(stage: Stage, legacy: bool = False) -> str:
@@ -64,6 +65,10 @@ def stage_hash(stage: Stage, legacy: bool = False) -> str:
     for section, field, default in ADDED_LATER:  # at its default, a newer field hashes as if it were not there
         if dumped[section].get(field) == default:
             del dumped[section][field]
+    for term in dumped["losses"]:
+        for kind, field, default in ADDED_LATER_TO_TERMS:
+            if isinstance(term, dict) and term.get("type") == kind and term.get(field) == default:
+                del term[field]
     if not legacy:
         dumped["train"] = {k: v for k, v in dumped["train"].items() if k not in BOOKKEEPING}
     return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
