@@ -38,6 +38,27 @@ def test_a_classifier_data_mixing_labelled_and_unlabelled_records_is_refused_bef
     assert (distill(recipe, progress=False) / "kdistill.json").exists()
 
 
+def test_a_gpt2_classifier_student_gets_the_pad_of_the_batches(tmp_path, make_classifier, tiny_gpt2_dir):
+    """GPT-2's classifier finds each text's last token by config.pad_token_id; a GPT-2 saved without one
+    stopped at the first batch of two inside transformers."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from kdistill import distill
+
+    assert AutoConfig.from_pretrained(tiny_gpt2_dir).pad_token_id is None
+    teacher = make_classifier(tmp_path / "teacher")
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                            for i in range(4) for w in ("red", "green", "blue")))
+    recipe = {"name": "gpt2-classifier", "teacher": {"model": teacher}, "student": {"model": str(tiny_gpt2_dir)},
+              "data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
+              "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    out = distill(recipe, progress=False)
+    saved = AutoModelForSequenceClassification.from_pretrained(out)
+    assert saved.config.pad_token_id == 0  # the MiniLM tokenizer's [PAD], which padded the batches
+
+
 def test_one_class_is_no_classifier(tiny_bert_dir, tmp_path):
     from kdistill import distill
     from kdistill.errors import DataError

@@ -129,6 +129,15 @@ def positions_of(model) -> int | None:
     return positions if isinstance(positions, int) else None
 
 
+def pad_for_classifiers(models, tokenizer) -> None:
+    """A classifier that pools the last real token (GPT-2, Llama) finds it by config.pad_token_id, and with
+    none refuses any batch of two: give it the pad of the tokenizer that pads the batches (saved with it)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    for model in models:
+        if pad is not None and getattr(model.config, "pad_token_id", 0) is None:
+            model.config.pad_token_id = pad
+
+
 def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str, new_tokens: int = 0) -> None:
     """Both models read the teacher's tokenizer's ids, padded or cut to data.max_length: an id past the student's
     embedding table, or a position past either model's, fails deep inside torch (an index error) otherwise.
@@ -328,6 +337,8 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
         check_text_fits(student, teacher, loaded.tokenizer, stage.data.max_length, prefix, new_tokens)
         if previous_student is None:
             check_student_tokenizer(stage, loaded.tokenizer, prefix)
+        if loaded.task == "classification":
+            pad_for_classifiers((teacher, student), loaded.tokenizer)
     collator = make_collator(stage, loaded, teacher.config, labels, prefix, student.config)
     tokenizer = loaded.tokenizer
     if loaded.task == "image-classification":  # the student saves the preprocessing it was trained with
