@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from kdistill.config_api import APITeacher, GeneratorTeacher, LionConfig, Sampling, SynthesizeConfig  # noqa: F401
 from kdistill.config_data import Augment, DataConfig, DataSource, ImageAugment, Strict, suggest  # noqa: F401
@@ -181,6 +181,14 @@ class QuantConfig(Strict):
         default_factory=lambda: ["embeddings", "classifier"], description="parts kept in full precision")
     attention: bool = Field(True, description="also quantize the attention matmul inputs (Q, K, V, probabilities)")
     split: bool = Field(True, description="ternary -> binary by BinaryBERT's weight splitting (else re-binarize)")
+
+    @field_validator("keep_fp")
+    @classmethod
+    def embeddings_kept(cls, keep_fp):
+        # refused when the recipe is read, not after the stages before this one have trained
+        if "embeddings" not in keep_fp:
+            raise ValueError("quantized embeddings are not supported; keep 'embeddings' in the list")
+        return keep_fp
 
 
 class OnPolicyConfig(Strict):

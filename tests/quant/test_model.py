@@ -93,6 +93,28 @@ def test_saved_quantized_student_loads_with_the_same_outputs(classifier, batch, 
     loaded = load_model(str(tmp_path / "student"), "classification").model
     assert loaded.bert.encoder.layer[1].output.dense.is_split
     assert torch.allclose(loaded(**batch).logits, expected, atol=1e-6)
+    # its saved names and head are the classifier's: another task is refused by name, not by missing tensors
+    with pytest.raises(ConfigError, match="quantized classification model and loads only as that task"):
+        load_model(str(tmp_path / "student"), "embedding")
+
+
+def test_a_model_whose_blocks_have_no_linear_layers_is_refused_even_with_its_head_quantized(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kdistill.errors import PairingError
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    for keep_fp in (["embeddings", "classifier"], ["embeddings"]):  # the second quantized the LM head alone
+        with pytest.raises(PairingError, match="no nn.Linear layers in its blocks"):
+            quantize_model(gpt2, {**SPEC, "keep_fp": keep_fp})
+    assert not any(isinstance(m, QuantLinear) for m in gpt2.modules())
+
+
+def test_quantized_embeddings_are_refused_when_the_recipe_is_read():
+    from kdistill.config import QuantConfig
+
+    with pytest.raises(ValueError, match="keep 'embeddings' in the list"):
+        QuantConfig(weights=1, keep_fp=["classifier"])
 
 
 def test_packed_export_round_trip_and_size(classifier, batch, tokenizer, tmp_path):

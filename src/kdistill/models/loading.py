@@ -212,6 +212,10 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
         if getattr(config, "kdistill_quant", None):  # a quantization-aware student: rebuild its structure
             from kdistill.quant.model import load_quantized
 
+            if task != detect_task(config):  # its saved names and head are those of the task it trained for
+                raise ConfigError(f"{ref} is a quantized {detect_task(config)} model and loads only as that task "
+                                  f"(asked for {task}); leave the task at auto")
+
             model = load_quantized(path, config, model_class(task), **kwargs)
         else:
             model = architecture_class(config, task).from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)

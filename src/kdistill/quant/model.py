@@ -97,8 +97,9 @@ def quantize_model(model: nn.Module, spec: dict, where: str = "quant") -> nn.Mod
     num_layers = layer_count(model.config)
     path, blocks = find_layers(model, num_layers)
     layers = _quantizable(model, path, keep_fp)
-    if not any(isinstance(m, (nn.Linear, QuantLinear)) for _, m in layers):
-        raise PairingError(f"{where}: {type(model).__name__} has no nn.Linear layers in its blocks to quantize")
+    if not any(name.startswith(path + ".") for name, _ in layers):  # the head alone is not a quantized model
+        raise PairingError(f"{where}: {type(model).__name__} has no nn.Linear layers in its blocks to quantize "
+                           f"(GPT-2's blocks are Conv1D; BERT- and Llama-style models are supported)")
     inner = config_value(model.config, "intermediate_size", "n_inner", default=None) or 0
     for name, mod in layers:
         if isinstance(mod, nn.Linear):
