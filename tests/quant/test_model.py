@@ -96,6 +96,14 @@ def test_saved_quantized_student_loads_with_the_same_outputs(classifier, batch, 
     # its saved names and head are the classifier's: another task is refused by name, not by missing tensors
     with pytest.raises(ConfigError, match="quantized classification model and loads only as that task"):
         load_model(str(tmp_path / "student"), "embedding")
+    import json
+
+    from kdistill.errors import DataError
+
+    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    (tmp_path / "student" / "config.json").write_text(json.dumps({**config, "kdistill_quant": "W1A1"}))
+    with pytest.raises(DataError, match="kdistill_quant should be the quantization the model was trained at"):
+        load_model(str(tmp_path / "student"), "classification")
 
 
 def test_a_model_whose_blocks_have_no_linear_layers_is_refused_even_with_its_head_quantized(tokenizer):

@@ -212,6 +212,11 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
         if getattr(config, "kdistill_quant", None):  # a quantization-aware student: rebuild its structure
             from kdistill.quant.model import load_quantized
 
+            spec = config.kdistill_quant
+            if not isinstance(spec, dict) or not {"weights", "activations"} <= set(spec):
+                raise DataError(f"{path}/config.json: kdistill_quant should be the quantization the model was "
+                                f"trained at ({{weights, activations, ...}}), got {spec!r}; "
+                                f"copy or train that model again")
             if task != detect_task(config):  # its saved names and head are those of the task it trained for
                 raise ConfigError(f"{ref} is a quantized {detect_task(config)} model and loads only as that task "
                                   f"(asked for {task}); leave the task at auto")
