@@ -88,6 +88,25 @@ def test_a_broken_image_file_is_a_clear_error(tmp_path):
         ImageCollator(8, 1)(records)
 
 
+def test_a_png_cut_short_is_named_before_the_first_step(tmp_path):
+    from kdistill.data.images import check_images_open
+
+    write_png(tmp_path / "cat" / "a.png", 255, size=(40, 40))
+    whole = (tmp_path / "cat" / "a.png").read_bytes()
+    (tmp_path / "cat" / "b.png").write_bytes(whole[: len(whole) // 2])  # its header alone still reads
+    records = load_records({"path": str(tmp_path)}, "train")
+    with pytest.raises(DataError, match=r"cannot read image .*b.png .*remove or replace the file"):
+        check_images_open(records, "")
+    check_images_open(records[:1], "")
+
+
+def test_a_missing_split_folder_says_what_to_add(tmp_path):
+    write_png(tmp_path / "train" / "cat" / "a.png", 255)
+    with pytest.raises(DataError, match=r"none for split 'test' \(looked for test\): add a test/ folder of class "
+                                        r"folders, which `kdistill compare` scores students on"):
+        load_records({"path": str(tmp_path), "split": "test"}, "test")
+
+
 def test_identity_view_leaves_the_image_unchanged_and_a_rotation_moves_it():
     image = torch.rand(1, 1, 12, 12)
     assert affine_views(image, [(0.0, 0.0, 0.0, 1.0)]).allclose(image, atol=1e-5)

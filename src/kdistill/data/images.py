@@ -53,7 +53,9 @@ def image_folder(path: str, split: str) -> list[dict]:
     has_splits = any((root / n).is_dir() for names in SPLIT_FOLDERS.values() for n in names)
     if has_splits and not split_dirs:
         raise DataError(f"{path} has split folders but none for split {split!r} "
-                        f"(looked for {', '.join(SPLIT_FOLDERS[split])})")
+                        f"(looked for {', '.join(SPLIT_FOLDERS[split])}): add a {SPLIT_FOLDERS[split][0]}/ folder "
+                        f"of class folders" + (", which `kdistill compare` scores students on" if split == "test" else
+                                               ", or name other data for it in the recipe"))
     base = split_dirs[0] if split_dirs else root
     records = []
     for class_dir in sorted(d for d in base.iterdir() if d.is_dir()):
@@ -94,8 +96,9 @@ def image_array(img, channels: int | None = None) -> np.ndarray:
 
 
 def check_images_open(records: list[dict], prefix: str = "") -> None:
-    """Every image file's header read before the first step (about 0.1 ms a file): a file that is no image,
-    or an empty one, stops the run now rather than when its batch comes up, possibly hours in."""
+    """Every image file opened and verified before the first step: a file that is no image, an empty one or a
+    PNG cut short (verify reads its chunks' checksums, without decoding) stops the run now rather than when its
+    batch comes up, possibly hours in. A JPEG cut short still passes: only decoding it would tell."""
     from PIL import Image, UnidentifiedImageError
 
     for record in records:
@@ -103,9 +106,9 @@ def check_images_open(records: list[dict], prefix: str = "") -> None:
         if path is None:
             continue
         try:
-            with Image.open(path):
-                pass
-        except (OSError, UnidentifiedImageError) as err:
+            with Image.open(path) as img:
+                img.verify()
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:  # PIL's verify raises all three
             raise DataError(f"{prefix}data: cannot read image {path} ({err}); remove or replace the file") from None
 
 
