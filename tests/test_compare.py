@@ -365,10 +365,32 @@ def test_train_flops_charge_the_teacher_for_what_it_does():
                             "train": {"steps": 10, "batch_size": 2}})
 
     tokens = 10 * 2 * 5.0  # steps x batch x tokens per sequence
-    flops = {name: estimated_train_flops(r, 100, 1000, 5.0) for name, r in {
+    flops = {name: estimated_train_flops(r, 100, 5.0, lambda stage: 1000 * 5.0) for name, r in {
         "labels": recipe([{"type": "cross_entropy"}]), "kd": recipe([{"type": "logit_kd"}]),
         "prokt": recipe([{"type": "logit_kd"}], update={"lr": 1e-5})}.items()}
     assert flops == {"labels": tokens * 600, "kd": tokens * (600 + 2000), "prokt": tokens * (600 + 6000)}
+
+
+def test_train_flops_charge_each_stage_its_own_teacher(tiny_bert_dir, make_classifier, tmp_path):
+    """Every row is costed with the teacher its stages run, not the table's: a convnet-taught DeiT was costed
+    as if the ViT teacher of the rows above had taught it."""
+    from kdistill.compare import TeacherCosts
+    from kdistill.eval.metrics import non_embedding_parameters
+    from kdistill.models.loading import load_model
+
+    records = [{"text": "a red thing"}, {"text": "two green things here"}]
+    other, student = load_model(make_classifier(tmp_path / "other")), load_model(tiny_bert_dir)
+    recipe = load_recipe({"name": "r", "teacher": {"model": str(tmp_path / "other")}, "student": {"model": tiny_bert_dir},
+                          "data": {"train": {"source": "wordnet-supersense"}, "max_length": 16},
+                          "losses": [{"type": "logit_kd"}], "train": {"steps": 10, "batch_size": 2},
+                          "stages": [{"name": "a"}, {"name": "b", "teacher": {"model": "stage:a"}}]})
+    costs = TeacherCosts(records)
+    tokens = costs.of(other.model, other.tokenizer, 16) / non_embedding_parameters(other.model)
+    assert tokens == (5 + 6) / 2  # [CLS] ... [SEP], the MiniLM tokenizer's word pieces
+    first, second = recipe.stages
+    assert costs.for_stage(first, student, fallback=-1.0) == non_embedding_parameters(other.model) * tokens
+    assert costs.for_stage(second, student, fallback=-1.0) == non_embedding_parameters(student.model) * tokens
+    assert non_embedding_parameters(other.model) != non_embedding_parameters(student.model)
 
 
 def test_a_recipe_compare_cannot_run_is_refused_before_anything_trains(tiny_recipe, tmp_path):

@@ -135,16 +135,45 @@ def asks_teacher(stage) -> bool:
     return hybrid or stage.teacher.update is not None or any(LOSSES.get(p.type).needs_teacher for p in stage.losses)
 
 
-def estimated_train_flops(recipe: Recipe, student_params: int, teacher_params: int, tokens_per_seq: float) -> float:
+def estimated_train_flops(recipe: Recipe, student_params: int, tokens_per_seq: float, teacher_cost) -> float:
     """6·N·D for the student's forward and backward plus, per stage, 2·N·D for the teacher's forward (or its
     blocks inside a Theseus hybrid), 6·N·D where it trains in the loop (ProKT), nothing where no loss asks it
     (a baseline) (non-embedding parameters, D = tokens seen): an estimate for comparing pipelines, not a
-    measurement."""
+    measurement. ``teacher_cost(stage)``: that stage's teacher's N times its tokens per sequence (a convnet
+    teacher of a ViT reads one "token" an image where the student reads its patches)."""
     total = 0.0
     for stage in recipe.stages:
-        teacher = (6 if stage.teacher.update is not None else 2) * teacher_params if asks_teacher(stage) else 0
-        total += stage.train.steps * stage.train.batch_size * tokens_per_seq * (6 * student_params + teacher)
+        teacher = (6 if stage.teacher.update is not None else 2) * teacher_cost(stage) if asks_teacher(stage) else 0
+        total += stage.train.steps * stage.train.batch_size * (6 * student_params * tokens_per_seq + teacher)
     return total
+
+
+class TeacherCosts:
+    """Per teacher reference, its non-embedding parameters times its tokens per sequence, loaded once."""
+
+    def __init__(self, records: list[dict], console=None):
+        self.records, self.console, self.known = records, console, {}
+
+    def of(self, model, tokenizer, max_length: int) -> float:
+        from kdistill.eval.metrics import non_embedding_parameters
+
+        return non_embedding_parameters(model) * mean_tokens(tokenizer, self.records, max_length, model.config)
+
+    def for_stage(self, stage, student, fallback: float) -> float:
+        """The student's own cost for an earlier stage's student (`stage:NAME`), ``fallback`` (the table's
+        teacher) for a store without a model."""
+        from kdistill.models.loading import load_model
+        from kdistill.teachers.recipe_runs import resolve_teacher
+
+        ref = stage.teacher.model
+        if ref is None:
+            return fallback
+        if ref.startswith("stage:"):
+            return self.of(student.model, student.tokenizer, stage.data.max_length)
+        if ref not in self.known:
+            loaded = load_model(resolve_teacher(ref, self.console))
+            self.known[ref] = self.of(loaded.model, loaded.tokenizer, stage.data.max_length)
+        return self.known[ref]
 
 
 def mean_tokens(tokenizer, records: list[dict], max_length: int, config=None) -> float:
@@ -247,8 +276,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         if teacher_row is None:
             reference_records = all_records[recipes.index(reference)]
             teacher_row, teacher = reference_teacher(reference, reference_records, task, console)
-            tokens_per_seq = mean_tokens(teacher.tokenizer, records, recipe.stages[-1].data.max_length,
-                                         teacher.model.config)
+            costs = TeacherCosts(records, console)
+            reference_cost = costs.of(teacher.model, teacher.tokenizer, recipe.stages[-1].data.max_length)
             # a teacher that learns the task in the loop has no predictions to agree with before the run
             unseen = unseen_records(task, teacher) if teacher_row.get("score") else None
             if unseen and task == "causal-lm":
@@ -293,9 +322,11 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                        **extras[suffix]}
                 if suffix == points[-1][0]:  # training cost belongs to the whole pipeline
                     row.update(wall_time_s=walls, steps=sum(s.train.steps for s in run.stages),
-                               train_pflops=estimated_train_flops(run, non_embedding_parameters(model.model),
-                                                                  non_embedding_parameters(teacher.model),
-                                                                  tokens_per_seq) / 1e15)
+                               train_pflops=estimated_train_flops(
+                                   run, non_embedding_parameters(model.model),
+                                   mean_tokens(teacher.tokenizer, records, run.stages[-1].data.max_length,
+                                               model.model.config),
+                                   lambda stage: costs.for_stage(stage, model, reference_cost)) / 1e15)
                     packed = packed_size(model.path, Path(run.output) / "packed")
                     if packed:
                         row["packed"] = packed
