@@ -37,6 +37,21 @@ def test_validate_builtin_and_file(tmp_path, tiny_recipe):
     assert "hidden_states[4]" in out and "64 train" in out
 
 
+def test_an_output_that_cannot_be_a_folder_is_named_by_validate_and_run(tmp_path, tiny_recipe):
+    (tmp_path / "afile").write_text("")
+    path = write(tmp_path, tiny_recipe)
+    result, out = invoke("validate", path, "--set", f"output={tmp_path / 'afile'}")
+    assert result.exit_code == 2 and "afile is a file; choose another --output" in out
+    result, out = invoke("run", path, "--output", tmp_path / "afile" / "sub")
+    assert result.exit_code == 2 and "afile is a file, so no folder can be made there; choose another --output" in out
+
+
+def test_validate_full_refuses_a_head_fit_for_a_student_without_a_classifier(tmp_path, tiny_recipe):
+    result, out = invoke("validate", write(tmp_path, tiny_recipe), "--set", "train.head_init=fit", "--full")
+    assert result.exit_code == 2 and "train.head_init: fit needs a classification student" in out
+    assert "Traceback" not in out
+
+
 def test_validate_full_pairs_a_stage_teacher_with_that_stages_student(tmp_path, tiny_recipe):
     chained = {**tiny_recipe, "stages": [{"name": "a"}, {"name": "b", "teacher": {"model": "stage:a"},
                                                          "student": {"from_teacher": {"layers": [1]}}}]}
@@ -141,7 +156,7 @@ def test_an_output_that_cannot_be_a_folder(tiny_recipe, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     result, out = invoke("run", write(tmp_path, tiny_recipe), "--no-progress", "--output", blocker)
-    assert result.exit_code == 2 and f"output {blocker}: cannot write the run there" in out, out
+    assert result.exit_code == 2 and f"output {blocker} is a file; choose another --output" in out, out
     assert blocker.read_text() == ""
 
 

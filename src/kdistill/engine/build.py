@@ -339,6 +339,10 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
             check_student_tokenizer(stage, loaded.tokenizer, prefix)
         if loaded.task == "classification":
             pad_for_classifiers((teacher, student), loaded.tokenizer)
+    if stage.train.head_init == "fit":  # here, so `validate --full` and a run refuse it before the first step
+        from kdistill.engine.head_fit import classifier_layer
+
+        classifier_layer(student)
     collator = make_collator(stage, loaded, teacher.config, labels, prefix, student.config)
     tokenizer = loaded.tokenizer
     if loaded.task == "image-classification":  # the student saves the preprocessing it was trained with

@@ -264,7 +264,17 @@ def run_lock(out: Path):
         yield
 
 
+def check_output(out: Path) -> None:
+    """An output that can never be a run folder, named before anything is built (`validate` calls it too)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file; choose another --output")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"output {out}: {parent} is a file, so no folder can be made there; choose another --output")
+
+
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, console=None, progress: bool = True) -> Path:
+    check_output(Path(recipe.output))
     with run_lock(Path(recipe.output)):
         return train_recipe(recipe, resume, force, console, progress)
 
