@@ -100,6 +100,23 @@ def test_a_png_cut_short_is_named_before_the_first_step(tmp_path):
     check_images_open(records[:1], "")
 
 
+def test_a_jpeg_cut_short_is_named_before_the_first_step_and_trailing_metadata_is_not(tmp_path):
+    from PIL import Image
+
+    from kdistill.data.images import check_images_open
+
+    (tmp_path / "cat").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "cat" / "a.jpg", quality=95)
+    whole = (tmp_path / "cat" / "a.jpg").read_bytes()
+    (tmp_path / "cat" / "b.jpg").write_bytes(whole + bytes(6000))  # zeros past the tail searched
+    records = load_records({"path": str(tmp_path)}, "train")
+    check_images_open(records, "")  # complete files, one with data after its end marker (decoded to make sure)
+    (tmp_path / "cat" / "c.jpg").write_bytes(whole[: len(whole) * 2 // 3])
+    with pytest.raises(DataError, match=r"cannot read image .*c.jpg .*truncated.*remove or replace the file"):
+        check_images_open(load_records({"path": str(tmp_path)}, "train"), "")
+
+
 def test_a_missing_split_folder_says_what_to_add(tmp_path):
     write_png(tmp_path / "train" / "cat" / "a.png", 255)
     with pytest.raises(DataError, match=r"none for split 'test' \(looked for test\): add a test/ folder of class "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -95,10 +96,15 @@ def image_array(img, channels: int | None = None) -> np.ndarray:
     return grey if channels == 1 else np.repeat(grey, channels, axis=0)
 
 
+JPEG_END = b"\xff\xd9"  # the end-of-image marker a complete JPEG closes with
+JPEG_TAIL = 4096  # bytes searched for it: some writers append metadata after it
+
+
 def check_images_open(records: list[dict], prefix: str = "") -> None:
-    """Every image file opened and verified before the first step: a file that is no image, an empty one or a
-    PNG cut short (verify reads its chunks' checksums, without decoding) stops the run now rather than when its
-    batch comes up, possibly hours in. A JPEG cut short still passes: only decoding it would tell."""
+    """Every image file opened and verified before the first step: a file that is no image, an empty one, a PNG
+    cut short (verify reads its chunks' checksums, without decoding) or a JPEG cut short stops the run now
+    rather than when its batch comes up, possibly hours in. A JPEG is decoded only when its end marker is not
+    near its end, which a complete file's is."""
     from PIL import Image, UnidentifiedImageError
 
     for record in records:
@@ -107,9 +113,19 @@ def check_images_open(records: list[dict], prefix: str = "") -> None:
             continue
         try:
             with Image.open(path) as img:
+                jpeg = img.format == "JPEG"
                 img.verify()
+            if jpeg and not jpeg_end_near_the_end(path):
+                with Image.open(path) as img:
+                    img.load()  # PIL says "image file is truncated" if it is
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:  # PIL's verify raises all three
             raise DataError(f"{prefix}data: cannot read image {path} ({err}); remove or replace the file") from None
+
+
+def jpeg_end_near_the_end(path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - JPEG_TAIL))
+        return JPEG_END in f.read()
 
 
 # ---------------------------------------------------------------- seeded views
