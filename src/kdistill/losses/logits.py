@@ -30,9 +30,10 @@ def hard_label_loss(logits: torch.Tensor, batch: dict, task: str) -> torch.Tenso
         if "labels" not in batch:
             raise PairingError("a hard-label loss needs labels: give the data source a `label:` field")
         return F.cross_entropy(logits.float(), batch["labels"])
-    # causal LM: position i predicts token i+1
-    targets = batch["input_ids"][:, 1:].masked_fill(~next_token_mask(batch), -100)
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+    # causal LM: position i predicts token i+1; the last predicts nothing and is ignored rather than sliced
+    # off, since slicing the logits (B·L·V floats) makes a copy of them, and another of their gradient
+    targets = F.pad(batch["input_ids"][:, 1:].masked_fill(~next_token_mask(batch), -100), (0, 1), value=-100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
 
 
 def next_token_mask(batch: dict) -> torch.Tensor:
