@@ -299,6 +299,10 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
         from accelerate.utils import broadcast_object_list
 
         refused = broadcast_object_list([refusal is not None])[0]
+        if refused:
+            # all leave together, as at a run's end: a process that exits while another still reads the broadcast
+            # closes the connection under it (gloo then aborts that one: "Connection closed", SIGABRT)
+            accelerator.wait_for_everyone()
         if refused and not accelerator.is_main_process:
             raise SystemExit(2)  # the main process says why, once
     if refusal is not None:
