@@ -217,8 +217,9 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
                 raise DataError(f"{path}/config.json: kdistill_quant should be the quantization the model was "
                                 f"trained at ({{weights, activations, ...}}), got {spec!r}; "
                                 f"copy or train that model again")
-            if task != detect_task(config):  # its saved names and head are those of the task it trained for
-                raise ConfigError(f"{ref} is a quantized {detect_task(config)} model and loads only as that task "
+            saved_task = detect_task(config)
+            if task != saved_task:  # its saved names and head are those of the task it trained for
+                raise ConfigError(f"{ref} is a quantized {saved_task} model and loads only as that task "
                                   f"(asked for {task}); leave the task at auto")
 
             model = load_quantized(path, config, model_class(task), **kwargs)
