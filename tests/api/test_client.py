@@ -165,6 +165,22 @@ def test_a_missing_key_variable_is_a_clear_error(monkeypatch):
         TeacherAPI("http://127.0.0.1:1", "m", api_key_env="KDISTILL_NO_SUCH_KEY")
 
 
+def test_a_key_with_a_line_ending_is_sent_bare(stub, monkeypatch, caplog):
+    # a .env saved with CRLF endings: httpx refused the "\r" and its error quoted the whole key, escaped
+    monkeypatch.setenv("KDISTILL_TEST_KEY", KEY + "\r\n")
+    with caplog.at_level(logging.DEBUG), api(stub.url, api_key_env="KDISTILL_TEST_KEY") as client:
+        assert client.complete("p").text
+    assert {s["authorization"] for s in stub.seen} == {f"Bearer {KEY}"}
+
+
+@pytest.mark.parametrize("value", [KEY[:6] + "\n" + KEY[6:], "\u201c" + KEY + "\u201d", "   "])
+def test_a_key_no_header_can_carry_is_refused_without_echoing_it(monkeypatch, value):
+    monkeypatch.setenv("KDISTILL_TEST_KEY", value)
+    with pytest.raises(ConfigError, match=r"\$KDISTILL_TEST_KEY .*export the bare key") as err:
+        TeacherAPI("http://127.0.0.1:1", "m", api_key_env="KDISTILL_TEST_KEY")
+    assert KEY[6:] not in str(err.value) and KEY[:6] not in str(err.value)
+
+
 def test_bad_requests_are_refused_before_anything_is_sent(stub):
     with api(stub.url) as client:
         for request, message in [({"max_tokens": 3}, "exactly one of"), ({"prompt": "x", "model": "other"}, "model"),

@@ -311,6 +311,12 @@ def _read_key(env: str | None) -> str | None:
     if not value:
         raise ConfigError(f"teacher.api.api_key_env names ${env}, which is not set: export the API key in that "
                           "environment variable (keys are read from the environment only, never from files)")
+    # a .env saved with CRLF endings leaves a "\r" that httpx refuses to send, and its error quotes the header
+    # escaped, past the redaction: strip the ends, and refuse what no header can hold without echoing the value
+    value = value.strip()
+    if not value or not value.isascii() or not value.isprintable():
+        raise ConfigError(f"${env} (teacher.api.api_key_env) holds characters an HTTP header cannot carry (a line "
+                          "break, a non-ASCII quote pasted with the key, or only spaces): export the bare key")
     return value
 
 
