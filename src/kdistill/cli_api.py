@@ -63,11 +63,13 @@ def serve_teacher(model_dir: str = typer.Argument(..., help="a Hugging Face caus
                   port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
                   host: str = typer.Option("127.0.0.1", help="address to bind; other than loopback needs --allow-remote"),
                   allow_remote: bool = typer.Option(False, help="allow binding a non-loopback address"),
-                  model_name: Optional[str] = typer.Option(None, help="the model id clients ask for (default: the folder name)")):
+                  model_name: Optional[str] = typer.Option(None, help="the model id clients ask for (default: the folder name)"),
+                  trust_remote_code: bool = typer.Option(False, help="run the model directory's own Python code (a "
+                                                         "custom architecture); off unless you trust its source")):
     """Serve a local causal LM over the OpenAI-compatible protocol (completions and chat, with logprobs),
     so API-based distillation runs offline against a teacher made here."""
     from kdistill.api.server import serve
     from kdistill.teachers.recipe_runs import resolve_teacher
 
     serve(resolve_teacher(model_dir, console), host=host, port=port, allow_remote=allow_remote,
-          model_name=model_name, console=console)
+          model_name=model_name, trust_remote_code=trust_remote_code, console=console)

@@ -40,13 +40,13 @@ GENERATED = 500  # held-out prompts a causal LM writes definitions for (greedy d
 PERPLEXITY_TEXTS = 1000
 
 
-def score(model_dir: str, records: list[dict], task: str) -> tuple[float, object, dict]:
+def score(model_dir: str, records: list[dict], task: str, trust_remote_code: bool = False) -> tuple[float, object, dict]:
     """(the task's metric, the loaded model, other metrics) of a student or teacher on test records."""
     from kdistill.models.loading import load_model
 
     if task not in METRICS:
         raise ConfigError(f"compare scores {', '.join(METRICS)} students; this recipe's teacher task is {task!r}")
-    loaded = load_model(model_dir, task)
+    loaded = load_model(model_dir, task, trust_remote_code)
     if task == "causal-lm":
         from kdistill.eval.generation import definition_scores
         from kdistill.eval.metrics import perplexity
@@ -358,14 +358,14 @@ def reference_teacher(recipe: Recipe, records: list[dict], task: str, console=No
     unscored = "a random init (blueprint): not scored" if is_blueprint(spec.model) else None
     if unscored is None:
         try:
-            value, teacher, extra = score(ref, records, task)
+            value, teacher, extra = score(ref, records, task, spec.trust_remote_code)
             row.update(score=[value], **{k: [v] for k, v in extra.items()})
         except (DataError, PairingError):
             if spec.update is None:
                 raise
             unscored = "learns the task in the loop: not scored"
     if unscored is not None:
-        teacher = load_model(ref, task)
+        teacher = load_model(ref, task, spec.trust_remote_code)
         row.update(score=None, note=unscored)
     row["params"] = count_parameters(teacher.model)
     return row, teacher

@@ -27,7 +27,7 @@ def save_initial_student(recipe, target: Path) -> None:
     if is_complete(target):
         return
     stage = recipe.stages[0]
-    teacher = load_model(stage.teacher.model, stage.teacher.task)
+    teacher = load_model(stage.teacher.model, stage.teacher.task, stage.teacher.trust_remote_code)
     student = build_student(stage.student, teacher.model, teacher.task, stage.train.seed)
     save_student(student, teacher.tokenizer, target, teacher_dir=teacher.path,
                  metadata={"recipe": recipe.name, "steps": 0, "note": "student at initialisation"})

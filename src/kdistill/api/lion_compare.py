@@ -39,7 +39,7 @@ def teacher_score(recipe: Recipe) -> float:
 
     stage = recipe.stages[0]
     records = held_out_records(stage.lion)
-    loaded = load_model(resolve_teacher(stage.teacher.model), "causal-lm")
+    loaded = load_model(resolve_teacher(stage.teacher.model), "causal-lm", stage.teacher.trust_remote_code)
     return definition_scores(loaded.model.eval(), loaded.tokenizer, records, limit=len(records),
                              max_new_tokens=stage.lion.answers.max_new_tokens)["rouge_l"]
 

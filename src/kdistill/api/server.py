@@ -46,18 +46,18 @@ class TeacherServer(LocalModel):
     resumes on the same port."""
 
     def __init__(self, model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, allow_remote: bool = False,
-                 model_name: str | None = None, max_tokens_limit: int = 1024):
+                 model_name: str | None = None, max_tokens_limit: int = 1024, trust_remote_code: bool = False):
         if not allow_remote and not is_loopback(host):
             raise ConfigError(f"host {host!r} is not a loopback address and the teacher server has no "
                               "authentication: serve on 127.0.0.1, or pass allow_remote=True (--allow-remote) "
                               "to expose it on purpose")
         from kdistill.models.loading import detect_task, load_config, load_model
 
-        task = detect_task(load_config(model_dir)[1])
+        task = detect_task(load_config(model_dir, trust_remote_code)[1])
         if task != "causal-lm":  # loaded as one anyway, it would answer from a randomly initialised LM head
             raise ConfigError(f"{model_dir} is {article(task)} model; the teacher server generates text, so it needs a "
                               f"causal LM (a GPT-2 or Llama directory, or recipe:lm-teacher)")
-        loaded = load_model(model_dir, task="causal-lm")
+        loaded = load_model(model_dir, task="causal-lm", trust_remote_code=trust_remote_code)
         self.model, self.tokenizer = loaded.model.eval(), loaded.tokenizer
         if self.tokenizer is None:
             raise ConfigError(f"{model_dir} has no tokenizer; the teacher server needs one to read prompts")
@@ -309,11 +309,12 @@ def is_loopback(host: str) -> bool:
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8000, *, allow_remote: bool = False,
-          model_name: str | None = None, max_tokens_limit: int = 1024, console=None) -> None:
+          model_name: str | None = None, max_tokens_limit: int = 1024, trust_remote_code: bool = False,
+          console=None) -> None:
     """Serve until Ctrl-C (the `kdistill serve-teacher` command)."""
     say = console.print if console is not None else print
     teacher = TeacherServer(model_dir, host, port, allow_remote=allow_remote, model_name=model_name,
-                            max_tokens_limit=max_tokens_limit)
+                            max_tokens_limit=max_tokens_limit, trust_remote_code=trust_remote_code)
     httpd = teacher.bind()
     if not logging.getLogger().handlers and not log.handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -226,14 +226,14 @@ def cached_teacher_dir(stage: Stage, prefix: str) -> str:
     return str(path)
 
 
-def skeleton(path: str, task: str, head: dict) -> Loaded:
+def skeleton(path: str, task: str, head: dict, trust_remote_code: bool = False) -> Loaded:
     """The teacher's architecture without weights (meta tensors): shapes for pairing and student config."""
-    config = load_config(path)[1]
+    config = load_config(path, trust_remote_code)[1]
     for key, value in head.items():
         setattr(config, key, value)
     with torch.device("meta"):
         model = new_model(config, task)
-    return Loaded(model, load_tokenizer(path), path, task)
+    return Loaded(model, load_tokenizer(path, trust_remote_code), path, task)
 
 
 def spread(records: list[dict], limit: int | None) -> list[dict]:
@@ -322,7 +322,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
                           f"({', '.join(eval_only[:5])}{', ...' if len(eval_only) > 5 else ''})[/yellow]: the "
                           f"student gets outputs for them but no training record of them")
     if cached:
-        loaded = skeleton(teacher_ref, task, head)
+        loaded = skeleton(teacher_ref, task, head, stage.teacher.trust_remote_code)
     else:
         blueprint = head and is_blueprint(stage.teacher.model)  # a random head of other classes
         loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head,

@@ -161,12 +161,17 @@ def architecture_class(config, task: str):
 def new_model(config, task: str):
     """A randomly initialised model of `task` for this config (architecture_class picks the class)."""
     cls = architecture_class(config, task)
+    # a config of a class from the model's own code was loaded with trust_remote_code: the user trusted it then
+    trusted = type(config).__module__.startswith("transformers_modules")
     try:
-        return cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
+        return cls.from_config(config, trust_remote_code=trusted) if cls.__name__.startswith("Auto") else cls(config)
     except ValueError as err:  # an Auto class without this architecture lists every one it has
         raise PairingError(f"{article(config.model_type)} model cannot be built as {article(task)} model (the "
                            f"teacher's task): {first_line(err)[:160]}; pair a student of the teacher's kind (text or "
                            f"image)") from None
+    except OSError as err:  # the model's own code, named in its config's auto_map, is not beside it
+        raise DataError(f"{article(config.model_type)} model's architecture code is missing: {first_line(err)[:200]}; "
+                        f"copy the model's .py files back beside its config.json") from None
 
 
 def read_pooling(model_dir: str | None) -> str | None:

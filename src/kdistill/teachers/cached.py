@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -209,6 +210,10 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
                     writer.add(key, logits[row, :n], extra=extra, next_tokens=following)
             progress.advance(task, len(chunk))
     teacher.config.save_pretrained(out / TEACHER_FILES)
+    if getattr(teacher.config, "auto_map", None) and os.path.isdir(loaded.path):
+        # a teacher with its own architecture code: training from the store rebuilds its shape from that code
+        for code in Path(loaded.path).glob("*.py"):
+            shutil.copy2(code, out / TEACHER_FILES / code.name)
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(out / TEACHER_FILES)
     return out
