@@ -159,6 +159,11 @@ def test_the_key_never_leaves_the_header(stub, tmp_path, monkeypatch, caplog):
         assert KEY.encode() not in path.read_bytes()
 
 
+def test_repr_names_an_empty_cache(tmp_path):
+    with api("http://127.0.0.1:1", cache_path=tmp_path / "answers.sqlite") as client:
+        assert f"cache={str(tmp_path / 'answers.sqlite')!r}" in repr(client)
+
+
 def test_a_missing_key_variable_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("KDISTILL_NO_SUCH_KEY", raising=False)
     with pytest.raises(ConfigError, match=r"\$KDISTILL_NO_SUCH_KEY"):

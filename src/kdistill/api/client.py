@@ -100,7 +100,7 @@ class TeacherAPI:
 
     def __repr__(self) -> str:
         return (f"TeacherAPI(base_url={self.base_url!r}, model={self.model!r}, api_key_env={self.api_key_env!r}, "
-                f"cache={str(self.cache.path) if self.cache else None!r})")
+                f"cache={str(self.cache.path) if self.cache is not None else None!r})")  # an empty cache is falsy
 
     def __getstate__(self):
         raise TypeError("TeacherAPI holds an API key and open connections and is not pickled; "
