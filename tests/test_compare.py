@@ -242,7 +242,7 @@ def test_kept_scores_follow_the_records_and_the_weights(tmp_path, monkeypatch):
     student.mkdir()
     (student / "model.safetensors").write_bytes(b"weights")
     calls = []
-    monkeypatch.setattr(compare_module, "score", lambda d, r, t: calls.append(d) or (0.5 + len(calls), None, {}))
+    monkeypatch.setattr(compare_module, "score", lambda d, r, t, trust: calls.append(d) or (0.5 + len(calls), None, {}))
     records = [{"text": "a gloss", "label": "noun.act"}]
     assert compare_module.score_once(student, records, "classification") == (1.5, {})
     assert compare_module.score_once(student, records, "classification") == (1.5, {}) and len(calls) == 1

@@ -169,7 +169,9 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
              limit: int = typer.Option(512, help="texts per dataset"),
              max_length: int = typer.Option(128, min=8, help="tokens per text"),
              speed: bool = typer.Option(True, help="measure encode speed (tens of seconds on a CPU)"),
-             output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json)")):
+             output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json)"),
+             trust_remote_code: bool = typer.Option(False, help="run the models' own Python code (a custom "
+                                                    "architecture); off unless you trust its source")):
     """Compare a student with its teacher: size, speed, embedding fidelity, accuracy or perplexity."""
     from kdistill.eval.report import check_report_path, evaluate, render_table, save, spec_from_arg
 
@@ -191,7 +193,8 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
             console.print(f"note: {spec['path']} is one split (a file, or a folder without train/ and test/ folders): "
                           f"all of it is scored, whatever --split says")
     result = evaluate(student, eval_teacher(teacher) if teacher else None, specs,
-                      split=split, limit=limit, max_length=max_length, speed=speed)
+                      split=split, limit=limit, max_length=max_length, speed=speed,
+                      trust_remote_code=trust_remote_code)
     console.print(render_table(result))
     save(result, path)
     console.print(f"saved {path}")

@@ -74,7 +74,8 @@ def score(model_dir: str, records: list[dict], task: str, trust_remote_code: boo
 SCORING_VERSIONS = {"causal-lm": "2"}  # 2: prompts and perplexity texts taken evenly through the split
 
 
-def score_once(student_dir: Path, records: list[dict], task: str, scorer=None) -> tuple[float, dict]:
+def score_once(student_dir: Path, records: list[dict], task: str, scorer=None,
+               trust_remote_code: bool = False) -> tuple[float, dict]:
     """scorer() (score, or compare_unseen.score_unseen) of a finished student, kept in STUDENT/test-scores.json:
     a compare run again (more seeds, one more recipe, after a crash) does not test the students it already
     tested on the same records. The key holds the records themselves (labels included), the weights' size and
@@ -95,7 +96,7 @@ def score_once(student_dir: Path, records: list[dict], task: str, scorer=None) -
     except (ValueError, OSError):
         kept = {}  # unreadable: score again and write it anew
     if key not in kept:
-        value, _, extra = (scorer or score)(str(student_dir), records, task)
+        value, _, extra = (scorer or score)(str(student_dir), records, task, trust_remote_code)
         kept[key] = {"score": value, "extra": extra}
         partial = path.with_name(f".{path.name}.{os.getpid()}")
         partial.write_text(json.dumps(kept, indent=1))
@@ -171,7 +172,7 @@ class TeacherCosts:
         if ref.startswith("stage:"):
             return self.of(student.model, student.tokenizer, stage.data.max_length)
         if ref not in self.known:
-            loaded = load_model(resolve_teacher(ref, self.console))
+            loaded = load_model(resolve_teacher(ref, self.console), trust_remote_code=stage.teacher.trust_remote_code)
             self.known[ref] = self.of(loaded.model, loaded.tokenizer, stage.data.max_length)
         return self.known[ref]
 
@@ -302,9 +303,10 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 walls.append(pipeline_wall_time(run) or time.perf_counter() - start)
                 for suffix, index in points:
                     student_dir = stage_student_dir(Path(run.output), run, index)
-                    acc, extra = score_once(student_dir, records, task)
+                    acc, extra = score_once(student_dir, records, task, trust_remote_code=run.trusts_remote_code)
                     if unseen:
-                        extra = {**extra, "unseen": score_once(student_dir, unseen, task, score_unseen)[0]}
+                        extra = {**extra, "unseen": score_once(student_dir, unseen, task, score_unseen,
+                                                               run.trusts_remote_code)[0]}
                     accs[suffix].append(acc)
                     for key, value in extra.items():
                         extras[suffix].setdefault(key, []).append(value)
@@ -312,7 +314,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                         console.print(f"{label}{suffix} seed {seed}: test {METRICS[task]} {acc:.4f}" + (
                             f"; unseen domain {UNSEEN_METRICS[task]} {extra['unseen']:.4f}" if unseen else ""))
             for suffix, index in points:
-                model = load_model(str(stage_student_dir(Path(run.output), run, index)), task)  # the last seed's
+                model = load_model(str(stage_student_dir(Path(run.output), run, index)), task,  # the last seed's
+                                   run.trusts_remote_code)
                 speedup = None  # fake quantization runs float kernels: its speed says nothing about 1-bit ones
                 if not getattr(model.model.config, "kdistill_quant", None):
                     speed = measure_speed(teacher, model, records, task)

@@ -113,7 +113,7 @@ def run_chain(chain: list[Job], threads: int) -> list[float]:
                 train_or_reuse(job.run, console, progress=False)
                 for suffix, index in evaluation_points(job.run):
                     student = stage_student_dir(Path(job.run.output), job.run, index)
-                    score = score_once(student, job.records, job.task)[0]
+                    score = score_once(student, job.records, job.task, trust_remote_code=job.run.trusts_remote_code)[0]
                     console.print(f"{job.label}{suffix} seed {job.seed}: test {METRICS[job.task]} {score:.4f} ({student})")
             except KdistillError as err:
                 log.write(traceback.format_exc())

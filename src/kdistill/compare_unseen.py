@@ -43,11 +43,12 @@ def unseen_records(task: str, teacher) -> list[dict] | None:
     return [{"text": text, "label": names[p]} for text, p in zip(texts, predicted)]
 
 
-def score_unseen(model_dir: str, records: list[dict], task: str) -> tuple[float, object, dict]:
+def score_unseen(model_dir: str, records: list[dict], task: str,
+                 trust_remote_code: bool = False) -> tuple[float, object, dict]:
     """(the unseen-domain metric, the loaded model, {}): compare.score's shape, so score_once keeps it."""
     from kdistill.models.loading import load_model
 
-    loaded = load_model(model_dir, task)
+    loaded = load_model(model_dir, task, trust_remote_code)
     return unseen_metric(loaded, records, task), loaded, {}
 
 

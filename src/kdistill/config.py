@@ -262,6 +262,12 @@ class Recipe(Strict):
     output: str
     stages: list[Stage]
 
+    @property
+    def trusts_remote_code(self) -> bool:
+        """A recipe that trusts a teacher's own code trusts it in the students built from that teacher (their
+        saved directories carry the same code)."""
+        return any(stage.teacher.trust_remote_code for stage in self.stages)
+
     def dump(self) -> dict:
         out = self.model_dump(mode="json", exclude_none=True)
         for stage in out["stages"]:

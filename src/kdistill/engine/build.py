@@ -331,7 +331,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     pooling = read_pooling(loaded.path)
     teacher_info = model_info(teacher, loaded.task, pooling)
     student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head,
-                            stage.train.steps)
+                            stage.train.steps, stage.teacher.trust_remote_code)
     if loaded.task != "image-classification":
         new_tokens = stage.on_policy.max_new_tokens if stage.on_policy and stage.on_policy.fraction > 0 else 0
         check_text_fits(student, teacher, loaded.tokenizer, stage.data.max_length, prefix, new_tokens)

@@ -77,11 +77,11 @@ def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -
     return out
 
 
-def _load(ref: str, device: str | None) -> Side:
+def _load(ref: str, device: str | None, trust_remote_code: bool = False) -> Side:
     from kdistill.models.arch import model_info
     from kdistill.models.loading import load_model, read_pooling
 
-    loaded = load_model(ref)
+    loaded = load_model(ref, trust_remote_code=trust_remote_code)
     if loaded.task not in TEXT_TASKS + IMAGE_TASKS:
         raise ConfigError(f"{ref} is {article(loaded.task)} model; evaluate handles "
                           f"{', '.join(TEXT_TASKS + IMAGE_TASKS)} models")
@@ -120,8 +120,10 @@ def _class_names(model, records: list[dict]) -> list[str]:
 
 def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[dict], *,
              split: str = "eval", limit: int | None = 512, batch_size: int = 64,
-             max_length: int = 128, speed: bool = True, device: str | None = None) -> dict:
-    """Footprint, speed and quality of a student (and its teacher, when given) on each dataset."""
+             max_length: int = 128, speed: bool = True, device: str | None = None,
+             trust_remote_code: bool = False) -> dict:
+    """Footprint, speed and quality of a student (and its teacher, when given) on each dataset;
+    `trust_remote_code` runs the models' own architecture code, off unless you trust its source."""
     import torch
 
     from kdistill.eval.embeddings import compare_speed, encode, fidelity
@@ -129,7 +131,7 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
 
     datasets = load_datasets(data_spec, split, limit)
     refs = {"teacher": teacher_ref, "student": student_ref} if teacher_ref else {"student": student_ref}
-    sides = {role: _load(ref, device) for role, ref in refs.items()}
+    sides = {role: _load(ref, device, trust_remote_code) for role, ref in refs.items()}
     result: dict = {
         "settings": {"split": split, "limit": limit, "batch_size": batch_size, "max_length": max_length,
                      "device": str(next(sides["student"].model.parameters()).device),

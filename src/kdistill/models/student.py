@@ -142,14 +142,15 @@ def theseus(spec, teacher, steps: int = 0, **context):
 
 
 def build_student(student_cfg, teacher, task: str, seed: int, previous_dir: str | None = None,
-                  head: dict | None = None, steps: int = 0):
+                  head: dict | None = None, steps: int = 0, trust_remote_code: bool = False):
     """The student for a stage: the previous stage's student, or the one the recipe describes.
 
     `head` (num_labels, id2label, ...) gives a student loaded from a directory the task's classifier
-    head, e.g. when a task stage follows a task-agnostic one."""
+    head, e.g. when a task stage follows a task-agnostic one; `trust_remote_code`, that a previous stage's
+    student built from a teacher with its own code is loaded with that code."""
     torch.manual_seed(seed)  # random init (config:) is part of what a seed reproduces
     if previous_dir is not None:
-        return load_model(previous_dir, task, **(head or {})).model
+        return load_model(previous_dir, task, trust_remote_code, **(head or {})).model
     kind, spec = student_cfg.kind()
     return INITS.get(kind, "student")(spec, teacher, task=task, head=head, steps=steps)
 
