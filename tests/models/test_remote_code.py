@@ -48,8 +48,9 @@ def lm_recipe(teacher, text_file, tmp_path, name, **teacher_fields):
 
 
 def test_a_trusted_custom_teacher_trains_live_and_from_its_store(custom_teacher, text_file, tmp_path):
-    with pytest.raises(KdistillError, match="custom code"):
+    with pytest.raises(KdistillError, match="custom code") as refused:
         distill(lm_recipe(custom_teacher, text_file, tmp_path, "untrusted"), progress=False)
+    assert "set trust_remote_code: true under the recipe's teacher" in str(refused.value)
     recipe = lm_recipe(custom_teacher, text_file, tmp_path, "live", trust_remote_code=True)
     assert (distill(recipe, progress=False) / "config.json").exists()
     store = cache_teacher(load_recipe(recipe), k=4, out=str(tmp_path / "store"))

@@ -204,7 +204,18 @@ def load_config(ref: str, trust_remote_code: bool = False):
     try:
         return path, AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise DataError(f"could not load model config from {ref!r}: {first_line(err)}") from None
+        hint = "" if trust_remote_code or not has_own_code(path) else (
+            f"; {ref} runs its own Python code: read its .py files, and only if you trust their source set "
+            f"trust_remote_code: true under the recipe's teacher (or pass --trust-remote-code)")
+        raise DataError(f"could not load model config from {ref!r}: {first_line(err)}{hint}") from None
+
+
+def has_own_code(path: str) -> bool:
+    """Whether a local model directory's config names architecture code of its own (auto_map)."""
+    try:
+        return "auto_map" in json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **kwargs) -> Loaded:
