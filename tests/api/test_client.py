@@ -149,7 +149,7 @@ def test_the_key_never_leaves_the_header(stub, tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.DEBUG), api(stub.url, api_key_env="KDISTILL_TEST_KEY", cache_path=cache) as client:
         results = client.map([{"prompt": "p"}, {"prompt": "q"}, {"prompt": "r"}], progress=False)
         failed = [r for r in results if not r.ok]
-        with pytest.raises(TypeError):
+        with pytest.raises(TypeError, match="TeacherAPI holds an API key"):
             pickle.dumps(client)
         text = repr(client) + repr(results) + "".join(f.error for f in failed)
     assert {s["authorization"] for s in stub.seen} == {f"Bearer {KEY}"}

@@ -5,6 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -33,7 +36,12 @@ def test_splits_are_disjoint_by_id_and_stable():
     assert not ids["train"] & ids["eval"] and not ids["train"] & ids["test"] and not ids["eval"] & ids["test"]
     assert sum(map(len, ids.values())) == word_problems.DEFAULT_COUNT
     assert len(ids["test"]) > 150 and len(ids["train"]) > 3000
-    assert problem_records("test") == problem_records("test")
+    # stable: another process (another hash seed) draws the same test problems
+    script = ("import json, sys; from kdistill.api.word_problems import problem_records; "
+              "json.dump([r['problem'] for r in problem_records('test')], sys.stdout)")
+    env = {**os.environ, "PYTHONHASHSEED": "123"}
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(fresh.stdout) == [r["problem"] for r in splits["test"]]
 
 
 def test_every_reference_program_prints_its_answer():

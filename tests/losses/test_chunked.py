@@ -282,14 +282,15 @@ def test_unknown_divergence_lists_valid_names():
     assert all(name in str(error.value) for name in CHUNKED_DIVERGENCES)
 
 
-@pytest.mark.parametrize("kwargs", [{"divergence": "skew_kl", "alpha": 1.5},
-                                    {"divergence": "generalized_jsd", "beta": -0.1},
-                                    {"temperature": 0.0}, {"chunk_size": 0}])
-def test_bad_arguments(kwargs):
+@pytest.mark.parametrize("kwargs, message", [
+    ({"divergence": "skew_kl", "alpha": 1.5}, r"alpha must be in \[0, 1\]"),
+    ({"divergence": "generalized_jsd", "beta": -0.1}, r"beta must be in \[0, 1\]"),
+    ({"temperature": 0.0}, "temperature must be > 0"), ({"chunk_size": 0}, "chunk_size must be >= 1")])
+def test_bad_arguments(kwargs, message):
     student, teacher = make_inputs()
     kwargs = {"divergence": "kl", **kwargs}
     name = kwargs.pop("divergence")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=message):
         chunked(name, student, teacher, **kwargs)
 
 

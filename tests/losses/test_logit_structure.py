@@ -132,23 +132,26 @@ def test_structure_terms_on_a_classifier():
     s, t = torch.randn(4, 6), torch.randn(4, 6)
     batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3),
              "labels": torch.tensor([0, 2, 5, 1])}
-    dkd = make({"type": "dkd", "temperature": 1.0, "ce_weight": 1.0}, "classification")
-    ce = torch.nn.functional.cross_entropy(s, batch["labels"])
-    expected = fn.dkd(s, t, batch["labels"], 1.0, 8.0, 1.0) + ce
-    assert dkd({"logits": s}, {"logits": t}, batch).item() == pytest.approx(expected.item(), rel=1e-6)
+    dkd = make({"type": "dkd", "temperature": 2.0, "alpha": 0.5, "beta": 3.0, "ce_weight": 0.3}, "classification")
+    ce = torch.nn.functional.cross_entropy(s, batch["labels"]).item()
+    rows = [dkd_reference(s[i].tolist(), t[i].tolist(), int(batch["labels"][i]), 0.5, 3.0, 2.0) for i in range(4)]
+    expected = 4.0 * sum(rows) / 4 + 0.3 * ce  # τ² on the KD part only
+    assert dkd({"logits": s}, {"logits": t}, batch).item() == pytest.approx(expected, rel=1e-4)
     clkd = make({"type": "clkd", "temperature": 2.0, "class_weight": 0.5, "correlation_weight": 3.0}, "classification")
     # τ² scales the two tempered KLs only: the correlation matrices are of the raw logits
     kls = clkd_reference(s.tolist(), t.tolist(), 2.0, 0.5, 0.0)
     correlation = clkd_reference(s.tolist(), t.tolist(), 2.0, 0.0, 1.0) - clkd_reference(s.tolist(), t.tolist(), 2.0, 0.0, 0.0)
     expected = 4.0 * kls + 3.0 * correlation
     assert clkd({"logits": s}, {"logits": t}, batch).item() == pytest.approx(expected, rel=1e-5)
-    sink = make({"type": "sinkhorn"}, "classification")
-    assert sink({"logits": s}, {"logits": t}, batch).item() == pytest.approx(fn.sinkhorn(s, t).item(), rel=1e-6)
+    sink = make({"type": "sinkhorn", "temperature": 2.0, "epsilon": 0.2, "iterations": 7}, "classification")
+    expected = sinkhorn_reference(s.tolist(), t.tolist(), 2.0, 0.2, 7)
+    assert sink({"logits": s}, {"logits": t}, batch).item() == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.mark.parametrize("spec", [{"type": "dkd", "temperature": 2.0, "ce_weight": 0.5},
                                   {"type": "logit_kd", "temperature": 1.0, "alpha": 0.3},
-                                  {"type": "cross_entropy"}, {"type": "taid"}])
+                                  {"type": "cross_entropy"}, {"type": "taid"},
+                                  {"type": "sinkhorn", "epsilon": 0.5}, {"type": "clkd"}])
 def test_a_loss_mask_scores_only_its_positions(spec):
     """data.loss_on: completion (and generated batches): positions outside the loss_mask change nothing."""
     torch.manual_seed(0)

@@ -18,26 +18,29 @@ LM = ModelInfo(model_type="gpt2", task="causal-lm", num_layers=2, hidden_size=8,
                head_dim=4, vocab_size=5, is_decoder=True, layers_path="transformer.h", pooling="last")
 
 
-def softmax(row):
-    e = [math.exp(x - max(row)) for x in row]
+def softmax(row, tau=1.0):
+    e = [math.exp((x - max(row)) / tau) for x in row]
     return [v / sum(e) for v in e]
 
 
-def test_target_interpolates_detached_student_and_teacher_logits():
-    term = LOSSES.get("taid")(TAIDParams(t_start=0.3), LM, LM)
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_target_interpolates_detached_student_and_teacher_logits(tau):
+    torch.manual_seed(0)
+    term = LOSSES.get("taid")(TAIDParams(t_start=0.3, temperature=tau), LM, LM)
     zs = torch.randn(1, 3, 5, requires_grad=True)
     zt = torch.randn(1, 3, 5)
     batch = {"attention_mask": torch.tensor([[1, 1, 0]])}
     loss = term({"logits": zs}, {"logits": zt}, batch)
     expected = 0.0
-    for i in range(2):
-        target = softmax([0.7 * a + 0.3 * b for a, b in zip(zs[0, i].tolist(), zt[0, i].tolist())])
-        q = softmax(zs[0, i].tolist())
-        expected += sum(p * math.log(p / r) for p, r in zip(target, q)) / 2
-    assert loss.item() == pytest.approx(expected, rel=1e-5)
-    loss.backward()  # the target is a constant: the gradient is softmax(z_S) - target at each real position
-    target = torch.softmax(0.7 * zs.detach()[0, :2] + 0.3 * zt[0, :2], -1)
-    assert torch.allclose(zs.grad[0, :2], (torch.softmax(zs.detach()[0, :2], -1) - target) / 2, atol=1e-6)
+    for i in range(2):  # the logits are mixed, then tempered; τ² keeps the gradient's scale, as in Hinton's KD
+        target = softmax([0.7 * a + 0.3 * b for a, b in zip(zs[0, i].tolist(), zt[0, i].tolist())], tau)
+        q = softmax(zs[0, i].tolist(), tau)
+        expected += tau**2 * sum(p * math.log(p / r) for p, r in zip(target, q)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-4)  # float32 KL of close distributions
+    loss.backward()  # the target is a constant: the gradient is τ(softmax(z_S/τ) - target) at each real position
+    target = torch.softmax((0.7 * zs.detach()[0, :2] + 0.3 * zt[0, :2]) / tau, -1)
+    expected_grad = tau * (torch.softmax(zs.detach()[0, :2] / tau, -1) - target) / 2
+    assert torch.allclose(zs.grad[0, :2], expected_grad, atol=1e-6)
 
 
 def test_interpolation_endpoints_are_the_student_itself_and_plain_kd():

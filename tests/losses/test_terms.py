@@ -69,6 +69,24 @@ def test_logit_kd_sequence_level_classification():
     assert loss.item() == pytest.approx(0.5 * soft + 0.5 * hard, rel=1e-5)
 
 
+@pytest.mark.parametrize("divergence", ["skew_kl", "skew_reverse_kl", "generalized_jsd"])
+def test_logit_kd_passes_its_skew_and_beta_to_the_divergence(divergence):
+    s, t = torch.randn(B, 4), torch.randn(B, 4)
+    cls = info(task="classification")
+    spec = {"type": "logit_kd", "temperature": 2.0, "divergence": divergence, "skew": 0.3, "beta": 0.2}
+    loss = term(spec, cls, cls)({"logits": s}, {"logits": t}, BATCH)
+    rows = []
+    for b in range(B):
+        p, q = softmax((t[b] / 2).tolist()), softmax((s[b] / 2).tolist())  # teacher p, student q
+
+        def mix(w, x, y):
+            return [w * a + (1 - w) * c for a, c in zip(x, y)]
+        rows.append({"skew_kl": kl(p, mix(0.3, p, q)), "skew_reverse_kl": kl(q, mix(0.3, q, p)),
+                     # GKD: β·KL(p ‖ m) + (1 − β)·KL(q ‖ m), m = β·p + (1 − β)·q
+                     "generalized_jsd": 0.2 * kl(p, mix(0.2, p, q)) + 0.8 * kl(q, mix(0.2, p, q))}[divergence])
+    assert loss.item() == pytest.approx(4.0 * sum(rows) / B, rel=1e-4)
+
+
 def stored_top(t, k):
     from kdistill.teachers.cached import SparseLogits
 

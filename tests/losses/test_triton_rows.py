@@ -19,7 +19,19 @@ CHECK = r"""
 import sys
 import torch
 from torch.testing import assert_close
+from kdistill.losses import triton_rows
 from kdistill.losses.chunked import chunked_divergence, pick_kernel
+
+launched = []  # the Triton rows' calls: a run that fell back to torch would compare torch with itself
+real_rows_for = triton_rows.rows_for
+
+
+def counted_rows_for(*args):
+    rows = real_rows_for(*args)
+    return None if rows is None else (lambda s, t: launched.append(1) or rows(s, t))
+
+
+triton_rows.rows_for = counted_rows_for
 
 device = torch.device(sys.argv[1] if len(sys.argv) > 1 else "cpu")
 cases = [("kl", {}), ("reverse_kl", {}), ("soft_ce", {}), ("js", {}),
@@ -37,9 +49,11 @@ for vocab, padded in ((4096 + 904, 5003), (37, 40)):
         mask = torch.tensor([[1, 1, 0, 1, 1, 1], [0, 1, 1, 0, 1, 1]], dtype=torch.bool, device=device)
         values = {}
         for kernels in ("torch", "triton"):
+            before = len(launched)
             loss = chunked_divergence(h, w, th, tw, divergence=name, mask=mask, chunk_size=3, temperature=2.0,
                                       student_bias=b, vocab_size=vocab, kernels=kernels, **extra)
             values[kernels] = (loss, *torch.autograd.grad(loss, (h, w, b)))
+            assert (len(launched) > before) == (kernels == "triton"), (kernels, len(launched) - before)
         for want, got in zip(values["torch"], values["triton"]):
             assert_close(got, want, atol=1e-5, rtol=1e-5)
         print("ok", name, extra, vocab)
@@ -50,9 +64,11 @@ bias = torch.zeros(40, device=device)
 bias[3] = float("-inf")
 th, tw = torch.randn(4, 8, generator=gen).to(device), torch.randn(40, 8, generator=gen).to(device)
 for kernels in ("torch", "triton"):
+    before = len(launched)
     loss = chunked_divergence(h, w, th, tw, divergence="reverse_kl", student_bias=bias, teacher_bias=bias,
                               kernels=kernels)
     values[kernels] = loss
+    assert (len(launched) > before) == (kernels == "triton"), kernels
 assert torch.isfinite(values["triton"]) and abs(values["triton"] - values["torch"]) < 1e-5
 print("ok -inf fallback")
 """

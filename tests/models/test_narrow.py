@@ -37,8 +37,10 @@ def test_each_head_keeps_its_own_first_dimensions():
     student = narrow(teacher)
     s, t = student.encoder.layer[0].attention, teacher.encoder.layer[1].attention
     for h in range(4):  # head h of the student: rows 4h..4h+3 <- teacher rows 8h..8h+3
-        torch.testing.assert_close(s.self.query.weight[4 * h:4 * h + 4], t.self.query.weight[8 * h:8 * h + 4, :16])
-        torch.testing.assert_close(s.self.value.bias[4 * h:4 * h + 4], t.self.value.bias[8 * h:8 * h + 4])
+        for name in ("query", "key", "value"):
+            ours, theirs = getattr(s.self, name), getattr(t.self, name)
+            torch.testing.assert_close(ours.weight[4 * h:4 * h + 4], theirs.weight[8 * h:8 * h + 4, :16], msg=name)
+            torch.testing.assert_close(ours.bias[4 * h:4 * h + 4], theirs.bias[8 * h:8 * h + 4], msg=name)
         torch.testing.assert_close(s.output.dense.weight[:, 4 * h:4 * h + 4], t.output.dense.weight[:16, 8 * h:8 * h + 4])
 
 

@@ -84,6 +84,17 @@ def test_attention_scores_are_qk_scaled_with_masked_entries_zero():
     torch.testing.assert_close(scores[1, :, :, :5], ref[1, :, :, :5])
 
 
+def test_queries_keys_and_values_are_the_layers_own_projections_split_into_heads():
+    model, info, batch = make("bert")
+    names = [f"{kind}[2]" for kind in ("queries", "keys", "values")] + ["hidden_states[1]"]
+    taps = TapReader(model, info)(batch, names)
+    attention = model.encoder.layer[1].attention.self
+    with torch.no_grad():
+        for kind, projection in (("queries", attention.query), ("keys", attention.key), ("values", attention.value)):
+            heads = projection(taps["hidden_states[1]"]).view(2, 7, 4, 8).transpose(1, 2)
+            torch.testing.assert_close(taps[f"{kind}[2]"], heads, msg=kind)
+
+
 def test_logits_tap_on_bare_encoder_is_a_clear_error():
     model, info, batch = make("bert")
     with pytest.raises(PairingError, match="no logits"):
