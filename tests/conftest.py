@@ -11,6 +11,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# CI sets this: there every test must run, so a failed install step (WordNet from apt, an optional package)
+# fails the run instead of quietly skipping the tests that need it. What the machine itself lacks (reasons
+# starting "this machine") still skips.
+NO_SKIPS = os.environ.get("KDISTILL_NO_SKIPS") == "1"
+
+
+def as_failure(report):
+    if NO_SKIPS and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if reason.removeprefix("Skipped: ").startswith("this machine"):
+            return
+        report.outcome, report.longrepr = "failed", f"skipped where KDISTILL_NO_SKIPS=1 asks every test to run: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    as_failure((yield).get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    as_failure((yield).get_result())  # a module-level importorskip or skip mark
+
 
 @pytest.fixture(scope="session")
 def minilm_dir():

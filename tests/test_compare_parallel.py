@@ -124,7 +124,7 @@ def _running(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads process states from /proc")
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="this machine has no /proc to read process states from")
 def test_a_worker_ends_when_its_compare_process_is_killed(tmp_path):
     # SIGKILL reaches the parent alone, as `kill`, a time limit or the OOM killer do: its worker must not train on
     script = tmp_path / "parent.py"

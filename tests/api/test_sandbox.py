@@ -11,7 +11,7 @@ from kdistill.api import sandbox
 from kdistill.api.sandbox import SandboxUnavailable, isolation_problem, run_program
 
 needs_isolation = pytest.mark.skipif(isolation_problem() is not None,
-                                     reason=f"no namespaces here: {isolation_problem()}")
+                                     reason=f"this machine has no namespaces: {isolation_problem()}")
 
 
 def program(source: str) -> str:
