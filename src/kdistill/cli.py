@@ -173,7 +173,8 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
              trust_remote_code: bool = typer.Option(False, help="run the models' own Python code (a custom "
                                                     "architecture); off unless you trust its source")):
     """Compare a student with its teacher: size, speed, embedding fidelity, accuracy or perplexity."""
-    from kdistill.eval.report import check_report_path, evaluate, render_table, save, spec_from_arg
+    from kdistill.eval.report import (check_replaceable_report, check_report_path, evaluate, render_table, save,
+                                      spec_from_arg)
 
     if teacher is None:  # an embedding student has no metric of its own: the table would be empty
         import json
@@ -185,6 +186,7 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
                       + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
     path = Path(output) if output else Path(student) / "eval.json"
     check_report_path(path, "--output", "eval.json")  # before the evaluation: after it, its results would be lost
+    check_replaceable_report(path, "--output")
     from kdistill.data.sources import has_splits
 
     specs = [spec_from_arg(d, {"text": text, "label": label, "image": image}) for d in data]

@@ -81,6 +81,16 @@ def test_run_then_eval_via_cli(tmp_path, tiny_recipe, text_file):
                             (tmp_path / "a-file" / "r.json", "a-file is a file, so no folder can be made there")):
         result, out = invoke("eval", "--student", student, "--data", data, "--no-speed", "--output", output)
         assert result.exit_code == 2 and message in " ".join(out.split()) and "Traceback" not in out
+    # an existing file is replaced only if it is an earlier report: never the weights or the data
+    weights = (student / "model.safetensors").read_bytes()
+    for victim in (student / "model.safetensors", data):
+        before = victim.read_bytes()
+        result, out = invoke("eval", "--student", student, "--data", data, "--no-speed", "--output", victim)
+        assert result.exit_code == 2 and "is not an earlier `kdistill eval` report" in " ".join(out.split()), out
+        assert victim.read_bytes() == before
+    assert (student / "model.safetensors").read_bytes() == weights
+    result, out = invoke("eval", "--student", student, "--data", data, "--no-speed")  # eval.json again: replaced
+    assert result.exit_code == 0, out
 
 
 def test_eval_reads_the_label_field_of_a_file_for_a_classifier(tmp_path, make_classifier):

@@ -315,3 +315,21 @@ def check_report_path(path: str | os.PathLike, option: str, file_name: str) -> N
                 raise ConfigError(f"{option} {path}: {parent} is a file, so no folder can be made there; "
                                   f"choose another path")
             break
+
+
+def check_replaceable_report(path: str | os.PathLike, option: str) -> None:
+    """An existing file at an eval report's path is replaced only if it is an earlier eval report: a mistyped
+    --output must not turn a model's weights or the data into JSON."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        earlier = None
+    if not (isinstance(earlier, dict) and {"settings", "models", "datasets"} <= set(earlier)):
+        raise ConfigError(f"{option} {path} exists and is not an earlier `kdistill eval` report; it is left as "
+                          f"it is: choose another path (a report there would replace it)")
