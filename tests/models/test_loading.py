@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from kdistill.errors import ConfigError, DataError
@@ -135,3 +137,22 @@ def test_an_unreadable_tokenizer_is_named_not_reported_missing(tmp_path, tiny_be
     (damaged / "tokenizer.json").write_text("{not json")
     with pytest.raises(DataError, match=r"tokenizer in .*damaged \(tokenizer.json.*cannot be read"):
         load_tokenizer(str(damaged))
+
+
+def test_a_head_of_another_size_is_named_not_a_torch_traceback(make_classifier, tmp_path):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    from kdistill.errors import PairingError
+    from kdistill.models.loading import load_model
+
+    three = make_classifier(tmp_path / "three")
+    config = BertConfig.from_pretrained(three)
+    config.num_labels = 5
+    five = tmp_path / "five"
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(five)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (Path(three) / name).exists():
+            (five / name).write_bytes((Path(three) / name).read_bytes())
+    labels = {0: "blue", 1: "green", 2: "red"}
+    with pytest.raises(PairingError, match="has 5 output classes, and 3 were asked for"):
+        load_model(str(five), "classification", num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})

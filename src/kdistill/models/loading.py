@@ -243,6 +243,14 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
             model = architecture_class(config, task).from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as err:
         raise DataError(f"could not load {task} model from {ref!r}: {first_line(err)}") from None
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        asked = kwargs.get("num_labels")
+        raise PairingError(f"{ref} has {config.num_labels} output classes"
+                           + (f", and {asked} were asked for (the teacher's)" if asked is not None else "")
+                           + "; its head cannot be loaded at that size: use a model with the teacher's classes, or "
+                           "start the student from the teacher (student.from_teacher)") from None
     except SafetensorError as err:  # a truncated or damaged weights file
         raise DataError(f"the weights in {path} are damaged or truncated ({first_line(err)}); copy or train that "
                         f"model again (a cached recipe:NAME teacher: delete its folder and it is retrained)") from None
