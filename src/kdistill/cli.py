@@ -180,7 +180,10 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
         import json
 
         made = Path(student) / "kdistill.json"
-        trained_by = json.loads(made.read_text()).get("teacher") if made.is_file() else None
+        try:  # only a hint: a damaged record of the run does not stop the evaluation
+            trained_by = json.loads(made.read_text()).get("teacher") if made.is_file() else None
+        except (OSError, ValueError, AttributeError):
+            trained_by = None
         console.print("[yellow]no --teacher[/yellow]: the comparisons with a teacher (embedding fidelity, per-layer "
                       "CKA) are left out"
                       + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))

@@ -91,6 +91,10 @@ def test_run_then_eval_via_cli(tmp_path, tiny_recipe, text_file):
     assert (student / "model.safetensors").read_bytes() == weights
     result, out = invoke("eval", "--student", student, "--data", data, "--no-speed")  # eval.json again: replaced
     assert result.exit_code == 0, out
+    for damaged in ("{", "[1]"):  # the run's record only gives a hint; damaged, the evaluation still runs
+        (student / "kdistill.json").write_text(damaged)
+        result, out = invoke("eval", "--student", student, "--data", data, "--no-speed")
+        assert result.exit_code == 0 and "Traceback" not in out, out
 
 
 def test_eval_reads_the_label_field_of_a_file_for_a_classifier(tmp_path, make_classifier):
