@@ -254,3 +254,10 @@ def test_set_names_an_index_out_of_range_and_a_list_the_recipe_lacks():
         load_recipe(base(), ["losses.5.weight=1"])
     with pytest.raises(ConfigError, match=r"no stages list to index; a one-stage recipe has none: set train.steps"):
         load_recipe(base(), ["stages.3.train.steps=1"])
+
+
+def test_a_negative_loss_weight_is_refused():
+    recipe = base()
+    recipe["losses"] = [{"type": "logit_kd", "weight": -1}]
+    with pytest.raises(ConfigError, match=r"losses\[0\]\.weight: Input should be greater than or equal to 0"):
+        load_recipe(recipe)

@@ -155,4 +155,5 @@ def test_a_head_of_another_size_is_named_not_a_torch_traceback(make_classifier, 
             (five / name).write_bytes((Path(three) / name).read_bytes())
     labels = {0: "blue", 1: "green", 2: "red"}
     with pytest.raises(PairingError, match="has 5 output classes, and 3 were asked for"):
-        load_model(str(five), "classification", num_labels=3, id2label=labels, label2id={v: k for k, v in labels.items()})
+        load_model(str(five), "classification", num_labels=3, id2label=labels,
+                   label2id={v: k for k, v in labels.items()})

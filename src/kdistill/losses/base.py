@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from kdistill.config import Strict
@@ -30,7 +31,7 @@ def register_loss(name: str):
 
 class TermParams(Strict):
     type: str
-    weight: float = 1.0
+    weight: float = Field(1.0, ge=0, description="a negative weight would push the student away from the target")
     name: str | None = None  # how the term is logged; defaults to its type
 
 
