@@ -157,3 +157,27 @@ def test_a_head_of_another_size_is_named_not_a_torch_traceback(make_classifier, 
     with pytest.raises(PairingError, match="has 5 output classes, and 3 were asked for"):
         load_model(str(five), "classification", num_labels=3, id2label=labels,
                    label2id={v: k for k, v in labels.items()})
+
+
+def test_a_student_with_the_teachers_classes_in_another_order_is_refused(make_classifier, tmp_path):
+    import json
+
+    from kdistill import distill
+    from kdistill.errors import PairingError
+
+    teacher = make_classifier(tmp_path / "teacher")
+    permuted = Path(make_classifier(tmp_path / "permuted"))
+    config = json.loads((permuted / "config.json").read_text())
+    config["id2label"] = {"0": "red", "1": "green", "2": "blue"}
+    config["label2id"] = {"red": 0, "green": 1, "blue": 2}
+    (permuted / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing", "y": w}) + "\n" for w in ("red", "green", "blue")))
+    recipe = {"name": "perm", "teacher": {"model": teacher}, "student": {"model": str(permuted)},
+              "data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
+              "losses": [{"type": "logit_kd"}], "train": {"steps": 1, "batch_size": 3}, "output": str(tmp_path / "out")}
+    with pytest.raises(PairingError, match="has the teacher's classes in another order .red, green, blue against "
+                                           "the teacher's blue, green, red."):
+        distill(recipe, progress=False)
+    same = {**recipe, "student": {"model": teacher}, "output": str(tmp_path / "same")}
+    assert (distill(same, progress=False) / "config.json").exists()
