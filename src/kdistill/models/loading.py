@@ -218,12 +218,26 @@ def has_own_code(path: str) -> bool:
         return False
 
 
+def check_class_order(ref: str, config, wanted: dict | None) -> None:
+    """A saved classifier asked to load under the teacher's class names, which it has in another order: the
+    names would move without its head's rows, so each output would answer for another class."""
+    if not wanted:
+        return
+    saved = getattr(config, "id2label", None) or {}
+    ours, theirs = [saved[i] for i in sorted(saved)], [wanted[i] for i in sorted(wanted)]
+    if ours != theirs and sorted(ours) == sorted(theirs):
+        raise PairingError(f"{ref} has the teacher's classes in another order ({', '.join(ours)} against the "
+                           f"teacher's {', '.join(theirs)}); its head would answer for the wrong classes: save it "
+                           f"with the teacher's id2label order, or start the student from the teacher")
+
+
 def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **kwargs) -> Loaded:
     """Load a model and its tokenizer (if any) as the task's Auto class."""
     path, config = load_config(ref, trust_remote_code)
     task = detect_task(config) if task == "auto" else task
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; valid: auto, {', '.join(TASKS)}")
+    check_class_order(ref, config, kwargs.get("id2label"))
     try:
         if getattr(config, "kdistill_quant", None):  # a quantization-aware student: rebuild its structure
             from kdistill.quant.model import load_quantized

@@ -129,25 +129,7 @@ def from_directory(ref: str, teacher, task: str = "auto", head: dict | None = No
             setattr(config, key, value)
         task = task if task != "auto" else detect_task(config)
         return new_model(config, task)
-    check_class_order(ref, head)
     return load_model(ref, task, **(head or {})).model
-
-
-def check_class_order(ref: str, head: dict | None) -> None:
-    """A saved classifier with the teacher's classes in another order: loading it under the teacher's names
-    would rename its outputs without moving its weights, so each class would answer for another."""
-    from kdistill.models.loading import load_config
-
-    wanted = (head or {}).get("id2label")
-    if not wanted:
-        return
-    saved = load_config(ref)[1].id2label or {}
-    ours = [saved[i] for i in sorted(saved)]
-    theirs = [wanted[i] for i in sorted(wanted)]
-    if ours != theirs and sorted(ours) == sorted(theirs):
-        raise PairingError(f"student.model {ref} has the teacher's classes in another order ({', '.join(ours)} "
-                           f"against the teacher's {', '.join(theirs)}); its head would answer for the wrong "
-                           f"classes: save it with the teacher's id2label order, or start from the teacher")
 
 
 @INITS.register("theseus")
