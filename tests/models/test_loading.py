@@ -181,3 +181,21 @@ def test_a_student_with_the_teachers_classes_in_another_order_is_refused(make_cl
         distill(recipe, progress=False)
     same = {**recipe, "student": {"model": teacher}, "output": str(tmp_path / "same")}
     assert (distill(same, progress=False) / "config.json").exists()
+
+
+def test_a_teacher_without_tokenizer_files_is_refused_naming_them(tmp_path, tiny_bert_dir, tiny_recipe):
+    """transformers 5 would build a 5-token tokenizer from the config alone, so every word trained as [UNK]."""
+    import shutil
+
+    from kdistill import distill
+    from kdistill.models.loading import load_tokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(Path(tiny_bert_dir) / name, bare / name)
+    assert load_tokenizer(str(bare)) is None
+    assert len(load_tokenizer(tiny_bert_dir)) > 1000
+    tiny_recipe["teacher"]["model"] = str(bare)
+    with pytest.raises(DataError, match=r"teacher.model: .*bare has no tokenizer \(none of tokenizer.json.*copy"):
+        distill(tiny_recipe, progress=False)

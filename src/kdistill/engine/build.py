@@ -16,7 +16,7 @@ from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
 from kdistill.models.blueprints import is_blueprint
 from kdistill.models.loading import (Loaded, detect_task, has_classifier_head, load_config, load_model, load_tokenizer,
-                                     new_model, read_pooling, resolve_model_path)
+                                     TOKENIZER_FILES, new_model, read_pooling, resolve_model_path)
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
 from kdistill.teachers.cached import check_store_teacher, open_for_stage
@@ -272,7 +272,9 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
         size, channels = image_shape(config, stage.data.image_size or getattr(student_config, "image_size", None))
         return ImageCollator(size, channels, label_to_id, stage.data.image_augment)
     if loaded.tokenizer is None or not callable(getattr(loaded.tokenizer, "pad", None)):
-        raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer; text distillation needs one")
+        raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer (none of "
+                        f"{', '.join(TOKENIZER_FILES[:3])}); text distillation needs one: copy the tokenizer files "
+                        f"from the model it came from into its directory")
     if stage.data.image_augment is not None:
         raise ConfigError(f"{prefix}data.image_augment: the teacher is {article(loaded.task)} model, not an image "
                           f"classifier")

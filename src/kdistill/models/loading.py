@@ -278,6 +278,8 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if os.path.isdir(path) and (Path(path) / "preprocessor_config.json").exists() and not any(
             (Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
         return load_image_processor(path)
+    if os.path.isdir(path) and not has_tokenizer_files(Path(path)):
+        return None  # transformers would build a 5-token stand-in that reads every word as [UNK]
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as err:  # a damaged tokenizer.json raises the tokenizers library's plain Exception
@@ -289,6 +291,14 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         if not isinstance(err, (OSError, ValueError, TypeError)):
             raise
         return None  # bare checkpoints have none
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def has_tokenizer_files(path: Path) -> bool:
+    return any((path / name).exists() for name in TOKENIZER_FILES)
 
 
 def load_image_processor(path: str):
