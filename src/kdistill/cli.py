@@ -158,7 +158,7 @@ def recipes():
 
 @app.command("eval")
 @friendly
-def eval_cmd(student: str = typer.Option(..., help="student model directory"),
+def eval_cmd(student: str = typer.Option(..., help="student: directory, hub id, packaged:NAME or recipe:NAME"),
              teacher: Optional[str] = typer.Option(None, help="teacher: directory, hub id, packaged:NAME or "
                                                    "recipe:NAME (a built-in recipe's trained model)"),
              data: List[str] = typer.Option(..., help="built-in corpus name, a .jsonl/.csv/.txt file, or dataset:NAME; repeatable"),
@@ -169,13 +169,15 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
              limit: int = typer.Option(512, help="texts per dataset"),
              max_length: int = typer.Option(128, min=8, help="tokens per text"),
              speed: bool = typer.Option(True, help="measure encode speed (tens of seconds on a CPU)"),
-             output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json)"),
+             output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json "
+                                                  "for a directory, else ./eval-NAME.json)"),
              trust_remote_code: bool = typer.Option(False, help="run the models' own Python code (a custom "
                                                     "architecture); off unless you trust its source")):
     """Compare a student with its teacher: size, speed, embedding fidelity, accuracy or perplexity."""
     from kdistill.eval.report import (check_replaceable_report, check_report_path, evaluate, render_table, save,
                                       spec_from_arg)
 
+    student = trained_model(student, "--student")
     if teacher is None:  # an embedding student has no metric of its own: the table would be empty
         import json
 
@@ -187,7 +189,7 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
         console.print("[yellow]no --teacher[/yellow]: the comparisons with a teacher (embedding fidelity, per-layer "
                       "CKA) are left out"
                       + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
-    path = Path(output) if output else Path(student) / "eval.json"
+    path = Path(output) if output else default_report(student)
     check_report_path(path, "--output", "eval.json")  # before the evaluation: after it, its results would be lost
     check_replaceable_report(path, "--output")
     from kdistill.data.sources import has_splits
@@ -197,7 +199,7 @@ def eval_cmd(student: str = typer.Option(..., help="student model directory"),
         if not has_splits(spec):  # so a user does not take its scores for held-out ones
             console.print(f"note: {spec['path']} is one split (a file, or a folder without train/ and test/ folders): "
                           f"all of it is scored, whatever --split says")
-    result = evaluate(student, eval_teacher(teacher) if teacher else None, specs,
+    result = evaluate(student, trained_model(teacher, "--teacher") if teacher else None, specs,
                       split=split, limit=limit, max_length=max_length, speed=speed,
                       trust_remote_code=trust_remote_code)
     console.print(render_table(result))
@@ -212,17 +214,25 @@ def untrained_recipe(model) -> bool:
     return ref.startswith(PREFIX) and trained_recipe(ref) is None
 
 
-def eval_teacher(teacher: str) -> str:
+def default_report(student: str) -> Path:
+    """Beside a local student; a packaged or hub model's report goes to the working directory, not into a
+    folder named after its reference (./packaged:NAME) or into the installed package."""
+    if Path(student).expanduser().is_dir() and not student.startswith(("packaged:", "blueprint:")):
+        return Path(student).expanduser() / "eval.json"
+    return Path(f"eval-{student.replace(':', '-').replace('/', '-')}.json")
+
+
+def trained_model(ref: str, flag: str) -> str:
     """recipe:NAME as the model that recipe trained; evaluating does not start its training."""
     from kdistill.errors import ConfigError
     from kdistill.teachers.recipe_runs import PREFIX, recipe_output, trained_recipe
 
-    if not teacher.startswith(PREFIX):
-        return teacher
-    trained = trained_recipe(teacher)
+    if not ref.startswith(PREFIX):
+        return ref
+    trained = trained_recipe(ref)
     if trained is None:
-        raise ConfigError(f"--teacher {teacher}: that recipe has not been trained here yet (no "
-                          f"{recipe_output(teacher[len(PREFIX):]) / 'student'}); `kdistill run {teacher[len(PREFIX):]}` "
+        raise ConfigError(f"{flag} {ref}: that recipe has not been trained here yet (no "
+                          f"{recipe_output(ref[len(PREFIX):]) / 'student'}); `kdistill run {ref[len(PREFIX):]}` "
                           f"trains it")
     return str(trained)
 

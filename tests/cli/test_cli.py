@@ -117,6 +117,30 @@ def test_eval_takes_a_recipe_teacher_without_training_it(tmp_path, monkeypatch):
     assert not (tmp_path / "home").exists()
 
 
+def test_eval_takes_a_trained_recipe_as_the_student_and_reports_beside_it(tmp_path, cached_recipe_run,
+                                                                         make_classifier):
+    import shutil
+
+    student = cached_recipe_run("teacher-supersense") / "student"
+    shutil.rmtree(student)
+    make_classifier(student)
+    (student / "kdistill.json").write_text("{}")
+    data = tmp_path / "labelled.csv"
+    data.write_text("sentence,colour\n" + "".join(f"a {c} thing,{c}\n" for c in ("red", "blue")))
+    result, out = invoke("eval", "--student", "recipe:teacher-supersense", "--data", data, "--text", "sentence",
+                         "--label", "colour", "--no-speed")
+    assert result.exit_code == 0, out
+    assert json.loads((student / "eval.json").read_text())["datasets"][str(data)]["n"] == 2
+
+
+def test_eval_of_a_packaged_student_reports_in_the_working_directory(tmp_path, monkeypatch, text_file):
+    monkeypatch.chdir(tmp_path)
+    result, out = invoke("eval", "--student", "packaged:all-MiniLM-L6-v2", "--data", text_file, "--text", "sentence",
+                         "--limit", 4, "--no-speed")
+    assert result.exit_code == 0, out
+    assert [p.name for p in tmp_path.iterdir()] == ["eval-packaged-all-MiniLM-L6-v2.json"]
+
+
 def bad(tiny_recipe, **changes):
     recipe = json.loads(json.dumps(tiny_recipe))
     for dotted, value in changes.items():
