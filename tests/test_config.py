@@ -261,3 +261,12 @@ def test_a_negative_loss_weight_is_refused():
     recipe["losses"] = [{"type": "logit_kd", "weight": -1}]
     with pytest.raises(ConfigError, match=r"losses\[0\]\.weight: Input should be greater than or equal to 0"):
         load_recipe(recipe)
+
+
+def test_all_zero_loss_weights_are_refused_one_zero_is_not():
+    recipe = base()
+    recipe["losses"] = [{"type": "logit_kd", "weight": 0}, {"type": "hidden_mse", "weight": 0.0}]
+    with pytest.raises(ConfigError, match=r"losses: every weight is 0, so the student would learn nothing"):
+        load_recipe(recipe)
+    recipe["losses"][1]["weight"] = 0.5
+    assert [t.weight for t in load_recipe(recipe).stages[0].losses] == [0, 0.5]

@@ -169,6 +169,9 @@ def validate_losses(stage: Stage, prefix: str, source: str) -> None:
             parsed.append(term.Params.model_validate(block))
         except ValidationError as err:
             raise ConfigError(format_validation(err, where, source)) from None
+    if parsed and not any(term.weight > 0 for term in parsed):
+        raise ConfigError(f"{source}: {prefix}losses: every weight is 0, so the student would learn nothing; give "
+                          f"at least one loss a positive weight")
     stage.losses = parsed
 
 
