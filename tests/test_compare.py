@@ -404,6 +404,15 @@ def test_a_recipe_compare_cannot_run_is_refused_before_anything_trains(tiny_reci
         compare(["lion", str(path)], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
     with pytest.raises(ConfigError, match="results .* is a folder"):  # not after the runs, losing the table
         compare([str(path)], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path))
+    weights = tmp_path / "model.safetensors"  # a mistyped --results: refused, not appended to after the runs
+    weights.write_bytes(b"\x00\xff" * 8)
+    with pytest.raises(ConfigError, match=r"--results .*model.safetensors: .* give a .md file"):
+        compare([str(path)], seeds=1, output=str(tmp_path / "runs"), results=str(weights))
+    notes = tmp_path / "notes.md"
+    notes.write_bytes(b"\xff\xfe binary")
+    with pytest.raises(ConfigError, match=r"--results .*notes.md exists and is not readable text"):
+        compare([str(path)], seeds=1, output=str(tmp_path / "runs"), results=str(notes))
+    assert weights.read_bytes() == b"\x00\xff" * 8
     with pytest.raises(ConfigError, match="none of teacher-supersense distils from a teacher"):
         compare(["teacher-supersense"], seeds=1, output=str(tmp_path / "runs"), results=str(tmp_path / "r.md"))
     assert not (tmp_path / "runs").exists()

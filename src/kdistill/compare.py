@@ -8,7 +8,7 @@ import json
 import time
 from pathlib import Path
 
-from kdistill.compare_report import write_results
+from kdistill.compare_report import check_results_file, write_results
 from kdistill.compare_unseen import UNSEEN, UNSEEN_METRICS, score_unseen, unseen_metric, unseen_records
 from kdistill.compare_runs import (baseline_dir, baseline_key, baseline_of, kept_baseline, recipe_task,
                                    reuse_shared_stages, train_or_reuse, variant)
@@ -226,7 +226,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         raise ConfigError("compare needs at least one recipe name or file")
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
-    check_report_path(results, "results", "results.md")  # before the runs, not after them
+    check_report_path(results, "--results", "results.md")  # before the runs, not after them
+    check_results_file(Path(results))
     root = Path(output) / ("quick" if quick else "full")
     rows, teacher_row = [], None
     done_baselines: dict[str, list[dict]] = {}  # baseline key -> its rows, whose baseline_of lists recipes

@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+from kdistill.errors import ConfigError
+
 
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
@@ -102,6 +104,20 @@ def plot(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def check_results_file(path: Path) -> None:
+    """The results file is markdown the comparison adds its section to: anything else (a mistyped path to a model
+    or the data) would be appended to, or fail only after hours of runs."""
+    if path.suffix.lower() not in (".md", ".markdown"):
+        raise ConfigError(f"--results {path}: the comparison writes a markdown section; give a .md file, "
+                          f"e.g. {path.with_suffix('.md')}")
+    if path.is_file():
+        try:
+            path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as err:
+            raise ConfigError(f"--results {path} exists and is not readable text ({type(err).__name__}); "
+                              f"give another file") from None
 
 
 def write_results(report: dict, path: Path, names: list[str]) -> None:
