@@ -109,3 +109,29 @@ def test_a_teacher_asked_for_a_task_it_has_not_learned_is_refused_by_name(tiny_b
               "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "r")}
     with pytest.raises(getattr(kdistill.errors, error), match=message):
         distill(recipe, progress=False)
+
+
+def test_data_with_classes_the_teacher_does_not_know_is_refused_naming_the_fix(tmp_path, make_classifier):
+    from kdistill import distill
+    from kdistill.errors import PairingError
+
+    teacher = make_classifier(tmp_path / "teacher")
+    data = tmp_path / "labelled.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                            for i in range(2) for w in ("red", "purple")))
+    recipe = {"name": "unknown-class", "teacher": {"model": teacher}, "student": {"from_teacher": {"layers": [2, 4]}},
+              "data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
+              "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4},
+              "output": str(tmp_path / "run")}
+    with pytest.raises(PairingError, match=r"over 3 classes \(blue, green, red\) but data has labels it does not "
+                                           r"know: purple; teacher and data must share their classes"):
+        distill(recipe, progress=False)
+    # a teacher saved without class names: transformers' placeholders, and the message says how to name them
+    config = json.loads((tmp_path / "teacher" / "config.json").read_text())
+    config["id2label"] = {str(i): f"LABEL_{i}" for i in range(3)}
+    config["label2id"] = {f"LABEL_{i}": i for i in range(3)}
+    (tmp_path / "teacher" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PairingError, match=r"\(LABEL_0, LABEL_1, LABEL_2\) but data has labels it does not know: "
+                                           r"purple, red; its config names no classes .* write the class names into "
+                                           r"id2label and label2id of its config.json"):
+        distill(recipe, progress=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -179,6 +180,10 @@ def declared_classes(stage: Stage) -> list[str]:
     return [name for s in sources if s.source in CORPUS_CLASSES for name in CORPUS_CLASSES[s.source]]
 
 
+def shown(names: list[str], most: int = 5) -> str:
+    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
+
+
 def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str) -> tuple[list[str], dict]:
     """Class names in the teacher's own order when it already is a classifier; else a new head's."""
     _, config = load_config(teacher_ref, stage.teacher.trust_remote_code)
@@ -190,10 +195,13 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
     if has_classifier_head(config) and not blueprint:
         unknown = sorted(set(labels) - set(known))
         if unknown:
+            unnamed = all(re.fullmatch(r"LABEL_\d+", name) for name in known)
             raise PairingError(
-                f"{prefix}teacher.model is a classifier over {len(known)} classes ({', '.join(known[:5])}, ...) "
-                f"but {prefix}data has labels it does not know: {', '.join(unknown[:5])}; "
-                f"teacher and data must share their classes"
+                f"{prefix}teacher.model is a classifier over {len(known)} classes ({shown(known)}) "
+                f"but {prefix}data has labels it does not know: {shown(unknown)}; "
+                + (f"its config names no classes (transformers' LABEL_i placeholders): write the class names into "
+                   f"id2label and label2id of its config.json, in the order its head was trained on"
+                   if unnamed else "teacher and data must share their classes")
             )
         labels = known
     if not labels:
