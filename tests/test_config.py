@@ -242,6 +242,14 @@ def test_an_empty_output_is_refused_not_a_folder_named_none(output):
         load_recipe({**base(), "output": output})
 
 
+@pytest.mark.parametrize("name", ["../escaped", "a/b", "..", "", "/abs"])
+def test_a_recipe_name_is_a_folder_name_not_a_path(name):
+    recipe = {k: v for k, v in base().items() if k != "output"}  # so the default runs/NAME would escape runs/
+    with pytest.raises(ConfigError, match=r"name .*: a recipe's name is its run folder .*letters, digits"):
+        load_recipe({**recipe, "name": name})
+    assert load_recipe({**recipe, "name": "my-kd_2.b"}).output == "runs/my-kd_2.b"
+
+
 @pytest.mark.parametrize("name", ["../../escaped", "a/b", "..", "", "has space"])
 def test_a_stage_name_is_a_folder_name_inside_the_run(name):
     with pytest.raises(ConfigError, match=r"stages\[1\]\.name .*letters, digits"):
