@@ -333,7 +333,7 @@ def export_cmd(model_dir: str = typer.Argument(..., help="a finished student dir
     from pathlib import Path
 
     from kdistill.errors import ConfigError
-    from kdistill.quant.packing import check_export_target, export_packed
+    from kdistill.quant.packing import check_export_target, export_packed, is_packed_export
 
     source = Path(model_dir)
     if (source / "student" / "config.json").exists():
@@ -342,6 +342,8 @@ def export_cmd(model_dir: str = typer.Argument(..., help="a finished student dir
     if not packed:
         raise ConfigError("export has one format so far: add --packed (a student directory is already a "
                           "Hugging Face model directory)")
+    if is_packed_export(Path(out)):  # the check above let only an earlier export through: say it goes
+        console.print(f"replacing the earlier export in {out}")
     report = export_packed(str(source), out)
     fp = report["quantized_linear_fp32_bytes"]
     console.print(f"wrote {out}: quantized linear weights {report['quantized_linear_packed_bytes']:,} bytes packed "

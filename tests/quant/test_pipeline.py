@@ -88,6 +88,10 @@ def test_cli_packed_export(pipeline, tmp_path):
     result = runner.invoke(app, ["export", str(Path(pipeline["output"])), str(tmp_path / "packed"), "--packed"])
     assert result.exit_code == 0, result.output
     assert "packed" in result.output and (tmp_path / "packed" / "model.packed.safetensors").exists()
+    assert "replacing" not in result.output
+    again = runner.invoke(app, ["export", str(Path(pipeline["output"])), str(tmp_path / "packed"), "--packed"])
+    said = " ".join(again.output.split())
+    assert again.exit_code == 0 and f"replacing the earlier export in {tmp_path / 'packed'}" in said
     original = load_model(str(student), "classification")
     packed = load_model(str(tmp_path / "packed"), "classification").model
     batch = dict(original.tokenizer(["a red thing number 3"], return_tensors="pt"))
