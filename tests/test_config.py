@@ -278,3 +278,15 @@ def test_all_zero_loss_weights_are_refused_one_zero_is_not():
         load_recipe(recipe)
     recipe["losses"][1]["weight"] = 0.5
     assert [t.weight for t in load_recipe(recipe).stages[0].losses] == [0, 0.5]
+
+
+def test_a_recipe_wide_set_that_every_stage_overrides_is_refused_not_ignored():
+    two = {**base(), "stages": [{"name": "a", "train": {"steps": 3}}, {"name": "b", "train": {"steps": 4}}]}
+    with pytest.raises(ConfigError, match=r"--set train.steps: every stage sets its own train.steps, .* "
+                                          r"stages.0.train.steps="):
+        load_recipe(two, ["train.steps=10"])
+    # a stage that inherits it takes it; the one with its own keeps its own
+    two["stages"][1]["train"] = {"lr": 1e-4}
+    recipe = load_recipe(two, ["train.steps=10"])
+    assert [s.train.steps for s in recipe.stages] == [3, 10]
+    assert load_recipe(two, ["stages[0].train.steps=7"]).stages[0].train.steps == 7

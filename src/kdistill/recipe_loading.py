@@ -103,6 +103,26 @@ def apply_override(raw: dict, assignment: str) -> None:
             node = node[part]
 
 
+def check_not_shadowed(raw: dict, assignment: str) -> None:
+    """A recipe-wide `--set` that every stage overrides with its own value would change nothing, silently."""
+    key = assignment.split("=", 1)[0].strip()
+    parts = re.sub(r"\[(-?\d+)\]", r".\1", key).split(".")
+    stages = raw.get("stages")
+    if parts[0] not in STAGE_FIELDS or not isinstance(stages, list) or not stages:
+        return
+
+    def sets(block: Any) -> bool:
+        for part in parts:
+            if not isinstance(block, dict) or part not in block:
+                return False
+            block = block[part]
+        return True
+
+    if all(sets(block) for block in stages):
+        raise ConfigError(f"--set {key}: every stage sets its own {key}, so the recipe-wide value would change "
+                          f"nothing; set it per stage, e.g. stages.0.{key}=...")
+
+
 def merge(base: Any, update: Any) -> Any:
     if isinstance(base, dict) and isinstance(update, dict):
         out = dict(base)
@@ -348,6 +368,7 @@ def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] =
         raw, source = read_recipe_file(ref)
     for assignment in overrides:
         apply_override(raw, assignment)
+        check_not_shadowed(raw, assignment)
     if output is not None:
         raw["output"] = output
     return build_recipe(raw, source)
