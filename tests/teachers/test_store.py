@@ -184,6 +184,8 @@ def test_missing_manifest(store_path):
     (store_path / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="no manifest.json"):
         TeacherStore.open(store_path)
+    with pytest.raises(CheckpointError, match=r"index.json is a file; a teacher store is a folder"):
+        TeacherStore.open(store_path / "index.json")  # not a NotADirectoryError traceback
 
 
 def test_foreign_manifest(store_path):
@@ -227,7 +229,7 @@ def test_killed_writer_leaves_no_store(tmp_path):
     writer.add("a", torch.randn(3, V))
     # The process dies here: close() never runs.
     assert not (tmp_path / "s").exists()
-    with pytest.raises(CheckpointError, match="no manifest.json"):
+    with pytest.raises(CheckpointError, match=r"teacher store .*s does not exist; build one with `kdistill cache"):
         TeacherStore.open(tmp_path / "s")
     writer.abort()
     assert list(tmp_path.iterdir()) == []

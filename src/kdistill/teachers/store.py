@@ -210,6 +210,11 @@ def _columns(manifest: dict) -> int:
 
 def _read_manifest(path: Path) -> dict:
     file = path / "manifest.json"
+    if not path.exists():
+        raise CheckpointError(f"teacher store {path} does not exist; build one with `kdistill cache-teacher RECIPE`")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; a teacher store is a folder (manifest.json and shards) that "
+                              f"`kdistill cache-teacher` writes")
     try:
         manifest = json.loads(file.read_text())
     except FileNotFoundError:
