@@ -16,6 +16,7 @@ from kdistill.config import (
     RECIPES_DIR, STAGE_FIELDS, STAGE_TEACHER, DataSource, Recipe, Stage,
 )
 from kdistill.errors import ConfigError, KdistillError, did_you_mean
+from kdistill.recipe_overrides import apply_override, check_not_shadowed
 
 
 def builtin_recipes() -> dict[str, Path]:
@@ -62,65 +63,6 @@ def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping with teacher, student, data, losses, train, output")
     return raw, str(path)
-
-
-def apply_override(raw: dict, assignment: str) -> None:
-    """`a.b.c=value`, value parsed as YAML (so numbers, booleans and lists work); list items by index, written
-    `stages.0.train.lr` or, as the recipe-difference messages print it, `stages[0].train.lr`."""
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.steps=100")
-    key, value = assignment.split("=", 1)
-    parts = re.sub(r"\[(-?\d+)\]", r".\1", key.strip()).split(".")
-    node: Any = raw
-    for i, part in enumerate(parts):
-        last = i == len(parts) - 1
-        if isinstance(node, list):
-            where = '.'.join(parts[:i]) or 'recipe'
-            if not part.lstrip("-").isdigit():
-                raise ConfigError(f"--set {key}: {where} is a list of {len(node)}; use an index")
-            if not -len(node) <= int(part) < len(node):
-                raise ConfigError(f"--set {key}: {where} has {len(node)} item(s), so index {part} is out of range "
-                                  f"(0 to {len(node) - 1})")
-            part = int(part)
-        elif not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping")
-        if last:
-            try:
-                node[part] = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise ConfigError(f"--set {key}: the value {value!r} is not valid YAML "
-                                  f"(quote it, or close its brackets)") from None
-        else:
-            if isinstance(node, dict) and node.get(part) is None:
-                if parts[i + 1].lstrip("-").isdigit():  # an index into a list the recipe does not have
-                    hint = f"; a one-stage recipe has none: set {'.'.join(parts[i + 2:]) or 'the field'} directly" \
-                        if part == "stages" else ""
-                    raise ConfigError(f"--set {key}: the recipe has no {'.'.join(parts[:i + 1])} list to index{hint}")
-                node[part] = {}
-            elif not isinstance(node[part], (dict, list)):
-                raise ConfigError(f"--set {key}: {'.'.join(str(p) for p in parts[:i + 1])} is {node[part]!r}, "
-                                  f"not a mapping to set {parts[i + 1]!r} in")
-            node = node[part]
-
-
-def check_not_shadowed(raw: dict, assignment: str) -> None:
-    """A recipe-wide `--set` that every stage overrides with its own value would change nothing, silently."""
-    key = assignment.split("=", 1)[0].strip()
-    parts = re.sub(r"\[(-?\d+)\]", r".\1", key).split(".")
-    stages = raw.get("stages")
-    if parts[0] not in STAGE_FIELDS or not isinstance(stages, list) or not stages:
-        return
-
-    def sets(block: Any) -> bool:
-        for part in parts:
-            if not isinstance(block, dict) or part not in block:
-                return False
-            block = block[part]
-        return True
-
-    if all(sets(block) for block in stages):
-        raise ConfigError(f"--set {key}: every stage sets its own {key}, so the recipe-wide value would change "
-                          f"nothing; set it per stage, e.g. stages.0.{key}=...")
 
 
 def merge(base: Any, update: Any) -> Any:
