@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,12 +10,13 @@ import torch
 from kdistill.config import Stage
 from kdistill.data import TextCollator, label_names, load_records
 from kdistill.data.collate import check_prompts_lead
+from kdistill.engine.classes import check_all_or_none_labelled, class_head
 from kdistill.engine.params import check_globs
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError, article
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
 from kdistill.models.blueprints import is_blueprint
-from kdistill.models.loading import (Loaded, detect_task, has_classifier_head, load_config, load_model, load_tokenizer,
+from kdistill.models.loading import (Loaded, detect_task, load_config, load_model, load_tokenizer,
                                      TOKENIZER_FILES, new_model, read_pooling, resolve_model_path)
 from kdistill.models.student import build_student
 from kdistill.models.taps import TapReader
@@ -158,62 +158,6 @@ def check_text_fits(student, teacher, tokenizer, max_length: int, prefix: str, n
         if positions is not None and new_tokens >= positions:
             raise ConfigError(f"{prefix}on_policy.max_new_tokens is {new_tokens} but the {who} has {positions} "
                               f"positions, prompt included; lower max_new_tokens below {positions}")
-
-
-def check_all_or_none_labelled(records: list[dict], prefix: str) -> None:
-    """A classifier's batch cannot mix labelled and unlabelled records, and which batches mix depends on the
-    shuffle: found here, not some steps into training."""
-    unlabelled = [r for r in records if r.get("label") is None]
-    if unlabelled and len(unlabelled) < len(records):
-        example = str(unlabelled[0].get("text", unlabelled[0].get("image_path", "")))[:60]
-        raise DataError(f"{prefix}data.train: {len(unlabelled):,} of its {len(records):,} records have no label (e.g. "
-                        f"{example!r}) and the others have one; a batch cannot mix them: label every source (a "
-                        f"file's `label:` field), or train on unlabelled records alone with loss terms that need no "
-                        f"labels")
-
-
-def declared_classes(stage: Stage) -> list[str]:
-    from kdistill.data.corpora import CORPUS_CLASSES
-
-    specs = [stage.data.train, stage.data.eval]
-    sources = [s for spec in specs if spec is not None for s in (spec if isinstance(spec, list) else [spec])]
-    return [name for s in sources if s.source in CORPUS_CLASSES for name in CORPUS_CLASSES[s.source]]
-
-
-def shown(names: list[str], most: int = 5) -> str:
-    return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
-
-
-def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str) -> tuple[list[str], dict]:
-    """Class names in the teacher's own order when it already is a classifier; else a new head's."""
-    _, config = load_config(teacher_ref, stage.teacher.trust_remote_code)
-    # train and eval (a class seen only in eval still needs an output), and every class a built-in source declares
-    labels = label_names(records + [{"label": name} for name in declared_classes(stage)])
-    known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
-    # a blueprint is a fresh random init: its head takes the data's classes
-    blueprint = is_blueprint(stage.teacher.model)
-    if has_classifier_head(config) and not blueprint:
-        unknown = sorted(set(labels) - set(known))
-        if unknown:
-            unnamed = all(re.fullmatch(r"LABEL_\d+", name) for name in known)
-            raise PairingError(
-                f"{prefix}teacher.model is a classifier over {len(known)} classes ({shown(known)}) "
-                f"but {prefix}data has labels it does not know: {shown(unknown)}; "
-                + (f"its config names no classes (transformers' LABEL_i placeholders): write the class names into "
-                   f"id2label and label2id of its config.json, in the order its head was trained on"
-                   if unnamed else "teacher and data must share their classes")
-            )
-        labels = known
-    if not labels:
-        raise DataError(f"{prefix}data has no labels, and the teacher is a classifier of a task not yet learned: "
-                        f"give the label field of the data (e.g. label: y), or a teacher trained on the task")
-    if len(labels) < 2:  # one class trains to a zero loss and predicts it for everything
-        raise DataError(f"{prefix}data has one class ({', '.join(map(repr, labels))}); a classifier needs two or "
-                        f"more: check the label field, or the class folders of an image folder")
-    # A base model gets a new head with these classes (e.g. to fine-tune a teacher); a student loaded
-    # from a directory (a previous, task-agnostic stage) gets the same head.
-    return labels, {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                    "label2id": {name: i for i, name in enumerate(labels)}}
 
 
 def cached_teacher_dir(stage: Stage, prefix: str) -> str:
