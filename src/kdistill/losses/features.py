@@ -30,10 +30,10 @@ class HiddenParams(SkipCLSParams):
     projector: Literal["auto", "linear", "none"] = "auto"
     # A random projector is far from any useful map and moves at the student's learning rate: in a few
     # hundred steps it never fits, and a narrow student fed gradients through it settles on the teacher's
-    # mean state (docs/results.md). `fit` starts it at the least-squares map on the first batch instead.
+    # mean state (docs/results.md). `fit` starts it at the least-squares map on training records instead.
     projector_init: Literal["fit", "random"] = Field(
-        "fit", description="fit: the least-squares map from the student's states to the teacher's on the first "
-        "training batch; random: nn.Linear's default initialisation")
+        "fit", description="fit: the least-squares map from the student's states to the teacher's on 256 "
+        "records spread through the training data; random: nn.Linear's default initialisation")
     student_tap: str | None = Field(None, description="compare these two named taps instead of a layer map")
     teacher_tap: str | None = None
     # Centring removes what every token shares, so the distance compares only how tokens differ (a probe
