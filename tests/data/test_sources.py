@@ -220,3 +220,16 @@ def test_files_that_are_not_plain_utf8_get_named(tmp_path):
     control.write_text('{"text": "a\tb"}\n')
     with pytest.raises(DataError, match=r"line 1 is not valid JSON: Invalid control character at column 12"):
         load_records({"path": str(control)})
+
+
+def test_a_csv_quote_left_open_is_named_at_its_line_not_swallowing_the_rest(tmp_path):
+    rows = ["sentence,label"] + [f"text number {i},red" for i in range(100)]
+    rows[3] = '"he said hi,red'
+    path = tmp_path / "quote.csv"
+    path.write_text("\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"quote.csv: the row starting at line 4 is not valid CSV \(unexpected end"):
+        load_records({"path": str(path), "text": "sentence"})
+    rows[3] = '"he said ""hi"", and a line\nbreak",red'  # quotes doubled and a line break: valid, one record
+    path.write_text("\n".join(rows) + "\n")
+    records = load_records({"path": str(path), "text": "sentence"})
+    assert len(records) == 100 and records[2]["text"] == 'he said "hi", and a line\nbreak'

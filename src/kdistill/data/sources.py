@@ -156,14 +156,24 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
 
 def _csv_rows(path: str) -> Iterator[tuple[str, dict]]:
     with open(path, encoding=ENCODING, newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            # line_num is the physical line, header included, which is what an editor shows.
+        # strict: a quote left open otherwise swallows every later line into one text, silently
+        reader = csv.DictReader(f, strict=True)
+        start = 2  # line_num is the physical line, header included, which is what an editor shows
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                raise DataError(f"{path}: the row starting at line {start} is not valid CSV ({err}): a double quote "
+                                f"opened there is not closed, or text follows a closing quote; a text with a "
+                                f"double quote in it is written in quotes with the quote doubled (\"say \"\"hi\"\"\")") from None
             if None in row:  # DictReader's place for values past the header's columns
                 raise DataError(f"{path} line {reader.line_num} has {len(reader.fieldnames) + len(row[None])} "
                                 f"fields but the header names {len(reader.fieldnames)}; a text with a comma in it "
                                 f"must be in double quotes")
             yield f"line {reader.line_num}", row
+            start = reader.line_num + 1
 
 
 def _txt_rows(path: str) -> Iterator[tuple[str, dict]]:
