@@ -168,3 +168,21 @@ def test_comparison_table():
     assert "on 192 held-out SYNTHETIC test problems" in table
     assert "kept 1,000 (600 prompts with at least one); dropped 2,200: wrong_answer 1,200, duplicate 1,000" in table
     json.dumps(results)
+
+
+def test_compare_pad_and_lion_refuse_a_file_output_and_a_test_limit_below_one(tmp_path):
+    from kdistill.api.lion_compare import compare_lion
+    from kdistill.api.pad import compare_pad
+    from kdistill.errors import ConfigError
+
+    taken = tmp_path / "train.jsonl"
+    taken.write_text("{}\n")
+    for compare in (compare_pad, compare_lion):  # one message, not mkdir's FileExistsError traceback
+        with pytest.raises(ConfigError, match=r"output .*train.jsonl is a file; choose another --output"):
+            compare(seeds=1, output=taken)
+        with pytest.raises(ConfigError, match=r"train.jsonl is a file, so no folder can be made there"):
+            compare(seeds=1, output=taken / "sub")
+    for limit in (0, -1):  # 0 scored nothing; -1 scored all but the last problem
+        with pytest.raises(ConfigError, match=f"test_limit must be at least 1 .*got {limit}"):
+            compare_pad(seeds=1, output=tmp_path / "out", test_limit=limit)
+    assert taken.read_text() == "{}\n" and not (tmp_path / "out").exists()

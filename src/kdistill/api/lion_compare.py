@@ -47,13 +47,14 @@ def teacher_score(recipe: Recipe) -> float:
 def compare_lion(seeds: int = 1, output: str | Path = "runs/lion-compare", overrides=(), console=None,
                  progress: bool = True) -> dict:
     from kdistill.engine.export import is_complete
-    from kdistill.engine.run import run_recipe
+    from kdistill.engine.run import check_output, run_recipe
     from kdistill.errors import ConfigError
 
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
 
     output = Path(output)
+    check_output(output)
     output.mkdir(parents=True, exist_ok=True)
     cache = output / "teacher.sqlite"
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}

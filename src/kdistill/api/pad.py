@@ -93,14 +93,17 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
     `{output}/pad-compare.json` and `{output}/pad-compare.md`. `overrides` maps a recipe name to
     `--set`-style assignments (e.g. {"pad": ["stages.1.train.steps=100"]})."""
     from kdistill.api.synthesize import SUMMARY
-    from kdistill.engine.run import synthesis_dir
+    from kdistill.engine.run import check_output, synthesis_dir
     from kdistill.errors import ConfigError
     from kdistill.teachers.recipe_runs import resolve_teacher
 
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    if test_limit is not None and test_limit < 1:  # 0 scored nothing; -1 silently left out the last problem
+        raise ConfigError(f"test_limit must be at least 1 (or left out for all test problems), got {test_limit}")
 
     output = Path(output)
+    check_output(output)
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     teacher_dir = resolve_teacher("recipe:pad-teacher", console)  # trained once, before the clock matters
