@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import socket
 import threading
@@ -338,6 +339,24 @@ def test_non_finite_log_probabilities_and_odd_indices_are_garbage_not_crashes():
             _completion("k", "/completions", answer(value), cached=False)
     with pytest.raises(GarbageResponse, match="indices are not all integers"):
         _completion("k", "/completions", answer(-0.5, index="0"), cached=False)
+
+
+def test_log_probabilities_no_distribution_can_have_are_garbage():
+    """A store kept them, with its tail mass at -inf, and trained on them."""
+    from kdistill.api.client import GarbageResponse, _completion
+
+    def answer(value, top):
+        return {"choices": [{"index": 0, "text": "a", "logprobs": {"tokens": ["a"], "token_logprobs": [value],
+                                                                    "top_logprobs": [top]}}]}
+
+    with pytest.raises(GarbageResponse, match="a log-probability is above 0"):
+        _completion("k", "/completions", answer(5.0, {"a": 5.0}), cached=False)
+    with pytest.raises(GarbageResponse, match="add up to a probability of 3.74"):  # exp(-0.1) + ... + exp(-0.5)
+        _completion("k", "/completions", answer(-0.1, {t: -v / 10 for v, t in enumerate("abcde", 1)}), cached=False)
+    # a near-certain token rounded to +0.0001, and a top-k holding a rounded 1.002 of the mass, are a service's
+    # rounding, not garbage
+    rounded = {"a": 1e-4, "b": math.log(0.002)}
+    assert _completion("k", "/completions", answer(1e-4, rounded), cached=False).choices[0].text == "a"
 
 
 def test_a_key_pasted_where_its_variable_name_goes_is_refused_and_not_repeated():

@@ -100,7 +100,7 @@ def _legacy_choice(choice) -> Choice:
         raise GarbageResponse("malformed logprobs") from None
     if not len(tokens) == len(values) == len(tops):
         raise GarbageResponse("logprobs lists of different lengths")
-    _check_finite(values, tops)
+    _check_logprobs(values, tops)
     return Choice(choice["text"], choice.get("finish_reason"), tokens, values, tops)
 
 
@@ -117,12 +117,22 @@ def _chat_choice(choice) -> Choice:
         tops = [[(str(t["token"]), float(t["logprob"])) for t in e.get("top_logprobs") or []] for e in content]
     except (KeyError, TypeError, ValueError):
         raise GarbageResponse("malformed logprobs") from None
-    _check_finite(values, tops)
+    _check_logprobs(values, tops)
     return Choice(message["content"], choice.get("finish_reason"), tokens, values, tops)
 
 
-def _check_finite(values: list, tops: list) -> None:
+MASS_SLACK = 0.01  # services round their log-probabilities; a real top-k never holds much more than all the mass
+
+
+def _check_logprobs(values: list, tops: list) -> None:
     # NaN or infinity cannot be cached as JSON, and a store or loss built on them would be NaN
     if not all(math.isfinite(v) for v in values if v is not None) or \
             not all(math.isfinite(v) for top in tops for _, v in top):
         raise GarbageResponse("a log-probability is not a finite number (NaN or infinity)")
+    # a store would keep such values and train on a 'distribution' that is none, its tail mass at -inf
+    if any(v > math.log1p(MASS_SLACK) for v in values if v is not None):
+        raise GarbageResponse("a log-probability is above 0 (a probability above 1)")
+    for top in tops:
+        if top and sum(math.exp(v) for _, v in top) > 1 + MASS_SLACK:
+            raise GarbageResponse(f"one position's top log-probabilities add up to a probability of "
+                                  f"{sum(math.exp(v) for _, v in top):.2f}, more than 1")
