@@ -70,6 +70,26 @@ def test_the_store_holds_the_models_own_top_k_and_a_student_trains_from_it(serve
     cache_api_teacher(recipe, again, vocabulary=tiny_gpt2_dir, k=K, dtype="float32", progress=False)
     assert again.requests_sent == 1  # the check only: every text's answer came from the cache
 
+    from kdistill.errors import CheckpointError
+
+    recipe["losses"][0]["temperature"] = 2.0  # refused, with the fix for an API store (not `cache-teacher`)
+    recipe["output"] = str(tmp_path / "run-t2")
+    with pytest.raises(CheckpointError, match=r"temperature differs: store has 1.0, run has 2.0; a service's "
+                                              r"log-probabilities are at temperature 1: set temperature: 1.0 on the "
+                                              r"loss; rebuild it with `kdistill cache-api-teacher`"):
+        distill(recipe, progress=False)
+
+
+def test_a_store_path_that_is_taken_is_refused_before_the_service_is_asked(recipe, tiny_gpt2_dir, tmp_path):
+    from kdistill.errors import CheckpointError
+
+    taken = tmp_path / "notes.jsonl"
+    taken.write_text("mine\n")
+    dead = {"base_url": "http://127.0.0.1:9", "model": "m"}  # asked first, it would say the service is down
+    with pytest.raises(CheckpointError, match=r"notes.jsonl exists and is a file; a store replaces only"):
+        cache_api_teacher(recipe, dead, vocabulary=tiny_gpt2_dir, out=taken, progress=False)
+    assert taken.read_text() == "mine\n" and not (tmp_path / "notes.jsonl.teacher.sqlite").exists()
+
 
 def payload(tokens, tops):
     """An echoed answer as the client parses it (the first prompt token's log-probability is null)."""

@@ -65,7 +65,7 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     from kdistill.teachers.cached import TEACHER_FILES, data_fingerprint, tokenizer_fingerprint
     from kdistill.teachers.recipe_runs import resolve_teacher
     from kdistill.teachers.store import StoreWriter
-    from kdistill.teachers.store_writer import DTYPES
+    from kdistill.teachers.store_writer import DTYPES, refuse_unless_store
 
     if k < 1 or dtype not in DTYPES or max_tokens < 0:  # before the service is asked anything
         raise ConfigError(f"k must be >= 1 (got {k}), dtype {' or '.join(DTYPES)} (got {dtype!r}) and max_tokens "
@@ -83,6 +83,7 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         raise ConfigError(f"vocabulary {vocabulary!r} has no tokenizer")
     out = Path(out or stage.teacher.path or Path(recipe.output) / "teacher-store")
+    refuse_unless_store(out)  # before the service is asked (and paid): the writer would refuse it only at the end
     records = read_sources(stage.data.train, "train", "data.train", stage.train.seed)
     if any("text_pair" in r for r in records):
         raise DataError("data.train has text pairs; an API teacher scores single texts (causal LMs)")

@@ -242,9 +242,19 @@ def _check_expectations(path: Path, manifest: dict, expect: Mapping[str, object]
             same = have == wanted
             label = f"{name} fingerprint"
         if not same:
-            problems.append(f"{label} differs: store has {'none' if have is None else have}, run has {wanted}")
+            problems.append(f"{label} differs: store has {'none' if have is None else have}, run has {wanted}"
+                            + WHAT_DIFFERS.get(name, ""))
     if problems:
-        raise CheckpointError(f"teacher store {path} does not match this run: {'; '.join(problems)}; {REBUILD_HINT}")
+        api = (path / "teacher" / "kdistill-api-teacher.json").exists()  # written by cache-api-teacher
+        if api and any(p.startswith("temperature") for p in problems):
+            problems.append("a service's log-probabilities are at temperature 1: set temperature: 1.0 on the loss")
+        hint = "rebuild it with `kdistill cache-api-teacher`" if api else REBUILD_HINT
+        raise CheckpointError(f"teacher store {path} does not match this run: {'; '.join(problems)}; {hint}")
+
+
+# a fingerprint is a hash: what it covers, so a mismatch says where to look
+WHAT_DIFFERS = {"data": " (the training records, or how they are cut: data.max_length)",
+                "tokenizer": " (the teacher's tokenizer)", "teacher": " (the teacher's weights or model)"}
 
 
 def _check_present(path: Path, record: dict) -> None:
