@@ -309,6 +309,22 @@ def test_a_broken_service_is_given_up_on_not_asked_item_by_item(stub, tmp_path):
     assert [r.ok for r in results] == [False, True, True, True] + [False] * 7 + [True]
 
 
+def test_giving_up_names_the_fix_for_what_failed(stub):
+    """A 400 to every request is a setting the service refuses (it is up); a 501, a service to start or fix."""
+    stub.script = [("status", 400)] * 8
+    with api(stub.url, max_concurrency=1) as client:
+        with pytest.raises(TeacherUnavailable, match=r"HTTP 400.*none was left to ask: the service is up but refuses "
+                                                     r"these requests: change the settings it names"):
+            client.map([{"prompt": str(i)} for i in range(8)], progress=False)
+        stub.script = [("status", 401)] * 8
+        with pytest.raises(TeacherUnavailable, match=r"stopped without asking the 2 left: the key is refused"):
+            client.map([{"prompt": f"k{i}"} for i in range(10)], progress=False)
+        stub.script = [("status", 501)] * 8
+        with pytest.raises(TeacherUnavailable, match=r"HTTP 501.*: start it .*\(api.base_url in a recipe's teacher, "
+                                                     r"lion.teacher or synthesize.teacher block"):
+            client.map([{"prompt": f"n{i}"} for i in range(8)], progress=False)
+
+
 def test_proxy_5xx_are_retried_and_permanent_ones_are_not(stub):
     stub.script = [("status", 520), ("status", 529), ("status", 524)]
     with api(stub.url) as client:

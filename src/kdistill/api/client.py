@@ -29,7 +29,8 @@ from kdistill.errors import ConfigError, KdistillError
 log = logging.getLogger("kdistill.api.client")
 
 SERVE_HINT = ("start it (for a local model: `kdistill serve-teacher MODEL_DIR --port N`) or fix its address "
-              "(teacher.api.base_url in a recipe, --base-url on the command line)")
+              "(api.base_url in a recipe's teacher, lion.teacher or synthesize.teacher block; --base-url on the "
+              "command line)")
 
 
 # Busy or briefly failing: worth another try (408, 429 and every 5xx, proxies' 520-529 included). 501 (not
@@ -175,8 +176,17 @@ class TeacherAPI:
     def _gave_up(self, in_a_row: int, last: Failure, left: int) -> str:
         kept = (f"the answers that came back are cached in {self.cache.path}, so a new run asks only for the rest"
                 if self.cache is not None else "nothing was cached (no cache_path)")
+        stopped = f"stopped without asking the {left} left" if left else "none was left to ask"
+        if last.status in (401, 403):
+            fix = "the key is refused: check the variable named by api_key_env"
+        elif last.status is not None and 400 <= last.status < 500 and last.status not in (404, 408, 429):
+            # the service is up and refuses what is asked: starting it or moving it would not help
+            fix = ("the service is up but refuses these requests: change the settings it names (e.g. a --k above "
+                   "its top-logprobs limit, or a model it does not serve)")
+        else:
+            fix = SERVE_HINT
         return (f"the teacher API at {self.base_url} failed {in_a_row} requests in a row (last: {last.error}); "
-                f"stopped without asking the {left} left: {SERVE_HINT}; {kept}")
+                f"{stopped}: {fix}; {kept}")
 
     def check(self, budget_s: float = 10) -> list[str]:
         """One GET /models (retried within ``budget_s``): the ids the service lists. Raises
