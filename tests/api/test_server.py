@@ -138,6 +138,7 @@ def test_chat_answers_with_chat_logprobs(http):
     ({"prompt": [101, 10 ** 9]}, "prompt"),
     ({"prompt": [[101], []]}, "prompt"),
     ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "seed": 2 ** 70}, "seed"),  # past torch.manual_seed's range: a 500 before
 ])
 def test_bad_completion_requests_get_400_with_an_openai_error(http, body, param):
     response = http.post("/completions", json=body)

@@ -201,8 +201,9 @@ class TeacherServer(LocalModel):
             raise BadRequest("top_p must be a number in (0, 1]", "top_p")
         if not is_int(settings["n"]) or not 1 <= settings["n"] <= MAX_CANDIDATES:
             raise BadRequest(f"n must be an integer from 1 to {MAX_CANDIDATES}", "n")
-        if settings["seed"] is not None and not is_int(settings["seed"]):
-            raise BadRequest("seed must be an integer", "seed")
+        # torch.manual_seed's range: a larger one raised inside the model and was answered as a 500
+        if settings["seed"] is not None and not (is_int(settings["seed"]) and -2**63 <= settings["seed"] < 2**64):
+            raise BadRequest("seed must be an integer from -2**63 to 2**64 - 1", "seed")
         stop = settings["stop"]
         stop = [stop] if isinstance(stop, str) else (stop or [])
         if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
