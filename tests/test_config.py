@@ -236,6 +236,22 @@ def test_the_python_api_applies_output_to_a_loaded_recipe_and_refuses_what_it_ca
     assert kdistill.load_recipe(base(), ["train.steps=7"]).stages[0].train.steps == 7
 
 
+def test_the_python_api_refuses_arguments_of_the_wrong_kind_before_anything_runs(tmp_path, monkeypatch):
+    import kdistill
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"output is a folder path \(str or Path\), got int 5"):
+        kdistill.distill(base(), overrides=None, output=5)  # wrote to ./5 before
+    with pytest.raises(ConfigError, match=r"resume is True or False, got 'no'"):  # a truthy string resumed
+        kdistill.distill(base(), overrides=None, resume="no")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))  # recipe:NAME is its trained student, not a hub id
+    with pytest.raises(ConfigError, match=r"ref recipe:teacher-supersense: that recipe has not been trained here yet"):
+        kdistill.load_model("recipe:teacher-supersense")
+    with pytest.raises(ConfigError, match=r"teacher recipe:teacher-supersense: that recipe has not been trained"):
+        kdistill.evaluate(str(tmp_path), "recipe:teacher-supersense", {"source": "wordnet-supersense"})
+
+
 @pytest.mark.parametrize("output", [None, "", "  "])
 def test_an_empty_output_is_refused_not_a_folder_named_none(output):
     with pytest.raises(ConfigError, match="output is empty; give the run's folder"):

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -27,7 +28,7 @@ def load_recipe(ref, overrides=(), output=None):
     return _load(ref, overrides, output)
 
 
-def distill(recipe, overrides=(), output: str | None = None, resume: bool = False, force: bool = False,
+def distill(recipe, overrides=(), output: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
             progress: bool = True) -> Path:
     """Run a recipe (path, built-in name, dict or Recipe) and return the final student directory."""
     from rich.console import Console
@@ -35,8 +36,14 @@ def distill(recipe, overrides=(), output: str | None = None, resume: bool = Fals
     from kdistill.config import Recipe
     from kdistill.engine.run import run_recipe
 
-    from kdistill.errors import KdistillError
+    from kdistill.errors import ConfigError, KdistillError
 
+    overrides = () if overrides is None else overrides
+    if output is not None and not isinstance(output, (str, os.PathLike)):  # output=5 wrote to ./5
+        raise ConfigError(f"output is a folder path (str or Path), got {type(output).__name__} {output!r}")
+    for name, value in (("resume", resume), ("force", force), ("progress", progress)):
+        if not isinstance(value, bool):  # resume="no" is truthy
+            raise ConfigError(f"{name} is True or False, got {value!r}")
     try:
         if not isinstance(recipe, Recipe) or overrides or output:
             recipe = load_recipe(recipe, overrides, output)
@@ -60,18 +67,22 @@ def in_api_words(message: str) -> str:
 
 
 def load_model(ref: str, task: str = "auto"):
-    """A model and its tokenizer (`.model`, `.tokenizer`) from a directory, hub id or packaged:NAME;
-    quantized students and packed 1-bit exports come back with their quantized structure."""
+    """A model and its tokenizer (`.model`, `.tokenizer`) from a directory, hub id, packaged:NAME or recipe:NAME
+    (a built-in recipe's trained student); quantized students and packed 1-bit exports come back with their
+    quantized structure."""
     from kdistill.models.loading import load_model as _load
+    from kdistill.teachers.recipe_runs import trained_model
 
-    return _load(ref, task)
+    return _load(trained_model(ref, "ref"), task)
 
 
 def evaluate(student: str, teacher: str | None, data, **kwargs) -> dict:
     """Side-by-side metrics of a student against its teacher (see kdistill.eval.report.evaluate)."""
     from kdistill.eval.report import evaluate as _evaluate
+    from kdistill.teachers.recipe_runs import trained_model
 
-    return _evaluate(student, teacher, data, **kwargs)
+    return _evaluate(trained_model(student, "student"), trained_model(teacher, "teacher") if teacher else None, data,
+                     **kwargs)
 
 
 __all__ = ["distill", "evaluate", "load_recipe", "__version__"]

@@ -177,6 +177,8 @@ def eval_cmd(student: str = typer.Option(..., help="student: directory, hub id, 
     from kdistill.eval.report import (check_replaceable_report, check_report_path, evaluate, render_table, save,
                                       spec_from_arg)
 
+    from kdistill.teachers.recipe_runs import trained_model
+
     student = trained_model(student, "--student")
     if teacher is None:  # an embedding student has no metric of its own: the table would be empty
         import json
@@ -220,21 +222,6 @@ def default_report(student: str) -> Path:
     if Path(student).expanduser().is_dir() and not student.startswith(("packaged:", "blueprint:")):
         return Path(student).expanduser() / "eval.json"
     return Path(f"eval-{student.replace(':', '-').replace('/', '-')}.json")
-
-
-def trained_model(ref: str, flag: str) -> str:
-    """recipe:NAME as the model that recipe trained; evaluating does not start its training."""
-    from kdistill.errors import ConfigError
-    from kdistill.teachers.recipe_runs import PREFIX, recipe_output, trained_recipe
-
-    if not ref.startswith(PREFIX):
-        return ref
-    trained = trained_recipe(ref)
-    if trained is None:
-        raise ConfigError(f"{flag} {ref}: that recipe has not been trained here yet (no "
-                          f"{recipe_output(ref[len(PREFIX):]) / 'student'}); `kdistill run {ref[len(PREFIX):]}` "
-                          f"trains it")
-    return str(trained)
 
 
 @app.command()

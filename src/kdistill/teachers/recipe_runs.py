@@ -39,6 +39,21 @@ def trained_recipe(ref: str) -> Path | None:
     return student if is_complete(student) else None
 
 
+def trained_model(ref: str, where: str) -> str:
+    """recipe:NAME as the model that recipe trained, without training it (evaluating or loading one does not
+    start an hour of training); any other reference as it is."""
+    if not str(ref).startswith(PREFIX):
+        return ref
+    from kdistill.errors import ConfigError
+
+    trained = trained_recipe(ref)
+    if trained is None:
+        name = ref[len(PREFIX):]
+        raise ConfigError(f"{where} {ref}: that recipe has not been trained here yet (no "
+                          f"{recipe_output(name) / 'student'}); `kdistill run {name}` trains it")
+    return str(trained)
+
+
 def resolve_teacher(ref: str, console=None) -> str:
     """A model reference for loading; `recipe:NAME` is trained first if it has not been yet."""
     if not str(ref).startswith(PREFIX):
