@@ -135,3 +135,18 @@ def test_data_with_classes_the_teacher_does_not_know_is_refused_naming_the_fix(t
                                            r"purple, red; its config names no classes .* write the class names into "
                                            r"id2label and label2id of its config.json"):
         distill(recipe, progress=False)
+
+
+def test_a_batch_twice_the_training_data_is_refused_naming_the_field(tmp_path, tiny_recipe):
+    """A batch of 100,000 over 64 records was killed for memory with no message."""
+    from kdistill import distill
+    from kdistill.config import load_recipe
+    from kdistill.engine.build import read_sources
+    from kdistill.errors import ConfigError
+
+    records = len(read_sources(load_recipe(tiny_recipe).stages[0].data.train, "train", "data.train"))
+    tiny_recipe["train"]["batch_size"] = 2 * records
+    with pytest.raises(ConfigError, match=rf"train.batch_size {2 * records:,} is at least twice the {records:,} "
+                                          rf"training records.*lower train.batch_size to {records:,} or less"):
+        distill(tiny_recipe, progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()

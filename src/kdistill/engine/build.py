@@ -240,6 +240,10 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
 
 def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None) -> StageParts:
     train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
+    if stage.train.batch_size >= 2 * len(train):  # a batch of copies, which can also run out of memory unnamed
+        raise ConfigError(f"{prefix}train.batch_size {stage.train.batch_size:,} is at least twice the {len(train):,} "
+                          f"training records, so every batch would hold each of them twice or more: lower "
+                          f"train.batch_size to {len(train):,} or less, or train on more data")
     evals = read_sources(stage.data.eval, "eval", f"{prefix}data.eval") if stage.data.eval else []
     if stage.data.loss_on == "completion":
         check_prompts_lead(train, f"{prefix}data.train")
