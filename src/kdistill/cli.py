@@ -205,6 +205,11 @@ def eval_cmd(student: str = typer.Option(..., help="student: directory, hub id, 
                       split=split, limit=limit, max_length=max_length, speed=speed,
                       trust_remote_code=trust_remote_code)
     console.print(render_table(result))
+    tasks = {role: model["task"] for role, model in result["models"].items()}
+    if label and "classification" not in tasks.values():  # else the labels vanish with no word
+        console.print(f"[yellow]--label {label}[/yellow]: no model here is a classifier ("
+                      + ", ".join(f"{role}: {task}" for role, task in tasks.items())
+                      + "), so no accuracy is scored; its labels are not used")
     save(result, path)
     console.print(f"saved {path}")
 

@@ -117,6 +117,13 @@ def test_eval_takes_a_recipe_teacher_without_training_it(tmp_path, monkeypatch):
     assert not (tmp_path / "home").exists()
 
 
+def test_eval_says_when_label_scores_nothing_because_no_model_is_a_classifier(tmp_path, text_file):
+    result, out = invoke("eval", "--student", "packaged:all-MiniLM-L6-v2", "--data", text_file, "--text", "sentence",
+                         "--label", "sentence", "--limit", 4, "--no-speed", "--output", tmp_path / "r.json")
+    assert result.exit_code == 0, out
+    assert "--label sentence: no model here is a classifier (student: embedding)" in " ".join(out.split())
+
+
 def test_eval_takes_a_trained_recipe_as_the_student_and_reports_beside_it(tmp_path, cached_recipe_run,
                                                                          make_classifier):
     import shutil
