@@ -249,3 +249,19 @@ def test_a_cnn_trained_at_another_size_is_saved_and_evaluated_at_it(tmp_path, mo
     loaded = load_model(str(student))
     assert loaded.model.config.image_size == 32 and collator_for(loaded.model).image_size == 32
     assert loaded.tokenizer.size["height"] == 32  # the saved processor agrees
+
+
+def test_a_student_of_the_other_modality_is_refused_by_name(vit_teacher, tmp_path, make_classifier):
+    """A text student under an image teacher failed inside transformers' Auto class ('Unrecognized configuration
+    class BertConfig ...'); the other way round too."""
+    text_student = make_classifier(tmp_path / "text-student")
+    run = recipe(vit_teacher, tmp_path / "run", [{"type": "cross_entropy"}], student={"model": str(text_student)})
+    with pytest.raises(PairingError, match=r"student.model: .*text-student is a text model \(bert\) and the teacher "
+                                           r"is an image model \(image-classification\)"):
+        distill(run, progress=False)
+    from kdistill.models.student import from_directory
+
+    with pytest.raises(PairingError, match=r"vit-teacher is an image model \(vit\) and the teacher is a text model "
+                                           r"\(classification\)"):
+        from_directory(vit_teacher, teacher=None, task="classification")
+    assert from_directory(vit_teacher, teacher=None, task="image-classification").config.model_type == "vit"
