@@ -293,7 +293,8 @@ def test_corrupt_checkpoint_is_refused(tiny_recipe, killed_run):
     with pytest.raises(CheckpointError, match="corrupt"):
         distill(tiny_recipe, resume=True, progress=False)
     (ckpt / "manifest.json").unlink()
-    with pytest.raises(CheckpointError, match="not a kdistill checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a kdistill checkpoint \(no manifest.json.*delete it to resume "
+                                              r"from an earlier checkpoint"):
         distill(tiny_recipe, resume=True, progress=False)
 
 

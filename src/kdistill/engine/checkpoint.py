@@ -105,11 +105,13 @@ def read_manifest(directory: Path) -> dict:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{directory} is not a kdistill checkpoint (no manifest.json)") from None
+        raise CheckpointError(f"{directory} is not a kdistill checkpoint (no manifest.json; it was damaged or put "
+                              f"there by hand); delete it to resume from an earlier checkpoint") from None
     except json.JSONDecodeError:
         raise CheckpointError(f"{path} is corrupt (not JSON); delete {directory} to resume from an earlier checkpoint") from None
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{directory} is not a kdistill checkpoint (format {manifest.get('format')!r})")
+        raise CheckpointError(f"{directory} is not a kdistill checkpoint (format {manifest.get('format')!r}); delete "
+                              f"it to resume from an earlier checkpoint")
     missing = [key for key in ("files", "recipe_hash") if key not in manifest]
     if missing:
         raise CheckpointError(f"{path} is corrupt (no {', '.join(missing)}); delete {directory} to resume from an "
