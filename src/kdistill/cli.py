@@ -206,7 +206,7 @@ def eval_cmd(student: str = typer.Option(..., help="student: directory, hub id, 
                       trust_remote_code=trust_remote_code)
     console.print(render_table(result))
     tasks = {role: model["task"] for role, model in result["models"].items()}
-    if label and "classification" not in tasks.values():  # else the labels vanish with no word
+    if label and not {"classification", "image-classification"} & set(tasks.values()):  # else they vanish unsaid
         console.print(f"[yellow]--label {label}[/yellow]: no model here is a classifier ("
                       + ", ".join(f"{role}: {task}" for role, task in tasks.items())
                       + "), so no accuracy is scored; its labels are not used")

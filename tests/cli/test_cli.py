@@ -106,6 +106,7 @@ def test_eval_reads_the_label_field_of_a_file_for_a_classifier(tmp_path, make_cl
     assert result.exit_code == 0, out
     entry = json.loads((tmp_path / "r.json").read_text())["datasets"][str(data)]
     assert entry["n"] == 6 and 0 <= entry["accuracy"]["student"] <= 1
+    assert "no model here is a classifier" not in out  # the note is for labels nothing scores
 
 
 def test_eval_takes_a_recipe_teacher_without_training_it(tmp_path, monkeypatch):

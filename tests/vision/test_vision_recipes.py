@@ -179,6 +179,7 @@ def test_kdistill_eval_of_an_image_student_takes_a_table_of_images_and_refuses_t
     assert result.exit_code == 0, result.output
     entry = next(iter(json.loads((tmp_path / "r.json").read_text())["datasets"].values()))
     assert entry["n"] == 6 and 0 <= entry["accuracy"]["student"] <= 1
+    assert "no model here is a classifier" not in result.output  # an image classifier scores its labels
     result = CliRunner().invoke(app, args + ["--data", "stdlib-docstrings", "--limit", "4"])
     assert result.exit_code == 2 and "data 'stdlib-docstrings' holds texts" in " ".join(result.output.split())
     assert "Traceback" not in result.output
