@@ -172,14 +172,18 @@ def test_a_killed_run_resumes_at_the_right_round_without_asking_the_teacher_agai
 
 
 @needs_wordnet
-def test_a_recipe_with_a_lion_stage_runs_with_the_local_teacher_and_ends_in_a_student(tiny_gpt2_dir, seeds, tmp_path):
+# train_on: new with 2 new instructions trains round 2 on 2 rows under batch_size 4: generated data is trained on,
+# not refused as a batch twice the data (the run's teacher answers are already paid for)
+@pytest.mark.parametrize("train_on", ["pool", "new"])
+def test_a_recipe_with_a_lion_stage_runs_with_the_local_teacher_and_ends_in_a_student(tiny_gpt2_dir, seeds, tmp_path,
+                                                                                      train_on):
     from kdistill import distill
 
     raw = {"name": "tiny-lion", "teacher": {"model": tiny_gpt2_dir, "task": "causal-lm"},
            "student": {"from_teacher": {"layers": [2]}},
            "data": {"train": {"path": str(seeds)}, "max_length": 32}, "losses": [{"type": "cross_entropy"}],
            "train": {"steps": 2, "batch_size": 4, "lr": 1e-3, "warmup": 0.0},
-           "lion": {"rounds": 2, "new_instructions": 2, "answers": {"max_new_tokens": 4},
+           "lion": {"rounds": 2, "new_instructions": 2, "answers": {"max_new_tokens": 4}, "train_on": train_on,
                     "referee": {"type": "rouge", "threshold": 0.5},
                     "writer": {"type": "wordnet-random"}},
            "output": str(tmp_path / "run")}

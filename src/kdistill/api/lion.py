@@ -263,7 +263,7 @@ class Lion:
             imitation = imitation.relative_to(self.run_dir)
         declared = self.round_stage(self.declared, r, imitation)
         previous = self.previous_student if r == 1 else str(self.round_dir(r - 1) / STUDENT)
-        parts = build_stage(stage, previous, self.prefix, self.console)
+        parts = build_stage(stage, previous, self.prefix, self.console, generated=True)
         if r == 1 and self.held_out.records() and self.held_out.written(0) is None:
             self.held_out.write(0, parts.student, parts.tokenizer)
         accelerator = self.accelerator or make_accelerator(stage.train.precision)

@@ -238,9 +238,12 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
                         token_types=loaded.task != "causal-lm")
 
 
-def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None) -> StageParts:
+def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None,
+                generated: bool = False) -> StageParts:
+    """`generated`: the training data was written earlier in this run (a synthesize stage's kept rows, a Lion
+    round's answers), so its size was not the user's to choose and a small one is trained on, not refused."""
     train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
-    if stage.train.batch_size >= 2 * len(train):  # a batch of copies, which can also run out of memory unnamed
+    if stage.train.batch_size >= 2 * len(train) and not generated:  # copies, and an unnamed out-of-memory kill
         raise ConfigError(f"{prefix}train.batch_size {stage.train.batch_size:,} is at least twice the {len(train):,} "
                           f"training records, so every batch would hold each of them twice or more: lower "
                           f"train.batch_size to {len(train):,} or less, or train on more data")

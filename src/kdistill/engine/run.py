@@ -152,11 +152,18 @@ def with_stage_generator(stage, out: Path, recipe: Recipe):
     return stage.model_copy(update={"synthesize": synthesize})
 
 
-def with_stage_data(stage, out: Path, recipe: Recipe, prefix: str = ""):
-    """`data: {train: {path: stage:NAME}}` -> the kept rows of that earlier synthesize stage."""
+def uses_stage_data(stage) -> bool:
+    """Whether the stage trains on an earlier synthesize stage's kept rows (`path: stage:NAME`)."""
     from kdistill.config import STAGE_TEACHER, data_specs
 
-    if not any(str(spec.path or "").startswith(STAGE_TEACHER) for _, spec in data_specs(stage)):
+    return any(str(spec.path or "").startswith(STAGE_TEACHER) for _, spec in data_specs(stage))
+
+
+def with_stage_data(stage, out: Path, recipe: Recipe, prefix: str = ""):
+    """`data: {train: {path: stage:NAME}}` -> the kept rows of that earlier synthesize stage."""
+    from kdistill.config import STAGE_TEACHER
+
+    if not uses_stage_data(stage):
         return stage
     import json
 
@@ -342,7 +349,8 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
             continue
         declared = stage
         stage = with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix)
-        parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console)
+        parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console,
+                            generated=uses_stage_data(declared))
         trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress, declared=declared,
                                force=force)
         resumed = resume and trainer.resume()
