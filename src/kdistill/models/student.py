@@ -8,7 +8,7 @@ import torch
 from kdistill.errors import ConfigError, PairingError
 from kdistill.models.arch import find_layers, layer_count
 from kdistill.models.blueprints import is_blueprint
-from kdistill.models.loading import detect_task, load_config, load_model, model_class
+from kdistill.models.loading import detect_task, load_model, model_class
 from kdistill.models.narrow import narrow_config, narrow_state
 from kdistill.registry import Registry
 
@@ -122,23 +122,17 @@ def from_directory(ref: str, teacher, task: str = "auto", head: dict | None = No
     """A saved model; `blueprint:NAME` is an architecture, so it starts from a fresh seeded random init
     (each seed of a comparison is then a different student, as with `config:`)."""
     if is_blueprint(ref):
-        from kdistill.models.loading import new_model
+        from kdistill.models.loading import load_config, new_model
 
         config = load_config(ref)[1]
         for key, value in (head or {}).items():
             setattr(config, key, value)
         task = task if task != "auto" else detect_task(config)
         return new_model(config, task)
-    config = load_config(ref)[1]
-    reads_images = getattr(config, "num_channels", None) is not None  # ViT, DeiT, ResNet...: pixels, not tokens
-    if task != "auto" and reads_images != (task == "image-classification"):
-        from kdistill.errors import PairingError
-
-        kind = {True: "an image model", False: "a text model"}
-        raise PairingError(f"student.model: {ref} is {kind[reads_images]} ({config.model_type}) and the teacher "
-                           f"is {kind[not reads_images]} ({task}): a student reads the teacher's inputs, so pick a "
-                           f"student of the teacher's kind")
-    return load_model(ref, task, **(head or {})).model
+    try:
+        return load_model(ref, task, **(head or {})).model
+    except PairingError as err:  # named by its field: a recipe may load several models
+        raise PairingError(f"student.model: {err}") from None
 
 
 @INITS.register("theseus")
