@@ -306,3 +306,9 @@ def test_a_recipe_wide_set_that_every_stage_overrides_is_refused_not_ignored():
     recipe = load_recipe(two, ["train.steps=10"])
     assert [s.train.steps for s in recipe.stages] == [3, 10]
     assert load_recipe(two, ["stages[0].train.steps=7"]).stages[0].train.steps == 7
+    # a synthesize stage takes no training defaults, and a stage's own list replaces the recipe-wide one whole
+    with pytest.raises(ConfigError, match=r"--set train.steps: every stage sets its own train.steps \(or is a "
+                                          r"synthesize stage"):
+        load_recipe("pad", ["train.steps=5"])
+    with pytest.raises(ConfigError, match=r"--set losses.0.weight: every stage sets its own losses, so"):
+        load_recipe("mobilebert", ["losses.0.weight=7"])

@@ -57,13 +57,22 @@ def check_not_shadowed(raw: dict, assignment: str) -> None:
     if parts[0] not in STAGE_FIELDS or not isinstance(stages, list) or not stages:
         return
 
-    def sets(block: Any) -> bool:
+    def keeps_own(block: Any) -> bool:
+        if not isinstance(block, dict) or "synthesize" in block:  # a synthesize stage takes no training defaults
+            return True
         for part in parts:
+            if isinstance(block, list):  # the stage's own list replaces the recipe-wide one whole
+                return True
             if not isinstance(block, dict) or part not in block:
                 return False
             block = block[part]
         return True
 
-    if all(sets(block) for block in stages):
-        raise ConfigError(f"--set {key}: every stage sets its own {key}, so the recipe-wide value would change "
-                          f"nothing; set it per stage, e.g. stages.0.{key}=...")
+    if all(keeps_own(block) for block in stages):
+        index = next((i for i, part in enumerate(parts) if part.lstrip("-").isdigit()), len(parts))
+        synthesize = any(isinstance(block, dict) and "synthesize" in block for block in stages)
+        raise ConfigError(f"--set {key}: every stage sets its own {'.'.join(parts[:index])}"
+                          + (" (or is a synthesize stage, which takes no recipe-wide training fields)" if synthesize
+                             else "")
+                          + f", so the recipe-wide value would change nothing; set it per stage, e.g. "
+                            f"stages.0.{key}=...")
