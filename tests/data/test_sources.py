@@ -233,3 +233,10 @@ def test_a_csv_quote_left_open_is_named_at_its_line_not_swallowing_the_rest(tmp_
     path.write_text("\n".join(rows) + "\n")
     records = load_records({"path": str(path), "text": "sentence"})
     assert len(records) == 100 and records[2]["text"] == 'he said "hi", and a line\nbreak'
+    rows[3] = '"he said hi,red'
+    path.write_text("\n".join(rows[:3] + [""] + rows[3:]) + "\n")  # a blank line before it: still its own line
+    with pytest.raises(DataError, match=r"the row starting at line 5 is not valid CSV"):
+        load_records({"path": str(path), "text": "sentence"})
+    long = "word " * 40000  # one long document, as pandas writes it: valid, past the csv module's 128 kB cap
+    path.write_text(f'sentence,label\nshort,red\n"{long}",blue\n')
+    assert [len(r["text"]) for r in load_records({"path": str(path), "text": "sentence"})] == [5, len(long)]

@@ -155,25 +155,37 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
 
 
 def _csv_rows(path: str) -> Iterator[tuple[str, dict]]:
+    # a long document in one field is valid CSV (pandas writes it); the csv module's default cap is 128 kB
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     with open(path, encoding=ENCODING, newline="") as f:
         # strict: a quote left open otherwise swallows every later line into one text, silently
-        reader = csv.DictReader(f, strict=True)
-        start = 2  # line_num is the physical line, header included, which is what an editor shows
+        reader = csv.reader(f, strict=True)
+        header, start = None, 1  # start: the physical line the next row begins on, as an editor numbers them
         while True:
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as err:
-                raise DataError(f"{path}: the row starting at line {start} is not valid CSV ({err}): a double quote "
-                                f"opened there is not closed, or text follows a closing quote; a text with a "
-                                f"double quote in it is written in quotes with the quote doubled (\"say \"\"hi\"\"\")") from None
-            if None in row:  # DictReader's place for values past the header's columns
-                raise DataError(f"{path} line {reader.line_num} has {len(reader.fieldnames) + len(row[None])} "
-                                f"fields but the header names {len(reader.fieldnames)}; a text with a comma in it "
-                                f"must be in double quotes")
-            yield f"line {reader.line_num}", row
+                raise DataError(f"{path}: the row starting at line {start} is not valid CSV ({err}){_csv_fix(err)}") \
+                    from None
             start = reader.line_num + 1
+            if not row:  # a blank line
+                continue
+            if header is None:
+                header = row
+                continue
+            if len(row) > len(header):
+                raise DataError(f"{path} line {reader.line_num} has {len(row)} fields but the header names "
+                                f"{len(header)}; a text with a comma in it must be in double quotes")
+            yield f"line {reader.line_num}", {name: row[i] if i < len(row) else None for i, name in enumerate(header)}
+
+
+def _csv_fix(err: csv.Error) -> str:
+    if "unexpected end of data" in str(err) or "expected after" in str(err):
+        return (": a double quote opened there is not closed, or text follows a closing quote; a text with a double "
+                "quote in it is written in quotes with the quote doubled (\"say \"\"hi\"\"\")")
+    return ""
 
 
 def _txt_rows(path: str) -> Iterator[tuple[str, dict]]:
