@@ -243,9 +243,10 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         hints = [repr(k) + (f" ({hint[2:]})" if (hint := did_you_mean(k, known, cutoff=0.6)) else "") for k in extra]
         raise ConfigError(f"{source}: unknown top-level field {', '.join(hints)}; valid: {', '.join(sorted(known))}")
     name = raw.get("name")
-    if name is not None and (not STAGE_NAME.fullmatch(str(name)) or name in (".", "..")):
-        raise ConfigError(f"{source}: name {name!r}: a recipe's name is its run folder (runs/NAME) and its results' "
-                          f"label, so it takes letters, digits, '_', '-' and '.' only (e.g. my-distilbert)")
+    if name is not None and (str(name).strip() in ("", ".", "..") or any(c in str(name) for c in "/\\\0")):
+        raise ConfigError(f"{source}: name {name!r}: a recipe's name is a folder name (runs/NAME, and its runs in "
+                          f"`kdistill compare`), so it cannot be empty, '.' or '..', or hold '/' or '\\' "
+                          f"(e.g. my-distilbert)")
     if "output" not in raw:
         raw["output"] = f"runs/{raw.get('name', 'run')}"
     if raw["output"] is None or not str(raw["output"]).strip():  # `output:` with no value would be a folder "None"
