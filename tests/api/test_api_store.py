@@ -76,7 +76,12 @@ def test_the_store_holds_the_models_own_top_k_and_a_student_trains_from_it(serve
     recipe["output"] = str(tmp_path / "run-t2")
     with pytest.raises(CheckpointError, match=r"temperature differs: store has 1.0, run has 2.0; a service's "
                                               r"log-probabilities are at temperature 1: set temperature: 1.0 on the "
-                                              r"loss; rebuild it with `kdistill cache-api-teacher`"):
+                                              r"loss$"):  # a rebuild would write temperature 1 again
+        distill(recipe, progress=False)
+    recipe["data"]["max_length"] = 16  # other data as well: that part a rebuild does fix
+    with pytest.raises(CheckpointError, match=r"data fingerprint differs: .*\(the training records, or how they are "
+                                              r"cut: data.max_length\).*set temperature: 1.0 on the loss; rebuild it "
+                                              r"with `kdistill cache-api-teacher`"):
         distill(recipe, progress=False)
 
 

@@ -321,7 +321,7 @@ def test_giving_up_names_the_fix_for_what_failed(stub):
             client.map([{"prompt": f"k{i}"} for i in range(10)], progress=False)
         stub.script = [("status", 501)] * 8
         with pytest.raises(TeacherUnavailable, match=r"HTTP 501.*: start it .*\(api.base_url in a recipe's teacher, "
-                                                     r"lion.teacher or synthesize.teacher block"):
+                                                     r"synthesize.teacher, lion.teacher, lion.referee or lion.writer"):
             client.map([{"prompt": f"n{i}"} for i in range(8)], progress=False)
 
 

@@ -29,8 +29,8 @@ from kdistill.errors import ConfigError, KdistillError
 log = logging.getLogger("kdistill.api.client")
 
 SERVE_HINT = ("start it (for a local model: `kdistill serve-teacher MODEL_DIR --port N`) or fix its address "
-              "(api.base_url in a recipe's teacher, lion.teacher or synthesize.teacher block; --base-url on the "
-              "command line)")
+              "(api.base_url in a recipe's teacher, synthesize.teacher, lion.teacher, lion.referee or lion.writer "
+              "block; --base-url on the command line)")
 
 
 # Busy or briefly failing: worth another try (408, 429 and every 5xx, proxies' 520-529 included). 501 (not

@@ -246,10 +246,12 @@ def _check_expectations(path: Path, manifest: dict, expect: Mapping[str, object]
                             + WHAT_DIFFERS.get(name, ""))
     if problems:
         api = (path / "teacher" / "kdistill-api-teacher.json").exists()  # written by cache-api-teacher
-        if api and any(p.startswith("temperature") for p in problems):
-            problems.append("a service's log-probabilities are at temperature 1: set temperature: 1.0 on the loss")
-        hint = "rebuild it with `kdistill cache-api-teacher`" if api else REBUILD_HINT
-        raise CheckpointError(f"teacher store {path} does not match this run: {'; '.join(problems)}; {hint}")
+        hints = []
+        if api and any(p.startswith("temperature") for p in problems):  # a rebuild writes temperature 1 again
+            hints.append("a service's log-probabilities are at temperature 1: set temperature: 1.0 on the loss")
+        if not api or not all(p.startswith("temperature") for p in problems):
+            hints.append("rebuild it with `kdistill cache-api-teacher`" if api else REBUILD_HINT)
+        raise CheckpointError(f"teacher store {path} does not match this run: {'; '.join(problems + hints)}")
 
 
 # a fingerprint is a hash: what it covers, so a mismatch says where to look
