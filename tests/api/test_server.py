@@ -98,6 +98,8 @@ def test_greedy_is_deterministic_and_seeded_sampling_repeats(http):
     assert len(set(texts)) == 1
     sampled = [completion(http, temperature=1.0, seed=seed, max_tokens=12)["choices"][0]["text"] for seed in (7, 7, 8)]
     assert sampled[0] == sampled[1] != sampled[2]
+    for edge in (-2 ** 63, 2 ** 64 - 1):  # torch.manual_seed's whole range is served; one past it is a 400 (above)
+        assert completion(http, temperature=1.0, seed=edge, max_tokens=2)["choices"][0]["text"] is not None
 
 
 def test_stop_strings_cut_the_text(http):
@@ -138,7 +140,8 @@ def test_chat_answers_with_chat_logprobs(http):
     ({"prompt": [101, 10 ** 9]}, "prompt"),
     ({"prompt": [[101], []]}, "prompt"),
     ({"prompt": "x", "echo": "yes"}, "echo"),
-    ({"prompt": "x", "seed": 2 ** 70}, "seed"),  # past torch.manual_seed's range: a 500 before
+    ({"prompt": "x", "seed": 2 ** 64}, "seed"),  # past torch.manual_seed's range: a 500 before
+    ({"prompt": "x", "seed": -2 ** 63 - 1}, "seed"),
 ])
 def test_bad_completion_requests_get_400_with_an_openai_error(http, body, param):
     response = http.post("/completions", json=body)
