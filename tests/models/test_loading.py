@@ -195,6 +195,12 @@ def test_a_teacher_without_tokenizer_files_is_refused_naming_them(tmp_path, tiny
     for name in ("config.json", "model.safetensors"):
         shutil.copy(Path(tiny_bert_dir) / name, bare / name)
     assert load_tokenizer(str(bare)) is None
+    from kdistill.models.loading import has_tokenizer_files
+
+    for name in ("spm.model", "merges.txt", "prophetnet.tokenizer", "sentencepiece.bpe.model"):  # other names
+        (tmp_path / name).mkdir()
+        (tmp_path / name / name).write_text("x")
+        assert has_tokenizer_files(tmp_path / name)
     assert len(load_tokenizer(tiny_bert_dir)) > 1000
     tiny_recipe["teacher"]["model"] = str(bare)
     with pytest.raises(DataError, match=r"teacher.model: .*bare has no tokenizer \(none of tokenizer.json.*copy"):

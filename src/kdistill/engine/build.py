@@ -225,8 +225,8 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
         return ImageCollator(size, channels, label_to_id, stage.data.image_augment)
     if loaded.tokenizer is None or not callable(getattr(loaded.tokenizer, "pad", None)):
         raise DataError(f"{prefix}teacher.model: {stage.teacher.model} has no tokenizer (none of "
-                        f"{', '.join(TOKENIZER_FILES[:3])}); text distillation needs one: copy the tokenizer files "
-                        f"from the model it came from into its directory")
+                        f"{', '.join(TOKENIZER_FILES)} or another tokenizer file); text distillation needs one: copy "
+                        f"the tokenizer files from the model it came from into its directory")
     if stage.data.image_augment is not None:
         raise ConfigError(f"{prefix}data.image_augment: the teacher is {article(loaded.task)} model, not an image "
                           f"classifier")

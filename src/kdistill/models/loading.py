@@ -297,12 +297,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
         return None  # bare checkpoints have none
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
-                   "spiece.model", "sentencepiece.bpe.model")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")  # what save_pretrained writes, named in
+# messages; a tokenizer's own files take many more names (spm.model, merges.txt, prophetnet.tokenizer, ...)
+TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "spm*", "*.tokenizer", "byte_maps.json")
 
 
 def has_tokenizer_files(path: Path) -> bool:
-    return any((path / name).exists() for name in TOKENIZER_FILES)
+    return any(next(path.glob(pattern), None) is not None for pattern in TOKENIZER_PATTERNS)
 
 
 def load_image_processor(path: str):
