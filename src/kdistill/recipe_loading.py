@@ -1,5 +1,6 @@
-"""Reading recipes: a YAML file or built-in name, `--set` overrides, stage merging, validation of every
-block against the schema (kdistill.config) with errors that name the field path, and recipe diffs.
+"""Reading recipes: a YAML file or built-in name, `--set` overrides applied (kdistill.recipe_overrides), stage
+merging, validation of every block against the schema (kdistill.config) with errors that name the field path, and
+recipe diffs.
 """
 from __future__ import annotations
 
