@@ -43,3 +43,15 @@ def test_demo_runs_and_reports_three_columns(tmp_path):
     docs = final["datasets"]["stdlib-docstrings"]
     assert -1 <= docs["cosine"] <= 1 and report["student_at_init"]["datasets"]["stdlib-docstrings"]["n"] == 16
     assert (tmp_path / "demo" / "demo.json").exists() and (tmp_path / "demo" / "student-init" / "config.json").exists()
+
+
+def test_demo_resume_refuses_a_folder_holding_another_recipes_run(tmp_path, tiny_recipe):
+    """It showed that run's student as the demo's result, and wrote demo.json into it."""
+    from kdistill.demo import run_demo
+    from kdistill.errors import CheckpointError
+
+    distill(tiny_recipe, progress=False)
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(CheckpointError, match=r"cannot resume .*run: the recipe differs from the one that started it"):
+        run_demo(Console(width=120), steps=1, output=tiny_recipe["output"], resume=True, limit=4)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before

@@ -82,9 +82,8 @@ def run_demo(console, steps: int | None = None, output: str = "runs/demo", resum
     out = Path(recipe.output)
     console.print(f"[bold]kdistill demo[/]: {recipe.stages[0].teacher.model} -> 3-layer student, "
                   f"{recipe.stages[0].train.steps} steps on stdlib docstrings + WordNet glosses; run directory {out}")
-    student = out / "student"
-    if not (resume and (student / "kdistill.json").exists()):
-        student = run_recipe(recipe, resume=resume, console=console)
+    # a finished demo resumes at once; a folder holding another recipe's run is refused by name, not shown as the demo
+    student = run_recipe(recipe, resume=resume, console=console)
     init_dir = out / "student-init"
     save_initial_student(recipe, init_dir)
     console.print("evaluating teacher, student at init and distilled student ...")
