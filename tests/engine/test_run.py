@@ -237,6 +237,9 @@ def test_a_finished_run_is_not_relabelled_as_trained_by_a_changed_recipe(tiny_re
     student = distill(tiny_recipe, progress=False)
     resolved = (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text()
     longer = {**tiny_recipe, "train": {**tiny_recipe["train"], "steps": 3}}
+    # without force=True: the advice is the one that works (force cannot continue a finished run)
+    with pytest.raises(CheckpointError, match=r"that run is finished: undo those changes, or choose another output="):
+        distill(longer, resume=True, progress=False)
     with pytest.raises(CheckpointError, match="finished run.*choose another output="):
         distill(longer, resume=True, force=True, progress=False)
     assert (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text() == resolved  # still the truth

@@ -88,12 +88,14 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> str | None:
             changed = [f"{resolved} was unreadable"]
         else:
             changed = recipe_changes(previous, recipe)
-        if changed and not force:
+        finished = is_complete(out / "student")
+        if changed and not force:  # --force cannot continue a finished run (below), so it is offered only to others
             raise CheckpointError(
                 f"cannot resume {out}: the recipe differs from the one that started it:\n  "
-                + "\n  ".join(changed) + "\nundo those changes, or pass --force to resume anyway"
+                + "\n  ".join(changed) + ("\nthat run is finished: undo those changes, or choose another --output"
+                                          if finished else "\nundo those changes, or pass --force to resume anyway")
             )
-        if changed and is_complete(out / "student"):
+        if changed and finished:
             raise CheckpointError(
                 f"{out} holds a finished run, trained by the recipe before these changes ({'; '.join(changed[:3])}); "
                 f"a finished run keeps no state to continue from with another recipe: choose another --output")
