@@ -145,6 +145,10 @@ def test_invalid_yaml(tmp_path):
     path.write_text("name: x\ntrain: {steps: 2}\nlosses: [{type: logit_kd, type: cross_entropy}]\n")
     with pytest.raises(ConfigError, match=r"the key 'type' is given twice(.|\n)*line 3"):
         load_recipe(str(path))
+    # a YAML merge key is no duplicate: the keys after it override what it brings
+    path.write_text(yaml.safe_dump(base()).replace("train:\n  steps: 10", "train: {<<: &t {steps: 3, lr: 1.0e-4}, "
+                                                                         "lr: 2.0e-4}"))
+    assert load_recipe(str(path)).stages[0].train.model_dump(include={"steps", "lr"}) == {"steps": 3, "lr": 2e-4}
 
 
 def test_a_recipe_that_is_a_folder_or_not_text_is_named(tmp_path):
