@@ -83,6 +83,19 @@ def test_config_student_unknown_field():
         build_student(cfg, bert(), "embedding", seed=0)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("hidden_size", -32, r"student.config.hidden_size: -32 is not a size or count; give 1 or more"),  # torch's error
+    ("num_hidden_layers", 0, r"student.config.num_hidden_layers: 0 is not a size or count"),  # a 0-layer student
+    ("hidden_size", "16", r"student.config.hidden_size: '16' is str, and the field is a whole number \(the "
+                          r"teacher's is 32\); write it without quotes"),  # the config dataclass's own traceback
+    ("num_attention_heads", True, r"num_attention_heads: True is bool"),
+])
+def test_config_student_values_of_the_wrong_kind_are_named(field, value, message):
+    cfg = StudentConfig.model_validate({"config": {field: value}})
+    with pytest.raises(ConfigError, match=message):
+        build_student(cfg, bert(), "embedding", seed=0)
+
+
 def test_model_student_from_directory(tmp_path):
     bert(2).save_pretrained(tmp_path)
     cfg = StudentConfig.model_validate({"model": str(tmp_path)})

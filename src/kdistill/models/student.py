@@ -108,13 +108,30 @@ def from_config(overrides: dict, teacher, where="student.config", **context):
     unknown = [k for k in overrides if k not in base and not hasattr(teacher.config, k)]
     if unknown:
         raise ConfigError(f"{where}: {unknown} are not fields of the teacher's {type(teacher.config).__name__}")
+    check_config_values(overrides, base, where)
     config = type(teacher.config).from_dict({**base, **overrides})
     if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) != config.num_hidden_layers:
         config.layer_types = config.layer_types[: config.num_hidden_layers]
     try:
         return type(teacher)(config)
-    except (ValueError, AssertionError) as err:
+    except (ValueError, AssertionError, RuntimeError) as err:
         raise ConfigError(f"{where}: the teacher's model class refuses these settings: {err}") from None
+
+
+def is_size(key: str) -> bool:
+    return key.startswith(("num_", "n_")) or key.endswith(("_size", "_layers", "_heads", "_dim"))
+
+
+def check_config_values(overrides: dict, base: dict, where: str) -> None:
+    """Each changed field keeps its type, and sizes and counts stay positive: transformers otherwise fails deep
+    inside (a validation error of its config dataclass, torch's 'negative dimension') or builds a 0-layer model."""
+    for key, value in overrides.items():
+        was = base.get(key)
+        if isinstance(was, int) and not isinstance(was, bool) and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}.{key}: {value!r} is {type(value).__name__}, and the field is a whole number "
+                              f"(the teacher's is {was}); write it without quotes")
+        if isinstance(was, int) and was > 0 and is_size(key) and isinstance(value, int) and value < 1:
+            raise ConfigError(f"{where}.{key}: {value} is not a size or count; give 1 or more")
 
 
 @INITS.register("model")
