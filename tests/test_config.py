@@ -317,3 +317,16 @@ def test_a_recipe_wide_set_that_every_stage_overrides_is_refused_not_ignored():
         load_recipe("pad", ["train.steps=5"])
     with pytest.raises(ConfigError, match=r"--set losses.0.weight: every stage sets its own losses, so"):
         load_recipe("mobilebert", ["losses.0.weight=7"])
+
+
+def test_a_stages_own_student_or_data_source_replaces_the_shared_one_whole(tmp_path):
+    """Merged key by key, `student: {model: X}` under a shared from_teacher was refused as two kinds at once."""
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a"}\n')
+    two = {**base(), "stages": [{"name": "a"}, {"name": "b", "student": {"model": "packaged:all-MiniLM-L6-v2"},
+                                                "data": {"train": {"path": str(data)}}}]}
+    recipe = load_recipe(two)
+    assert recipe.stages[0].student.from_teacher is not None and recipe.stages[0].data.train.source is not None
+    b = recipe.stages[1]
+    assert b.student.from_teacher is None and b.student.model == "packaged:all-MiniLM-L6-v2"
+    assert b.data.train.source is None and b.data.train.path == str(data)

@@ -238,6 +238,17 @@ def check_stage_references(stages: list[Stage], multi: bool, source: str) -> Non
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
+def replace_whole(merged: dict, block: dict) -> None:
+    """A stage's own student or data source replaces the shared one whole: merged key by key, `student: {model: X}`
+    under a shared `from_teacher` (or `path:` under a shared `source:`) would be two kinds at once."""
+    if isinstance(block.get("student"), dict):
+        merged["student"] = copy.deepcopy(block["student"])
+    data = block.get("data")
+    for split in ("train", "eval"):
+        if isinstance(data, dict) and data.get(split) is not None and isinstance(merged.get("data"), dict):
+            merged["data"][split] = copy.deepcopy(data[split])
+
+
 def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     raw = copy.deepcopy(raw)
     known = {"name", "output", "stages", "synthesize", *STAGE_FIELDS}
@@ -269,6 +280,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
             raise ConfigError(f"{source}: {prefix.rstrip('.') or 'stages'} must be a mapping")
         # The shared defaults describe training; a synthesize stage is its own block alone.
         merged = copy.deepcopy(block) if "synthesize" in block else merge(defaults, block)
+        replace_whole(merged, block)
         trained_before = any(s.synthesize is None for s in stages)
         if trained_before and "student" not in block:
             merged.pop("student", None)  # later stages continue from the previous stage's student
