@@ -233,6 +233,12 @@ def test_odd_folders_and_manifests_in_checkpoints_are_named_or_ignored(tiny_reci
     assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()
 
 
+def test_force_without_resume_is_refused_not_ignored(tiny_recipe):
+    with pytest.raises(ConfigError, match=r"force=True continues an interrupted run .* goes with resume=True"):
+        distill(tiny_recipe, force=True, progress=False)
+    assert not Path(tiny_recipe["output"]).exists()
+
+
 def test_a_finished_run_is_not_relabelled_as_trained_by_a_changed_recipe(tiny_recipe):
     student = distill(tiny_recipe, progress=False)
     resolved = (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text()

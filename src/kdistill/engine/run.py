@@ -283,6 +283,9 @@ def check_output(out: Path) -> None:
 
 
 def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, console=None, progress: bool = True) -> Path:
+    if force and not resume:  # alone it changes nothing: a new run needs no forcing, an existing one is refused
+        raise ConfigError("--force continues an interrupted run under a changed recipe, so it goes with --resume "
+                          "(--resume --force); a new run needs neither")
     check_output(Path(recipe.output))
     with run_lock(Path(recipe.output)):
         return train_recipe(recipe, resume, force, console, progress)
