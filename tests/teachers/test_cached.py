@@ -292,3 +292,15 @@ def test_an_image_file_is_keyed_by_its_content_not_its_name(tmp_path):
     assert record_key({"image_path": str(a)}) != before
     with pytest.raises(DataError, match="cannot read image"):
         record_key({"image_path": str(tmp_path / "missing.png")})
+
+
+def test_cache_teacher_of_a_stage_whose_teacher_is_an_earlier_stages_student(classifier_recipe, tmp_path):
+    """`teacher: {model: stage:a}` went to the hub as a repo id; it is the run folder's stage-a student."""
+    recipe = {**classifier_recipe, "stages": [{"name": "a"}, {"name": "b", "teacher": {"model": "stage:a"}}]}
+    with pytest.raises(ConfigError, match=r"--stage 1: its teacher is stage:a, a student not trained yet .*run "
+                                          r"`kdistill run` on the recipe first"):
+        cache_teacher(load_recipe(recipe), stage_index=1, k=3, out=str(tmp_path / "store"))
+    assert not (tmp_path / "store").exists()
+    distill(recipe, progress=False)
+    store = cache_teacher(load_recipe(recipe), stage_index=1, k=3, out=str(tmp_path / "store"), dtype="float32")
+    assert json.loads((store / "manifest.json").read_text())["k"] == 3
