@@ -441,6 +441,12 @@ def test_freezing_every_parameter_is_refused_not_reported_done(tiny_recipe):
     with pytest.raises(ConfigError, match=r"fixes every parameter of the student, so the stage would train nothing"):
         distill(tiny_recipe, progress=False)
     assert not (Path(tiny_recipe["output"]) / "student").exists()
+    from kdistill.config import load_recipe
+    from kdistill.engine.build import build_stage
+
+    # where `validate --full` meets it too (it passed there, and only the run refused it)
+    with pytest.raises(ConfigError, match=r"train.freeze \['\*'\] fixes every parameter of the student"):
+        build_stage(load_recipe(tiny_recipe).stages[0])
 
 
 def test_freeze_pattern_that_matches_nothing(tiny_recipe):

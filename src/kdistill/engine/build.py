@@ -11,7 +11,7 @@ from kdistill.config import Stage
 from kdistill.data import TextCollator, label_names, load_records
 from kdistill.data.collate import check_prompts_lead
 from kdistill.engine.classes import check_all_or_none_labelled, class_head
-from kdistill.engine.params import check_globs
+from kdistill.engine.params import check_freeze, check_globs
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError, article
 from kdistill.losses import LOSSES, LossTerm
 from kdistill.models.arch import ModelInfo, model_info
@@ -322,6 +322,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     # validate --full checks a later stage's globs and messages name the stage
     names = [name for name, _ in student.named_parameters()]
     check_globs(f"{prefix}train.freeze", stage.train.freeze, names)
+    check_freeze(f"{prefix}train.freeze", stage.train.freeze, names)
     check_globs(f"{prefix}train.lr_scale", stage.train.lr_scale, names)
     student_info = model_info(student, loaded.task, pooling)
     if labels is not None and getattr(student.config, "num_labels", None) != len(labels):

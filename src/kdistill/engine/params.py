@@ -54,5 +54,17 @@ def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
         if any(fnmatch(name, pattern) for pattern in patterns):
             param.requires_grad_(False)
     if patterns and not any(param.requires_grad for param in student.parameters()):
-        raise ConfigError(f"train.freeze {patterns} fixes every parameter of the student, so the stage would train "
-                          f"nothing; name only the parts to keep fixed (e.g. '*embeddings*')")
+        raise ConfigError(freezes_all("train.freeze", patterns))
+
+
+def check_freeze(field: str, patterns: list[str], names: list[str]) -> None:
+    """When the stage is built, so `validate --full` refuses it too, not only the run."""
+    from fnmatch import fnmatch
+
+    if patterns and all(any(fnmatch(name, pattern) for pattern in patterns) for name in names):
+        raise ConfigError(freezes_all(field, patterns))
+
+
+def freezes_all(field: str, patterns: list[str]) -> str:
+    return (f"{field} {patterns} fixes every parameter of the student, so the stage would train nothing; name only "
+            f"the parts to keep fixed (e.g. '*embeddings*')")
