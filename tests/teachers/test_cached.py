@@ -96,6 +96,9 @@ def test_cache_teacher_refuses_what_would_make_a_useless_store(tiny_gpt2_dir, te
         cache_teacher(load_recipe(recipe), temperature=0, out=str(tmp_path / "s"))
     with pytest.raises(ConfigError, match="sample_head=40000: the teacher has 30,522 tokens"):
         cache_teacher(load_recipe(recipe), sample=4, sample_head=40000, out=str(tmp_path / "s"))
+    with pytest.raises(ConfigError, match=r"--k 100000: the teacher has 30,522 tokens, and the next token has a "
+                                          r"column of its own, so at most 30,521 fit"):
+        cache_teacher(load_recipe(recipe), k=100000, out=str(tmp_path / "s"))  # was cut to 30,521 with a note
     random_teacher = {**recipe, "teacher": {"model": "blueprint:gpt2-6x384", "task": "causal-lm"}}
     with pytest.raises(PairingError, match="is a random init \\(a blueprint\\): a store of it would hold untrained"):
         cache_teacher(load_recipe(random_teacher), out=str(tmp_path / "s"))

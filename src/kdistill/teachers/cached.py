@@ -191,6 +191,11 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     if sample and sample_head >= vocab:
         raise ConfigError(f"sample_head={sample_head}: the teacher has {vocab:,} tokens; keep the head below that, so "
                           f"some remain to draw from")
+    if loaded.task == "causal-lm" and not sample and k > vocab - next_token:  # a classifier's k is capped below
+        raise ConfigError(f"--k {k}: the teacher has {vocab:,} tokens"
+                          + (", and the next token has a column of its own" if next_token else "")
+                          + f", so at most {vocab - next_token:,} fit, and a store of all of them is as large as the "
+                            f"full outputs; ask for far fewer (docs/teacher-store.md measures k)")
     head = sample_head if sample else 0
     asked = sample or k
     k = min(sample, vocab - head) if sample else min(k, vocab - next_token)
