@@ -330,3 +330,8 @@ def test_a_stages_own_student_or_data_source_replaces_the_shared_one_whole(tmp_p
     b = recipe.stages[1]
     assert b.student.from_teacher is None and b.student.model == "packaged:all-MiniLM-L6-v2"
     assert b.data.train.source is None and b.data.train.path == str(data)
+    # of the same kind, they merge as any mapping does: the shared from_teacher's model stays
+    shared = {**base(), "student": {"from_teacher": {"layers": [1, 3, 5], "model": "packaged:all-MiniLM-L6-v2"}},
+              "stages": [{"name": "a"}, {"name": "b", "student": {"from_teacher": {"layers": [2, 4]}}}]}
+    b = load_recipe(shared).stages[1].student.from_teacher
+    assert b.layers == [2, 4] and b.model == "packaged:all-MiniLM-L6-v2"

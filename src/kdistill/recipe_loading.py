@@ -238,14 +238,22 @@ def check_stage_references(stages: list[Stage], multi: bool, source: str) -> Non
 STAGE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def replace_whole(merged: dict, block: dict) -> None:
-    """A stage's own student or data source replaces the shared one whole: merged key by key, `student: {model: X}`
-    under a shared `from_teacher` (or `path:` under a shared `source:`) would be two kinds at once."""
-    if isinstance(block.get("student"), dict):
+def replace_whole(merged: dict, block: dict, defaults: dict) -> None:
+    """A stage's own student of another kind than the shared one (model under a shared from_teacher), or its own
+    data source of another kind (path under a shared source), replaces it whole: merged key by key it would be
+    two kinds at once. Of the same kind, the two merge as any mapping does."""
+    kinds = {"student": ("from_teacher", "config", "model", "theseus"), "source": ("source", "path", "dataset")}
+
+    def other_kind(own, shared, keys) -> bool:
+        return isinstance(own, dict) and isinstance(shared, dict) and \
+            {k for k in keys if own.get(k) is not None} != {k for k in keys if shared.get(k) is not None}
+
+    if other_kind(block.get("student"), defaults.get("student"), kinds["student"]):
         merged["student"] = copy.deepcopy(block["student"])
-    data = block.get("data")
+    data, shared = block.get("data"), defaults.get("data")
     for split in ("train", "eval"):
-        if isinstance(data, dict) and data.get(split) is not None and isinstance(merged.get("data"), dict):
+        if isinstance(data, dict) and isinstance(shared, dict) and isinstance(merged.get("data"), dict) and \
+                other_kind(data.get(split), shared.get(split), kinds["source"]):
             merged["data"][split] = copy.deepcopy(data[split])
 
 
@@ -280,7 +288,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
             raise ConfigError(f"{source}: {prefix.rstrip('.') or 'stages'} must be a mapping")
         # The shared defaults describe training; a synthesize stage is its own block alone.
         merged = copy.deepcopy(block) if "synthesize" in block else merge(defaults, block)
-        replace_whole(merged, block)
+        replace_whole(merged, block, defaults)
         trained_before = any(s.synthesize is None for s in stages)
         if trained_before and "student" not in block:
             merged.pop("student", None)  # later stages continue from the previous stage's student
