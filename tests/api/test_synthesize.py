@@ -320,6 +320,7 @@ def test_engine_synthesizes_then_trains_on_the_kept_rows_and_resumes(tmp_path, t
 
     raw = synth_recipe(tmp_path, write_problems(tmp_path))
     raw["stages"][1]["teacher"]["model"] = tiny_gpt2_dir
+    raw["stages"][1]["train"]["batch_size"] = 16  # over 5 kept rows: generated data is trained on, not refused
     stub = Stub(lambda p, j: RIGHT[key_of(p)] if j == 0 else "print(-1)")
     monkeypatch.setattr("kdistill.api.synthesize.make_generator", lambda *a, **k: stub)
     student = distill(raw, progress=False)

@@ -154,11 +154,12 @@ def with_stage_generator(stage, out: Path, recipe: Recipe):
     return stage.model_copy(update={"synthesize": synthesize})
 
 
-def uses_stage_data(stage) -> bool:
-    """Whether the stage trains on an earlier synthesize stage's kept rows (`path: stage:NAME`)."""
+def uses_stage_data(stage, splits=("train", "eval")) -> bool:
+    """Whether the stage's data (of these splits) is an earlier synthesize stage's kept rows (`path: stage:NAME`)."""
     from kdistill.config import STAGE_TEACHER, data_specs
 
-    return any(str(spec.path or "").startswith(STAGE_TEACHER) for _, spec in data_specs(stage))
+    return any(str(spec.path or "").startswith(STAGE_TEACHER) for where, spec in data_specs(stage)
+               if where.split(".")[1].split("[")[0] in splits)
 
 
 def with_stage_data(stage, out: Path, recipe: Recipe, prefix: str = ""):
@@ -355,7 +356,7 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
         declared = stage
         stage = with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix)
         parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console,
-                            generated=uses_stage_data(declared))
+                            generated=uses_stage_data(declared, ("train",)))
         trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress, declared=declared,
                                force=force)
         resumed = resume and trainer.resume()
