@@ -335,3 +335,9 @@ def test_a_stages_own_student_or_data_source_replaces_the_shared_one_whole(tmp_p
               "stages": [{"name": "a"}, {"name": "b", "student": {"from_teacher": {"layers": [2, 4]}}}]}
     b = load_recipe(shared).stages[1].student.from_teacher
     assert b.layers == [2, 4] and b.model == "packaged:all-MiniLM-L6-v2"
+    # a stage block naming no kind adjusts the shared source (a limit, an augment), of whatever kind it is
+    adjust = {**base(), "data": {"train": {"source": "stdlib-docstrings"},
+                                 "eval": {"source": "stdlib-docstrings", "split": "eval", "limit": 50}},
+              "stages": [{"name": "a"}, {"name": "b", "data": {"eval": {"limit": 10}}}]}
+    evals = load_recipe(adjust).stages[1].data.eval
+    assert evals.source == "stdlib-docstrings" and evals.limit == 10

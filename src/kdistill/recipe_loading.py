@@ -244,9 +244,9 @@ def replace_whole(merged: dict, block: dict, defaults: dict) -> None:
     two kinds at once. Of the same kind, the two merge as any mapping does."""
     kinds = {"student": ("from_teacher", "config", "model", "theseus"), "source": ("source", "path", "dataset")}
 
-    def other_kind(own, shared, keys) -> bool:
-        return isinstance(own, dict) and isinstance(shared, dict) and \
-            {k for k in keys if own.get(k) is not None} != {k for k in keys if shared.get(k) is not None}
+    def other_kind(own, shared, keys) -> bool:  # a block naming no kind (`eval: {limit: 10}`) adjusts the shared one
+        mine = {k for k in keys if isinstance(own, dict) and own.get(k) is not None}
+        return bool(mine) and isinstance(shared, dict) and mine != {k for k in keys if shared.get(k) is not None}
 
     if other_kind(block.get("student"), defaults.get("student"), kinds["student"]):
         merged["student"] = copy.deepcopy(block["student"])
