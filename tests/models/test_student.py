@@ -96,6 +96,14 @@ def test_config_student_values_of_the_wrong_kind_are_named(field, value, message
         build_student(cfg, bert(), "embedding", seed=0)
 
 
+def test_config_student_null_lets_transformers_derive_the_field():
+    """GPT-2's n_inner: null is 4 * n_embd; a Llama's head_dim: null is hidden / heads after narrowing."""
+    teacher = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, n_inner=256, vocab_size=100, n_positions=32))
+    cfg = StudentConfig.model_validate({"config": {"n_embd": 32, "n_inner": None}})
+    student = build_student(cfg, teacher, "causal-lm", seed=0)
+    assert student.config.n_inner is None and student.transformer.h[0].mlp.c_fc.nf == 4 * 32
+
+
 def test_model_student_from_directory(tmp_path):
     bert(2).save_pretrained(tmp_path)
     cfg = StudentConfig.model_validate({"model": str(tmp_path)})

@@ -127,6 +127,8 @@ def check_config_values(overrides: dict, base: dict, where: str) -> None:
     inside (a validation error of its config dataclass, torch's 'negative dimension') or builds a 0-layer model."""
     for key, value in overrides.items():
         was = base.get(key)
+        if value is None:  # null lets transformers derive it (head_dim after narrowing, n_inner = 4 * n_embd)
+            continue
         if isinstance(was, int) and not isinstance(was, bool) and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"{where}.{key}: {value!r} is {type(value).__name__}, and the field is a whole number "
                               f"(the teacher's is {was}); write it without quotes")
