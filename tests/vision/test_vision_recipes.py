@@ -261,13 +261,18 @@ def test_a_student_of_the_other_modality_is_refused_by_name(vit_teacher, tmp_pat
     text_student = make_classifier(tmp_path / "text-student")
     run = recipe(vit_teacher, tmp_path / "run", [{"type": "cross_entropy"}], student={"model": str(text_student)})
     with pytest.raises(PairingError, match=r"student.model: .*text-student is a bert model, which transformers "
-                                           r"cannot load as an image-classification model; a student must be of the "
-                                           r"teacher's kind"):
+                                           r"cannot load as an image-classification model; pair models of one kind"):
         distill(run, progress=False)
+    # a text teacher whose AutoModel would load the ViT anyway (and the run fail inside it on token ids)
+    text_run = {**run, "teacher": {"model": str(text_student)}, "student": {"model": vit_teacher},
+                "data": {"train": {"source": "stdlib-docstrings", "limit": 8}, "max_length": 16}}
+    with pytest.raises(PairingError, match=r"student.model: .*vit-teacher is an image model \(vit\) and the teacher "
+                                           r"a text model \(classification\)"):
+        distill(text_run, progress=False)
     from kdistill.models.student import from_directory
 
-    with pytest.raises(PairingError, match=r"student.model: .*vit-teacher is a vit model, which transformers cannot "
-                                           r"load as a classification model"):
+    with pytest.raises(PairingError, match=r"student.model: .*vit-teacher is an image model \(vit\) and the teacher "
+                                           r"a text model \(classification\)"):
         from_directory(vit_teacher, teacher=None, task="classification")
     siglip = SiglipConfig(vision_config={"image_size": 16, "patch_size": 4, "num_channels": 1, "hidden_size": 32,
                                          "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},

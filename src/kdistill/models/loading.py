@@ -258,8 +258,7 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
     except (OSError, ValueError) as err:
         if isinstance(err, ValueError) and "Unrecognized configuration class" in str(err):  # the Auto class lacks it
             raise PairingError(f"{ref} is {article(config.model_type)} model, which transformers cannot load as "
-                               f"{article(task)} model; a student must be of the teacher's kind (text or image) and "
-                               f"task") from None
+                               f"{article(task)} model; pair models of one kind (text or image) and task") from None
         raise DataError(f"could not load {task} model from {ref!r}: {first_line(err)}") from None
     except RuntimeError as err:
         if "ignore_mismatched_sizes" not in str(err):

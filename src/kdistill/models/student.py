@@ -8,7 +8,7 @@ import torch
 from kdistill.errors import ConfigError, PairingError
 from kdistill.models.arch import find_layers, layer_count
 from kdistill.models.blueprints import is_blueprint
-from kdistill.models.loading import detect_task, load_model, model_class
+from kdistill.models.loading import detect_task, load_config, load_model, model_class
 from kdistill.models.narrow import narrow_config, narrow_state
 from kdistill.registry import Registry
 
@@ -141,17 +141,33 @@ def from_directory(ref: str, teacher, task: str = "auto", head: dict | None = No
     """A saved model; `blueprint:NAME` is an architecture, so it starts from a fresh seeded random init
     (each seed of a comparison is then a different student, as with `config:`)."""
     if is_blueprint(ref):
-        from kdistill.models.loading import load_config, new_model
+        from kdistill.models.loading import new_model
 
         config = load_config(ref)[1]
         for key, value in (head or {}).items():
             setattr(config, key, value)
         task = task if task != "auto" else detect_task(config)
         return new_model(config, task)
+    config = load_config(ref)[1]
+    if task not in ("auto", "image-classification") and reads_only_images(config):
+        # AutoModel loads a ViT as an embedding model too, and the run then fails inside it on token ids
+        raise PairingError(f"student.model: {ref} is an image model ({config.model_type}) and the teacher a text "
+                           f"model ({task}); pair models of one kind (text or image)")
     try:
         return load_model(ref, task, **(head or {})).model
     except PairingError as err:  # named by its field: a recipe may load several models
         raise PairingError(f"student.model: {err}") from None
+
+
+def reads_only_images(config) -> bool:
+    """A model type transformers has as an image classifier and in no text-task form (ViT, DeiT, ResNet; not
+    Perceiver, which reads both)."""
+    from transformers.models.auto import modeling_auto as auto
+
+    text = (auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+            auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+    kind = config.model_type
+    return kind in auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES and not any(kind in names for names in text)
 
 
 @INITS.register("theseus")
