@@ -143,12 +143,14 @@ def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = N
                               f"student not trained yet ({stage.teacher.model}): run `kdistill run` on the recipe "
                               f"first (the store is of that student)")
     return cache_stage(stage, Path(out or Path(recipe.output) / "teacher-store"), k, batch_size, temperature,
-                       dtype, console, next_token, sample, sample_head)
+                       dtype, console, next_token, sample, sample_head, k_asked=True)
 
 
 def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature: float | None = None,
                 dtype: str = "float16", console=None, next_token: bool = True, sample: int | None = None,
-                sample_head: int = 0) -> Path:
+                sample_head: int = 0, k_asked: bool = False) -> Path:
+    """`k_asked`: k came from the user (`--k`), so one above the vocabulary is refused; a recipe's default top_k is
+    cut to the vocabulary (a small model's store is then exact)."""
     from rich.progress import Progress
 
     from kdistill.engine.build import make_collator, read_sources
@@ -191,7 +193,7 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     if sample and sample_head >= vocab:
         raise ConfigError(f"sample_head={sample_head}: the teacher has {vocab:,} tokens; keep the head below that, so "
                           f"some remain to draw from")
-    if loaded.task == "causal-lm" and not sample and k > vocab - next_token:  # a classifier's k is capped below
+    if k_asked and loaded.task == "causal-lm" and not sample and k > vocab - next_token:
         raise ConfigError(f"--k {k}: the teacher has {vocab:,} tokens"
                           + (", and the next token has a column of its own" if next_token else "")
                           + f", so at most {vocab - next_token:,} fit, and a store of all of them is as large as the "
