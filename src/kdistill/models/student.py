@@ -129,7 +129,8 @@ def check_config_values(overrides: dict, base: dict, where: str) -> None:
         was = base.get(key)
         if value is None:  # null lets transformers derive it (head_dim after narrowing, n_inner = 4 * n_embd)
             continue
-        if isinstance(was, int) and not isinstance(was, bool) and (isinstance(value, bool) or not isinstance(value, int)):
+        whole = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(was, int) and not isinstance(was, bool) and not whole:
             raise ConfigError(f"{where}.{key}: {value!r} is {type(value).__name__}, and the field is a whole number "
                               f"(the teacher's is {was}); write it without quotes")
         if isinstance(was, int) and was > 0 and is_size(key) and isinstance(value, int) and value < 1:
