@@ -273,7 +273,7 @@ def two_stage_pipeline(tmp_path, make_classifier):
 
 def test_a_pipeline_reuses_the_finished_stages_it_shares_with_an_earlier_one(tmp_path, make_classifier):
     from kdistill.compare_runs import reuse_shared_stages, train_or_reuse, variant
-    from kdistill.engine.run import stage_student_dir
+    from kdistill.engine.stage_refs import stage_student_dir
 
     pipeline = two_stage_pipeline(tmp_path, make_classifier)
 
@@ -304,7 +304,7 @@ def test_a_pipeline_reuses_the_finished_stages_it_shares_with_an_earlier_one(tmp
 
 def test_an_edited_run_keeps_the_leading_stages_the_edit_left_alone(tmp_path, make_classifier):
     from kdistill.compare_runs import train_or_reuse, variant
-    from kdistill.engine.run import stage_student_dir
+    from kdistill.engine.stage_refs import stage_student_dir
 
     pipeline = two_stage_pipeline(tmp_path, make_classifier)
 

@@ -106,7 +106,7 @@ def score_once(student_dir: Path, records: list[dict], task: str, scorer=None,
 
 def pipeline_wall_time(run: Recipe) -> float:
     """Training wall time of every stage of a finished run (each stage's student records its own)."""
-    from kdistill.engine.run import stage_student_dir
+    from kdistill.engine.stage_refs import stage_student_dir
 
     total = 0.0
     for index in range(len(run.stages)):
@@ -219,7 +219,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             results: str = "docs/results.md", console=None, baselines: bool = True, jobs: int = 1) -> dict:
     from kdistill.eval.metrics import count_parameters, non_embedding_parameters
     from kdistill.eval.report import check_report_path
-    from kdistill.engine.run import stage_student_dir
+    from kdistill.engine.stage_refs import stage_student_dir
     from kdistill.models.loading import load_model
 
     if not names:

@@ -100,7 +100,7 @@ def run_chain(chain: list[Job], threads: int) -> list[float]:
 
     from kdistill.compare import METRICS, evaluation_points, score_once
     from kdistill.compare_runs import reuse_shared_stages, train_or_reuse
-    from kdistill.engine.run import stage_student_dir
+    from kdistill.engine.stage_refs import stage_student_dir
 
     torch.set_num_threads(threads)
     done, scores = [], []

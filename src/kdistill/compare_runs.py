@@ -203,7 +203,8 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
     import shutil
 
     from kdistill.engine.export import is_complete
-    from kdistill.engine.run import prepare_run_dir, stage_student_dir
+    from kdistill.engine.run import prepare_run_dir
+    from kdistill.engine.stage_refs import stage_student_dir
 
     out = Path(run.output)
     if (out / "config.resolved.yaml").exists():

@@ -48,7 +48,8 @@ def run_seed(recipe: Recipe, first_run: Path | None, console, progress: bool) ->
     """Train (or reuse) one seed's student; synthesize stages are copied from `first_run` when it has them."""
     from kdistill.api.synthesize import is_synthesized
     from kdistill.engine.export import is_complete
-    from kdistill.engine.run import run_recipe, synthesis_dir
+    from kdistill.engine.run import run_recipe
+    from kdistill.engine.stage_refs import synthesis_dir
 
     out = Path(recipe.output)
     if is_complete(out / "student"):
@@ -80,7 +81,7 @@ def score(student: str | Path, mode: str, limit: int | None) -> dict:
 def training_rows(run: Path, recipe: Recipe) -> int:
     """Records the student trained on: the kept rows of a synthesize stage, or its data source's."""
     from kdistill.data import load_records
-    from kdistill.engine.run import stage_student_dir
+    from kdistill.engine.stage_refs import stage_student_dir
 
     meta = json.loads((stage_student_dir(run, recipe, len(recipe.stages) - 1) / "kdistill.json").read_text())
     data = meta["config"]["data"]["train"]  # as it ran: `stage:NAME` already resolved to the kept rows
@@ -93,7 +94,8 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
     `{output}/pad-compare.json` and `{output}/pad-compare.md`. `overrides` maps a recipe name to
     `--set`-style assignments (e.g. {"pad": ["stages.1.train.steps=100"]})."""
     from kdistill.api.synthesize import SUMMARY
-    from kdistill.engine.run import check_output, synthesis_dir
+    from kdistill.engine.run import check_output
+    from kdistill.engine.stage_refs import synthesis_dir
     from kdistill.errors import ConfigError
     from kdistill.teachers.recipe_runs import resolve_teacher
 

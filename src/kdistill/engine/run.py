@@ -20,6 +20,8 @@ import yaml
 
 from kdistill.config import Recipe, recipe_changes
 from kdistill.engine.export import is_complete, save_student
+from kdistill.engine.stage_refs import (stage_student_dir, synthesis_dir, uses_stage_data, with_lion_teacher,
+                                       with_stage_data, with_stage_generator, with_stage_teacher)
 from kdistill.errors import CheckpointError, ConfigError, KdistillError
 
 
@@ -37,17 +39,6 @@ def make_accelerator(precision: str = "fp32", cpu: bool | None = None):
         warnings.warn("train.precision: fp16 needs a GPU; on this CPU the run trains in fp32 (bf16 works on a CPU)",
                       stacklevel=2)
     return Accelerator(cpu=cpu, mixed_precision={"fp32": "no"}.get(precision, precision), kwargs_handlers=[ddp])
-
-
-def stage_student_dir(out: Path, recipe: Recipe, index: int) -> Path:
-    """The last training stage writes the final student (a synthesize stage after it only makes data)."""
-    training = [i for i, s in enumerate(recipe.stages) if s.synthesize is None]
-    last = bool(training) and index == training[-1]
-    return out / "student" if last else out / "stages" / recipe.stages[index].name / "student"
-
-
-def synthesis_dir(out: Path, stage) -> Path:
-    return out / "stages" / stage.name
 
 
 def trained_anything(out: Path) -> bool:
@@ -129,75 +120,6 @@ def check_finished_stages_unchanged(recipe: Recipe, previous: dict, current: dic
                     f"again: undo them, or choose another --output")
 
 
-def with_stage_teacher(stage, out: Path, recipe: Recipe):
-    """`teacher: {model: stage:NAME}` -> that earlier stage's finished student (multi-distillation)."""
-    from kdistill.config import STAGE_TEACHER
-
-    ref = str(stage.teacher.model)
-    if not ref.startswith(STAGE_TEACHER):
-        return stage
-    names = [s.name for s in recipe.stages]
-    path = stage_student_dir(out, recipe, names.index(ref[len(STAGE_TEACHER):]))
-    return stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"model": str(path)})})
-
-
-def with_stage_generator(stage, out: Path, recipe: Recipe):
-    """`synthesize.teacher.model: stage:NAME` -> that earlier training stage's finished student."""
-    from kdistill.config import STAGE_TEACHER
-
-    teacher = stage.synthesize.teacher
-    if not str(teacher.model or "").startswith(STAGE_TEACHER):
-        return stage
-    names = [s.name for s in recipe.stages]
-    path = stage_student_dir(out, recipe, names.index(teacher.model[len(STAGE_TEACHER):]))
-    synthesize = stage.synthesize.model_copy(update={"teacher": teacher.model_copy(update={"model": str(path)})})
-    return stage.model_copy(update={"synthesize": synthesize})
-
-
-def uses_stage_data(stage, splits=("train", "eval")) -> bool:
-    """Whether the stage's data (of these splits) is an earlier synthesize stage's kept rows (`path: stage:NAME`)."""
-    from kdistill.config import STAGE_TEACHER, data_specs
-
-    return any(str(spec.path or "").startswith(STAGE_TEACHER) for where, spec in data_specs(stage)
-               if where.split(".")[1].split("[")[0] in splits)
-
-
-def with_stage_data(stage, out: Path, recipe: Recipe, prefix: str = ""):
-    """`data: {train: {path: stage:NAME}}` -> the kept rows of that earlier synthesize stage."""
-    from kdistill.config import STAGE_TEACHER
-
-    if not uses_stage_data(stage):
-        return stage
-    import json
-
-    from kdistill.api.synthesize import SUMMARY, is_synthesized, kept_path
-    from kdistill.errors import DataError
-
-    def resolve(spec, where):
-        if not str(spec.path or "").startswith(STAGE_TEACHER):
-            return spec
-        folder = out / "stages" / spec.path[len(STAGE_TEACHER):]
-        if not is_synthesized(folder):
-            raise DataError(f"{prefix}{where}: {spec.path} has not finished synthesizing ({folder}); run the recipe "
-                            f"with --resume to finish it")
-        summary = json.loads((folder / SUMMARY).read_text())
-        if not summary["kept"]:
-            raise DataError(f"{prefix}{where}: {spec.path} kept none of its {summary['candidates']} candidates "
-                            f"(dropped: {summary['dropped_by_verdict']}); the reasons are in {folder / 'data.jsonl'}. "
-                            f"Loosen the filter, ask for more candidates or a higher temperature, or use a better teacher")
-        return spec.model_copy(update={"path": str(kept_path(folder))})
-
-    data = stage.data
-    update = {}
-    for split in ("train", "eval"):
-        specs = getattr(data, split)
-        if isinstance(specs, list):
-            update[split] = [resolve(spec, f"data.{split}[{j}].path") for j, spec in enumerate(specs)]
-        elif specs is not None:
-            update[split] = resolve(specs, f"data.{split}.path")
-    return stage.model_copy(update={"data": data.model_copy(update=update)})
-
-
 def run_synthesize_stage(stage, index: int, recipe: Recipe, out: Path, resume: bool, console, progress: bool) -> Path:
     from kdistill.api.synthesize import is_synthesized, run_synthesis
 
@@ -209,19 +131,6 @@ def run_synthesize_stage(stage, index: int, recipe: Recipe, out: Path, resume: b
     run_synthesis(stage.synthesize, target, resume=resume, console=console, progress=progress,
                   where=f"{prefix}synthesize")
     return target
-
-
-def with_lion_teacher(stage, out: Path, recipe: Recipe):
-    """`lion.teacher.model: stage:NAME` -> that earlier training stage's finished student."""
-    from kdistill.config import STAGE_TEACHER
-
-    teacher = stage.lion.teacher
-    if teacher is None or not str(teacher.model or "").startswith(STAGE_TEACHER):
-        return stage
-    names = [s.name for s in recipe.stages]
-    path = stage_student_dir(out, recipe, names.index(teacher.model[len(STAGE_TEACHER):]))
-    lion = stage.lion.model_copy(update={"teacher": teacher.model_copy(update={"model": str(path)})})
-    return stage.model_copy(update={"lion": lion})
 
 
 def run_lion_stage(stage, index: int, recipe: Recipe, out: Path, resume: bool, previous: str | None, accelerator,

@@ -135,7 +135,7 @@ def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = N
         stage = stage.model_copy(update={"teacher": live})
     if str(stage.teacher.model or "").startswith("stage:"):  # an earlier stage's student, in the recipe's run folder
         from kdistill.engine.export import is_complete
-        from kdistill.engine.run import with_stage_teacher
+        from kdistill.engine.stage_refs import with_stage_teacher
 
         stage = with_stage_teacher(stage, Path(recipe.output), recipe)
         if not is_complete(Path(stage.teacher.model)):
