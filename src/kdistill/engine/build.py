@@ -171,8 +171,7 @@ def cached_teacher_dir(stage: Stage, prefix: str) -> str:
         raise CheckpointError(f"{prefix}teacher.path: {stage.teacher.path} is not a teacher store (no "
                               f"{TEACHER_FILES}/config.json); build one with `kdistill cache-teacher RECIPE`")
     text = "vocab_size" in json.loads((path / "config.json").read_text())  # an image teacher may have no processor
-    readers = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-    if text and not any((path / name).exists() for name in readers):  # else reported as "another tokenizer"
+    if text and not any((path / name).exists() for name in TOKENIZER_FILES):  # else reported as "another tokenizer"
         raise CheckpointError(f"{prefix}teacher.path: {stage.teacher.path} is damaged: {TEACHER_FILES}/ has lost the "
                               f"teacher's tokenizer; build the store again with `kdistill cache-teacher RECIPE`")
     return str(path)

@@ -274,28 +274,6 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
     return Loaded(model, load_tokenizer(path, trust_remote_code), path, task)
 
 
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """The model's tokenizer, or for an image model its image processor (saved with the student alike)."""
-    from transformers import AutoTokenizer
-
-    if os.path.isdir(path) and (Path(path) / "preprocessor_config.json").exists() and not any(
-            (Path(path) / name).exists() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")):
-        return load_image_processor(path)
-    if os.path.isdir(path) and not has_tokenizer_files(Path(path)):
-        return None  # transformers would build a 5-token stand-in that reads every word as [UNK]
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as err:  # a damaged tokenizer.json raises the tokenizers library's plain Exception
-        present = [name for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt")
-                   if os.path.isdir(path) and (Path(path) / name).exists()]
-        if present:  # a tokenizer is there but unreadable: say so, not that there is none
-            raise DataError(f"the tokenizer in {path} ({', '.join(present)}) cannot be read: {first_line(err)}; "
-                            f"copy it again from the model it came with") from None
-        if not isinstance(err, (OSError, ValueError, TypeError)):
-            raise
-        return None  # bare checkpoints have none
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt")  # what save_pretrained writes, named in
 # messages; a tokenizer's own files take many more names (spm.model, merges.txt, prophetnet.tokenizer, ...)
 TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "spm*", "*.tokenizer", "byte_maps.json")
@@ -303,6 +281,27 @@ TOKENIZER_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "spm*", "
 
 def has_tokenizer_files(path: Path) -> bool:
     return any(next(path.glob(pattern), None) is not None for pattern in TOKENIZER_PATTERNS)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The model's tokenizer, or for an image model its image processor (saved with the student alike)."""
+    from transformers import AutoTokenizer
+
+    if os.path.isdir(path) and (Path(path) / "preprocessor_config.json").exists() and not any(
+            (Path(path) / name).exists() for name in TOKENIZER_FILES):
+        return load_image_processor(path)
+    if os.path.isdir(path) and not has_tokenizer_files(Path(path)):
+        return None  # transformers would build a 5-token stand-in that reads every word as [UNK]
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception as err:  # a damaged tokenizer.json raises the tokenizers library's plain Exception
+        present = [name for name in TOKENIZER_FILES if os.path.isdir(path) and (Path(path) / name).exists()]
+        if present:  # a tokenizer is there but unreadable: say so, not that there is none
+            raise DataError(f"the tokenizer in {path} ({', '.join(present)}) cannot be read: {first_line(err)}; "
+                            f"copy it again from the model it came with") from None
+        if not isinstance(err, (OSError, ValueError, TypeError)):
+            raise
+        return None  # bare checkpoints have none
 
 
 def load_image_processor(path: str):
