@@ -43,8 +43,9 @@ def uses_stage_data(stage, splits=("train", "eval")) -> bool:
     """Whether the stage's data (of these splits) is an earlier synthesize stage's kept rows (`path: stage:NAME`)."""
     from kdistill.config import data_specs
 
+    fields = tuple(f"data.{split}" for split in splits)
     return any(str(spec.path or "").startswith(STAGE_TEACHER) for where, spec in data_specs(stage)
-               if where.split(".")[1].split("[")[0] in splits)
+               if where.startswith(fields))
 
 
 def with_stage_data(stage, out: Path, recipe: Recipe, prefix: str = ""):

@@ -133,11 +133,13 @@ def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = N
                               "with no teacher.model: name the model beside it, or train from the store as it is")
         live = stage.teacher.model_copy(update={"source": "live", "path": None, "sample": None, "sample_head": 0})
         stage = stage.model_copy(update={"teacher": live})
-    if str(stage.teacher.model or "").startswith("stage:"):  # an earlier stage's student, in the recipe's run folder
-        from kdistill.engine.export import is_complete
-        from kdistill.engine.stage_refs import with_stage_teacher
+    from kdistill.engine.stage_refs import with_stage_teacher
 
-        stage = with_stage_teacher(stage, Path(recipe.output), recipe)
+    resolved = with_stage_teacher(stage, Path(recipe.output), recipe)  # stage:NAME: that student, in the run folder
+    if resolved is not stage:
+        from kdistill.engine.export import is_complete
+
+        stage = resolved
         if not is_complete(Path(stage.teacher.model)):
             raise ConfigError(f"--stage {stage_index}: its teacher is {recipe.stages[stage_index].teacher.model}, a "
                               f"student not trained yet ({stage.teacher.model}): run `kdistill run` on the recipe "
