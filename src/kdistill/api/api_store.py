@@ -64,7 +64,7 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     from kdistill.models.loading import load_config, load_tokenizer
     from kdistill.teachers.cached import TEACHER_FILES, data_fingerprint, tokenizer_fingerprint
     from kdistill.teachers.recipe_runs import resolve_teacher
-    from kdistill.teachers.store import StoreWriter
+    from kdistill.teachers.store import API_RECORD, StoreWriter
     from kdistill.teachers.store_writer import DTYPES, refuse_unless_store
 
     if k < 1 or dtype not in DTYPES or max_tokens < 0:  # before the service is asked anything
@@ -110,7 +110,7 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
             writer.add_topk(key, *stored_topk(answer, ids, k, vocab, f"record {record.get('id', key)}"))
     config.save_pretrained(out / TEACHER_FILES)
     tokenizer.save_pretrained(out / TEACHER_FILES)
-    (out / TEACHER_FILES / "kdistill-api-teacher.json").write_text(json.dumps(
+    (out / TEACHER_FILES / API_RECORD).write_text(json.dumps(
         {"model": client.model, "k": k, "texts": len(unique), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
         indent=1))
     if console is not None:

@@ -42,6 +42,7 @@ __all__ = ["TeacherStore", "StoreWriter", "TeacherEntry", "StorageReport", "stor
            "payload_bytes_per_position", "sparsify", "fingerprint_tensors", "fingerprint_text", "FORMAT", "VERSION"]
 
 REBUILD_HINT = "rebuild it with `kdistill cache-teacher`"
+API_RECORD = "kdistill-api-teacher.json"  # beside the teacher files of a store `kdistill cache-api-teacher` wrote
 _MANIFEST_FIELDS = ("k", "temperature", "vocab_size")  # `expect` keys compared with the manifest itself
 
 
@@ -245,7 +246,9 @@ def _check_expectations(path: Path, manifest: dict, expect: Mapping[str, object]
             problems.append(f"{label} differs: store has {'none' if have is None else have}, run has {wanted}"
                             + WHAT_DIFFERS.get(name, ""))
     if problems:
-        api = (path / "teacher" / "kdistill-api-teacher.json").exists()  # written by cache-api-teacher
+        from kdistill.teachers.cached import TEACHER_FILES
+
+        api = (path / TEACHER_FILES / API_RECORD).exists()
         hints = []
         if api and any(p.startswith("temperature") for p in problems):  # a rebuild writes temperature 1 again
             hints.append("a service's log-probabilities are at temperature 1: set temperature: 1.0 on the loss")
