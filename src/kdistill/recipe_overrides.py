@@ -10,13 +10,18 @@ from kdistill.config import STAGE_FIELDS
 from kdistill.errors import ConfigError
 
 
+def key_parts(key: str) -> list[str]:
+    """`stages[0].train.lr` (as recipe-difference messages print it) or `stages.0.train.lr` -> its parts."""
+    return re.sub(r"\[(-?\d+)\]", r".\1", key.strip()).split(".")
+
+
 def apply_override(raw: dict, assignment: str) -> None:
     """`a.b.c=value`, value parsed as YAML (so numbers, booleans and lists work); list items by index, written
     `stages.0.train.lr` or, as the recipe-difference messages print it, `stages[0].train.lr`."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. train.steps=100")
     key, value = assignment.split("=", 1)
-    parts = re.sub(r"\[(-?\d+)\]", r".\1", key.strip()).split(".")
+    parts = key_parts(key)
     node: Any = raw
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -52,7 +57,7 @@ def apply_override(raw: dict, assignment: str) -> None:
 def check_not_shadowed(raw: dict, assignment: str) -> None:
     """A recipe-wide `--set` that every stage overrides with its own value would change nothing, silently."""
     key = assignment.split("=", 1)[0].strip()
-    parts = re.sub(r"\[(-?\d+)\]", r".\1", key).split(".")
+    parts = key_parts(key)
     stages = raw.get("stages")
     if parts[0] not in STAGE_FIELDS or not isinstance(stages, list) or not stages:
         return
