@@ -110,21 +110,35 @@ def random_attention():
     return torch.randn(B, H, L, L).masked_fill(~MASK.bool()[:, None, None, :], -1e9).softmax(-1)
 
 
-@pytest.mark.parametrize("spec, tap", [
-    ({"type": "attention_kl"}, "attentions"),
-    ({"type": "attention_mse"}, "attention_scores"),
-    ({"type": "attention_mse", "target": "probs"}, "attentions"),
-])
-def test_attention_skip_cls_drops_row_0_keeps_column_0(spec, tap):
+def test_attention_kl_skip_cls_drops_row_0_keeps_column_0():
     torch.manual_seed(4)
-    tm, ref_term = term({**spec, "skip_cls": True}), term(spec)
-    make = random_attention if tap == "attentions" else (lambda: torch.randn(B, H, L, L))
-    s = {f"{tap}[{i}]": make() for i in (1, 2)}
-    t = {f"{tap}[{i}]": make() for i in (1, 2)}
+    tm, ref_term = term({"type": "attention_kl", "skip_cls": True}), term({"type": "attention_kl"})
+    s = {f"attentions[{i}]": random_attention() for i in (1, 2)}
+    t = {f"attentions[{i}]": random_attention() for i in (1, 2)}
     loss = tm(s, t, BATCH)
     # rows 1.. over all L keys, unrenormalised: the same per-row values as without skip_cls
     ref = ref_term({k: v[:, :, 1:] for k, v in s.items()}, {k: v[:, :, 1:] for k, v in t.items()}, cut_batch())
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert tm.count(BATCH) == int(MASK.sum()) - B
+
+
+@pytest.mark.parametrize("spec, tap", [
+    ({"type": "attention_mse"}, "attention_scores"),
+    ({"type": "attention_mse", "target": "probs"}, "attentions"),
+])
+def test_attention_mse_skip_cls_drops_row_0_keeps_column_0(spec, tap):
+    torch.manual_seed(4)
+    tm = term({**spec, "skip_cls": True})
+    make = random_attention if tap == "attentions" else (lambda: torch.randn(B, H, L, L))
+    s = {f"{tap}[{i}]": make() for i in (1, 2)}
+    t = {f"{tap}[{i}]": make() for i in (1, 2)}
+    rows = []  # per real row after position 0: the squared error over that sequence's real keys, column 0 kept
+    for b, i in rows_after_cls():
+        keys = [j for j in range(L) if MASK[b, j]]
+        for h in range(H):
+            rows.append(sum(sum((s[f"{tap}[{n}]"][b, h, i, j] - t[f"{tap}[{n}]"][b, h, i, j]).item() ** 2
+                                for j in keys) / len(keys) for n in (1, 2)))
+    assert tm(s, t, BATCH).item() == pytest.approx(sum(rows) / len(rows), rel=1e-5)
     assert tm.count(BATCH) == int(MASK.sum()) - B
 
 

@@ -189,9 +189,30 @@ def test_attention_mse_on_scores():
     assert tm.student_taps() == ["attention_scores[1]"]
     s, t = {"attention_scores[1]": torch.randn(B, 2, L, L)}, {"attention_scores[2]": torch.randn(B, 2, L, L)}
     loss = tm(s, t, BATCH)
-    rows = [((s["attention_scores[1]"][b, h, i] - t["attention_scores[2]"][b, h, i]) ** 2).mean().item()
-            for b, i in real_positions() for h in range(2)]
+    rows = [((s["attention_scores[1]"][b, h, i] - t["attention_scores[2]"][b, h, i]) ** 2)[MASK[b].bool()].mean().item()
+            for b, i in real_positions() for h in range(2)]  # over the real keys only
     assert loss.item() == pytest.approx(sum(rows) / len(rows), rel=1e-5)
+
+
+def test_attention_mse_is_the_same_however_far_the_batch_pads():
+    """Padding keys are 0 in both maps (taps.py): padding a sequence further must not shrink its loss, or
+    two processes (or accumulated micro-batches), each padded to its own longest sequence, would differ from
+    one batch."""
+    tm = term({"type": "attention_mse", "layers": [[1, 1]]})
+    torch.manual_seed(3)
+    s, t = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+
+    def padded(x, n):
+        out = torch.zeros(1, 2, n, n)
+        out[..., :3, :3] = x
+        return out
+
+    batch = {"attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    wide = {"attention_mask": torch.tensor([[1, 1, 1, 0, 0]])}
+    short = tm({"attention_scores[1]": s}, {"attention_scores[1]": t}, batch)
+    long = tm({"attention_scores[1]": padded(s, 5)}, {"attention_scores[1]": padded(t, 5)}, wide)
+    assert long.item() == pytest.approx(short.item(), rel=1e-6)
+    assert short.item() == pytest.approx(((s - t) ** 2).mean().item(), rel=1e-6)
 
 
 def relation_rows(x, b, h, i, real):

@@ -188,6 +188,19 @@ def masked_mse(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> 
     return _masked_mean((student.float() - teacher.float()).pow(2).mean(-1), mask)
 
 
+def attention_map_mse(student: Tensor, teacher: Tensor, key_mask: Tensor | None = None,
+                      row_mask: Tensor | None = None) -> Tensor:
+    """MSE of (B, H, L, L) attention maps: per row, the squared error summed over the real keys and divided by
+    their count, then the mean over real rows. Padding keys add nothing and count for nothing, so a sequence
+    costs the same however far its batch pads it (a mean over all L keys shrank it by real/padded length)."""
+    error = (student.float() - teacher.float()).pow(2)
+    if key_mask is None:
+        return _masked_mean(error.mean(-1), row_mask)
+    keys = key_mask.to(device=error.device, dtype=torch.bool)[:, None, None, :]
+    per_row = torch.where(keys, error, torch.zeros_like(error)).sum(-1)
+    return _masked_mean(per_row / keys.sum(-1).clamp_min(1).to(per_row.dtype), row_mask)
+
+
 def masked_cosine_distance(student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
     """1 − cos(s, t) over the last dimension, in [0, 2]; a zero vector counts as orthogonal."""
     cosine = F.cosine_similarity(student.float(), teacher.float(), dim=-1, eps=1e-8)

@@ -70,7 +70,7 @@ class _AttentionTerm(LossTerm):
 
     def forward(self, s, t, batch):
         mask = query_mask(batch, self.student_info.num_heads, s, self.student_taps(), self.params.skip_cls)
-        return sum(self.distance(s[f"{self.tap}[{a}]"], t[f"{self.tap}[{b}]"], mask) for a, b in self.map.pairs)
+        return sum(self.distance(s[f"{self.tap}[{a}]"], t[f"{self.tap}[{b}]"], mask, batch) for a, b in self.map.pairs)
 
 
 @register_loss("attention_kl")
@@ -78,19 +78,23 @@ class AttentionKL(_AttentionTerm):
     """KL(teacher ‖ student) of per-head attention distributions, per real query (MobileBERT, MiniLM)."""
 
     Params = AttentionKLParams
-    distance = staticmethod(fn.kl_div_probs)
+
+    def distance(self, s, t, rows, batch):
+        return fn.kl_div_probs(s, t, rows)
 
 
 @register_loss("attention_mse")
 class AttentionMSE(_AttentionTerm):
-    """MSE of attention score matrices (TinyBERT); masked entries are 0 on both sides."""
+    """MSE of attention score matrices (TinyBERT), over the real keys of each real query row."""
 
     Params = AttentionMSEParams
-    distance = staticmethod(fn.masked_mse)
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
         self.tap = "attention_scores" if params.target == "scores" else "attentions"
+
+    def distance(self, s, t, rows, batch):
+        return fn.attention_map_mse(s, t, batch.get("attention_mask"), rows)
 
 
 class ValueRelationParams(SkipCLSParams):
