@@ -329,6 +329,37 @@ def test_a_run_folder_another_command_is_training_is_refused(tiny_recipe):
     assert (distill(tiny_recipe, progress=False) / "kdistill.json").exists()
 
 
+@pytest.mark.parametrize("rank, refused", [("0", True), ("1", False)])
+def test_a_distributed_launch_holds_the_run_lock_in_its_first_process(tmp_path, monkeypatch, rank, refused):
+    """A launch's first process refuses a folder another command trains, and holds it against others while it
+    trains (the launcher stops the other ranks when it exits); the other ranks take no lock of their own."""
+    from filelock import FileLock
+
+    from kdistill.engine.run import run_lock
+
+    out = tmp_path / "run"
+    held = FileLock(str(tmp_path / ".run.run.lock"))
+    held.acquire()  # another command trains the folder
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    try:
+        if refused:
+            with pytest.raises(ConfigError, match="is being trained by another kdistill command"):
+                with run_lock(out):
+                    pass
+        else:
+            with run_lock(out):
+                pass
+    finally:
+        held.release()
+    monkeypatch.setenv("RANK", "0")
+    with run_lock(out):  # and while rank 0 trains, another command is refused
+        monkeypatch.delenv("WORLD_SIZE")
+        with pytest.raises(ConfigError, match="is being trained by another kdistill command"):
+            with run_lock(out):
+                pass
+
+
 def test_a_batch_larger_than_the_training_data_is_pointed_out(tiny_recipe):
     from io import StringIO
 

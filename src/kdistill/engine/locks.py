@@ -1,6 +1,7 @@
 """OS file locks beside a folder, so that one command at a time trains into it: a killed command leaves none
-held. The processes of one distributed launch work in the same folder together, so they take none (a rank
-waiting on another's lock would stall the launch)."""
+held. The processes of one distributed launch work in the same folder together: either the launch's first
+process holds the lock for all of them (a lock that refuses when held), or none takes it (a lock that waits:
+one rank waiting while the others go on would stall the launch)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,11 +10,13 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def folder_lock(out: Path, suffix: str, when_held, when_unwritable):
+def folder_lock(out: Path, suffix: str, when_held, when_unwritable, first_process_holds: bool = False):
     """Holds `.OUT.SUFFIX` beside `out` for the block. If another process holds it, `when_held(lock_file)`
     is called first: it raises to refuse, or returns to wait for the lock. If the lock cannot be made there,
-    `when_unwritable(oserror)` raises the error to give."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    `when_unwritable(oserror)` raises the error to give. In a distributed launch, `first_process_holds` has
+    rank 0 take it for the launch (`when_held` must then raise: the launcher stops the other ranks when rank 0
+    exits); without it no rank takes it."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (first_process_holds and os.environ.get("RANK", "0") == "0"):
         yield
         return
     from filelock import FileLock, Timeout

@@ -179,7 +179,7 @@ def run_lock(out: Path):
         raise ConfigError(f"output {out}: cannot write the run there ({err.strerror or err}); choose another "
                           f"--output") from None
 
-    with folder_lock(out, "run.lock", refuse, unwritable):
+    with folder_lock(out, "run.lock", refuse, unwritable, first_process_holds=True):
         yield
 
 
