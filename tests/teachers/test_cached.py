@@ -307,3 +307,41 @@ def test_cache_teacher_of_a_stage_whose_teacher_is_an_earlier_stages_student(cla
     distill(recipe, progress=False)
     store = cache_teacher(load_recipe(recipe), stage_index=1, k=3, out=str(tmp_path / "store"), dtype="float32")
     assert json.loads((store / "manifest.json").read_text())["k"] == 3
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_in_a_distributed_launch_only_the_first_process_builds_the_automatic_store(tiny_gpt2_dir, text_file, tmp_path,
+                                                                                    monkeypatch, rank):
+    """Each process built it and replaced the other's while that one might already read it; now rank 0 builds
+    and every rank waits at a barrier until it is there."""
+    import torch.distributed as dist
+
+    from kdistill.teachers import cached as cached_module
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, losses=[{"type": "logit_kd"}],
+                       teacher={"model": tiny_gpt2_dir, "source": "cache", "top_k": 8})
+    stage = load_recipe(recipe).stages[0]
+    built, waited = [], []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda: rank)
+    monkeypatch.setattr(dist, "barrier", lambda: waited.append(True))
+    monkeypatch.setattr(cached_module, "cache_stage", lambda *a, **k: built.append(True))
+    out = cached_module.automatic_store(stage)
+    assert built == ([True] if rank == 0 else []) and waited == [True]
+    assert out.parent == tmp_path / "home" / "stores"
+
+
+def test_without_progress_bars_neither_the_store_nor_transformers_draws_one(tiny_gpt2_dir, text_file, tmp_path,
+                                                                            monkeypatch, capfd):
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, losses=[{"type": "logit_kd"}],
+                       teacher={"model": tiny_gpt2_dir, "source": "cache", "top_k": 8})
+    distill(recipe, progress=False)
+    out, err = capfd.readouterr()
+    assert "building the teacher store" in " ".join(out.split())
+    assert "teacher over the training data" not in out + err and "Loading weights" not in out + err
+    assert hf_logging.is_progress_bar_enabled()  # as it was, for the caller's own loading after the run

@@ -238,7 +238,7 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
 
 
 def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None,
-                generated: bool = False) -> StageParts:
+                generated: bool = False, progress: bool = True) -> StageParts:
     """`generated`: the training data was written earlier in this run (a synthesize stage's kept rows, a Lion
     round's answers), so its size was not the user's to choose and a small one is trained on, not refused."""
     train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
@@ -257,7 +257,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     if cached and stage.teacher.path is None:  # a store of teacher.model, built once and then reused
         from kdistill.teachers.cached import automatic_store
 
-        path = str(automatic_store(stage, console))
+        path = str(automatic_store(stage, console, progress))
         stage = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"path": path})})
     teacher_ref = cached_teacher_dir(stage, prefix) if cached else resolve_teacher(stage.teacher.model, console)
     if named_beside_store:

@@ -197,8 +197,23 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
         raise ConfigError("--force continues an interrupted run under a changed recipe, so it goes with --resume "
                           "(--resume --force); a new run needs neither")
     check_output(Path(recipe.output))
-    with run_lock(Path(recipe.output)):
+    with run_lock(Path(recipe.output)), transformers_bars(progress):
         return train_recipe(recipe, resume, force, console, progress)
+
+
+@contextlib.contextmanager
+def transformers_bars(progress: bool):
+    """Without progress bars, none of transformers' either (loading weights, writing shards), for the block."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on and not progress:
+            hf_logging.enable_progress_bar()
 
 
 def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: bool) -> Path:
@@ -265,7 +280,7 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
         declared = stage
         stage = with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix)
         parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console,
-                            generated=uses_stage_data(declared, ("train",)))
+                            generated=uses_stage_data(declared, ("train",)), progress=progress)
         trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress, declared=declared,
                                force=force)
         resumed = resume and trainer.resume()

@@ -150,7 +150,7 @@ def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = N
 
 def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature: float | None = None,
                 dtype: str = "float16", console=None, next_token: bool = True, sample: int | None = None,
-                sample_head: int = 0, k_asked: bool = False) -> Path:
+                sample_head: int = 0, k_asked: bool = False, progress: bool = True) -> Path:
     """`k_asked`: k came from the user (`--k`), so one above the vocabulary is refused; a recipe's default top_k is
     cut to the vocabulary (a small model's store is then exact)."""
     from rich.progress import Progress
@@ -211,8 +211,8 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
         console.print(f"replacing the earlier store at {out} once this one is complete")
     with StoreWriter(out, k=k, temperature=temperature, fingerprints=fingerprints, dtype=dtype, vocab_size=vocab,
                      overwrite=True, next_token=next_token, sampled=bool(sample), head=head) as writer, torch.inference_mode(), \
-            Progress(disable=console is None, console=console) as progress:
-        task = progress.add_task("teacher over the training data", total=len(items))
+            Progress(disable=console is None or not progress, console=console) as bar:
+        task = bar.add_task("teacher over the training data", total=len(items))
         for start in range(0, len(items), batch_size):
             chunk = items[start:start + batch_size]
             batch = collator([r for _, r in chunk])
@@ -226,7 +226,7 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
                     following = (torch.cat([batch["input_ids"][row, 1:n], torch.tensor([-1])])[:n] if next_token
                                  else None)  # [:n]: an empty record has no positions, not one
                     writer.add(key, logits[row, :n], extra=extra, next_tokens=following)
-            progress.advance(task, len(chunk))
+            bar.advance(task, len(chunk))
     teacher.config.save_pretrained(out / TEACHER_FILES)
     if getattr(teacher.config, "auto_map", None) and os.path.isdir(loaded.path):
         # a teacher with its own architecture code: training from the store rebuilds its shape from that code
@@ -256,9 +256,12 @@ def with_live_teacher(stage):
     return stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"source": "live"})})
 
 
-def automatic_store(stage, console=None) -> Path:
+def automatic_store(stage, console=None, progress: bool = True) -> Path:
     """`teacher: {source: cache, model: M}` without a path: M's store for this data, built on first use
-    under $KDISTILL_HOME/stores and reused by every later run, seed and student that asks the same."""
+    under $KDISTILL_HOME/stores and reused by every later run, seed and student that asks the same. In a
+    distributed launch the first process builds it while the others wait (each built it and replaced the
+    other's, while the other might already read it)."""
+    import torch.distributed as dist
     from kdistill.teachers.recipe_runs import kdistill_home, resolve_teacher
     from kdistill.teachers.store_writer import VERSION as STORE_VERSION
 
@@ -278,14 +281,17 @@ def automatic_store(stage, console=None) -> Path:
     spec = json.dumps(spec, sort_keys=True)
     name = str(stage.teacher.model).replace(":", "-").replace("/", "-")[-40:]
     out = kdistill_home() / "stores" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    if not (out / "manifest.json").exists():
+    launch = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if not (out / "manifest.json").exists() and (not launch or dist.get_rank() == 0):
         if console is not None:
             console.print(f"building the teacher store {out} (once; later runs reuse it)")
         start = time.perf_counter()
         cache_stage(with_live_teacher(stage), out, k=stage.teacher.top_k, console=console, sample=stage.teacher.sample,
-                    sample_head=stage.teacher.sample_head)
+                    sample_head=stage.teacher.sample_head, progress=progress)
         if console is not None:
             console.print(f"teacher store built in {time.perf_counter() - start:.0f} s")
+    if launch:
+        dist.barrier()
     return out
 
 
