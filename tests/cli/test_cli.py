@@ -141,6 +141,26 @@ def test_eval_takes_a_trained_recipe_as_the_student_and_reports_beside_it(tmp_pa
     assert json.loads((student / "eval.json").read_text())["datasets"][str(data)]["n"] == 2
 
 
+def test_eval_takes_the_run_kdistill_run_made_of_a_built_in_recipe(tmp_path, monkeypatch, make_classifier, text_file):
+    """`kdistill run minilm` trains into runs/minilm, where recipe:minilm now looks after the teachers' cache; a
+    folder there of another recipe's run is not taken for it, and the refusal names both ways to train it."""
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    args = ("eval", "--student", "recipe:minilm", "--data", text_file, "--text", "sentence", "--limit", 4, "--no-speed")
+    result, out = invoke(*args)
+    assert result.exit_code == 2
+    said = " ".join(out.split())
+    assert "`kdistill run minilm` trains it into runs/minilm" in said
+    assert f"`kdistill run minilm --output {tmp_path / 'home' / 'recipes' / 'minilm'}`" in said
+    student = Path(make_classifier(tmp_path / "runs" / "minilm" / "student"))
+    (student / "kdistill.json").write_text(json.dumps({"recipe": "minilm-l3"}))  # another recipe's run
+    assert invoke(*args)[0].exit_code == 2
+    (student / "kdistill.json").write_text(json.dumps({"recipe": "minilm"}))
+    result, out = invoke(*args)
+    assert result.exit_code == 0, out
+    assert (student / "eval.json").exists()
+
+
 def test_eval_of_a_packaged_student_reports_in_the_working_directory(tmp_path, monkeypatch, text_file):
     monkeypatch.chdir(tmp_path)
     result, out = invoke("eval", "--student", "packaged:all-MiniLM-L6-v2", "--data", text_file, "--text", "sentence",

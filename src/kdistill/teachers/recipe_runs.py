@@ -41,17 +41,35 @@ def trained_recipe(ref: str) -> Path | None:
 
 def trained_model(ref: str, where: str) -> str:
     """recipe:NAME as the model that recipe trained, without training it (evaluating or loading one does not
-    start an hour of training); any other reference as it is."""
+    start an hour of training): the cached run a `recipe:` teacher uses, else the run `kdistill run NAME` made in
+    the recipe's own output folder (runs/NAME from here); any other reference as it is."""
     if not str(ref).startswith(PREFIX):
         return ref
+    from kdistill.config import load_recipe
+    from kdistill.engine.export import is_complete
     from kdistill.errors import ConfigError
 
     trained = trained_recipe(ref)
-    if trained is None:
-        name = ref[len(PREFIX):]
-        raise ConfigError(f"{where} {ref}: that recipe has not been trained here yet (no "
-                          f"{recipe_output(name) / 'student'}); `kdistill run {name}` trains it")
-    return str(trained)
+    if trained is not None:
+        return str(trained)
+    name = ref[len(PREFIX):]
+    own = Path(load_recipe(name).output) / "student"
+    if is_complete(own) and ran_recipe(own) == name:
+        return str(own)
+    cached = recipe_output(name)
+    raise ConfigError(f"{where} {ref}: that recipe has not been trained here yet (neither {cached / 'student'} nor "
+                      f"{own} holds a finished run of it); `kdistill run {name}` trains it into {own.parent}, "
+                      f"`kdistill run {name} --output {cached}` where a recipe:{name} teacher looks")
+
+
+def ran_recipe(student: Path) -> str | None:
+    """The recipe name a finished student records in its kdistill.json (None if it cannot be read)."""
+    import json
+
+    try:
+        return json.loads((student / "kdistill.json").read_text()).get("recipe")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resolve_teacher(ref: str, console=None) -> str:
