@@ -166,7 +166,7 @@ def eval_cmd(student: str = typer.Option(..., help="student: directory, hub id, 
              text: Optional[str] = typer.Option(None, help="the text field of --data files and datasets (default text)"),
              label: Optional[str] = typer.Option(None, help="their label field: accuracy for classifiers"),
              image: Optional[str] = typer.Option(None, help="their image field (file paths, or a dataset's images)"),
-             limit: int = typer.Option(512, help="texts per dataset"),
+             limit: int = typer.Option(512, help="texts per dataset, taken evenly through it"),
              max_length: int = typer.Option(128, min=8, help="tokens per text"),
              speed: bool = typer.Option(True, help="measure encode speed (tens of seconds on a CPU)"),
              output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json "

@@ -93,3 +93,17 @@ def test_table_says_why_cosine_is_missing():
                                  "spearman": 0.5, "recall_at_10": 1.0}}}
     text = table_text(result)
     assert "n/a (widths differ)" in text and "0.500" in text
+
+
+def test_the_limit_takes_records_evenly_through_an_ordered_corpus():
+    """The supersense split is ordered by class: its first 512 glosses hold 3 of the 45, so a score on them
+    measured three classes. A source's own `limit:` still means its first N."""
+    from kdistill.data import load_records
+    from kdistill.eval.report import load_datasets
+
+    whole = load_records({"source": "wordnet-supersense"}, "eval")
+    taken = load_datasets({"source": "wordnet-supersense"}, "eval", 512)["wordnet-supersense"]
+    assert len(taken) == 512 and taken[0] == whole[0] and taken[-1] == whole[511 * len(whole) // 512]
+    assert len({r["label"] for r in taken}) > 40 > len({r["label"] for r in whole[:512]})
+    first = load_datasets({"source": "wordnet-supersense", "limit": 8}, "eval", 512)["wordnet-supersense"]
+    assert first == whole[:8]
