@@ -81,12 +81,13 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
     """Check a recipe without running it."""
     from kdistill import load_recipe
 
-    from kdistill.engine.run import check_output
+    from kdistill.engine.run import check_not_foreign, check_output
     from kdistill.recipe_references import check_references
 
     r = load_recipe(recipe, set_ or [])
     check_references(r)
     check_output(Path(r.output))
+    check_not_foreign(Path(r.output))  # run refuses it: so does validate
     with tempfile.TemporaryDirectory() as tmp:
         previous, built = None, {}  # stage name -> its (untrained) student, saved: what a `stage:` teacher reads
         for i, stage in enumerate(r.stages):

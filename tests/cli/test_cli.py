@@ -161,6 +161,16 @@ def test_eval_takes_the_run_kdistill_run_made_of_a_built_in_recipe(tmp_path, mon
     assert (student / "eval.json").exists()
 
 
+def test_validate_refuses_an_output_folder_that_run_would_refuse(tmp_path, tiny_recipe):
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**tiny_recipe, "output": str(occupied)}))
+    result, out = invoke("validate", path)
+    assert result.exit_code == 2 and "holds something other than a kdistill run (notes.txt;" in " ".join(out.split())
+
+
 def test_eval_of_a_packaged_student_reports_in_the_working_directory(tmp_path, monkeypatch, text_file):
     monkeypatch.chdir(tmp_path)
     result, out = invoke("eval", "--student", "packaged:all-MiniLM-L6-v2", "--data", text_file, "--text", "sentence",

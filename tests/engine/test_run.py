@@ -51,6 +51,23 @@ def test_an_output_folder_holding_other_things_is_refused_and_left_as_it_was(tin
     assert (distill(tiny_recipe, progress=False) / "kdistill.json").exists()  # an empty folder is fine
 
 
+def test_a_teacher_store_and_its_answer_cache_in_the_output_folder_are_no_obstacle(tmp_path):
+    """cache-api-teacher's default --out is the run's folder, with its answers beside the store
+    (teacher-store.teacher.sqlite): that folder was refused as not a run. Anything else there is named."""
+    from kdistill.engine.run import check_not_foreign
+    from kdistill.teachers.store_writer import FORMAT
+
+    out = tmp_path / "run"
+    (out / "teacher-store").mkdir(parents=True)
+    (out / "teacher-store" / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    (out / "teacher-store.teacher.sqlite").write_bytes(b"")
+    check_not_foreign(out)
+    (out / "notes.txt").write_text("mine")
+    (out / "other.teacher.sqlite").write_bytes(b"")  # beside no store
+    with pytest.raises(ConfigError, match=r"something other than a kdistill run \(notes.txt, other.teacher.sqlite;"):
+        check_not_foreign(out)
+
+
 def test_rerun_without_resume_refuses_to_overwrite(tiny_recipe):
     distill(tiny_recipe, progress=False)
     with pytest.raises(ConfigError, match="pass resume=True to continue it, or choose another output="):

@@ -55,14 +55,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> str | None:
     resolved = out / "config.resolved.yaml"
     current = recipe.dump()
     changed: list[str] = []
-    from kdistill.teachers.store_writer import is_store
-
-    # a teacher store `kdistill cache-teacher` wrote into the run's folder (its default --out) is no obstacle
-    if out.is_dir() and not resolved.exists() and any(not is_store(entry) for entry in out.iterdir()):
-        # not a kdistill run: its student/ or checkpoints/ would be written over what is there
-        entries = len(list(out.iterdir()))
-        raise ConfigError(f"output {out} is a folder that holds something other than a kdistill run ({entries} "
-                          f"entries, no config.resolved.yaml); choose a new or empty folder for the run")
+    check_not_foreign(out)
     if resolved.exists() and trained_anything(out):
         if not resume:
             raise ConfigError(
@@ -181,6 +174,23 @@ def run_lock(out: Path):
 
     with folder_lock(out, "run.lock", refuse, unwritable, first_process_holds=True):
         yield
+
+
+def check_not_foreign(out: Path) -> None:
+    """A folder that is neither new, empty nor a kdistill run is refused: the run's student/ and checkpoints/ would
+    be written over what is there. A teacher store written into it (cache-teacher's and cache-api-teacher's default
+    --out) and an API store's answer cache beside that store are no obstacle."""
+    from kdistill.teachers.store_writer import is_store
+
+    if not out.is_dir() or (out / "config.resolved.yaml").exists():
+        return
+    stores = {entry.name for entry in out.iterdir() if is_store(entry)}
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in stores
+                     and not any(entry.name == f"{store}.teacher.sqlite" for store in stores))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"output {out} is a folder that holds something other than a kdistill run ({shown}; no "
+                          f"config.resolved.yaml); choose a new or empty folder for the run")
 
 
 def check_output(out: Path) -> None:
