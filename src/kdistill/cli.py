@@ -152,9 +152,25 @@ def recipes():
 
     table = Table("name", "what it does")
     for name, path in builtin_recipes().items():
-        first = path.read_text().splitlines()[0] if path.read_text() else ""
-        table.add_row(name, first.lstrip("# ").strip() if first.startswith("#") else "")
+        table.add_row(name, recipe_summary(path.read_text()))
     console.print(table)
+
+
+def recipe_summary(text: str, longest: int = 300) -> str:
+    """A recipe's opening comment up to the end of its first sentence (it may wrap over several lines; an
+    indented comment line starts a list, which the summary leaves out); past `longest` characters, cut at a word
+    and marked with an ellipsis."""
+    import re
+
+    lines = []
+    for line in text.splitlines():
+        if not line.startswith("#") or (lines and line.startswith("#  ")):
+            break
+        lines.append(line.lstrip("#").strip())
+    words = " ".join(lines)
+    end = re.search(r"[.;](\s+(?=[A-Z(`])|$)", words)  # not "et al. 2022"
+    summary = (words[:end.start() + 1] if end else words).rstrip(":;").strip()
+    return summary if len(summary) <= longest else summary[:longest].rsplit(" ", 1)[0].rstrip(",;:") + " …"
 
 
 @app.command("eval")

@@ -27,6 +27,23 @@ def test_help_and_recipes():
     assert result.exit_code == 0 and "validate" in out
     result, out = invoke("recipes")
     assert result.exit_code == 0 and "minilm-l3" in out
+    # a description wrapped over comment lines is shown to the end of its sentence (it stopped at "straight to")
+    assert "straight to binary weights and binary activations (W1A1, BiT's elastic binary activation) in one KD " \
+           "stage." in " ".join(out.replace("│", " ").split())
+
+
+def test_recipe_summaries_end_at_a_sentence_or_say_they_were_cut():
+    from kdistill.cli import recipe_summary
+    from kdistill.config import builtin_recipes
+
+    assert recipe_summary("# A (Smith et al. 2020): one\n# two. Three.\nname: x") == "A (Smith et al. 2020): one two."
+    assert recipe_summary("# Pipeline, ending at W1A1:\n#   stage I\nname: x") == "Pipeline, ending at W1A1"
+    assert recipe_summary("# " + "word " * 100, longest=40).endswith("word …")
+    for name, path in builtin_recipes().items():
+        summary = recipe_summary(path.read_text())
+        assert summary and len(summary) <= 302, name
+        opening = " ".join(line.lstrip("#").strip() for line in path.read_text().splitlines()[:12])
+        assert summary.endswith(" …") or opening.startswith(summary), name
 
 
 def test_validate_builtin_and_file(tmp_path, tiny_recipe):
