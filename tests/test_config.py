@@ -308,7 +308,9 @@ def test_a_recipe_wide_set_that_every_stage_overrides_is_refused_not_ignored():
         load_recipe(two, ["train.steps=10"])
     # a stage that inherits it takes it; the one with its own keeps its own
     two["stages"][1]["train"] = {"lr": 1e-4}
-    recipe = load_recipe(two, ["train.steps=10"])
+    with pytest.warns(UserWarning, match=r"--set train.steps: not applied to stage a, which sets its own "
+                                         r"train.steps; add --set stages.0.train.steps=10 to change it too"):
+        recipe = load_recipe(two, ["train.steps=10"])  # said, not silent: the user may have meant every stage
     assert [s.train.steps for s in recipe.stages] == [3, 10]
     assert load_recipe(two, ["stages[0].train.steps=7"]).stages[0].train.steps == 7
     # a synthesize stage takes no training defaults, and a stage's own list replaces the recipe-wide one whole

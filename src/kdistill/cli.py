@@ -5,6 +5,7 @@ import functools
 import inspect
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,6 +23,18 @@ COMPARE_HINT = ("interrupted; run the same command again: finished runs are reus
                 "from their last checkpoints")
 
 
+PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None):
+    """kdistill's own warnings as one plain line each, as its errors are; other libraries' as Python shows them."""
+    if "kdistill" in Path(filename).parts:
+        err_console.print("[yellow]warning:[/] ", end="")
+        err_console.print(str(message), highlight=False, markup=False, soft_wrap=True)
+    else:
+        PYTHON_SHOWWARNING(message, category, filename, lineno, file, line)
+
+
 def friendly(fn=None, *, interrupted: str | None = None):
     """Known errors become one clear message and exit code 2; a traceback means a bug in kdistill.
 
@@ -36,7 +49,9 @@ def friendly(fn=None, *, interrupted: str | None = None):
         from kdistill.errors import KdistillError
 
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = show_warning
+                return fn(*args, **kwargs)
         except KdistillError as err:
             err_console.print("[bold red]error:[/] ", end="")
             err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)

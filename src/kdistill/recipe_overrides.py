@@ -73,11 +73,23 @@ def check_not_shadowed(raw: dict, assignment: str) -> None:
             block = block[part]
         return True
 
-    if all(keeps_own(block) for block in stages):
-        index = next((i for i, part in enumerate(parts) if part.lstrip("-").isdigit()), len(parts))
+    own = [i for i, block in enumerate(stages) if keeps_own(block)]
+    index = next((i for i, part in enumerate(parts) if part.lstrip("-").isdigit()), len(parts))
+    field = ".".join(parts[:index])
+    if len(own) == len(stages):
         synthesize = any(isinstance(block, dict) and "synthesize" in block for block in stages)
-        raise ConfigError(f"--set {key}: every stage sets its own {'.'.join(parts[:index])}"
+        raise ConfigError(f"--set {key}: every stage sets its own {field}"
                           + (" (or is a synthesize stage, which takes no recipe-wide training fields)" if synthesize
                              else "")
                           + f", so the recipe-wide value would change nothing; set it per stage, e.g. "
                             f"stages.0.{key}=...")
+    trained_own = [i for i in own if "synthesize" not in stages[i]]
+    if trained_own:  # said, not refused: changing the shared value of the other stages is a fair wish
+        import warnings
+
+        value = assignment.split("=", 1)[1].strip() if "=" in assignment else "..."
+        names = ", ".join(str(stages[i].get("name", i)) for i in trained_own)
+        fixes = " ".join(f"--set stages.{i}.{key}={value}" for i in trained_own)
+        warnings.warn(f"--set {key}: not applied to stage{'s' if len(trained_own) > 1 else ''} {names}, which "
+                      f"set{'s' if len(trained_own) == 1 else ''} its own {field}; add {fixes} to change "
+                      f"{'them' if len(trained_own) > 1 else 'it'} too", stacklevel=3)

@@ -46,6 +46,15 @@ def test_recipe_summaries_end_at_a_sentence_or_say_they_were_cut():
         assert summary.endswith(" …") or opening.startswith(summary), name
 
 
+def test_a_recipe_wide_set_some_stages_override_is_said_as_a_plain_warning():
+    result, out = invoke("validate", "distilbert", "--set", "train.steps=5")
+    assert result.exit_code == 0, out
+    said = " ".join(out.split())
+    assert ("warning: --set train.steps: not applied to stage task, which sets its own train.steps; add --set "
+            "stages.1.train.steps=5 to change it too") in said
+    assert "UserWarning" not in said  # one line, as errors are, not Python's file:line form
+
+
 def test_validate_builtin_and_file(tmp_path, tiny_recipe):
     result, out = invoke("validate", "minilm-l3", "--set", "train.steps=5")
     assert result.exit_code == 0 and "5 steps" in out
