@@ -3,6 +3,7 @@ scored over HTTP, stored, compared with the model's own log-softmax, and trained
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,3 +153,31 @@ def test_bad_settings_are_refused_before_the_service_is_asked(recipe):
     for settings in ({"k": 0}, {"dtype": "bfloat8"}, {"max_tokens": -1}):
         with pytest.raises(ConfigError, match=r"k must be >= 1 .*dtype float16 or float32"):
             cache_api_teacher(recipe, {"base_url": "http://127.0.0.1:9", "model": "m"}, "unused", **settings)
+
+
+def test_a_service_with_another_tokenizer_is_named_after_one_text_not_all(server, recipe, tmp_path):
+    """A vocabulary other than the served model's: its token ids run past the model's vocabulary (HTTP 400) or
+    spell other tokens. Either way the first text says so, before the other eleven are asked (and paid) for."""
+    import shutil
+
+    from kdistill.api.api_store import check_pairing
+    from kdistill.api.responses import Failure
+    from kdistill.models.loading import resolve_model_path
+
+    other = tmp_path / "other-tokenizer"  # the same words at other ids: the vocabulary reversed
+    packaged = Path(resolve_model_path("packaged:all-MiniLM-L6-v2"))
+    other.mkdir()
+    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (packaged / name).exists():
+            shutil.copy(packaged / name, other / name)
+    words = (packaged / "vocab.txt").read_text().splitlines()
+    (other / "vocab.txt").write_text("\n".join(reversed(words)) + "\n")
+    client = TeacherAPI(server.url, server.model_name, cache_path=str(tmp_path / "answers.sqlite"))
+    with pytest.raises(PairingError, match=r"another tokenizer.*\(--vocabulary, or vocabulary= in Python\)"):
+        cache_api_teacher(recipe, client, vocabulary=str(other), k=K, progress=False)
+    assert client.requests_sent <= 2  # /models and the first text
+    assert not (tmp_path / "store").exists()
+    refused = Failure("key", "HTTP 400: prompt must be a list of token ids in [0, 8192)", 400)
+    with pytest.raises(PairingError, match=r"refused the token ids of 'big''s tokenizer .*another tokenizer"):
+        check_pairing(refused, [1, 2], K, {}, "big")
+    check_pairing(Failure("key", "HTTP 503: busy", 503), [1, 2], K, {}, "big")  # may come back: asked with the rest

@@ -76,8 +76,8 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     stage = recipe.stages[stage_index]
     vocabulary = vocabulary or (stage.teacher.model if stage.teacher.source == "live" else None)
     if vocabulary is None:
-        raise ConfigError("cache_api_teacher needs `vocabulary`: the model directory whose tokenizer the student "
-                          "uses (the stage's teacher is a store, so it cannot say)")
+        raise ConfigError(f"a teacher store from a service needs {VOCABULARY}: the model directory whose tokenizer "
+                          "the student uses (the stage's teacher is a store, so it cannot say)")
     path, config = load_config(resolve_teacher(vocabulary, console))
     tokenizer = load_tokenizer(path)
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
@@ -89,10 +89,15 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
         raise DataError("data.train has text pairs; an API teacher scores single texts (causal LMs)")
     unique = _unique(records)
     client, owned = _client(api, cache_path or out.with_name(out.name + ".teacher.sqlite"))
+    vocab = tokenizer.get_vocab()
     try:
         client.check()  # a dead service: TeacherUnavailable, before anything is asked
         sent = [_token_ids(tokenizer, r["text"], stage.data.max_length) for r in unique.values()]
-        answers = echoed_scores(client, [score_request(ids, k, max_tokens) for ids in sent], progress=progress)
+        requests = [score_request(ids, k, max_tokens) for ids in sent]
+        # one text first: a service with another tokenizer is named before every text is asked (and paid) for
+        first = echoed_scores(client, requests[:1], progress=False)[0]
+        check_pairing(first, sent[0], k, vocab, vocabulary)
+        answers = [first] + echoed_scores(client, requests[1:], progress=progress)
     finally:
         if owned:
             client.close()
@@ -101,7 +106,6 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
         kept = (f"the answers that came back are cached in {client.cache.path}: run again to ask only for the "
                 "missing ones") if client.cache is not None else "run again (with a cache_path, to keep what came back)"
         raise ScoringFailed(f"{len(failed)} of {len(unique)} texts could not be scored (first: {failed[0][1]}); {kept}")
-    vocab = tokenizer.get_vocab()
     fingerprints = {"teacher": api_teacher_fingerprint(client.model), "tokenizer": tokenizer_fingerprint(tokenizer),
                     "data": data_fingerprint(records, str(stage.data.max_length))}
     with StoreWriter(out, k=k, temperature=1.0, fingerprints=fingerprints, dtype=dtype,
@@ -144,6 +148,21 @@ def echoed_scores(client, requests: list[dict], progress: bool = True) -> list:
 
 # ---------------------------------------------------------------- reading an answer
 
+VOCABULARY = "a vocabulary (--vocabulary, or vocabulary= in Python)"
+ANOTHER_TOKENIZER = ("the teacher uses another tokenizer; logit distillation from it needs a student with the "
+                     f"teacher's tokenizer (give its model directory as {VOCABULARY})")
+
+
+def check_pairing(answer, ids: list[int], k: int, vocab: dict[str, int], vocabulary: str) -> None:
+    """The first text's answer, read as every answer will be: a teacher with another tokenizer is refused by name
+    (its echo spells other tokens, or it refuses token ids past its own vocabulary). Other failures wait for the
+    rest, which may come back."""
+    if answer.ok:
+        stored_topk(answer, ids, k, vocab, "the first text")
+    elif answer.status == 400 and "token id" in answer.error:
+        raise PairingError(f"the service refused the token ids of {vocabulary!r}'s tokenizer ({answer.error[:200]}): "
+                           + ANOTHER_TOKENIZER)
+
 
 def stored_topk(answer, ids: list[int], k: int, vocab: dict[str, int], where: str):
     """(top-k log-probabilities, their indices, log tail mass) for each of the text's positions: position j is
@@ -156,9 +175,8 @@ def stored_topk(answer, ids: list[int], k: int, vocab: dict[str, int], where: st
     if echoed != ids:
         j = next(i for i, (a, b) in enumerate(zip(echoed, ids)) if a != b)
         raise PairingError(f"{where}: the teacher reads token id {ids[j]} as {tokens[j]!r}, which is "
-                           f"{'not in' if echoed[j] is None else f'id {echoed[j]} of'} the student's tokenizer: the "
-                           "teacher uses another tokenizer; logit distillation from it needs a student with the "
-                           "teacher's tokenizer (pass it as `vocabulary`)")
+                           f"{'not in' if echoed[j] is None else f'id {echoed[j]} of'} the student's tokenizer: "
+                           + ANOTHER_TOKENIZER)
     values, indices, tails = [], [], []
     for j in range(len(ids)):
         top = [(v, t) for t, v in tops[j + 1][:k]]  # the client lists them most likely first
@@ -168,8 +186,7 @@ def stored_topk(answer, ids: list[int], k: int, vocab: dict[str, int], where: st
         missing = [t for _, t in top if t not in vocab]
         if missing:
             raise PairingError(f"{where}: the teacher returned token {missing[0]!r}, which the student's tokenizer "
-                               "does not have: the teacher uses another tokenizer; logit distillation from it needs "
-                               "a student with the teacher's tokenizer (pass it as `vocabulary`)")
+                               "does not have: " + ANOTHER_TOKENIZER)
         values.append([v for v, _ in top])
         indices.append([vocab[t] for _, t in top])
         tails.append(_log_tail(values[-1]))

@@ -214,8 +214,8 @@ class TeacherAPI:
             raise TeacherUnavailable(f"{self.base_url}/models did not answer like an OpenAI-compatible service: "
                                      f"{SERVE_HINT}") from None
         if ids and self.model not in ids:
-            raise ConfigError(f"teacher.api.model {self.model!r} is not served at {self.base_url}; it serves: "
-                              f"{', '.join(ids[:20])}")
+            raise ConfigError(f"model {self.model!r} (teacher.api.model in a recipe, --model on the command line) is "
+                              f"not served at {self.base_url}; it serves: {', '.join(ids[:20])}")
         return ids
 
     # ---- one request ---------------------------------------------------------------------------
