@@ -72,7 +72,7 @@ class TeacherConfig(Strict):
 
 class FromTeacher(Strict):
     layers: list[int] | Literal["uniform", "every_other"] = "uniform"
-    num_layers: int | None = Field(None, ge=1, description="for layers: uniform")
+    num_layers: int | None = Field(None, ge=1, description="for layers: uniform (default: half the teacher's layers)")
     model: str | None = Field(None, description="copy the layers of this model (same architecture) instead of "
                               "the teacher's, e.g. the pretrained checkpoint a task teacher was fine-tuned from")
     hidden_size: int | None = Field(None, ge=1, description="a narrower student (BERT-family encoders): every weight "
