@@ -51,10 +51,14 @@ def spec_from_arg(arg: str, fields: dict | None = None) -> dict:
                       + "; or give a .jsonl/.csv/.txt file, or dataset:NAME for a hub dataset")
 
 
+READ_PER_TAKEN = 100
+
+
 def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -> dict[str, list[dict]]:
     """{name: records} for one source block or a list of them, each named by its source value. `limit` records
     are taken evenly through each source (built-in corpora are ordered by topic or class: the first 512 glosses of
-    the supersense split hold 3 of its 45 classes); a source's own `limit:` keeps its meaning, the first N."""
+    the supersense split hold 3 of its 45 classes), from at most the first READ_PER_TAKEN × limit of them, so a
+    huge file or dataset is not read whole for a sample; a source's own `limit:` keeps its meaning, the first N."""
     from kdistill.data import load_records
     from kdistill.data.images import is_image_record
     from kdistill.engine.build import spread
@@ -69,6 +73,8 @@ def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -
                               f"got {type(spec).__name__}")
         spec = dict(spec)
         own_limit = spec.get("limit") is not None
+        if limit is not None and not own_limit:
+            spec["limit"] = limit * READ_PER_TAKEN
         name = str(spec.get("name") or next((spec[k] for k in ("source", "path", "dataset") if spec.get(k)), i))
         if name in out:  # e.g. the same corpus twice with different splits
             name = f"{name} ({spec.get('split') or split})"
