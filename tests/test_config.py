@@ -312,6 +312,12 @@ def test_a_recipe_wide_set_that_every_stage_overrides_is_refused_not_ignored():
                                          r"train.steps; add --set stages.0.train.steps=10 to change it too"):
         recipe = load_recipe(two, ["train.steps=10"])  # said, not silent: the user may have meant every stage
     assert [s.train.steps for s in recipe.stages] == [3, 10]
+    import warnings
+
+    with warnings.catch_warnings():  # done as the warning says, in either order: nothing left to say
+        warnings.simplefilter("error")
+        for order in (["train.steps=10", "stages.0.train.steps=10"], ["stages.0.train.steps=10", "train.steps=10"]):
+            assert [s.train.steps for s in load_recipe(two, order).stages] == [10, 10]
     assert load_recipe(two, ["stages[0].train.steps=7"]).stages[0].train.steps == 7
     # a synthesize stage takes no training defaults, and a stage's own list replaces the recipe-wide one whole
     with pytest.raises(ConfigError, match=r"--set train.steps: every stage sets its own train.steps \(or is a "

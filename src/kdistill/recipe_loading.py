@@ -334,6 +334,7 @@ def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] =
         raw, source = read_recipe_file(ref)
     for assignment in overrides:
         apply_override(raw, assignment)
+    for assignment in overrides:
         check_not_shadowed(raw, assignment)
     if output is not None:
         raw["output"] = output

@@ -55,23 +55,33 @@ def apply_override(raw: dict, assignment: str) -> None:
 
 
 def check_not_shadowed(raw: dict, assignment: str) -> None:
-    """A recipe-wide `--set` that every stage overrides with its own value would change nothing, silently."""
+    """A recipe-wide `--set` that every stage overrides with its own value would change nothing, silently: refused.
+    One that some stages override is said. Run after every `--set` is applied: a stage given the same value
+    (`--set stages.1.train.steps=5` beside `train.steps=5`) overrides nothing."""
     key = assignment.split("=", 1)[0].strip()
     parts = key_parts(key)
     stages = raw.get("stages")
     if parts[0] not in STAGE_FIELDS or not isinstance(stages, list) or not stages:
         return
 
+    def step(node: Any, part: str) -> Any:
+        if isinstance(node, dict):
+            return node.get(part)
+        if isinstance(node, list) and part.lstrip("-").isdigit() and -len(node) <= int(part) < len(node):
+            return node[int(part)]
+        return None
+
     def keeps_own(block: Any) -> bool:
         if not isinstance(block, dict) or "synthesize" in block:  # a synthesize stage takes no training defaults
             return True
+        wide = raw
         for part in parts:
             if isinstance(block, list):  # the stage's own list replaces the recipe-wide one whole
-                return True
+                return block != wide
             if not isinstance(block, dict) or part not in block:
                 return False
-            block = block[part]
-        return True
+            block, wide = block[part], step(wide, part)
+        return block != wide
 
     own = [i for i, block in enumerate(stages) if keeps_own(block)]
     index = next((i for i, part in enumerate(parts) if part.lstrip("-").isdigit()), len(parts))
@@ -83,7 +93,7 @@ def check_not_shadowed(raw: dict, assignment: str) -> None:
                              else "")
                           + f", so the recipe-wide value would change nothing; set it per stage, e.g. "
                             f"stages.0.{key}=...")
-    trained_own = [i for i in own if "synthesize" not in stages[i]]
+    trained_own = [i for i in own if isinstance(stages[i], dict) and "synthesize" not in stages[i]]
     if trained_own:  # said, not refused: changing the shared value of the other stages is a fair wish
         import warnings
 
