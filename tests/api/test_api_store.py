@@ -180,4 +180,7 @@ def test_a_service_with_another_tokenizer_is_named_after_one_text_not_all(server
     refused = Failure("key", "HTTP 400: prompt must be a list of token ids in [0, 8192)", 400)
     with pytest.raises(PairingError, match=r"refused the token ids of 'big''s tokenizer .*another tokenizer"):
         check_pairing(refused, [1, 2], K, {}, "big")
+    vllm = Failure("key", "HTTP 400: Token id 30000 is out of vocabulary", 400)  # another service's words
+    with pytest.raises(PairingError, match="another tokenizer"):
+        check_pairing(vllm, [1, 2], K, {}, "big")
     check_pairing(Failure("key", "HTTP 503: busy", 503), [1, 2], K, {}, "big")  # may come back: asked with the rest

@@ -61,6 +61,7 @@ def test_a_teacher_store_and_its_answer_cache_in_the_output_folder_are_no_obstac
     (out / "teacher-store").mkdir(parents=True)
     (out / "teacher-store" / "manifest.json").write_text(json.dumps({"format": FORMAT}))
     (out / "teacher-store.teacher.sqlite").write_bytes(b"")
+    (out / "teacher-store.teacher.sqlite-wal").write_bytes(b"")  # SQLite's write-ahead log, while a cache is open
     check_not_foreign(out)
     (out / "notes.txt").write_text("mine")
     (out / "other.teacher.sqlite").write_bytes(b"")  # beside no store
@@ -375,6 +376,24 @@ def test_a_distributed_launch_holds_the_run_lock_in_its_first_process(tmp_path, 
         with pytest.raises(ConfigError, match="is being trained by another kdistill command"):
             with run_lock(out):
                 pass
+
+
+def test_a_launch_that_names_no_rank_takes_no_lock(tmp_path, monkeypatch):
+    """WORLD_SIZE without RANK (some MPI/SLURM set-ups): every process would think itself the first, and all but
+    one would be refused their own launch's folder."""
+    from filelock import FileLock
+
+    from kdistill.engine.run import run_lock
+
+    held = FileLock(str(tmp_path / ".run.run.lock"))
+    held.acquire()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    try:
+        with run_lock(tmp_path / "run"):
+            pass
+    finally:
+        held.release()
 
 
 def test_a_batch_larger_than_the_training_data_is_pointed_out(tiny_recipe):

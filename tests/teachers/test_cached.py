@@ -309,12 +309,13 @@ def test_cache_teacher_of_a_stage_whose_teacher_is_an_earlier_stages_student(cla
     assert json.loads((store / "manifest.json").read_text())["k"] == 3
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-def test_in_a_distributed_launch_only_the_first_process_builds_the_automatic_store(tiny_gpt2_dir, text_file, tmp_path,
-                                                                                    monkeypatch, rank):
-    """Each process built it and replaced the other's while that one might already read it; now rank 0 builds
-    and every rank waits at a barrier until it is there."""
-    import torch.distributed as dist
+def test_a_second_process_waits_for_the_automatic_store_another_is_building(tiny_gpt2_dir, text_file, tmp_path,
+                                                                            monkeypatch):
+    """The ranks of a distributed launch (or two commands) each built it and replaced the other's while that one
+    might already read it: one builds under a file lock, the other waits for it and then builds nothing."""
+    import threading
+
+    from filelock import FileLock
 
     from kdistill.teachers import cached as cached_module
 
@@ -322,15 +323,33 @@ def test_in_a_distributed_launch_only_the_first_process_builds_the_automatic_sto
     recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, losses=[{"type": "logit_kd"}],
                        teacher={"model": tiny_gpt2_dir, "source": "cache", "top_k": 8})
     stage = load_recipe(recipe).stages[0]
-    built, waited = [], []
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "get_rank", lambda: rank)
-    monkeypatch.setattr(dist, "barrier", lambda: waited.append(True))
+    built = []
     monkeypatch.setattr(cached_module, "cache_stage", lambda *a, **k: built.append(True))
-    out = cached_module.automatic_store(stage)
-    assert built == ([True] if rank == 0 else []) and waited == [True]
-    assert out.parent == tmp_path / "home" / "stores"
+    stores = tmp_path / "home" / "stores"
+    stores.mkdir(parents=True)
+    real = cached_module.automatic_store
+    name = []
+
+    def probe_name():  # the store's folder name, found by letting a first call build into a throwaway home
+        monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "probe"))
+        name.append(real(stage).name)
+        monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+        built.clear()
+
+    probe_name()
+    out = stores / name[0]
+    builder = FileLock(str(stores / f".{out.name}.lock"))
+    builder.acquire()  # another process is building it
+    result = []
+    waiter = threading.Thread(target=lambda: result.append(real(stage)))
+    waiter.start()
+    waiter.join(timeout=1.0)
+    assert waiter.is_alive() and not built  # waiting, not building
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")  # the other process finished
+    builder.release()
+    waiter.join(timeout=30)
+    assert result == [out] and not built
 
 
 def test_without_progress_bars_neither_the_store_nor_transformers_draws_one(tiny_gpt2_dir, text_file, tmp_path,

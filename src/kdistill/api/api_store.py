@@ -159,7 +159,7 @@ def check_pairing(answer, ids: list[int], k: int, vocab: dict[str, int], vocabul
     rest, which may come back."""
     if answer.ok:
         stored_topk(answer, ids, k, vocab, "the first text")
-    elif answer.status == 400 and "token id" in answer.error:
+    elif answer.status == 400 and any(word in answer.error.lower() for word in ("token id", "vocab")):
         raise PairingError(f"the service refused the token ids of {vocabulary!r}'s tokenizer ({answer.error[:200]}): "
                            + ANOTHER_TOKENIZER)
 

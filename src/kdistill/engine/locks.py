@@ -16,7 +16,8 @@ def folder_lock(out: Path, suffix: str, when_held, when_unwritable, first_proces
     `when_unwritable(oserror)` raises the error to give. In a distributed launch, `first_process_holds` has
     rank 0 take it for the launch (`when_held` must then raise: the launcher stops the other ranks when rank 0
     exits); without it no rank takes it."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (first_process_holds and os.environ.get("RANK", "0") == "0"):
+    # a launcher that sets WORLD_SIZE but no RANK: no process knows it is the first, so none takes the lock
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (first_process_holds and os.environ.get("RANK") == "0"):
         yield
         return
     from filelock import FileLock, Timeout

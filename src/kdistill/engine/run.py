@@ -185,8 +185,8 @@ def check_not_foreign(out: Path) -> None:
     if not out.is_dir() or (out / "config.resolved.yaml").exists():
         return
     stores = {entry.name for entry in out.iterdir() if is_store(entry)}
-    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in stores
-                     and not any(entry.name == f"{store}.teacher.sqlite" for store in stores))
+    caches = {f"{store}.teacher.sqlite{end}" for store in stores for end in ("", "-wal", "-shm", "-journal")}
+    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in stores | caches)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ConfigError(f"output {out} is a folder that holds something other than a kdistill run ({shown}; no "

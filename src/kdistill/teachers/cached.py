@@ -258,10 +258,11 @@ def with_live_teacher(stage):
 
 def automatic_store(stage, console=None, progress: bool = True) -> Path:
     """`teacher: {source: cache, model: M}` without a path: M's store for this data, built on first use
-    under $KDISTILL_HOME/stores and reused by every later run, seed and student that asks the same. In a
-    distributed launch the first process builds it while the others wait (each built it and replaced the
-    other's, while the other might already read it)."""
-    import torch.distributed as dist
+    under $KDISTILL_HOME/stores and reused by every later run, seed and student that asks the same. One process
+    builds it under a file lock while any other that asks for it (the other ranks of a distributed launch, another
+    command) waits: each built it and replaced the other's, while the other might already read it. A file lock,
+    not a barrier, which a build longer than the process group's timeout would break."""
+    from filelock import FileLock
     from kdistill.teachers.recipe_runs import kdistill_home, resolve_teacher
     from kdistill.teachers.store_writer import VERSION as STORE_VERSION
 
@@ -281,8 +282,12 @@ def automatic_store(stage, console=None, progress: bool = True) -> Path:
     spec = json.dumps(spec, sort_keys=True)
     name = str(stage.teacher.model).replace(":", "-").replace("/", "-")[-40:]
     out = kdistill_home() / "stores" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
-    launch = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if not (out / "manifest.json").exists() and (not launch or dist.get_rank() == 0):
+    if (out / "manifest.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        if (out / "manifest.json").exists():  # built by the process this one waited for
+            return out
         if console is not None:
             console.print(f"building the teacher store {out} (once; later runs reuse it)")
         start = time.perf_counter()
@@ -290,8 +295,6 @@ def automatic_store(stage, console=None, progress: bool = True) -> Path:
                     sample_head=stage.teacher.sample_head, progress=progress)
         if console is not None:
             console.print(f"teacher store built in {time.perf_counter() - start:.0f} s")
-    if launch:
-        dist.barrier()
     return out
 
 
