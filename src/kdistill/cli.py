@@ -24,11 +24,12 @@ COMPARE_HINT = ("interrupted; run the same command again: finished runs are reus
 
 
 PYTHON_SHOWWARNING = warnings.showwarning
+PACKAGE = Path(__file__).resolve().parent
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None):
     """kdistill's own warnings as one plain line each, as its errors are; other libraries' as Python shows them."""
-    if "kdistill" in Path(filename).parts:
+    if Path(filename).resolve().is_relative_to(PACKAGE):
         err_console.print("[yellow]warning:[/] ", end="")
         err_console.print(str(message), highlight=False, markup=False, soft_wrap=True)
     else:
@@ -198,7 +199,7 @@ def eval_cmd(student: str = typer.Option(..., help="student: directory, hub id, 
              text: Optional[str] = typer.Option(None, help="the text field of --data files and datasets (default text)"),
              label: Optional[str] = typer.Option(None, help="their label field: accuracy for classifiers"),
              image: Optional[str] = typer.Option(None, help="their image field (file paths, or a dataset's images)"),
-             limit: int = typer.Option(512, help="texts per dataset, taken evenly through it"),
+             limit: int = typer.Option(512, min=1, help="texts per dataset, taken evenly through its first 100×limit"),
              max_length: int = typer.Option(128, min=8, help="tokens per text"),
              speed: bool = typer.Option(True, help="measure encode speed (tens of seconds on a CPU)"),
              output: Optional[str] = typer.Option(None, help="write the JSON report here (default: STUDENT/eval.json "

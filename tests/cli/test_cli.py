@@ -140,6 +140,7 @@ def test_eval_reads_the_label_field_of_a_file_for_a_classifier(tmp_path, make_cl
 
 def test_eval_takes_a_recipe_teacher_without_training_it(tmp_path, monkeypatch):
     monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # not a checkout's own runs/teacher-supersense
     result, out = invoke("eval", "--student", tmp_path, "--teacher", "recipe:teacher-supersense",
                          "--data", "wordnet-supersense", "--no-speed", "--output", tmp_path / "r.json")
     assert result.exit_code == 2 and "has not been trained here yet" in out
@@ -185,9 +186,16 @@ def test_eval_takes_the_run_kdistill_run_made_of_a_built_in_recipe(tmp_path, mon
     (student / "kdistill.json").write_text(json.dumps({"recipe": "minilm-l3"}))  # another recipe's run
     assert invoke(*args)[0].exit_code == 2
     (student / "kdistill.json").write_text(json.dumps({"recipe": "minilm"}))
+    from kdistill.config import load_recipe
+
+    saved = load_recipe("minilm", ["stages.0.train.steps=5"], output="runs/minilm").dump()  # a smoke run
+    (student.parent / "config.resolved.yaml").write_text(yaml.safe_dump(saved))
     result, out = invoke(*args)
     assert result.exit_code == 0, out
     assert (student / "eval.json").exists()
+    said = " ".join(out.split())
+    assert "warning: the run in runs/minilm was trained by a different 'minilm' recipe than today's" in said
+    assert "steps" in said
 
 
 def test_validate_refuses_an_output_folder_that_run_would_refuse(tmp_path, tiny_recipe):

@@ -107,3 +107,9 @@ def test_the_limit_takes_records_evenly_through_an_ordered_corpus():
     assert len({r["label"] for r in taken}) > 40 > len({r["label"] for r in whole[:512]})
     first = load_datasets({"source": "wordnet-supersense", "limit": 8}, "eval", 512)["wordnet-supersense"]
     assert first == whole[:8]
+    # a sample is drawn from the first 100 x limit records, not from a huge source read whole
+    assert load_datasets({"source": "wordnet-supersense"}, "eval", 3)["wordnet-supersense"] == [whole[0], whole[100],
+                                                                                                    whole[200]]
+    for bad in (0, -5, True, 2.5):
+        with pytest.raises(ConfigError, match=rf"limit \(--limit\) must be a whole number .*got {bad!r}"):
+            load_datasets({"source": "wordnet-supersense"}, "eval", bad)

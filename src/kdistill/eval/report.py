@@ -66,6 +66,8 @@ def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -
     specs = [data_spec] if isinstance(data_spec, dict) else list(data_spec)
     if not specs:
         raise ConfigError("evaluate needs at least one data source")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"limit (--limit) must be a whole number of records >= 1, or None for all; got {limit!r}")
     out: dict[str, list[dict]] = {}
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict):

@@ -55,6 +55,7 @@ def trained_model(ref: str, where: str) -> str:
     name = ref[len(PREFIX):]
     own = Path(load_recipe(name).output) / "student"
     if is_complete(own) and ran_recipe(own) == name:
+        warn_if_stale(load_recipe(name, output=str(own.parent)), own.parent, what="the run")  # e.g. a 5-step smoke run
         return str(own)
     cached = recipe_output(name)
     raise ConfigError(f"{where} {ref}: that recipe has not been trained here yet (neither {cached / 'student'} nor "
@@ -118,7 +119,7 @@ def training_lock(out: Path, ref: str, console=None):
         yield
 
 
-def warn_if_stale(recipe, out: Path, console=None) -> None:
+def warn_if_stale(recipe, out: Path, console=None, what: str = "the cached teacher") -> None:
     """A cached teacher trained by another version of its recipe (an upgrade changed the recipe, or it was
     run with --set overrides) is used as it is, since it may have cost an hour to train, but not silently:
     the warning names what differs and how to train today's recipe instead."""
@@ -136,7 +137,7 @@ def warn_if_stale(recipe, out: Path, console=None) -> None:
     key = (str(out.resolve()), tuple(changed))
     if changed and key not in _warned:
         _warned.add(key)
-        message = (f"the cached teacher in {out} was trained by a different {recipe.name!r} recipe than today's ("
+        message = (f"{what} in {out} was trained by a different {recipe.name!r} recipe than today's ("
                    + "; ".join(changed[:4]) + (f"; and {len(changed) - 4} more" if len(changed) > 4 else "")
                    + f"); using it as it is. Delete {out} to train today's recipe")
         if console is not None:
