@@ -338,7 +338,8 @@ def test_a_second_process_waits_for_the_automatic_store_another_is_building(tiny
 
     probe_name()
     out = stores / name[0]
-    builder = FileLock(str(stores / f".{out.name}.lock"))
+    (tmp_path / "home" / "locks").mkdir()
+    builder = FileLock(str(tmp_path / "home" / "locks" / f"store-{out.name}.lock"))
     builder.acquire()  # another process is building it
     result = []
     waiter = threading.Thread(target=lambda: result.append(real(stage)))

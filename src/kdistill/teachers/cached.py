@@ -284,8 +284,9 @@ def automatic_store(stage, console=None, progress: bool = True) -> Path:
     out = kdistill_home() / "stores" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
     if (out / "manifest.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out.parent / f".{out.name}.lock")):
+    locks = kdistill_home() / "locks"  # not among the stores, where it would look like one
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(locks / f"store-{out.name}.lock")):
         if (out / "manifest.json").exists():  # built by the process this one waited for
             return out
         if console is not None:
