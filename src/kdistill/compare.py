@@ -51,7 +51,7 @@ def score(model_dir: str, records: list[dict], task: str, trust_remote_code: boo
         from kdistill.eval.generation import definition_scores
         from kdistill.eval.metrics import perplexity
 
-        from kdistill.engine.build import spread
+        from kdistill.data.sources import spread
 
         # taken evenly through the split: its records are ordered (all nouns first), and at 200 prompts
         # from the front the same recipe's ROUGE-L moved by 0.05 between seeds (docs/results.md)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from kdistill.engine.build import spread
+from kdistill.data.sources import spread
 
 
 def test_eval_limit_takes_records_evenly_through_an_ordered_corpus():

@@ -16,7 +16,7 @@ EVAL = "eval.json"
 
 def held_out_records(cfg, where: str = "lion.eval") -> list[dict]:
     """`eval_limit` records of `lion.eval`, spread through it (corpora are ordered: nouns before verbs)."""
-    from kdistill.engine.build import spread
+    from kdistill.data.sources import spread
 
     if cfg.eval is None:
         return []

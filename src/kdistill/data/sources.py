@@ -66,6 +66,14 @@ def _sample(records: list[dict], n) -> list[dict]:
     return [records[i] for i in sorted(random.Random(0).sample(range(len(records)), n))]
 
 
+def spread(records: list[dict], limit: int | None) -> list[dict]:
+    """`limit` records taken evenly through the list: corpora are ordered (e.g. nouns before verbs), so
+    the first N would measure one part of the task only."""
+    if limit is None or len(records) <= limit:
+        return records
+    return [records[i * len(records) // limit] for i in range(limit)]
+
+
 def label_names(records: Iterable[dict]) -> list[str]:
     """Sorted unique labels as strings: the class index is their position in this list."""
     labels = {r["label"] for r in records if r.get("label") is not None}

@@ -9,6 +9,7 @@ import torch
 
 from kdistill.config import Stage
 from kdistill.data import TextCollator, label_names, load_records
+from kdistill.data.sources import spread
 from kdistill.data.collate import check_prompts_lead
 from kdistill.engine.classes import check_all_or_none_labelled, class_head
 from kdistill.engine.params import check_freeze, check_globs
@@ -185,14 +186,6 @@ def skeleton(path: str, task: str, head: dict, trust_remote_code: bool = False) 
     with torch.device("meta"):
         model = new_model(config, task)
     return Loaded(model, load_tokenizer(path, trust_remote_code), path, task)
-
-
-def spread(records: list[dict], limit: int | None) -> list[dict]:
-    """`limit` records taken evenly through the list: corpora are ordered (e.g. nouns before verbs), so
-    the first N would measure one part of the task only."""
-    if limit is None or len(records) <= limit:
-        return records
-    return [records[i * len(records) // limit] for i in range(limit)]
 
 
 def shortest_first(records: list[dict]) -> list[dict]:

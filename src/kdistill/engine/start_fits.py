@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from kdistill.engine.build import shortest_first, spread
+from kdistill.data.sources import spread
+from kdistill.engine.build import shortest_first
 from kdistill.engine.head_fit import HEAD_FIT_RECORDS, classifier_layer, fit_head, head_targets
 from kdistill.losses.base import LeastSquares
 

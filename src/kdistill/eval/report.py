@@ -61,7 +61,7 @@ def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -
     huge file or dataset is not read whole for a sample; a source's own `limit:` keeps its meaning, the first N."""
     from kdistill.data import load_records
     from kdistill.data.images import is_image_record
-    from kdistill.engine.build import spread
+    from kdistill.data.sources import spread
 
     specs = [data_spec] if isinstance(data_spec, dict) else list(data_spec)
     if not specs:
