@@ -46,8 +46,16 @@ def test_store_for_other_data_or_corrupt_is_refused(classifier_recipe, tmp_path)
     store = cache_teacher(load_recipe(classifier_recipe), k=2, out=str(tmp_path / "store"))
     other = cached(classifier_recipe, store, tmp_path / "other")
     other["data"] = {**other["data"], "train": {**other["data"]["train"], "limit": 6}}
-    with pytest.raises(CheckpointError, match="data fingerprint differs"):
+    with pytest.raises(CheckpointError, match=r"records fingerprint differs: .* \(the training records: another file, "
+                                              r"split, limit") as refused:
         distill(other, progress=False)
+    assert "data fingerprint" not in str(refused.value) and "data cut" not in str(refused.value)
+    longer = cached(classifier_recipe, store, tmp_path / "longer")
+    longer["data"] = {**longer["data"], "max_length": 48}
+    with pytest.raises(CheckpointError, match=r"data cut differs: store has 16, run has 48 \(how the records are cut: "
+                                              r"data.max_length") as refused:
+        distill(longer, progress=False)
+    assert "records fingerprint" not in str(refused.value)
     hotter = cached(classifier_recipe, store, tmp_path / "hot")
     hotter["losses"] = [{"type": "logit_kd", "temperature": 4.0}]
     with pytest.raises(CheckpointError, match="temperature"):

@@ -207,6 +207,15 @@ def test_mismatched_expectation(store_path, field, value, message):
     assert message in str(error.value)
 
 
+def test_a_store_without_the_data_halves_is_checked_by_the_whole_data_fingerprint(store_path):
+    """Stores built before the records and the cut were recorded apart: the run's halves are not held against
+    them, the whole fingerprint still is."""
+    TeacherStore.open(store_path, expect={**FINGERPRINTS, "records": "r-1", "cut": "64"})
+    with pytest.raises(CheckpointError, match=r"data fingerprint differs: store has d-333, run has d-9 \(the training "
+                                              r"records, or how they are cut"):
+        TeacherStore.open(store_path, expect={**FINGERPRINTS, "data": "d-9", "records": "r-1", "cut": "64"})
+
+
 def test_every_mismatch_is_named(store_path):
     with pytest.raises(CheckpointError) as error:
         TeacherStore.open(store_path, expect={"teacher": "x", "data": "y", "k": 2})

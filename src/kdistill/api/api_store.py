@@ -62,7 +62,7 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     from kdistill.config import Recipe, load_recipe
     from kdistill.engine.build import read_sources
     from kdistill.models.loading import load_config, load_tokenizer
-    from kdistill.teachers.cached import TEACHER_FILES, data_fingerprint, tokenizer_fingerprint
+    from kdistill.teachers.cached import TEACHER_FILES, data_fingerprints, tokenizer_fingerprint
     from kdistill.teachers.recipe_runs import resolve_teacher
     from kdistill.teachers.store import API_RECORD, StoreWriter
     from kdistill.teachers.store_writer import DTYPES, refuse_unless_store
@@ -107,7 +107,7 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
                 "missing ones") if client.cache is not None else "run again (with a cache_path, to keep what came back)"
         raise ScoringFailed(f"{len(failed)} of {len(unique)} texts could not be scored (first: {failed[0][1]}); {kept}")
     fingerprints = {"teacher": api_teacher_fingerprint(client.model), "tokenizer": tokenizer_fingerprint(tokenizer),
-                    "data": data_fingerprint(records, str(stage.data.max_length))}
+                    **data_fingerprints(records, str(stage.data.max_length))}
     with StoreWriter(out, k=k, temperature=1.0, fingerprints=fingerprints, dtype=dtype,
                      vocab_size=config.get_text_config().vocab_size, overwrite=True) as writer:
         for (key, record), ids, answer in zip(unique.items(), sent, answers):

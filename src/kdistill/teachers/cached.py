@@ -96,6 +96,15 @@ def data_fingerprint(records: list[dict], cut: str) -> str:
     return fingerprint_text(cut, *sorted({record_key(r) for r in records}))
 
 
+def data_fingerprints(records: list[dict], cut: str) -> dict[str, str]:
+    """The data's fingerprint, and its two halves apart, so that a refusal can say which one differs: the records
+    (hashed) and the cut (as it is: a max_length, or the image settings)."""
+    from kdistill.teachers.fingerprint import fingerprint_text
+
+    return {"data": data_fingerprint(records, cut), "records": fingerprint_text("records", *sorted(
+        {record_key(r) for r in records})), "cut": cut}
+
+
 def kd_temperature(stage) -> float:
     """The temperature of the stage's logit loss: the store must hold the teacher at that temperature."""
     temps = {getattr(p, "temperature", None) for p in stage.losses} - {None}
@@ -188,7 +197,7 @@ def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature
     collator = make_collator(stage, loaded, teacher.config, None, "")
     fingerprints = {"teacher": fingerprint_tensors(teacher.state_dict()),
                     "tokenizer": tokenizer_fingerprint(loaded.tokenizer),
-                    "data": data_fingerprint(records, data_cut(stage, collator))}
+                    **data_fingerprints(records, data_cut(stage, collator))}
     items = teacher_views(stage, records)
     vocab = teacher.config.get_text_config().vocab_size if loaded.task == "causal-lm" else teacher.config.num_labels
     next_token = next_token and loaded.task == "causal-lm" and not sample
@@ -303,7 +312,7 @@ def open_for_stage(stage, tokenizer, records: list[dict], where: str, collator=N
     """The stage's store, refused if it was built for another tokenizer, data, cut or temperature."""
     from kdistill.teachers.store import TeacherStore
 
-    expect = {"tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(records, data_cut(stage, collator)),
+    expect = {"tokenizer": tokenizer_fingerprint(tokenizer), **data_fingerprints(records, data_cut(stage, collator)),
               "temperature": kd_temperature(stage)}
     try:
         return TeacherStore.open(stage.teacher.path, expect=expect)
