@@ -378,6 +378,23 @@ def test_a_distributed_launch_holds_the_run_lock_in_its_first_process(tmp_path, 
                 pass
 
 
+def test_one_lock_per_real_folder_whatever_its_spelling(tmp_path, monkeypatch):
+    """A symlink to a run folder, or `.` for it, took a lock of its own name: a second command trained the same
+    folder at once (or `--output .` found its own lock file inside and refused the folder as foreign)."""
+    from kdistill.engine.run import run_lock
+
+    real = tmp_path / "race"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with run_lock(real):
+        with pytest.raises(ConfigError, match="is being trained by another kdistill command"):
+            with run_lock(tmp_path / "link"):
+                pass
+    monkeypatch.chdir(real)
+    with run_lock(Path(".")):
+        assert list(real.iterdir()) == []  # the lock lies beside the folder, not in it
+
+
 def test_a_launch_that_names_no_rank_takes_no_lock(tmp_path, monkeypatch):
     """WORLD_SIZE without RANK (some MPI/SLURM set-ups): every process would think itself the first, and all but
     one would be refused their own launch's folder."""

@@ -22,6 +22,7 @@ def folder_lock(out: Path, suffix: str, when_held, when_unwritable, first_proces
         return
     from filelock import FileLock, Timeout
 
+    out = Path(out).expanduser().resolve()  # one lock per real folder: not one per symlink or spelling (".")
     lock = FileLock(str(out.parent / f".{out.name}.{suffix}"))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
