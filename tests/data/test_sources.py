@@ -240,3 +240,16 @@ def test_a_csv_quote_left_open_is_named_at_its_line_not_swallowing_the_rest(tmp_
     long = "word " * 40000  # one long document, as pandas writes it: valid, past the csv module's 128 kB cap
     path.write_text(f'sentence,label\nshort,red\n"{long}",blue\n')
     assert [len(r["text"]) for r in load_records({"path": str(path), "text": "sentence"})] == [5, len(long)]
+
+
+def test_a_label_written_as_a_number_in_one_file_and_text_in_another_is_one_class():
+    """A CSV's "1" and a JSON file's 1 made two classes both named "1", one of each never trained (batches look
+    labels up by their text); true/false beside other values is refused, not merged into 1 and 0."""
+    from kdistill.data.sources import label_names
+
+    records = [{"label": "0"}, {"label": "1"}, {"label": 0}, {"label": 1}, {"label": 10}, {"label": 2}]
+    assert label_names(records) == ["0", "1", "2", "10"]
+    assert label_names([{"label": "b"}, {"label": 3}, {"label": "a"}]) == ["3", "a", "b"]
+    assert label_names([{"label": True}, {"label": False}]) == ["False", "True"]
+    with pytest.raises(DataError, match=r"mix true/false \(True\) with other values \(0, 1\)"):
+        label_names([{"label": True}, {"label": 0}, {"label": 1}])

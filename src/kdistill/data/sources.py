@@ -75,11 +75,19 @@ def spread(records: list[dict], limit: int | None) -> list[dict]:
 
 
 def label_names(records: Iterable[dict]) -> list[str]:
-    """Sorted unique labels as strings: the class index is their position in this list."""
-    labels = {r["label"] for r in records if r.get("label") is not None}
+    """Sorted unique labels as strings: the class index is their position in this list. One class per string
+    form, as batches look them up (a CSV's "1" and a JSON file's 1 are one class, not two with one name)."""
+    kinds: dict[str, set[type]] = {}
+    for r in records:
+        if r.get("label") is not None:
+            kinds.setdefault(str(r["label"]), set()).add(type(r["label"]))
+    truth = sorted(text for text, types in kinds.items() if bool in types)
+    if truth and len(truth) < len(kinds):  # Python counts True as 1: the classes would silently merge or split
+        others = sorted(set(kinds) - set(truth))[:5]
+        raise DataError(f"the labels mix true/false ({', '.join(truth)}) with other values ({', '.join(others)}); "
+                        f"give every record a label of one kind")
     # Integer labels sort numerically so class ids match them ("2" before "10").
-    ordered = sorted(labels, key=lambda v: (0, v, "") if isinstance(v, int) else (1, 0, str(v)))
-    return [str(v) for v in ordered]
+    return sorted(kinds, key=lambda text: (0, int(text), "") if int in kinds[text] else (1, 0, text))
 
 
 # ---------------------------------------------------------------- local files
