@@ -349,3 +349,19 @@ def test_a_stages_own_student_or_data_source_replaces_the_shared_one_whole(tmp_p
               "stages": [{"name": "a"}, {"name": "b", "data": {"eval": {"limit": 10}}}]}
     evals = load_recipe(adjust).stages[1].data.eval
     assert evals.source == "stdlib-docstrings" and evals.limit == 10
+
+
+def test_a_tilde_means_home_in_every_path_a_recipe_or_command_names(tmp_path, monkeypatch):
+    """`~` was expanded for models only: an output ~/x made a folder named ~ in the working directory."""
+    from kdistill.teachers.recipe_runs import kdistill_home
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "d.jsonl").write_text('{"text": "a"}\n')
+    recipe = {**base(), "output": "~/run", "data": {"train": {"path": "~/d.jsonl"}}}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    loaded = load_recipe("~/r.yaml")
+    assert loaded.output == str(tmp_path / "run") and loaded.stages[0].data.train.path == str(tmp_path / "d.jsonl")
+    monkeypatch.setenv("KDISTILL_HOME", "~/kh")
+    assert kdistill_home() == tmp_path / "kh"
+    monkeypatch.setenv("KDISTILL_HOME", "")  # empty: the default, not the working directory
+    assert kdistill_home() == tmp_path / ".cache" / "kdistill"

@@ -224,7 +224,7 @@ def eval_cmd(student: str = typer.Option(..., help="student: directory, hub id, 
         console.print("[yellow]no --teacher[/yellow]: the comparisons with a teacher (embedding fidelity, per-layer "
                       "CKA) are left out"
                       + (f"; this student was trained by --teacher {trained_by}" if trained_by else ""))
-    path = Path(output) if output else default_report(student)
+    path = Path(output).expanduser() if output else default_report(student)
     check_report_path(path, "--output", "eval.json")  # before the evaluation: after it, its results would be lost
     check_replaceable_report(path, "--output")
     from kdistill.data.sources import has_splits

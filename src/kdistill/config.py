@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from kdistill.config_api import APITeacher, GeneratorTeacher, LionConfig, Sampling, SynthesizeConfig  # noqa: F401
-from kdistill.config_data import Augment, DataConfig, DataSource, ImageAugment, Strict, suggest  # noqa: F401
+from kdistill.config_data import Augment, DataConfig, DataSource, ImageAugment, Strict, UserPath, suggest  # noqa: F401
 
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
@@ -44,7 +44,7 @@ class TeacherUpdate(Strict):
 class TeacherConfig(Strict):
     model: str | None = Field(None, description="local dir, hub id, recipe:NAME, packaged:NAME, blueprint:NAME, stage:NAME")
     source: Literal["live", "cache"] = Field("live", description="live: run the model; cache: read a teacher store")
-    path: str | None = Field(None, description="the teacher store (source: cache), from `kdistill cache-teacher`; "
+    path: UserPath | None = Field(None, description="the teacher store (source: cache), from `kdistill cache-teacher`; "
                              "without it, a store of `model` is built once under $KDISTILL_HOME/stores")
     top_k: int = Field(64, ge=1, description="source: cache without a path: outputs kept per position")
     sample: int | None = Field(None, ge=1, description="source: cache without a path: keep this many tokens drawn "
@@ -259,7 +259,7 @@ class Stage(Strict):
 
 class Recipe(Strict):
     name: str
-    output: str
+    output: UserPath
     stages: list[Stage]
 
     @property

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from kdistill.config_data import DataSource, Strict
+from kdistill.config_data import DataSource, Strict, UserPath
 
 
 ENV_NAME_RULE = ("teacher.api.api_key_env takes the NAME of the environment variable that holds the key (letters, "
@@ -90,7 +90,7 @@ class SynthesizeConfig(Strict):
     text: str = Field("{prompt}{completion}", description="the training text of a row: a format string over "
                       "prompt, completion and the record's fields")
     batch_size: int = Field(8, ge=1, description="prompts generated together (a unit of resumption)")
-    cache: str | None = Field(None, description="an SQLite file of the generator's answers (default: the API "
+    cache: UserPath | None = Field(None, description="an SQLite file of the generator's answers (default: the API "
                               "teacher's is {stage dir}/teacher.sqlite; a local model's is off): runs sharing a "
                               "cache never ask the same question twice")
     export: str | None = Field(None, description="also copy the kept rows to this .jsonl file")
@@ -128,5 +128,5 @@ class LionConfig(Strict):
     eval_limit: int = Field(100, ge=1, description="eval prompts used, spread through eval")
     batch_size: int = Field(16, ge=1, description="prompts answered together (teacher and student)")
     seed: int = Field(0, description="the seed pool and the writer's choices")
-    cache: str | None = Field(None, description="an SQLite file of the teacher's answers (default: "
+    cache: UserPath | None = Field(None, description="an SQLite file of the teacher's answers (default: "
                               "{stage dir}/teacher.sqlite): runs sharing it never ask the same question twice")

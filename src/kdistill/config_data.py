@@ -3,12 +3,16 @@ augmentation and how they are batched; with Strict, the base of every recipe blo
 names. kdistill.config re-exports them."""
 from __future__ import annotations
 
+import os
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from kdistill.errors import did_you_mean
+
+# a file or folder the user names: `~` means their home, as in a shell (it made a folder named ~ in the working one)
+UserPath = Annotated[str, AfterValidator(os.path.expanduser)]
 
 
 def takes_bool(annotation) -> bool:
@@ -45,7 +49,7 @@ class Augment(Strict):
 
 class DataSource(Strict):
     source: str | None = None
-    path: str | None = None
+    path: UserPath | None = None
     dataset: str | None = None
     config: str | None = None
     split: str | None = None

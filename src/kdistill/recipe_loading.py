@@ -46,7 +46,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
 
 def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
     """Raw dict of a recipe given as a path or a built-in name."""
-    path = Path(ref)
+    path = Path(ref).expanduser()
     if not path.exists():
         builtins = builtin_recipes()
         if str(ref) in builtins:

@@ -113,3 +113,15 @@ def test_the_limit_takes_records_evenly_through_an_ordered_corpus():
     for bad in (0, -5, True, 2.5):
         with pytest.raises(ConfigError, match=rf"limit \(--limit\) must be a whole number .*got {bad!r}"):
             load_datasets({"source": "wordnet-supersense"}, "eval", bad)
+
+
+def test_report_paths_that_cannot_be_written_are_refused_before_the_work(tmp_path):
+    from kdistill.errors import OutputError
+    from kdistill.eval.report import check_report_path
+
+    (tmp_path / "dangling.json").symlink_to(tmp_path / "nowhere" / "e.json")
+    with pytest.raises(ConfigError, match=r"is a link to .*nowhere/e.json, which does not exist"):
+        check_report_path(tmp_path / "dangling.json", "--output", "eval.json")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(OutputError, match=r"could not be written to .*file.txt/r.json .*the table above holds"):
+        save({"a": 1}, tmp_path / "file.txt" / "r.json")  # one message, not a traceback after the evaluation

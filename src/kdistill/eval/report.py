@@ -45,6 +45,7 @@ def spec_from_arg(arg: str, fields: dict | None = None) -> dict:
         return {"dataset": arg.split(":", 1)[1], **fields}
     if arg in CORPORA:
         return {"source": arg}
+    arg = os.path.expanduser(arg)
     if os.path.exists(arg) or arg.lower().endswith(FILE_SUFFIXES):
         return {"path": arg, **fields}
     raise ConfigError(CORPORA.unknown_message(arg, "--data")
@@ -304,12 +305,18 @@ def _finite(value):
 
 def save(result: dict, path: str | os.PathLike) -> str:
     """Write the result as indented JSON (creating folders); returns the path."""
+    from kdistill.errors import OutputError
+
     path = os.fspath(path)
-    if os.path.dirname(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(_finite(result), f, indent=2, allow_nan=False)
-        f.write("\n")
+    try:
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(_finite(result), f, indent=2, allow_nan=False)
+            f.write("\n")
+    except OSError as err:  # checked before the work, but a disk can fill or a folder change meanwhile
+        raise OutputError(f"the report could not be written to {path} ({err.strerror or err}); the table above "
+                          f"holds its results") from None
     return path
 
 
@@ -317,13 +324,18 @@ def check_report_path(path: str | os.PathLike, option: str, file_name: str) -> N
     """Refuse a report path that cannot be written, before the work whose results it would lose."""
     from pathlib import Path
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir():
         raise ConfigError(f"{option} {path} is a folder; give the report's file name, e.g. {path / file_name}")
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{option} {path} is a link to {os.readlink(path)}, which does not exist; choose another path")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise ConfigError(f"{option} {path}: {parent} is a file, so no folder can be made there; "
+                                  f"choose another path")
+            if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+                raise ConfigError(f"{option} {path}: {path if path.exists() else parent} cannot be written (read-only); "
                                   f"choose another path")
             break
 

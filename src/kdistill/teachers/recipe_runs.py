@@ -17,7 +17,7 @@ _warned: set[tuple[str, tuple[str, ...]]] = set()
 
 
 def kdistill_home() -> Path:
-    return Path(os.environ.get("KDISTILL_HOME", Path.home() / ".cache" / "kdistill"))
+    return Path(os.environ.get("KDISTILL_HOME") or Path.home() / ".cache" / "kdistill").expanduser()
 
 
 def recipe_output(name: str) -> Path:
