@@ -173,6 +173,28 @@ def test_packed_export_replaces_only_its_own_output(classifier, batch, tokenizer
     export_packed(student, str(tmp_path / "packed"))
     export_packed(student, str(tmp_path / "packed"))  # an earlier export is replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "mine", "packed", "run"]
+    (tmp_path / "link").symlink_to(tmp_path / "packed")  # a link to it: the export it names is replaced, the link kept
+    export_packed(student, str(tmp_path / "link"))
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "packed" / "packed.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "link", "mine", "packed", "run"]
+
+
+def test_a_packed_export_into_a_read_only_folder_is_one_message(classifier, tokenizer, tmp_path, monkeypatch):
+    import errno
+    from pathlib import Path
+
+    from kdistill.errors import OutputError
+
+    quantize_model(classifier, {"weights": 1, "activations": 8})
+    classifier.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+
+    def read_only(self, *args, **kwargs):  # root ignores chmod: a read-only mount is what refuses it
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(OutputError, match=r"cannot write the export beside .*out \(Read-only file system\)"):
+        export_packed(str(tmp_path / "student"), str(tmp_path / "out"))
 
 
 def test_an_image_student_is_refused_before_it_trains():

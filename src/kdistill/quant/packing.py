@@ -61,7 +61,7 @@ def export_packed(model_dir: str, out_dir: str) -> dict:
     """Write the packed 1-bit model of a quantized student directory; returns the size report."""
     from kdistill.models.loading import load_model
 
-    out = Path(out_dir)
+    out = Path(out_dir).expanduser().resolve()  # a link to an earlier export: that export is replaced, not the link
     check_export_target(Path(model_dir), out)
     loaded = load_model(model_dir)
     if not getattr(loaded.model.config, "kdistill_quant", None):
@@ -70,7 +70,10 @@ def export_packed(model_dir: str, out_dir: str) -> dict:
     tensors, sizes = pack_state(loaded.model)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as err:
+        raise OutputError(f"cannot write the export beside {out} ({err.strerror or err}); pick a writable folder") from None
     try:
         report = write_packed(tmp, tensors, sizes, loaded.model.config, Path(model_dir))
     except WRITE_ERRORS as err:
