@@ -219,7 +219,11 @@ def test_corrupt_checkpoint_is_refused(tiny_recipe, killed_run):
     data = bytearray((ckpt / "model.safetensors").read_bytes())
     data[-10] ^= 0xFF
     (ckpt / "model.safetensors").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="corrupt"):
+    with pytest.raises(CheckpointError, match=r"corrupt: model.safetensors is damaged \(its checksum differs .*the "
+                                              r"stage's first step, if it was the only one"):
+        distill(tiny_recipe, resume=True, progress=False)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"corrupt: model.safetensors is missing; delete"):  # not "checksum"
         distill(tiny_recipe, resume=True, progress=False)
     (ckpt / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match=r"not a kdistill checkpoint \(no manifest.json.*delete it to resume "

@@ -67,6 +67,10 @@ def test_a_teacher_store_and_its_answer_cache_in_the_output_folder_are_no_obstac
     (out / "other.teacher.sqlite").write_bytes(b"")  # beside no store
     with pytest.raises(ConfigError, match=r"something other than a kdistill run \(notes.txt, other.teacher.sqlite;"):
         check_not_foreign(out)
+    (out / "checkpoints").mkdir()  # a run that lost its saved recipe is named as one
+    with pytest.raises(ConfigError, match=r"holds a kdistill run's checkpoints but not its config.resolved.yaml.*put "
+                                          r"that recipe back"):
+        check_not_foreign(out)
 
 
 def test_rerun_without_resume_refuses_to_overwrite(tiny_recipe):

@@ -126,9 +126,10 @@ def verify(directory: Path, recipe_hash: str | tuple[str, ...] | None = None) ->
     for name, digest in manifest["files"].items():
         path = directory / name
         if not path.exists() or sha256(path) != digest:
+            what = "missing" if not path.exists() else "damaged (its checksum differs from the manifest's)"
             raise CheckpointError(
-                f"checkpoint {directory} is corrupt: {name} is {'missing' if not path.exists() else 'damaged'} "
-                f"(checksum mismatch); delete this directory to resume from an earlier checkpoint"
+                f"checkpoint {directory} is corrupt: {name} is {what}; delete this directory to resume from the "
+                f"checkpoint before it (or from the stage's first step, if it was the only one)"
             )
     accepted = (recipe_hash,) if isinstance(recipe_hash, str) else recipe_hash
     if accepted is not None and manifest["recipe_hash"] not in accepted:
