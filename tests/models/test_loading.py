@@ -24,6 +24,15 @@ def test_local_directories(tmp_path, tiny_bert_dir):
     (run / "student" / "config.json").write_text("{}")
     with pytest.raises(DataError, match="it is a kdistill run: its model is .*run/student"):
         resolve_model_path(str(run))
+    unfinished = tmp_path / "unfinished"
+    step = unfinished / "checkpoints" / "main" / "step-0000002"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text("{}")
+    with pytest.raises(DataError, match=r"training checkpoint of the run .*unfinished: resume that run \(`kdistill run "
+                                        r"RECIPE --output .*unfinished --resume`\)"):
+        resolve_model_path(str(step))
+    with pytest.raises(DataError, match=r"an unfinished kdistill run: resume it"):
+        resolve_model_path(str(unfinished))
 
 
 def test_hub_id_goes_to_the_hub_and_fails_clearly_offline(monkeypatch):

@@ -74,8 +74,16 @@ def resolve_model_path(ref: str) -> str:
     if path.is_dir():
         if not (path / "config.json").exists():
             run_student = path / "student"
-            hint = (f"; it is a kdistill run: its model is {run_student}" if (run_student / "config.json").exists()
-                    else "")
+            if (run_student / "config.json").exists():
+                hint = f"; it is a kdistill run: its model is {run_student}"
+            elif (path / "manifest.json").exists() and (path.parent.parent.name == "checkpoints"):
+                hint = (f"; it is a training checkpoint of the run {path.parent.parent.parent}: resume that run "
+                        f"(`kdistill run RECIPE --output {path.parent.parent.parent} --resume`) to get its student")
+            elif (path / "checkpoints").is_dir():
+                hint = (f"; it is an unfinished kdistill run: resume it (`kdistill run RECIPE --output {path} "
+                        f"--resume`) to get its student")
+            else:
+                hint = ""
             raise DataError(f"{ref} is a directory but has no config.json: not a Hugging Face model directory{hint}")
         return str(path)
     if path.is_file():
