@@ -85,4 +85,4 @@ def evaluate(student: str, teacher: str | None, data, **kwargs) -> dict:
                      **kwargs)
 
 
-__all__ = ["distill", "evaluate", "load_recipe", "__version__"]
+__all__ = ["distill", "evaluate", "load_model", "load_recipe", "__version__"]

@@ -123,3 +123,11 @@ def test_eval_of_a_packaged_student_reports_in_the_working_directory(tmp_path, m
                          "--limit", 4, "--no-speed")
     assert result.exit_code == 0, out
     assert [p.name for p in tmp_path.iterdir()] == ["eval-packaged-all-MiniLM-L6-v2.json"]
+
+
+def test_an_image_model_without_a_head_is_not_told_to_read_texts(tmp_path):
+    result, out = invoke("eval", "--student", "blueprint:vit-3x96-p4", "--data", "digits", "--no-speed",
+                         "--output", tmp_path / "r.json")
+    said = " ".join(out.split())
+    assert result.exit_code == 2 and "is an image model (vit) without a classification head" in said
+    assert "evaluate it on texts" not in said

@@ -204,6 +204,12 @@ def check_modality(datasets: dict[str, list[dict]], student: Side) -> None:
         if images:
             raise DataError(f"data {name!r} holds texts, and {student.ref} is an image classifier: evaluate it on "
                             f"images (a folder of class folders, the digits corpus, or a table with an image field)")
+        from kdistill.models.student import reads_only_images
+
+        if reads_only_images(student.model.config):  # e.g. an untrained ViT blueprint: no head, so no task
+            raise DataError(f"{student.ref} is an image model ({student.model.config.model_type}) without a "
+                            f"classification head, so there is nothing to score on {name!r}: evaluate an image "
+                            f"classifier (a trained student, or recipe:vit-teacher)")
         raise DataError(f"data {name!r} holds images, and {student.ref} is {article(student.task)} model: "
                         f"evaluate it on texts")
 
