@@ -83,6 +83,13 @@ def run(recipe: str = typer.Argument(..., help="recipe YAML file or built-in rec
     from kdistill.engine.run import run_recipe
 
     recipe_obj = load_recipe(recipe, set_ or [], output)
+    saved_in = Path(recipe).expanduser().parent
+    if (Path(recipe).name == "config.resolved.yaml" and output is None
+            and saved_in.resolve() != Path(recipe_obj.output).expanduser().resolve()):
+        # a run folder moved since: its saved recipe still names the old place, which would get a new run
+        warnings.warn(f"{recipe} is the saved recipe of the run in {saved_in}, but it trains into "
+                      f"{recipe_obj.output} (its output field); add --output {saved_in} to continue that run",
+                      stacklevel=2)
     # not kdistill.distill: its refusals name the Python keywords, these name this command's flags
     student = run_recipe(recipe_obj, resume=resume, force=force, console=console, progress=progress)
     if os.environ.get("RANK", "0") == "0":  # once, not once per process, under torchrun or accelerate

@@ -304,3 +304,18 @@ def test_validate_full_does_not_train_an_untrained_recipe_teacher(tmp_path, monk
 def test_plain_validate_finds_what_a_recipe_refers_to_that_does_not_exist(assignment, message):
     result, out = invoke("validate", "supersense-kd", "--set", assignment)
     assert result.exit_code == 2 and message in " ".join(out.split()) and "Traceback" not in out
+
+
+def test_the_saved_recipe_of_a_moved_run_says_where_it_will_train(tmp_path, tiny_recipe):
+    """A run folder moved after a checkpoint: its config.resolved.yaml still names the old place, where `run ...
+    --resume` quietly started a new run."""
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / "config.resolved.yaml").write_text(yaml.safe_dump({**tiny_recipe, "output": str(tmp_path / "old")}))
+    result, out = invoke("validate", moved / "config.resolved.yaml")  # validate says nothing: it trains nowhere
+    assert result.exit_code == 0 and "saved recipe" not in out
+    result, out = invoke("run", moved / "config.resolved.yaml", "--set", "train.steps=1", "--no-progress")
+    said = " ".join(out.split())
+    assert result.exit_code == 0, out
+    assert f"is the saved recipe of the run in {moved}, but it trains into {tmp_path / 'old'}" in said
+    assert f"add --output {moved} to continue that run" in said
