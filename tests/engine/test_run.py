@@ -399,6 +399,14 @@ def test_one_lock_per_real_folder_whatever_its_spelling(tmp_path, monkeypatch):
         assert list(real.iterdir()) == []  # the lock lies beside the folder, not in it
 
 
+def test_an_output_that_links_to_nothing_is_named(tmp_path):
+    from kdistill.engine.run import check_output
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=r"output .*dangling is a link to .*gone, which does not exist"):
+        check_output(tmp_path / "dangling")  # it said "cannot write the run there (File exists)"
+
+
 def test_a_launch_that_names_no_rank_takes_no_lock(tmp_path, monkeypatch):
     """WORLD_SIZE without RANK (some MPI/SLURM set-ups): every process would think itself the first, and all but
     one would be refused their own launch's folder."""

@@ -199,6 +199,9 @@ def check_not_foreign(out: Path) -> None:
 
 def check_output(out: Path) -> None:
     """An output that can never be a run folder, named before anything is built (`validate` calls it too)."""
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"output {out} is a link to {os.readlink(out)}, which does not exist; make that folder, or "
+                          f"choose another --output")
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output {out} is a file; choose another --output")
     parent = next((p for p in out.parents if p.exists()), None)
