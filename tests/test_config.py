@@ -365,3 +365,17 @@ def test_a_tilde_means_home_in_every_path_a_recipe_or_command_names(tmp_path, mo
     assert kdistill_home() == tmp_path / "kh"
     monkeypatch.setenv("KDISTILL_HOME", "")  # empty: the default, not the working directory
     assert kdistill_home() == tmp_path / ".cache" / "kdistill"
+
+
+def test_a_file_spelt_relative_or_absolute_is_not_a_changed_recipe(tmp_path, monkeypatch):
+    """Resuming with data.train.path=train.jsonl where the run had the absolute path was refused as an edit."""
+    from kdistill.recipe_loading import recipe_changes
+
+    (tmp_path / "train.jsonl").write_text('{"text": "a"}\n')
+    monkeypatch.chdir(tmp_path)
+    absolute = {**base(), "data": {"train": {"path": str(tmp_path / "train.jsonl")}}}
+    relative = {**base(), "data": {"train": {"path": "train.jsonl"}}}
+    assert recipe_changes(load_recipe(absolute).dump(), load_recipe(relative)) == []
+    (tmp_path / "other.jsonl").write_text('{"text": "b"}\n')
+    other = {**base(), "data": {"train": {"path": "other.jsonl"}}}
+    assert recipe_changes(load_recipe(absolute).dump(), load_recipe(other)) != []

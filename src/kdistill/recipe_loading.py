@@ -374,4 +374,17 @@ def diff_configs(old: Any, new: Any, path: str = "", ignore: frozenset = frozens
         return out
     if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
         return [d for i, (a, b) in enumerate(zip(old, new)) for d in diff_configs(a, b, f"{path}[{i}]", ignore)]
-    return [] if old == new else [f"{path}: {old!r} -> {new!r}"]
+    return [] if old == new or same_file(old, new) else [f"{path}: {old!r} -> {new!r}"]
+
+
+def same_file(old: Any, new: Any) -> bool:
+    """Two spellings of one file or folder (relative and absolute, through a link): a data file or teacher named
+    another way is not a changed recipe."""
+    import os
+
+    if not (isinstance(old, str) and isinstance(new, str)) or not (os.sep in old + new or old.startswith(".")):
+        return False
+    try:
+        return os.path.samefile(os.path.expanduser(old), os.path.expanduser(new))
+    except (OSError, ValueError):  # either is not a path that exists
+        return False

@@ -130,7 +130,7 @@ def test_bookkeeping_changes_do_not_block_a_resume(tiny_recipe, tmp_path, killed
 def test_a_checkpoint_from_before_bookkeeping_left_the_hash_still_resumes(tiny_recipe, killed_run):
     from kdistill.config import load_recipe
     from kdistill.engine.checkpoint import verify
-    from kdistill.engine.loop import stage_hash
+    from kdistill.engine.stage_hash import stage_hash
 
     tiny_recipe["train"].update(steps=4, save_every=2)
     killed_run(tiny_recipe, step=3)
@@ -287,7 +287,7 @@ def test_stage_hashes_of_checkpoints_from_before_data_loss_on_are_unchanged():
     still resume (the values are those of the code before data.loss_on, a source's sample and logit_kd's tail
     existed)."""
     from kdistill.config import load_recipe
-    from kdistill.engine.loop import stage_hash
+    from kdistill.engine.stage_hash import stage_hash
 
     recipe = {"name": "h", "teacher": {"model": "/nowhere/teacher"}, "student": {"config": {"n_layer": 1}},
               "data": {"train": {"source": "wordnet-definitions"}, "max_length": 24},
@@ -302,3 +302,14 @@ def test_stage_hashes_of_checkpoints_from_before_data_loss_on_are_unchanged():
     del recipe["data"]["train"]["sample"]
     recipe["losses"][0]["tail"] = "uniform"  # a loss-term field added later (logit_kd's tail): the same rule
     assert stage_hash(load_recipe(recipe).stages[0]) != stage_hash(stage)
+
+
+def test_a_resume_naming_the_data_file_another_way_goes_on(tiny_recipe, killed_run, monkeypatch):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    data = Path(tiny_recipe["data"]["train"]["path"])
+    monkeypatch.chdir(data.parent)
+    relative = {**tiny_recipe, "data": {**tiny_recipe["data"], "train": {**tiny_recipe["data"]["train"],
+                                                                          "path": data.name}}}
+    student = distill(relative, resume=True, progress=False)
+    assert json.loads((student / "kdistill.json").read_text())["steps"] == 4

@@ -6,8 +6,6 @@ update equals the one a single process would make on the whole global batch.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from contextlib import ExitStack
@@ -29,6 +27,7 @@ from kdistill.engine.logs import RunLogger
 from kdistill.engine.on_policy import OnPolicy
 from kdistill.engine.params import freeze, param_groups
 from kdistill.engine.schedule import make_adamw, make_scheduler
+from kdistill.engine.stage_hash import stage_hash
 from kdistill.engine.start_fits import StartFits
 from kdistill.engine.teacher_update import TeacherUpdater
 from kdistill.models.taps import TapReader
@@ -50,30 +49,6 @@ class StageResult:
     final_eval: dict
 
 
-# Fields added to a stage after checkpoints were written, with the default that trains as before they existed.
-ADDED_LATER = [("data", "loss_on", "all")]
-ADDED_LATER_TO_TERMS = [("logit_kd", "tail", "bucket")]  # (loss type, field, default)
-
-
-def stage_hash(stage: Stage, legacy: bool = False) -> str:
-    """What a checkpoint must match to be resumed: the stage's settings without its bookkeeping (how often it
-    evaluates, logs and saves: recipe_loading.BOOKKEEPING), which changes no weight. ``legacy``: the hash of
-    checkpoints written before 2026-11-28, over every field."""
-    from kdistill.recipe_loading import BOOKKEEPING
-
-    dumped = stage.model_dump(mode="json")
-    for section, field, default in ADDED_LATER:  # at its default, a newer field hashes as if it were not there
-        if dumped[section].get(field) == default:
-            del dumped[section][field]
-    for term in dumped["losses"]:
-        for kind, field, default in ADDED_LATER_TO_TERMS:
-            if isinstance(term, dict) and term.get("type") == kind and term.get(field) == default:
-                del term[field]
-    if not legacy:
-        dumped["train"] = {k: v for k, v in dumped["train"].items() if k not in BOOKKEEPING}
-    return hashlib.sha256(json.dumps(dumped, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class StageTrainer(StartFits):
     def __init__(self, parts: StageParts, stage: Stage, run_dir: Path, accelerator, console=None, progress=True,
                  declared: Stage | None = None, force: bool = False):
@@ -85,7 +60,8 @@ class StageTrainer(StartFits):
         # checkpoints are bound to the stage as the recipe wrote it: `stage:` references resolved to paths
         # under the run folder would tie them to how that folder was spelt
         self.hash = stage_hash(declared or stage)
-        self.accepted_hashes = (self.hash, stage_hash(declared or stage, legacy=True))
+        self.accepted_hashes = (self.hash, stage_hash(declared or stage, real_paths=False),
+                                stage_hash(declared or stage, legacy=True, real_paths=False))
         self.console = console
         self.show_progress = progress and accelerator.is_main_process
         freeze(parts.student, self.cfg.freeze)
