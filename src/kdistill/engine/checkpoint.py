@@ -56,8 +56,10 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, stage: str, recipe_hash: str,
                     method_state: dict, rank: int = 0, world: int = 1, is_main: bool = True, barrier=lambda: None,
-                    extras: dict | None = None) -> Path:
-    """Write to `<dir>.tmp` and rename, so a directory named step-N is always complete."""
+                    extras: dict | None = None, path_hash: str | None = None) -> Path:
+    """Write to `<dir>.tmp` and rename, so a directory named step-N is always complete. `path_hash`: the stage's
+    hash over the real paths of its files, kept beside `recipe_hash` (over their spelling), so that a resume
+    matches either: another spelling of the same files, or the same spelling of files moved with the run."""
     tmp = directory.with_name(directory.name + ".tmp")
     if is_main:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,7 +82,8 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
             (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_state}))
             files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
             manifest = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step,
-                        "world": world, "recipe_hash": recipe_hash, "files": files}
+                        "world": world, "recipe_hash": recipe_hash, "files": files,
+                        **({"path_hash": path_hash} if path_hash else {})}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         except WRITE_ERRORS as err:
             full_disk(err, directory, tmp)
@@ -119,6 +122,12 @@ def read_manifest(directory: Path) -> dict:
     return manifest
 
 
+def written_by(manifest: dict, accepted) -> bool:
+    """Whether a checkpoint's stage hashes (over the spelling of its files, and over their real paths) include one
+    of `accepted`."""
+    return bool({manifest["recipe_hash"], manifest.get("path_hash")} & set(accepted))
+
+
 def verify(directory: Path, recipe_hash: str | tuple[str, ...] | None = None) -> dict:
     """The manifest of a complete, undamaged checkpoint written by a stage whose hash is ``recipe_hash`` (or one
     of them)."""
@@ -132,7 +141,7 @@ def verify(directory: Path, recipe_hash: str | tuple[str, ...] | None = None) ->
                 f"checkpoint before it (or from the stage's first step, if it was the only one)"
             )
     accepted = (recipe_hash,) if isinstance(recipe_hash, str) else recipe_hash
-    if accepted is not None and manifest["recipe_hash"] not in accepted:
+    if accepted is not None and not written_by(manifest, accepted):
         raise CheckpointError(
             f"checkpoint {directory} was written by a different stage configuration; "
             f"resume with the recipe that wrote it, or start a new run with another --output"

@@ -21,7 +21,7 @@ from kdistill.data.images import view_seed
 from kdistill.engine.batches import BatchPlan
 from kdistill.engine.build import StageParts, positions_of
 from kdistill.engine.checkpoint import (CheckpointMismatch, list_checkpoints, load_checkpoint, prune, read_manifest,
-                                       save_checkpoint, saved_loss_terms)
+                                       save_checkpoint, saved_loss_terms, written_by)
 from kdistill.engine.distiller import Distiller
 from kdistill.engine.logs import RunLogger
 from kdistill.engine.on_policy import OnPolicy
@@ -59,9 +59,9 @@ class StageTrainer(StartFits):
         self.ckpt_root = run_dir / "checkpoints" / stage.name
         # checkpoints are bound to the stage as the recipe wrote it: `stage:` references resolved to paths
         # under the run folder would tie them to how that folder was spelt
-        self.hash = stage_hash(declared or stage)
-        self.accepted_hashes = (self.hash, stage_hash(declared or stage, real_paths=False),
-                                stage_hash(declared or stage, legacy=True, real_paths=False))
+        self.hash = stage_hash(declared or stage, real_paths=False)
+        self.path_hash = stage_hash(declared or stage)
+        self.accepted_hashes = (self.hash, self.path_hash, stage_hash(declared or stage, legacy=True, real_paths=False))
         self.console = console
         self.show_progress = progress and accelerator.is_main_process
         freeze(parts.student, self.cfg.freeze)
@@ -264,6 +264,7 @@ class StageTrainer(StartFits):
         path = self.ckpt_root / f"step-{self.step:07d}"
         save_checkpoint(path, model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
                         scheduler=self.scheduler, step=self.step, stage=self.stage.name, recipe_hash=self.hash,
+                        path_hash=self.path_hash,
                         method_state=self.method_state(), rank=self.acc.process_index,
                         world=self.acc.num_processes, is_main=self.acc.is_main_process,
                         barrier=self.acc.wait_for_everyone, extras=self.extras())
@@ -274,7 +275,7 @@ class StageTrainer(StartFits):
         checkpoints = list_checkpoints(self.ckpt_root)
         if not checkpoints:
             return False
-        changed = self.force and read_manifest(checkpoints[-1])["recipe_hash"] not in self.accepted_hashes
+        changed = self.force and not written_by(read_manifest(checkpoints[-1]), self.accepted_hashes)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         try:
             state = load_checkpoint(checkpoints[-1], model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,

@@ -17,8 +17,8 @@ def stage_hash(stage: Stage, legacy: bool = False, real_paths: bool = True) -> s
     """What a checkpoint must match to be resumed: the stage's settings without its bookkeeping (how often it
     evaluates, logs and saves: recipe_loading.BOOKKEEPING), which changes no weight. ``legacy``: the hash of
     checkpoints written before 2026-11-28, over every field. ``real_paths``: data files, teachers and students
-    that exist hash as their real paths, so the same file named relative or absolute is the same stage (the
-    hash of checkpoints written before 2026-11-29 is without it)."""
+    that exist hash as their real paths, so the same file named relative or absolute is the same stage; a
+    checkpoint keeps the hash with and without it (without: a run moved together with its relatively named data)."""
     from kdistill.recipe_loading import BOOKKEEPING
 
     dumped = stage.model_dump(mode="json")
