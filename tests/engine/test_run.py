@@ -439,3 +439,12 @@ def test_a_batch_larger_than_the_training_data_is_pointed_out(tiny_recipe):
     out = StringIO()
     run_recipe(load_recipe(tiny_recipe), console=Console(file=out, width=200), progress=False)
     assert f"train.batch_size {records + 4} is more than the {records} training records" in out.getvalue()
+
+
+def test_the_students_record_names_a_local_teacher_from_any_directory(tiny_recipe, monkeypatch):
+    """A teacher given relative to the working directory was recorded so: from elsewhere, eval's hint 'this
+    student was trained by --teacher ...' named nothing."""
+    teacher = Path(tiny_recipe["teacher"]["model"])
+    monkeypatch.chdir(teacher.parent)
+    student = distill({**tiny_recipe, "teacher": {"model": teacher.name}}, progress=False)
+    assert json.loads((student / "kdistill.json").read_text())["teacher"] == str(teacher.resolve())

@@ -316,10 +316,13 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
             from kdistill.models.theseus import successor_only
 
             student = successor_only(accelerator.unwrap_model(trainer.model).student)
+            teacher = stage.teacher.model or f"cache:{stage.teacher.path}"
+            if os.path.exists(teacher):  # a local folder: absolute, so the record names it from any directory
+                teacher = os.path.abspath(teacher)
             metadata = {
-                "kdistill_version": _version(), "recipe": recipe.name, "stage": stage.name,
-                "teacher": stage.teacher.model or f"cache:{stage.teacher.path}", "student_init": stage.student.model_dump(exclude_none=True)
-                if stage.student else {"previous_stage": previous},
+                "kdistill_version": _version(), "recipe": recipe.name, "stage": stage.name, "teacher": teacher,
+                "student_init": stage.student.model_dump(exclude_none=True) if stage.student
+                else {"previous_stage": previous},
                 "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2),
                 "processes": accelerator.num_processes,
                 "metrics": {"train": result.final_train, "eval": result.final_eval},
