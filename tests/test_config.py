@@ -379,3 +379,8 @@ def test_a_file_spelt_relative_or_absolute_is_not_a_changed_recipe(tmp_path, mon
     (tmp_path / "other.jsonl").write_text('{"text": "b"}\n')
     other = {**base(), "data": {"train": {"path": "other.jsonl"}}}
     assert recipe_changes(load_recipe(absolute).dump(), load_recipe(other)) != []
+
+
+def test_a_bad_value_from_set_is_not_blamed_on_the_file_alone():
+    with pytest.raises(ConfigError, match=r"^recipe with --set train.batch_size=0: invalid recipe"):
+        load_recipe(base(), ["train.batch_size=0"])

@@ -338,6 +338,8 @@ def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] =
         check_not_shadowed(raw, assignment)
     if output is not None:
         raw["output"] = output
+    if overrides:  # a bad value may be the override's, not the file's
+        source = f"{source} with --set {' '.join(overrides)}"
     return build_recipe(raw, source)
 
 
