@@ -30,8 +30,8 @@ from kdistill.compare import score, test_records
 from kdistill.compare_runs import recipe_task
 from kdistill.config import load_recipe
 from kdistill.engine.run import run_recipe
-from kdistill.teachers.cached import cache_teacher
 from kdistill.teachers.store import VERSION, narrow_store, storage_report
+from kdistill.teachers.store_build import cache_teacher
 
 
 def train(raw_recipe, overrides: list[str], output: Path) -> tuple[Path, float]:

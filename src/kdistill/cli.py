@@ -143,7 +143,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                           f"{stage.train.steps} steps, losses {losses}", highlight=False)
             if full_stage:
                 from kdistill.engine.build import build_stage, check_store_stage
-                from kdistill.teachers.cached import with_live_teacher
+                from kdistill.teachers.store_build import with_live_teacher
 
                 prefix = f"stages[{i}]." if len(r.stages) > 1 else ""
                 if teacher_stage is not None:
@@ -324,7 +324,7 @@ def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe 
     `teacher: {source: cache, path: STORE}` (no teacher weights needed)."""
     from kdistill.config import load_recipe
     from kdistill.errors import ConfigError
-    from kdistill.teachers.cached import cache_teacher
+    from kdistill.teachers.store_build import cache_teacher
     from kdistill.teachers.store import narrow_store, storage_report
 
     if dtype not in (None, "float16", "float32"):

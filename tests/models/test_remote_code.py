@@ -9,7 +9,7 @@ import pytest
 from kdistill import distill
 from kdistill.config import load_recipe
 from kdistill.errors import KdistillError
-from kdistill.teachers.cached import cache_teacher
+from kdistill.teachers.store_build import cache_teacher
 
 CONFIG_CODE = """from transformers import GPT2Config
 

@@ -10,7 +10,7 @@ from kdistill import distill
 from kdistill.config import load_recipe
 from kdistill.errors import CheckpointError, ConfigError, PairingError
 from kdistill.models.loading import load_model
-from kdistill.teachers.cached import cache_teacher
+from kdistill.teachers.store_build import cache_teacher
 
 
 @pytest.fixture
@@ -325,17 +325,17 @@ def test_a_second_process_waits_for_the_automatic_store_another_is_building(tiny
 
     from filelock import FileLock
 
-    from kdistill.teachers import cached as cached_module
+    from kdistill.teachers import store_build
 
     monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
     recipe = lm_recipe(tiny_gpt2_dir, text_file, tmp_path, losses=[{"type": "logit_kd"}],
                        teacher={"model": tiny_gpt2_dir, "source": "cache", "top_k": 8})
     stage = load_recipe(recipe).stages[0]
     built = []
-    monkeypatch.setattr(cached_module, "cache_stage", lambda *a, **k: built.append(True))
+    monkeypatch.setattr(store_build, "cache_stage", lambda *a, **k: built.append(True))
     stores = tmp_path / "home" / "stores"
     stores.mkdir(parents=True)
-    real = cached_module.automatic_store
+    real = store_build.automatic_store
     name = []
 
     def probe_name():  # the store's folder name, found by letting a first call build into a throwaway home

@@ -14,7 +14,7 @@ from kdistill.errors import CheckpointError, PairingError
 from kdistill.losses import LOSSES
 from kdistill.models.arch import model_info
 from kdistill.models.loading import load_model
-from kdistill.teachers.cached import cache_teacher
+from kdistill.teachers.store_build import cache_teacher
 
 DIGITS = {"num_labels": 10, "id2label": {i: str(i) for i in range(10)}, "label2id": {str(i): i for i in range(10)}}
 

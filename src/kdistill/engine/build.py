@@ -248,7 +248,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     if cached:  # before an automatic store is built: the recipe alone decides these
         check_store_stage(stage, prefix)
     if cached and stage.teacher.path is None:  # a store of teacher.model, built once and then reused
-        from kdistill.teachers.cached import automatic_store
+        from kdistill.teachers.store_build import automatic_store
 
         path = str(automatic_store(stage, console, progress))
         stage = stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"path": path})})
