@@ -88,20 +88,14 @@ def view_epochs(stage, num_records: int) -> int:
     return math.ceil(stage.train.steps * stage.train.batch_size / num_records)
 
 
-def data_fingerprint(records: list[dict], cut: str) -> str:
-    """Which records (as keys, in a set) and how they were cut: a store built for other data is refused."""
-    from kdistill.teachers.fingerprint import fingerprint_text
-
-    return fingerprint_text(cut, *sorted({record_key(r) for r in records}))
-
-
 def data_fingerprints(records: list[dict], cut: str) -> dict[str, str]:
-    """The data's fingerprint, and its two halves apart, so that a refusal can say which one differs: the records
-    (hashed) and the cut (as it is: a max_length, or the image settings)."""
+    """Which records (as keys, in a set) and how they were cut, so a store built for other data is refused: the
+    whole ("data"), and its two halves apart so that a refusal can say which one differs, the records (hashed)
+    and the cut (as it is: a max_length, or the image settings)."""
     from kdistill.teachers.fingerprint import fingerprint_text
 
-    return {"data": data_fingerprint(records, cut), "records": fingerprint_text("records", *sorted(
-        {record_key(r) for r in records})), "cut": cut}
+    keys = sorted({record_key(r) for r in records})  # each a hash of a record's text: made once
+    return {"data": fingerprint_text(cut, *keys), "records": fingerprint_text("records", *keys), "cut": cut}
 
 
 def kd_temperature(stage) -> float:
