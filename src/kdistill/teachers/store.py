@@ -232,7 +232,7 @@ def _read_manifest(path: Path) -> dict:
 
 def _check_expectations(path: Path, manifest: dict, expect: Mapping[str, object]) -> None:
     """One error listing every field where the store and the run disagree."""
-    problems, differ = [], set()
+    problems: dict[str, str] = {}  # field name -> what differs
     stored = manifest["fingerprints"]
     for name, wanted in expect.items():
         if name in _MANIFEST_FIELDS:
@@ -246,21 +246,20 @@ def _check_expectations(path: Path, manifest: dict, expect: Mapping[str, object]
             same = have == wanted
             label = "data cut" if name == "cut" else f"{name} fingerprint"
         if not same:
-            differ.add(name)
-            problems.append(f"{label} differs: store has {'none' if have is None else have}, run has {wanted}"
-                            + WHAT_DIFFERS.get(name, ""))
-    if differ & set(DATA_HALVES):  # the whole data fingerprint differs because a half does: that half says which
-        problems = [p for p in problems if not p.startswith("data fingerprint")]
+            problems[name] = (f"{label} differs: store has {'none' if have is None else have}, run has {wanted}"
+                              + WHAT_DIFFERS.get(name, ""))
+    if problems.keys() & set(DATA_HALVES):  # the whole differs because a half does, and the half says which
+        problems.pop("data", None)
     if problems:
         from kdistill.teachers.cached import TEACHER_FILES
 
         api = (path / TEACHER_FILES / API_RECORD).exists()
         hints = []
-        if api and any(p.startswith("temperature") for p in problems):  # a rebuild writes temperature 1 again
+        if api and "temperature" in problems:  # a rebuild writes temperature 1 again
             hints.append("a service's log-probabilities are at temperature 1: set temperature: 1.0 on the loss")
-        if not api or not all(p.startswith("temperature") for p in problems):
+        if not api or problems.keys() != {"temperature"}:
             hints.append("rebuild it with `kdistill cache-api-teacher`" if api else REBUILD_HINT)
-        raise CheckpointError(f"teacher store {path} does not match this run: {'; '.join(problems + hints)}")
+        raise CheckpointError(f"teacher store {path} does not match this run: {'; '.join([*problems.values(), *hints])}")
 
 
 # a fingerprint is a hash: what it covers, so a mismatch says where to look
