@@ -18,14 +18,19 @@ def synthesis_dir(out: Path, stage) -> Path:
     return out / "stages" / stage.name
 
 
+def named_student(ref: str, out: Path, recipe: Recipe) -> str:
+    """`stage:NAME` -> the folder of that earlier stage's finished student."""
+    names = [s.name for s in recipe.stages]
+    return str(stage_student_dir(out, recipe, names.index(ref[len(STAGE_TEACHER):])))
+
+
 def with_stage_teacher(stage, out: Path, recipe: Recipe):
     """`teacher: {model: stage:NAME}` -> that earlier stage's finished student (multi-distillation)."""
     ref = str(stage.teacher.model)
     if not ref.startswith(STAGE_TEACHER):
         return stage
-    names = [s.name for s in recipe.stages]
-    path = stage_student_dir(out, recipe, names.index(ref[len(STAGE_TEACHER):]))
-    return stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"model": str(path)})})
+    teacher = stage.teacher.model_copy(update={"model": named_student(ref, out, recipe)})
+    return stage.model_copy(update={"teacher": teacher})
 
 
 def with_stage_generator(stage, out: Path, recipe: Recipe):
@@ -33,10 +38,8 @@ def with_stage_generator(stage, out: Path, recipe: Recipe):
     teacher = stage.synthesize.teacher
     if not str(teacher.model or "").startswith(STAGE_TEACHER):
         return stage
-    names = [s.name for s in recipe.stages]
-    path = stage_student_dir(out, recipe, names.index(teacher.model[len(STAGE_TEACHER):]))
-    synthesize = stage.synthesize.model_copy(update={"teacher": teacher.model_copy(update={"model": str(path)})})
-    return stage.model_copy(update={"synthesize": synthesize})
+    teacher = teacher.model_copy(update={"model": named_student(teacher.model, out, recipe)})
+    return stage.model_copy(update={"synthesize": stage.synthesize.model_copy(update={"teacher": teacher})})
 
 
 def uses_stage_data(stage, splits=("train", "eval")) -> bool:
@@ -87,7 +90,5 @@ def with_lion_teacher(stage, out: Path, recipe: Recipe):
     teacher = stage.lion.teacher
     if teacher is None or not str(teacher.model or "").startswith(STAGE_TEACHER):
         return stage
-    names = [s.name for s in recipe.stages]
-    path = stage_student_dir(out, recipe, names.index(teacher.model[len(STAGE_TEACHER):]))
-    lion = stage.lion.model_copy(update={"teacher": teacher.model_copy(update={"model": str(path)})})
-    return stage.model_copy(update={"lion": lion})
+    teacher = teacher.model_copy(update={"model": named_student(teacher.model, out, recipe)})
+    return stage.model_copy(update={"lion": stage.lion.model_copy(update={"teacher": teacher})})
