@@ -184,13 +184,14 @@ def check_not_foreign(out: Path) -> None:
 
     if not out.is_dir() or (out / "config.resolved.yaml").exists():
         return
-    stores = {entry.name for entry in out.iterdir() if is_store(entry)}
-    caches = {f"{store}.teacher.sqlite{end}" for store in stores for end in ("", "-wal", "-shm", "-journal")}
-    foreign = sorted(entry.name for entry in out.iterdir() if entry.name not in stores | caches)
     if (out / "checkpoints").is_dir():  # a run whose saved recipe is gone: not someone else's folder
         raise ConfigError(f"output {out} holds a kdistill run's checkpoints but not its config.resolved.yaml, the "
                           f"recipe it ran: put that recipe back there (the same YAML) to --resume it, or choose a new "
                           f"folder for a new run")
+    entries = list(out.iterdir())
+    stores = {entry.name for entry in entries if is_store(entry)}
+    caches = {f"{store}.teacher.sqlite{end}" for store in stores for end in ("", "-wal", "-shm", "-journal")}
+    foreign = sorted(entry.name for entry in entries if entry.name not in stores | caches)
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ConfigError(f"output {out} is a folder that holds something other than a kdistill run ({shown}; no "
