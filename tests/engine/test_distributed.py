@@ -14,9 +14,14 @@ from safetensors.torch import load_file
 from kdistill import distill
 
 
-def losses(run_dir):
+def losses(run_dir, kind="train"):
     lines = (Path(run_dir) / "logs" / "main.jsonl").read_text().splitlines()
-    return [json.loads(line)["loss"] for line in lines if json.loads(line)["kind"] == "train"]
+    return [json.loads(line)["loss"] for line in lines if json.loads(line)["kind"] == kind]
+
+
+def eval_parts(run_dir):
+    lines = (Path(run_dir) / "logs" / "main.jsonl").read_text().splitlines()
+    return [json.loads(line)["parts"] for line in lines if json.loads(line)["kind"] == "eval"]
 
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
@@ -26,6 +31,8 @@ def test_two_processes_match_one(tiny_recipe, tmp_path):
     # on every process and takes rank 0's
     tiny_recipe["student"] = {"config": {"num_hidden_layers": 2, "hidden_size": 16, "intermediate_size": 32}}
     tiny_recipe["train"].update(steps=3, batch_size=8)
+    # three eval batches (8, 8, 4): each process scores its share and the totals are added
+    tiny_recipe["data"]["eval"]["limit"] = 20
     one = distill({**tiny_recipe, "output": str(tmp_path / "one")}, progress=False)
 
     recipe = tmp_path / "r.yaml"
@@ -45,6 +52,9 @@ def test_two_processes_match_one(tiny_recipe, tmp_path):
     assert "Connection closed" not in said and "exitcode  : 2" in said
 
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), abs=1e-5)
+    assert eval_parts(tmp_path / "two") and len(eval_parts(tmp_path / "two")) == len(eval_parts(tmp_path / "one"))
+    for split, whole in zip(eval_parts(tmp_path / "two"), eval_parts(tmp_path / "one")):
+        assert split == pytest.approx(whole, abs=1e-5)
     a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)

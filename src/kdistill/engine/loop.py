@@ -212,7 +212,9 @@ class StageTrainer(StartFits):
         counts = torch.zeros(len(terms), dtype=torch.float64)
         size = max(1, self.cfg.batch_size // self.cfg.grad_accum)
         cosine, n_seq, correct, n_labeled = 0.0, 0, 0, 0
-        for start in range(0, len(records), size):
+        # each process scores every world-th batch, each batch as one process would cut it, and the sums are added
+        starts = range(0, len(records), size)[self.acc.process_index::self.acc.num_processes]
+        for start in starts:
             batch = self.parts.collator(records[start: start + size])
             if self.parts.needs_mlm:
                 gen = torch.Generator().manual_seed(start)
@@ -240,6 +242,11 @@ class StageTrainer(StartFits):
                 s_pooled = s_taps["pooled"]
                 cosine += torch.nn.functional.cosine_similarity(s_pooled, t_taps["pooled"], dim=-1).sum().item()
                 n_seq += s_pooled.shape[0]
+        if self.acc.num_processes > 1:
+            totals = torch.cat([sums, counts, torch.tensor([cosine, n_seq, correct, n_labeled], dtype=torch.float64)])
+            totals = self.acc.reduce(totals.to(self.acc.device), reduction="sum").cpu()
+            sums, counts = totals[:len(terms)], totals[len(terms): 2 * len(terms)]
+            cosine, n_seq, correct, n_labeled = totals[2 * len(terms):].tolist()
         parts = {t.name: float(s / max(c, 1)) for t, s, c in zip(terms, sums, counts) if c > 0}
         # from a store no term can be scored on eval records (it holds the training records only): no loss, not 0
         loss = sum(t.weight * parts[t.name] for t in terms if t.name in parts)
