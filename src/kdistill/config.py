@@ -277,9 +277,9 @@ class Recipe(Strict):
         return out
 
 
-# Reading, merging and validating recipe files is the other half (kdistill/recipe_loading.py); its names stay
-# importable from here, loaded on first use so that module can import the schema above.
-LOADING = ('builtin_recipes', 'read_recipe_file', 'apply_override', 'merge', 'format_validation', 'validate_losses', 'validate_filter', 'validate_lion', 'data_specs', 'check_stage_references', 'build_recipe', 'load_recipe', 'diff_configs', 'recipe_changes', 'BOOKKEEPING')
+# Reading, merging and validating recipe files is the other half (kdistill/recipe_loading.py); the names other
+# modules import from here, loaded on first use so that module can import the schema above.
+LOADING = ("builtin_recipes", "data_specs", "load_recipe", "diff_configs", "recipe_changes", "BOOKKEEPING")
 
 
 def __getattr__(name: str):

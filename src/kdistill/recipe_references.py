@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdistill.config import DataSource, Recipe
-from kdistill.errors import ConfigError, DataError
+from kdistill.errors import DataError
 
 
 def check_references(recipe: Recipe) -> None:

@@ -29,7 +29,6 @@ from kdistill.api.generators import Sample, generator_kind, make_generator
 from kdistill.errors import ConfigError, DataError
 
 DATA, KEPT, SUMMARY, API_CACHE = "data.jsonl", "kept.jsonl", "summary.json", "teacher.sqlite"
-NOT_JUDGED = ("duplicate", "teacher_error")  # verdicts given before the filter sees a candidate
 
 
 def is_synthesized(stage_dir: str | Path) -> bool:

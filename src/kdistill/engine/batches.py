@@ -71,6 +71,3 @@ class BatchPlan:
             chunk = indices[j * per_micro: (j + 1) * per_micro]
             out.append(chunk[self.rank * self.micro: (self.rank + 1) * self.micro])
         return out
-
-    def epoch_of(self, step: int) -> float:
-        return step * self.batch / self.n

@@ -156,7 +156,7 @@ class CheckpointMismatch(CheckpointError):
 def load_checkpoint(directory: Path, *, model, optimizer, scheduler, rank: int = 0,
                     recipe_hash: str | tuple[str, ...] | None = None,
                     extras: dict | None = None) -> dict:
-    manifest = verify(directory, recipe_hash)
+    verify(directory, recipe_hash)
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False)
         if missing or unexpected:

@@ -49,8 +49,8 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
             raise PairingError(
                 f"{prefix}teacher.model is a classifier over {len(known)} classes ({shown(known)}) "
                 f"but {prefix}data has labels it does not know: {shown(unknown)}; "
-                + (f"its config names no classes (transformers' LABEL_i placeholders): write the class names into "
-                   f"id2label and label2id of its config.json, in the order its head was trained on"
+                + ("its config names no classes (transformers' LABEL_i placeholders): write the class names into "
+                   "id2label and label2id of its config.json, in the order its head was trained on"
                    if unnamed else "teacher and data must share their classes")
             )
         labels = known

@@ -73,7 +73,8 @@ class LossTerm(nn.Module):
         return []
 
     def count(self, batch: dict) -> int:
-        """How many items this term's mean runs over in `batch` (default: real tokens)."""
+        """How many items this term's mean runs over in `batch` (default: real tokens; the generated positions of an
+        on-policy batch; one per image)."""
         return token_count(batch)
 
     def forward(self, s: dict, t: dict, batch: dict) -> torch.Tensor:
@@ -117,7 +118,8 @@ def sequence_count(batch: dict) -> int:
 
 
 def make_projector(kind: str, student_width: int, teacher_width: int, where: str) -> nn.Module | None:
-    """FitNets' learned W when widths differ; trained with the student, dropped on export."""
+    """FitNets' learned W when widths differ (or always, with `projector: linear`); trained with the student,
+    dropped on export."""
     if kind == "linear" or (kind == "auto" and student_width != teacher_width):
         return nn.Linear(student_width, teacher_width)
     if student_width != teacher_width:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-WEIGHT_BITS = (1, 2, 4, 8, 32)
-ACTIVATION_BITS = (1, 4, 8, 32)
 TERNARY_THRESHOLD = 0.7  # TWN: Delta = 0.7 * mean|w|, the closed-form approximation of the optimal threshold
 
 
