@@ -149,6 +149,36 @@ def test_layer_cka_of_a_model_with_itself_is_one_on_the_diagonal():
     assert all(0 <= v <= 1 + 1e-9 for row in grid for v in row)
 
 
+def test_image_eval_feeds_each_model_on_its_own_device():
+    # a model on another device (here "meta", as a GPU would be) must get its pixels there, not on the CPU
+    from types import SimpleNamespace
+
+    from kdistill.data import load_corpus
+    from kdistill.eval.images import image_accuracy, image_speed, layer_cka
+
+    class Elsewhere(torch.nn.Module):
+        config = SimpleNamespace(image_size=8, num_channels=3, num_labels=2, model_type="resnet", hidden_sizes=[2])
+
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.empty(1, device="meta"))
+            self.seen = set()
+
+        def forward(self, pixel_values, output_hidden_states=False):
+            self.seen.add(pixel_values.device.type)
+            n = pixel_values.shape[0]
+            return SimpleNamespace(logits=torch.zeros(n, 2, device="meta"), hidden_states=[torch.zeros(n, 2)] * 2)
+
+    model, records = Elsewhere(), load_corpus("digits", "test")[:6]
+    for record in records:
+        record["label"] = "a"
+    with pytest.raises(NotImplementedError):  # a meta tensor holds no values to count
+        image_accuracy(model, records, ["a", "b"])
+    image_speed({"m": model}, records, repeats=1)
+    layer_cka(model, model, records)
+    assert model.seen == {"meta"}
+
+
 def test_kdistill_eval_reports_accuracy_speed_and_per_layer_cka_for_images(vit_teacher, tmp_path):
     from kdistill.eval.report import evaluate, render_table
 

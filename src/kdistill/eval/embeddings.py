@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import inspect
 import math
-import time
 import warnings
+from functools import partial
 from typing import Sequence
 
 import torch
 
 from kdistill.errors import DataError, PairingError
+from kdistill.eval.timing import fastest_passes
 from kdistill.models.taps import pool
 
 
@@ -156,13 +157,6 @@ def _neighbour_recall(sim_s: torch.Tensor, sim_t: torch.Tensor, k: int) -> float
 # ---------------------------------------------------------------- speed
 
 
-def _sync(model) -> None:
-    # CUDA runs asynchronously: without a sync the clock stops before the work is done.
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def compare_speed(models: dict, texts: Sequence[str], batch_size: int = 64, max_length: int = 128,
                   repeats: int = 3) -> dict[str, float]:
     """Texts/second of each {name: (model, tokenizer, pooling)} on the same texts.
@@ -174,16 +168,10 @@ def compare_speed(models: dict, texts: Sequence[str], batch_size: int = 64, max_
     """
     if not texts:
         raise DataError("no texts to time")
-    best = {name: math.inf for name in models}
     for model, tokenizer, pooling in models.values():
         encode(model, tokenizer, texts[:batch_size], pooling, batch_size, max_length)
-    for _ in range(max(1, repeats)):
-        for name, (model, tokenizer, pooling) in models.items():
-            _sync(model)
-            start = time.perf_counter()
-            encode(model, tokenizer, texts, pooling, batch_size, max_length)
-            _sync(model)
-            best[name] = min(best[name], time.perf_counter() - start)
+    best = fastest_passes({name: (model, partial(encode, model, tokenizer, texts, pooling, batch_size, max_length))
+                           for name, (model, tokenizer, pooling) in models.items()}, repeats)
     return {name: len(texts) / max(seconds, 1e-9) for name, seconds in best.items()}
 
 

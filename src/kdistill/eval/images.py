@@ -1,13 +1,14 @@
 """Image classifiers: test accuracy, images/second, and per-layer CKA between a student and its teacher."""
 from __future__ import annotations
 
-import math
-import time
+from functools import partial
 from typing import Sequence
 
 import torch
 
 from kdistill.errors import DataError
+from kdistill.eval.metrics import labelled_records
+from kdistill.eval.timing import fastest_passes
 
 
 def collator_for(model, image_size: int | None = None):
@@ -17,26 +18,24 @@ def collator_for(model, image_size: int | None = None):
     return ImageCollator(size, channels)
 
 
+def pixels_for(model, collate, records: Sequence[dict]) -> torch.Tensor:
+    """The records' pixels on the model's device (a model put on a GPU gets its batches there)."""
+    return collate(records)["pixel_values"].to(next(model.parameters()).device)
+
+
 def predict(model, records: Sequence[dict], batch_size: int = 128) -> torch.Tensor:
     collate = collator_for(model)
     model.eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(records), batch_size):
-            pixels = collate(records[start:start + batch_size])["pixel_values"]
-            out.append(model(pixel_values=pixels).logits.argmax(-1))
-    return torch.cat(out)
+            out.append(model(pixel_values=pixels_for(model, collate, records[start:start + batch_size])).logits.argmax(-1))
+    return torch.cat(out).cpu()
 
 
 def image_accuracy(model, records: Sequence[dict], label_names: Sequence[str]) -> float:
     """Share of images whose argmax is their label's class (a DeiT student: the two heads averaged)."""
-    index = {str(name): i for i, name in enumerate(label_names)}
-    labelled = [r for r in records if r.get("label") is not None]
-    if not labelled:
-        raise DataError("accuracy needs labelled images")
-    unknown = sorted({str(r["label"]) for r in labelled} - set(index))
-    if unknown:
-        raise DataError(f"labels {', '.join(unknown[:10])} are not among the model's {len(index)} classes")
+    labelled, index = labelled_records(model, records, label_names)
     target = torch.tensor([index[str(r["label"])] for r in labelled])
     return float((predict(model, labelled) == target).float().mean())
 
@@ -49,18 +48,17 @@ def image_speed(models: dict, records: Sequence[dict], batch_size: int = 128, re
     batches = {}
     for name, model in models.items():
         collate = collator_for(model)
-        batches[name] = [collate(records[i:i + batch_size])["pixel_values"] for i in range(0, len(records), batch_size)]
+        batches[name] = [pixels_for(model, collate, records[i:i + batch_size]) for i in range(0, len(records), batch_size)]
         model.eval()
         with torch.inference_mode():
             model(pixel_values=batches[name][0])
-    best = {name: math.inf for name in models}
+
+    def one_pass(name: str, model) -> None:
+        for pixels in batches[name]:
+            model(pixel_values=pixels)
+
     with torch.inference_mode():
-        for _ in range(max(1, repeats)):
-            for name, model in models.items():
-                start = time.perf_counter()
-                for pixels in batches[name]:
-                    model(pixel_values=pixels)
-                best[name] = min(best[name], time.perf_counter() - start)
+        best = fastest_passes({name: (model, partial(one_pass, name, model)) for name, model in models.items()}, repeats)
     return {name: len(records) / max(seconds, 1e-9) for name, seconds in best.items()}
 
 
@@ -77,10 +75,10 @@ def layer_cka(student, teacher, records: Sequence[dict], tokens: str = "all", li
         collate = collator_for(model)
         model.eval()
         with torch.inference_mode():
-            hidden = model(pixel_values=collate(records)["pixel_values"], output_hidden_states=True).hidden_states
+            hidden = model(pixel_values=pixels_for(model, collate, records), output_hidden_states=True).hidden_states
         layers = []
         for h in hidden[1:]:
             h = h[:, info.prefix_tokens:] if tokens == "patches" else h[:, :1] if tokens == "cls" else h
-            layers.append(h.reshape(h.shape[0], -1).double())
+            layers.append(h.reshape(h.shape[0], -1).double().cpu())
         features.append(layers)
     return [[float(linear_cka(s, t)) for t in features[1]] for s in features[0]]

@@ -20,6 +20,13 @@ def accuracy(model, tokenizer, records: Sequence[dict], label_names: Sequence[st
 
     Labels are matched by their string form, as `kdistill.data.label_names` builds class indexes.
     """
+    labelled, index = labelled_records(model, records, label_names)
+    predicted = predictions(model, tokenizer, labelled, batch_size, max_length)
+    return sum(p == index[str(r["label"])] for p, r in zip(predicted, labelled)) / len(labelled)
+
+
+def labelled_records(model, records: Sequence[dict], label_names: Sequence[str]) -> tuple[list[dict], dict[str, int]]:
+    """The records that carry a label, and each label's class id, refusing labels the model cannot predict."""
     index = {str(name): i for i, name in enumerate(label_names)}
     num_labels = getattr(model.config, "num_labels", None)
     if num_labels is not None and len(index) > num_labels:
@@ -33,8 +40,7 @@ def accuracy(model, tokenizer, records: Sequence[dict], label_names: Sequence[st
     if unknown:
         raise DataError(f"labels {', '.join(map(repr, unknown[:10]))} are not among the model's "
                         f"{len(index)} classes ({', '.join(list(index)[:10])}...)")
-    predicted = predictions(model, tokenizer, labelled, batch_size, max_length)
-    return sum(p == index[str(r["label"])] for p, r in zip(predicted, labelled)) / len(labelled)
+    return labelled, index
 
 
 def predictions(model, tokenizer, records: Sequence[dict], batch_size: int = 64, max_length: int = 128) -> list[int]:
