@@ -30,6 +30,19 @@ def raise_if_disk_full(err: Exception, target: Path, tmp: Path, *, error: type[E
         raise error(f"could not write {what} {target}: the disk is full ({free / 2**20:.0f} MiB free). {fix}") from err
 
 
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder `tmp` in `out`'s place. An `out` already there is moved aside first and deleted
+    only once replaced: a folder cannot be renamed over a full one, and deleting it first would leave nothing
+    if the rename then failed."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_abandoned_copies(out: Path, marker: str = "tmp") -> None:
     """Half-written copies of ``out`` left by a process killed while writing it (``.NAME.MARKER-PID[-...]`` with PID no
     longer running): each is a whole model's (or store's) worth of disk, and no later write of the same name would

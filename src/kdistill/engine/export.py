@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kdistill.engine.disk import RERUN, WRITE_ERRORS, raise_if_disk_full, remove_abandoned_copies
+from kdistill.engine.disk import RERUN, WRITE_ERRORS, raise_if_disk_full, remove_abandoned_copies, replace_folder
 from kdistill.errors import OutputError
 
 ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
@@ -60,13 +60,7 @@ def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | 
             fix=f"Free some space and {RERUN}: training continues from the stage's last checkpoint, and a finished "
                 "stage's student is kept")
         raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    replace_folder(tmp, out)
     return out
 
 

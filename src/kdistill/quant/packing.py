@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kdistill.engine.disk import WRITE_ERRORS, raise_if_disk_full
+from kdistill.engine.disk import WRITE_ERRORS, raise_if_disk_full, replace_folder
 from kdistill.errors import CheckpointError, ConfigError, OutputError
 from kdistill.quant.linear import QuantLinear, packed_rows
 
@@ -80,13 +80,7 @@ def export_packed(model_dir: str, out_dir: str) -> dict:
         raise_if_disk_full(err, out, tmp, error=OutputError, what="the packed export",  # tmp removed either way
                            fix="Free some space and run the same export again")
         raise
-    old = None
-    if out.exists():  # an earlier export (checked above): moved aside first, deleted once replaced
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_folder(tmp, out)  # an earlier export there was checked above
     return report
 
 

@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import save_file
 
 from kdistill.engine.checkpoint import sha256
-from kdistill.engine.disk import WRITE_ERRORS, raise_if_disk_full, remove_abandoned_copies
+from kdistill.engine.disk import WRITE_ERRORS, raise_if_disk_full, remove_abandoned_copies, replace_folder
 from kdistill.errors import CheckpointError
 
 Tensor = torch.Tensor
@@ -261,17 +261,11 @@ class StoreWriter:
             "shards": self._shards,
         }
         (self._tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        old = None
         if self.path.exists() and not self.overwrite:  # appeared while we were writing
             raise CheckpointError(f"{self.path} already exists; delete it or pass overwrite=True "
                                   f"(the finished store is left in {self._tmp})")
         refuse_unless_store(self.path)
-        if self.path.exists():  # move the old store aside first, delete it once replaced
-            old = self.path.with_name(f".{self.path.name}.old-{os.getpid()}")
-            os.replace(self.path, old)
-        os.replace(self._tmp, self.path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_folder(self._tmp, self.path)
         self._tmp = None
         remove_abandoned_copies(self.path, "partial")
         remove_abandoned_copies(self.path, "old")  # a writer killed between the two renames above
