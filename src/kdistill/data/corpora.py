@@ -22,10 +22,10 @@ CORPORA: Registry[Callable[[str], list[dict]]] = Registry("corpus")
 SPLITS = ("train", "eval", "test")
 
 
-def split_of(key: str) -> str:
-    """The split a record key falls in: buckets 0-89 train, 90-94 eval, 95-99 test."""
+def split_of(key: str, train: int = 90, eval_: int = 5) -> str:
+    """The split a record key falls in by a SHA-1 of it: buckets 0-89 train, 90-94 eval, 95-99 test (by default)."""
     bucket = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:8], 16) % 100
-    return "train" if bucket < 90 else "eval" if bucket < 95 else "test"
+    return "train" if bucket < train else "eval" if bucket < train + eval_ else "test"
 
 
 def check_split(split: str, where: str = "split") -> str:
@@ -289,15 +289,10 @@ def license_texts(split: str = "train") -> list[dict]:
 # ---------------------------------------------------------------- images
 
 
-def bucket_split(key: str, train: int = 70, eval_: int = 10) -> str:
-    """70/10/20 by a SHA-1 of the key: a small dataset needs a bigger test split than text corpora's 5%."""
-    bucket = int(hashlib.sha1(key.encode()).hexdigest()[:8], 16) % 100
-    return "train" if bucket < train else "eval" if bucket < train + eval_ else "test"
-
-
 @CORPORA.register("digits")
 def digits(split: str = "train") -> list[dict]:
-    """scikit-learn's bundled 1,797 handwritten digits (8×8 grey, 10 classes), split 70/10/20 by image."""
+    """scikit-learn's bundled 1,797 handwritten digits (8×8 grey, 10 classes), split 70/10/20 by image: a small
+    dataset needs a bigger test split than the text corpora's 5%."""
     import numpy as np
 
     try:
@@ -308,7 +303,7 @@ def digits(split: str = "train") -> list[dict]:
     data = load_digits()
     images = (data.images / 16.0).astype(np.float32)  # pixel values are 0..16
     return [{"image": images[i][None], "label": str(int(data.target[i])), "id": f"digits-{i}"}
-            for i in range(len(images)) if bucket_split(f"digits-{i}") == split]
+            for i in range(len(images)) if split_of(f"digits-{i}", 70, 10) == split]
 
 
 # Sources whose class list is known ahead: a new head gets every class even when `limit` or a split leaves some out
