@@ -39,12 +39,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from kdistill.api.lion_eval import HeldOutScore
-from kdistill.api.synthesize import jsonl, prompt_seed, read_prompt_records, render, write_atomic, write_json
+from kdistill.api.synthesize import (API_CACHE, SUMMARY, jsonl, prompt_key, prompt_seed, read_prompt_records, render,
+                                     write_atomic, write_json)
 from kdistill.errors import CheckpointError, DataError
 
 POOL, ANSWERS, IMITATION, STUDENT = "pool.jsonl", "answers.jsonl", "imitation.jsonl", "student"
 STUDENT_ANSWERS, JUDGEMENTS, NEW, NEW_FAILURES = "student_answers.jsonl", "judgements.jsonl", "new.jsonl", "new_failures.jsonl"
-DONE, SUMMARY, API_CACHE = "done.json", "summary.json", "teacher.sqlite"
+DONE = "done.json"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -193,7 +194,7 @@ class Lion:
         seeds = {}
         for record in records:
             prompt = render(self.cfg.template, record, f"{self.where}.template")
-            key = str(record.get("id") or hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16])
+            key = prompt_key(record, prompt)
             seeds.setdefault(key, {"id": key, "prompt": prompt, "reference": record.get("reference")})
         chosen = list(seeds.values())
         if self.cfg.seed_instructions and self.cfg.seed_instructions < len(chosen):

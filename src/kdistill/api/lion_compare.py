@@ -16,7 +16,9 @@ import statistics
 import time
 from pathlib import Path
 
+from kdistill.api.lion import SUMMARY
 from kdistill.config import Recipe, load_recipe
+from kdistill.engine.stage_refs import synthesis_dir
 
 VARIANTS = {"lion": "lion: new instructions next to hard ones (and easy ones)",
             "lion-random": "plain imitation: random new instructions"}
@@ -64,7 +66,7 @@ def compare_lion(seeds: int = 1, output: str | Path = "runs/lion-compare", overr
             out = Path(recipe.output)
             if not is_complete(out / "student"):  # a finished variant (an earlier call) is read, not run again
                 run_recipe(recipe, resume=(out / "config.resolved.yaml").exists(), console=console, progress=progress)
-            summary = json.loads((out / "stages" / recipe.stages[0].name / "summary.json").read_text())
+            summary = json.loads((synthesis_dir(out, recipe.stages[0]) / SUMMARY).read_text())
             runs[name].append({"seed": seed, "wall_time_s": round(sum(r["wall_time_s"] for r in summary["rounds"]), 1),
                                "rouge_l": [summary["eval_before"]] + [r["eval_rouge_l"] for r in summary["rounds"]],
                                "teacher_answers": [0] + [r["teacher_answers_total"] for r in summary["rounds"]],

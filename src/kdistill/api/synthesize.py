@@ -102,10 +102,14 @@ def prompt_keys(records: list[dict], prompts: list[str]) -> list[str]:
     """A stable id per prompt: the record's `id` when it has one, else a hash of the prompt text."""
     keys, seen = [], Counter()
     for record, prompt in zip(records, prompts):
-        key = str(record.get("id") or hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16])
+        key = prompt_key(record, prompt)
         seen[key] += 1
         keys.append(key if seen[key] == 1 else f"{key}#{seen[key]}")
     return keys
+
+
+def prompt_key(record: dict, prompt: str) -> str:
+    return str(record.get("id") or hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:16])
 
 
 def prompt_seed(seed: int, key: str) -> int:

@@ -20,8 +20,8 @@ import yaml
 
 from kdistill.config import Recipe, recipe_changes
 from kdistill.engine.export import is_complete, save_student
-from kdistill.engine.stage_refs import (stage_student_dir, synthesis_dir, uses_stage_data, with_lion_teacher,
-                                       with_stage_data, with_stage_generator, with_stage_teacher)
+from kdistill.engine.stage_refs import (stage_student_dir, synthesis_dir, uses_stage_data, with_block_teacher,
+                                       with_stage_data, with_stage_teacher)
 from kdistill.errors import CheckpointError, ConfigError, KdistillError
 
 
@@ -120,7 +120,7 @@ def run_synthesize_stage(stage, index: int, recipe: Recipe, out: Path, resume: b
     if resume and is_synthesized(target):
         return target  # finished: not generated or filtered again
     prefix = f"stages[{index}]." if len(recipe.stages) > 1 else ""
-    stage = with_stage_generator(stage, out, recipe)
+    stage = with_block_teacher(stage, "synthesize", out, recipe)
     run_synthesis(stage.synthesize, target, resume=resume, console=console, progress=progress,
                   where=f"{prefix}synthesize")
     return target
@@ -133,14 +133,15 @@ def run_lion_stage(stage, index: int, recipe: Recipe, out: Path, resume: bool, p
     import os
     import shutil
 
-    from kdistill.api.lion import run_lion
+    from kdistill.api.lion import SUMMARY, run_lion
 
     prefix = f"stages[{index}]." if len(recipe.stages) > 1 else ""
     if accelerator.num_processes > 1:
         raise ConfigError(f"{prefix}lion: Lion's rounds run in one process (they generate and judge between "
                           "trainings); run this recipe without a multi-process launcher")
     declared = stage
-    stage = with_lion_teacher(with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix), out, recipe)
+    stage = with_block_teacher(with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix), "lion",
+                               out, recipe)
     last = run_lion(stage, synthesis_dir(out, stage), out, resume=resume, accelerator=accelerator, prefix=prefix,
                     previous_student=None if (stage.student is not None and index > 0) else previous,
                     console=console, progress=progress, declared=declared)
@@ -149,7 +150,7 @@ def run_lion_stage(stage, index: int, recipe: Recipe, out: Path, resume: bool, p
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(last, tmp)
     metadata = json.loads((tmp / "kdistill.json").read_text())
-    summary = json.loads((synthesis_dir(out, stage) / "summary.json").read_text())
+    summary = json.loads((synthesis_dir(out, stage) / SUMMARY).read_text())
     (tmp / "kdistill.json").write_text(json.dumps({**metadata, "recipe": recipe.name, "stage": stage.name,
                                                    "lion": summary}, indent=2, default=str))
     if target.exists():

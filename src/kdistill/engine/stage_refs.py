@@ -33,13 +33,15 @@ def with_stage_teacher(stage, out: Path, recipe: Recipe):
     return stage.model_copy(update={"teacher": teacher})
 
 
-def with_stage_generator(stage, out: Path, recipe: Recipe):
-    """`synthesize.teacher.model: stage:NAME` -> that earlier training stage's finished student."""
-    teacher = stage.synthesize.teacher
-    if not str(teacher.model or "").startswith(STAGE_TEACHER):
+def with_block_teacher(stage, block: str, out: Path, recipe: Recipe):
+    """`synthesize.teacher.model: stage:NAME` or `lion.teacher.model: stage:NAME` (`block`) -> that earlier training
+    stage's finished student."""
+    part = getattr(stage, block)
+    teacher = part.teacher
+    if teacher is None or not str(teacher.model or "").startswith(STAGE_TEACHER):
         return stage
     teacher = teacher.model_copy(update={"model": named_student(teacher.model, out, recipe)})
-    return stage.model_copy(update={"synthesize": stage.synthesize.model_copy(update={"teacher": teacher})})
+    return stage.model_copy(update={block: part.model_copy(update={"teacher": teacher})})
 
 
 def uses_stage_data(stage, splits=("train", "eval")) -> bool:
@@ -63,7 +65,7 @@ def with_stage_data(stage, out: Path, recipe: Recipe, prefix: str = ""):
     def resolve(spec, where):
         if not str(spec.path or "").startswith(STAGE_TEACHER):
             return spec
-        folder = out / "stages" / spec.path[len(STAGE_TEACHER):]
+        folder = out / "stages" / spec.path[len(STAGE_TEACHER):]  # the synthesize stage's synthesis_dir
         if not is_synthesized(folder):
             raise DataError(f"{prefix}{where}: {spec.path} has not finished synthesizing ({folder}); run the recipe "
                             f"with --resume to finish it")
@@ -84,11 +86,3 @@ def with_stage_data(stage, out: Path, recipe: Recipe, prefix: str = ""):
             update[split] = resolve(specs, f"data.{split}.path")
     return stage.model_copy(update={"data": data.model_copy(update=update)})
 
-
-def with_lion_teacher(stage, out: Path, recipe: Recipe):
-    """`lion.teacher.model: stage:NAME` -> that earlier training stage's finished student."""
-    teacher = stage.lion.teacher
-    if teacher is None or not str(teacher.model or "").startswith(STAGE_TEACHER):
-        return stage
-    teacher = teacher.model_copy(update={"model": named_student(teacher.model, out, recipe)})
-    return stage.model_copy(update={"lion": stage.lion.model_copy(update={"teacher": teacher})})
