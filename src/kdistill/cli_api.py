@@ -13,12 +13,14 @@ from kdistill.cli import SetOpt, app, console, friendly
 @friendly
 def compare_pad_cmd(seeds: int = typer.Option(3, min=1, help="seeds per variant"),
                     output: str = typer.Option("runs/pad-compare", help="where runs and the table go"),
-                    test_limit: Optional[int] = typer.Option(None, min=1, help="test problems scored (default: all)")):
+                    test_limit: Optional[int] = typer.Option(None, min=1, help="test problems scored (default: all)"),
+                    set_: Optional[List[str]] = SetOpt):
     """PaD: students on execution-filtered vs unfiltered teacher programs vs direct answers, scored by
-    execution accuracy on held-out problems."""
-    from kdistill.api.pad import compare_pad
+    execution accuracy on held-out problems. --set applies to every variant's recipe."""
+    from kdistill.api.pad import VARIANTS, compare_pad
 
-    compare_pad(seeds=seeds, output=output, test_limit=test_limit, console=console)
+    compare_pad(seeds=seeds, output=output, test_limit=test_limit, console=console,
+                overrides={name: set_ or [] for name in VARIANTS})
 
 
 @app.command("compare-lion")

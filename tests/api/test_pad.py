@@ -186,3 +186,23 @@ def test_compare_pad_and_lion_refuse_a_file_output_and_a_test_limit_below_one(tm
         with pytest.raises(ConfigError, match=f"test_limit must be at least 1 .*got {limit}"):
             compare_pad(seeds=1, output=tmp_path / "out", test_limit=limit)
     assert taken.read_text() == "{}\n" and not (tmp_path / "out").exists()
+
+
+def test_compare_pad_takes_set_for_every_variant_and_refuses_a_bad_one_before_training(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from kdistill.api import pad
+    from kdistill.cli import app
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the teacher trained before the variants' recipes were checked")
+
+    monkeypatch.setattr("kdistill.teachers.recipe_runs.resolve_teacher", no_training)
+    done = CliRunner().invoke(app, ["compare-pad", "--output", str(tmp_path / "out"), "--set", "train.steps=abc"])
+    said = " ".join((done.output + (done.stderr if done.stderr_bytes is not None else "")).split())
+    assert done.exit_code == 2 and "train.steps" in said and "AssertionError" not in said
+
+    seen = {}
+    monkeypatch.setattr(pad, "load_recipe", lambda name, sets: seen.setdefault(name, sets) and no_training())
+    CliRunner().invoke(app, ["compare-pad", "--output", str(tmp_path / "out"), "--set", "train.steps=5"])
+    assert seen == {"pad": ["train.steps=5"]}  # the first variant's recipe, with the --set; nothing trained

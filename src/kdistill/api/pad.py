@@ -106,13 +106,14 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
 
     output = Path(output)
     check_output(output)
+    recipes = {name: load_recipe(name, (overrides or {}).get(name, [])) for name in VARIANTS}  # refused before training
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     teacher_dir = resolve_teacher("recipe:pad-teacher", console)  # trained once, before the clock matters
     results: dict = {"seeds": seeds, "test_limit": test_limit, "variants": {}, "teacher": {}}
     cache = output / "generations.sqlite"
     for name, mode in VARIANTS.items():
-        recipe = load_recipe(name, (overrides or {}).get(name, []))
+        recipe = recipes[name]
         runs, first_run = [], None
         for seed in range(seeds):
             run = seeded(recipe, seed, output / name / f"seed-{seed}", cache)
