@@ -58,3 +58,50 @@ def test_two_processes_match_one(tiny_recipe, tmp_path):
     a, b = load_file(str(one / "model.safetensors")), load_file(str(tmp_path / "two" / "student" / "model.safetensors"))
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
+                    reason="torchrun launcher not installed")
+def test_prokt_evaluates_on_two_processes_when_one_has_no_eval_batch(tokenizer, tmp_path):
+    # ProKT's teacher trains through a DDP wrapper whose forward is a collective (a buffer broadcast): a process with
+    # no eval batch of its own must not be left waiting for it (the run hung)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    labels = ["x", "y"]
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
+                        label2id={n: i for i, n in enumerate(labels)}, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"item {i}", "label": labels[i % 2]}) + "\n" for i in range(16)))
+    recipe = {"name": "prokt", "teacher": {"model": str(tmp_path / "teacher"), "update": {"lr": 1e-2}},
+              "student": {"from_teacher": {"layers": [2]}},
+              "data": {"train": {"path": str(data), "label": "label"},
+                       "eval": {"path": str(data), "label": "label", "limit": 4}, "max_length": 8},
+              "losses": [{"type": "logit_kd", "alpha": 0.5}],
+              "train": {"steps": 2, "batch_size": 4, "eval_every": 1}}
+    one = distill({**recipe, "output": str(tmp_path / "one")}, progress=False)
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({**recipe, "output": str(tmp_path / "two")}))
+    launcher = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launch = subprocess.Popen([launcher, "--nproc_per_node", "2", "-m", "kdistill", "run", str(path), "--no-progress"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        out, err = launch.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        launch.terminate()  # torchrun stops its workers (each in a session of its own) on SIGTERM
+        launch.communicate(timeout=60)
+        pytest.fail("two processes hung in evaluation")
+    assert launch.returncode == 0, out[-2000:] + err[-4000:]
+
+    def evals(run_dir):
+        lines = (Path(run_dir) / "logs" / "main.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k in ("accuracy", "loss")}
+                for line in lines if json.loads(line)["kind"] == "eval"]
+
+    assert len(evals(tmp_path / "two")) == 2 and all("accuracy" in e for e in evals(tmp_path / "two"))
+    assert evals(tmp_path / "two")[0] == pytest.approx(evals(one.parent)[0], abs=1e-5)  # before the processes differ

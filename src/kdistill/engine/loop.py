@@ -205,15 +205,40 @@ class StageTrainer(StartFits):
         records = self.parts.eval_records
         if not records:
             return {}
+        terms = self.parts.terms
+        size = max(1, self.cfg.batch_size // self.cfg.grad_accum)
+        # each process scores every world-th batch, each batch as one process would cut it, and the sums are added
+        starts = range(0, len(records), size)[self.acc.process_index::self.acc.num_processes]
+        if self.updater is not None:  # ProKT's teacher read without its DDP wrapper: that forward broadcasts buffers,
+            self.teacher_reader.model = self.teacher  # a collective a process with no eval batch would never join
+        try:
+            totals = self.eval_totals(records, starts, size)
+        finally:
+            if self.updater is not None:
+                self.teacher_reader.model = self.updater.model
+        if self.acc.num_processes > 1:
+            totals = self.acc.reduce(totals.to(self.acc.device), reduction="sum").cpu()
+        sums, counts = totals[:len(terms)], totals[len(terms): 2 * len(terms)]
+        cosine, n_seq, correct, n_labeled = totals[2 * len(terms):].tolist()
+        parts = {t.name: float(s / max(c, 1)) for t, s, c in zip(terms, sums, counts) if c > 0}
+        # from a store no term can be scored on eval records (it holds the training records only): no loss, not 0
+        loss = sum(t.weight * parts[t.name] for t in terms if t.name in parts)
+        result = {"loss": loss, "parts": parts} if parts else {}
+        if n_seq:
+            result["embedding_cosine_to_teacher"] = cosine / n_seq
+        if n_labeled:
+            result["accuracy"] = correct / n_labeled
+        return result
+
+    def eval_totals(self, records: list[dict], starts: range, size: int) -> torch.Tensor:
+        """Sums over this process's eval batches: each term's mean times its item count, the item counts, then
+        pooled cosine to the teacher, sequences, correct predictions and labelled records."""
         distiller = self.acc.unwrap_model(self.model)
         distiller.eval()
         terms = self.parts.terms
         sums = torch.zeros(len(terms), dtype=torch.float64)
         counts = torch.zeros(len(terms), dtype=torch.float64)
-        size = max(1, self.cfg.batch_size // self.cfg.grad_accum)
         cosine, n_seq, correct, n_labeled = 0.0, 0, 0, 0
-        # each process scores every world-th batch, each batch as one process would cut it, and the sums are added
-        starts = range(0, len(records), size)[self.acc.process_index::self.acc.num_processes]
         for start in starts:
             batch = self.parts.collator(records[start: start + size])
             if self.parts.needs_mlm:
@@ -242,20 +267,7 @@ class StageTrainer(StartFits):
                 s_pooled = s_taps["pooled"]
                 cosine += torch.nn.functional.cosine_similarity(s_pooled, t_taps["pooled"], dim=-1).sum().item()
                 n_seq += s_pooled.shape[0]
-        if self.acc.num_processes > 1:
-            totals = torch.cat([sums, counts, torch.tensor([cosine, n_seq, correct, n_labeled], dtype=torch.float64)])
-            totals = self.acc.reduce(totals.to(self.acc.device), reduction="sum").cpu()
-            sums, counts = totals[:len(terms)], totals[len(terms): 2 * len(terms)]
-            cosine, n_seq, correct, n_labeled = totals[2 * len(terms):].tolist()
-        parts = {t.name: float(s / max(c, 1)) for t, s, c in zip(terms, sums, counts) if c > 0}
-        # from a store no term can be scored on eval records (it holds the training records only): no loss, not 0
-        loss = sum(t.weight * parts[t.name] for t in terms if t.name in parts)
-        result = {"loss": loss, "parts": parts} if parts else {}
-        if n_seq:
-            result["embedding_cosine_to_teacher"] = cosine / n_seq
-        if n_labeled:
-            result["accuracy"] = correct / n_labeled
-        return result
+        return torch.cat([sums, counts, torch.tensor([cosine, n_seq, correct, n_labeled], dtype=torch.float64)])
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def method_state(self) -> dict:
