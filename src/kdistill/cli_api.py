@@ -16,11 +16,12 @@ def compare_pad_cmd(seeds: int = typer.Option(3, min=1, help="seeds per variant"
                     test_limit: Optional[int] = typer.Option(None, min=1, help="test problems scored (default: all)"),
                     set_: Optional[List[str]] = SetOpt):
     """PaD: students on execution-filtered vs unfiltered teacher programs vs direct answers, scored by
-    execution accuracy on held-out problems. --set applies to every variant's recipe."""
-    from kdistill.api.pad import VARIANTS, compare_pad
+    execution accuracy on held-out problems. `--set K=V` changes every variant's recipe, `--set VARIANT:K=V` one
+    (pad and pad-unfiltered train in stages.1, pad-direct in its only stage)."""
+    from kdistill.api.pad import compare_pad, split_overrides
 
     compare_pad(seeds=seeds, output=output, test_limit=test_limit, console=console,
-                overrides={name: set_ or [] for name in VARIANTS})
+                overrides=split_overrides(set_ or []))
 
 
 @app.command("compare-lion")

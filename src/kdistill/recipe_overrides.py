@@ -88,11 +88,13 @@ def check_not_shadowed(raw: dict, assignment: str) -> None:
     field = ".".join(parts[:index])
     if len(own) == len(stages):
         synthesize = any(isinstance(block, dict) and "synthesize" in block for block in stages)
+        # the example names a stage that trains: a synthesize stage refuses training fields
+        example = next((i for i, block in enumerate(stages) if isinstance(block, dict) and "synthesize" not in block), 0)
         raise ConfigError(f"--set {key}: every stage sets its own {field}"
                           + (" (or is a synthesize stage, which takes no recipe-wide training fields)" if synthesize
                              else "")
                           + f", so the recipe-wide value would change nothing; set it per stage, e.g. "
-                            f"stages.0.{key}=...")
+                            f"stages.{example}.{key}=...")
     trained_own = [i for i in own if isinstance(stages[i], dict) and "synthesize" not in stages[i]]
     if trained_own:  # said, not refused: changing the shared value of the other stages is a fair wish
         import warnings

@@ -188,21 +188,34 @@ def test_compare_pad_and_lion_refuse_a_file_output_and_a_test_limit_below_one(tm
     assert taken.read_text() == "{}\n" and not (tmp_path / "out").exists()
 
 
-def test_compare_pad_takes_set_for_every_variant_and_refuses_a_bad_one_before_training(tmp_path, monkeypatch):
+def test_compare_pad_set_reaches_each_variant_and_a_bad_one_is_refused_before_training(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from kdistill.api import pad
+    from kdistill.api.pad import VARIANTS, split_overrides, variant_recipe
     from kdistill.cli import app
+    from kdistill.errors import ConfigError
 
     def no_training(*args, **kwargs):
         raise AssertionError("the teacher trained before the variants' recipes were checked")
 
     monkeypatch.setattr("kdistill.teachers.recipe_runs.resolve_teacher", no_training)
-    done = CliRunner().invoke(app, ["compare-pad", "--output", str(tmp_path / "out"), "--set", "train.steps=abc"])
-    said = " ".join((done.output + (done.stderr if done.stderr_bytes is not None else "")).split())
-    assert done.exit_code == 2 and "train.steps" in said and "AssertionError" not in said
+    for bad, said in ((["pad-direct:train.steps=abc"], "variant pad-direct: "),  # the last variant: all checked first
+                      (["train.steps=50"], "variant pad: --set train.steps: every stage sets its own"),
+                      (["nope:train.steps=5"], "'nope' is not a variant"),
+                      (["stages.1.train.seed=3"], "sets each run's output and seed itself")):
+        done = CliRunner().invoke(app, ["compare-pad", "--output", str(tmp_path / "out"),
+                                        *[x for item in bad for x in ("--set", item)]])
+        text = " ".join((done.output + (done.stderr if done.stderr_bytes is not None else "")).split())
+        assert done.exit_code == 2 and said in text and "AssertionError" not in text, text
+    assert not (tmp_path / "out").exists()
 
-    seen = {}
-    monkeypatch.setattr(pad, "load_recipe", lambda name, sets: seen.setdefault(name, sets) and no_training())
-    CliRunner().invoke(app, ["compare-pad", "--output", str(tmp_path / "out"), "--set", "train.steps=5"])
-    assert seen == {"pad": ["train.steps=5"]}  # the first variant's recipe, with the --set; nothing trained
+    # K=V for every variant, VARIANT:K=V for one (their training stages sit at different indexes)
+    assert split_overrides(["a.b=1", "pad-direct:c=x:y"]) == {"pad": ["a.b=1"], "pad-unfiltered": ["a.b=1"],
+                                                               "pad-direct": ["a.b=1", "c=x:y"]}
+    routed = split_overrides(["pad:stages.1.train.steps=7", "pad-unfiltered:stages.1.train.steps=8",
+                              "pad-direct:train.steps=9"])
+    recipes = {name: variant_recipe(name, sets) for name, sets in routed.items()}
+    assert set(recipes) == set(VARIANTS)
+    assert [recipes[n].stages[-1].train.steps for n in VARIANTS] == [7, 8, 9]
+    with pytest.raises(ConfigError, match="variant pad-direct: "):  # pad-direct has one stage
+        variant_recipe("pad-direct", ["stages.1.train.steps=7"])

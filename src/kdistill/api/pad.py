@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from kdistill.config import Recipe, load_recipe
+from kdistill.errors import ConfigError
 
 VARIANTS = {  # recipe -> how its student answers (what execution accuracy runs)
     "pad": "program",
@@ -30,6 +31,35 @@ LABELS = {
     "pad-unfiltered": "pad-unfiltered: every sampled program",
     "pad-direct": "pad-direct: problem -> answer",
 }
+
+
+def split_overrides(sets: list[str]) -> dict[str, list[str]]:
+    """`--set` for compare-pad: `K=V` goes to every variant, `VARIANT:K=V` to that one only (their stages differ:
+    pad and pad-unfiltered train in stages.1, pad-direct in its one stage)."""
+    routed: dict[str, list[str]] = {name: [] for name in VARIANTS}
+    for item in sets:
+        key = item.partition("=")[0]
+        name, colon, field = key.partition(":")
+        if not colon:
+            for wanted in routed.values():
+                wanted.append(item)
+        elif name in routed:
+            routed[name].append(item[len(name) + 1:])
+        else:
+            raise ConfigError(f"--set {item}: {name!r} is not a variant; use one of {', '.join(VARIANTS)} "
+                              f"(VARIANT:{field}=...), or leave the prefix out for every variant")
+    return routed
+
+
+def variant_recipe(name: str, sets: list[str]) -> Recipe:
+    for item in sets:
+        key = item.partition("=")[0].strip()
+        if key == "output" or key == "train.seed" or key.endswith(".train.seed"):
+            raise ConfigError(f"--set {item}: compare-pad sets each run's output and seed itself (--output, --seeds)")
+    try:
+        return load_recipe(name, sets)
+    except ConfigError as err:
+        raise ConfigError(f"variant {name}: {err}") from None
 
 
 def seeded(recipe: Recipe, seed: int, output: Path, cache: Path) -> Recipe:
@@ -96,7 +126,6 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
     from kdistill.api.synthesize import SUMMARY
     from kdistill.engine.run import check_output
     from kdistill.engine.stage_refs import synthesis_dir
-    from kdistill.errors import ConfigError
     from kdistill.teachers.recipe_runs import resolve_teacher
 
     if seeds < 1:
@@ -106,7 +135,7 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
 
     output = Path(output)
     check_output(output)
-    recipes = {name: load_recipe(name, (overrides or {}).get(name, [])) for name in VARIANTS}  # refused before training
+    recipes = {name: variant_recipe(name, (overrides or {}).get(name, [])) for name in VARIANTS}  # before training
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     teacher_dir = resolve_teacher("recipe:pad-teacher", console)  # trained once, before the clock matters
