@@ -10,9 +10,9 @@ from pathlib import Path
 
 from kdistill.compare_report import check_results_file, write_results
 from kdistill.compare_unseen import UNSEEN, UNSEEN_METRICS, score_unseen, unseen_metric, unseen_records
-from kdistill.compare_runs import (baseline_dir, baseline_key, baseline_of, kept_baseline, recipe_task,
-                                   reuse_shared_stages, train_or_reuse, variant)
-from kdistill.config import Recipe, load_recipe
+from kdistill.compare_runs import (METRICS, asks_teacher, baseline_dir, baseline_key, baseline_of, comparable_recipes,
+                                   kept_baseline, recipe_task, reuse_shared_stages, train_or_reuse, variant)
+from kdistill.config import Recipe
 from kdistill.errors import ConfigError, DataError, PairingError
 
 
@@ -35,7 +35,6 @@ def test_records(recipe: Recipe) -> list[dict]:
     return records
 
 
-METRICS = {"classification": "accuracy", "image-classification": "accuracy", "causal-lm": "ROUGE-L"}
 GENERATED = 500  # held-out prompts a causal LM writes definitions for (greedy decoding)
 PERPLEXITY_TEXTS = 1000
 
@@ -126,14 +125,6 @@ def evaluation_points(recipe: Recipe) -> list[tuple[str, int]]:
     labels = [spec_label(s.quant.model_dump()) if s.quant else "FP32" for s in recipe.stages]
     ends = [i for i in range(last) if labels[i] != labels[i + 1]]
     return [(f" [{labels[i]}]", i) for i in ends] + [(f" [{labels[last]}]", last)]
-
-
-def asks_teacher(stage) -> bool:
-    """Whether a stage runs its teacher: a loss reads it, it trains in the loop, or its blocks are in a hybrid."""
-    from kdistill.losses import LOSSES
-
-    hybrid = stage.student is not None and stage.student.theseus is not None
-    return hybrid or stage.teacher.update is not None or any(LOSSES.get(p.type).needs_teacher for p in stage.losses)
 
 
 def estimated_train_flops(recipe: Recipe, student_params: int, tokens_per_seq: float, teacher_cost) -> float:
@@ -232,26 +223,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     rows, teacher_row = [], None
     done_baselines: dict[str, list[dict]] = {}  # baseline key -> its rows, whose baseline_of lists recipes
     finished: dict[int, list[Recipe]] = {}  # seed -> runs trained (or reused) so far
-    recipes = [load_recipe(name) for name in names]
-    distilling = [r for r in recipes if any(map(asks_teacher, r.stages))]
-    if not distilling:  # a teacher recipe's `teacher:` is the model it starts from, not a reference to score
-        raise ConfigError(f"none of {', '.join(names)} distils from a teacher (each trains on labels only, like a "
-                          f"teacher recipe or a baseline); compare scores distillation recipes against their "
-                          f"no-teacher baselines: name at least one (e.g. one whose teacher is recipe:{names[0]})")
-    # the table's teacher: the first fixed one (a ProKT teacher may start untrained and learn in the loop)
-    reference = next((r for r in distilling if r.stages[-1].teacher.update is None), distilling[0])
-    for name, recipe in zip(names, recipes):
-        if any(getattr(s, "lion", None) is not None for s in recipe.stages):
-            raise ConfigError(f"{name} runs Lion rounds; compare it with `kdistill compare-lion` (ROUGE-L per round "
-                              f"against plain imitation), not `kdistill compare`")
-        if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
-            raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
-                              f"(execution accuracy), not `kdistill compare`")
-        task = recipe_task(recipe)
-        if task not in METRICS:  # refused before any training, not after it
-            raise ConfigError(f"compare scores {', '.join(METRICS)} students by their test metric; {name}'s "
-                              f"teacher task is {task!r}; such students are compared by fidelity to "
-                              f"the teacher instead: `kdistill eval --student DIR --teacher TEACHER --data ...`")
+    recipes, reference = comparable_recipes(names)
     train_recipe_teachers(recipes, console)
     bases = [(base, baseline_key(base)) for base in (baseline_of(r, quick) for r in recipes)] if baselines else []
     all_pairs = recipe_pairs(recipes, bases, root)

@@ -1,4 +1,4 @@
-"""Which runs a comparison trains and which it reuses: each recipe's no-teacher baseline (built from the
+"""Which recipes a comparison can score, which runs it trains and which it reuses: each recipe's no-teacher baseline (built from the
 recipe, kept by content so any later comparison asking for the same one finds it), the per-seed variants,
 and the reuse of finished runs and of the leading stages an edit left alone.
 
@@ -15,6 +15,7 @@ from kdistill.config import Recipe, Stage, load_recipe
 from kdistill.errors import ConfigError
 
 QUICK_DIVISOR = 8  # --quick: an eighth of every stage's steps, for a fast look at the direction
+METRICS = {"classification": "accuracy", "image-classification": "accuracy", "causal-lm": "ROUGE-L"}
 
 
 def recipe_task(recipe: Recipe) -> str:
@@ -239,3 +240,37 @@ def leading_stages_alike(run: Recipe, other: Recipe) -> int:
                                 run.stages[shared].model_dump(mode="json"), ignore=BOOKKEEPING)):
         shared += 1
     return shared
+
+
+def asks_teacher(stage) -> bool:
+    """Whether a stage runs its teacher: a loss reads it, it trains in the loop, or its blocks are in a hybrid."""
+    from kdistill.losses import LOSSES
+
+    hybrid = stage.student is not None and stage.student.theseus is not None
+    return hybrid or stage.teacher.update is not None or any(LOSSES.get(p.type).needs_teacher for p in stage.losses)
+
+
+def comparable_recipes(names: list[str]) -> tuple[list[Recipe], Recipe]:
+    """The named recipes and the one whose teacher the table shows, each refused here, before any training, when
+    `compare` cannot score it."""
+    recipes = [load_recipe(name) for name in names]
+    distilling = [r for r in recipes if any(map(asks_teacher, r.stages))]
+    if not distilling:  # a teacher recipe's `teacher:` is the model it starts from, not a reference to score
+        raise ConfigError(f"none of {', '.join(names)} distils from a teacher (each trains on labels only, like a "
+                          f"teacher recipe or a baseline); compare scores distillation recipes against their "
+                          f"no-teacher baselines: name at least one (e.g. one whose teacher is recipe:{names[0]})")
+    # the table's teacher: the first fixed one (a ProKT teacher may start untrained and learn in the loop)
+    reference = next((r for r in distilling if r.stages[-1].teacher.update is None), distilling[0])
+    for name, recipe in zip(names, recipes):
+        if any(getattr(s, "lion", None) is not None for s in recipe.stages):
+            raise ConfigError(f"{name} runs Lion rounds; compare it with `kdistill compare-lion` (ROUGE-L per round "
+                              f"against plain imitation), not `kdistill compare`")
+        if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
+            raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
+                              f"(execution accuracy), not `kdistill compare`")
+        task = recipe_task(recipe)
+        if task not in METRICS:  # refused before any training, not after it
+            raise ConfigError(f"compare scores {', '.join(METRICS)} students by their test metric; {name}'s "
+                              f"teacher task is {task!r}; such students are compared by fidelity to "
+                              f"the teacher instead: `kdistill eval --student DIR --teacher TEACHER --data ...`")
+    return recipes, reference
