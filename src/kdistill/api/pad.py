@@ -52,6 +52,7 @@ def split_overrides(sets: list[str]) -> dict[str, list[str]]:
 
 
 def variant_recipe(name: str, sets: list[str]) -> Recipe:
+    """A variant's recipe with its overrides; a refusal names the variant (the same --set can suit one, not another)."""
     for item in sets:
         key = item.partition("=")[0].strip()
         if key == "output" or key == "train.seed" or key.endswith(".train.seed"):
