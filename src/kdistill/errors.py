@@ -29,7 +29,11 @@ def did_you_mean(name, valid, cutoff: float = 0.5, spell=repr) -> str:
     """"; did you mean X?" for the closest of `valid` to a mistyped name (X as `spell` writes it), else ""."""
     import difflib
 
-    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=cutoff)
+    valid = [str(v) for v in valid]
+    # two letters swapped (`modle`) is the likeliest typo, though a shorter name can be closer by ratio (`mode`)
+    swapped = [v for v in valid if len(v) == len(str(name)) and sorted(v) == sorted(str(name))
+               and sum(a != b for a, b in zip(v, str(name))) == 2]
+    close = swapped or difflib.get_close_matches(str(name), valid, n=1, cutoff=cutoff)
     return f"; did you mean {spell(close[0])}?" if close else ""
 
 

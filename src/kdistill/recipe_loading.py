@@ -95,6 +95,11 @@ def known_fields() -> list[str]:
 
 def format_validation(err: ValidationError, prefix: str, source: str) -> str:
     entries = []
+    # a required field missing beside an unknown one is the likeliest meaning of the typo (`modle` beside `model`)
+    missing: dict[tuple, list[str]] = {}
+    for e in err.errors():
+        if e["type"] == "missing":
+            missing.setdefault(tuple(e["loc"][:-1]), []).append(str(e["loc"][-1]))
     for e in err.errors():
         path = prefix
         for part in e["loc"]:
@@ -105,8 +110,9 @@ def format_validation(err: ValidationError, prefix: str, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             name, known = str(e["loc"][-1]), known_fields()
+            beside = did_you_mean(name, missing.get(tuple(e["loc"][:-1]), []), cutoff=0.6)
             msg = ("unknown field here (other blocks or loss types take it, this one does not)" if name in known
-                   else "unknown field" + did_you_mean(name, known, cutoff=0.75))
+                   else "unknown field" + (beside or did_you_mean(name, known, cutoff=0.75)))
         elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
             msg += f" (got {e['input']!r})"
         entries.append((path or "recipe", e["type"], msg))
@@ -169,9 +175,14 @@ def validate_lion(stage: Stage, prefix: str, source: str) -> None:
             raise ConfigError(f"{source}: {where}: needs a type, e.g. {example}; valid: {', '.join(registry.names())}")
         kind = registry.get(block["type"], f"{where}.type")
         try:
-            setattr(stage.lion, name, kind.Params.model_validate(block))
+            params = kind.Params.model_validate(block)
         except ValidationError as err:
             raise ConfigError(format_validation(err, where, source)) from None
+        setattr(stage.lion, name, params)
+        # a part that talks to a chat service needs one before the first round trains, not after it
+        if "api" in kind.Params.model_fields and params.api is None and getattr(stage.lion.teacher, "api", None) is None:
+            raise ConfigError(f"{source}: {where}.api: {block['type']} needs a chat service: give {where}.api "
+                              f"({{base_url, model, ...}}) or a lion.teacher.api to reuse")
 
 
 def data_specs(stage: Stage) -> list[tuple[str, DataSource]]:

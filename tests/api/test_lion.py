@@ -345,6 +345,17 @@ def test_the_lion_block_is_checked_by_field():
         load_recipe(base_recipe(lion={"referee": {"type": "llm_judge", "template": "Q: {question}"}}))
     with pytest.raises(ConfigError, match=r"lion.writer.template: uses \{example\}.*\{kind\}"):
         load_recipe(base_recipe(lion={"writer": {"type": "teacher", "template": "like {example}"}}))
+    # a part's service block is checked on reading too: a typo, a pasted key (never echoed, never saved), no service
+    api = {"base_url": "http://127.0.0.1:1/v1", "model": "m"}
+    with pytest.raises(ConfigError, match=r"lion.referee.api.modle: unknown field; did you mean 'model'"):
+        load_recipe(base_recipe(lion={"referee": {"type": "llm_judge", "api": {"base_url": "http://h/v1", "modle": "m"}}}))
+    with pytest.raises(ConfigError, match=r"lion.writer.api.api_key_env: .*NAME of the environment variable") as said:
+        load_recipe(base_recipe(lion={"writer": {"type": "teacher", "api": {**api, "api_key_env": "sk-abc123-def"}}}))
+    assert "sk-abc123" not in str(said.value)
+    for part, kind in (("referee", "llm_judge"), ("writer", "teacher")):
+        with pytest.raises(ConfigError, match=rf"lion.{part}.api: {kind} needs a chat service: give lion.{part}.api"):
+            load_recipe(base_recipe(lion={part: {"type": kind}}))
+    assert load_recipe(base_recipe(lion={"referee": {"type": "llm_judge", "api": api}})).stages[0].lion.referee.api.model == "m"
 
 
 def test_the_comparison_table_has_a_row_per_round_and_the_teacher_for_scale():

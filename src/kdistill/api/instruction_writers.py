@@ -25,7 +25,7 @@ from typing import Callable, Literal
 from pydantic import Field, field_validator
 
 from kdistill.config import Strict
-from kdistill.config_api import only_fields
+from kdistill.config_api import APITeacher, only_fields
 
 from kdistill.api.wordnet_graph import RELATIONS
 from kdistill.registry import Registry
@@ -180,7 +180,7 @@ class TeacherWriter:
 
     class Params(WriterParams):
         type: Literal["teacher"] = "teacher"
-        api: dict | None = Field(None, description="the writing service {base_url, model, ...} (default: lion.teacher.api)")
+        api: APITeacher | None = Field(None, description="the writing service {base_url, model, ...} (default: lion.teacher.api)")
         system: str = WRITER_SYSTEM
         template: str = Field(WRITER_TEMPLATE, description="the request: {instruction} (the example) and {kind} "
                               "(hard or easy)")
