@@ -385,3 +385,12 @@ def test_a_file_spelt_relative_or_absolute_is_not_a_changed_recipe(tmp_path, mon
 def test_a_bad_value_from_set_is_not_blamed_on_the_file_alone():
     with pytest.raises(ConfigError, match=r"^recipe with --set train.batch_size=0: invalid recipe"):
         load_recipe(base(), ["train.batch_size=0"])
+
+
+def test_a_recipe_file_without_a_name_is_named_by_the_file_and_runs_in_runs_name(tmp_path):
+    raw = {k: v for k, v in base().items() if k not in ("name", "output")}
+    path = tmp_path / "my-kd.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    for overrides in ([], ["train.steps=3"]):  # --set used to leak into the name ('my-kd.yaml with --set train')
+        recipe = load_recipe(str(path), overrides)
+        assert (recipe.name, recipe.output) == ("my-kd", "runs/my-kd")  # not one runs/run for every nameless file

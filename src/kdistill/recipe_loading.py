@@ -280,11 +280,12 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         raise ConfigError(f"{source}: name {name!r}: a recipe's name is a folder name (runs/NAME, and its runs in "
                           f"`kdistill compare`), so it cannot be empty, '.' or '..', or hold '/' or '\\' "
                           f"(e.g. my-distilbert)")
+    recipe_name = raw.setdefault("name", Path(source).stem)  # a file without one: the file's name, and its run's
     if "output" not in raw:
-        raw["output"] = f"runs/{raw.get('name', 'run')}"
+        raw["output"] = f"runs/{recipe_name}"
     if raw["output"] is None or not str(raw["output"]).strip():  # `output:` with no value would be a folder "None"
         raise ConfigError(f"{source}: output is empty; give the run's folder (e.g. output: runs/my-run), or leave the "
-                          f"field out for runs/{raw.get('name', 'NAME')}")
+                          f"field out for runs/{recipe_name}")
     if "synthesize" in raw and raw.get("stages"):
         raise ConfigError(f"{source}: synthesize: at the top level makes a one-stage recipe; with stages:, put "
                           "it inside the stage that synthesizes")
@@ -327,7 +328,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     check_stage_references(stages, bool(raw.get("stages")), source)
     check_precision_order(stages, source)
     try:
-        return Recipe(name=raw.get("name", Path(source).stem), output=str(raw["output"]), stages=stages)
+        return Recipe(name=recipe_name, output=str(raw["output"]), stages=stages)
     except ValidationError as err:
         raise ConfigError(format_validation(err, "", source)) from None
 
@@ -343,6 +344,7 @@ def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] =
         raw, source = copy.deepcopy(ref), "recipe"
     else:
         raw, source = read_recipe_file(ref)
+        raw.setdefault("name", Path(source).stem)  # before --set joins the source's spelling
     for assignment in overrides:
         apply_override(raw, assignment)
     for assignment in overrides:
