@@ -118,6 +118,16 @@ def test_filter_none_keeps_everything_and_threshold_uses_the_score(tmp_path):
     assert summary["kept"] == 10 and summary["dropped_by_verdict"] == {"below_min": 10}
 
 
+def test_a_threshold_filter_is_checked_when_the_recipe_is_read_not_after_generation():
+    from kdistill.config import load_recipe
+    from kdistill.errors import ConfigError
+
+    for block, said in (("{type: threshold, score: lenght, min: 2}", r"filter.score: unknown scorer 'lenght'; did you "
+                         r"mean 'length'"), ("{type: threshold, score: length}", r"filter: .*needs min, max or both")):
+        with pytest.raises(ConfigError, match=said):
+            load_recipe("pad", [f"stages.0.synthesize.filter={block}"])
+
+
 def test_refine_feeds_the_error_back_once(tmp_path):
     def answer(prompt, j):
         if "# that program is wrong:" in prompt:  # the refine prompt: fix it (p1 stays wrong)

@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from kdistill.errors import ConfigError, DataError
+from kdistill.errors import DataError, did_you_mean
 from kdistill.registry import Registry
 
 FILTERS: Registry[type] = Registry("filter")
@@ -134,11 +134,24 @@ class ThresholdFilter:
         max: float | None = None
         reference: str = Field("reference", description="rouge_l: the record field to compare with")
 
+        # checked when the recipe is read, not when the filter first runs after the candidates were generated
+        @field_validator("score")
+        @classmethod
+        def a_registered_scorer(cls, value):
+            if value not in SCORERS.names():
+                raise ValueError(f"unknown scorer {value!r}" + did_you_mean(value, SCORERS.names())
+                                 + f"; valid: {', '.join(SCORERS.names())}")
+            return value
+
+        @model_validator(mode="after")
+        def a_bound(self):
+            if self.min is None and self.max is None:
+                raise ValueError("a threshold filter needs min, max or both (without either it keeps everything)")
+            return self
+
     refine = None
 
     def __init__(self, params, where: str = "synthesize.filter"):
-        if params.min is None and params.max is None:
-            raise ConfigError(f"{where}: a threshold filter needs min, max or both")
         self.params, self.where = params, where
         self.scorer = SCORERS.get(params.score, f"{where}.score")
         self.needs_logprobs = params.score == "mean_logprob"
