@@ -1,6 +1,6 @@
 """What plain `kdistill validate` checks without loading a model or reading data: that the names and files a recipe
 refers to exist (a misspelt recipe:, packaged: or blueprint: name, a missing data file or model folder, an unknown
-split). `validate --full` and `run` load them and find the rest (layers, widths, taps)."""
+split), and that a stage on a teacher store asks it for nothing a store does not hold. `validate --full` and `run` load them and find the rest (layers, widths, taps)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +14,10 @@ def check_references(recipe: Recipe) -> None:
         prefix = f"stages[{i}]." if len(recipe.stages) > 1 else ""
         if stage.teacher is not None:
             check_model(stage.teacher.model, f"{prefix}teacher.model")
+            if stage.teacher.source == "cache":  # what a store cannot give is known from the recipe alone
+                from kdistill.engine.build import check_store_stage
+
+                check_store_stage(stage, prefix)
         if stage.student is not None:
             kind, spec = stage.student.kind()
             if kind == "model":

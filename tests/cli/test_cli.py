@@ -300,6 +300,8 @@ def test_validate_full_does_not_train_an_untrained_recipe_teacher(tmp_path, monk
     ("student={from_teacher: {layers: [2], model: ./nowhere}}", "student.from_teacher.model: model directory './nowhere'"),
     ("data.train={path: /nowhere/train.jsonl}", "data.train: data file not found: /nowhere/train.jsonl"),
     ("data.train.split=validation", "unknown split 'validation' at data.train.split"),
+    # what a teacher store cannot give: known from the recipe alone, not only by --full or the run
+    ("teacher.source=cache", "student: from_teacher copies the teacher's weights, which a teacher store does not"),
 ])
 def test_plain_validate_finds_what_a_recipe_refers_to_that_does_not_exist(assignment, message):
     result, out = invoke("validate", "supersense-kd", "--set", assignment)
