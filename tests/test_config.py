@@ -44,6 +44,8 @@ def test_set_without_equals_sign():
 @pytest.mark.parametrize("override, expected", [
     ("train.stpes=3", "train.stpes: unknown field"),
     ("teacher.modle=x", "did you mean 'model'"),  # two letters swapped, though 'mode' is closer by ratio
+    ("teacher.path=store", "teacher: path: and top_k: describe a teacher store; add source: cache"),  # not ignored
+    ("teacher.top_k=8", "teacher: path: and top_k: describe a teacher store; add source: cache"),
     ("train.lr=abc", "train.lr"),
     ("losses.0.type=hiden_mse", "did you mean 'hidden_mse'"),
     ("losses.0.temperature=2", "losses[0].temperature: unknown field"),

@@ -65,6 +65,9 @@ class TeacherConfig(Strict):
         if self.sample is not None and (self.source != "cache" or self.path):
             raise ValueError("sample: says how the automatic teacher store is built; it needs source: cache and no "
                              "path: (a store at a path was built as `kdistill cache-teacher --sample N` made it)")
+        if self.source == "live" and (self.path is not None or self.top_k != type(self).model_fields["top_k"].default):
+            # else silently a live teacher: the store the user meant is never read
+            raise ValueError("path: and top_k: describe a teacher store; add source: cache (or drop them)")
         if self.sample_head and self.sample is None:
             raise ValueError("sample_head: keeps the top H beside `sample: N` draws; set sample: too (or drop it)")
         return self
