@@ -151,6 +151,28 @@ def tiny_recipe(tiny_bert_dir, text_file, tmp_path):
 
 
 @pytest.fixture
+def prokt_recipe(tmp_path, tokenizer):
+    """A ProKT recipe: a tiny 2-class teacher that trains in the loop, and a 1-layer student cut from it."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    labels = ["x", "y"]
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
+                        label2id={n: i for i, n in enumerate(labels)}, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"item {i}", "label": labels[i % 2]}) + "\n" for i in range(16)))
+    return {"name": "prokt", "teacher": {"model": str(tmp_path / "teacher"), "update": {"lr": 1e-2}},
+            "student": {"from_teacher": {"layers": [2]}},
+            "data": {"train": {"path": str(data), "label": "label"}, "max_length": 8},
+            "losses": [{"type": "logit_kd", "alpha": 0.5}],
+            "train": {"steps": 4, "batch_size": 4, "save_every": 2}}
+
+
+@pytest.fixture
 def killed_run(monkeypatch):
     """Run a recipe that dies (as if killed) when it reaches `step`, then let later runs proceed normally."""
     from kdistill import distill

@@ -1,6 +1,6 @@
-"""Which recipes a comparison can score, which runs it trains and which it reuses: each recipe's no-teacher baseline (built from the
-recipe, kept by content so any later comparison asking for the same one finds it), the per-seed variants,
-and the reuse of finished runs and of the leading stages an edit left alone.
+"""Which recipes a comparison can score, which runs it trains and which it reuses: each recipe's no-teacher
+baseline (built from the recipe, kept by content so any later comparison asking for the same one finds it), the
+per-seed variants, and the reuse of finished runs and of the leading stages an edit left alone.
 
 The baseline of a recipe is the same student with the same initialisation, trained on the labels of
 the recipe's last (task) stage only, for as many steps as all the recipe's stages together: the

@@ -1,6 +1,7 @@
 """What plain `kdistill validate` checks without loading a model or reading data: that the names and files a recipe
 refers to exist (a misspelt recipe:, packaged: or blueprint: name, a missing data file or model folder, an unknown
-split), and that a stage on a teacher store asks it for nothing a store does not hold. `validate --full` and `run` load them and find the rest (layers, widths, taps)."""
+split), and that a stage on a teacher store asks it for nothing a store does not hold. `validate --full` and `run`
+load them and find the rest (layers, widths, taps)."""
 from __future__ import annotations
 
 from pathlib import Path

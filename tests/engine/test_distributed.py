@@ -62,27 +62,12 @@ def test_two_processes_match_one(tiny_recipe, tmp_path):
 
 @pytest.mark.skipif(shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None,
                     reason="torchrun launcher not installed")
-def test_prokt_evaluates_on_two_processes_when_one_has_no_eval_batch(tokenizer, tmp_path):
+def test_prokt_evaluates_on_two_processes_when_one_has_no_eval_batch(prokt_recipe, tmp_path):
     # ProKT's teacher trains through a DDP wrapper whose forward is a collective (a buffer broadcast): a process with
     # no eval batch of its own must not be left waiting for it (the run hung)
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    labels = ["x", "y"]
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
-                        label2id={n: i for i, n in enumerate(labels)}, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": f"item {i}", "label": labels[i % 2]}) + "\n" for i in range(16)))
-    recipe = {"name": "prokt", "teacher": {"model": str(tmp_path / "teacher"), "update": {"lr": 1e-2}},
-              "student": {"from_teacher": {"layers": [2]}},
-              "data": {"train": {"path": str(data), "label": "label"},
-                       "eval": {"path": str(data), "label": "label", "limit": 4}, "max_length": 8},
-              "losses": [{"type": "logit_kd", "alpha": 0.5}],
-              "train": {"steps": 2, "batch_size": 4, "eval_every": 1}}
+    recipe = {**prokt_recipe, "train": {"steps": 2, "batch_size": 4, "eval_every": 1}}
+    train = prokt_recipe["data"]["train"]
+    recipe["data"] = {**prokt_recipe["data"], "eval": {**train, "limit": 4}}  # one eval batch for two processes
     one = distill({**recipe, "output": str(tmp_path / "one")}, progress=False)
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump({**recipe, "output": str(tmp_path / "two")}))

@@ -1,5 +1,4 @@
 """ProKT: the teacher's loss against a hand-written formula, and a run that trains it and resumes exactly."""
-import json
 import math
 
 import pytest
@@ -29,25 +28,6 @@ def test_teacher_loss_is_task_loss_plus_kl_toward_the_student():
         p, q = softmax((zs[i] / 2).tolist()), softmax((zt[i] / 2).tolist())
         kl += sum(a * math.log(a / b) for a, b in zip(p, q))
     assert loss.item() == pytest.approx(ce + 0.7 * kl / 3, rel=1e-5)
-
-
-@pytest.fixture
-def prokt_recipe(tmp_path, tokenizer):
-    torch.manual_seed(0)
-    labels = ["x", "y"]
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, num_labels=2, id2label=dict(enumerate(labels)),
-                        label2id={n: i for i, n in enumerate(labels)}, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
-    tokenizer.save_pretrained(tmp_path / "teacher")
-    data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": f"item {i}", "label": labels[i % 2]}) + "\n" for i in range(16)))
-    return {"name": "prokt", "teacher": {"model": str(tmp_path / "teacher"), "update": {"lr": 1e-2}},
-            "student": {"from_teacher": {"layers": [2]}},
-            "data": {"train": {"path": str(data), "label": "label"}, "max_length": 8},
-            "losses": [{"type": "logit_kd", "alpha": 0.5}],
-            "train": {"steps": 4, "batch_size": 4, "save_every": 2}}
 
 
 def test_prokt_trains_the_teacher_and_resumes_exactly(prokt_recipe, tmp_path, killed_run):

@@ -180,7 +180,8 @@ class TeacherWriter:
 
     class Params(WriterParams):
         type: Literal["teacher"] = "teacher"
-        api: APITeacher | None = Field(None, description="the writing service {base_url, model, ...} (default: lion.teacher.api)")
+        api: APITeacher | None = Field(None, description="the writing service {base_url, model, ...} "
+                                       "(default: lion.teacher.api)")
         system: str = WRITER_SYSTEM
         template: str = Field(WRITER_TEMPLATE, description="the request: {instruction} (the example) and {kind} "
                               "(hard or easy)")

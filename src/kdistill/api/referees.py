@@ -120,7 +120,8 @@ class LLMJudge:
 
     class Params(RefereeParams):
         type: Literal["llm_judge"] = "llm_judge"
-        api: APITeacher | None = Field(None, description="the judge service {base_url, model, ...} (default: lion.teacher.api)")
+        api: APITeacher | None = Field(None, description="the judge service {base_url, model, ...} "
+                                       "(default: lion.teacher.api)")
         gap: float = Field(1.0, ge=0, description="hard when teacher score − student score is at least this")
         both_orders: bool = Field(True, description="ask with the teacher's answer first and second, average")
         system: str = JUDGE_SYSTEM

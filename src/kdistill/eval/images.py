@@ -29,7 +29,8 @@ def predict(model, records: Sequence[dict], batch_size: int = 128) -> torch.Tens
     out = []
     with torch.inference_mode():
         for start in range(0, len(records), batch_size):
-            out.append(model(pixel_values=pixels_for(model, collate, records[start:start + batch_size])).logits.argmax(-1))
+            pixels = pixels_for(model, collate, records[start:start + batch_size])
+            out.append(model(pixel_values=pixels).logits.argmax(-1))
     return torch.cat(out).cpu()
 
 
@@ -48,7 +49,8 @@ def image_speed(models: dict, records: Sequence[dict], batch_size: int = 128, re
     batches = {}
     for name, model in models.items():
         collate = collator_for(model)
-        batches[name] = [pixels_for(model, collate, records[i:i + batch_size]) for i in range(0, len(records), batch_size)]
+        batches[name] = [pixels_for(model, collate, records[i:i + batch_size])
+                         for i in range(0, len(records), batch_size)]
         model.eval()
         with torch.inference_mode():
             model(pixel_values=batches[name][0])
