@@ -46,6 +46,7 @@ def test_set_without_equals_sign():
     ("teacher.modle=x", "did you mean 'model'"),  # two letters swapped, though 'mode' is closer by ratio
     ("teacher.path=store", "teacher: path: and top_k: describe a teacher store; add source: cache"),  # not ignored
     ("teacher.top_k=8", "teacher: path: and top_k: describe a teacher store; add source: cache"),
+    ("losses=[{type: logit_kd, chunk_size: auto, alpha: 0.5}]", "losses[0]: chunk_size: the chunked path"),  # on reading
     ("train.lr=abc", "train.lr"),
     ("losses.0.type=hiden_mse", "did you mean 'hidden_mse'"),
     ("losses.0.temperature=2", "losses[0].temperature: unknown field"),

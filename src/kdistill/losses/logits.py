@@ -5,7 +5,7 @@ from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
@@ -65,6 +65,14 @@ class LogitKDParams(TermParams):
     chunk_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
         None, description="causal LMs: make and consume the logits this many tokens at a time (peak memory "
         "independent of batch × length × vocabulary); auto: as many tokens as a fixed logit budget allows")
+
+    @model_validator(mode="after")
+    def chunked_as_it_can_run(self):
+        # known from the recipe alone, so said when it is read rather than when the models are paired
+        if self.chunk_size is not None and (self.alpha > 0 or self.divergence == "mse"):
+            raise ValueError("chunk_size: the chunked path computes the divergence from the LM heads alone: it needs "
+                             "alpha 0 and a divergence other than mse (drop chunk_size for those)")
+        return self
 
 
 @register_loss("logit_kd")
