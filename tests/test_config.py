@@ -373,7 +373,7 @@ def test_a_tilde_means_home_in_every_path_a_recipe_or_command_names(tmp_path, mo
 
 def test_a_file_spelt_relative_or_absolute_is_not_a_changed_recipe(tmp_path, monkeypatch):
     """Resuming with data.train.path=train.jsonl where the run had the absolute path was refused as an edit."""
-    from kdistill.recipe_loading import recipe_changes
+    from kdistill.recipe_diff import recipe_changes
 
     (tmp_path / "train.jsonl").write_text('{"text": "a"}\n')
     monkeypatch.chdir(tmp_path)

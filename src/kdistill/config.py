@@ -280,14 +280,16 @@ class Recipe(Strict):
         return out
 
 
-# Reading, merging and validating recipe files is the other half (kdistill/recipe_loading.py); the names other
-# modules import from here, loaded on first use so that module can import the schema above.
-LOADING = ("builtin_recipes", "data_specs", "load_recipe", "diff_configs", "recipe_changes", "BOOKKEEPING")
+# Reading, merging and validating recipe files is the other half (kdistill/recipe_loading.py, and comparing them
+# kdistill/recipe_diff.py); the names other modules import from here, loaded on first use so that those modules can
+# import the schema above.
+LOADING = ("builtin_recipes", "data_specs", "load_recipe")
+DIFFING = ("diff_configs", "recipe_changes", "BOOKKEEPING")
 
 
 def __getattr__(name: str):
-    if name in LOADING:
-        from kdistill import recipe_loading
+    if name in LOADING or name in DIFFING:
+        from kdistill import recipe_diff, recipe_loading
 
-        return getattr(recipe_loading, name)
+        return getattr(recipe_loading if name in LOADING else recipe_diff, name)
     raise AttributeError(f"module 'kdistill.config' has no attribute {name!r}")

@@ -98,7 +98,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> str | None:
 
 def check_finished_stages_unchanged(recipe: Recipe, previous: dict, current: dict, out: Path) -> None:
     """A forced resume trains no finished stage again, so a change to one would be recorded but never applied."""
-    from kdistill.recipe_loading import BOOKKEEPING, diff_configs
+    from kdistill.recipe_diff import BOOKKEEPING, diff_configs
 
     old_stages = previous.get("stages")
     if not isinstance(old_stages, list) or len(old_stages) != len(current["stages"]):

@@ -15,11 +15,11 @@ ADDED_LATER_TO_TERMS = [("logit_kd", "tail", "bucket")]  # (loss type, field, de
 
 def stage_hash(stage: Stage, legacy: bool = False, real_paths: bool = True) -> str:
     """What a checkpoint must match to be resumed: the stage's settings without its bookkeeping (how often it
-    evaluates, logs and saves: recipe_loading.BOOKKEEPING), which changes no weight. ``legacy``: the hash of
+    evaluates, logs and saves: recipe_diff.BOOKKEEPING), which changes no weight. ``legacy``: the hash of
     checkpoints written before 2026-11-28, over every field. ``real_paths``: data files, teachers and students
     that exist hash as their real paths, so the same file named relative or absolute is the same stage; a
     checkpoint keeps the hash with and without it (without: a run moved together with its relatively named data)."""
-    from kdistill.recipe_loading import BOOKKEEPING
+    from kdistill.recipe_diff import BOOKKEEPING
 
     dumped = stage.model_dump(mode="json")
     if real_paths:
