@@ -142,7 +142,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
             console.print(f"stage {i} [bold]{stage.name}[/]: teacher {stage.teacher.model or 'cache:' + str(stage.teacher.path)}, student {student}, "
                           f"{stage.train.steps} steps, losses {losses}", highlight=False)
             if full_stage:
-                from kdistill.engine.build import build_stage, check_store_stage
+                from kdistill.engine.build import build_stage
                 from kdistill.teachers.store_build import with_live_teacher
 
                 prefix = f"stages[{i}]." if len(r.stages) > 1 else ""
@@ -152,8 +152,8 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                 automatic_store = stage.teacher.source == "cache" and stage.teacher.path is None
                 if automatic_store:
                     # the automatic store is the live teacher's outputs: pair with that teacher instead of
-                    # building the store here (it can take as long as an epoch of the teacher)
-                    check_store_stage(stage, prefix)
+                    # building the store here (it can take as long as an epoch of the teacher); what a store
+                    # cannot give was refused by check_references above
                     console.print("  (its teacher store is built on the first run; paired here with the live teacher)")
                     stage = with_live_teacher(stage)
                 parts = build_stage(stage, previous if stage.student is None else None, prefix, console)
