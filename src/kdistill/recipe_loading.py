@@ -95,11 +95,6 @@ def known_fields() -> list[str]:
 
 def format_validation(err: ValidationError, prefix: str, source: str) -> str:
     entries = []
-    # a required field missing beside an unknown one is the likeliest meaning of the typo (`modle` beside `model`)
-    missing: dict[tuple, list[str]] = {}
-    for e in err.errors():
-        if e["type"] == "missing":
-            missing.setdefault(tuple(e["loc"][:-1]), []).append(str(e["loc"][-1]))
     for e in err.errors():
         path = prefix
         for part in e["loc"]:
@@ -110,9 +105,8 @@ def format_validation(err: ValidationError, prefix: str, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             name, known = str(e["loc"][-1]), known_fields()
-            beside = did_you_mean(name, missing.get(tuple(e["loc"][:-1]), []), cutoff=0.6)
             msg = ("unknown field here (other blocks or loss types take it, this one does not)" if name in known
-                   else "unknown field" + (beside or did_you_mean(name, known, cutoff=0.75)))
+                   else "unknown field" + did_you_mean(name, known, cutoff=0.75))
         elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
             msg += f" (got {e['input']!r})"
         entries.append((path or "recipe", e["type"], msg))
