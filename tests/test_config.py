@@ -57,6 +57,16 @@ def test_set_without_equals_sign():
     ("data.eval={source: stdlib-docstrings, augment: {copies: 2}}", "eval: augment makes copies of training records"),
     ("losses=[{type: qkv_relation, relations: []}]", "losses[0].relations: List should have at least 1 item"),
     ("data.train={source: stdlib-docstrings, augment: {replace_prob: 0}}", "replace_prob: Input should be greater than 0"),
+    # other tools' names for a field, and what a block takes where nothing is close
+    ("train.learning_rate=1e-4", "train.learning_rate: unknown field; did you mean 'lr'?"),
+    ("train.zzz=1", "train.zzz: unknown field; this block takes: steps, batch_size, grad_accum, lr,"),
+    ("losses.0.temperature=2", "this block takes: type, weight, name, skip_cls, layers, projector,"),
+    ("losses.0.tau=2", "losses[0].tau: unknown field; this block takes"),  # hidden_mse has no temperature
+    ("losses=[{type: logit_kd, tau: 2}]", "losses[0].tau: unknown field; did you mean 'temperature'?"),
+    # taps: checked on reading, before any model loads
+    ("losses=[{type: hidden_mse, student_tap: 'hidden_states[2]'}]", "give both student_tap and teacher_tap"),
+    ("losses=[{type: hidden_mse, student_tap: hidden.2, teacher_tap: pooled}]", "unknown tap 'hidden.2' at student_tap"),
+    ("losses=[{type: hidden_mse, student_tap: pooled, teacher_tap: hidden_states}]", "needs a layer index"),
 ])
 def test_errors_name_the_field(override, expected):
     with pytest.raises(ConfigError) as err:
@@ -141,6 +151,9 @@ def test_invalid_yaml(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("teacher: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(str(path))
+    path.write_text("losses:\n  - {type: hidden_mse, student_tap: hidden_states[2], teacher_tap: pooled}\n")
+    with pytest.raises(ConfigError, match=r"inside \{ \} a value with \[ \] or a comma needs quotes"):
         load_recipe(str(path))
     # YAML lets the last of two equal keys win: a second train: block would silently replace the first
     path.write_text("name: x\ntrain: {steps: 2}\nlosses: [{type: logit_kd, type: cross_entropy}]\ntrain: {steps: 9}\n")

@@ -60,7 +60,10 @@ def read_recipe_file(ref: str | Path) -> tuple[dict, str]:
     try:
         raw = yaml.load(path.read_text(), Loader=UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        # `{student_tap: hidden_states[2]}`: inside { } a bare [ opens a list, so the value needs quotes
+        hint = ("\n(inside { } a value with [ ] or a comma needs quotes, e.g. {teacher_tap: \"hidden_states[4]\"})"
+                if "flow mapping" in str(err) else "")
+        raise ConfigError(f"{path}: not valid YAML: {err}{hint}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"recipe {path} cannot be read as text: {err}") from None
     if not isinstance(raw, dict):
@@ -93,7 +96,59 @@ def known_fields() -> list[str]:
     return sorted(names)
 
 
-def format_validation(err: ValidationError, prefix: str, source: str) -> str:
+# names other training tools give these fields (transformers' TrainingArguments, most of them)
+SYNONYMS = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "train_batch_size": "batch_size",
+            "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+            "warmup_ratio": "warmup", "lr_scheduler_type": "schedule", "scheduler": "schedule",
+            "output_dir": "output", "mixed_precision": "precision", "eval_steps": "eval_every",
+            "save_steps": "save_every", "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
+            "tau": "temperature", "T": "temperature", "alpha": "weight"}
+
+
+def block_model(model, loc: tuple) -> type | None:
+    """The schema class holding the field at `loc` (its last part), followed from `model` through the field
+    types; None where a union or a free-form field leaves it open."""
+    import typing
+
+    from pydantic import BaseModel
+
+    current = model
+    for part in loc[:-1]:
+        if not isinstance(part, str) or part.startswith(("function-", "list[", "literal[")):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        stack, models = [field.annotation], []
+        while stack:
+            kind = stack.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                models.append(kind)
+            stack += typing.get_args(kind)
+        if len(models) != 1:
+            return None
+        current = models[0]
+    return current if isinstance(current, type) and hasattr(current, "model_fields") else None
+
+
+def unknown_field(name: str, block: type | None) -> str:
+    """The message for a field the schema does not take: the likely meant name, and what the block takes."""
+    known = known_fields()
+    takes = list(block.model_fields) if block is not None else known
+    if SYNONYMS.get(name) in takes:
+        hint = f"; did you mean {SYNONYMS[name]!r}?"
+    else:
+        hint = did_you_mean(name, takes, cutoff=0.6 if block is not None else 0.75)
+    if hint:
+        return "unknown field" + hint
+    msg = ("unknown field here (other blocks or loss types take it, this one does not)" if name in known
+           else "unknown field")
+    return msg + (f"; this block takes: {', '.join(takes)}" if block is not None else "")
+
+
+def format_validation(err: ValidationError, prefix: str, source: str, model: type | None = None) -> str:
+    """The errors of `model.model_validate` one per line, each with its field path; `model` lets an unknown field's
+    message list what its block takes."""
     entries = []
     for e in err.errors():
         path = prefix
@@ -104,9 +159,7 @@ def format_validation(err: ValidationError, prefix: str, source: str) -> str:
                 path += f".{part}" if path else str(part)
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            name, known = str(e["loc"][-1]), known_fields()
-            msg = ("unknown field here (other blocks or loss types take it, this one does not)" if name in known
-                   else "unknown field" + did_you_mean(name, known, cutoff=0.75))
+            msg = unknown_field(str(e["loc"][-1]), block_model(model, e["loc"]) if model is not None else None)
         elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
             msg += f" (got {e['input']!r})"
         entries.append((path or "recipe", e["type"], msg))
@@ -133,7 +186,7 @@ def validate_losses(stage: Stage, prefix: str, source: str) -> None:
         try:
             parsed.append(term.Params.model_validate(block))
         except ValidationError as err:
-            raise ConfigError(format_validation(err, where, source)) from None
+            raise ConfigError(format_validation(err, where, source, term.Params)) from None
     if parsed and not any(term.weight > 0 for term in parsed):
         raise ConfigError(f"{source}: {prefix}losses: every weight is 0, so the student would learn nothing; give "
                           f"at least one loss a positive weight")
@@ -153,7 +206,7 @@ def validate_filter(stage: Stage, prefix: str, source: str) -> None:
     try:
         stage.synthesize.filter = kind.Params.model_validate(block)
     except ValidationError as err:
-        raise ConfigError(format_validation(err, where, source)) from None
+        raise ConfigError(format_validation(err, where, source, kind.Params)) from None
 
 
 def validate_lion(stage: Stage, prefix: str, source: str) -> None:
@@ -171,7 +224,7 @@ def validate_lion(stage: Stage, prefix: str, source: str) -> None:
         try:
             params = kind.Params.model_validate(block)
         except ValidationError as err:
-            raise ConfigError(format_validation(err, where, source)) from None
+            raise ConfigError(format_validation(err, where, source, kind.Params)) from None
         setattr(stage.lion, name, params)
         # a part that talks to a chat service needs one before the first round trains, not after it
         if "api" in kind.Params.model_fields and params.api is None and getattr(stage.lion.teacher, "api", None) is None:
@@ -301,7 +354,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         try:
             stage = Stage.model_validate(merged)
         except ValidationError as err:
-            raise ConfigError(format_validation(err, prefix.rstrip("."), source)) from None
+            raise ConfigError(format_validation(err, prefix.rstrip("."), source, Stage)) from None
         if stage.synthesize is None and stage.student is None and not trained_before:
             raise ConfigError(f"{source}: {prefix}student: the first training stage needs a student "
                               f"(from_teacher, config or model)")
@@ -324,7 +377,7 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
     try:
         return Recipe(name=recipe_name, output=str(raw["output"]), stages=stages)
     except ValidationError as err:
-        raise ConfigError(format_validation(err, "", source)) from None
+        raise ConfigError(format_validation(err, "", source, Recipe)) from None
 
 
 def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> Recipe:

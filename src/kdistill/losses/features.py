@@ -4,11 +4,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
-from kdistill.models.taps import parse_tap, tap_name
+from kdistill.models.taps import parse_tap, tap_name, tap_spelling
 from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count,
                                   skip_cls_count, token_mask)
 
@@ -41,6 +41,20 @@ class HiddenParams(SkipCLSParams):
     center: bool = Field(False, description="subtract each sequence's mean over its compared tokens from the "
                          "student's and the teacher's states before the distance")
 
+    @model_validator(mode="after")
+    def taps_in_pairs(self):
+        if (self.student_tap is None) != (self.teacher_tap is None):
+            given = "student_tap" if self.teacher_tap is None else "teacher_tap"
+            raise ValueError(f"{given} names one side of a pair: give both student_tap and teacher_tap (e.g. "
+                             f"student_tap: hidden_states[2], teacher_tap: hidden_states[5]), or neither")
+        for field in ("student_tap", "teacher_tap"):
+            if getattr(self, field) is not None:
+                try:
+                    tap_spelling(getattr(self, field), field)
+                except PairingError as err:
+                    raise ValueError(str(err)) from None
+        return self
+
 
 class HiddenMSEParams(HiddenParams):
     type: Literal["hidden_mse"] = "hidden_mse"
@@ -63,8 +77,6 @@ class _HiddenTerm(LossTerm):
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
-        if (params.student_tap is None) != (params.teacher_tap is None):
-            raise PairingError(f"{where}: give both student_tap and teacher_tap, or neither")
         if params.student_tap is not None:
             # canonical names (negative layers resolved) are the keys the tap reader produces
             self.pairs = [(tap_name(*parse_tap(params.student_tap, student, f"{where}.student_tap")),

@@ -34,24 +34,31 @@ ATTENTION_KINDS = ("attentions", "attention_scores", "queries", "keys", "values"
 _TAP = re.compile(r"^(\w+)(?:\[(-?\d+)\])?$")
 
 
-def parse_tap(name: str, info: ModelInfo, where: str = "tap") -> tuple[str, int | None]:
+def tap_spelling(name: str, where: str = "tap") -> tuple[str, int | None]:
+    """(kind, layer index as written) of a tap name; PairingError for a name no model has (checked on reading a
+    recipe, before any model loads)."""
     match = _TAP.match(name.strip())
     kind = match.group(1) if match else name
     if kind not in TAP_KINDS:
         hint = did_you_mean(kind, TAP_KINDS, cutoff=0.6)
-        raise PairingError(f"unknown tap {name!r} at {where}{hint} valid: {', '.join(TAP_KINDS)}")
+        raise PairingError(f"unknown tap {name!r} at {where}{hint or ';'} valid: {', '.join(TAP_KINDS)}")
     index = match.group(2)
+    if kind in PLAIN and index is not None:
+        raise PairingError(f"tap {name!r} at {where} takes no layer index")
+    if kind not in PLAIN and index is None:
+        raise PairingError(f"tap {name!r} at {where} needs a layer index, e.g. {kind}[1]")
+    return kind, None if index is None else int(index)
+
+
+def parse_tap(name: str, info: ModelInfo, where: str = "tap") -> tuple[str, int | None]:
+    kind, index = tap_spelling(name, where)
     if kind in PLAIN:
-        if index is not None:
-            raise PairingError(f"tap {name!r} at {where} takes no layer index")
         if kind == "logits" and info.task == "embedding":  # known from the recipe: no need to wait for a forward
             raise PairingError(f"tap 'logits' at {where}: this model is loaded as an embedding model (a bare encoder, "
                                f"no head, so no logits); use pooled or hidden_states taps, or load it with a head "
                                f"(teacher.task: masked-lm / classification / causal-lm)")
         return kind, None
-    if index is None:
-        raise PairingError(f"tap {name!r} at {where} needs a layer index, e.g. {kind}[1]")
-    layer = normalise_layer(int(index), info.num_layers, f"{where} ({name})", allow_embeddings=kind in ("hidden_states", "patches"))
+    layer = normalise_layer(index, info.num_layers, f"{where} ({name})", allow_embeddings=kind in ("hidden_states", "patches"))
     return kind, layer
 
 
