@@ -1,0 +1,101 @@
+"""Recipe validation errors as messages: one line per bad field, with its path, the name probably meant, and what
+its block takes."""
+from __future__ import annotations
+
+from pydantic import ValidationError
+
+from kdistill.errors import did_you_mean
+
+
+def known_fields() -> list[str]:
+    """Every field name of kdistill's recipe models (schema and loss parameters): a misspelt field is
+    most often one of these."""
+    from pydantic import BaseModel
+
+    seen, stack, names = set(), [BaseModel], set()
+    while stack:
+        for cls in stack.pop().__subclasses__():
+            if cls not in seen:
+                seen.add(cls)
+                stack.append(cls)
+                if cls.__module__.startswith("kdistill"):
+                    names.update(cls.model_fields)
+    return sorted(names)
+
+
+# names other training tools give these fields (transformers' TrainingArguments, most of them)
+SYNONYMS = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "train_batch_size": "batch_size",
+            "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+            "warmup_ratio": "warmup", "lr_scheduler_type": "schedule", "scheduler": "schedule",
+            "output_dir": "output", "mixed_precision": "precision", "eval_steps": "eval_every",
+            "save_steps": "save_every", "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
+            "tau": "temperature", "T": "temperature", "alpha": "weight"}
+
+
+def block_model(model, loc: tuple) -> type | None:
+    """The schema class holding the field at `loc` (its last part), followed from `model` through the field
+    types; None where a union or a free-form field leaves it open."""
+    import typing
+
+    from pydantic import BaseModel
+
+    current = model
+    for part in loc[:-1]:
+        if not isinstance(part, str) or part.startswith(("function-", "list[", "literal[")):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        stack, models = [field.annotation], []
+        while stack:
+            kind = stack.pop()
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                models.append(kind)
+            stack += typing.get_args(kind)
+        if len(models) != 1:
+            return None
+        current = models[0]
+    return current if isinstance(current, type) and hasattr(current, "model_fields") else None
+
+
+def unknown_field(name: str, block: type | None) -> str:
+    """The message for a field the schema does not take: the likely meant name, and what the block takes."""
+    known = known_fields()
+    takes = list(block.model_fields) if block is not None else known
+    if SYNONYMS.get(name) in takes:
+        hint = f"; did you mean {SYNONYMS[name]!r}?"
+    else:
+        hint = did_you_mean(name, takes, cutoff=0.6 if block is not None else 0.75)
+    if hint:
+        return "unknown field" + hint
+    msg = ("unknown field here (other blocks or loss types take it, this one does not)" if name in known
+           else "unknown field")
+    return msg + (f"; this block takes: {', '.join(takes)}" if block is not None else "")
+
+
+def format_validation(err: ValidationError, prefix: str, source: str, model: type | None = None) -> str:
+    """The errors of `model.model_validate` one per line, each with its field path; `model` lets an unknown field's
+    message list what its block takes."""
+    entries = []
+    for e in err.errors():
+        path = prefix
+        for part in e["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"
+            elif not str(part).startswith(("function-", "list[", "literal[")):
+                path += f".{part}" if path else str(part)
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = unknown_field(str(e["loc"][-1]), block_model(model, e["loc"]) if model is not None else None)
+        elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
+            msg += f" (got {e['input']!r})"
+        entries.append((path or "recipe", e["type"], msg))
+    # A union field (one source or a list) fails once per branch; our own message is the useful one.
+    # A branch that failed deeper (a bad field inside the one source) explains the other branch's
+    # "not a list" too.
+    explained = {path for path, kind, _ in entries if kind == "value_error"}
+    explained |= {path for path, kind, _ in entries if kind == "list_type"
+                  and any(other.startswith((path + ".", path + "[")) for other, _, _ in entries)}
+    lines = [f"{path}: {msg}" for path, kind, msg in entries if kind == "value_error" or path not in explained]
+    unique = list(dict.fromkeys(lines))
+    return f"{source}: invalid recipe\n  " + "\n  ".join(unique)
