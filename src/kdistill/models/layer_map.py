@@ -27,11 +27,13 @@ class LayerMap:
         if spec == "last":
             return cls.last(n_student, n_teacher)
         if isinstance(spec, str):
-            raise PairingError(f"{where}: unknown layer map {spec!r}; valid: uniform, last, or [[student, teacher], ...]")
+            raise PairingError(f"{where}: unknown layer map {spec!r}; valid: uniform, last, or "
+                               f"[[student, teacher], ...] pairs, e.g. [[1, 2], [3, 6]] (layer 0 is the embeddings)")
         pairs = []
         for pair in spec:
             if len(pair) != 2:
-                raise PairingError(f"{where}: each pair must be [student_layer, teacher_layer], got {pair!r}")
+                raise PairingError(f"{where}: each pair must be [student_layer, teacher_layer], got {pair!r}; "
+                                   f"e.g. [[1, 2], [3, 6]]: student layer 1 learns from teacher layer 2, 3 from 6")
             s, t = (normalise_layer(x, n, f"{where} ({who} layer)") for x, n, who in
                     ((pair[0], n_student, "student"), (pair[1], n_teacher, "teacher")))
             if (s, t) in pairs:
