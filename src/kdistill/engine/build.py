@@ -230,10 +230,8 @@ def make_collator(stage: Stage, loaded: Loaded, config, labels: list[str] | None
                         token_types=loaded.task != "causal-lm")
 
 
-def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None,
-                generated: bool = False, progress: bool = True) -> StageParts:
-    """`generated`: the training data was written earlier in this run (a synthesize stage's kept rows, a Lion
-    round's answers), so its size was not the user's to choose and a small one is trained on, not refused."""
+def stage_records(stage: Stage, prefix: str, generated: bool) -> tuple[list[dict], list[dict]]:
+    """The stage's training and eval records, with the checks that need only them."""
     train = read_sources(stage.data.train, "train", f"{prefix}data.train", stage.train.seed)
     if stage.train.batch_size >= 2 * len(train) and not generated:  # copies, and an unnamed out-of-memory kill
         raise ConfigError(f"{prefix}train.batch_size {stage.train.batch_size:,} is at least twice the {len(train):,} "
@@ -243,6 +241,12 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     if stage.data.loss_on == "completion":
         check_prompts_lead(train, f"{prefix}data.train")
         check_prompts_lead(evals, f"{prefix}data.eval")
+    return train, evals
+
+
+def locate_teacher(stage: Stage, prefix: str, console, progress: bool) -> tuple[Stage, str, str]:
+    """(the stage, with an automatic store's path filled in; the teacher's folder; its task). A store is built
+    here the first time a recipe asks for one without a path."""
     cached = stage.teacher.source == "cache"
     named_beside_store = cached and stage.teacher.path is not None and stage.teacher.model is not None
     if cached:  # before an automatic store is built: the recipe alone decides these
@@ -255,7 +259,6 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     teacher_ref = cached_teacher_dir(stage, prefix) if cached else resolve_teacher(stage.teacher.model, console)
     if named_beside_store:
         check_store_teacher(stage.teacher.model, teacher_ref, prefix, stage.teacher.trust_remote_code)
-    torch.manual_seed(stage.train.seed)  # a new classification head is initialised while loading
     task = stage.teacher.task
     if task == "auto":
         task = detect_task(load_config(teacher_ref, stage.teacher.trust_remote_code)[1])
@@ -265,6 +268,38 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
             raise PairingError(f"{prefix}teacher.model {stage.teacher.model} was saved without an MLM head "
                                f"({archs or 'no architecture'}), so as task masked-lm it would predict tokens with a "
                                f"random head; use a checkpoint with one (...ForMaskedLM), or a task it was trained for")
+    return stage, teacher_ref, task
+
+
+def image_preprocessing(teacher, student, collator, train: list[dict], evals: list[dict], prefix: str):
+    """The image processor the student saves (the one it trained with), after checking that the images open and
+    fit both models."""
+    from kdistill.data.images import check_image_fits, check_images_open, image_processor
+
+    check_image_fits({f"{prefix}teacher": teacher, f"{prefix}student": student}, collator, train, prefix)
+    check_images_open(train + evals, prefix)
+    if getattr(student.config, "image_size", None) not in (None, collator.image_size):
+        # a size-free model (a CNN) trained at data.image_size: its saved config says that size, which
+        # `kdistill eval` and other tools resize to
+        student.config.image_size = collator.image_size
+    return image_processor(collator.image_size, collator.channels, collator.mean, collator.std)
+
+
+def check_parameter_globs(stage: Stage, student, prefix: str) -> None:
+    names = [name for name, _ in student.named_parameters()]
+    check_globs(f"{prefix}train.freeze", stage.train.freeze, names)
+    check_freeze(f"{prefix}train.freeze", stage.train.freeze, names)
+    check_globs(f"{prefix}train.lr_scale", stage.train.lr_scale, names)
+
+
+def build_stage(stage: Stage, previous_student: str | None = None, prefix: str = "", console=None,
+                generated: bool = False, progress: bool = True) -> StageParts:
+    """`generated`: the training data was written earlier in this run (a synthesize stage's kept rows, a Lion
+    round's answers), so its size was not the user's to choose and a small one is trained on, not refused."""
+    train, evals = stage_records(stage, prefix, generated)
+    stage, teacher_ref, task = locate_teacher(stage, prefix, console, progress)
+    cached = stage.teacher.source == "cache"
+    torch.manual_seed(stage.train.seed)  # a new classification head is initialised while loading
     labels, head = None, {}
     if task in ("classification", "image-classification"):
         check_all_or_none_labelled(train, prefix)
@@ -299,23 +334,12 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     collator = make_collator(stage, loaded, teacher.config, labels, prefix, student.config)
     tokenizer = loaded.tokenizer
     if loaded.task == "image-classification":  # the student saves the preprocessing it was trained with
-        from kdistill.data.images import check_image_fits, check_images_open, image_processor
-
-        check_image_fits({f"{prefix}teacher": teacher, f"{prefix}student": student}, collator, train, prefix)
-        check_images_open(train + evals, prefix)
-        tokenizer = image_processor(collator.image_size, collator.channels, collator.mean, collator.std)
-        if getattr(student.config, "image_size", None) not in (None, collator.image_size):
-            # a size-free model (a CNN) trained at data.image_size: its saved config says that size, which
-            # `kdistill eval` and other tools resize to
-            student.config.image_size = collator.image_size
+        tokenizer = image_preprocessing(teacher, student, collator, train, evals, prefix)
     if stage.quant is not None:
         quantize_student(student, stage, collator, train, prefix)
     # against the student as it trains (quantizers add parameters), and here rather than in the loop, so that
     # validate --full checks a later stage's globs and messages name the stage
-    names = [name for name, _ in student.named_parameters()]
-    check_globs(f"{prefix}train.freeze", stage.train.freeze, names)
-    check_freeze(f"{prefix}train.freeze", stage.train.freeze, names)
-    check_globs(f"{prefix}train.lr_scale", stage.train.lr_scale, names)
+    check_parameter_globs(stage, student, prefix)
     student_info = model_info(student, loaded.task, pooling)
     if labels is not None and getattr(student.config, "num_labels", None) != len(labels):
         raise PairingError(f"{prefix}data.train has {len(labels)} classes but the student has "
