@@ -235,13 +235,9 @@ def transformers_bars(progress: bool):
             hf_logging.enable_progress_bar()
 
 
-def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: bool) -> Path:
-    from kdistill.engine.build import build_stage
-    from kdistill.engine.logs import plot_losses
-    from kdistill.engine.loop import StageTrainer
-
-    first = next((s for s in recipe.stages if s.synthesize is None), recipe.stages[0])
-    accelerator = make_accelerator(first.train.precision)
+def open_run_dir(recipe: Recipe, resume: bool, force: bool, accelerator, console) -> str | None:
+    """Prepare the run folder on the main process (prepare_run_dir); every process leaves together if it refuses.
+    Returns the recipe text a forced resume writes once a stage accepts its checkpoint."""
     pending_recipe, refusal = None, None
     if accelerator.is_main_process:
         if resume and console is not None and not trained_anything(Path(recipe.output)):
@@ -264,6 +260,32 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
     if refusal is not None:
         raise refusal
     accelerator.wait_for_everyone()
+    return pending_recipe
+
+
+def student_record(recipe: Recipe, stage, result, previous: str | None, processes: int) -> dict:
+    """What a saved student's kdistill.json says of how it was made."""
+    teacher = stage.teacher.model or f"cache:{stage.teacher.path}"
+    if os.path.exists(teacher):  # a local folder: absolute, so the record names it from any directory
+        teacher = os.path.abspath(teacher)
+    return {
+        "kdistill_version": _version(), "recipe": recipe.name, "stage": stage.name, "teacher": teacher,
+        "student_init": stage.student.model_dump(exclude_none=True) if stage.student else {"previous_stage": previous},
+        "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2), "processes": processes,
+        "metrics": {"train": result.final_train, "eval": result.final_eval},
+        "config": stage.model_dump(mode="json", exclude_none=True),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: bool) -> Path:
+    from kdistill.engine.build import build_stage
+    from kdistill.engine.logs import plot_losses
+    from kdistill.engine.loop import StageTrainer
+
+    first = next((s for s in recipe.stages if s.synthesize is None), recipe.stages[0])
+    accelerator = make_accelerator(first.train.precision)
+    pending_recipe = open_run_dir(recipe, resume, force, accelerator, console)
 
     def accept_recipe() -> None:
         """A forced resume's recipe becomes the run's once a stage has accepted its checkpoint (or starts anew)."""
@@ -318,19 +340,7 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
             from kdistill.models.theseus import successor_only
 
             student = successor_only(accelerator.unwrap_model(trainer.model).student)
-            teacher = stage.teacher.model or f"cache:{stage.teacher.path}"
-            if os.path.exists(teacher):  # a local folder: absolute, so the record names it from any directory
-                teacher = os.path.abspath(teacher)
-            metadata = {
-                "kdistill_version": _version(), "recipe": recipe.name, "stage": stage.name, "teacher": teacher,
-                "student_init": stage.student.model_dump(exclude_none=True) if stage.student
-                else {"previous_stage": previous},
-                "steps": result.steps, "wall_time_s": round(result.wall_time_s, 2),
-                "processes": accelerator.num_processes,
-                "metrics": {"train": result.final_train, "eval": result.final_eval},
-                "config": stage.model_dump(mode="json", exclude_none=True),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            }
+            metadata = student_record(recipe, stage, result, previous, accelerator.num_processes)
             save_student(student, parts.tokenizer, target, teacher_dir=parts.teacher_dir, metadata=metadata)
             plot_losses(out)
         accelerator.wait_for_everyone()
