@@ -206,9 +206,42 @@ def seed_run(r: Recipe, baseline: bool, folder: Path, seed: int, quick: bool) ->
     return kept_baseline(run) if baseline else run
 
 
+def seed_scores(label: str, runs: list[Recipe], points: list[tuple[str, int]], records: list[dict], task: str,
+                unseen: list | None, finished: dict[int, list[Recipe]], console, announce) -> tuple[dict, dict, list]:
+    """Train (or reuse) the run of each seed and score every evaluation point on the test records (and the unseen
+    domain): (scores per point, other metrics per point, each seed's pipeline wall time)."""
+    from kdistill.engine.stage_refs import stage_student_dir
+
+    accs = {suffix: [] for suffix, _ in points}
+    extras: dict[str, dict[str, list]] = {suffix: {} for suffix, _ in points}
+    walls = []
+    for seed, run in enumerate(runs):
+        start = time.perf_counter()
+        announce(label, seed)
+        copied = reuse_shared_stages(run, finished.setdefault(seed, []))
+        if copied and console is not None:
+            console.print(f"{label} seed {seed}: stages {', '.join(copied)} are those of an earlier run")
+        train_or_reuse(run, console)
+        finished[seed].append(run)
+        walls.append(pipeline_wall_time(run) or time.perf_counter() - start)
+        for suffix, index in points:
+            student_dir = stage_student_dir(Path(run.output), run, index)
+            acc, extra = score_once(student_dir, records, task, trust_remote_code=run.trusts_remote_code)
+            if unseen:
+                extra = {**extra, "unseen": score_once(student_dir, unseen, task, score_unseen,
+                                                       run.trusts_remote_code)[0]}
+            accs[suffix].append(acc)
+            for key, value in extra.items():
+                extras[suffix].setdefault(key, []).append(value)
+            if console is not None:
+                console.print(f"{label}{suffix} seed {seed}: test {METRICS[task]} {acc:.4f}" + (
+                    f"; unseen domain {UNSEEN_METRICS[task]} {extra['unseen']:.4f}" if unseen else ""))
+    return accs, extras, walls
+
+
 def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str = "runs/compare",
             results: str = "docs/results.md", console=None, baselines: bool = True, jobs: int = 1) -> dict:
-    from kdistill.eval.metrics import count_parameters, non_embedding_parameters
+    from kdistill.eval.metrics import count_parameters
     from kdistill.eval.report import check_report_path
     from kdistill.engine.stage_refs import stage_student_dir
     from kdistill.models.loading import load_model
@@ -231,6 +264,14 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     planned = seeds * sum(map(len, all_pairs))
     all_records = [test_records(recipe) for recipe in recipes]
     started, began = 0, time.perf_counter()
+
+    def announce(label: str, seed: int) -> None:
+        nonlocal started
+        started += 1
+        if console is not None and jobs == 1:  # the workers have reported each run already
+            console.print(f"[bold][{started}/{planned}][/bold] {label} seed {seed} "
+                          f"({(time.perf_counter() - began) / 60:.0f} min in)")
+
     if jobs > 1:  # every run trained and scored first, `jobs` at a time; the loop below then reuses them
         from kdistill.compare_parallel import Job, train_in_parallel
 
@@ -258,54 +299,18 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
                 teacher_row["unseen"] = [unseen_metric(teacher, unseen, task)]
         for label, r, folder in pairs:
             points = evaluation_points(r)
-            accs = {suffix: [] for suffix, _ in points}
-            extras: dict[str, dict[str, list]] = {suffix: {} for suffix, _ in points}
-            walls = []
-            for seed in range(seeds):
-                run = seed_run(r, r is not recipe, folder, seed, quick)
-                start = time.perf_counter()
-                started += 1
-                if console is not None and jobs == 1:  # the workers have reported each run already
-                    console.print(f"[bold][{started}/{planned}][/bold] {label} seed {seed} "
-                                  f"({(start - began) / 60:.0f} min in)")
-                copied = reuse_shared_stages(run, finished.setdefault(seed, []))
-                if copied and console is not None:
-                    console.print(f"{label} seed {seed}: stages {', '.join(copied)} are those of an earlier run")
-                train_or_reuse(run, console)
-                finished[seed].append(run)
-                walls.append(pipeline_wall_time(run) or time.perf_counter() - start)
-                for suffix, index in points:
-                    student_dir = stage_student_dir(Path(run.output), run, index)
-                    acc, extra = score_once(student_dir, records, task, trust_remote_code=run.trusts_remote_code)
-                    if unseen:
-                        extra = {**extra, "unseen": score_once(student_dir, unseen, task, score_unseen,
-                                                               run.trusts_remote_code)[0]}
-                    accs[suffix].append(acc)
-                    for key, value in extra.items():
-                        extras[suffix].setdefault(key, []).append(value)
-                    if console is not None:
-                        console.print(f"{label}{suffix} seed {seed}: test {METRICS[task]} {acc:.4f}" + (
-                            f"; unseen domain {UNSEEN_METRICS[task]} {extra['unseen']:.4f}" if unseen else ""))
+            runs = [seed_run(r, r is not recipe, folder, seed, quick) for seed in range(seeds)]
+            accs, extras, walls = seed_scores(label, runs, points, records, task, unseen, finished, console, announce)
+            run = runs[-1]
             for suffix, index in points:
                 model = load_model(str(stage_student_dir(Path(run.output), run, index)), task,  # the last seed's
                                    run.trusts_remote_code)
-                speedup = None  # fake quantization runs float kernels: its speed says nothing about 1-bit ones
-                if not getattr(model.model.config, "kdistill_quant", None):
-                    speed = measure_speed(teacher, model, records, task)
-                    speedup = speed["student"] / speed["teacher"]
                 row = {"name": label + suffix, "baseline_of": [recipe.name] if label == base_name else None,
-                       "score": accs[suffix], "params": count_parameters(model.model), "speedup": speedup,
-                       **extras[suffix]}
+                       "score": accs[suffix], "params": count_parameters(model.model),
+                       "speedup": speedup(teacher, model, records, task), **extras[suffix]}
                 if suffix == points[-1][0]:  # training cost belongs to the whole pipeline
-                    row.update(wall_time_s=walls, steps=sum(s.train.steps for s in run.stages),
-                               train_pflops=estimated_train_flops(
-                                   run, non_embedding_parameters(model.model),
-                                   mean_tokens(teacher.tokenizer, records, run.stages[-1].data.max_length,
-                                               model.model.config),
-                                   lambda stage: costs.for_stage(stage, model, reference_cost)) / 1e15)
-                    packed = packed_size(model.path, Path(run.output) / "packed")
-                    if packed:
-                        row["packed"] = packed
+                    row.update(pipeline_cost(run, model, walls, teacher.tokenizer, records,
+                                             lambda stage: costs.for_stage(stage, model, reference_cost)))
                 rows.append(row)
                 if row["baseline_of"] is not None:
                     done_baselines[base_key].append(row)
@@ -317,6 +322,27 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     (root / "results.json").write_text(json.dumps(report, indent=2))
     write_results(report, Path(results), names)
     return report
+
+
+def speedup(teacher, student, records: list[dict], task: str) -> float | None:
+    """The student's encode (or forward) speed over the teacher's; None for fake-quantized students, whose float
+    kernels say nothing about 1-bit ones."""
+    if getattr(student.model.config, "kdistill_quant", None):
+        return None
+    speed = measure_speed(teacher, student, records, task)
+    return speed["student"] / speed["teacher"]
+
+
+def pipeline_cost(run: Recipe, student, walls: list[float], tokenizer, records: list[dict], teacher_cost) -> dict:
+    """What training the whole pipeline cost: wall times, steps, estimated PFLOPs; the packed 1-bit size if any."""
+    from kdistill.eval.metrics import non_embedding_parameters
+
+    tokens = mean_tokens(tokenizer, records, run.stages[-1].data.max_length, student.model.config)
+    cost = {"wall_time_s": walls, "steps": sum(s.train.steps for s in run.stages),
+            "train_pflops": estimated_train_flops(run, non_embedding_parameters(student.model), tokens,
+                                                  teacher_cost) / 1e15}
+    packed = packed_size(student.path, Path(run.output) / "packed")
+    return {**cost, "packed": packed} if packed else cost
 
 
 def reference_teacher(recipe: Recipe, records: list[dict], task: str, console=None) -> tuple[dict, object]:
