@@ -63,6 +63,10 @@ def test_set_without_equals_sign():
     ("losses.0.temperature=2", "this block takes: type, weight, name, skip_cls, layers, projector,"),
     ("losses.0.tau=2", "losses[0].tau: unknown field; this block takes"),  # hidden_mse has no temperature
     ("losses=[{type: logit_kd, tau: 2}]", "losses[0].tau: unknown field; did you mean 'temperature'?"),
+    # a union (one block or a list) that fails as a whole says so once; a block given as a scalar lists its fields
+    ("data.train=3", "data.train: takes a mapping (one block) or a list of them (got 3)"),
+    ("data.train=[{source: stdlib-docstrings, limt: 3}]", "data.train[0].limt: unknown field; did you mean 'limit'?"),
+    ("teacher=packaged:x", "teacher: takes a mapping of fields (model, source, path,"),
     # taps: checked on reading, before any model loads
     ("losses=[{type: hidden_mse, student_tap: 'hidden_states[2]'}]", "give both student_tap and teacher_tap"),
     ("losses=[{type: hidden_mse, student_tap: hidden.2, teacher_tap: pooled}]", "unknown tap 'hidden.2' at student_tap"),
@@ -72,6 +76,12 @@ def test_errors_name_the_field(override, expected):
     with pytest.raises(ConfigError) as err:
         load_recipe(base(), [override])
     assert expected in str(err.value)
+
+
+def test_a_union_that_fails_inside_one_item_is_not_also_called_not_a_mapping():
+    with pytest.raises(ConfigError) as err:
+        load_recipe(base(), ["data.train=[{source: stdlib-docstrings, limt: 3}]"])
+    assert "valid dictionary" not in str(err.value) and "takes a mapping" not in str(err.value)
 
 
 def test_a_bad_field_inside_one_source_is_not_also_called_not_a_list():

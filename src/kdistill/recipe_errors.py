@@ -29,7 +29,7 @@ SYNONYMS = {"learning_rate": "lr", "max_steps": "steps", "num_steps": "steps", "
             "warmup_ratio": "warmup", "lr_scheduler_type": "schedule", "scheduler": "schedule",
             "output_dir": "output", "mixed_precision": "precision", "eval_steps": "eval_every",
             "save_steps": "save_every", "logging_steps": "log_every", "save_total_limit": "keep_checkpoints",
-            "tau": "temperature", "T": "temperature", "alpha": "weight"}
+            "tau": "temperature", "T": "temperature"}
 
 
 def block_model(model, loc: tuple) -> type | None:
@@ -46,15 +46,15 @@ def block_model(model, loc: tuple) -> type | None:
         field = getattr(current, "model_fields", {}).get(part)
         if field is None:
             return None
-        stack, models = [field.annotation], []
+        stack, models = [field.annotation], set()
         while stack:
             kind = stack.pop()
             if isinstance(kind, type) and issubclass(kind, BaseModel):
-                models.append(kind)
+                models.add(kind)
             stack += typing.get_args(kind)
         if len(models) != 1:
             return None
-        current = models[0]
+        current = models.pop()
     return current if isinstance(current, type) and hasattr(current, "model_fields") else None
 
 
@@ -85,17 +85,26 @@ def format_validation(err: ValidationError, prefix: str, source: str, model: typ
             elif not str(part).startswith(("function-", "list[", "literal[")):
                 path += f".{part}" if path else str(part)
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "model_type":  # "Input should be a valid dictionary or instance of DataSource"
+            block = block_model(model, (*e["loc"], "")) if model is not None else None
+            msg = "takes a mapping of fields" + (f" ({', '.join(block.model_fields)})" if block else "")
         if e["type"] == "extra_forbidden":
             msg = unknown_field(str(e["loc"][-1]), block_model(model, e["loc"]) if model is not None else None)
         elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
             msg += f" (got {e['input']!r})"
         entries.append((path or "recipe", e["type"], msg))
     # A union field (one source or a list) fails once per branch; our own message is the useful one.
-    # A branch that failed deeper (a bad field inside the one source) explains the other branch's
-    # "not a list" too.
+    # A branch that failed deeper (a bad field inside the one source, or inside one item of the list)
+    # explains the other branch's "not a list" or "not a mapping" too.
     explained = {path for path, kind, _ in entries if kind == "value_error"}
-    explained |= {path for path, kind, _ in entries if kind == "list_type"
+    explained |= {path for path, kind, _ in entries if kind in ("list_type", "model_type", "dict_type")
                   and any(other.startswith((path + ".", path + "[")) for other, _, _ in entries)}
+    # both branches failing at the field itself: one line for the two
+    either = {path for path, kind, _ in entries if kind == "list_type"} & {
+        path for path, kind, _ in entries if kind in ("model_type", "dict_type")}
+    entries = [(path, kind, "takes a mapping (one block) or a list of them" + msg[msg.index(" (got"):]
+                if kind == "list_type" and path in either and " (got" in msg else msg)
+               for path, kind, msg in entries if not (path in either and kind in ("model_type", "dict_type"))]
     lines = [f"{path}: {msg}" for path, kind, msg in entries if kind == "value_error" or path not in explained]
     unique = list(dict.fromkeys(lines))
     return f"{source}: invalid recipe\n  " + "\n  ".join(unique)
