@@ -47,6 +47,31 @@ def test_generated_batches_stay_inside_the_models_positions(tiny_gpt2_dir, text_
         distill(recipe, progress=False)
 
 
+def test_a_run_samples_exactly_the_micro_batches_the_fraction_draws(tiny_gpt2_dir, text_file, tmp_path, monkeypatch):
+    asked, sampled = [], []
+    wants, sample = OnPolicy.wants, OnPolicy.sample
+
+    def counting_wants(self, step, micro, rank):
+        asked.append(((step, micro), wants(self, step, micro, rank)))
+        return asked[-1][1]
+
+    def counting_sample(self, student, records, max_length, step, micro, rank, **kw):
+        sampled.append((step, micro))
+        return sample(self, student, records, max_length, step, micro, rank, **kw)
+
+    monkeypatch.setattr(OnPolicy, "wants", counting_wants)
+    monkeypatch.setattr(OnPolicy, "sample", counting_sample)
+    recipe = {"name": "gkd", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
+              "data": {"train": {"path": text_file, "text": "sentence", "limit": 16}, "max_length": 24},
+              "losses": [{"type": "logit_kd", "temperature": 1.0}],
+              "on_policy": {"fraction": 0.5, "max_new_tokens": 6},
+              "train": {"steps": 4, "batch_size": 4, "grad_accum": 2}, "output": str(tmp_path / "run")}
+    distill(recipe, progress=False)
+    assert len(asked) == 8  # every micro-batch of 4 steps x 2
+    assert sampled == [key for key, drawn in asked if drawn]  # the student writes exactly the drawn ones ...
+    assert 0 < len(sampled) < 8  # ... and at fraction 0.5 some are its own and some the data's
+
+
 def test_gkd_run_resumes_exactly(tiny_gpt2_dir, text_file, tmp_path, killed_run):
     recipe = {"name": "gkd", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
               "data": {"train": {"path": text_file, "text": "sentence", "limit": 16}, "max_length": 24},

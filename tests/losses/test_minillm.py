@@ -82,7 +82,13 @@ def test_teacher_mixed_sampling_weights(tiny_gpt2_dir):
     assert torch.equal(unmixed["importance"], torch.ones_like(unmixed["importance"]))
 
 
-def test_minillm_run(tiny_gpt2_dir, text_file, tmp_path):
+def test_minillm_run(tiny_gpt2_dir, text_file, tmp_path, monkeypatch):
+    import json
+
+    sampled = []
+    sample = OnPolicy.sample
+    monkeypatch.setattr(OnPolicy, "sample", lambda self, *a, **kw: sampled.append(kw.get("teacher")) or sample(
+        self, *a, **kw))
     recipe = {"name": "minillm", "teacher": {"model": tiny_gpt2_dir}, "student": {"config": {"n_layer": 1}},
               "data": {"train": {"path": text_file, "text": "sentence", "limit": 16}, "max_length": 24},
               "losses": [{"type": "minillm"}],
@@ -90,6 +96,11 @@ def test_minillm_run(tiny_gpt2_dir, text_file, tmp_path):
               "train": {"steps": 3, "batch_size": 4, "grad_accum": 2, "lr": 1e-3}, "output": str(tmp_path / "run")}
     student = distill(recipe, progress=False)
     assert (student / "config.json").exists()
+    # the policy gradient trained on the student's own samples, mixed with the teacher's (teacher_mix)
+    assert sampled and all(teacher is not None for teacher in sampled)
+    logs = [json.loads(line) for line in (tmp_path / "run" / "logs" / "main.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in logs if r["kind"] == "train"]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
 
 
 def test_a_completion_only_data_batch_gets_the_language_modelling_loss_on_its_completion():

@@ -266,3 +266,48 @@ def test_term_on_tiny_vits_is_finite_and_trains_the_student(tiny_vits, spec):
     loss.backward()
     grads = [p.grad for p in student.get_submodule(s_info.layers_path).parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
+
+
+# ---------------------------------------------------------------- text_alignment (GPT4Image)
+
+def test_text_alignment_against_a_loop_reference(tmp_path, monkeypatch):
+    import json
+
+    import kdistill.losses.text_alignment as text_alignment
+
+    classes = ["cat", "dog", "owl"]
+    (tmp_path / "texts.json").write_text(json.dumps({"owl": ["a bird"], "cat": ["a cat", "a pet"], "dog": ["a dog"]}))
+    targets = torch.nn.functional.normalize(torch.randn(3, 5), dim=-1)
+    asked = []
+    monkeypatch.setattr(text_alignment, "embed_texts", lambda encoder, texts: asked.append(texts) or targets)
+    student = ModelInfo(**{**info().__dict__, "labels": classes})
+    labels = torch.tensor([2, 0, 0])
+    pooled = torch.randn(B, 8)
+    for mode in ("cosine", "contrastive"):
+        tm = term({"type": "text_alignment", "texts": str(tmp_path / "texts.json"), "mode": mode,
+                   "temperature": 0.5}, student)
+        assert asked[-1] == [["a cat", "a pet"], ["a dog"], ["a bird"]]  # in the student's class order
+        got = tm({"pooled": pooled}, {}, {**PIXELS, "labels": labels})
+        per_image = []
+        for i in range(B):
+            f = tm.projector(pooled[i]).tolist()
+            norm = math.sqrt(sum(x * x for x in f))
+            cos = [sum(a / norm * b for a, b in zip(f, targets[c].tolist())) for c in range(3)]
+            y = int(labels[i])
+            if mode == "cosine":
+                per_image.append(1 - cos[y])
+            else:
+                logits = [c / 0.5 for c in cos]
+                per_image.append(-(logits[y] - math.log(sum(math.exp(v) for v in logits))))
+        assert got.item() == pytest.approx(sum(per_image) / B, rel=1e-5), mode
+
+
+def test_text_alignment_needs_named_classes_and_labels(monkeypatch):
+    import kdistill.losses.text_alignment as text_alignment
+
+    monkeypatch.setattr(text_alignment, "embed_texts", lambda encoder, texts: torch.eye(3, 5))
+    with pytest.raises(PairingError, match="classifier student with named classes"):
+        term({"type": "text_alignment"})
+    tm = term({"type": "text_alignment"}, ModelInfo(**{**info().__dict__, "labels": ["0", "1", "2"]}))
+    with pytest.raises(PairingError, match="needs labels"):
+        tm({"pooled": torch.randn(B, 8)}, {}, {"pixel_values": PIXELS["pixel_values"]})

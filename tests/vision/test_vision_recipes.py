@@ -149,6 +149,39 @@ def test_layer_cka_of_a_model_with_itself_is_one_on_the_diagonal():
     assert all(0 <= v <= 1 + 1e-9 for row in grid for v in row)
 
 
+def gram_cka(x, y):
+    """Linear CKA in its Gram-matrix form (HSIC of centred kernels), a route apart from the feature form used."""
+    import numpy as np
+
+    n = x.shape[0]
+    h = np.eye(n) - 1.0 / n
+    k, l = h @ (x @ x.T) @ h, h @ (y @ y.T) @ h
+    return float((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
+
+
+@pytest.mark.parametrize("tokens", ["all", "patches", "cls"])
+def test_layer_cka_grid_rows_are_student_layers_and_columns_teacher_layers(tokens):
+    from kdistill.data import load_corpus
+    from kdistill.eval.images import collator_for, layer_cka
+
+    torch.manual_seed(0)
+    student, teacher = tiny_vit(layers=2, width=16).eval(), tiny_vit(layers=3, width=32).eval()
+    records = load_corpus("digits", "test")[:24]
+    grid = layer_cka(student, teacher, records, tokens=tokens)
+    feats = []
+    for model in (student, teacher):
+        with torch.no_grad():
+            states = model(pixel_values=collator_for(model)(records)["pixel_values"], output_hidden_states=True)
+        # layer i's output is hidden_states[i] (0 is the embeddings); token 0 is the CLS token
+        picked = [h[:, 1:] if tokens == "patches" else h[:, :1] if tokens == "cls" else h
+                  for h in states.hidden_states[1:]]
+        feats.append([h.reshape(len(records), -1).double().numpy() for h in picked])
+    assert len(grid) == 2 and all(len(row) == 3 for row in grid)
+    for i in range(2):
+        for j in range(3):
+            assert grid[i][j] == pytest.approx(gram_cka(feats[0][i], feats[1][j]), rel=1e-6), (i, j)
+
+
 def test_image_eval_feeds_each_model_on_its_own_device():
     # a model on another device (here "meta", as a GPU would be) must get its pixels there, not on the CPU
     from types import SimpleNamespace
