@@ -36,10 +36,15 @@ def test_minilm_student_loads_in_transformers_and_sentence_transformers(tmp_path
 def test_demo_runs_and_reports_three_columns(tmp_path):
     from kdistill.demo import run_demo
 
-    report = run_demo(Console(width=120), steps=2, output=str(tmp_path / "demo"), limit=16,
-                      extra_overrides=tuple(FAST[1:]))
+    console = Console(width=140, record=True)
+    report = run_demo(console, steps=2, output=str(tmp_path / "demo"), limit=16, extra_overrides=tuple(FAST[1:]))
     final = report["distilled"]
     assert final["speedup"] > 0
+    models = final["models"]
+    assert models["teacher"]["params"] == 22_713_216 > models["student"]["params"]  # the packaged MiniLM-L6
+    printed = " ".join(console.export_text().translate({ord(c): " " for c in "┃│┏┓┡┩━╇┳┗┛└┘─┼┠┨"}).split())
+    assert "teacher student at init distilled student" in printed
+    assert f"parameters {models['teacher']['params']:,} " in printed
     docs = final["datasets"]["stdlib-docstrings"]
     assert -1 <= docs["cosine"] <= 1 and report["student_at_init"]["datasets"]["stdlib-docstrings"]["n"] == 16
     assert (tmp_path / "demo" / "demo.json").exists() and (tmp_path / "demo" / "student-init" / "config.json").exists()

@@ -16,7 +16,7 @@ from kdistill.api.lion import run_lion
 from kdistill.api.referees import LLMJudge, Pair, RougeReferee, Verdict, parse_scores
 from kdistill.config import load_recipe
 from kdistill.engine.loop import StageTrainer
-from kdistill.errors import ConfigError
+from kdistill.errors import CheckpointError, ConfigError
 
 WORDNET = os.path.exists("/usr/share/wordnet/data.noun")
 needs_wordnet = pytest.mark.skipif(not WORDNET, reason="wordnet-base not installed")
@@ -157,7 +157,7 @@ def test_a_killed_run_resumes_at_the_right_round_without_asking_the_teacher_agai
     assert not (root / "round-02" / "done.json").exists() and first.asked == 10
     monkeypatch.setattr(StageTrainer, "train_step", original)
 
-    with pytest.raises(Exception, match="already holds Lion rounds"):
+    with pytest.raises(CheckpointError, match="already holds Lion rounds"):
         run(stage, out, StubTeacher(), StubWriter())
     again, writer = StubTeacher(), StubWriter()
     monkeypatch.chdir(tmp_path)  # resumed through a relative spelling of the folder an absolute one started

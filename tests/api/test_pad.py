@@ -167,7 +167,6 @@ def test_comparison_table():
     assert "| the pad-teacher itself (greedy) | - | 0.400 | |" in table
     assert "on 192 held-out SYNTHETIC test problems" in table
     assert "kept 1,000 (600 prompts with at least one); dropped 2,200: wrong_answer 1,200, duplicate 1,000" in table
-    json.dumps(results)
 
 
 def test_compare_pad_and_lion_refuse_a_file_output_and_a_test_limit_below_one(tmp_path):

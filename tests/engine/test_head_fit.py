@@ -98,7 +98,7 @@ def test_a_stage_starts_from_the_fitted_head(head_recipe, loss):
 def test_head_init_fit_is_refused_where_no_logits_are_there_to_fit(head_recipe):
     _, recipe = head_recipe
     prokt = {**recipe, "teacher": {**recipe["teacher"], "update": {"lr": 1e-3}}, "losses": [{"type": "logit_kd"}]}
-    with pytest.raises(Exception, match="head_init: fit reads the live teacher's logits"):
+    with pytest.raises(ConfigError, match="head_init: fit reads the live teacher's logits"):
         load_recipe(prokt)
 
 

@@ -44,7 +44,6 @@ def test_hub_id_goes_to_the_hub_and_fails_clearly_offline(monkeypatch):
 
 def test_uncached_hub_id_without_a_network_fails_at_once_naming_the_fix(monkeypatch, tmp_path):
     import socket
-    import time
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     for proxy in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
@@ -53,15 +52,17 @@ def test_uncached_hub_id_without_a_network_fails_at_once_naming_the_fix(monkeypa
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
 
+    attempts = []
+
     def unreachable(*args, **kwargs):
+        attempts.append(args)
         raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    start = time.perf_counter()
     with pytest.raises(DataError, match=r"'some-org/some-model' is not a local folder nor in the Hugging Face cache, "
                                         r"and huggingface.co cannot be reached .*huggingface-cli download some-org/some-model"):
         load_model("some-org/some-model")
-    assert time.perf_counter() - start < 5  # not the hub client's ~30 s of retries
+    assert len(attempts) == 1  # one look, not the hub client's ~30 s of retries
     from kdistill.models.loading import check_hub_reachable
 
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")  # behind a proxy a direct probe proves nothing

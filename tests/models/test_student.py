@@ -75,6 +75,8 @@ def test_config_student_is_random_and_narrower():
     b = build_student(cfg, teacher, "embedding", seed=1)
     assert a.config.hidden_size == 16 and a.config.num_hidden_layers == 2
     torch.testing.assert_close(a.encoder.layer[0].output.dense.weight, b.encoder.layer[0].output.dense.weight)
+    other = build_student(cfg, teacher, "embedding", seed=2)  # random: another seed, other weights
+    assert not torch.equal(a.encoder.layer[0].output.dense.weight, other.encoder.layer[0].output.dense.weight)
 
 
 def test_config_student_unknown_field():
