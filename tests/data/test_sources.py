@@ -212,6 +212,16 @@ def test_files_that_are_not_plain_utf8_get_named(tmp_path):
     latin.write_bytes("text,label\ncaf\u00e9,drink\n".encode("latin-1"))
     with pytest.raises(DataError, match=r"latin.csv is not UTF-8 text .*save it as UTF-8"):
         load_records({"path": str(latin), "label": "label"})
+    # far into a file, named by line and byte in that line (the decoder counts from its read buffer)
+    far = tmp_path / "far.txt"
+    far.write_bytes(b"plain ascii line\n" * 999 + "caf\u00e9 au lait\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"far.txt is not UTF-8 text \(line 1000, byte 4 cannot be read as UTF-8: "
+                                        r"b'\\xe9 au'\)"):
+        load_records({"path": str(far)})
+    unclosed = tmp_path / "unclosed.jsonl"
+    unclosed.write_text('{"text": "first"}\n{"text": "second line"\n')
+    with pytest.raises(DataError, match=r"line 2 is not valid JSON: Expecting ',' delimiter at column 23"):
+        load_records({"path": str(unclosed)})
     ragged = tmp_path / "ragged.csv"
     ragged.write_text("text,label\ncats, dogs and birds,animals\n")
     with pytest.raises(DataError, match=r"ragged.csv line 2 has 3 fields but the header names 2; .*double quotes"):

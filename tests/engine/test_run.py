@@ -457,3 +457,20 @@ def test_the_students_record_names_a_local_teacher_from_any_directory(tiny_recip
     monkeypatch.chdir(teacher.parent)
     student = distill({**tiny_recipe, "teacher": {"model": teacher.name}}, progress=False)
     assert json.loads((student / "kdistill.json").read_text())["teacher"] == str(teacher.resolve())
+
+
+def test_a_folder_where_no_lock_file_can_be_made_is_not_called_busy(tmp_path, monkeypatch):
+    """filelock answers a lock file it cannot create (ENOENT in /proc, say) with Timeout, as if another command
+    held it: the message sent the user to wait for a command that did not exist."""
+    import filelock
+
+    from kdistill.engine.run import run_lock
+
+    def cannot_create(self, timeout=None, **kwargs):
+        raise filelock.Timeout(self.lock_file)  # what filelock does there, and no file made
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", cannot_create)
+    with pytest.raises(ConfigError, match=r"cannot write the run there \(no file can be created in .*\); choose "
+                                          r"another --output"):
+        with run_lock(tmp_path / "run"):
+            pass

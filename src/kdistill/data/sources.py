@@ -139,10 +139,22 @@ def _load_path(path: str, fields: dict, split: str, limit: int | None):
     folder = os.path.dirname(os.path.abspath(path))
     try:
         return [_pick(row, fields, f"{path} {where}", folder) for where, row in rows], f"{path} has no records"
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not UTF-8 text (byte {err.start} of a line cannot be read as UTF-8: "
-                        f"{err.object[err.start:err.start + 4]!r}); save it as UTF-8 (with or without a byte-order "
-                        f"mark) and try again") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text ({first_bad_utf8(path)}); save it as UTF-8 (with or without a "
+                        f"byte-order mark) and try again") from None
+
+
+def first_bad_utf8(path: str) -> str:
+    """Where a file stops being UTF-8, as a person finds it: the line and the byte in that line (the decoder's own
+    offset counts from the start of a read buffer)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode(ENCODING if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                return (f"line {number}, byte {err.start + 1} cannot be read as UTF-8: "
+                        f"{line[err.start:err.start + 4]!r}")
+    return "a character split across lines cannot be read as UTF-8"
 
 
 def _refuse_flat_image_folder(path: str) -> None:
@@ -160,7 +172,7 @@ def _jsonl_rows(path: str) -> Iterator[tuple[str, dict]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # the column of an error at the end is the line's own
             except json.JSONDecodeError as exc:
                 raise DataError(f"{path} line {number} is not valid JSON: {exc.msg.removesuffix(' at')} at column "
                                 f"{exc.colno}") from None

@@ -5,6 +5,7 @@ one rank waiting while the others go on would stall the launch)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from pathlib import Path
 
@@ -28,6 +29,10 @@ def folder_lock(out: Path, suffix: str, when_held, when_unwritable, first_proces
         out.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
+        if not os.path.exists(lock.lock_file):  # filelock reads "cannot create it" (e.g. in /proc) as "held"
+            err = OSError(errno.EACCES, f"no file can be created in {out.parent}")
+            when_unwritable(err)
+            raise err from None
         when_held(lock.lock_file)
         lock.acquire()
     except OSError as err:
