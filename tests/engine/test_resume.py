@@ -184,10 +184,15 @@ def test_a_finished_run_is_not_relabelled_as_trained_by_a_changed_recipe(tiny_re
     # without force=True: the advice is the one that works (force cannot continue a finished run)
     with pytest.raises(CheckpointError, match=r"that run is finished: undo those changes, or choose another output="):
         distill(longer, resume=True, progress=False)
-    with pytest.raises(CheckpointError, match="finished run.*choose another output="):
+    with pytest.raises(CheckpointError, match=r"finished run.*student is final.*start a new run from it "
+                                              r"\(student: \{model: .*student\}\) with another output="):
         distill(longer, resume=True, force=True, progress=False)
     assert (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text() == resolved  # still the truth
     assert json.loads((student / "kdistill.json").read_text())["steps"] == tiny_recipe["train"]["steps"]
+    # the advice works: the finished student trains on in a run of its own
+    further = distill({**longer, "student": {"model": str(student)}, "output": str(student.parent.parent / "more")},
+                      progress=False)
+    assert json.loads((further / "kdistill.json").read_text())["student_init"] == {"model": str(student)}
 
 
 def test_an_unreadable_saved_recipe_names_the_way_out(tiny_recipe, killed_run):

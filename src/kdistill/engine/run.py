@@ -82,7 +82,9 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> str | None:
         if changed and finished:
             raise CheckpointError(
                 f"{out} holds a finished run, trained by the recipe before these changes ({'; '.join(changed[:3])}); "
-                f"a finished run keeps no state to continue from with another recipe: choose another --output")
+                f"--force continues an interrupted run, and this one's student is final (its checkpoints, if it kept "
+                f"any, end before its last step): to train that student further, start a new run from it "
+                f"(student: {{model: {out / 'student'}}}) with another --output")
         if changed and isinstance(previous, dict):
             check_finished_stages_unchanged(recipe, previous, current, out)
     text = yaml.safe_dump(current, sort_keys=False)
