@@ -67,6 +67,12 @@ def test_set_without_equals_sign():
     ("data.train=3", "data.train: takes a mapping (one block) or a list of them (got 3)"),
     ("data.train=[{source: stdlib-docstrings, limt: 3}]", "data.train[0].limt: unknown field; did you mean 'limit'?"),
     ("teacher=packaged:x", "teacher: takes a mapping of fields (model, source, path,"),
+    # a layer map in another shape, a misspelt name: the form a map takes, not each union branch's complaint
+    ("losses.0.layers=[1, 2]", "losses[0].layers: a layer map is [[student, teacher], ...] pairs, e.g. [[1, 2]"),
+    ("losses.0.layers=unifrom", "unknown layer map 'unifrom'; did you mean 'uniform'?"),
+    ("student.from_teacher.layers=unifrom", "(got 'unifrom'); did you mean 'uniform'?"),
+    ("train.schedule=cosin", "train.schedule: Input should be 'linear', 'cosine' or 'constant' (got 'cosin'); did "
+                             "you mean 'cosine'?"),
     # taps: checked on reading, before any model loads
     ("losses=[{type: hidden_mse, student_tap: 'hidden_states[2]'}]", "give both student_tap and teacher_tap"),
     ("losses=[{type: hidden_mse, student_tap: hidden.2, teacher_tap: pooled}]", "unknown tap 'hidden.2' at student_tap"),
@@ -76,6 +82,19 @@ def test_errors_name_the_field(override, expected):
     with pytest.raises(ConfigError) as err:
         load_recipe(base(), [override])
     assert expected in str(err.value)
+
+
+@pytest.mark.parametrize("override, only", [
+    ("losses.0.layers=[]", "losses[0].layers: List should have at least 1 item"),
+    ("losses.0.layers=[[1, 2, 3]]", "losses[0].layers[0]: Tuple should have at most 2 items"),
+    ("student.from_teacher.layers=unifrom", "student.from_teacher.layers: Input should be 'uniform' or 'every_other'"),
+])
+def test_a_union_says_only_what_the_branch_the_value_was_meant_for_says(override, only):
+    # a list is never one of the names, a name never a list: those branches' lines are noise
+    with pytest.raises(ConfigError) as err:
+        load_recipe(base(), [override])
+    lines = str(err.value).splitlines()[1:]
+    assert len(lines) == 1 and lines[0].strip().startswith(only)
 
 
 def test_a_union_that_fails_inside_one_item_is_not_also_called_not_a_mapping():

@@ -2,6 +2,8 @@
 its block takes."""
 from __future__ import annotations
 
+import re
+
 from pydantic import ValidationError
 
 from kdistill.errors import did_you_mean
@@ -73,38 +75,69 @@ def unknown_field(name: str, block: type | None) -> str:
     return msg + (f"; this block takes: {', '.join(takes)}" if block is not None else "")
 
 
+def field_path(prefix: str, loc: tuple) -> str:
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not str(part).startswith(("function-", "list[", "literal[")):
+            path += f".{part}" if path else str(part)
+    return path or "recipe"
+
+
+def entry_message(e: dict, model: type | None) -> str:
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "model_type":  # "Input should be a valid dictionary or instance of DataSource"
+        block = block_model(model, (*e["loc"], "")) if model is not None else None
+        msg = "takes a mapping of fields" + (f" ({', '.join(block.model_fields)})" if block else "")
+    if e["type"] == "extra_forbidden":
+        return unknown_field(str(e["loc"][-1]), block_model(model, e["loc"]) if model is not None else None)
+    if "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
+        msg += f" (got {e['input']!r})"
+    if e["type"] == "literal_error" and isinstance(e.get("input"), str):  # "Input should be 'uniform' or 'last'"
+        msg += did_you_mean(e["input"], re.findall(r"'([^']*)'", e.get("ctx", {}).get("expected", "")), cutoff=0.6)
+    return msg
+
+
+CONTAINERS = ("list_type", "model_type", "dict_type")
+
+
+def union_noise(entries: list[tuple]) -> set[int]:
+    """The lines a union field's other branches add (a field that takes one block or a list, a name or a list):
+    pydantic reports every branch; the one the value was meant for is the useful one."""
+    def below(path, other):
+        return other.startswith((path + ".", path + "["))
+
+    noise = set()
+    for i, (path, kind, _, value) in enumerate(entries):
+        others = [(p, k) for j, (p, k, _, _) in enumerate(entries) if j != i and (p == path or below(path, p))]
+        if not others or kind == "value_error":
+            continue
+        if any(k == "value_error" and p == path for p, k in others):  # our own message says it
+            noise.add(i)
+        elif kind in CONTAINERS and any(below(path, p) for p, _ in others):  # it failed inside the block or list
+            noise.add(i)
+        elif kind == "literal_error" and isinstance(value, (list, dict)):  # no name could be a list
+            noise.add(i)
+        elif kind in CONTAINERS and isinstance(value, str) and any(k == "literal_error" for _, k in others):
+            noise.add(i)  # a name, misspelt
+    return noise
+
+
 def format_validation(err: ValidationError, prefix: str, source: str, model: type | None = None) -> str:
     """The errors of `model.model_validate` one per line, each with its field path; `model` lets an unknown field's
     message list what its block takes."""
-    entries = []
-    for e in err.errors():
-        path = prefix
-        for part in e["loc"]:
-            if isinstance(part, int):
-                path += f"[{part}]"
-            elif not str(part).startswith(("function-", "list[", "literal[")):
-                path += f".{part}" if path else str(part)
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "model_type":  # "Input should be a valid dictionary or instance of DataSource"
-            block = block_model(model, (*e["loc"], "")) if model is not None else None
-            msg = "takes a mapping of fields" + (f" ({', '.join(block.model_fields)})" if block else "")
-        if e["type"] == "extra_forbidden":
-            msg = unknown_field(str(e["loc"][-1]), block_model(model, e["loc"]) if model is not None else None)
-        elif "input" in e and not isinstance(e["input"], (dict, list)) and e["type"] not in ("missing", "value_error"):
-            msg += f" (got {e['input']!r})"
-        entries.append((path or "recipe", e["type"], msg))
-    # A union field (one source or a list) fails once per branch; our own message is the useful one.
-    # A branch that failed deeper (a bad field inside the one source, or inside one item of the list)
-    # explains the other branch's "not a list" or "not a mapping" too.
-    explained = {path for path, kind, _ in entries if kind == "value_error"}
-    explained |= {path for path, kind, _ in entries if kind in ("list_type", "model_type", "dict_type")
-                  and any(other.startswith((path + ".", path + "[")) for other, _, _ in entries)}
-    # both branches failing at the field itself: one line for the two
-    either = {path for path, kind, _ in entries if kind == "list_type"} & {
-        path for path, kind, _ in entries if kind in ("model_type", "dict_type")}
-    entries = [(path, kind, "takes a mapping (one block) or a list of them" + msg[msg.index(" (got"):]
-                if kind == "list_type" and path in either and " (got" in msg else msg)
-               for path, kind, msg in entries if not (path in either and kind in ("model_type", "dict_type"))]
-    lines = [f"{path}: {msg}" for path, kind, msg in entries if kind == "value_error" or path not in explained]
-    unique = list(dict.fromkeys(lines))
-    return f"{source}: invalid recipe\n  " + "\n  ".join(unique)
+    entries = [(field_path(prefix, e["loc"]), e["type"], entry_message(e, model), e.get("input")) for e in err.errors()]
+    noise = union_noise(entries)
+    entries = [entry for i, entry in enumerate(entries) if i not in noise]
+    # one block or a list of them, and the value neither: one line for the two branches
+    either = ({path for path, kind, _, _ in entries if kind == "list_type"}
+              & {path for path, kind, _, _ in entries if kind in ("model_type", "dict_type")})
+    lines = []
+    for path, kind, msg, _ in entries:
+        if path in either and kind in ("model_type", "dict_type"):
+            continue
+        if path in either and " (got" in msg:
+            msg = "takes a mapping (one block) or a list of them" + msg[msg.index(" (got"):]
+        lines.append(f"{path}: {msg}")
+    return f"{source}: invalid recipe\n  " + "\n  ".join(dict.fromkeys(lines))

@@ -93,7 +93,8 @@ def test_minillm_run(tiny_gpt2_dir, text_file, tmp_path, monkeypatch):
               "data": {"train": {"path": text_file, "text": "sentence", "limit": 16}, "max_length": 24},
               "losses": [{"type": "minillm"}],
               "on_policy": {"fraction": 0.75, "max_new_tokens": 6, "teacher_mix": 0.2},
-              "train": {"steps": 3, "batch_size": 4, "grad_accum": 2, "lr": 1e-3}, "output": str(tmp_path / "run")}
+              "train": {"steps": 3, "batch_size": 4, "grad_accum": 2, "lr": 1e-3, "log_every": 1},
+              "output": str(tmp_path / "run")}
     student = distill(recipe, progress=False)
     assert (student / "config.json").exists()
     # the policy gradient trained on the student's own samples, mixed with the teacher's (teacher_mix)

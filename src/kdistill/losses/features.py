@@ -4,16 +4,29 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
-from kdistill.errors import PairingError
+from kdistill.errors import PairingError, did_you_mean
 from kdistill.losses import functional as fn
 from kdistill.models.taps import parse_tap, tap_name, tap_spelling
 from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count,
                                   skip_cls_count, token_mask)
 
+def layer_spec_shape(value):
+    """A misspelt map name or a list of single layers, named with the form a map takes (pydantic's own messages
+    list the union's branches)."""
+    example = "[[student, teacher], ...] pairs, e.g. [[1, 2], [3, 6]] (student layer 1 learns from teacher layer 2)"
+    if isinstance(value, str) and value not in ("uniform", "last"):
+        raise ValueError(f"unknown layer map {value!r}{did_you_mean(value, ('uniform', 'last')) or ';'} valid: "
+                         f"uniform, last, or {example}")
+    if isinstance(value, list) and not all(isinstance(pair, (list, tuple)) for pair in value):
+        raise ValueError(f"a layer map is {example}; got {value!r}")
+    return value
+
+
 # an empty map would leave the term nothing to sum (torch.cat of no tensors)
-LayerSpec = Literal["uniform", "last"] | Annotated[list[tuple[int, int]], Field(min_length=1)]
+LayerSpec = Annotated[Literal["uniform", "last"] | Annotated[list[tuple[int, int]], Field(min_length=1)],
+                      BeforeValidator(layer_spec_shape)]
 
 # Taps with no position 0 to leave out: one vector per sequence, or (patches) CLS already cut off.
 NO_CLS_POSITION = ("pooled", "cls_logits", "distillation_logits", "distillation_token", "patches")
