@@ -308,6 +308,14 @@ def test_plain_validate_finds_what_a_recipe_refers_to_that_does_not_exist(assign
     assert result.exit_code == 2 and message in " ".join(out.split()) and "Traceback" not in out
 
 
+def test_plain_validate_refuses_a_data_file_no_reader_takes(tmp_path):
+    (tmp_path / "rows.tsv").write_text("text\tlabel\na\tb\n")
+    result, out = invoke("validate", "supersense-kd", "--set", f"data.train={{path: {tmp_path / 'rows.tsv'}}}")
+    said = " ".join(out.split())
+    assert result.exit_code == 2 and "data.train: cannot read" in said and "unsupported file kind '.tsv'" in said
+    assert "supported: .jsonl, .csv, .txt" in said
+
+
 def test_the_saved_recipe_of_a_moved_run_says_where_it_will_train(tmp_path, tiny_recipe):
     """A run folder moved after a checkpoint: its config.resolved.yaml still names the old place, where `run ...
     --resume` quietly started a new run."""

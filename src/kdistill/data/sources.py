@@ -18,6 +18,7 @@ from kdistill.errors import ConfigError, DataError
 
 SOURCE_KINDS = ("source", "path", "dataset")
 ENCODING = "utf-8-sig"  # UTF-8 that skips a leading byte-order mark (Excel's "CSV UTF-8" writes one)
+FILE_EXTENSIONS = (".jsonl", ".csv", ".txt")
 FILE_KINDS = ".jsonl, .csv, .txt, a folder saved with datasets' save_to_disk, or a folder of class folders of images"
 
 
@@ -94,10 +95,15 @@ def label_names(records: Iterable[dict]) -> list[str]:
 
 
 def require_path(path: str, where: str = "") -> None:
-    """A `path:` source that does not exist, named with the folder relative paths start from."""
+    """A `path:` source that does not exist, named with the folder relative paths start from, or a file of a kind
+    no reader takes (plain `validate` checks both without reading the file)."""
     if not os.path.exists(path):
         raise DataError(f"{where + ': ' if where else ''}data file not found: {path} (paths are relative to the working "
                         f"directory {os.getcwd()})")
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isfile(path) and ext not in FILE_EXTENSIONS:
+        raise ConfigError(f"{where + ': ' if where else ''}cannot read {path}: unsupported file kind "
+                          f"{ext or '(no extension)'!r}; supported: {FILE_KINDS}")
 
 
 def has_splits(spec) -> bool:
@@ -128,10 +134,7 @@ def _load_path(path: str, fields: dict, split: str, limit: int | None):
         _refuse_flat_image_folder(path)
         return _load_saved_dataset(path, fields, split, limit)
     ext = os.path.splitext(path)[1].lower()
-    readers = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".txt": _txt_rows}
-    if ext not in readers:
-        raise ConfigError(f"cannot read {path}: unsupported file kind {ext or '(no extension)'!r}; "
-                          f"supported: {FILE_KINDS}")
+    readers = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".txt": _txt_rows}  # FILE_EXTENSIONS
     if ext == ".txt" and (fields["label"] or fields.get("text_pair") or fields.get("image")):
         raise ConfigError(f"{path} is a .txt file (one text per line); it has no label, text_pair or "
                           "image fields: use .jsonl or .csv for those")
