@@ -81,7 +81,8 @@ def test_config_student_is_random_and_narrower():
 
 def test_config_student_unknown_field():
     cfg = StudentConfig.model_validate({"config": {"num_hiden_layers": 2}})
-    with pytest.raises(ConfigError, match="num_hiden_layers"):
+    with pytest.raises(ConfigError, match=r"student.config: 'num_hiden_layers' \(did you mean 'num_hidden_layers'\?\) "
+                                          r"is not a field of the teacher's BertConfig"):
         build_student(cfg, bert(), "embedding", seed=0)
 
 

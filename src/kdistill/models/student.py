@@ -5,7 +5,7 @@ import copy
 
 import torch
 
-from kdistill.errors import ConfigError, PairingError
+from kdistill.errors import ConfigError, PairingError, did_you_mean
 from kdistill.models.arch import find_layers, layer_count
 from kdistill.models.blueprints import is_blueprint
 from kdistill.models.loading import detect_task, load_config, load_model, model_class
@@ -107,7 +107,10 @@ def from_config(overrides: dict, teacher, where="student.config", **context):
     base = teacher.config.to_dict()
     unknown = [k for k in overrides if k not in base and not hasattr(teacher.config, k)]
     if unknown:
-        raise ConfigError(f"{where}: {unknown} are not fields of the teacher's {type(teacher.config).__name__}")
+        hints = [f"{name!r}" + (f" ({hint[2:]})" if (hint := did_you_mean(name, base, cutoff=0.75)) else "")
+                 for name in unknown]
+        raise ConfigError(f"{where}: {', '.join(hints)} {'is not a field' if len(unknown) == 1 else 'are not fields'} "
+                          f"of the teacher's {type(teacher.config).__name__}")
     check_config_values(overrides, base, where)
     config = type(teacher.config).from_dict({**base, **overrides})
     if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) != config.num_hidden_layers:
