@@ -240,7 +240,7 @@ def eval_cmd(student: str = typer.Option(..., help="student: directory, hub id, 
     for spec in specs:
         if not has_splits(spec):  # so a user does not take its scores for held-out ones
             console.print(f"note: {spec['path']} is one split (a file, or a folder without train/ and test/ folders): "
-                          f"all of it is scored, whatever --split says")
+                          f"all of it is scored (--split chooses among a corpus's or a dataset's splits)")
     result = evaluate(student, trained_model(teacher, "--teacher") if teacher else None, specs,
                       split=split, limit=limit, max_length=max_length, speed=speed,
                       trust_remote_code=trust_remote_code)

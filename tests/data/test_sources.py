@@ -263,3 +263,16 @@ def test_a_label_written_as_a_number_in_one_file_and_text_in_another_is_one_clas
     assert label_names([{"label": True}, {"label": False}]) == ["False", "True"]
     with pytest.raises(DataError, match=r"mix true/false \(True\) with other values \(0, 1\)"):
         label_names([{"label": True}, {"label": 0}, {"label": 1}])
+
+
+def test_a_missing_field_names_the_fields_there_and_how_to_choose_one(tmp_path):
+    rows = tmp_path / "rows.csv"
+    rows.write_text("sentence,label\na cat,animal\n")
+    with pytest.raises(DataError, match=r"field 'text' \(the text field: text: FIELD in a data source, --text FIELD "
+                                        r"for kdistill eval\) is missing at .*rows.csv line 2; fields there: sentence, "
+                                        r"label"):
+        load_records({"path": str(rows)})
+    nulls = tmp_path / "nulls.jsonl"
+    nulls.write_text('{"text": "a", "label": null}\n')
+    with pytest.raises(DataError, match=r"field 'label' \(the label field: .*--label FIELD .*\) is null at"):
+        load_records({"path": str(nulls), "label": "label"})

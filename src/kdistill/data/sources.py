@@ -235,7 +235,8 @@ def _pick(row: dict, fields: dict, where: str, folder: str | None = None) -> dic
             continue
         if field not in row or row[field] is None:
             state = "is missing" if field not in row else "is null"
-            raise DataError(f"field {field!r} (the {key} field) {state} at {where}; "
+            raise DataError(f"field {field!r} (the {key} field: {key}: FIELD in a data source, --{key} FIELD for "
+                            f"kdistill eval) {state} at {where}; "
                             f"fields there: {', '.join(map(str, row)) or 'none'}{_image_hint(row, key)}")
         value = row[field]
         if key == "image":
@@ -324,7 +325,8 @@ def _dataset_records(data, fields: dict, what: str, limit: int | None) -> list[d
     for key, field in fields.items():
         # Checking columns once up front is much cheaper than per row, and says the same thing.
         if field is not None and columns and field not in columns:
-            raise DataError(f"field {field!r} (the {key} field) is missing in {what}; "
+            raise DataError(f"field {field!r} (the {key} field: {key}: FIELD in a data source, --{key} FIELD for "
+                            f"kdistill eval) is missing in {what}; "
                             f"columns there: {', '.join(columns)}")
     if limit is not None:
         data = data.select(range(min(limit, len(data))))
