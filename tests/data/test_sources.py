@@ -108,6 +108,11 @@ def test_saved_dataset_round_trip(tmp_path):
         load_records({**spec, "split": "test"})
     with pytest.raises(DataError, match=r"'title'.*columns there: sentence, topic, other"):
         load_records({**spec, "text": "title"})
+    # a hub-style folder names its eval split `validation`: --split eval (eval's default) finds it
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
+                          "validation": datasets.Dataset.from_list(ROWS[1:2])}).save_to_disk(str(tmp_path / "hub"))
+    assert load_records({**spec, "path": str(tmp_path / "hub")}, split_default="eval") == [
+        {"text": ROWS[1]["sentence"], "label": ROWS[1]["topic"]}]
     single = tmp_path / "single"
     datasets.Dataset.from_list(ROWS).save_to_disk(str(single))
     assert load_records({"path": str(single), "text": "sentence", "limit": 1}) == [
@@ -116,6 +121,7 @@ def test_saved_dataset_round_trip(tmp_path):
 
 def test_hub_dataset_is_loaded_with_name_config_split(monkeypatch):
     datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr("kdistill.models.loading.hub_unreachable", lambda: None)
     calls = []
 
     def fake_load(name, config=None, split=None):
@@ -135,8 +141,31 @@ def test_hub_failure_is_a_data_error_naming_the_dataset(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    monkeypatch.setattr("kdistill.models.loading.hub_unreachable", lambda: None)
     with pytest.raises(DataError, match="'someone/corpus'.*no network"):
         load_records({"dataset": "someone/corpus"})
+
+
+def test_without_the_hub_a_dataset_comes_from_the_cache_at_once_or_is_named(monkeypatch):
+    """The datasets client retried an unreachable hub for about 25 s, printing each retry, before its own error."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setattr("kdistill.models.loading.hub_unreachable", lambda: "huggingface.co cannot be reached (DNS)")
+    cached = {"someone/cached": datasets.Dataset.from_list([{"text": "kept"}])}
+    offline_when_asked = []
+
+    def load(name, config=None, split=None):
+        offline_when_asked.append(datasets.config.HF_HUB_OFFLINE)
+        if name not in cached:
+            raise ConnectionError("Couldn't reach it on the Hub (OfflineModeIsEnabled)")
+        return cached[name]
+
+    monkeypatch.setattr(datasets, "load_dataset", load)
+    before = datasets.config.HF_HUB_OFFLINE
+    assert load_records({"dataset": "someone/cached"}) == [{"text": "kept"}]
+    with pytest.raises(DataError, match=r"dataset 'someone/corpus' is not in the datasets cache, and huggingface.co "
+                                        r"cannot be reached \(DNS\): pass a local file"):
+        load_records({"dataset": "someone/corpus"})
+    assert offline_when_asked == [True, True] and datasets.config.HF_HUB_OFFLINE == before  # and put back
 
 
 def test_missing_file_names_the_path(tmp_path):

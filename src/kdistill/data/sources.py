@@ -302,6 +302,10 @@ def _load_saved_dataset(path: str, fields: dict, split: str, limit: int | None):
                         f"({type(exc).__name__}: {exc}); supported: {FILE_KINDS}")
     what, empty = path, f"{path} has no records"
     if isinstance(data, datasets.DatasetDict):
+        from kdistill.data.images import SPLIT_FOLDERS
+
+        # the names datasets give an eval split (validation, dev, ...), as for folders of split folders
+        split = next((name for name in (split, *SPLIT_FOLDERS.get(split, ())) if name in data), split)
         if split not in data:
             raise DataError(f"{path} has no split {split!r}; splits there: {', '.join(data)}")
         data, what = data[split], f"{path} split {split!r}"
@@ -310,12 +314,22 @@ def _load_saved_dataset(path: str, fields: dict, split: str, limit: int | None):
 
 
 def _load_hub(name: str, config: str | None, split: str, fields: dict, limit: int | None):
+    from kdistill.models.loading import hub_unreachable
+
     datasets = _import_datasets(f"dataset {name!r}")
+    why = hub_unreachable()
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline or bool(why)  # the cache answers at once, not after ~25 s of retries
     try:
         data = datasets.load_dataset(name, config, split=split)
     except Exception as exc:  # noqa: BLE001 - network, auth and naming errors all land here
+        if why:
+            raise DataError(f"dataset {name!r} is not in the datasets cache, and {why}: pass a local file or a folder "
+                            f"saved with save_to_disk, or load it once where there is a network") from None
         raise DataError(f"cannot load dataset {name!r}" + (f" config {config!r}" if config else "")
                         + f" split {split!r}: {type(exc).__name__}: {exc}")
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
     records = _dataset_records(data, fields, f"dataset {name!r} split {split!r}", limit)
     return records, f"dataset {name!r} has no records for split {split!r}"
 

@@ -94,30 +94,42 @@ def resolve_model_path(ref: str) -> str:
     return ref
 
 
-def check_hub_reachable(ref: str) -> None:
-    """A hub id that is not in the local cache while the hub cannot be reached fails at once, naming what to do,
-    rather than after the hub client's five retries (about 30 s) and its generic message."""
-    from huggingface_hub import constants, try_to_load_from_cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached ("huggingface.co cannot be reached (...)"), probed once with a
+    plain connection; None when it can, when offline mode is on (the clients then answer from their caches at
+    once) or behind a proxy (which a direct connection would not test)."""
+    from huggingface_hub import constants
 
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}  # read now, not at import
-    if offline or constants.HF_HUB_OFFLINE:  # transformers then answers from the cache at once
-        return
+    if offline or constants.HF_HUB_OFFLINE:
+        return None
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
                                              "all_proxy")):
-        return  # the hub is reached through the proxy, which a direct connection here would not test
-    try:
-        if isinstance(try_to_load_from_cache(ref, "config.json"), str):
-            return
-    except ValueError:  # not a valid repo id: transformers' own message says so
-        return
+        return None
     endpoint = urlparse(constants.ENDPOINT)  # HF_ENDPOINT: a mirror may be plain http, on its own port
     host = endpoint.hostname or constants.ENDPOINT
     try:
         socket.create_connection((host, endpoint.port or (80 if endpoint.scheme == "http" else 443)), timeout=5).close()
     except OSError as err:
-        raise DataError(f"model {ref!r} is not a local folder nor in the Hugging Face cache, and {host} cannot be "
-                        f"reached ({err}): pass a local model folder (or packaged:all-MiniLM-L6-v2), or download it "
-                        f"where there is a network (`huggingface-cli download {ref}`)") from None
+        return f"{host} cannot be reached ({err})"
+    return None
+
+
+def check_hub_reachable(ref: str) -> None:
+    """A hub id that is not in the local cache while the hub cannot be reached fails at once, naming what to do,
+    rather than after the hub client's five retries (about 30 s) and its generic message."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+            return
+    except ValueError:  # not a valid repo id: transformers' own message says so
+        return
+    why = hub_unreachable()
+    if why:
+        raise DataError(f"model {ref!r} is not a local folder nor in the Hugging Face cache, and {why}: pass a local "
+                        f"model folder (or packaged:all-MiniLM-L6-v2), or download it where there is a network "
+                        f"(`huggingface-cli download {ref}`)") from None
 
 
 def has_classifier_head(config) -> bool:
