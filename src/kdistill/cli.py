@@ -143,6 +143,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                           f"{stage.train.steps} steps, losses {losses}", highlight=False)
             if full_stage:
                 from kdistill.engine.build import build_stage
+                from kdistill.engine.run import transformers_bars
                 from kdistill.teachers.store_build import with_live_teacher
 
                 prefix = f"stages[{i}]." if len(r.stages) > 1 else ""
@@ -161,8 +162,9 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
                               f"taps: student {sorted(parts.student_taps)}, teacher {sorted(parts.teacher_taps)}",
                               highlight=False)
                 previous = built[stage.name] = f"{tmp}/stage{i}"  # the next stage pairs with this (untrained) student
-                parts.student.save_pretrained(previous)
-                parts.tokenizer.save_pretrained(previous)
+                with transformers_bars(False):  # an internal copy: no "Writing model shards" bar
+                    parts.student.save_pretrained(previous)
+                    parts.tokenizer.save_pretrained(previous)
     console.print(f"[green]ok[/]: {r.name} is valid ({len(r.stages)} stage{'s' if len(r.stages) > 1 else ''}) -> {r.output}")
 
 
