@@ -33,13 +33,16 @@ def check_references(recipe: Recipe) -> None:
 
 
 def check_model(ref: str | None, where: str) -> None:
-    from kdistill.models.loading import check_model_name, looks_local
+    from kdistill.models.loading import check_model_dir, check_model_name, looks_local
 
     if not ref or str(ref).startswith("stage:"):  # an earlier stage's student: exists once that stage has run
         return
     check_model_name(str(ref), where)
-    if looks_local(str(ref)) and not Path(ref).expanduser().is_dir():  # the loader's rule: not tried on the hub
+    path = Path(ref).expanduser()
+    if looks_local(str(ref)) and not path.is_dir():  # the loader's rule: not tried on the hub
         raise DataError(f"{where}: model directory {ref!r} does not exist")
+    if path.is_dir():
+        check_model_dir(path, str(ref), where)
 
 
 def check_source(source: DataSource, split: str, where: str) -> None:

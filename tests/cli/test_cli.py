@@ -308,6 +308,16 @@ def test_plain_validate_finds_what_a_recipe_refers_to_that_does_not_exist(assign
     assert result.exit_code == 2 and message in " ".join(out.split()) and "Traceback" not in out
 
 
+def test_plain_validate_names_a_run_folder_given_as_a_model(tmp_path):
+    (tmp_path / "run" / "student").mkdir(parents=True)
+    (tmp_path / "run" / "student" / "config.json").write_text("{}")
+    for field in ("teacher", "student"):
+        result, out = invoke("validate", "supersense-kd", "--set", f"{field}={{model: {tmp_path / 'run'}}}")
+        said = " ".join(out.split())
+        assert result.exit_code == 2 and f"{field}.model: {tmp_path / 'run'} is a directory but has no config.json" in said
+        assert f"it is a kdistill run: its model is {tmp_path / 'run' / 'student'}" in said
+
+
 def test_plain_validate_refuses_a_data_file_no_reader_takes(tmp_path):
     (tmp_path / "rows.tsv").write_text("text\tlabel\na\tb\n")
     result, out = invoke("validate", "supersense-kd", "--set", f"data.train={{path: {tmp_path / 'rows.tsv'}}}")

@@ -72,19 +72,7 @@ def resolve_model_path(ref: str) -> str:
         return blueprint_dir(ref.split(":", 1)[1])
     path = Path(ref).expanduser()
     if path.is_dir():
-        if not (path / "config.json").exists():
-            run_student = path / "student"
-            if (run_student / "config.json").exists():
-                hint = f"; it is a kdistill run: its model is {run_student}"
-            elif (path / "manifest.json").exists() and (path.parent.parent.name == "checkpoints"):
-                hint = (f"; it is a training checkpoint of the run {path.parent.parent.parent}: resume that run "
-                        f"(`kdistill run RECIPE --output {path.parent.parent.parent} --resume`) to get its student")
-            elif (path / "checkpoints").is_dir():
-                hint = (f"; it is an unfinished kdistill run: resume it (`kdistill run RECIPE --output {path} "
-                        f"--resume`) to get its student")
-            else:
-                hint = ""
-            raise DataError(f"{ref} is a directory but has no config.json: not a Hugging Face model directory{hint}")
+        check_model_dir(path, ref)
         return str(path)
     if path.is_file():
         raise DataError(f"{ref} is a file; a model is a folder (config.json and weights), or a hub id")
@@ -92,6 +80,26 @@ def resolve_model_path(ref: str) -> str:
         raise DataError(f"model directory {ref!r} does not exist")
     check_hub_reachable(ref)
     return ref
+
+
+def check_model_dir(path: Path, ref: str, where: str = "") -> None:
+    """A folder given as a model must hold config.json; a kdistill run or checkpoint folder is named as such, with the
+    folder that is a model or the command that makes one."""
+    if (path / "config.json").exists():
+        return
+    run_student = path / "student"
+    if (run_student / "config.json").exists():
+        hint = f"; it is a kdistill run: its model is {run_student}"
+    elif (path / "manifest.json").exists() and (path.parent.parent.name == "checkpoints"):
+        hint = (f"; it is a training checkpoint of the run {path.parent.parent.parent}: resume that run "
+                f"(`kdistill run RECIPE --output {path.parent.parent.parent} --resume`) to get its student")
+    elif (path / "checkpoints").is_dir():
+        hint = (f"; it is an unfinished kdistill run: resume it (`kdistill run RECIPE --output {path} "
+                f"--resume`) to get its student")
+    else:
+        hint = ""
+    raise DataError(f"{where + ': ' if where else ''}{ref} is a directory but has no config.json: not a Hugging Face "
+                    f"model directory{hint}")
 
 
 def hub_unreachable() -> str | None:
