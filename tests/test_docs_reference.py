@@ -61,3 +61,28 @@ def test_the_loss_table_defaults_are_the_models_defaults():
                 except ValueError:
                     pass
     assert wrong == []
+
+
+def yaml_snippets():
+    import re
+
+    import yaml
+
+    found = []
+    for path in sorted(DOCS.rglob("*.md")) + [DOCS.parent / "README.md"]:
+        for i, match in enumerate(re.finditer(r"```yaml\n(.*?)```", path.read_text(), re.S)):
+            snippet = yaml.safe_load(match.group(1))
+            if isinstance(snippet, dict):
+                found.append(pytest.param(snippet, id=f"{path.name}-{i}"))
+    return found
+
+
+@pytest.mark.parametrize("snippet", yaml_snippets())
+def test_every_recipe_snippet_in_the_docs_validates(snippet):
+    # a whole recipe as written, or a fragment (teacher/student, stages, quant) laid over a plain one
+    from kdistill.config import load_recipe
+
+    base = {"name": "t", "teacher": {"model": "packaged:all-MiniLM-L6-v2"},
+            "student": {"from_teacher": {"layers": [1, 3, 5]}}, "data": {"train": {"source": "stdlib-docstrings"}},
+            "losses": [{"type": "hidden_mse"}], "train": {"steps": 10}, "output": "runs/t"}
+    load_recipe(snippet if "name" in snippet else {**base, **snippet})
