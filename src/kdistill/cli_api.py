@@ -43,9 +43,12 @@ def cache_api_teacher_cmd(recipe: str = typer.Argument(..., help="recipe whose t
                           model: str = typer.Option(..., help="the model id the service serves"),
                           api_key_env: Optional[str] = typer.Option(None, help="environment variable holding the API key"),
                           vocabulary: Optional[str] = typer.Option(None, help="tokenizer directory (default: the recipe teacher's)"),
-                          k: int = typer.Option(20, help="top-k log-probabilities per position"),
+                          k: int = typer.Option(20, help="top-k log-probabilities per position (services cap it: "
+                                                "serve-teacher and vLLM at 20, OpenAI at 5)"),
                           stage: int = typer.Option(0, help="which stage's training data"),
-                          out: Optional[str] = typer.Option(None, help="store directory"),
+                          out: Optional[str] = typer.Option(None, help="store directory (default: the stage's teacher.path, "
+                                                          "else OUTPUT/teacher-store); the service's answers are "
+                                                          "cached beside it in OUT.teacher.sqlite"),
                           dtype: str = typer.Option("float16", help="float16 or float32"),
                           max_tokens: int = typer.Option(0, help="also score this many generated tokens"),
                           set_: Optional[List[str]] = SetOpt):

@@ -124,7 +124,8 @@ def union_noise(entries: list[tuple]) -> set[int]:
     return noise
 
 
-def format_validation(err: ValidationError, prefix: str, source: str, model: type | None = None) -> str:
+def format_validation(err: ValidationError, prefix: str, source: str, model: type | None = None,
+                      what: str = "invalid recipe") -> str:
     """The errors of `model.model_validate` one per line, each with its field path; `model` lets an unknown field's
     message list what its block takes."""
     entries = [(field_path(prefix, e["loc"]), e["type"], entry_message(e, model), e.get("input")) for e in err.errors()]
@@ -140,4 +141,4 @@ def format_validation(err: ValidationError, prefix: str, source: str, model: typ
         if path in either and " (got" in msg:
             msg = "takes a mapping (one block) or a list of them" + msg[msg.index(" (got"):]
         lines.append(f"{path}: {msg}")
-    return f"{source}: invalid recipe\n  " + "\n  ".join(dict.fromkeys(lines))
+    return f"{source}: {what}\n  " + "\n  ".join(dict.fromkeys(lines))

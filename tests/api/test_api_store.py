@@ -150,12 +150,43 @@ def test_an_answer_without_echoed_logprobs_fails_its_text_and_is_asked_again_nex
 def test_bad_settings_are_refused_before_the_service_is_asked(recipe):
     from kdistill.errors import ConfigError
 
-    for settings in ({"k": 0}, {"dtype": "bfloat8"}, {"max_tokens": -1}):
-        with pytest.raises(ConfigError, match=r"k must be >= 1 .*dtype float16 or float32"):
+    for settings, message in (({"k": 0}, "^k must be at least 1 \\(got 0\\)$"),
+                              ({"dtype": "bfloat8"}, "^dtype must be float16 or float32 \\(got 'bfloat8'\\)$"),
+                              ({"max_tokens": -1}, "^max_tokens must be at least 0 \\(got -1\\)$")):
+        with pytest.raises(ConfigError, match=message):  # the bad one alone, not every setting
             cache_api_teacher(recipe, {"base_url": "http://127.0.0.1:9", "model": "m"}, "unused", **settings)
 
 
-def test_a_service_with_another_tokenizer_is_named_after_one_text_not_all(server, recipe, tmp_path):
+def test_a_key_pasted_for_its_variables_name_is_refused_without_repeating_it(recipe):
+    from kdistill.errors import ConfigError
+
+    key = "sk-abc123xyz987"
+    with pytest.raises(ConfigError) as err:
+        cache_api_teacher(recipe, {"base_url": "http://127.0.0.1:9", "model": "m", "api_key_env": key}, "unused")
+    assert "teacher.api.api_key_env takes the NAME of the environment variable" in str(err.value)
+    assert key not in str(err.value) and "abc123" not in str(err.value)
+
+
+def test_a_vocabulary_that_is_not_a_causal_lm_is_refused_before_the_service_is_asked(recipe):
+    from kdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"holds a causal LM's next-token scores.*'packaged:all-MiniLM-L6-v2' \(the "
+                                          r"vocabulary\) is an embedding model"):
+        cache_api_teacher(recipe, {"base_url": "http://127.0.0.1:9", "model": "m"}, "packaged:all-MiniLM-L6-v2")
+
+
+def test_a_service_that_refuses_every_request_is_not_asked_again(server, recipe, tiny_gpt2_dir, tmp_path):
+    # the real server caps logprobs at 20: every text is refused the same way, so "run again" would not help (with
+    # 8 texts or more the client stops first, saying the same)
+    recipe["data"]["train"]["limit"] = 5
+    with pytest.raises(ScoringFailed, match=r"the service refused every request \(HTTP 400: .*logprobs.*\): asking "
+                                            r"again will not help; change what is asked \(k is 50"):
+        cache_api_teacher(recipe, {"base_url": server.url, "model": server.model_name}, tiny_gpt2_dir, k=50,
+                          out=tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_service_with_another_tokenizer_is_named_after_one_text_not_all(server, recipe, tmp_path, tiny_gpt2_dir):
     """A vocabulary other than the served model's: its token ids run past the model's vocabulary (HTTP 400) or
     spell other tokens. Either way the first text says so, before the other eleven are asked (and paid) for."""
     import shutil
@@ -167,9 +198,10 @@ def test_a_service_with_another_tokenizer_is_named_after_one_text_not_all(server
     other = tmp_path / "other-tokenizer"  # the same words at other ids: the vocabulary reversed
     packaged = Path(resolve_model_path("packaged:all-MiniLM-L6-v2"))
     other.mkdir()
-    for name in ("config.json", "tokenizer_config.json", "special_tokens_map.json"):
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
         if (packaged / name).exists():
             shutil.copy(packaged / name, other / name)
+    shutil.copy(Path(tiny_gpt2_dir) / "config.json", other / "config.json")  # a causal LM's, with BERT's words
     words = (packaged / "vocab.txt").read_text().splitlines()
     (other / "vocab.txt").write_text("\n".join(reversed(words)) + "\n")
     client = TeacherAPI(server.url, server.model_name, cache_path=str(tmp_path / "answers.sqlite"))

@@ -61,15 +61,19 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     """
     from kdistill.config import Recipe, load_recipe
     from kdistill.engine.build import read_sources
-    from kdistill.models.loading import load_config, load_tokenizer
+    from kdistill.errors import article
+    from kdistill.models.loading import detect_task, load_config, load_tokenizer
     from kdistill.teachers.cached import TEACHER_FILES, data_fingerprints, tokenizer_fingerprint
     from kdistill.teachers.recipe_runs import resolve_teacher
     from kdistill.teachers.store import API_RECORD, StoreWriter
     from kdistill.teachers.store_writer import DTYPES, refuse_unless_store
 
-    if k < 1 or dtype not in DTYPES or max_tokens < 0:  # before the service is asked anything
-        raise ConfigError(f"k must be >= 1 (got {k}), dtype {' or '.join(DTYPES)} (got {dtype!r}) and max_tokens "
-                          f">= 0 (got {max_tokens})")
+    bad = ([f"k must be at least 1 (got {k})"] if k < 1 else []) + (
+        [f"dtype must be {' or '.join(DTYPES)} (got {dtype!r})"] if dtype not in DTYPES else []) + (
+        [f"max_tokens must be at least 0 (got {max_tokens})"] if max_tokens < 0 else [])
+    if bad:  # before the service is asked anything
+        raise ConfigError("; ".join(bad))
+    settings = api_settings(api)  # a key pasted for its variable's name is refused before any data is read
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     if not 0 <= stage_index < len(recipe.stages) or recipe.stages[stage_index].data is None:
         raise ConfigError(f"stage {stage_index}: the recipe has no training stage there")
@@ -79,6 +83,9 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
         raise ConfigError(f"a teacher store from a service needs {VOCABULARY}: the model directory whose tokenizer "
                           "the student uses (the stage's teacher is a store, so it cannot say)")
     path, config = load_config(resolve_teacher(vocabulary, console))
+    if detect_task(config) != "causal-lm":  # the store holds next-token log-probabilities of a causal LM
+        raise ConfigError(f"a teacher store from a service holds a causal LM's next-token scores, for a causal-LM "
+                          f"student; {vocabulary!r} (the vocabulary) is {article(detect_task(config))} model")
     tokenizer = load_tokenizer(path)
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         raise ConfigError(f"vocabulary {vocabulary!r} has no tokenizer")
@@ -88,7 +95,7 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     if any("text_pair" in r for r in records):
         raise DataError("data.train has text pairs; an API teacher scores single texts (causal LMs)")
     unique = _unique(records)
-    client, owned = _client(api, cache_path or out.with_name(out.name + ".teacher.sqlite"))
+    client, owned = _client(settings, cache_path or out.with_name(out.name + ".teacher.sqlite"))
     vocab = tokenizer.get_vocab()
     try:
         client.check()  # a dead service: TeacherUnavailable, before anything is asked
@@ -102,6 +109,10 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
         if owned:
             client.close()
     failed = [(key, a.error) for key, a in zip(unique, answers) if not a.ok]
+    refused = [a for a in answers if not a.ok and a.status is not None and 400 <= a.status < 500 and a.status != 429]
+    if len(refused) == len(failed) == len(unique):  # the same request again would be refused again
+        raise ScoringFailed(f"the service refused every request ({refused[0].error}): asking again will not help; "
+                            f"change what is asked (k is {k}, max_tokens {max_tokens}) or the service's settings")
     if failed:
         kept = (f"the answers that came back are cached in {client.cache.path}: run again to ask only for the "
                 "missing ones") if client.cache is not None else "run again (with a cache_path, to keep what came back)"
@@ -213,14 +224,28 @@ def _token_ids(tokenizer, text: str, max_length: int) -> list[int]:
     return tokenizer(text, truncation=True, max_length=max_length)["input_ids"]  # as TextCollator cuts it
 
 
-def _client(api, cache_path):
+def api_settings(api):
+    """A TeacherAPI as it is, or its settings checked (APITeacher), with errors that never repeat a value given."""
+    from pydantic import ValidationError
+
+    from kdistill.api.client import TeacherAPI
+    from kdistill.config import APITeacher
+    from kdistill.recipe_errors import format_validation
+
+    if isinstance(api, (TeacherAPI, APITeacher)):
+        return api
+    try:
+        return APITeacher.model_validate(api)
+    except ValidationError as err:
+        raise ConfigError(format_validation(err, "teacher.api", "the API teacher", APITeacher,
+                                            "invalid settings")) from None
+
+
+def _client(settings, cache_path):
     from kdistill.api.client import TeacherAPI
 
-    if isinstance(api, TeacherAPI):
-        return api, False
-    from kdistill.config import APITeacher
-
-    settings = api if isinstance(api, APITeacher) else APITeacher.model_validate(api)
+    if isinstance(settings, TeacherAPI):
+        return settings, False
     if settings.chat:
         raise ConfigError("teacher.api.chat: scoring texts needs the completions endpoint (chat has no echo)")
     Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
