@@ -1,6 +1,7 @@
 """`kdistill compare` on tiny models: a recipe and its no-teacher baseline, two seeds, a results section."""
 import json
 
+import pytest
 import yaml
 
 from kdistill.compare import compare
@@ -510,3 +511,13 @@ def test_quick_gives_the_baseline_as_many_steps_as_the_shortened_stages_together
             for r in (mobilebert, baseline_of(mobilebert, quick=True))]
     assert [sum(s.train.steps for s in run.stages) for run in runs] == [quick_total, quick_total]
     assert baseline_of(mobilebert).stages[0].train.steps == sum(s.train.steps for s in mobilebert.stages)
+
+
+@pytest.mark.parametrize("name, command", [("pad", "compare-pad"), ("lion", "compare-lion")])
+def test_compare_sends_a_recipe_to_its_own_command_before_anything_else(name, command):
+    # pad crashed (a stage with no teacher); lion was told that none of it distils from a teacher
+    from kdistill.compare_runs import comparable_recipes
+    from kdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"{name} .*compare it with `kdistill {command}`"):
+        comparable_recipes([name])

@@ -254,6 +254,13 @@ def comparable_recipes(names: list[str]) -> tuple[list[Recipe], Recipe]:
     """The named recipes and the one whose teacher the table shows, each refused here, before any training, when
     `compare` cannot score it."""
     recipes = [load_recipe(name) for name in names]
+    for name, recipe in zip(names, recipes):  # their own commands, before the checks that assume a teacher
+        if any(getattr(s, "lion", None) is not None for s in recipe.stages):
+            raise ConfigError(f"{name} runs Lion rounds; compare it with `kdistill compare-lion` (ROUGE-L per round "
+                              f"against plain imitation), not `kdistill compare`")
+        if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
+            raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
+                              f"(execution accuracy), not `kdistill compare`")
     distilling = [r for r in recipes if any(map(asks_teacher, r.stages))]
     if not distilling:  # a teacher recipe's `teacher:` is the model it starts from, not a reference to score
         raise ConfigError(f"none of {', '.join(names)} distils from a teacher (each trains on labels only, like a "
@@ -262,12 +269,6 @@ def comparable_recipes(names: list[str]) -> tuple[list[Recipe], Recipe]:
     # the table's teacher: the first fixed one (a ProKT teacher may start untrained and learn in the loop)
     reference = next((r for r in distilling if r.stages[-1].teacher.update is None), distilling[0])
     for name, recipe in zip(names, recipes):
-        if any(getattr(s, "lion", None) is not None for s in recipe.stages):
-            raise ConfigError(f"{name} runs Lion rounds; compare it with `kdistill compare-lion` (ROUGE-L per round "
-                              f"against plain imitation), not `kdistill compare`")
-        if any(getattr(s, "synthesize", None) is not None for s in recipe.stages):
-            raise ConfigError(f"{name} synthesizes its training data; compare it with `kdistill compare-pad` "
-                              f"(execution accuracy), not `kdistill compare`")
         task = recipe_task(recipe)
         if task not in METRICS:  # refused before any training, not after it
             raise ConfigError(f"compare scores {', '.join(METRICS)} students by their test metric; {name}'s "

@@ -8,7 +8,7 @@ import torch
 
 from kdistill import distill
 from kdistill.config import load_recipe
-from kdistill.errors import CheckpointError, ConfigError, PairingError
+from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError
 from kdistill.models.loading import load_model
 from kdistill.teachers.store_build import cache_teacher
 
@@ -373,3 +373,15 @@ def test_without_progress_bars_neither_the_store_nor_transformers_draws_one(tiny
     assert "building the teacher store" in " ".join(out.split())
     assert "teacher over the training data" not in out + err and "Loading weights" not in out + err
     assert hf_logging.is_progress_bar_enabled()  # as it was, for the caller's own loading after the run
+
+
+def test_cache_teacher_names_what_a_synthesizing_recipes_stages_hold(tmp_path):
+    """pad: stage 0 writes programs and has no teacher (an AttributeError), stage 1 trains on them (named as a
+    missing file 'stage:synthesize')."""
+    recipe = load_recipe("pad", output=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"--stage 0: that stage makes training data and has no teacher to store; "
+                                          r"the stages with one: 1 \(--stage N\)"):
+        cache_teacher(recipe, out=str(tmp_path / "s"))
+    with pytest.raises(DataError, match=r"--stage 1: its training data is made by an earlier stage of the recipe "
+                                        r"\(`kdistill run` makes it\): .*stage:synthesize has not finished"):
+        cache_teacher(recipe, stage_index=1, out=str(tmp_path / "s"))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from kdistill.errors import ConfigError, PairingError
+from kdistill.errors import ConfigError, DataError, PairingError
 from kdistill.teachers.cached import (TEACHER_FILES, data_cut, data_fingerprints, kd_temperature, record_key,
                                       tokenizer_fingerprint, view_epochs)
 
@@ -26,6 +26,10 @@ def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = N
     if not 0 <= stage_index < len(recipe.stages):
         raise ConfigError(f"--stage {stage_index}: the recipe has stages 0..{len(recipe.stages) - 1}")
     stage = recipe.stages[stage_index]
+    if stage.synthesize is not None or stage.teacher is None:
+        trained = [i for i, s in enumerate(recipe.stages) if s.synthesize is None]
+        raise ConfigError(f"--stage {stage_index}: that stage makes training data and has no teacher to store; "
+                          f"the stages with one: {', '.join(map(str, trained)) or 'none'} (--stage N)")
     if stage.teacher.source != "live":  # the model a store is made of is run here: its settings make this store
         if stage.teacher.model is None:
             raise ConfigError("cache-teacher runs the teacher model, and this stage's teacher is a store (teacher.path) "
@@ -43,6 +47,14 @@ def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = N
             raise ConfigError(f"--stage {stage_index}: its teacher is {recipe.stages[stage_index].teacher.model}, a "
                               f"student not trained yet ({stage.teacher.model}): run `kdistill run` on the recipe "
                               f"first (the store is of that student)")
+    from kdistill.engine.stage_refs import uses_stage_data, with_stage_data
+
+    if uses_stage_data(stage, ("train",)):  # stage:NAME data: an earlier stage's kept rows, in the run folder
+        try:
+            stage = with_stage_data(stage, Path(recipe.output), recipe)
+        except DataError as err:
+            raise DataError(f"--stage {stage_index}: its training data is made by an earlier stage of the recipe "
+                            f"(`kdistill run` makes it): {err}") from None
     return cache_stage(stage, Path(out or Path(recipe.output) / "teacher-store"), k, batch_size, temperature,
                        dtype, console, next_token, sample, sample_head, k_asked=True)
 
