@@ -385,3 +385,16 @@ def test_cache_teacher_names_what_a_synthesizing_recipes_stages_hold(tmp_path):
     with pytest.raises(DataError, match=r"--stage 1: its training data is made by an earlier stage of the recipe "
                                         r"\(`kdistill run` makes it\): .*stage:synthesize has not finished"):
         cache_teacher(recipe, stage_index=1, out=str(tmp_path / "s"))
+
+
+def test_cache_teacher_refuses_an_unwritable_output_before_running_the_teacher(tmp_path, monkeypatch):
+    """A file on the output's path gave a FileExistsError traceback from the store writer."""
+    import kdistill.teachers.store_build as store_build
+    from kdistill.errors import OutputError
+
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setattr(store_build, "cache_stage", lambda *a, **k: pytest.fail("the teacher ran"))
+    with pytest.raises(OutputError, match=r"afile/sub: a teacher store cannot be written there \(a file stands where "
+                                          r"a folder on its path would be\); choose another output folder"):
+        cache_teacher(load_recipe("supersense-kd"), out=str(tmp_path / "afile" / "sub"))
+    assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

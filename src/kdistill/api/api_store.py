@@ -66,7 +66,7 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     from kdistill.teachers.cached import TEACHER_FILES, data_fingerprints, tokenizer_fingerprint
     from kdistill.teachers.recipe_runs import resolve_teacher
     from kdistill.teachers.store import API_RECORD, StoreWriter
-    from kdistill.teachers.store_writer import DTYPES, refuse_unless_store
+    from kdistill.teachers.store_writer import DTYPES, check_store_output
 
     bad = ([f"k must be at least 1 (got {k})"] if k < 1 else []) + (
         [f"dtype must be {' or '.join(DTYPES)} (got {dtype!r})"] if dtype not in DTYPES else []) + (
@@ -90,7 +90,7 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     if tokenizer is None or not hasattr(tokenizer, "get_vocab"):
         raise ConfigError(f"vocabulary {vocabulary!r} has no tokenizer")
     out = Path(out or stage.teacher.path or Path(recipe.output) / "teacher-store")
-    refuse_unless_store(out)  # before the service is asked (and paid): the writer would refuse it only at the end
+    check_store_output(out)  # before the service is asked (and paid): the writer would refuse it only at the end
     records = read_sources(stage.data.train, "train", "data.train", stage.train.seed)
     if any("text_pair" in r for r in records):
         raise DataError("data.train has text pairs; an API teacher scores single texts (causal LMs)")

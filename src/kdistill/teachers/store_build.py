@@ -55,8 +55,12 @@ def cache_teacher(recipe, stage_index: int = 0, k: int = 64, out: str | None = N
         except DataError as err:
             raise DataError(f"--stage {stage_index}: its training data is made by an earlier stage of the recipe "
                             f"(`kdistill run` makes it): {err}") from None
-    return cache_stage(stage, Path(out or Path(recipe.output) / "teacher-store"), k, batch_size, temperature,
-                       dtype, console, next_token, sample, sample_head, k_asked=True)
+    from kdistill.teachers.store_writer import check_store_output
+
+    out = Path(out or Path(recipe.output) / "teacher-store")
+    check_store_output(out)  # before the teacher's pass over the data, not at its end
+    return cache_stage(stage, out, k, batch_size, temperature, dtype, console, next_token, sample, sample_head,
+                       k_asked=True)
 
 
 def cache_stage(stage, out: Path, k: int = 64, batch_size: int = 32, temperature: float | None = None,

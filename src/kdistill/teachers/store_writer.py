@@ -28,6 +28,7 @@ looks like a finished store (only a ``.NAME.partial-*`` directory, safe to delet
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -42,7 +43,7 @@ from safetensors.torch import save_file
 
 from kdistill.engine.checkpoint import sha256
 from kdistill.engine.disk import WRITE_ERRORS, raise_if_disk_full, remove_abandoned_copies, replace_folder
-from kdistill.errors import CheckpointError
+from kdistill.errors import CheckpointError, OutputError
 
 Tensor = torch.Tensor
 
@@ -151,6 +152,24 @@ def refuse_unless_store(path: Path) -> None:
                               f"output path, or move that one away")
 
 
+def partial_folder(path: Path) -> Path:
+    """A new hidden folder beside `path` to write a store into; OutputError naming `path` where none can be made."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-{os.getpid()}-", dir=path.parent))
+    except OSError as err:
+        why = ("a file stands where a folder on its path would be" if err.errno in (errno.EEXIST, errno.ENOTDIR)
+               else err.strerror or str(err))
+        raise OutputError(f"{path}: a teacher store cannot be written there ({why}); choose another output "
+                          f"folder") from None
+
+
+def check_store_output(path: Path) -> None:
+    """Before the teacher runs: the output is an earlier store or free, and a store can be written beside it."""
+    refuse_unless_store(path)
+    shutil.rmtree(partial_folder(path))
+
+
 class StoreWriter:
     """Collects items and writes shards of about ``shard_size`` positions.
 
@@ -183,11 +202,9 @@ class StoreWriter:
         self._generator = torch.Generator().manual_seed(0)  # the draws of a sampled store replay exactly
         self.fingerprints = {str(name): str(value) for name, value in fingerprints.items()}
         self.shard_size, self.overwrite = shard_size, overwrite
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         # Hidden and on the same filesystem as `path`, so the final rename is atomic.
         # The PID in the name lets a later writer remove what a killed one left (remove_abandoned_copies).
-        self._tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.partial-{os.getpid()}-",
-                                                       dir=self.path.parent))
+        self._tmp: Path | None = partial_folder(self.path)
         self._index: dict[str, list[int]] = {}
         self._shards: list[dict] = []
         self._extras: dict[str, dict] | None = None  # name -> {"dtype", "shape"}, fixed by the first item
