@@ -18,10 +18,9 @@ def compare_pad_cmd(seeds: int = typer.Option(3, min=1, help="seeds per variant"
     """PaD: students on execution-filtered vs unfiltered teacher programs vs direct answers, scored by
     execution accuracy on held-out problems. `--set K=V` changes every variant's recipe, `--set VARIANT:K=V` one
     (pad and pad-unfiltered train in stages.1, pad-direct in its only stage)."""
-    from kdistill.api.pad import compare_pad, split_overrides
+    from kdistill.api.pad import compare_pad
 
-    compare_pad(seeds=seeds, output=output, test_limit=test_limit, console=console,
-                overrides=split_overrides(set_ or []))
+    compare_pad(seeds=seeds, output=output, test_limit=test_limit, console=console, overrides=set_ or [])
 
 
 @app.command("compare-lion")
@@ -30,7 +29,8 @@ def compare_lion_cmd(seeds: int = typer.Option(1, min=1, help="seeds per variant
                      output: str = typer.Option("runs/lion-compare", help="where runs and the table go"),
                      set_: Optional[List[str]] = SetOpt):
     """Lion (imitation, discrimination, generation rounds) against plain imitation for the same number of
-    teacher answers, scored by ROUGE-L of the student's definitions after every round."""
+    teacher answers, scored by ROUGE-L of the student's definitions after every round. `--set K=V` changes both
+    variants' recipes, `--set VARIANT:K=V` one (lion or lion-random)."""
     from kdistill.api.lion_compare import compare_lion
 
     compare_lion(seeds, output, set_ or [], console=console)

@@ -218,3 +218,29 @@ def test_compare_pad_set_reaches_each_variant_and_a_bad_one_is_refused_before_tr
     assert [recipes[n].stages[-1].train.steps for n in VARIANTS] == [7, 8, 9]
     with pytest.raises(ConfigError, match="variant pad-direct: "):  # pad-direct has one stage
         variant_recipe("pad-direct", ["stages.1.train.steps=7"])
+
+
+def test_the_comparisons_python_overrides_are_checked_before_anything_trains(tmp_path, monkeypatch):
+    """compare_pad ignored a misspelt variant in a dict (and trained), crashed on a list, and took a string's
+    characters for assignments; compare_lion took no VARIANT: prefix and showed its own seed settings as the user's."""
+    from kdistill.api.lion_compare import compare_lion
+    from kdistill.api.pad import compare_pad
+    from kdistill.errors import ConfigError
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("something trained before the overrides were checked")
+
+    monkeypatch.setattr("kdistill.teachers.recipe_runs.resolve_teacher", no_training)
+    monkeypatch.setattr("kdistill.engine.run.run_recipe", no_training)
+    cases = [(compare_pad, {"padd": ["train.steps=1"]}, "'padd' is not a variant of compare-pad"),
+             (compare_pad, ["train.stepz=2"], r"variant pad: [\s\S]*train.stepz: unknown field"),
+             (compare_pad, {"pad": "stages.1.train.steps=2"}, "a list of 'KEY=VALUE' strings"),
+             (compare_lion, "lion.rounds=0", "a list of 'KEY=VALUE' strings"),
+             (compare_lion, ["lion:lion.roundz=1"], r"variant lion: [\s\S]*lion.roundz: unknown field"),
+             (compare_lion, ["nope:lion.rounds=1"], "'nope' is not a variant of compare-lion"),
+             (compare_lion, ["lion.seed=3"], "compare-lion sets each run's output, seed and answer cache itself")]
+    for compare, overrides, said in cases:
+        with pytest.raises(ConfigError, match=said) as err:
+            compare(output=tmp_path / "out", overrides=overrides)
+        assert "train.seed=0" not in str(err.value)  # what compare-lion adds is not shown as the user's
+    assert not (tmp_path / "out").exists()

@@ -25,11 +25,23 @@ VARIANTS = {"lion": "lion: new instructions next to hard ones (and easy ones)",
 
 
 def variant_recipe(name: str, seed: int, output: Path, cache: Path, overrides=()) -> Recipe:
-    recipe = load_recipe(name, [*overrides, f"train.seed={seed}", f"lion.seed={seed}"],
-                         output=str(output / f"{name}-seed{seed}"))
+    """The variant with the user's overrides (named as theirs in a refusal), then this seed and the shared cache."""
+    from kdistill.errors import ConfigError
+
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in ("output", "train.seed", "lion.seed", "lion.cache"):
+            raise ConfigError(f"--set {item}: compare-lion sets each run's output, seed and answer cache itself "
+                              f"(--output, --seeds)")
+    try:
+        recipe = load_recipe(name, list(overrides), output=str(output / f"{name}-seed{seed}"))
+    except ConfigError as err:
+        raise ConfigError(f"variant {name}: {err}") from None
     stage = recipe.stages[0]
-    lion = stage.lion.model_copy(update={"cache": str(cache)})
-    return Recipe(name=recipe.name, output=recipe.output, stages=[stage.model_copy(update={"lion": lion})])
+    lion = stage.lion.model_copy(update={"cache": str(cache), "seed": seed})
+    train = stage.train.model_copy(update={"seed": seed})
+    stage = stage.model_copy(update={"lion": lion, "train": train})
+    return Recipe(name=recipe.name, output=recipe.output, stages=[stage])
 
 
 def teacher_score(recipe: Recipe) -> float:
@@ -55,14 +67,19 @@ def compare_lion(seeds: int = 1, output: str | Path = "runs/lion-compare", overr
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
 
+    from kdistill.api.pad import split_overrides
+
     output = Path(output)
     check_output(output)
-    output.mkdir(parents=True, exist_ok=True)
+    routed = split_overrides(overrides or [], VARIANTS, "compare-lion")
     cache = output / "teacher.sqlite"
+    for name in VARIANTS:  # every variant's overrides checked before anything trains
+        variant_recipe(name, 0, output, cache, routed[name])
+    output.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {name: [] for name in VARIANTS}
     for seed in range(seeds):
         for name in VARIANTS:
-            recipe = variant_recipe(name, seed, output, cache, overrides)
+            recipe = variant_recipe(name, seed, output, cache, routed[name])
             out = Path(recipe.output)
             if not is_complete(out / "student"):  # a finished variant (an earlier call) is read, not run again
                 run_recipe(recipe, resume=(out / "config.resolved.yaml").exists(), console=console, progress=progress)
@@ -72,8 +89,8 @@ def compare_lion(seeds: int = 1, output: str | Path = "runs/lion-compare", overr
                                "teacher_answers": [0] + [r["teacher_answers_total"] for r in summary["rounds"]],
                                "hard_fraction": [r["hard"] / r["judged"] if r["judged"] else None
                                                  for r in summary["rounds"]]})
-    recipe = variant_recipe("lion", 0, output, cache, overrides)
-    result = {"variants": VARIANTS, "seeds": seeds, "overrides": list(overrides), "runs": runs,
+    recipe = variant_recipe("lion", 0, output, cache, routed["lion"])
+    result = {"variants": VARIANTS, "seeds": seeds, "overrides": routed, "runs": runs,
               "teacher_rouge_l": teacher_score(recipe), "eval_prompts": recipe.stages[0].lion.eval_limit,
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     from kdistill.api.pad import write_report

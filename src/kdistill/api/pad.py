@@ -33,22 +33,37 @@ LABELS = {
 }
 
 
-def split_overrides(sets: list[str]) -> dict[str, list[str]]:
-    """`--set` for compare-pad: `K=V` goes to every variant, `VARIANT:K=V` to that one only (their stages differ:
-    pad and pad-unfiltered train in stages.1, pad-direct in its one stage)."""
-    routed: dict[str, list[str]] = {name: [] for name in VARIANTS}
-    for item in sets:
-        key = item.partition("=")[0]
-        name, colon, field = key.partition(":")
-        if not colon:
-            for wanted in routed.values():
-                wanted.append(item)
-        elif name in routed:
-            routed[name].append(item[len(name) + 1:])
-        else:
-            raise ConfigError(f"--set {item}: {name!r} is not a variant; use one of {', '.join(VARIANTS)} "
-                              f"(VARIANT:{field}=...), or leave the prefix out for every variant")
-    return routed
+def split_overrides(sets, variants=VARIANTS, command: str = "compare-pad") -> dict[str, list[str]]:
+    """A comparison's overrides, per variant. `K=V` goes to every variant, `VARIANT:K=V` to that one only (their
+    stages differ: pad and pad-unfiltered train in stages.1, pad-direct in its one stage); a dict {variant: [K=V]}
+    is taken as routed. Checked before anything trains."""
+    if isinstance(sets, dict):
+        unknown = [name for name in sets if name not in variants]
+        if unknown:
+            raise ConfigError(f"overrides: {unknown[0]!r} is not a variant of {command}; use one of "
+                              f"{', '.join(variants)}")
+        routed = {name: sets.get(name) or [] for name in variants}
+    elif isinstance(sets, (list, tuple)):
+        routed = {name: [] for name in variants}
+        for item in sets:
+            key = str(item).partition("=")[0]
+            name, colon, field = key.partition(":")
+            if not colon:
+                for wanted in routed.values():
+                    wanted.append(item)
+            elif name in routed:
+                routed[name].append(item[len(name) + 1:])
+            else:
+                raise ConfigError(f"--set {item}: {name!r} is not a variant of {command}; use one of "
+                                  f"{', '.join(variants)} (VARIANT:{field}=...), or leave the prefix out for every "
+                                  f"variant")
+    else:
+        routed = {"": sets}  # refused just below, with the shape it takes
+    for name, items in routed.items():
+        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+            raise ConfigError(f"overrides: a list of 'KEY=VALUE' strings (VARIANT:KEY=VALUE for one variant), or a "
+                              f"dict {{variant: [KEY=VALUE, ...]}}; got {items!r}")
+    return {name: list(items) for name, items in routed.items()}
 
 
 def variant_recipe(name: str, sets: list[str]) -> Recipe:
@@ -120,10 +135,11 @@ def training_rows(run: Path, recipe: Recipe) -> int:
 
 
 def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_limit: int | None = None,
-                overrides: dict[str, list[str]] | None = None, console=None, progress: bool = False) -> dict:
+                overrides: list[str] | dict[str, list[str]] | None = None, console=None, progress: bool = False) -> dict:
     """Train every variant for `seeds` seeds, score each student on the test split, and write
-    `{output}/pad-compare.json` and `{output}/pad-compare.md`. `overrides` maps a recipe name to
-    `--set`-style assignments (e.g. {"pad": ["stages.1.train.steps=100"]})."""
+    `{output}/pad-compare.json` and `{output}/pad-compare.md`. `overrides`: `--set`-style assignments, for every
+    variant or prefixed with one (["train.lr=1e-4", "pad:stages.1.train.steps=100"]), or a dict from variant to
+    its assignments."""
     from kdistill.api.synthesize import SUMMARY
     from kdistill.engine.run import check_output
     from kdistill.engine.stage_refs import synthesis_dir
@@ -136,7 +152,8 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
 
     output = Path(output)
     check_output(output)
-    recipes = {name: variant_recipe(name, (overrides or {}).get(name, [])) for name in VARIANTS}  # before training
+    routed = split_overrides(overrides or [])
+    recipes = {name: variant_recipe(name, routed[name]) for name in VARIANTS}  # before training
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     teacher_dir = resolve_teacher("recipe:pad-teacher", console)  # trained once, before the clock matters
