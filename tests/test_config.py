@@ -439,3 +439,23 @@ def test_a_recipe_file_without_a_name_is_named_by_the_file_and_runs_in_runs_name
     for overrides in ([], ["train.steps=3"]):  # --set used to leak into the name ('my-kd.yaml with --set train')
         recipe = load_recipe(str(path), overrides)
         assert (recipe.name, recipe.output) == ("my-kd", "runs/my-kd")  # not one runs/run for every nameless file
+
+
+def test_the_python_api_words_its_refusals_for_python():
+    """load_recipe passed the command line's words through (`with --set ...`, `--set 'x'`), and distill's token swap
+    made `(as overrides= takes)` and `choose another output=`."""
+    import kdistill
+    from kdistill import in_api_words
+
+    with pytest.raises(ConfigError, match=r"with overrides \[train.stepz=2\]: invalid recipe") as err:
+        kdistill.load_recipe("minilm-l3", overrides=["train.stepz=2"])
+    with pytest.raises(ConfigError, match=r"^override 'train.steps': expected KEY=VALUE"):
+        kdistill.load_recipe("minilm-l3", overrides=["train.steps"])
+    with pytest.raises(ConfigError, match="output is a folder path"):
+        kdistill.load_recipe("minilm-l3", output=5)  # was taken as the folder '5'
+    assert "--set" not in str(err.value)
+    said = in_api_words("runs/x holds a run: pass --resume to continue it, or choose another --output; "
+                        "`kdistill run lm-teacher` trains it, `kdistill run lm-teacher --output /c/lm` where it looks")
+    assert said == ("runs/x holds a run: pass resume=True to continue it, or pass another output=; "
+                    "kdistill.distill('lm-teacher') trains it, kdistill.distill('lm-teacher', output='/c/lm') where "
+                    "it looks")

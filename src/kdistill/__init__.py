@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,14 +19,17 @@ def load_recipe(ref, overrides=(), output=None):
     from kdistill.config import load_recipe as _load
     from kdistill.errors import ConfigError
 
-    if isinstance(overrides, (str, dict)):
-        raise ConfigError(f"overrides is a list of 'KEY=VALUE' strings (as --set takes), got {overrides!r}")
-    if isinstance(ref, Recipe):
-        if overrides:  # its stages already hold every setting, so `train.steps=...` would change nothing
-            raise ConfigError("overrides apply to a recipe's name, file or dict, not to a loaded Recipe; "
-                              "pass the name or file with overrides instead")
-        ref = ref.dump()
-    return _load(ref, overrides, output)
+    with api_words():
+        if isinstance(overrides, (str, dict)):
+            raise ConfigError(f"overrides is a list of 'KEY=VALUE' strings, got {overrides!r}")
+        if output is not None and not isinstance(output, (str, os.PathLike)):  # output=5 wrote to ./5
+            raise ConfigError(f"output is a folder path (str or Path), got {type(output).__name__} {output!r}")
+        if isinstance(ref, Recipe):
+            if overrides:  # its stages already hold every setting, so `train.steps=...` would change nothing
+                raise ConfigError("overrides apply to a recipe's name, file or dict, not to a loaded Recipe; "
+                                  "pass the name or file with overrides instead")
+            ref = ref.dump()
+        return _load(ref, overrides, None if output is None else os.fspath(output))
 
 
 def distill(recipe, overrides=(), output: str | os.PathLike | None = None, resume: bool = False, force: bool = False,
@@ -35,26 +39,28 @@ def distill(recipe, overrides=(), output: str | os.PathLike | None = None, resum
 
     from kdistill.config import Recipe
     from kdistill.engine.run import run_recipe
-
-    from kdistill.errors import ConfigError, KdistillError
+    from kdistill.errors import ConfigError
 
     overrides = () if overrides is None else overrides
-    if output is not None and not isinstance(output, (str, os.PathLike)):  # output=5 wrote to ./5
-        raise ConfigError(f"output is a folder path (str or Path), got {type(output).__name__} {output!r}")
-    for name, value in (("resume", resume), ("force", force), ("progress", progress)):
-        if not isinstance(value, bool):  # resume="no" is truthy
-            raise ConfigError(f"{name} is True or False, got {value!r}")
-    try:
+    with api_words():
+        for name, value in (("resume", resume), ("force", force), ("progress", progress)):
+            if not isinstance(value, bool):  # resume="no" is truthy
+                raise ConfigError(f"{name} is True or False, got {value!r}")
         if not isinstance(recipe, Recipe) or overrides or output:
             recipe = load_recipe(recipe, overrides, output)
         return run_recipe(recipe, resume=resume, force=force, console=Console(), progress=progress)
-    except KdistillError as err:
-        raise type(err)(in_api_words(str(err))) from err.__cause__
 
 
-# The engine's refusals name the command line's flags; a Python caller passes the keywords instead.
-API_WORDS = {"--resume --force": "resume=True, force=True", "--resume": "resume=True", "--force": "force=True",
-             "--output": "output=", "--set": "overrides="}
+# The engine's refusals name the command line's flags and commands; a Python caller passes keywords and calls
+# functions instead. Whole phrases first, so that what is left reads as Python.
+API_WORDS = [(r"\(as --set takes\)", "(as the command line's --set takes)"),
+             (r"choose another --output", "pass another output="),
+             (r"with --set (.*?): invalid recipe", r"with overrides [\1]: invalid recipe"),
+             (r"--set '([^']*)'", r"override '\1'"), (r"--set (\S+)", r"override \1"),
+             (r"`kdistill run ([\w.-]+) --output (\S+)`", r"kdistill.distill('\1', output='\2')"),
+             (r"`kdistill run ([\w.-]+)`", r"kdistill.distill('\1')"),
+             (r"--resume --force", "resume=True, force=True"), (r"--resume", "resume=True"), (r"--force", "force=True"),
+             (r"--output", "output="), (r"--limit", "limit="), (r" \(limit=\)", "")]
 
 
 def in_api_words(message: str) -> str:
@@ -62,8 +68,21 @@ def in_api_words(message: str) -> str:
 
     from kdistill.engine.disk import RERUN
 
-    words = {RERUN: "call distill again with resume=True", **API_WORDS}  # longest first: the regex takes the first
-    return re.sub("|".join(map(re.escape, words)), lambda m: words[m.group(0)], message)
+    message = message.replace(RERUN, "call distill again with resume=True")
+    for pattern, words in API_WORDS:
+        message = re.sub(pattern, words, message)
+    return message
+
+
+@contextlib.contextmanager
+def api_words():
+    """kdistill's refusals inside the block, reworded for a Python caller (the same error type and cause)."""
+    from kdistill.errors import KdistillError
+
+    try:
+        yield
+    except KdistillError as err:
+        raise type(err)(in_api_words(str(err))) from err.__cause__
 
 
 def load_model(ref: str, task: str = "auto"):
@@ -73,7 +92,8 @@ def load_model(ref: str, task: str = "auto"):
     from kdistill.models.loading import load_model as _load
     from kdistill.teachers.recipe_runs import trained_model
 
-    return _load(trained_model(ref, "ref"), task)
+    with api_words():
+        return _load(trained_model(ref, "ref"), task)
 
 
 def evaluate(student: str, teacher: str | None, data, **kwargs) -> dict:
@@ -81,8 +101,9 @@ def evaluate(student: str, teacher: str | None, data, **kwargs) -> dict:
     from kdistill.eval.report import evaluate as _evaluate
     from kdistill.teachers.recipe_runs import trained_model
 
-    return _evaluate(trained_model(student, "student"), trained_model(teacher, "teacher") if teacher else None, data,
-                     **kwargs)
+    with api_words():
+        return _evaluate(trained_model(student, "student"), trained_model(teacher, "teacher") if teacher else None,
+                         data, **kwargs)
 
 
 __all__ = ["distill", "evaluate", "load_model", "load_recipe", "__version__"]

@@ -182,7 +182,7 @@ def test_a_finished_run_is_not_relabelled_as_trained_by_a_changed_recipe(tiny_re
     resolved = (Path(tiny_recipe["output"]) / "config.resolved.yaml").read_text()
     longer = {**tiny_recipe, "train": {**tiny_recipe["train"], "steps": 3}}
     # without force=True: the advice is the one that works (force cannot continue a finished run)
-    with pytest.raises(CheckpointError, match=r"that run is finished: undo those changes, or choose another output="):
+    with pytest.raises(CheckpointError, match=r"that run is finished: undo those changes, or pass another output="):
         distill(longer, resume=True, progress=False)
     with pytest.raises(CheckpointError, match=r"finished run.*student is final.*start a new run from it "
                                               r"\(student: \{model: .*student\}\) with another output="):

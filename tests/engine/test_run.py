@@ -84,7 +84,7 @@ def test_a_teacher_store_and_its_answer_cache_in_the_output_folder_are_no_obstac
 
 def test_rerun_without_resume_refuses_to_overwrite(tiny_recipe):
     distill(tiny_recipe, progress=False)
-    with pytest.raises(ConfigError, match="pass resume=True to continue it, or choose another output="):
+    with pytest.raises(ConfigError, match="pass resume=True to continue it, or pass another output="):
         distill(tiny_recipe, progress=False)  # the Python API's words, not the command line's flags
     with pytest.raises(ConfigError, match="a recipe is a built-in name, a YAML file path or a dict; got int 42"):
         distill(42)
@@ -352,7 +352,7 @@ def test_a_run_folder_another_command_is_training_is_refused(tiny_recipe):
     held = FileLock(str(out.parent / f".{out.name}.run.lock"))
     held.acquire()  # as another `kdistill run` of this folder would
     try:
-        with pytest.raises(ConfigError, match=r"is being trained by another kdistill command .*choose another output="):
+        with pytest.raises(ConfigError, match=r"is being trained by another kdistill command .*pass another output="):
             distill(tiny_recipe, progress=False)
         assert not out.exists()
     finally:
