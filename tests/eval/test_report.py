@@ -111,7 +111,7 @@ def test_the_limit_takes_records_evenly_through_an_ordered_corpus():
     assert load_datasets({"source": "wordnet-supersense"}, "eval", 3)["wordnet-supersense"] == [whole[0], whole[100],
                                                                                                     whole[200]]
     for bad in (0, -5, True, 2.5):
-        with pytest.raises(ConfigError, match=rf"limit \(--limit\) must be a whole number .*got {bad!r}"):
+        with pytest.raises(ConfigError, match=rf"limit must be a whole number .*got {bad!r}"):
             load_datasets({"source": "wordnet-supersense"}, "eval", bad)
 
 

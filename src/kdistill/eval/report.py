@@ -55,6 +55,38 @@ def spec_from_arg(arg: str, fields: dict | None = None) -> dict:
 READ_PER_TAKEN = 100
 
 
+def check_data_source(spec: dict, index: int) -> None:
+    """The fields a recipe's data source takes, checked by the same schema (a misspelt key is named, with the one
+    meant), before any record is read; `name` labels the source in the report."""
+    from pydantic import ValidationError
+
+    from kdistill.config import DataSource
+    from kdistill.recipe_errors import format_validation
+
+    try:
+        DataSource.model_validate({k: v for k, v in spec.items() if k != "name"})
+    except ValidationError as err:
+        raise ConfigError(format_validation(err, f"data[{index}]", "evaluate", DataSource, "invalid data source"))
+
+
+def check_settings(student_ref, teacher_ref, batch_size, max_length, device) -> None:
+    """evaluate's own arguments, refused by name before a model loads (else a range() error, a CUDA assertion)."""
+    for name, ref in (("student", student_ref), ("teacher", teacher_ref)):
+        if not isinstance(ref, (str, os.PathLike)) and not (name == "teacher" and ref is None):
+            raise ConfigError(f"{name} is a model folder, hub id, packaged:NAME or recipe:NAME; got "
+                              f"{type(ref).__name__} {ref!r}")
+    for name, value, low in (("batch_size", batch_size, 1), ("max_length", max_length, 8)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
+    if device is not None:
+        import torch
+
+        kind = str(device).split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: this torch sees no CUDA device (a CPU build, or no GPU here); "
+                              f"leave device out to evaluate on the CPU")
+
+
 def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -> dict[str, list[dict]]:
     """{name: records} for one source block or a list of them, each named by its source value. `limit` records
     are taken evenly through each source (built-in corpora are ordered by topic or class: the first 512 glosses of
@@ -64,16 +96,20 @@ def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -
     from kdistill.data.images import is_image_record
     from kdistill.data.sources import spread
 
+    if not isinstance(data_spec, (dict, list, tuple)):
+        raise ConfigError(f"data is one source ({{'source': NAME}}, {{'path': FILE}} or {{'dataset': NAME}}) or a list "
+                          f"of them; got {type(data_spec).__name__} {data_spec!r}")
     specs = [data_spec] if isinstance(data_spec, dict) else list(data_spec)
     if not specs:
         raise ConfigError("evaluate needs at least one data source")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ConfigError(f"limit (--limit) must be a whole number of records >= 1, or None for all; got {limit!r}")
+        raise ConfigError(f"limit must be a whole number of records >= 1, or None for all; got {limit!r}")
     out: dict[str, list[dict]] = {}
     for i, spec in enumerate(specs):
         if not isinstance(spec, dict):
             raise ConfigError(f"data source {i} must be a mapping such as {{source: NAME}}, "
                               f"got {type(spec).__name__}")
+        check_data_source(spec, i)
         spec = dict(spec)
         own_limit = spec.get("limit") is not None
         if limit is not None and not own_limit:
@@ -141,7 +177,9 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
     from kdistill.eval.embeddings import compare_speed, encode, fidelity
     from kdistill.eval.metrics import accuracy, count_parameters, perplexity, size_on_disk
 
+    check_settings(student_ref, teacher_ref, batch_size, max_length, device)
     datasets = load_datasets(data_spec, split, limit)
+    student_ref, teacher_ref = os.fspath(student_ref), teacher_ref and os.fspath(teacher_ref)  # JSON-ready refs
     refs = {"teacher": teacher_ref, "student": student_ref} if teacher_ref else {"student": student_ref}
     sides = {role: _load(ref, device, trust_remote_code) for role, ref in refs.items()}
     result: dict = {
