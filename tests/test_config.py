@@ -459,3 +459,13 @@ def test_the_python_api_words_its_refusals_for_python():
     assert said == ("runs/x holds a run: pass resume=True to continue it, or pass another output=; "
                     "kdistill.distill('lm-teacher') trains it, kdistill.distill('lm-teacher', output='/c/lm') where "
                     "it looks")
+
+
+def test_the_public_load_model_refuses_a_task_whose_head_the_model_lacks():
+    # an embedding model as causal-lm came back with a random LM head and only transformers' warnings
+    import kdistill
+
+    with pytest.raises(ConfigError, match=r"packaged:all-MiniLM-L6-v2 was saved as an embedding model, so as causal-lm "
+                                          r"its head would be random weights"):
+        kdistill.load_model("packaged:all-MiniLM-L6-v2", task="causal-lm")
+    assert kdistill.load_model("packaged:all-MiniLM-L6-v2", task="embedding").task == "embedding"

@@ -89,11 +89,19 @@ def load_model(ref: str, task: str = "auto"):
     """A model and its tokenizer (`.model`, `.tokenizer`) from a directory, hub id, packaged:NAME or recipe:NAME
     (a built-in recipe's trained student); quantized students and packed 1-bit exports come back with their
     quantized structure."""
+    from kdistill.errors import ConfigError, article
+    from kdistill.models.loading import detect_task, load_config
     from kdistill.models.loading import load_model as _load
     from kdistill.teachers.recipe_runs import trained_model
 
     with api_words():
-        return _load(trained_model(ref, "ref"), task)
+        ref = trained_model(ref, "ref")
+        saved = detect_task(load_config(ref)[1])
+        if task not in ("auto", "embedding", saved):  # transformers would fill the missing head with random weights
+            raise ConfigError(f"{ref} was saved as {article(saved)} model, so as {task} its head would be random "
+                              f"weights (transformers only warns); load it with task='auto', or 'embedding' for its "
+                              f"encoder alone")
+        return _load(ref, task)
 
 
 def evaluate(student: str, teacher: str | None, data, **kwargs) -> dict:
