@@ -521,3 +521,14 @@ def test_compare_sends_a_recipe_to_its_own_command_before_anything_else(name, co
 
     with pytest.raises(ConfigError, match=rf"{name} .*compare it with `kdistill {command}`"):
         comparable_recipes([name])
+
+
+def test_compare_refuses_an_output_that_is_a_file_before_anything_loads(tmp_path, monkeypatch):
+    # it was refused after the teacher loaded and the first run was announced
+    from kdistill.errors import ConfigError
+
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setattr("kdistill.compare.comparable_recipes", lambda names: pytest.fail("recipes were loaded"))
+    with pytest.raises(ConfigError, match=r"output .*afile is a file; choose another --output"):
+        compare(["supersense-kd"], seeds=1, output=str(tmp_path / "afile"), results=str(tmp_path / "r.md"))
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -243,6 +243,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             results: str = "docs/results.md", console=None, baselines: bool = True, jobs: int = 1) -> dict:
     from kdistill.eval.metrics import count_parameters
     from kdistill.eval.report import check_report_path
+    from kdistill.engine.run import check_output
     from kdistill.engine.stage_refs import stage_student_dir
     from kdistill.models.loading import load_model
 
@@ -252,6 +253,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
     check_report_path(results, "--results", "results.md")  # before the runs, not after them
     check_results_file(Path(results))
+    check_output(Path(output))
     root = Path(output) / ("quick" if quick else "full")
     rows, teacher_row = [], None
     done_baselines: dict[str, list[dict]] = {}  # baseline key -> its rows, whose baseline_of lists recipes
