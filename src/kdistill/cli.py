@@ -288,7 +288,8 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
                 seeds: int = typer.Option(3, min=1, help="seeds per recipe"),
                 quick: bool = typer.Option(False, help="1/8 of the steps: a fast look at the direction"),
                 output: str = typer.Option("runs/compare", help="where the runs go (reused when complete)"),
-                results: str = typer.Option("docs/results.md", help="markdown file to write the table into"),
+                results: str = typer.Option("docs/results.md", help="markdown file to write the table into, "
+                                            "relative to where compare runs (kdistill's own docs in its checkout)"),
                 baselines: bool = typer.Option(True, help="also train each recipe's no-teacher baseline"),
                 jobs: Optional[int] = typer.Option(
                     None, min=1, help="runs trained at once, each in its own process with the cores shared out "
@@ -308,7 +309,8 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
 def cache_teacher_cmd(recipe: Optional[str] = typer.Argument(None, help="recipe name or file whose teacher to cache"),
                       k: int = typer.Option(64, min=1, help="top-k log-probabilities kept per position"),
                       stage: Optional[int] = typer.Option(None, help="which stage's teacher and training data (default 0)"),
-                      out: Optional[str] = typer.Option(None, help="store directory (default: OUTPUT/teacher-store)"),
+                      out: Optional[str] = typer.Option(None, help="store directory (default: OUTPUT/teacher-store; "
+                                                                   "with --from-store: STORE-kK)"),
                       temperature: Optional[float] = typer.Option(None, help="default: the stage's KD temperature"),
                       dtype: Optional[str] = typer.Option(None, help="float16 (default) or float32 log-probabilities"),
                       from_store: Optional[str] = typer.Option(
