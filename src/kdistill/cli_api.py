@@ -65,7 +65,8 @@ def cache_api_teacher_cmd(recipe: str = typer.Argument(..., help="recipe whose t
 
 @app.command("serve-teacher")
 @friendly
-def serve_teacher(model_dir: str = typer.Argument(..., help="a Hugging Face causal LM directory (or recipe:NAME)"),
+def serve_teacher(model_dir: str = typer.Argument(..., help="a Hugging Face causal LM directory, or recipe:NAME "
+                                                  "(a built-in recipe's model, trained first if it is not yet)"),
                   port: int = typer.Option(8000, min=0, max=65535, help="TCP port"),
                   host: str = typer.Option("127.0.0.1", help="address to bind; other than loopback needs --allow-remote"),
                   allow_remote: bool = typer.Option(False, help="allow binding a non-loopback address"),
