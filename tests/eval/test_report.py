@@ -125,3 +125,15 @@ def test_report_paths_that_cannot_be_written_are_refused_before_the_work(tmp_pat
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(OutputError, match=r"could not be written to .*file.txt/r.json .*the table above holds"):
         save({"a": 1}, tmp_path / "file.txt" / "r.json")  # one message, not a traceback after the evaluation
+
+
+def test_an_encoder_student_against_a_classifier_teacher_is_refused(tiny_bert_dir, make_classifier, tmp_path):
+    """It returned the teacher's accuracy alone: nothing scored the student."""
+    from kdistill.errors import PairingError
+    from kdistill.eval.report import evaluate
+
+    teacher = make_classifier(tmp_path / "teacher")
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a red thing", "y": "red"}\n')
+    with pytest.raises(PairingError, match="the student is an embedding model and the teacher a classification model"):
+        evaluate(tiny_bert_dir, str(teacher), {"path": str(data), "label": "y"}, speed=False)

@@ -196,6 +196,12 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
             "size_mb": None if size is None else size / 1e6, "texts_per_s": None,
         }
     check_modality(datasets, sides["student"])
+    student_task, teacher_task = sides["student"].task, sides["teacher"].task if "teacher" in sides else None
+    if student_task in ENCODER_TASKS and teacher_task not in (None, *ENCODER_TASKS, *IMAGE_TASKS):
+        # an encoder student is scored by its fidelity to an encoder teacher, and has no metric of its own
+        raise PairingError(f"the student is {article(student_task)} model and the teacher {article(teacher_task)} "
+                           f"model: no score compares them (an embedding student is scored against an embedding "
+                           f"teacher); evaluate against the encoder it was distilled from, or without a teacher")
     if sides["student"].task in IMAGE_TASKS:
         return evaluate_images(result, sides, datasets, speed)
     pair = "teacher" in sides and all(s.task in ENCODER_TASKS for s in sides.values())
