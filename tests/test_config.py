@@ -453,6 +453,8 @@ def test_the_python_api_words_its_refusals_for_python():
         kdistill.load_recipe("minilm-l3", overrides=["train.steps"])
     with pytest.raises(ConfigError, match="output is a folder path"):
         kdistill.load_recipe("minilm-l3", output=5)  # was taken as the folder '5'
+    with pytest.raises(ConfigError, match=r"^overrides are 'KEY=VALUE' strings, got \[3\]$"):
+        kdistill.distill("minilm-l3", overrides=[3])  # was "(as overrides= takes)"
     assert "--set" not in str(err.value)
     said = in_api_words("runs/x holds a run: pass --resume to continue it, or choose another --output; "
                         "`kdistill run lm-teacher` trains it, `kdistill run lm-teacher --output /c/lm` where it looks")

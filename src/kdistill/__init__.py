@@ -53,7 +53,7 @@ def distill(recipe, overrides=(), output: str | os.PathLike | None = None, resum
 
 # The engine's refusals name the command line's flags and commands; a Python caller passes keywords and calls
 # functions instead. Whole phrases first, so that what is left reads as Python.
-API_WORDS = [(r"\(as --set takes\)", "(as the command line's --set takes)"),
+API_WORDS = [(r" \(as --set takes\)", ""),
              (r"choose another --output", "pass another output="),
              (r"with --set (.*?): invalid recipe", r"with overrides [\1]: invalid recipe"),
              (r"--set '([^']*)'", r"override '\1'"), (r"--set (\S+)", r"override \1"),
