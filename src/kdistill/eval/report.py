@@ -55,38 +55,6 @@ def spec_from_arg(arg: str, fields: dict | None = None) -> dict:
 READ_PER_TAKEN = 100
 
 
-def check_data_source(spec: dict, index: int) -> None:
-    """The fields a recipe's data source takes, checked by the same schema (a misspelt key is named, with the one
-    meant), before any record is read; `name` labels the source in the report."""
-    from pydantic import ValidationError
-
-    from kdistill.config import DataSource
-    from kdistill.recipe_errors import format_validation
-
-    try:
-        DataSource.model_validate({k: v for k, v in spec.items() if k != "name"})
-    except ValidationError as err:
-        raise ConfigError(format_validation(err, f"data[{index}]", "evaluate", DataSource, "invalid data source"))
-
-
-def check_settings(student_ref, teacher_ref, batch_size, max_length, device) -> None:
-    """evaluate's own arguments, refused by name before a model loads (else a range() error, a CUDA assertion)."""
-    for name, ref in (("student", student_ref), ("teacher", teacher_ref)):
-        if not isinstance(ref, (str, os.PathLike)) and not (name == "teacher" and ref is None):
-            raise ConfigError(f"{name} is a model folder, hub id, packaged:NAME or recipe:NAME; got "
-                              f"{type(ref).__name__} {ref!r}")
-    for name, value, low in (("batch_size", batch_size, 1), ("max_length", max_length, 8)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"{name} must be a whole number >= {low}, got {value!r}")
-    if device is not None:
-        import torch
-
-        kind = str(device).split(":")[0]
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: this torch sees no CUDA device (a CPU build, or no GPU here); "
-                              f"leave device out to evaluate on the CPU")
-
-
 def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -> dict[str, list[dict]]:
     """{name: records} for one source block or a list of them, each named by its source value. `limit` records
     are taken evenly through each source (built-in corpora are ordered by topic or class: the first 512 glosses of
@@ -94,6 +62,7 @@ def load_datasets(data_spec: dict | list[dict], split: str, limit: int | None) -
     huge file or dataset is not read whole for a sample; a source's own `limit:` keeps its meaning, the first N."""
     from kdistill.data import load_records
     from kdistill.data.images import is_image_record
+    from kdistill.eval.arguments import check_data_source
     from kdistill.data.sources import spread
 
     if not isinstance(data_spec, (dict, list, tuple)):
@@ -176,6 +145,8 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
 
     from kdistill.eval.embeddings import compare_speed, encode, fidelity
     from kdistill.eval.metrics import accuracy, count_parameters, perplexity, size_on_disk
+
+    from kdistill.eval.arguments import check_settings
 
     check_settings(student_ref, teacher_ref, batch_size, max_length, device)
     datasets = load_datasets(data_spec, split, limit)
