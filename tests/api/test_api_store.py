@@ -216,3 +216,12 @@ def test_a_service_with_another_tokenizer_is_named_after_one_text_not_all(server
     with pytest.raises(PairingError, match="another tokenizer"):
         check_pairing(vllm, [1, 2], K, {}, "big")
     check_pairing(Failure("key", "HTTP 503: busy", 503), [1, 2], K, {}, "big")  # may come back: asked with the rest
+
+
+def test_a_dead_service_leaves_no_empty_answer_cache_beside_the_store(recipe, tiny_gpt2_dir, tmp_path):
+    from kdistill.api.client import TeacherUnavailable
+
+    dead = {"base_url": "http://127.0.0.1:9", "model": "m", "max_retries": 0}  # one try: refused at once
+    with pytest.raises(TeacherUnavailable):
+        cache_api_teacher(recipe, dead, vocabulary=tiny_gpt2_dir, out=tmp_path / "store", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no store.teacher.sqlite (-wal, -shm) made for nothing

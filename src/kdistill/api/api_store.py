@@ -95,10 +95,20 @@ def cache_api_teacher(recipe, api, vocabulary: str | None = None, *, stage_index
     if any("text_pair" in r for r in records):
         raise DataError("data.train has text pairs; an API teacher scores single texts (causal LMs)")
     unique = _unique(records)
-    client, owned = _client(settings, cache_path or out.with_name(out.name + ".teacher.sqlite"))
+    cache_file = Path(cache_path or out.with_name(out.name + ".teacher.sqlite"))
+    fresh = not cache_file.exists()
+    client, owned = _client(settings, cache_file)
     vocab = tokenizer.get_vocab()
     try:
-        client.check()  # a dead service: TeacherUnavailable, before anything is asked
+        try:
+            client.check()  # a dead service: TeacherUnavailable, before anything is asked
+        except KdistillError:
+            if owned and fresh:  # nothing was asked: no empty answer cache is left beside the store
+                client.close()
+                owned = False
+                for leftover in (cache_file, Path(f"{cache_file}-wal"), Path(f"{cache_file}-shm")):
+                    leftover.unlink(missing_ok=True)
+            raise
         sent = [_token_ids(tokenizer, r["text"], stage.data.max_length) for r in unique.values()]
         requests = [score_request(ids, k, max_tokens) for ids in sent]
         # one text first: a service with another tokenizer is named before every text is asked (and paid) for
