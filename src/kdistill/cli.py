@@ -47,13 +47,15 @@ def friendly(fn=None, *, interrupted: str | None = None):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from kdistill.errors import KdistillError
+        from kdistill.errors import ConfigError, KdistillError, PairingError
 
         try:
             with warnings.catch_warnings():
                 warnings.showwarning = show_warning
                 return fn(*args, **kwargs)
         except KdistillError as err:
+            if os.environ.get("RANK", "0") != "0" and isinstance(err, (ConfigError, PairingError)):
+                raise typer.Exit(2) from None  # the same recipe and models in every process: the first one says why
             err_console.print("[bold red]error:[/] ", end="")
             err_console.print(str(err), highlight=False, markup=False, soft_wrap=True)
             raise typer.Exit(2) from None
@@ -288,8 +290,7 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
                 seeds: int = typer.Option(3, min=1, help="seeds per recipe"),
                 quick: bool = typer.Option(False, help="1/8 of the steps: a fast look at the direction"),
                 output: str = typer.Option("runs/compare", help="where the runs go (reused when complete)"),
-                results: str = typer.Option("docs/results.md", help="markdown file to write the table into, "
-                                            "relative to where compare runs (kdistill's own docs in its checkout)"),
+                results: str = typer.Option("docs/results.md", help="markdown file for the table (from where it runs)"),
                 baselines: bool = typer.Option(True, help="also train each recipe's no-teacher baseline"),
                 jobs: Optional[int] = typer.Option(
                     None, min=1, help="runs trained at once, each in its own process with the cores shared out "

@@ -339,3 +339,13 @@ def test_the_saved_recipe_of_a_moved_run_says_where_it_will_train(tmp_path, tiny
     assert result.exit_code == 0, out
     assert f"is the saved recipe of the run in {moved}, but it trains into {tmp_path / 'old'}" in said
     assert f"add --output {moved} to continue that run" in said
+
+
+def test_under_a_distributed_launch_a_recipe_error_is_said_once(monkeypatch):
+    """Every process reads the same recipe and refuses it the same way: torchrun with 8 processes printed it 8 times."""
+    monkeypatch.setenv("RANK", "1")
+    result, out = invoke("validate", "supersense-kd", "--set", "train.stpes=3")
+    assert result.exit_code == 2 and "stpes" not in out
+    monkeypatch.setenv("RANK", "0")
+    result, out = invoke("validate", "supersense-kd", "--set", "train.stpes=3")
+    assert result.exit_code == 2 and "train.stpes: unknown field" in " ".join(out.split())
