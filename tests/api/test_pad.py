@@ -190,7 +190,8 @@ def test_compare_pad_and_lion_refuse_a_file_output_and_a_test_limit_below_one(tm
 def test_compare_pad_set_reaches_each_variant_and_a_bad_one_is_refused_before_training(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
-    from kdistill.api.pad import VARIANTS, split_overrides, variant_recipe
+    from kdistill.api.pad import VARIANTS, variant_recipe
+    from kdistill.api.variants import split_overrides
     from kdistill.cli import app
     from kdistill.errors import ConfigError
 
@@ -209,10 +210,10 @@ def test_compare_pad_set_reaches_each_variant_and_a_bad_one_is_refused_before_tr
     assert not (tmp_path / "out").exists()
 
     # K=V for every variant, VARIANT:K=V for one (their training stages sit at different indexes)
-    assert split_overrides(["a.b=1", "pad-direct:c=x:y"]) == {"pad": ["a.b=1"], "pad-unfiltered": ["a.b=1"],
-                                                               "pad-direct": ["a.b=1", "c=x:y"]}
+    assert split_overrides(["a.b=1", "pad-direct:c=x:y"], VARIANTS, "compare-pad") == {
+        "pad": ["a.b=1"], "pad-unfiltered": ["a.b=1"], "pad-direct": ["a.b=1", "c=x:y"]}
     routed = split_overrides(["pad:stages.1.train.steps=7", "pad-unfiltered:stages.1.train.steps=8",
-                              "pad-direct:train.steps=9"])
+                              "pad-direct:train.steps=9"], VARIANTS, "compare-pad")
     recipes = {name: variant_recipe(name, sets) for name, sets in routed.items()}
     assert set(recipes) == set(VARIANTS)
     assert [recipes[n].stages[-1].train.steps for n in VARIANTS] == [7, 8, 9]

@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from kdistill.api.lion import SUMMARY
-from kdistill.config import Recipe, load_recipe
+from kdistill.api.variants import split_overrides, variant_with_overrides
+from kdistill.config import Recipe
 from kdistill.engine.stage_refs import synthesis_dir
 
 VARIANTS = {"lion": "lion: new instructions next to hard ones (and easy ones)",
@@ -26,17 +27,9 @@ VARIANTS = {"lion": "lion: new instructions next to hard ones (and easy ones)",
 
 def variant_recipe(name: str, seed: int, output: Path, cache: Path, overrides=()) -> Recipe:
     """The variant with the user's overrides (named as theirs in a refusal), then this seed and the shared cache."""
-    from kdistill.errors import ConfigError
-
-    for item in overrides:
-        key = item.partition("=")[0].strip()
-        if key in ("output", "train.seed", "lion.seed", "lion.cache"):
-            raise ConfigError(f"--set {item}: compare-lion sets each run's output, seed and answer cache itself "
-                              f"(--output, --seeds)")
-    try:
-        recipe = load_recipe(name, list(overrides), output=str(output / f"{name}-seed{seed}"))
-    except ConfigError as err:
-        raise ConfigError(f"variant {name}: {err}") from None
+    recipe = variant_with_overrides(name, list(overrides), "compare-lion",
+                                    ("output", "train.seed", "lion.seed", "lion.cache"), "output, seed and answer cache",
+                                    output=str(output / f"{name}-seed{seed}"))
     stage = recipe.stages[0]
     lion = stage.lion.model_copy(update={"cache": str(cache), "seed": seed})
     train = stage.train.model_copy(update={"seed": seed})
@@ -66,8 +59,6 @@ def compare_lion(seeds: int = 1, output: str | Path = "runs/lion-compare", overr
 
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
-
-    from kdistill.api.pad import split_overrides
 
     output = Path(output)
     check_output(output)

@@ -18,7 +18,8 @@ import statistics
 import time
 from pathlib import Path
 
-from kdistill.config import Recipe, load_recipe
+from kdistill.api.variants import split_overrides, variant_with_overrides
+from kdistill.config import Recipe
 from kdistill.errors import ConfigError
 
 VARIANTS = {  # recipe -> how its student answers (what execution accuracy runs)
@@ -33,49 +34,9 @@ LABELS = {
 }
 
 
-def split_overrides(sets, variants=VARIANTS, command: str = "compare-pad") -> dict[str, list[str]]:
-    """A comparison's overrides, per variant. `K=V` goes to every variant, `VARIANT:K=V` to that one only (their
-    stages differ: pad and pad-unfiltered train in stages.1, pad-direct in its one stage); a dict {variant: [K=V]}
-    is taken as routed. Checked before anything trains."""
-    if isinstance(sets, dict):
-        unknown = [name for name in sets if name not in variants]
-        if unknown:
-            raise ConfigError(f"overrides: {unknown[0]!r} is not a variant of {command}; use one of "
-                              f"{', '.join(variants)}")
-        routed = {name: sets.get(name) or [] for name in variants}
-    elif isinstance(sets, (list, tuple)):
-        routed = {name: [] for name in variants}
-        for item in sets:
-            key = str(item).partition("=")[0]
-            name, colon, field = key.partition(":")
-            if not colon:
-                for wanted in routed.values():
-                    wanted.append(item)
-            elif name in routed:
-                routed[name].append(item[len(name) + 1:])
-            else:
-                raise ConfigError(f"--set {item}: {name!r} is not a variant of {command}; use one of "
-                                  f"{', '.join(variants)} (VARIANT:{field}=...), or leave the prefix out for every "
-                                  f"variant")
-    else:
-        routed = {"": sets}  # refused just below, with the shape it takes
-    for name, items in routed.items():
-        if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
-            raise ConfigError(f"overrides: a list of 'KEY=VALUE' strings (VARIANT:KEY=VALUE for one variant), or a "
-                              f"dict {{variant: [KEY=VALUE, ...]}}; got {items!r}")
-    return {name: list(items) for name, items in routed.items()}
-
-
 def variant_recipe(name: str, sets: list[str]) -> Recipe:
     """A variant's recipe with its overrides; a refusal names the variant (the same --set can suit one, not another)."""
-    for item in sets:
-        key = item.partition("=")[0].strip()
-        if key == "output" or key == "train.seed" or key.endswith(".train.seed"):
-            raise ConfigError(f"--set {item}: compare-pad sets each run's output and seed itself (--output, --seeds)")
-    try:
-        return load_recipe(name, sets)
-    except ConfigError as err:
-        raise ConfigError(f"variant {name}: {err}") from None
+    return variant_with_overrides(name, sets, "compare-pad", ("output", "train.seed"), "output and seed")
 
 
 def seeded(recipe: Recipe, seed: int, output: Path, cache: Path) -> Recipe:
@@ -152,7 +113,7 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
 
     output = Path(output)
     check_output(output)
-    routed = split_overrides(overrides or [])
+    routed = split_overrides(overrides or [], VARIANTS, "compare-pad")
     recipes = {name: variant_recipe(name, routed[name]) for name in VARIANTS}  # before training
     output.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
