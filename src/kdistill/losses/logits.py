@@ -86,7 +86,7 @@ class LogitKD(LossTerm):
         if student.logits_per != teacher.logits_per:
             raise PairingError(f"{where}: student logits are per {student.logits_per}, teacher's per {teacher.logits_per}")
         if params.chunk_size is not None:
-            if student.task != "causal-lm" or params.alpha > 0 or params.divergence == "mse":
+            if student.task != "causal-lm":  # alpha and the divergence were checked when the params were read
                 raise PairingError(f"{where}.chunk_size: the chunked path is for causal-LM students, with alpha 0 "
                                    f"and a divergence other than mse")
             return  # heads padded to different sizes over the one tokenizer are compared on the shared part
