@@ -18,7 +18,6 @@ from kdistill.errors import ConfigError, DataError
 
 SOURCE_KINDS = ("source", "path", "dataset")
 ENCODING = "utf-8-sig"  # UTF-8 that skips a leading byte-order mark (Excel's "CSV UTF-8" writes one)
-FILE_EXTENSIONS = (".jsonl", ".csv", ".txt")
 FILE_KINDS = ".jsonl, .csv, .txt, a folder saved with datasets' save_to_disk, or a folder of class folders of images"
 
 
@@ -101,7 +100,7 @@ def require_path(path: str, where: str = "") -> None:
         raise DataError(f"{where + ': ' if where else ''}data file not found: {path} (paths are relative to the working "
                         f"directory {os.getcwd()})")
     ext = os.path.splitext(path)[1].lower()
-    if os.path.isfile(path) and ext not in FILE_EXTENSIONS:
+    if os.path.isfile(path) and ext not in FILE_READERS:
         raise ConfigError(f"{where + ': ' if where else ''}cannot read {path}: unsupported file kind "
                           f"{ext or '(no extension)'!r}; supported: {FILE_KINDS}")
 
@@ -134,11 +133,10 @@ def _load_path(path: str, fields: dict, split: str, limit: int | None):
         _refuse_flat_image_folder(path)
         return _load_saved_dataset(path, fields, split, limit)
     ext = os.path.splitext(path)[1].lower()
-    readers = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".txt": _txt_rows}  # FILE_EXTENSIONS
     if ext == ".txt" and (fields["label"] or fields.get("text_pair") or fields.get("image")):
         raise ConfigError(f"{path} is a .txt file (one text per line); it has no label, text_pair or "
                           "image fields: use .jsonl or .csv for those")
-    rows = itertools.islice(readers[ext](path), limit)
+    rows = itertools.islice(FILE_READERS[ext](path), limit)
     folder = os.path.dirname(os.path.abspath(path))
     try:
         return [_pick(row, fields, f"{path} {where}", folder) for where, row in rows], f"{path} has no records"
@@ -224,6 +222,9 @@ def _txt_rows(path: str) -> Iterator[tuple[str, dict]]:
         for number, line in enumerate(f, 1):
             if line.strip():
                 yield f"line {number}", {"text": line.rstrip("\r\n")}
+
+
+FILE_READERS = {".jsonl": _jsonl_rows, ".csv": _csv_rows, ".txt": _txt_rows}  # the file kinds a `path:` takes
 
 
 def _pick(row: dict, fields: dict, where: str, folder: str | None = None) -> dict:
