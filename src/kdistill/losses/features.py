@@ -8,6 +8,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from kdistill.errors import PairingError, did_you_mean
 from kdistill.losses import functional as fn
+from kdistill.models.layer_map import PAIRS_EXAMPLE
 from kdistill.models.taps import parse_tap, tap_name, tap_spelling
 from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count,
                                   skip_cls_count, token_mask)
@@ -15,12 +16,11 @@ from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projecto
 def layer_spec_shape(value):
     """A misspelt map name or a list of single layers, named with the form a map takes (pydantic's own messages
     list the union's branches)."""
-    example = "[[student, teacher], ...] pairs, e.g. [[1, 2], [3, 6]] (student layer 1 learns from teacher layer 2)"
     if isinstance(value, str) and value not in ("uniform", "last"):
         raise ValueError(f"unknown layer map {value!r}{did_you_mean(value, ('uniform', 'last')) or ';'} valid: "
-                         f"uniform, last, or {example}")
+                         f"uniform, last, or {PAIRS_EXAMPLE}")
     if isinstance(value, list) and not all(isinstance(pair, (list, tuple)) for pair in value):
-        raise ValueError(f"a layer map is {example}; got {value!r}")
+        raise ValueError(f"a layer map is {PAIRS_EXAMPLE}; got {value!r}")
     return value
 
 

@@ -6,6 +6,11 @@ from dataclasses import dataclass
 from kdistill.errors import PairingError
 
 
+# how an explicit map is written, for every message that asks for one
+PAIRS_EXAMPLE = ("[[student, teacher], ...] pairs, e.g. [[1, 2], [3, 6]] (student layer 1 learns from teacher layer 2; "
+                 "layer 0 is the embeddings)")
+
+
 @dataclass(frozen=True)
 class LayerMap:
     pairs: tuple[tuple[int, int], ...]  # (student layer, teacher layer)
@@ -27,13 +32,12 @@ class LayerMap:
         if spec == "last":
             return cls.last(n_student, n_teacher)
         if isinstance(spec, str):
-            raise PairingError(f"{where}: unknown layer map {spec!r}; valid: uniform, last, or "
-                               f"[[student, teacher], ...] pairs, e.g. [[1, 2], [3, 6]] (layer 0 is the embeddings)")
+            raise PairingError(f"{where}: unknown layer map {spec!r}; valid: uniform, last, or {PAIRS_EXAMPLE}")
         pairs = []
         for pair in spec:
             if len(pair) != 2:
-                raise PairingError(f"{where}: each pair must be [student_layer, teacher_layer], got {pair!r}; "
-                                   f"e.g. [[1, 2], [3, 6]]: student layer 1 learns from teacher layer 2, 3 from 6")
+                raise PairingError(f"{where}: each pair must be [student_layer, teacher_layer], got {pair!r}; a "
+                                   f"layer map is {PAIRS_EXAMPLE}")
             s, t = (normalise_layer(x, n, f"{where} ({who} layer)") for x, n, who in
                     ((pair[0], n_student, "student"), (pair[1], n_teacher, "teacher")))
             if (s, t) in pairs:
