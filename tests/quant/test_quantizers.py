@@ -84,6 +84,18 @@ def test_elastic_binary_signed():
     assert torch.equal(y.detach(), torch.tensor([-2.0, -2.0, 2.0, 2.0]))
     y.sum().backward()
     assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    # BiT: d/dalpha = sign((x - beta) / alpha) for every value, -1 - 1 + 1 + 1; d/dbeta = -1 inside the clip
+    assert quant.alpha.grad.item() == pytest.approx(0.0)
+    assert quant.beta.grad.item() == pytest.approx(-3.0)
+
+
+def test_elastic_binary_signed_alpha_gradient_is_the_sign():
+    quant = elastic(signed=True, alpha=1.5, beta=-0.2)
+    x = torch.randn(200, generator=torch.Generator().manual_seed(0)) * 2
+    quant(x).mul(torch.linspace(-1, 2, 200)).sum().backward()
+    upstream = torch.linspace(-1, 2, 200)
+    assert quant.alpha.grad.item() == pytest.approx((torch.where(x + 0.2 >= 0, 1.0, -1.0) * upstream).sum().item(),
+                                                    abs=1e-5)
 
 
 def test_activation_quantizer_choice():

@@ -155,9 +155,11 @@ class ElasticBinary(ActivationQuantizer):
 
     def quantize(self, x):
         alpha = self.alpha.abs().clamp(min=1e-6)
-        scaled = (x - self.beta) / alpha
         if self.signed:
-            return alpha * sign_ste(scaled)
+            # alpha cancels inside the sign, so d/dalpha is sign((x - beta) / alpha) alone, as in BiT; a
+            # straight-through path through the division would add -(x - beta) / alpha inside the clip
+            return alpha * sign_ste((x - self.beta) / alpha.detach())
+        scaled = (x - self.beta) / alpha
         return alpha * round_ste(scaled.clamp(0, 1))
 
     def extra_repr(self):
