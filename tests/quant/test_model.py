@@ -206,3 +206,39 @@ def test_an_image_student_is_refused_before_it_trains():
                                               intermediate_size=64, image_size=16, patch_size=4, num_channels=1))
     with pytest.raises(PairingError, match="takes text models .*reads pixel_values"):
         quantize_model(vit, {"weights": 1, "activations": 8})
+
+
+def test_binary_inputs_are_signed_where_the_mlp_is_gated_or_the_layer_reads_a_layer_norm():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    quantize_model(llama, {"weights": 1, "activations": 1})
+    # down_proj reads silu(gate) * up, about half of it negative: {0, alpha} would drop that half
+    assert all(m.input_quant.signed for m in llama.modules() if isinstance(m, QuantLinear))
+    # an intermediate as wide as the hidden state: only the down projection reads GELU's output
+    bert = BertForSequenceClassification(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=4, intermediate_size=32, num_labels=2))
+    quantize_model(bert, {"weights": 1, "activations": 1})
+    layer = bert.bert.encoder.layer[0]
+    assert layer.intermediate.dense.input_quant.signed and not layer.output.dense.input_quant.signed
+
+
+def test_a_quantized_llama_student_saves_and_loads_back(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    ids = torch.randint(0, 100, (2, 9))
+    quantize_model(llama, {"weights": 2, "activations": 8})
+    llama.train()
+    llama(input_ids=ids)  # the activation quantizers take their scales from a first batch
+    quantize_model(llama, {"weights": 1, "activations": 1})
+    llama(input_ids=ids)
+    llama.eval()
+    expected = llama(input_ids=ids).logits
+    llama.save_pretrained(tmp_path / "student")
+    loaded = load_model(str(tmp_path / "student"), "causal-lm").model
+    assert loaded.model.layers[1].mlp.down_proj.is_split
+    assert torch.equal(loaded(input_ids=ids).logits, expected)

@@ -70,7 +70,8 @@ def find_layers(model: nn.Module, num_layers: int) -> tuple[str, nn.ModuleList]:
 
 def find_qkv(block: nn.Module):
     """('split', (q, k, v), attention_module) or ('fused', qkv, attention_module) for one block."""
-    modules = dict(block.named_modules())
+    # a quantized attention's own query/key/value quantizers (kdistill.quant's attention_quant) are no projections
+    modules = {name: mod for name, mod in block.named_modules() if "attention_quant" not in name.split(".")}
     for q, k, v in QKV_NAMES["split"]:
         for name in modules:
             if name.endswith("." + q) or name == q:

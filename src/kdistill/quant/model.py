@@ -75,6 +75,23 @@ def _quantizable(model: nn.Module, encoder_path: str, keep_fp: list[str]) -> lis
     return chosen
 
 
+GATES = ("gate_proj", "gate_up_proj", "w3", "wi_1")  # a gated MLP (SwiGLU, GeGLU) multiplies by a signed branch
+DOWN_PROJECTIONS = ("output.dense", "ffn.lin2", "mlp.fc2", "mlp.dense_4h_to_h")  # BERT/RoBERTa, DistilBERT, others
+
+
+def activation_readers(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> set[str]:
+    """The linear layers whose input is an activation function's output, almost non-negative (GELU, ReLU), so a
+    binary input quantizer there takes {0, alpha}. Only an ungated MLP's down projection, known by its name, or
+    else as the one layer reading the intermediate width where that differs from the hidden width; a gated MLP's
+    reads act(gate) * up, about half negative (Llama's down_proj)."""
+    if any(name.rpartition(".")[2] in GATES for name, _ in model.named_modules()):
+        return set()
+    inner = config_value(model.config, "intermediate_size", "n_inner", default=None) or 0
+    hidden = config_value(model.config, "hidden_size", "n_embd", default=None)
+    return {name for name, mod in layers if "attention" not in name and "attn" not in name
+            and (name.endswith(DOWN_PROJECTIONS) or (inner != hidden and mod.in_features == inner))}
+
+
 def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -100,12 +117,10 @@ def quantize_model(model: nn.Module, spec: dict, where: str = "quant") -> nn.Mod
     if not any(name.startswith(path + ".") for name, _ in layers):  # the head alone is not a quantized model
         raise PairingError(f"{where}: {type(model).__name__} has no nn.Linear layers in its blocks to quantize "
                            f"(GPT-2's blocks are Conv1D; BERT- and Llama-style models are supported)")
-    inner = config_value(model.config, "intermediate_size", "n_inner", default=None) or 0
+    after_activation = activation_readers(model, layers)
     for name, mod in layers:
         if isinstance(mod, nn.Linear):
-            # the MLP's down projection reads the activation function's (almost non-negative) output
-            after_activation = mod.in_features == inner and "attention" not in name and "attn" not in name
-            _set_module(model, name, QuantLinear.from_linear(mod, weights, acts, signed_input=not after_activation))
+            _set_module(model, name, QuantLinear.from_linear(mod, weights, acts, signed_input=name not in after_activation))
             continue
         if mod.weight_bits == 2 and weights == 1 and spec.get("split", True):
             split_layer(mod)
