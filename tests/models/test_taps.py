@@ -49,6 +49,23 @@ def test_attentions_equal_the_models_eager_attention(family):
         torch.testing.assert_close(ours[rows], theirs[rows], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_a_quantized_students_attentions_are_those_its_forward_computes(family):
+    from kdistill.quant import quantize_model
+
+    model, _, batch = make(family)
+    quantize_model(model, {"weights": 1, "activations": 1})
+    model.train()
+    model(**batch)  # the activation quantizers take their scales from a first batch
+    model.eval()
+    info = model_info(model, FAMILIES[family][0])
+    ours = TapReader(model, info)(batch, ["attentions[2]"])["attentions[2]"]
+    with torch.no_grad():
+        theirs = model(**batch, output_attentions=True).attentions[1]  # softmax of the quantized Q and K's scores
+    rows = batch["attention_mask"].bool()[:, None, :, None].expand_as(ours)
+    torch.testing.assert_close(ours[rows], theirs[rows], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_tap_shapes(family):
     model, info, batch = make(family)

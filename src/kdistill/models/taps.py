@@ -185,16 +185,17 @@ class TapReader:
             q, k, v = record["q"], record["k"], record["v"]
         q, k, v = split_heads(q, info.num_heads), split_heads(k, info.num_kv_heads), split_heads(v, info.num_kv_heads)
         rotary = record.get("position_embeddings")
-        scores_k = k
         if rotary is not None:
             from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-            q, scores_k = apply_rotary_pos_emb(q, k, *rotary)
+            q, k = apply_rotary_pos_emb(q, k, *rotary)
+        quant = record.get("quant")
+        if quant is not None:  # a quantized student's scores are those of its quantized Q and K (BinaryBERT's stage I)
+            q, k, v = quant.query(q), quant.key(k), quant.value(v)
         if info.num_kv_heads != info.num_heads:  # grouped-query attention: share K/V across head groups
             repeat = info.num_heads // info.num_kv_heads
-            scores_k, v = scores_k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
-            k = k.repeat_interleave(repeat, 1)
-        return q, scores_k if rotary is not None else k, v, record.get("scale", info.head_dim ** -0.5)
+            k, v = k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1)
+        return q, k, v, record.get("scale", info.head_dim ** -0.5)
 
     @contextmanager
     def _capture(self, layers):
@@ -225,6 +226,8 @@ class TapReader:
                         handles.append(mod.register_forward_hook(keep(record, key)))
                 if getattr(attn, "scaling", None) is not None:
                     record["scale"] = attn.scaling
+                if getattr(attn, "attention_quant", None) is not None:
+                    record["quant"] = attn.attention_quant
                 handles.append(attn.register_forward_pre_hook(keep_rotary(record), with_kwargs=True))
             yield captured
         finally:
