@@ -137,6 +137,11 @@ def test_packed_export_round_trip_and_size(classifier, batch, tokenizer, tmp_pat
     assert not (tmp_path / "packed" / "model.safetensors").exists()
     loaded = load_model(str(tmp_path / "packed"), "classification").model
     assert torch.allclose(loaded(**batch).logits, expected, atol=1e-5)
+    for (name, ours), theirs in zip(classifier.named_modules(), loaded.modules()):  # each sign, each row's scale
+        if isinstance(ours, QuantLinear):
+            binary = binarize(ours.weight).detach()
+            assert torch.equal(theirs.weight.sign(), binary.sign()), name
+            torch.testing.assert_close(theirs.weight.abs(), binary.abs(), rtol=1e-6, atol=0)
     # 1 bit per weight plus a float32 scale per row of 32 or 64 inputs: 1/32 + 4/in_features of FP32
     rows = 2 * (4 * 32 + 64 + 32)  # Q, K, V, attn-out (32 rows each), intermediate (64), output (32), 2 layers
     weights = 2 * (4 * 32 * 32 + 2 * 32 * 64)
@@ -242,3 +247,35 @@ def test_a_quantized_llama_student_saves_and_loads_back(tmp_path):
     loaded = load_model(str(tmp_path / "student"), "causal-lm").model
     assert loaded.model.layers[1].mlp.down_proj.is_split
     assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
+def test_a_damaged_or_mismatched_packed_file_is_refused_by_name(classifier, batch, tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from kdistill.errors import CheckpointError
+
+    quantize_model(classifier, {"weights": 1, "activations": 8})
+    classifier.train()
+    classifier(**batch)
+    classifier.save_pretrained(tmp_path / "student")
+    tokenizer.save_pretrained(tmp_path / "student")
+    export_packed(str(tmp_path / "student"), str(tmp_path / "packed"))
+    file = tmp_path / "packed" / "model.packed.safetensors"
+    original, key = load_file(file), "bert.encoder.layer.0.attention.self.query.weight"
+    # rows cut to one would broadcast to every row, columns cut would unpack as zeros: both loaded silently before
+    for change, match in [({f"{key}.bits": original[f"{key}.bits"][:1], f"{key}.scale": original[f"{key}.scale"][:1]},
+                           r"\.bits is uint8 \[1, 4\], not uint8 \[32, 4\]"),
+                          ({f"{key}.bits": original[f"{key}.bits"][:, :2]}, r"\.bits is uint8 \[32, 2\]"),
+                          ({f"{key}.bits": original[f"{key}.bits"].float()}, r"\.bits is float32"),
+                          ({f"{key}.scale": original[f"{key}.scale"][:5]}, r"\.scale is float32 \[5\], not one float")]:
+        save_file({**original, **{k: v.contiguous() for k, v in change.items()}}, file, metadata={"format": "kdistill-packed-1bit"})
+        with pytest.raises(CheckpointError, match=match):
+            load_model(str(tmp_path / "packed"), "classification")
+    save_file({k: v for k, v in original.items() if k != f"{key}.scale"}, file, metadata={"format": "kdistill-packed-1bit"})
+    with pytest.raises(CheckpointError, match=r"no packed weights for .*query\.weight"):
+        load_model(str(tmp_path / "packed"), "classification")
+    save_file(original, file, metadata={"format": "kdistill-packed-1bit"})
+    config = (tmp_path / "packed" / "config.json").read_text()
+    (tmp_path / "packed" / "config.json").write_text(config.replace('"intermediate_size": 64', '"intermediate_size": 48'))
+    with pytest.raises(CheckpointError, match="not uint8 \\[48, 4\\]|does not match its config"):
+        load_model(str(tmp_path / "packed"), "classification")

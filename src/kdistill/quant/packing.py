@@ -122,6 +122,24 @@ def check_export_target(source: Path, out: Path) -> None:
                           f"its own output: pick another path, or move that folder away")
 
 
+def packed_entries(state: dict, key: str, mod, file: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's packed signs ([out, ceil(in / 8)] uint8) and row scales ([out] float), checked: a wrong shape
+    would otherwise be broadcast or zero-padded into wrong weights without a word."""
+    if f"{key}.bits" not in state or f"{key}.scale" not in state:
+        raise CheckpointError(f"{file} has no packed weights for {key} (.bits and .scale): export the student again")
+    bits, scale = state.pop(f"{key}.bits"), state.pop(f"{key}.scale")
+    rows, width = mod.out_features, (mod.in_features + 7) // 8
+    if bits.dtype != torch.uint8 or tuple(bits.shape) != (rows, width):
+        raise CheckpointError(f"{file}: {key}.bits is {str(bits.dtype).removeprefix('torch.')} "
+                              f"{list(bits.shape)}, not uint8 {[rows, width]} for its {mod.in_features}-input, "
+                              f"{rows}-row layer: the file is damaged or not this config's; export the student again")
+    if not scale.is_floating_point() or tuple(scale.shape) != (rows,):
+        raise CheckpointError(f"{file}: {key}.scale is {str(scale.dtype).removeprefix('torch.')} {list(scale.shape)}, "
+                              f"not one float per row ({rows}): the file is damaged or not this config's; "
+                              f"export the student again")
+    return bits, scale
+
+
 def unpack_into(model, path: str) -> None:
     """Load a packed file into a model rebuilt with the same quantized structure."""
     from safetensors import safe_open
@@ -134,12 +152,14 @@ def unpack_into(model, path: str) -> None:
     latents = {f"{n}.{a}": (m, a) for n, m, a, _ in _latents(model)}
     with torch.no_grad():
         for key, (mod, attr) in latents.items():
-            if f"{key}.bits" not in state:
-                raise CheckpointError(f"{file} has no packed weights for {key}")
-            bits = np.unpackbits(state.pop(f"{key}.bits").numpy(), axis=-1, count=mod.in_features)
+            packed, scale = packed_entries(state, key, mod, file)
+            bits = np.unpackbits(packed.numpy(), axis=-1, count=mod.in_features)
             signs = torch.from_numpy(bits.astype(np.float32) * 2 - 1)
-            getattr(mod, attr).copy_(state.pop(f"{key}.scale")[:, None] * signs)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+            getattr(mod, attr).copy_(scale[:, None] * signs)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor whose shape is not its config's (an edited config.json, a damaged file)
+        raise CheckpointError(f"{file} does not match its config: {str(err).splitlines()[-1].strip()}") from None
     missing = [k for k in missing if k not in latents and k not in set(getattr(model, "_tied_weights_keys", None) or [])]
     if missing or unexpected:
         raise CheckpointError(f"{file} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
