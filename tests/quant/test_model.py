@@ -279,3 +279,15 @@ def test_a_damaged_or_mismatched_packed_file_is_refused_by_name(classifier, batc
     (tmp_path / "packed" / "config.json").write_text(config.replace('"intermediate_size": 64', '"intermediate_size": 48'))
     with pytest.raises(CheckpointError, match="not uint8 \\[48, 4\\]|does not match its config"):
         load_model(str(tmp_path / "packed"), "classification")
+
+
+def test_a_layer_that_cannot_be_split_is_named_with_the_fix(classifier):
+    quantize_model(classifier, SPEC)
+    query = classifier.bert.encoder.layer[1].attention.self.query
+    with torch.no_grad():  # one large weight keeps the row's only non-zero; the 31 zeroed ones outweigh it
+        query.weight[0] = 0.6
+        query.weight[0, 0] = 10.0
+    with pytest.raises(ConfigError, match=r"quant\.split: bert\.encoder\.layer\.1\.attention\.self\.query cannot be "
+                                          r"split.*set `split: false`"):
+        quantize_model(classifier, {"weights": 1, "activations": 8})
+    quantize_model(classifier, {"weights": 1, "activations": 8, "split": False})  # the named fix works

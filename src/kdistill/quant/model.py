@@ -123,7 +123,12 @@ def quantize_model(model: nn.Module, spec: dict, where: str = "quant") -> nn.Mod
             _set_module(model, name, QuantLinear.from_linear(mod, weights, acts, signed_input=name not in after_activation))
             continue
         if mod.weight_bits == 2 and weights == 1 and spec.get("split", True):
-            split_layer(mod)
+            try:
+                split_layer(mod)
+            except ValueError as err:  # a row whose few kept weights are outweighed by its zeroed ones
+                raise ConfigError(f"{where}.split: {name} cannot be split into two binary halves with the same output "
+                                  f"({err}); set `split: false` in that stage's quant block to binarize it directly"
+                                  ) from None
         elif mod.is_split and weights != 1:
             raise ConfigError(f"{where}.weights: {name} was split into two binary halves; it cannot become {weights}-bit")
         else:
