@@ -122,3 +122,17 @@ def test_a_precision_order_the_engine_cannot_train_is_refused_when_the_recipe_is
         load_recipe(stages(None, w1, None))  # it stayed quantized, whatever the stage seemed to say
     with pytest.raises(ConfigError, match=r"stages\[2\].quant.weights: an earlier stage split .* cannot become 2-bit"):
         load_recipe(stages(w2, w1, w2))  # refused after two stages had trained, before
+
+
+def test_a_later_stage_that_cannot_quantize_the_student_is_refused_before_the_first_trains(tiny_gpt2_dir, text_file,
+                                                                                          tmp_path):
+    from kdistill.errors import PairingError
+
+    recipe = {"name": "q-gpt2", "teacher": {"model": tiny_gpt2_dir}, "student": {"from_teacher": {"layers": [1]}},
+              "data": {"train": {"path": text_file, "text": "sentence"}, "max_length": 16},
+              "losses": [{"type": "logit_kd"}], "train": {"steps": 2, "batch_size": 4},
+              "stages": [{"name": "fp"}, {"name": "q", "quant": {"weights": 1, "activations": 8}}],
+              "output": str(tmp_path / "run")}
+    with pytest.raises(PairingError, match=r"stages\[1\]\.quant: GPT2LMHeadModel has no nn.Linear layers"):
+        distill(recipe)
+    assert not (tmp_path / "run" / "stages").exists()  # the fp stage never trained

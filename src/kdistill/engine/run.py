@@ -324,6 +324,8 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
         stage = with_stage_data(with_stage_teacher(stage, out, recipe), out, recipe, prefix)
         parts = build_stage(stage, None if (stage.student is not None and index > 0) else previous, prefix, console,
                             generated=uses_stage_data(declared, ("train",)), progress=progress)
+        if not history:
+            check_later_quantization(parts.student, recipe, index)
         trainer = StageTrainer(parts, stage, out, accelerator, console=console, progress=progress, declared=declared,
                                force=force)
         resumed = resume and trainer.resume()
@@ -348,6 +350,15 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
         accelerator.wait_for_everyone()
         previous = str(target)
     return final
+
+
+def check_later_quantization(student, recipe: Recipe, index: int) -> None:
+    """A later stage that quantizes this student is refused now, not after the stages before it have trained."""
+    from kdistill.quant.model import check_quantizable
+
+    for later, stage in enumerate(recipe.stages[index + 1:], index + 1):
+        if stage.quant is not None and stage.student is None and stage.synthesize is None and stage.lion is None:
+            check_quantizable(student, f"stages[{later}].quant")
 
 
 def _version() -> str:

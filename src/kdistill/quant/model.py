@@ -97,26 +97,32 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
+def check_quantizable(model: nn.Module, where: str = "quant") -> None:
+    """A model quantization-aware training takes: a text model whose blocks compute with nn.Linear layers."""
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        # transformers saves ViT-family weights under other names than its modules carry, which our loader of
+        # quantized students does not translate: such a student would train and then not load back
+        raise PairingError(f"{where}: quantization-aware training takes text models (BERT- and Llama-style); "
+                           f"{type(model).__name__} reads {model.main_input_name} and is not supported yet")
+    path, _ = find_layers(model, layer_count(model.config))
+    if not any(isinstance(mod, (nn.Linear, QuantLinear)) for mod in model.get_submodule(path).modules()):
+        # the head alone is not a quantized model
+        raise PairingError(f"{where}: {type(model).__name__} has no nn.Linear layers in its blocks to quantize "
+                           f"(GPT-2's blocks are Conv1D; BERT- and Llama-style models are supported)")
+
+
 def quantize_model(model: nn.Module, spec: dict, where: str = "quant") -> nn.Module:
     """Apply `spec` ({weights, activations, keep_fp, attention, split}) in place and return the model.
 
     A model that is already quantized moves to the new precision: ternary -> binary splits each weight
     (BinaryBERT) when `split` is on; a new activation width gets fresh quantizers."""
     weights, acts = spec["weights"], spec["activations"]
-    if getattr(model, "main_input_name", "input_ids") != "input_ids":
-        # transformers saves ViT-family weights under other names than its modules carry, which our loader of
-        # quantized students does not translate: such a student would train and then not load back
-        raise PairingError(f"{where}: quantization-aware training takes text models (BERT- and Llama-style); "
-                           f"{type(model).__name__} reads {model.main_input_name} and is not supported yet")
     keep_fp = list(spec.get("keep_fp", ["embeddings", "classifier"]))
     if "embeddings" not in keep_fp:
         raise ConfigError(f"{where}.keep_fp: quantized embeddings are not supported; keep 'embeddings' in the list")
-    num_layers = layer_count(model.config)
-    path, blocks = find_layers(model, num_layers)
+    check_quantizable(model, where)
+    path, blocks = find_layers(model, layer_count(model.config))
     layers = _quantizable(model, path, keep_fp)
-    if not any(name.startswith(path + ".") for name, _ in layers):  # the head alone is not a quantized model
-        raise PairingError(f"{where}: {type(model).__name__} has no nn.Linear layers in its blocks to quantize "
-                           f"(GPT-2's blocks are Conv1D; BERT- and Llama-style models are supported)")
     after_activation = activation_readers(model, layers)
     for name, mod in layers:
         if isinstance(mod, nn.Linear):
