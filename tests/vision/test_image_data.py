@@ -170,18 +170,28 @@ def test_models_and_records_that_cannot_meet_are_named_before_training():
                                                    intermediate_size=32, image_size=size, patch_size=4,
                                                    num_channels=channels))
 
-    images = [{"image": np.zeros((1, 8, 8), dtype=np.float32), "label": "0"}]
+    images = {"train": [{"image": np.zeros((1, 8, 8), dtype=np.float32), "label": "0"}], "eval": []}
     collator = ImageCollator(16, 1)
     check_image_fits({"teacher": vit(16, 1), "student": vit(16, 1)}, collator, images)
     convnet = ResNetForImageClassification(ResNetConfig(num_channels=1, embedding_size=8, hidden_sizes=[8],
                                                         depths=[1], layer_type="basic"))
     check_image_fits({"teacher": convnet, "student": vit(16, 1)}, collator, images)  # a convnet takes any size
-    with pytest.raises(PairingError, match="teacher takes 32×32 images, but they are resized to 16×16"):
-        check_image_fits({"teacher": vit(32, 1), "student": vit(16, 1)}, collator, images)
+    with pytest.raises(PairingError, match="teacher takes 32×32 images, but they are resized to 16×16.*set "
+                                           "data.image_size to 32"):
+        check_image_fits({"teacher": vit(32, 1), "student": vit(32, 1)}, collator, images)
     with pytest.raises(PairingError, match="student reads 3-channel images and the data is made 1-channel"):
-        check_image_fits({"teacher": vit(16, 1), "student": vit(16, 3)}, collator, images)
-    with pytest.raises(DataError, match="an image model trains on images .* 'a gloss'"):
-        check_image_fits({"teacher": vit(16, 1)}, collator, images + [{"text": "a gloss", "label": "0"}])
+        check_image_fits({"student": vit(16, 3)}, collator, images)
+    # teacher and student fixed to different inputs: no data.image_size serves both, a student built from the teacher does
+    for teacher, student, said in [((32, 1), (16, 1), "32×32 images and student 16×16"),
+                                   ((16, 3), (16, 1), "3-channel images and student 1-channel")]:
+        with pytest.raises(PairingError, match=f"teacher takes {said}: they cannot read the same batch.*"
+                                               f"student: {{config: "):
+            check_image_fits({"teacher": vit(*teacher), "student": vit(*student)}, collator, images)
+    with pytest.raises(DataError, match="data.train: an image model trains on images .* 'a gloss'"):
+        check_image_fits({"teacher": vit(16, 1)}, collator,
+                         {"train": images["train"] + [{"text": "a gloss", "label": "0"}]})
+    with pytest.raises(DataError, match="data.eval: an image model is scored on images .* 'a gloss'"):
+        check_image_fits({"teacher": vit(16, 1)}, collator, {**images, "eval": [{"text": "a gloss", "label": "0"}]})
 
 
 def test_a_student_of_another_modality_than_the_teachers_task_is_named():

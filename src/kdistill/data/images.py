@@ -212,14 +212,41 @@ def image_shape(config, data_size: int | None) -> tuple[int, int]:
     return int(size), int(getattr(config, "num_channels", 3))
 
 
-def check_image_fits(models: dict, collator: ImageCollator, records: list[dict], prefix: str = "") -> None:
+def fixed_input(config) -> tuple[int | None, int | None]:
+    """(image size, channels) a model is fixed to: a patch model's size (its positions), any model's channels."""
+    size = getattr(config, "image_size", None) if getattr(config, "patch_size", None) else None
+    return (size[0] if isinstance(size, (list, tuple)) else size), getattr(config, "num_channels", None)
+
+
+def check_models_agree(models: dict) -> None:
+    """Teacher and student fixed to different inputs cannot share a batch, whatever data.image_size says: name the
+    way out (a student built from the teacher takes its input) rather than a size one of them then refuses."""
+    if len(models) != 2:
+        return
+    (first, a), (second, b) = ((where, fixed_input(model.config)) for where, model in models.items())
+    clashes = [(x, y, unit) for x, y, unit in ((a[0], b[0], "px"), (a[1], b[1], "-channel")) if None not in (x, y)
+               and x != y]
+    if clashes:
+        def said(side):
+            return " ".join(f"{side[0]}×{side[0]}" if unit == "px" else f"{side[1]}-channel" for *_, unit in clashes)
+
+        raise PairingError(f"{first} takes {said(a)} images and {second} {said(b)}: they cannot read the same batch. "
+                           f"A student built from the teacher takes the teacher's input (`student: {{config: "
+                           f"{{num_hidden_layers: 3, hidden_size: 192}}}}`, or `from_teacher: {{layers: [...]}}`); "
+                           f"or pair a student made for the teacher's images")
+
+
+def check_image_fits(models: dict, collator: ImageCollator, records: dict[str, list[dict]], prefix: str = "") -> None:
     """Images the models can read, named before the first step (the models' own errors come from deep inside
-    their forward): image records, each model's channel count, and a ViT's fixed input size."""
-    text = next((r for r in records if not is_image_record(r)), None)
-    if text is not None:
-        raise DataError(f"{prefix}data.train: an image model trains on images (a folder of class folders, a table "
-                        f"with `image: FIELD`, or the digits corpus), but a record has none: "
-                        f"{str(text.get('text', text))[:60]!r}")
+    their forward): image records in each split ({"train": ..., "eval": ...}), each model's channel count, and a
+    ViT's fixed input size."""
+    for split, rows in records.items():
+        text = next((r for r in rows if not is_image_record(r)), None)
+        if text is not None:
+            raise DataError(f"{prefix}data.{split}: an image model {'trains' if split == 'train' else 'is scored'} on "
+                            f"images (a folder of class folders, a table with `image: FIELD`, or the digits corpus), "
+                            f"but a record has none: {str(text.get('text', text))[:60]!r}")
+    check_models_agree(models)
     for where, model in models.items():
         config = model.config
         channels = getattr(config, "num_channels", None)

@@ -276,7 +276,8 @@ def image_preprocessing(teacher, student, collator, train: list[dict], evals: li
     fit both models."""
     from kdistill.data.images import check_image_fits, check_images_open, image_processor
 
-    check_image_fits({f"{prefix}teacher": teacher, f"{prefix}student": student}, collator, train, prefix)
+    check_image_fits({f"{prefix}teacher": teacher, f"{prefix}student": student}, collator,
+                     {"train": train, "eval": evals}, prefix)
     check_images_open(train + evals, prefix)
     if getattr(student.config, "image_size", None) not in (None, collator.image_size):
         # a size-free model (a CNN) trained at data.image_size: its saved config says that size, which
