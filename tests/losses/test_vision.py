@@ -13,10 +13,11 @@ B, GRID, P = 3, 4, 16  # 3 images of a 4×4 patch grid
 PIXELS = {"pixel_values": torch.zeros(B, 1, 16, 16), "labels": torch.zeros(B, dtype=torch.long)}
 
 
-def info(layers=2, hidden=8, heads=2, prefix=1):
+def info(layers=2, hidden=8, heads=2, prefix=1, patches=0):
     return ModelInfo(model_type="vit", task="image-classification", num_layers=layers, hidden_size=hidden,
                      num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads, vocab_size=None,
-                     is_decoder=False, layers_path="vit.encoder.layer", pooling="cls", prefix_tokens=prefix)
+                     is_decoder=False, layers_path="vit.encoder.layer", pooling="cls", prefix_tokens=prefix,
+                     patches=patches)
 
 
 def term(spec, s=None, t=None):
@@ -173,6 +174,36 @@ def test_vitkd_pairing_errors_name_the_field_and_the_fix():
         tm(hidden([1, 2], 8), {"logits": torch.randn(B, 3)}, PIXELS)
     with pytest.raises(PairingError, match="pixel_values"):
         tm(hidden([1, 2], 8), hidden([1, 2], 8), {"input_ids": torch.zeros(B, 4, dtype=torch.long)})
+
+
+def test_models_that_cut_an_image_into_other_tokens_are_refused_when_the_term_is_built():
+    # the patch grid differs (16 against 4 patches): terms pairing patches say so before a batch is read
+    for spec in ({"type": "vitkd"}, {"type": "manifoldkd"}, {"type": "cka", "tokens": "patches"}):
+        with pytest.raises(PairingError, match=r"losses\[0\].*16 patch tokens per image, the teacher 4.*patch grid"):
+            term(spec, info(patches=16), info(patches=4))
+    # whole-sequence terms: a DeiT student's two prefix tokens against a ViT teacher's one (torch: a shape mismatch)
+    deit, vit = info(prefix=2, patches=16), info(prefix=1, patches=16)
+    for spec in ({"type": "hidden_mse"}, {"type": "hidden_cosine"}, {"type": "attention_kl"},
+                 {"type": "attention_mse"}, {"type": "value_relation"}, {"type": "qkv_relation"}):
+        with pytest.raises(PairingError, match=r"losses\[0\]: the student's \w+\[\d\] has 18 tokens per image and "
+                                               r"the teacher's \w+\[\d\] 17 \(student 2 prefix \+ 16 patches"):
+            term(spec, deit, vit)
+    # the same patches, compared as patches, pair; text models (no patches) are not checked here
+    term({"type": "hidden_mse", "student_tap": "patches[2]", "teacher_tap": "patches[2]"}, deit, vit)
+    term({"type": "manifoldkd"}, deit, vit)
+    term({"type": "hidden_mse"}, info(prefix=0), info(prefix=0))
+
+
+def test_patches_per_image_come_from_the_config():
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    from kdistill.models.arch import model_info
+
+    vit = ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                             image_size=16, patch_size=4, num_channels=1))
+    bert = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                                vocab_size=50))
+    assert model_info(vit, "embedding").patches == 16 and model_info(bert, "embedding").patches == 0
 
 
 # ---------------------------------------------------------------- manifoldkd

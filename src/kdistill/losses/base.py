@@ -20,6 +20,32 @@ from kdistill.registry import Registry
 
 LOSSES: Registry[type["LossTerm"]] = Registry("loss")
 
+# taps with one row per image, not one per token
+PER_IMAGE_TAPS = ("pooled", "logits", "cls_logits", "distillation_logits", "distillation_token", "lm_head")
+
+
+def image_token_rows(kind: str, info: ModelInfo) -> int | None:
+    """Token rows per image in an image transformer's tap of this kind; None for text models and per-image taps."""
+    if not info.patches or kind in PER_IMAGE_TAPS:
+        return None
+    return info.patches + (0 if kind == "patches" else info.prefix_tokens)
+
+
+def same_image_tokens(pairs: list[tuple[str, str]], student: ModelInfo, teacher: ModelInfo, where: str) -> None:
+    """Terms that compare tokens position by position need both image models to cut an image into the same
+    tokens (torch's own error is a shape mismatch from deep inside the loss)."""
+    from kdistill.models.taps import parse_tap
+
+    for a, b in pairs:
+        rows = image_token_rows(parse_tap(a, student)[0], student), image_token_rows(parse_tap(b, teacher)[0], teacher)
+        if None not in rows and rows[0] != rows[1]:
+            raise PairingError(
+                f"{where}: the student's {a} has {rows[0]} tokens per image and the teacher's {b} {rows[1]} (student "
+                f"{student.prefix_tokens} prefix + {student.patches} patches, teacher {teacher.prefix_tokens} + "
+                f"{teacher.patches}), and this loss pairs them position by position: give both models the same patch "
+                f"grid (image_size / patch_size) and prefix tokens, or compare patches only (hidden_mse's "
+                f"student_tap and teacher_tap: patches[i], vitkd, manifoldkd, cka with tokens: patches)")
+
 
 def register_loss(name: str):
     def add(cls):

@@ -12,7 +12,7 @@ import torch
 from kdistill.errors import PairingError
 from kdistill.losses.base import LayerPairTerm, TermParams, register_loss
 from kdistill.losses.features import LayerSpec
-from kdistill.losses.vision import hidden_tap
+from kdistill.losses.vision import hidden_tap, same_patch_grid
 from kdistill.models.arch import ModelInfo
 
 
@@ -81,6 +81,8 @@ class CKA(LayerPairTerm):
                 f"{teacher.prefix_tokens} (e.g. ViT's CLS against DeiT's CLS + distillation token), so their "
                 f"token rows do not pair; use tokens: patches (or cls)"
             )
+        if params.tokens != "cls":
+            same_patch_grid(student, teacher, f"{where}.tokens")
 
     def forward(self, s, t, batch):
         mask = batch.get("attention_mask")

@@ -10,8 +10,8 @@ from kdistill.errors import PairingError, did_you_mean
 from kdistill.losses import functional as fn
 from kdistill.models.layer_map import PAIRS_EXAMPLE
 from kdistill.models.taps import parse_tap, tap_name, tap_spelling
-from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, sequence_count,
-                                  skip_cls_count, token_mask)
+from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, same_image_tokens,
+                                  sequence_count, skip_cls_count, token_mask)
 
 def layer_spec_shape(value):
     """A misspelt map name or a list of single layers, named with the form a map takes (pydantic's own messages
@@ -102,6 +102,7 @@ class _HiddenTerm(LossTerm):
             if kinds & set(NO_CLS_POSITION):
                 raise PairingError(f"{where}.skip_cls: tap kind(s) {sorted(kinds & set(NO_CLS_POSITION))} have no "
                                    f"[CLS] position to leave out; use hidden_states[i] taps or skip_cls: false")
+        same_image_tokens(self.pairs, student, teacher, where)
         self.projector = make_projector(params.projector, student.hidden_size, teacher.hidden_size, where)
 
     def student_taps(self):

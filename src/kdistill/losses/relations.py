@@ -8,7 +8,8 @@ from pydantic import Field
 
 from kdistill.errors import PairingError
 from kdistill.losses import functional as fn
-from kdistill.losses.base import LossTerm, layer_map, register_loss, same_heads, skip_cls_count, token_mask
+from kdistill.losses.base import (LossTerm, layer_map, register_loss, same_heads, same_image_tokens, skip_cls_count,
+                                  token_mask)
 from kdistill.losses.features import LayerSpec, SkipCLSParams
 
 
@@ -58,6 +59,7 @@ class _AttentionTerm(LossTerm):
         self.map = layer_map(params.layers, student, teacher, where)
         if any(0 in pair for pair in self.map.pairs):
             raise PairingError(f"{where}.layers: attention exists for layers 1..N only, not 0 (the embeddings)")
+        same_image_tokens(list(zip(self.student_taps(), self.teacher_taps())), student, teacher, where)
 
     def student_taps(self):
         return [f"{self.tap}[{s}]" for s, _ in self.map.pairs]
@@ -112,6 +114,7 @@ class ValueRelation(LossTerm):
         super().__init__(params, student, teacher, where)
         same_heads(student, teacher, where, "Use qkv_relation with relations: [v] and relation heads instead.")
         self.map = layer_map(params.layers, student, teacher, where)
+        same_image_tokens(list(zip(self.student_taps(), self.teacher_taps())), student, teacher, where)
 
     def student_taps(self):
         return [f"values[{s}]" for s, _ in self.map.pairs]
@@ -149,6 +152,7 @@ class QKVRelation(LossTerm):
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
         self.map = layer_map(params.layers, student, teacher, where)
+        same_image_tokens(list(zip(self.student_taps(), self.teacher_taps())), student, teacher, where)
         self.heads = params.relation_heads or teacher.num_heads
         for who, info in (("student", student), ("teacher", teacher)):
             width = info.num_heads * info.head_dim

@@ -45,11 +45,19 @@ def patch_tokens(taps: dict, name: str, info: ModelInfo, who: str, where: str) -
 
 def same_patch_count(student: torch.Tensor, teacher: torch.Tensor, where: str) -> None:
     if student.shape[1] != teacher.shape[1]:
-        raise PairingError(
-            f"{where}: the student has {student.shape[1]} patch tokens per image, the teacher {teacher.shape[1]}; "
-            f"this loss pairs patches position by position, so give both models the same image_size / patch_size "
-            f"(the same patch grid)"
-        )
+        raise PairingError(patch_grid_message(student.shape[1], teacher.shape[1], where))
+
+
+def same_patch_grid(student: ModelInfo, teacher: ModelInfo, where: str) -> None:
+    """The same check from the models' configs, when the term is built (so `validate --full` makes it too)."""
+    if student.patches and teacher.patches and student.patches != teacher.patches:
+        raise PairingError(patch_grid_message(student.patches, teacher.patches, where))
+
+
+def patch_grid_message(student: int, teacher: int, where: str) -> str:
+    return (f"{where}: the student has {student} patch tokens per image, the teacher {teacher}; this loss pairs "
+            f"patches position by position, so give both models the same image_size / patch_size (the same patch "
+            f"grid)")
 
 
 def require_images(batch: dict, where: str) -> None:
@@ -171,6 +179,7 @@ class ViTKD(LossTerm):
         super().__init__(params, student, teacher, where)
         if teacher.num_layers < 1:
             raise PairingError(f"{where}: the teacher has no transformer layers to read features from; {FEATURES_FIX}")
+        same_patch_grid(student, teacher, where)
         shallow = default_shallow(student, teacher) if params.shallow is None else [list(p) for p in params.shallow]
         self.shallow = LayerMap.resolve(shallow, student.num_layers, teacher.num_layers, f"{where}.shallow").pairs
         self.deep = resolve_pair(params.deep, student, teacher, f"{where}.deep")
@@ -284,6 +293,7 @@ class ManifoldKD(LayerPairTerm):
 
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
+        same_patch_grid(student, teacher, where)
 
     def forward(self, s, t, batch):
         require_images(batch, self.where)

@@ -36,6 +36,7 @@ class ModelInfo:
     pooling: str  # mean | cls | last
     # ViTs put special tokens before the patch tokens: CLS (ViT), CLS + distillation (DeiT)
     prefix_tokens: int = 0
+    patches: int = 0  # an image transformer's patch tokens per image, after its prefix tokens
     labels: list[str] | None = None  # a classifier's class names in output order
 
     @property
@@ -105,8 +106,17 @@ def model_info(model: nn.Module, task: str, pooling: str | None = None) -> Model
         num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
         vocab_size=getattr(config, "vocab_size", None), is_decoder=is_decoder,
         layers_path=path, pooling=pooling, prefix_tokens=PREFIX_TOKENS.get(config.model_type, 0),
-        labels=class_names(config, task),
+        patches=patch_count(config), labels=class_names(config, task),
     )
+
+
+def patch_count(config) -> int:
+    """Patch tokens per image of a ViT-style model (its fixed image_size over patch_size, squared); 0 for text."""
+    size, patch = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+    if not size or not patch:
+        return 0
+    size, patch = (v[0] if isinstance(v, (list, tuple)) else v for v in (size, patch))
+    return (size // patch) ** 2
 
 
 def class_names(config, task: str) -> list[str] | None:
