@@ -238,3 +238,18 @@ def test_a_16_bit_grey_image_keeps_its_range():
         grey, colour = read_image(f"{folder}/g16.png", 1), read_image(f"{folder}/g16.png", 3)
     assert grey.shape == (1, 64, 64) and colour.shape == (3, 64, 64)
     np.testing.assert_allclose(grey[0], gradient / 65535.0, atol=1e-6)
+
+
+def test_a_colour_image_turns_the_same_grey_from_a_file_and_from_a_dataset_column(tmp_path):
+    from PIL import Image
+
+    from kdistill.data.images import image_array
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8), "RGB")
+    img.save(tmp_path / "x.png")
+    collator = ImageCollator(12, 1)
+    from_file = collator.images([{"image_path": str(tmp_path / "x.png")}])  # PIL's convert("L")
+    from_column = collator.images([{"image": image_array(img)}])  # `datasets` decodes a PIL image, kept RGB
+    assert from_column.shape == from_file.shape == (1, 1, 12, 12)
+    assert (from_column - from_file).abs().max() <= 1 / 255  # PIL rounds its luma to 8 bits

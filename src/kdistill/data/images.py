@@ -96,6 +96,8 @@ def image_array(img, channels: int | None = None) -> np.ndarray:
     return grey if channels == 1 else np.repeat(grey, channels, axis=0)
 
 
+LUMA = torch.tensor([0.299, 0.587, 0.114])  # ITU-R 601-2, PIL's weights for RGB -> "L"
+
 JPEG_END = b"\xff\xd9"  # the end-of-image marker a complete JPEG closes with
 JPEG_TAIL = 4096  # bytes searched for it: some writers append metadata after it
 
@@ -175,8 +177,8 @@ class ImageCollator:
             if x.shape[0] != self.channels:
                 if x.shape[0] == 1:
                     x = x.expand(self.channels, -1, -1)
-                elif self.channels == 1:
-                    x = x.mean(0, keepdim=True)
+                elif self.channels == 1 and x.shape[0] == 3:  # the luma PIL's convert("L") gives a file's image
+                    x = (x * LUMA.view(3, 1, 1)).sum(0, keepdim=True)
                 else:
                     raise DataError(f"record {r.get('id')} has {x.shape[0]} channels; the model takes {self.channels}")
             # antialiased, as PIL's bilinear resize in the saved image processor is (it matters only when shrinking)
