@@ -192,6 +192,12 @@ def test_models_that_cut_an_image_into_other_tokens_are_refused_when_the_term_is
     term({"type": "hidden_mse", "student_tap": "patches[2]", "teacher_tap": "patches[2]"}, deit, vit)
     term({"type": "manifoldkd"}, deit, vit)
     term({"type": "hidden_mse"}, info(prefix=0), info(prefix=0))
+    convnet = ModelInfo(model_type="resnet", task="image-classification", num_layers=0, hidden_size=8, num_heads=0,
+                        num_kv_heads=0, head_dim=0, vocab_size=None, is_decoder=False, layers_path="", pooling="mean")
+    for spec in ({"type": "vitkd"}, {"type": "manifoldkd"}):  # it said "layer 1 is out of range"
+        with pytest.raises(PairingError, match=r"losses\[0\]: this term reads the student's patch tokens, and resnet "
+                                               r"has no transformer layers.*use a ViT or DeiT student"):
+            term(spec, convnet, info())
 
 
 def test_patches_per_image_come_from_the_config():

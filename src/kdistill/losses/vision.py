@@ -48,6 +48,13 @@ def same_patch_count(student: torch.Tensor, teacher: torch.Tensor, where: str) -
         raise PairingError(patch_grid_message(student.shape[1], teacher.shape[1], where))
 
 
+def transformer_student(student: ModelInfo, where: str) -> None:
+    if student.num_layers < 1:
+        raise PairingError(f"{where}: this term reads the student's patch tokens, and {student.model_type} has no "
+                           f"transformer layers (a convnet has no tokens): use a ViT or DeiT student "
+                           f"(e.g. blueprint:vit-3x96-p4)")
+
+
 def same_patch_grid(student: ModelInfo, teacher: ModelInfo, where: str) -> None:
     """The same check from the models' configs, when the term is built (so `validate --full` makes it too)."""
     if student.patches and teacher.patches and student.patches != teacher.patches:
@@ -176,6 +183,7 @@ class ViTKD(LossTerm):
     Params = ViTKDParams
 
     def __init__(self, params, student, teacher, where="losses"):
+        transformer_student(student, where)
         super().__init__(params, student, teacher, where)
         if teacher.num_layers < 1:
             raise PairingError(f"{where}: the teacher has no transformer layers to read features from; {FEATURES_FIX}")
@@ -292,6 +300,7 @@ class ManifoldKD(LayerPairTerm):
     teacher_fix = FEATURES_FIX
 
     def __init__(self, params, student, teacher, where="losses"):
+        transformer_student(student, where)
         super().__init__(params, student, teacher, where)
         same_patch_grid(student, teacher, where)
 
