@@ -126,7 +126,8 @@ def quantize_model(model: nn.Module, spec: dict, where: str = "quant") -> nn.Mod
     after_activation = activation_readers(model, layers)
     for name, mod in layers:
         if isinstance(mod, nn.Linear):
-            _set_module(model, name, QuantLinear.from_linear(mod, weights, acts, signed_input=name not in after_activation))
+            signed = name not in after_activation
+            _set_module(model, name, QuantLinear.from_linear(mod, weights, acts, signed_input=signed))
             continue
         if mod.weight_bits == 2 and weights == 1 and spec.get("split", True):
             try:
