@@ -51,7 +51,9 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
                 f"but {prefix}data has labels it does not know: {shown(unknown)}; "
                 + ("its config names no classes (transformers' LABEL_i placeholders): write the class names into "
                    "id2label and label2id of its config.json, in the order its head was trained on"
-                   if unnamed else "teacher and data must share their classes")
+                   if unnamed else "teacher and data must share their classes, even where the loss terms read only "
+                   "the teacher's features: the student's head takes the teacher's classes (a teacher of other "
+                   "classes is not supported yet)")
             )
         labels = known
     if not labels:
