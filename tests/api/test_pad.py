@@ -94,8 +94,8 @@ def test_answers_match_and_extraction_by_hand():
 
 @pytest.mark.parametrize("code, verdict, reason", [
     ("print(6 * 7)", "correct", "printed 42"),
-    ("print(41)", "wrong_answer", "printed 41, expected 42"),
-    ("x = 42", "no_output", "printed nothing (expected 42)"),
+    ("print(41)", "wrong_answer", "printed 41, which is not the answer"),
+    ("x = 42", "no_output", "printed nothing"),
     ("", "empty", "the completion holds no program"),
     ("print(42 / 0)", "error", "ZeroDivisionError: division by zero"),
     ("while True:\n    pass", "timeout", ""),

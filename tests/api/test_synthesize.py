@@ -78,7 +78,7 @@ def test_execution_filter_keeps_right_programs_and_drops_the_rest_with_reasons(t
     assert len(out) == 5 * 4 and summary["kept"] == 5 and summary["candidates"] == 20
     by_candidate = {j: [r for r in out if r["candidate"] == j] for j in range(4)}
     assert all(r["kept"] and r["verdict"] == "correct" for r in by_candidate[0])
-    assert all(not r["kept"] and r["verdict"] == "wrong_answer" and "printed 999, expected" in r["reason"]
+    assert all(not r["kept"] and r["verdict"] == "wrong_answer" and r["reason"] == "printed 999, which is not the answer"
                for r in by_candidate[1])
     assert all(r["verdict"] == "error" and "NameError" in r["reason"] for r in by_candidate[2])
     assert all(r["verdict"] == "timeout" for r in by_candidate[3])
@@ -140,10 +140,11 @@ def test_refine_feeds_the_error_back_once(tmp_path):
     assert summary["refine"] == {"tried": 5, "fixed": 4} and summary["kept"] == 4
     refine_prompts = [p for call in stub.calls for p in call if "# that program is wrong:" in p]
     assert len(refine_prompts) == 5  # once per failed candidate, never again
-    assert "printed 0, expected 5" in refine_prompts[0] and "print(0)" in refine_prompts[0]
+    assert "printed 0, which is not the answer" in refine_prompts[0] and "print(0)" in refine_prompts[0]
+    assert "5" not in refine_prompts[0].split("# that program is wrong:")[1].splitlines()[0]  # the answer, never
     fixed = next(r for r in rows(tmp_path / "out") if r["id"] == "p0")
     assert fixed["refined"] and fixed["kept"] and fixed["completion"] == "print(2 + 3)"
-    assert fixed["first_attempt"] == {"completion": "print(0)", "verdict": "wrong_answer", "reason": "printed 0, expected 5"}
+    assert fixed["first_attempt"] == {"completion": "print(0)", "verdict": "wrong_answer", "reason": "printed 0, which is not the answer"}
     assert fixed["text"] == "problem: two plus three\nprogram:\nprint(2 + 3)"  # trains on the original prompt
     still = next(r for r in rows(tmp_path / "out") if r["id"] == "p1")
     assert still["refined"] and not still["kept"] and still["verdict"] == "wrong_answer"
