@@ -135,6 +135,23 @@ def test_rounds_grow_the_pool_from_hard_and_easy_instructions(tiny_gpt2_dir, see
     assert not (root / "round-03" / "judgements.jsonl").exists()  # the last round only trains and scores
 
 
+def test_a_referee_that_judges_nothing_stops_the_round_with_its_reason(tiny_gpt2_dir, seeds, tmp_path):
+    from kdistill.errors import DataError
+
+    class FailingReferee(StubReferee):  # e.g. an llm_judge whose every answer is unreadable (HTTP 200 each time)
+        def judge(self, pairs):
+            return [Verdict(None, None, "no score in the judge's answer") for _ in pairs]
+
+    stage, out = lion_stage(tiny_gpt2_dir, seeds, tmp_path), tmp_path / "run"
+    with pytest.raises(DataError, match=r"lion.referee judged none of round 1's 6 pairs \(e.g. .no score in the "
+                                        r"judge's answer.\).*--resume"):  # it spun for ever, writing from nothing
+        run_lion(stage, out / "stages" / "main", out, answerer=StubTeacher(), referee=FailingReferee(),
+                 writer=StubWriter(), progress=False)
+    assert not (out / "stages" / "main" / "round-01" / "judgements.jsonl").exists()  # judged again on resume
+    with pytest.raises(ValueError, match="no judged instruction"):
+        plan([], [], 1, 1, __import__("random").Random(0))
+
+
 def test_a_killed_run_resumes_at_the_right_round_without_asking_the_teacher_again(tiny_gpt2_dir, seeds, tmp_path,
                                                                                    monkeypatch):
     stage = lion_stage(tiny_gpt2_dir, seeds, tmp_path)

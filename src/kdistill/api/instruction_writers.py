@@ -52,6 +52,8 @@ def plan(hard: list[dict], easy: list[dict], n_hard: int, n_easy: int, rng: rand
     """(kind, example) for each instruction to write: hard examples for the hard slots, easy ones for the
     rest, each used in turn (reshuffled) before any is used again. With no hard (or no easy) examples, the
     other kind fills every slot."""
+    if not hard and not easy and n_hard + n_easy > 0:  # sampling from nothing would never fill a slot
+        raise ValueError("no judged instruction to write new ones from")
     if not hard:
         n_hard, n_easy = 0, n_hard + n_easy
     if not easy:

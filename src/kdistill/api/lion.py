@@ -299,6 +299,10 @@ class Lion:
         verdicts = self.part("referee").judge(pairs) if pairs else []
         rows = [{"id": p["id"], "hard": v.hard, "score": v.score, "reason": v.reason, "raw": v.raw}
                 for p, v in zip(items, verdicts)]
+        if rows and all(row["hard"] is None for row in rows):  # nothing to write new instructions from
+            raise DataError(f"{self.where}.referee judged none of round {r}'s {len(rows)} pairs (e.g. "
+                            f"{rows[0]['reason']!r}): check its service, or that its answers can be read, then run "
+                            f"again with --resume (the round's answers are kept)")
         write_atomic(folder / JUDGEMENTS, jsonl(rows))
         return rows
 
