@@ -59,6 +59,27 @@ def test_a_sleeping_program_is_stopped_by_the_wall_clock():
 
 
 @needs_isolation
+def test_ctrl_c_while_a_program_runs_kills_it_at_once(monkeypatch):
+    import subprocess
+    import time
+
+    wait = subprocess.Popen.wait
+
+    def interrupted(self, timeout=None):  # Ctrl-C lands while the supervisor waits for the deadline
+        if timeout is None:
+            return wait(self)
+        time.sleep(0.3)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess.Popen, "wait", interrupted)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        run_program("import time; time.sleep(60)", timeout_s=30)
+    assert time.monotonic() - start < 10  # it waited for the program to end by itself
+    assert sandbox_processes() == []
+
+
+@needs_isolation
 def test_a_memory_hog_is_stopped():
     result = run_program("hog = bytearray(2 * 1024 ** 3)", memory_mb=128)
     assert result.verdict == "memory" and "128 MB" in result.detail

@@ -207,13 +207,20 @@ def _supervise(work, command, stdin, timeout_s, *, cwd=None, env=None, pass_fds=
             timed_out = False
         except subprocess.TimeoutExpired:
             timed_out = True
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)  # unshare --kill-child then takes the namespace down
-            except ProcessLookupError:
-                pass
-            proc.wait()
+            _kill_group(proc)
+        except BaseException:  # Ctrl-C while waiting: the program must not outlive its deadline, or the run
+            _kill_group(proc)
+            raise
     wall = time.monotonic() - start
     return _Outcome(_read(paths["stdout"]), _read(paths["stderr"]), proc.returncode, timed_out, wall, timeout_s)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # unshare --kill-child then takes the namespace down
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def _judge(outcome: _Outcome, returncode, cpu, limits, isolated) -> SandboxResult:
