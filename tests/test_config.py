@@ -471,3 +471,14 @@ def test_the_public_load_model_refuses_a_task_whose_head_the_model_lacks():
                                           r"its head would be random weights"):
         kdistill.load_model("packaged:all-MiniLM-L6-v2", task="causal-lm")
     assert kdistill.load_model("packaged:all-MiniLM-L6-v2", task="embedding").task == "embedding"
+
+
+def test_a_key_pasted_through_set_is_not_repeated():
+    override = ('stages.0.synthesize.teacher={api: {base_url: "http://x/v1", model: m, '
+                'api_key_env: "sk-SECRETVALUE999"}}')
+    with pytest.raises(ConfigError, match=r"(?s)with --set stages\.0\.synthesize\.teacher=…: invalid recipe.*"
+                                          r"api_key_env: .*never the key itself") as said:
+        load_recipe("pad", [override])
+    assert "SECRETVALUE" not in str(said.value)
+    with pytest.raises(ConfigError, match=r"with --set train\.stpes=5"):  # other values are shown as given
+        load_recipe("pad", ["train.stpes=5"])

@@ -287,6 +287,15 @@ def build_recipe(raw: dict, source: str = "recipe") -> Recipe:
         raise ConfigError(format_validation(err, "", source, Recipe)) from None
 
 
+SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def shown_override(assignment: str) -> str:
+    """An override as an error repeats it: its value left out where it may hold a credential."""
+    path, _, value = assignment.partition("=")
+    return f"{path}=…" if any(word in assignment.lower() for word in SECRET_WORDS) else assignment
+
+
 def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> Recipe:
     """A validated Recipe from a file, a built-in name, or a dict, with `a.b=value` overrides applied."""
     if not isinstance(ref, (str, Path, dict)):
@@ -306,5 +315,5 @@ def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] =
     if output is not None:
         raw["output"] = output
     if overrides:  # a bad value may be the override's, not the file's
-        source = f"{source} with --set {' '.join(overrides)}"
+        source = f"{source} with --set {' '.join(map(shown_override, overrides))}"
     return build_recipe(raw, source)
