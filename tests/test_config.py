@@ -482,3 +482,11 @@ def test_a_key_pasted_through_set_is_not_repeated():
     assert "SECRETVALUE" not in str(said.value)
     with pytest.raises(ConfigError, match=r"with --set train\.stpes=5"):  # other values are shown as given
         load_recipe("pad", ["train.stpes=5"])
+
+
+def test_a_service_url_with_credentials_is_refused_without_repeating_them():
+    for url in ("https://user:tok-XYZ987@api.example.com/v1", "https://api.example.com/v1?k=tok-XYZ987"):
+        with pytest.raises(ConfigError, match=r"base_url: .*holds credentials or a query string") as said:
+            load_recipe("pad", [f'stages.0.synthesize.teacher={{api: {{base_url: "{url}", model: m}}}}'])
+        assert "XYZ987" not in str(said.value)
+    load_recipe("pad", ['stages.0.synthesize.teacher={api: {base_url: "http://127.0.0.1:8000/v1", model: m}}'])

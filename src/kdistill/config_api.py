@@ -45,6 +45,18 @@ class APITeacher(Strict):
     chat: bool = Field(False, description="ask /chat/completions with the prompt as one user message "
                        "(default: /completions with the prompt as it is)")
 
+    @field_validator("base_url")
+    @classmethod
+    def no_credentials_in_the_url(cls, value):
+        # the URL is written into every generated row, config.resolved.yaml and error messages
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.username or parts.password or parts.query:
+            raise ValueError("holds credentials or a query string (user:token@host, ?key=...), which would be saved "
+                             "with the run: give the plain service URL and the key's variable in api_key_env")
+        return value
+
     @field_validator("api_key_env")
     @classmethod
     def a_name_not_a_key(cls, value):

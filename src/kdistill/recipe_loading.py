@@ -292,8 +292,10 @@ SECRET_WORDS = ("key", "token", "secret", "password")
 
 def shown_override(assignment: str) -> str:
     """An override as an error repeats it: its value left out where it may hold a credential."""
-    path, _, value = assignment.partition("=")
-    return f"{path}=…" if any(word in assignment.lower() for word in SECRET_WORDS) else assignment
+    path = assignment.partition("=")[0]
+    in_url = re.search(r"://[^/@\s]+@|://\S*\?", assignment)  # user:token@host, or a query string
+    credentials = in_url or any(word in assignment.lower() for word in SECRET_WORDS)
+    return f"{path}=…" if credentials else assignment
 
 
 def load_recipe(ref: str | Path | dict, overrides: list[str] | tuple[str, ...] = (), output: str | None = None) -> Recipe:
