@@ -188,6 +188,38 @@ def test_a_killed_run_resumes_at_the_right_round_without_asking_the_teacher_agai
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)  # the same student, bit for bit
 
 
+def test_teacher_answers_that_failed_stop_the_round_and_are_asked_again_on_resume(tiny_gpt2_dir, seeds, tmp_path):
+    from kdistill.errors import DataError
+
+    class FlakyTeacher(StubTeacher):  # 'horse' and 'mouse' fail their retries once (a 503 burst), then answer
+        def __init__(self, failing=("horse", "mouse")):
+            super().__init__()
+            self.failing, self.prompts = set(failing), []
+
+        def sample(self, prompts, seeds, n, sampling, logprobs=False):
+            self.prompts += prompts
+            out = super().sample(prompts, seeds, n, sampling, logprobs)
+            return [[Sample("", None, error="HTTP 503")] if any(w in p for w in self.failing) else s
+                    for p, s in zip(prompts, out)]
+
+    stage, out = lion_stage(tiny_gpt2_dir, seeds, tmp_path), tmp_path / "run"
+    with pytest.raises(DataError, match=r"lion.teacher: 2 of round 1's 6 answers failed \(first: HTTP 503\); the 4 "
+                                        r"that came back are kept: run again with --resume"):
+        run(stage, out, FlakyTeacher(), StubWriter())  # before: trained on 4, and the 2 lost to every later round
+    round_1 = out / "stages" / "main" / "round-01"
+    assert not (round_1 / "answers.jsonl").exists() and len(read_rows(round_1 / "answers.partial.jsonl")) == 4
+    again = FlakyTeacher(failing=())
+    run(stage, out, again, StubWriter(), resume=True)
+    assert sorted(p.split(":")[1].split("(")[0].strip() for p in again.prompts[:2]) == ["horse", "mouse"]
+    answers = read_rows(round_1 / "answers.jsonl")
+    assert len(answers) == 6 and all(a["error"] is None for a in answers)
+    assert not (round_1 / "answers.partial.jsonl").exists()
+
+
+def read_rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 @needs_wordnet
 # train_on: new with 2 new instructions trains round 2 on 2 rows under batch_size 4: generated data is trained on,
 # not refused as a batch twice the data (the run's teacher answers are already paid for)

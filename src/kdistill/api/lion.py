@@ -45,7 +45,7 @@ from kdistill.errors import CheckpointError, DataError
 
 POOL, ANSWERS, IMITATION, STUDENT = "pool.jsonl", "answers.jsonl", "imitation.jsonl", "student"
 STUDENT_ANSWERS, JUDGEMENTS, NEW, NEW_FAILURES = "student_answers.jsonl", "judgements.jsonl", "new.jsonl", "new_failures.jsonl"
-DONE = "done.json"
+DONE, ANSWERS_SO_FAR = "done.json", "answers.partial.jsonl"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -167,8 +167,8 @@ class Lion:
         if self.console is not None:
             hard = f", {summary['hard']} hard of {len(judged)} judged" if judged else ""
             rouge = f", held-out ROUGE-L {score:.4f}" if score is not None else ""
-            unanswered = summary["teacher_failures"]  # counted, not retried: a round trains on what came back
-            lost = f" ({unanswered} unanswered: teacher errors or empty answers, in {ANSWERS})" if unanswered else ""
+            unanswered = summary["teacher_failures"]  # failed answers stop the round (answer()); empty ones are counted
+            lost = f" ({unanswered} unanswered: empty answers, in {ANSWERS})" if unanswered else ""
             self.console.print(f"lion round {r}: {len(new)} new instructions{lost}, trained on {len(rows)}{hard}{rouge}",
                                highlight=False)
         return summary
@@ -207,23 +207,35 @@ class Lion:
     # ---- 1. imitation --------------------------------------------------------------------------
 
     def answer(self, r: int, new: list[dict]) -> None:
-        path = self.round_dir(r) / ANSWERS
+        """The teacher's answer to each new instruction. One that failed after the client's retries stops the
+        round, keeping those that came back (ANSWERS_SO_FAR), so a resumed run asks only the rest: an instruction
+        is never silently left out of every round after."""
+        path, kept_path = self.round_dir(r) / ANSWERS, self.round_dir(r) / ANSWERS_SO_FAR
         if path.exists():
             return
         answerer, cfg = self.part("answerer"), self.cfg
         if not self.checked:
             answerer.check()  # a dead service fails here, clearly, before anything is asked
             self.checked = True
-        rows = []
-        with self.bar(f"round {r}: teacher answers", len(new)) as (bar, task):
-            for start in range(0, len(new), cfg.batch_size):
-                batch = new[start:start + cfg.batch_size]
+        kept = {row["id"]: row for row in read_jsonl(kept_path)} if kept_path.exists() else {}
+        ask = [p for p in new if p["id"] not in kept]
+        with self.bar(f"round {r}: teacher answers", len(ask)) as (bar, task):
+            for start in range(0, len(ask), cfg.batch_size):
+                batch = ask[start:start + cfg.batch_size]
                 seeds = [prompt_seed(cfg.answers.seed, p["id"]) for p in batch]
                 samples = answerer.sample([p["prompt"] for p in batch], seeds, 1, cfg.answers)
-                rows += [{"id": p["id"], "prompt": p["prompt"], "answer": s.text, "error": s.error,
-                          "finish_reason": s.finish_reason} for p, (s, *_) in zip(batch, samples)]
+                kept.update({p["id"]: {"id": p["id"], "prompt": p["prompt"], "answer": s.text, "error": s.error,
+                                       "finish_reason": s.finish_reason} for p, (s, *_) in zip(batch, samples)})
                 bar.advance(task, len(batch))
+        rows = [kept[p["id"]] for p in new]
+        failed = [row for row in rows if row["error"] is not None]
+        if failed:
+            write_atomic(kept_path, jsonl(row for row in rows if row["error"] is None))
+            raise DataError(f"{self.where}.teacher: {len(failed)} of round {r}'s {len(rows)} answers failed (first: "
+                            f"{failed[0]['error']}); the {len(rows) - len(failed)} that came back are kept: run again "
+                            f"with --resume to ask the rest")
         write_atomic(path, jsonl(rows))
+        kept_path.unlink(missing_ok=True)
 
     def imitation_rows(self, r: int, new: list[dict], answers: dict[str, dict]) -> list[dict]:
         ids = [p["id"] for p in new] if self.cfg.train_on == "new" else list(answers)
