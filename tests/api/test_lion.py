@@ -408,7 +408,11 @@ def test_the_lion_block_is_checked_by_field():
 
 
 def test_the_comparison_table_has_a_row_per_round_and_the_teacher_for_scale():
-    from kdistill.api.lion_compare import table
+    from kdistill.api.lion_compare import hard_fraction, table
+
+    # referee failures (judged, neither hard nor easy) count in neither part of the share
+    assert hard_fraction({"hard": 2, "easy": 3, "judged": 10}) == 0.4
+    assert hard_fraction({"hard": 0, "easy": 0, "judged": 4}) is None
 
     run = {"seed": 0, "rouge_l": [0.02, 0.06, 0.09], "teacher_answers": [0, 200, 400], "hard_fraction": [0.7, None]}
     result = {"runs": {"lion": [run, {**run, "rouge_l": [0.02, 0.08, 0.11]}], "lion-random": [run]}, "seeds": 2,

@@ -78,8 +78,7 @@ def compare_lion(seeds: int = 1, output: str | Path = "runs/lion-compare", overr
             runs[name].append({"seed": seed, "wall_time_s": round(sum(r["wall_time_s"] for r in summary["rounds"]), 1),
                                "rouge_l": [summary["eval_before"]] + [r["eval_rouge_l"] for r in summary["rounds"]],
                                "teacher_answers": [0] + [r["teacher_answers_total"] for r in summary["rounds"]],
-                               "hard_fraction": [r["hard"] / r["judged"] if r["judged"] else None
-                                                 for r in summary["rounds"]]})
+                               "hard_fraction": [hard_fraction(r) for r in summary["rounds"]]})
     recipe = variant_recipe("lion", 0, output, cache, routed["lion"])
     result = {"variants": VARIANTS, "seeds": seeds, "overrides": routed, "runs": runs,
               "teacher_rouge_l": teacher_score(recipe), "eval_prompts": recipe.stages[0].lion.eval_limit,
@@ -87,6 +86,12 @@ def compare_lion(seeds: int = 1, output: str | Path = "runs/lion-compare", overr
     from kdistill.api.pad import write_report
 
     return write_report(output / "lion-compare", result, table(result), console)
+
+
+def hard_fraction(round_summary: dict) -> float | None:
+    """The share of hard ones among the pairs the referee did judge: a failed judgement is neither."""
+    judged = round_summary["hard"] + round_summary["easy"]
+    return round_summary["hard"] / judged if judged else None
 
 
 def table(result: dict) -> str:
