@@ -11,7 +11,7 @@ from kdistill.config import Stage
 from kdistill.data import TextCollator, label_names, load_records
 from kdistill.data.sources import spread
 from kdistill.data.collate import check_prompts_lead
-from kdistill.engine.classes import check_all_or_none_labelled, class_head
+from kdistill.engine.classes import check_all_or_none_labelled, check_teacher_classes, class_head, give_head
 from kdistill.engine.params import check_freeze, check_globs
 from kdistill.errors import CheckpointError, ConfigError, DataError, PairingError, article
 from kdistill.losses import LOSSES, LossTerm
@@ -301,26 +301,29 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     stage, teacher_ref, task = locate_teacher(stage, prefix, console, progress)
     cached = stage.teacher.source == "cache"
     torch.manual_seed(stage.train.seed)  # a new classification head is initialised while loading
-    labels, head = None, {}
+    labels, head, foreign = None, {}, None
     if task in ("classification", "image-classification"):
         check_all_or_none_labelled(train, prefix)
-        labels, head = class_head(stage, teacher_ref, train + evals, prefix)
+        labels, head, foreign = class_head(stage, teacher_ref, train + evals, prefix)
         eval_only = sorted(set(label_names(evals)) - set(label_names(train)))
         if eval_only and console is not None:
             console.print(f"[yellow]{prefix}data.eval has {len(eval_only)} class(es) the training data lacks "
                           f"({', '.join(eval_only[:5])}{', ...' if len(eval_only) > 5 else ''})[/yellow]: the "
                           f"student gets outputs for them but no training record of them")
+    teacher_head = {} if foreign else head  # a teacher of other classes keeps its own head
     if cached:
-        loaded = skeleton(teacher_ref, task, head, stage.teacher.trust_remote_code)
+        loaded = skeleton(teacher_ref, task, teacher_head, stage.teacher.trust_remote_code)
     else:
         blueprint = head and is_blueprint(stage.teacher.model)  # a random head of other classes
-        loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **head,
+        loaded = load_model(teacher_ref, task, stage.teacher.trust_remote_code, **teacher_head,
                             **({"ignore_mismatched_sizes": True} if blueprint else {}))
     teacher = loaded.model.eval().requires_grad_(False)
     pooling = read_pooling(loaded.path)
     teacher_info = model_info(teacher, loaded.task, pooling)
     student = build_student(stage.student, teacher, loaded.task, stage.train.seed, previous_student, head,
                             stage.train.steps, stage.teacher.trust_remote_code)
+    if foreign and getattr(student.config, "id2label", None) != head["id2label"]:  # built from the teacher's class
+        give_head(student, head)
     if loaded.task != "image-classification":
         new_tokens = stage.on_policy.max_new_tokens if stage.on_policy and stage.on_policy.fraction > 0 else 0
         check_text_fits(student, teacher, loaded.tokenizer, stage.data.max_length, prefix, new_tokens)
@@ -356,6 +359,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     s_reader, t_reader = TapReader(student, student_info), TapReader(teacher, teacher_info)
     student_taps = set().union(*(s_reader.canonical(t.student_taps(), t.where) for t in terms))
     teacher_taps = set().union(*(t_reader.canonical(t.teacher_taps(), t.where) for t in terms))
+    check_teacher_classes(foreign, labels, terms, teacher_taps, prefix)
     if stage.on_policy is not None and (cached or student_info.task != "causal-lm"):
         raise ConfigError(f"{prefix}on_policy: the student samples its own continuations, which needs a causal-LM "
                           f"student and a live teacher to score them (not a teacher store)")

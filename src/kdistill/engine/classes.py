@@ -34,28 +34,30 @@ def shown(names: list[str], most: int = 5) -> str:
     return ", ".join(names[:most]) + (", ..." if len(names) > most else "")
 
 
-def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str) -> tuple[list[str], dict]:
-    """Class names in the teacher's own order when it already is a classifier; else a new head's."""
+def class_head(stage: Stage, teacher_ref: str, records: list[dict],
+               prefix: str) -> tuple[list[str], dict, list[str] | None]:
+    """(class names, the student's head, the teacher's own classes where they are not the data's).
+
+    The classes are the teacher's, in its order, when it already is a classifier of them; else the data's, for a
+    new head. A classifier teacher of other classes keeps its own head and the student gets one of the data's
+    classes: only terms that read the teacher's features can use it (`check_teacher_classes`)."""
     _, config = load_config(teacher_ref, stage.teacher.trust_remote_code)
     # train and eval (a class seen only in eval still needs an output), and every class a built-in source declares
     labels = label_names(records + [{"label": name} for name in declared_classes(stage)])
     known = [config.id2label[i] for i in range(len(config.id2label))] if getattr(config, "id2label", None) else []
     # a blueprint is a fresh random init: its head takes the data's classes
     blueprint = is_blueprint(stage.teacher.model)
+    foreign = None
     if has_classifier_head(config) and not blueprint:
         unknown = sorted(set(labels) - set(known))
+        if unknown and all(re.fullmatch(r"LABEL_\d+", name) for name in known):
+            raise PairingError(f"{unknown_classes(known, unknown, prefix)}; its config names no classes (transformers' "
+                               f"LABEL_i placeholders): write the class names into id2label and label2id of its "
+                               f"config.json, in the order its head was trained on")
         if unknown:
-            unnamed = all(re.fullmatch(r"LABEL_\d+", name) for name in known)
-            raise PairingError(
-                f"{prefix}teacher.model is a classifier over {len(known)} classes ({shown(known)}) "
-                f"but {prefix}data has labels it does not know: {shown(unknown)}; "
-                + ("its config names no classes (transformers' LABEL_i placeholders): write the class names into "
-                   "id2label and label2id of its config.json, in the order its head was trained on"
-                   if unnamed else "teacher and data must share their classes, even where the loss terms read only "
-                   "the teacher's features: the student's head takes the teacher's classes (a teacher of other "
-                   "classes is not supported yet)")
-            )
-        labels = known
+            foreign = known
+        else:
+            labels = known
     if not labels:
         raise DataError(f"{prefix}data has no labels, and the teacher is a classifier of a task not yet learned: "
                         f"give the label field of the data (e.g. label: y), or a teacher trained on the task")
@@ -65,4 +67,43 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict], prefix: str)
     # A base model gets a new head with these classes (e.g. to fine-tune a teacher); a student loaded
     # from a directory (a previous, task-agnostic stage) gets the same head.
     return labels, {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
-                    "label2id": {name: i for i, name in enumerate(labels)}}
+                    "label2id": {name: i for i, name in enumerate(labels)}}, foreign
+
+
+def unknown_classes(known: list[str], unknown: list[str], prefix: str) -> str:
+    return (f"{prefix}teacher.model is a classifier over {len(known)} classes ({shown(known)}) but {prefix}data has "
+            f"labels it does not know: {shown(unknown)}")
+
+
+PREDICTION_TAPS = ("logits", "cls_logits", "distillation_logits")
+
+
+def check_teacher_classes(foreign: list[str] | None, labels: list[str], terms, teacher_taps: set[str],
+                          prefix: str) -> None:
+    """A teacher of other classes than the data's (class_head) serves terms that read its features only."""
+    if foreign is None:
+        return
+    readers = [t.where for t in terms if any(tap.split("[")[0] in PREDICTION_TAPS for tap in t.teacher_taps())]
+    if readers or any(tap.split("[")[0] in PREDICTION_TAPS for tap in teacher_taps):
+        raise PairingError(f"{unknown_classes(foreign, sorted(set(labels) - set(foreign)), prefix)}; "
+                           f"{', '.join(readers) or 'a loss term'} read{'s' if len(readers) < 2 else ''} the teacher's "
+                           f"predictions, which need teacher and data to share their classes (terms that read only its "
+                           f"features, such as hidden_mse, vitkd or manifoldkd, take a teacher of other classes)")
+
+
+def give_head(student, head: dict) -> None:
+    """A new classification head of the data's classes on a student built from a teacher of other classes: each
+    linear layer writing the old class logits (BERT's and ViT's `classifier`, DeiT's two heads, RoBERTa's
+    `classifier.out_proj`) is replaced by a fresh one."""
+    from torch import nn
+
+    old = student.config.num_labels
+    for name, module in list(student.named_modules()):
+        if isinstance(module, nn.Linear) and module.out_features == old and ("classifier" in name or name == "score"):
+            parent, _, child = name.rpartition(".")
+            setattr(student.get_submodule(parent) if parent else student, child,
+                    nn.Linear(module.in_features, head["num_labels"], bias=module.bias is not None))
+    for key, value in head.items():
+        setattr(student.config, key, value)
+    if hasattr(student, "num_labels"):  # transformers' classifiers read their loss's kind from it
+        student.num_labels = head["num_labels"]
