@@ -118,6 +118,28 @@ def test_completion_only_left_padded(tokenizer):
         assert torch.equal(right["loss_mask"][row][r], padded["loss_mask"][row][p])
 
 
+def test_batches_are_right_padded_whatever_side_the_tokenizer_pads(tokenizer):
+    """The engine, the teacher store and the completion masks read a row from position 0: a left-padding tokenizer
+    (many instruct models ship one) gave a store whose rows were shifted, silently."""
+    from transformers import AutoTokenizer
+
+    left = AutoTokenizer.from_pretrained(tokenizer.name_or_path, padding_side="left")
+    right = TextCollator(tokenizer, max_length=64, completion_only=True)(RECORDS)
+    padded = TextCollator(left, max_length=64, completion_only=True)(RECORDS)
+    assert right.keys() == padded.keys() and all(torch.equal(right[k], padded[k]) for k in right)
+    assert padded["attention_mask"][0, 0] == 1 and padded["attention_mask"][0, -1] == 0
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token(tokenizer):
+    from transformers import AutoTokenizer
+
+    bare = AutoTokenizer.from_pretrained(tokenizer.name_or_path)
+    bare.pad_token, bare.eos_token = None, "[SEP]"  # as GPT-2's and Llama's tokenizers come: no pad token
+    batch = TextCollator(bare, max_length=64)(RECORDS)  # before: transformers' ValueError at step 0
+    short = int(batch["attention_mask"][0].sum())
+    assert (batch["input_ids"][0, short:] == bare.eos_token_id).all()
+
+
 def test_completion_only_names_a_batch_with_nothing_after_its_prompts(tokenizer):
     records = [{"text": "word: cat (noun)\ndefinition: a small animal", "prompt": "word: cat (noun)\ndefinition:"}]
     with pytest.raises(DataError, match=r"no record of this batch has a token after its prompt within max_length 6"):

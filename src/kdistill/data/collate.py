@@ -26,6 +26,26 @@ def implied_prompt_length(tokens: int) -> int:
     return max(1, tokens // 2)
 
 
+def fill_id(tokenizer) -> int:
+    """The id padding takes: the tokenizer's pad token, else its end token (GPT-2 and Llama tokenizers have no pad
+    token), else 0. Padded positions are masked out of every loss, so any id serves."""
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def pad_right(encoded: Mapping[str, list[list[int]]], pad: int) -> dict[str, torch.Tensor]:
+    """Each row padded on the right to the longest, whatever side the tokenizer pads on: the engine, the teacher
+    store and the completion masks read a row's tokens from position 0 (a left-padding tokenizer, as many instruct
+    models ship, would shift them silently)."""
+    longest = max(len(row) for row in encoded["input_ids"])
+    encoded = {"attention_mask": [[1] * len(row) for row in encoded["input_ids"]], **encoded}
+    fills = {"input_ids": pad, "attention_mask": 0, "token_type_ids": 0}
+    return {key: torch.tensor([list(row) + [fills[key]] * (longest - len(row)) for row in rows], dtype=torch.long)
+            for key, rows in encoded.items()}
+
+
 class TextCollator:
     """Tokenize a list of records {"text", ["text_pair"], ["label"]} into one padded batch.
 
@@ -55,10 +75,9 @@ class TextCollator:
                 raise DataError("some records in the batch have a text_pair and some do not; "
                                 "a data source must give text_pair for every record or none")
             pairs = [r["text_pair"] for r in records]
-        batch = self.tokenizer(texts, text_pair=pairs, padding="longest", truncation=True,
-                               max_length=self.max_length, return_tensors="pt")
+        encoded = self.tokenizer(texts, text_pair=pairs, truncation=True, max_length=self.max_length)
         keys = ("input_ids", "attention_mask", "token_type_ids") if self.token_types else ("input_ids", "attention_mask")
-        out = {k: v for k, v in batch.items() if k in keys}
+        out = pad_right({k: v for k, v in encoded.items() if k in keys}, fill_id(self.tokenizer))
         labels = self._labels(records)
         if labels is not None:
             out["labels"] = labels

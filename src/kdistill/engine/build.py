@@ -134,7 +134,9 @@ def positions_of(model) -> int | None:
 def pad_for_classifiers(models, tokenizer) -> None:
     """A classifier that pools the last real token (GPT-2, Llama) finds it by config.pad_token_id, and with
     none refuses any batch of two: give it the pad of the tokenizer that pads the batches (saved with it)."""
-    pad = getattr(tokenizer, "pad_token_id", None)
+    from kdistill.data.collate import fill_id
+
+    pad = fill_id(tokenizer) if tokenizer is not None else None
     for model in models:
         if pad is not None and getattr(model.config, "pad_token_id", 0) is None:
             model.config.pad_token_id = pad
