@@ -134,6 +134,13 @@ def test_minillm_without_generated_batches_and_contradictory_sampling_are_refuse
         load_recipe(minillm, ["on_policy.greedy=true"])
     with pytest.raises(ConfigError, match=r"generator: teacher and greedy: true \(SeqKD's writing\) cannot go"):
         load_recipe(str(builtin_recipes()["seqkd"]), ["on_policy.teacher_mix=0.3"])
+    # samples that are not the student's at temperature 1: every importance weight 1 would call them its own
+    for sets, said in ((["on_policy.teacher_mix=0", "on_policy.generator=teacher"], "generator: teacher"),
+                       (["on_policy.teacher_mix=0", "on_policy.greedy=true"], "greedy: true"),
+                       (["on_policy.temperature=0.7"], "temperature: 0.7")):
+        with pytest.raises(ConfigError, match=rf"minillm's policy gradient needs the student's own samples at "
+                                              rf"temperature 1 .*; on_policy has {said}: drop it"):
+            load_recipe(minillm, sets)
 
 
 def test_unknown_student_init_suggests():

@@ -257,6 +257,17 @@ class Stage(Strict):
             # on data batches the term is only its language-modelling loss: the run would be SFT under another name
             raise ValueError("losses: minillm learns from the student's own samples, and this stage generates none: "
                              "add on_policy: {fraction: 0.5} (MiniLLM's default), or use cross_entropy for plain SFT")
+        policy = self.on_policy
+        if generated and any(isinstance(t, dict) and t.get("type") == "minillm" for t in self.losses):
+            # its importance weights correct mixed sampling toward the student at temperature 1, nothing else
+            off = [field for field, wrong in (("generator: teacher", policy.generator == "teacher"),
+                                              ("greedy: true", policy.greedy),
+                                              (f"temperature: {policy.temperature:g}", policy.temperature != 1))
+                   if wrong]
+            if off:
+                raise ValueError(f"losses: minillm's policy gradient needs the student's own samples at temperature "
+                                 f"1 (teacher_mix, MiniLLM's mixing, is allowed); on_policy has {', '.join(off)}: "
+                                 f"drop {'it' if len(off) == 1 else 'them'}, or use logit_kd for SeqKD-style data")
         return self
 
 
