@@ -68,6 +68,10 @@ class TeacherConfig(Strict):
         if self.source == "live" and (self.path is not None or self.top_k != type(self).model_fields["top_k"].default):
             # else silently a live teacher: the store the user meant is never read
             raise ValueError("path: and top_k: describe a teacher store; add source: cache (or drop them)")
+        if self.path and "top_k" in self.model_fields_set:  # else silently the store's own k
+            raise ValueError("top_k: says how the automatic teacher store is built; a store at a path keeps the k it "
+                             "was built with: drop top_k, or cut the store to a smaller k with `kdistill cache-teacher "
+                             "--from-store STORE --k K`")
         if self.sample_head and self.sample is None:
             raise ValueError("sample_head: keeps the top H beside `sample: N` draws; set sample: too (or drop it)")
         return self

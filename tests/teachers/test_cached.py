@@ -179,6 +179,9 @@ def test_automatic_sampled_store_from_the_recipe(tiny_gpt2_dir, text_file, tmp_p
     assert sorted(TeacherStore.open(s).sampled for s in stores) == [False, True]
     with pytest.raises(ConfigError, match="sample: says how the automatic teacher store"):
         load_recipe({**recipe, "teacher": {"model": tiny_gpt2_dir, "sample": 8}})
+    # a store at a path keeps its own k: a top_k beside it was silently the store's k
+    with pytest.raises(ConfigError, match=r"top_k: says how the automatic teacher store is built.*--from-store"):
+        load_recipe({**recipe, "teacher": {"source": "cache", "path": str(stores[0]), "top_k": 4}})
     # a head of exact tokens makes a third store, with head + draws columns
     headed = {**recipe, "teacher": {**recipe["teacher"], "sample_head": 4}, "output": str(tmp_path / "headed")}
     distill(headed, progress=False)
