@@ -401,3 +401,21 @@ def test_cache_teacher_refuses_an_unwritable_output_before_running_the_teacher(t
                                           r"a folder on its path would be\); choose another output folder"):
         cache_teacher(load_recipe("supersense-kd"), out=str(tmp_path / "afile" / "sub"))
     assert (tmp_path / "afile").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_an_automatic_store_is_built_again_when_its_data_file_is_edited(tiny_gpt2_dir, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("KDISTILL_HOME", str(tmp_path / "home"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"the number {i} is small"}) + "\n" for i in range(12)))
+    recipe = {"name": "auto", "teacher": {"model": tiny_gpt2_dir, "source": "cache", "top_k": 4},
+              "student": {"config": {"n_layer": 1}}, "data": {"train": {"path": str(data)}, "max_length": 16},
+              "losses": [{"type": "logit_kd", "temperature": 1.0}], "train": {"steps": 2, "batch_size": 4},
+              "output": str(tmp_path / "one")}
+    distill(recipe, progress=False)
+    data.write_text(data.read_text().replace("number 3", "number three"))
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10 ** 9))
+    # before: this store's records fingerprint differed, and the error named a path the recipe did not have
+    distill({**recipe, "output": str(tmp_path / "two")}, progress=False)
+    assert len(list((tmp_path / "home" / "stores").iterdir())) == 2

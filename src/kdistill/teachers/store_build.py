@@ -171,6 +171,16 @@ def with_live_teacher(stage):
     return stage.model_copy(update={"teacher": stage.teacher.model_copy(update={"source": "live"})})
 
 
+def file_stamps(source) -> list[tuple[str, int, int]]:
+    """(path, size, modification time) of each file a path source reads: a file, or every file under a folder."""
+    path = getattr(source, "path", None)
+    if not path or str(path).startswith("stage:"):
+        return []
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else []
+    return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
 def automatic_store(stage, console=None, progress: bool = True) -> Path:
     """`teacher: {source: cache, model: M}` without a path: M's store for this data, built on first use
     under $KDISTILL_HOME/stores and reused by every later run, seed and student that asks the same. One process
@@ -192,6 +202,9 @@ def automatic_store(stage, console=None, progress: bool = True) -> Path:
             "format": STORE_VERSION}
     if stage.teacher.sample is not None:  # only then: the top-k stores built before the field keep their names
         spec["sample"] = stage.teacher.sample
+    files = [stamp for t in train for stamp in file_stamps(t)]
+    if files:  # a data file edited in place is other data: a store of its old records would be refused, not reused
+        spec["files"] = files
     if stage.teacher.sample_head:
         spec["sample_head"] = stage.teacher.sample_head
     spec = json.dumps(spec, sort_keys=True)
