@@ -474,3 +474,27 @@ def test_a_folder_where_no_lock_file_can_be_made_is_not_called_busy(tmp_path, mo
                                           r"another --output"):
         with run_lock(tmp_path / "run"):
             pass
+
+
+def test_a_teacher_with_a_dense_projection_gives_a_student_sentence_transformers_loads(tiny_bert_dir, tmp_path):
+    """The student learns the teacher's pooled output before the Dense layer: it keeps Transformer, Pooling and
+    Normalize, and says which module it left out (its modules.json pointed at a 2_Dense folder it never had)."""
+    import json
+
+    import sentence_transformers as st
+    from transformers import AutoModel, AutoTokenizer
+
+    from kdistill.engine.export import save_student
+
+    teacher = st.SentenceTransformer(tiny_bert_dir, device="cpu")
+    with_dense = st.SentenceTransformer(modules=[teacher[0], teacher[1], st.models.Dense(32, 16), st.models.Normalize()],
+                                        device="cpu")
+    with_dense.save(str(tmp_path / "teacher"))
+    student = AutoModel.from_pretrained(tiny_bert_dir)
+    out = save_student(student, AutoTokenizer.from_pretrained(tiny_bert_dir), tmp_path / "student",
+                       teacher_dir=str(tmp_path / "teacher"), metadata={})
+    loaded = st.SentenceTransformer(str(out), device="cpu")
+    assert [type(m).__name__ for m in loaded] == ["Transformer", "Pooling", "Normalize"]
+    assert loaded.encode(["a small test"]).shape == (1, 32)
+    record = json.loads((out / "kdistill.json").read_text())
+    assert record["sentence_transformers"] and record["sentence_transformers_left_out"] == ["2_Dense (Dense)"]

@@ -13,26 +13,36 @@ from pathlib import Path
 from kdistill.engine.disk import RERUN, WRITE_ERRORS, raise_if_disk_full, remove_abandoned_copies, replace_folder
 from kdistill.errors import OutputError
 
-ST_FILES = ("modules.json", "config_sentence_transformers.json", "sentence_bert_config.json")
-ST_DIRS = ("1_Pooling", "2_Normalize")
+ST_FILES = ("config_sentence_transformers.json", "sentence_bert_config.json")
+# the sentence-transformers modules a student keeps: the model itself, pooling and normalisation, which the engine's
+# pooled tap reproduces; a trained module after them (a Dense projection) is the teacher's, sized to its width
+ST_KEPT = ("Transformer", "Pooling", "Normalize")
 
 
-def copy_sentence_transformers_files(teacher_dir: str, out: Path, hidden_size: int) -> bool:
+def copy_sentence_transformers_files(teacher_dir: str, out: Path, hidden_size: int) -> tuple[bool, list[str]]:
+    """(whether the student loads in sentence-transformers, the teacher's modules left out)."""
     src = Path(teacher_dir)
     if not (src / "modules.json").exists():
-        return False
+        return False, []
+    modules = json.loads((src / "modules.json").read_text())
+    kept = [m for m in modules if m.get("type", "").rsplit(".", 1)[-1] in ST_KEPT]
+    dropped = [f"{m.get('path')} ({m.get('type', '').rsplit('.', 1)[-1]})" for m in modules if m not in kept]
     for name in ST_FILES:
         if (src / name).exists():
             shutil.copy2(src / name, out / name)
-    for name in ST_DIRS:
-        if (src / name).is_dir():
-            shutil.copytree(src / name, out / name, dirs_exist_ok=True)
-    pooling = out / "1_Pooling" / "config.json"
-    if pooling.exists():  # the pooling layer must know the student's width
-        cfg = json.loads(pooling.read_text())
-        cfg["word_embedding_dimension"] = hidden_size
-        pooling.write_text(json.dumps(cfg, indent=2))
-    return True
+    written = []
+    for i, module in enumerate(kept):  # folders named by their new places (1_Pooling, 2_Normalize), as usual
+        kind, path = module.get("type", "").rsplit(".", 1)[-1], module.get("path", "")
+        if path and (src / path).is_dir():
+            path = f"{i}_{kind}"
+            shutil.copytree(src / module["path"], out / path, dirs_exist_ok=True)
+        written.append({**module, "idx": i, "name": str(i), "path": path})
+        if kind == "Pooling" and (out / path / "config.json").exists():  # it must know the student's width
+            cfg = json.loads((out / path / "config.json").read_text())
+            cfg["word_embedding_dimension"] = hidden_size
+            (out / path / "config.json").write_text(json.dumps(cfg, indent=2))
+    (out / "modules.json").write_text(json.dumps(written, indent=2))
+    return True, dropped
 
 
 def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | None, metadata: dict) -> Path:
@@ -48,11 +58,12 @@ def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | 
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         hidden = getattr(student.config, "hidden_size", None) or getattr(student.config, "n_embd", None)
-        st = bool(teacher_dir) and copy_sentence_transformers_files(teacher_dir, tmp, hidden)
+        st, dropped = copy_sentence_transformers_files(teacher_dir, tmp, hidden) if teacher_dir else (False, [])
         # the weights' sizes, so a finished student truncated since (a disk that filled, a partial copy) is not taken
         # for finished by is_complete
         sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".bin")}
-        (tmp / "kdistill.json").write_text(json.dumps({**metadata, "sentence_transformers": st, "weight_bytes": sizes},
+        kept = {"sentence_transformers": st, **({"sentence_transformers_left_out": dropped} if dropped else {})}
+        (tmp / "kdistill.json").write_text(json.dumps({**metadata, **kept, "weight_bytes": sizes},
                                                       indent=2, default=str))
     except WRITE_ERRORS as err:
         raise_if_disk_full(
