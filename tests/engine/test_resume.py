@@ -90,6 +90,25 @@ def test_a_truncated_log_line_does_not_stop_a_resume_and_the_curves_plot(tiny_re
     assert plot_losses(Path(tiny_recipe["output"])) is not None
 
 
+def test_a_stage_resumed_without_a_checkpoint_logs_each_step_once(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=4, log_every=1)  # no save_every: the resume trains from step 0
+    killed_run(tiny_recipe, step=3)
+    distill(tiny_recipe, resume=True, progress=False)
+    log = Path(tiny_recipe["output"]) / "logs" / "main.jsonl"
+    train = [row["step"] for row in map(json.loads, log.read_text().splitlines()) if row["kind"] == "train"]
+    assert train == [1, 2, 3, 4]  # was [1, 2, 3, 1, 2, 3, 4]
+
+
+def test_a_resumed_stage_reports_its_training_time_across_the_resume(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    checkpoint = next((Path(tiny_recipe["output"]) / "checkpoints" / "main").glob("step-*"))
+    before = json.loads((checkpoint / "state.json").read_text())["elapsed_s"]
+    assert before > 0
+    student = distill(tiny_recipe, resume=True, progress=False)
+    assert json.loads((student / "kdistill.json").read_text())["wall_time_s"] >= round(before, 2)  # not since resuming
+
+
 def test_tensorboard_shows_each_step_once_after_a_resume(tiny_recipe, killed_run):
     event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
     tiny_recipe["train"].update(steps=4, save_every=2, log_every=1)

@@ -56,7 +56,7 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, stage: str, recipe_hash: str,
                     method_state: dict, rank: int = 0, world: int = 1, is_main: bool = True, barrier=lambda: None,
-                    extras: dict | None = None, path_hash: str | None = None) -> Path:
+                    extras: dict | None = None, path_hash: str | None = None, elapsed_s: float = 0.0) -> Path:
     """Write to `<dir>.tmp` and rename, so a directory named step-N is always complete. `path_hash`: the stage's
     hash over the real paths of its files, kept beside `recipe_hash` (over their spelling), so that a resume
     matches either: another spelling of the same files, or the same spelling of files moved with the run."""
@@ -79,7 +79,8 @@ def save_checkpoint(directory: Path, *, model, optimizer, scheduler, step: int, 
             for name, (module, module_optimizer) in (extras or {}).items():  # e.g. ProKT's trained teacher
                 save_model(module, str(tmp / f"{name}.safetensors"))
                 torch.save(module_optimizer.state_dict(), tmp / f"{name}-optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_state}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "method": method_state,
+                                                        "elapsed_s": round(elapsed_s, 3)}))
             files = {p.name: sha256(p) for p in sorted(tmp.iterdir())}
             manifest = {"format": FORMAT, "version": VERSION, "stage": stage, "step": step,
                         "world": world, "recipe_hash": recipe_hash, "files": files,

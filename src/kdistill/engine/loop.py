@@ -95,6 +95,8 @@ class StageTrainer(StartFits):
             self.on_policy = OnPolicy(stage.on_policy, parts.tokenizer, parts.student.config.eos_token_id,
                                       self.cfg.seed, positions=min(filter(None, limits), default=None))
         self.step = 0
+        # training time before this process took over (from the checkpoint it resumed), and when it did
+        self.elapsed_before, self.fit_start = 0.0, time.perf_counter()
 
     # ---- batches -------------------------------------------------------------------------------
     def collate(self, indices: list[int], step: int, micro: int, epochs: list[int] | None = None) -> dict:
@@ -286,13 +288,18 @@ class StageTrainer(StartFits):
                         path_hash=self.path_hash,
                         method_state=self.method_state(), rank=self.acc.process_index,
                         world=self.acc.num_processes, is_main=self.acc.is_main_process,
-                        barrier=self.acc.wait_for_everyone, extras=self.extras())
+                        barrier=self.acc.wait_for_everyone, extras=self.extras(), elapsed_s=self.elapsed())
         if self.acc.is_main_process:
             prune(self.ckpt_root, self.cfg.keep_checkpoints)
+
+    def elapsed(self) -> float:
+        """The stage's training time so far, across resumes."""
+        return self.elapsed_before + time.perf_counter() - self.fit_start
 
     def resume(self) -> bool:
         checkpoints = list_checkpoints(self.ckpt_root)
         if not checkpoints:
+            self.logger.forget_after(0)  # the steps an interrupted start logged are trained again
             return False
         changed = self.force and not written_by(read_manifest(checkpoints[-1]), self.accepted_hashes)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
@@ -321,6 +328,7 @@ class StageTrainer(StartFits):
             self.take_new_settings(settings)
         self.resumed_under_changes = changed
         self.step = state["step"]
+        self.elapsed_before = state.get("elapsed_s", 0.0)  # checkpoints written before it was kept have none
         for i, part in enumerate(self.stateful):
             part.load_method_state(state["method"].get(str(i), {}))
         self.logger.forget_after(self.step)
@@ -347,7 +355,7 @@ class StageTrainer(StartFits):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         cfg = self.cfg
-        start_time, last = time.perf_counter(), {}
+        self.fit_start, last = time.perf_counter(), {}
         progress = Progress(TextColumn("[bold]{task.fields[stage]}"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[parts]}"),
                             console=self.console, disable=not self.show_progress, transient=False)
@@ -380,4 +388,4 @@ class StageTrainer(StartFits):
             if last_eval:
                 self.logger.log(self.step, last_eval, kind="eval")
         self.logger.close()
-        return StageResult(self.step, time.perf_counter() - start_time, last, last_eval)
+        return StageResult(self.step, self.elapsed(), last, last_eval)
