@@ -255,6 +255,18 @@ def test_corrupt_checkpoint_is_refused(tiny_recipe, killed_run):
         distill(tiny_recipe, resume=True, progress=False)
 
 
+def test_resuming_a_finished_run_trains_no_stage_again(tiny_recipe):
+    import shutil
+
+    tiny_recipe["stages"] = [{"name": "general", "train": {"steps": 2}},
+                             {"name": "task", "losses": [{"type": "embedding_cosine"}], "train": {"steps": 2}}]
+    final = distill(tiny_recipe, progress=False)
+    out = Path(tiny_recipe["output"])
+    shutil.rmtree(out / "stages" / "general" / "student")  # checkpoints and stage students may be deleted
+    assert distill(tiny_recipe, resume=True, progress=False) == final
+    assert not (out / "stages" / "general" / "student").exists()  # its stage was trained again, then unused
+
+
 def test_resume_in_the_middle_of_the_second_stage(tiny_recipe, tmp_path, killed_run):
     """A finished stage is not trained again; the running one continues from its checkpoint, exactly."""
     tiny_recipe["stages"] = [{"name": "general", "train": {"steps": 2}},

@@ -302,6 +302,8 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
     # a recipe that only synthesizes returns its data directory instead of a student
     trains = any(s.synthesize is None for s in recipe.stages)
     final = out / "student" if trains else synthesis_dir(out, recipe.stages[-1])
+    if resume and trains and is_complete(final):  # an earlier stage's student deleted since is not trained again
+        return final
     for index, stage in enumerate(recipe.stages):
         if stage.synthesize is not None:  # makes data on the main process; the student is untouched
             accept_recipe()
