@@ -234,6 +234,19 @@ def test_a_finished_student_truncated_since_is_trained_again_on_resume(tiny_reci
     assert not is_complete(student)
     assert is_complete(distill(tiny_recipe, resume=True, progress=False))  # exported again from its checkpoint
     assert weights.read_bytes() == whole
+    (student / "tokenizer.json").unlink()  # `kdistill eval` would then say it has no tokenizer
+    assert not is_complete(student)
+    assert is_complete(distill(tiny_recipe, resume=True, progress=False)) and (student / "tokenizer.json").exists()
+
+
+def test_a_checkpoint_of_another_stage_is_refused_even_forced(tiny_recipe, killed_run):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)
+    manifest = Path(tiny_recipe["output"]) / "checkpoints" / "main" / "step-0000002" / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"stage": "main"', '"stage": "general"'))  # as if copied here
+    for force in (False, True):
+        with pytest.raises(CheckpointError, match=r"was written by stage 'general', not 'main'; move it back"):
+            distill(tiny_recipe, resume=True, force=force, progress=False)
 
 
 def test_corrupt_checkpoint_is_refused(tiny_recipe, killed_run):

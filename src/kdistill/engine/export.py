@@ -63,7 +63,8 @@ def save_student(student, tokenizer, out_dir: str | Path, *, teacher_dir: str | 
         # for finished by is_complete
         sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.suffix in (".safetensors", ".bin")}
         kept = {"sentence_transformers": st, **({"sentence_transformers_left_out": dropped} if dropped else {})}
-        (tmp / "kdistill.json").write_text(json.dumps({**metadata, **kept, "weight_bytes": sizes},
+        files = sorted(f.name for f in tmp.iterdir() if f.is_file())  # the tokenizer's too: is_complete checks them
+        (tmp / "kdistill.json").write_text(json.dumps({**metadata, **kept, "weight_bytes": sizes, "files": files},
                                                       indent=2, default=str))
     except WRITE_ERRORS as err:
         raise_if_disk_full(
@@ -85,9 +86,10 @@ def is_complete(student_dir: Path) -> bool:
             and any((student_dir / name).exists() for name in WEIGHT_FILES)):
         return False
     try:
-        recorded = json.loads((student_dir / "kdistill.json").read_text()).get("weight_bytes", {})
+        record = json.loads((student_dir / "kdistill.json").read_text())
+        recorded, files = record.get("weight_bytes", {}), record.get("files", [])
     except (OSError, ValueError, AttributeError):
         return False
-    # students saved before the sizes were recorded have none to compare
+    # students saved before the sizes (or the file list) were recorded have none to compare
     return all((student_dir / name).exists() and (student_dir / name).stat().st_size == size
-               for name, size in recorded.items())
+               for name, size in recorded.items()) and all((student_dir / name).exists() for name in files)

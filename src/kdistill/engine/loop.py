@@ -301,6 +301,10 @@ class StageTrainer(StartFits):
         if not checkpoints:
             self.logger.forget_after(0)  # the steps an interrupted start logged are trained again
             return False
+        written_for = read_manifest(checkpoints[-1]).get("stage")
+        if written_for not in (None, self.stage.name):  # copied or moved here by hand: another stage's weights
+            raise CheckpointError(f"{checkpoints[-1]} was written by stage {written_for!r}, not {self.stage.name!r}; "
+                                  f"move it back to that stage's checkpoints (or delete it) to resume")
         changed = self.force and not written_by(read_manifest(checkpoints[-1]), self.accepted_hashes)
         settings = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
         try:
