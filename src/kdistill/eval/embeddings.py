@@ -16,19 +16,17 @@ from typing import Sequence
 
 import torch
 
+from kdistill.data.collate import fill_id, pad_right
 from kdistill.errors import DataError, PairingError
 from kdistill.eval.timing import fastest_passes
 from kdistill.models.taps import pool
 
 
 def pad_id(model, tokenizer) -> int:
-    # GPT-2-style tokenizers have no pad token; any id works under the attention mask, but a
-    # sequence classifier finds its last token by the config's pad id, so that one comes first.
-    for value in (getattr(getattr(model, "config", None), "pad_token_id", None),
-                  getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(value, int):
-            return value
-    return 0
+    # any id works under the attention mask, but a sequence classifier finds its last token by the config's pad id,
+    # so that one comes first; then the tokenizer's pad, end token or 0, as training pads
+    value = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return value if isinstance(value, int) else fill_id(tokenizer)
 
 
 def tokenize(model, tokenizer, texts: Sequence[str], max_length: int,
@@ -49,15 +47,11 @@ def tokenize(model, tokenizer, texts: Sequence[str], max_length: int,
     longest = max(len(ids) for ids in enc["input_ids"])
     if longest == 0:
         raise DataError("every text in a batch tokenized to nothing; drop empty texts first")
-    fill = {"input_ids": pad_id(model, tokenizer), "attention_mask": 0, "token_type_ids": 0}
     accepted = set(inspect.signature(model.forward).parameters)
     device = next(model.parameters()).device
-    out = {}
-    for key, value in fill.items():
-        if key in enc and key in accepted:
-            rows = [list(r) + [value] * (longest - len(r)) for r in enc[key]]
-            out[key] = torch.tensor(rows, dtype=torch.long, device=device)
-    return out
+    padded = pad_right({key: enc[key] for key in ("input_ids", "attention_mask", "token_type_ids") if key in enc},
+                       pad_id(model, tokenizer))
+    return {key: value.to(device) for key, value in padded.items() if key in accepted}
 
 
 def _hidden(model, inputs: dict, ask: bool) -> torch.Tensor | None:
