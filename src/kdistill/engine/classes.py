@@ -78,15 +78,14 @@ def unknown_classes(known: list[str], unknown: list[str], prefix: str) -> str:
 PREDICTION_TAPS = ("logits", "cls_logits", "distillation_logits")
 
 
-def check_teacher_classes(foreign: list[str] | None, labels: list[str], terms, teacher_taps: set[str],
-                          prefix: str) -> None:
+def check_teacher_classes(foreign: list[str] | None, labels: list[str], terms, prefix: str) -> None:
     """A teacher of other classes than the data's (class_head) serves terms that read its features only."""
     if foreign is None:
         return
     readers = [t.where for t in terms if any(tap.split("[")[0] in PREDICTION_TAPS for tap in t.teacher_taps())]
-    if readers or any(tap.split("[")[0] in PREDICTION_TAPS for tap in teacher_taps):
+    if readers:
         raise PairingError(f"{unknown_classes(foreign, sorted(set(labels) - set(foreign)), prefix)}; "
-                           f"{', '.join(readers) or 'a loss term'} read{'s' if len(readers) < 2 else ''} the teacher's "
+                           f"{', '.join(readers)} read{'s' if len(readers) < 2 else ''} the teacher's "
                            f"predictions, which need teacher and data to share their classes (terms that read only its "
                            f"features, such as hidden_mse, vitkd or manifoldkd, take a teacher of other classes)")
 

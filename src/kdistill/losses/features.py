@@ -13,6 +13,7 @@ from kdistill.models.taps import parse_tap, tap_name, tap_spelling
 from kdistill.losses.base import (LossTerm, TermParams, layer_map, make_projector, register_loss, same_image_tokens,
                                   sequence_count, skip_cls_count, token_mask)
 
+
 def layer_spec_shape(value):
     """A misspelt map name or a list of single layers, named with the form a map takes (pydantic's own messages
     list the union's branches)."""
