@@ -86,3 +86,29 @@ def test_every_recipe_snippet_in_the_docs_validates(snippet):
             "student": {"from_teacher": {"layers": [1, 3, 5]}}, "data": {"train": {"source": "stdlib-docstrings"}},
             "losses": [{"type": "hidden_mse"}], "train": {"steps": 10}, "output": "runs/t"}
     load_recipe(snippet if "name" in snippet else {**base, **snippet})
+
+
+def test_every_train_on_policy_and_quant_field_is_in_the_recipe_reference():
+    # the blocks a recipe sets most: a field added to their models without a word in recipes.md fails here
+    from kdistill.config import OnPolicyConfig, QuantConfig, TrainConfig
+
+    text = (DOCS / "recipes.md").read_text()
+    missing = [f"train.{f}" for f in TrainConfig.model_fields if f"  {f}:" not in text and f"# {f}:" not in text]
+    missing += [f"{block}.{f}" for block, model in (("on_policy", OnPolicyConfig), ("quant", QuantConfig))
+                for f in model.model_fields if f not in text.split(f"{block}: {{", 1)[-1].split("}", 1)[0]]
+    assert missing == []
+
+
+def test_the_train_block_defaults_in_the_recipe_reference_are_the_models_defaults():
+    # "# ...; default X" beside a field of the reference's train block
+    import re
+
+    from kdistill.config import TrainConfig
+
+    block = (DOCS / "recipes.md").read_text().split("\ntrain:", 1)[1].split("\noutput:", 1)[0]
+    stated = dict(re.findall(r"^\s+(\w+): .*default ([-\w.]+)", block, re.M))
+    assert {"steps", "lr", "warmup", "schedule", "eval_every", "save_every"} <= set(stated)
+    for field, value in stated.items():
+        default = TrainConfig.model_fields[field].default
+        assert (None if value == "none" else value) == default or (
+            isinstance(default, (int, float)) and float(value) == float(default)), field
