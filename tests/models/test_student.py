@@ -16,6 +16,11 @@ def bert(layers=6):
 
 def test_choose_layers():
     assert choose_layers("uniform", 3, 6, "s") == [2, 4, 6]
+    # where N/n is no whole number, each student layer still copies the teacher layer a `layers: uniform` term
+    # compares it with (rounding put 6 -> 4 at [2, 3, 4, 6] against the map's [1, 3, 4, 6])
+    assert choose_layers("uniform", 4, 6, "s") == [1, 3, 4, 6]
+    assert choose_layers("uniform", 5, 12, "s") == [2, 4, 7, 9, 12]
+    assert choose_layers("uniform", 8, 12, "s") == [1, 3, 4, 6, 7, 9, 10, 12]
     assert choose_layers("every_other", None, 6, "s") == [2, 4, 6]
     assert choose_layers("every_other", None, 5, "s") == [1, 3, 5]
     assert choose_layers([1, -1], None, 6, "s") == [1, 6]

@@ -8,6 +8,7 @@ import torch
 from kdistill.errors import ConfigError, PairingError, did_you_mean
 from kdistill.models.arch import find_layers, layer_count
 from kdistill.models.blueprints import is_blueprint
+from kdistill.models.layer_map import LayerMap
 from kdistill.models.loading import detect_task, load_config, load_model, model_class
 from kdistill.models.narrow import narrow_config, narrow_state
 from kdistill.registry import Registry
@@ -16,14 +17,15 @@ INITS = Registry("student init")
 
 
 def choose_layers(spec, num_layers: int | None, teacher_layers: int, where: str) -> list[int]:
-    """Teacher layer numbers (1..N) to copy. `uniform` spreads them and keeps the top layer."""
+    """Teacher layer numbers (1..N) to copy. `uniform` spreads them and keeps the top layer: student layer m copies
+    teacher layer max(1, ⌊m·N/n⌋), the layer a `layers: uniform` loss term compares it with (TinyBERT's g(m))."""
     if spec == "every_other":
         return list(range(teacher_layers % 2 or 2, teacher_layers + 1, 2))
     if spec == "uniform":
         n = num_layers or teacher_layers // 2
         if not 1 <= n <= teacher_layers:
             raise ConfigError(f"{where}.num_layers: {n} must be between 1 and the teacher's {teacher_layers} layers")
-        return [round((i + 1) * teacher_layers / n) for i in range(n)]
+        return [m for _, m in LayerMap.uniform(n, teacher_layers).pairs]
     if isinstance(spec, str):
         raise ConfigError(f"{where}.layers: unknown choice {spec!r}; valid: uniform, every_other, or a list of layer numbers")
     layers = [teacher_layers + 1 + x if x < 0 else x for x in spec]
