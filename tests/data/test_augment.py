@@ -59,7 +59,8 @@ def test_deterministic_per_seed_and_varies_between_seeds():
     assert a == augment_records(records, copies=4, replace_prob=0.5, seed=1, table=TABLE)
     assert a != augment_records(records, copies=4, replace_prob=0.5, seed=2, table=TABLE)
     texts = [r["text"] for r in a if r.get("augmented")]
-    assert len(set(texts)) > 1  # copies and records each get their own stream
+    assert len(set(texts[:4])) > 1  # a record's copies each get their own stream
+    assert texts[:4] != texts[4:8] != texts[8:]  # and so do records with the same text
 
 
 def test_capitalisation_and_replacements_come_from_table():
