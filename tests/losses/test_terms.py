@@ -112,6 +112,30 @@ def test_logit_kd_uniform_tail_from_a_store_is_tinyvits_target():
     assert bucket.item() < loss.item()  # one bucket loses how the tail is spread: a lower bound
 
 
+def test_logit_kd_from_a_store_at_a_temperature_is_the_dense_term():
+    # a store made at tau = 2 keeping all classes but one, whose bucket then holds exactly that one: the term is
+    # tau^2 * KL(softmax(t / 2) || softmax(s / 2)), as with the live teacher
+    from kdistill.teachers.cached import SparseLogits
+
+    s, t, tau = torch.randn(B, V), torch.randn(B, V), 2.0
+    logprobs = torch.log_softmax(t / tau, -1)
+    top, indices = logprobs.topk(V - 1, -1)
+    left = logprobs.topk(V, -1).values[:, -1]  # the one class the store leaves in its bucket
+    stored = SparseLogits(top, indices, left, temperature=tau)
+    cls = info(task="classification")
+    loss = term({"type": "logit_kd", "temperature": tau}, cls, cls)({"logits": s}, {"logits": stored}, BATCH)
+    ref = sum(kl(softmax((t[b] / tau).tolist()), softmax((s[b] / tau).tolist())) for b in range(B)) / B
+    assert loss.item() == pytest.approx(tau**2 * ref, rel=1e-5)
+
+
+def test_hard_label_items_of_a_causal_batch_are_the_scored_next_tokens():
+    # position i predicts token i + 1: a sequence of n real tokens scores n - 1 (accumulation weights by this)
+    lm = info(task="causal-lm")
+    assert term({"type": "cross_entropy"}, lm, lm).count(BATCH) == (5 - 1) + (3 - 1)
+    generated = {**BATCH, "loss_mask": torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])}  # positions scored
+    assert term({"type": "cross_entropy"}, lm, lm).count(generated) == 2 + 2
+
+
 def test_logit_kd_uniform_tail_refuses_a_sampled_store():
     s, t = torch.randn(B, V), torch.randn(B, V)
     cls = info(task="classification")

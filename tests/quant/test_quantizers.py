@@ -102,3 +102,28 @@ def test_activation_quantizer_choice():
     assert isinstance(activation_quantizer(32), torch.nn.Identity)
     assert isinstance(activation_quantizer(8), LearnedStepQuantizer)
     assert isinstance(activation_quantizer(1, signed=False), ElasticBinary)
+
+
+def test_ternary_threshold_is_seven_tenths_of_the_mean():
+    # mean|w| = 0.4, so Delta = 0.28 falls between 0.27 and 0.29: any factor outside about 0.68..0.72 keeps or
+    # drops another weight
+    w = torch.tensor([[1.0, -0.29, 0.27, 0.04]])
+    assert torch.allclose(ternarize(w), torch.tensor([[0.645, -0.645, 0.0, 0.0]]))
+
+
+def test_elastic_binary_starts_from_its_first_batch():
+    # BiT: signed beta = mean(x), alpha = mean|x - beta|; unsigned ({0, alpha}) beta = 0, alpha = 2 mean|x|
+    x = torch.tensor([1.0, 2.0, 4.0, 5.0])
+    signed, unsigned = ElasticBinary(signed=True), ElasticBinary(signed=False)
+    assert torch.equal(signed(x), torch.tensor([-1.5, -1.5, 1.5, 1.5]))  # sign((x - 3) / 1.5)
+    assert (signed.beta.item(), signed.alpha.item()) == (3.0, 1.5) and bool(signed.initialized)
+    assert torch.equal(unsigned(x), torch.tensor([0.0, 0.0, 6.0, 6.0]))  # round(clip(x / 6, 0, 1)) * 6
+    assert (unsigned.beta.item(), unsigned.alpha.item()) == (0.0, 6.0)
+    signed(x * 10)  # later batches do not move the initial values
+    assert (signed.beta.item(), signed.alpha.item()) == (3.0, 1.5)
+
+
+def test_uniform_weight_gradient_is_clipped_straight_through():
+    w = torch.tensor([[1.27, -0.5, 0.004, -1.5]], requires_grad=True)
+    quantize_weight(w, 8).backward(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
+    assert torch.equal(w.grad, torch.tensor([[0.0, 2.0, 3.0, 0.0]]))  # |w| > 1 gets none
