@@ -31,6 +31,26 @@ def test_schedule_rises_linearly_to_one():
     assert fresh.replace_rate == 1.0
 
 
+def test_each_module_draws_on_its_own_and_the_rate_reaches_one_at_full_at(teacher):
+    # the paper's Bernoulli(p) per module and forward pass: at p = 0.5 each module is replaced about half the time,
+    # and the two modules agree only about half the time (one shared draw would make them always agree)
+    hybrid = build_theseus(Theseus(modules=2, start=0.5, full_at=0.8), teacher, steps=100)
+    layers = hybrid.bert.encoder.layer
+    successors = [layers[0], layers[1]]
+    hybrid.train()
+    torch.manual_seed(1)
+    runs = [list(layers) for _ in range(2000)]  # the blocks of 2,000 forward passes
+    picks = [[any(s is block for block in run) for s in successors] for run in runs]
+    replaced = [sum(p[i] for p in picks) / len(picks) for i in range(2)]
+    agree = sum(p[0] == p[1] for p in picks) / len(picks)
+    assert replaced == pytest.approx([0.5, 0.5], abs=0.04) and agree == pytest.approx(0.5, abs=0.04)
+    assert layers.full_at_step == 80  # full_at x steps
+    layers.after_step(40, 100)
+    assert layers.replace_rate == pytest.approx(0.75)
+    layers.after_step(80, 100)
+    assert layers.replace_rate == 1.0
+
+
 def test_which_blocks_run(teacher):
     hybrid = build_theseus(Theseus(modules=2, start=0.0), teacher, steps=10)
     layers = hybrid.bert.encoder.layer
