@@ -105,3 +105,55 @@ def test_two_teacher_updates_equal_adamw_steps_worked_out_by_hand():
         for name, p in teacher.named_parameters():
             assert torch.allclose(p, params[name], atol=1e-6), (t, name)
     assert (teacher.classifier.weight - start).abs().max() > 0.1  # steps of about 10 × lr each: it moved
+
+
+def test_the_loop_gives_the_teacher_the_gradient_of_its_loss_toward_the_student(prokt_recipe, tmp_path, tokenizer,
+                                                                                 monkeypatch):
+    # the teacher's gradient in a run (two micro-batches) against CE + kl_weight * KL(student || teacher) written out
+    # over the whole batch
+    import json
+
+    import torch.nn.functional as F
+
+    labels = ["x", "y"]
+    rows = [{"text": f"item {i} of {'ab' * i}", "label": labels[i % 2]} for i in range(4)]
+    data = tmp_path / "four.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = {}
+    original = TeacherUpdater.step
+
+    def step(self):
+        seen.update({n: p.grad.clone() for n, p in self.module.named_parameters() if p.grad is not None})
+        original(self)
+
+    monkeypatch.setattr(TeacherUpdater, "step", step)
+    teacher = BertForSequenceClassification.from_pretrained(tmp_path / "teacher")
+    torch.manual_seed(1)
+    student = BertForSequenceClassification(teacher.config.__class__(**{**teacher.config.to_dict(),
+                                                                       "num_hidden_layers": 1}))
+    for model, where in ((teacher, "teacher"), (student, "student")):
+        with torch.no_grad():  # random heads give near-uniform outputs: a KL term too small to see
+            model.bert.pooler.dense.weight.mul_(50)
+            model.classifier.weight.mul_(50)
+        model.save_pretrained(tmp_path / where)
+        tokenizer.save_pretrained(tmp_path / where)
+    recipe = {**prokt_recipe, "data": {"train": {"path": str(data), "label": "label"}, "max_length": 16},
+              "teacher": {**prokt_recipe["teacher"], "update": {"lr": 1e-2, "kl_weight": 0.7}},
+              "student": {"model": str(tmp_path / "student")},
+              "train": {"steps": 1, "batch_size": 4, "grad_accum": 2}, "output": str(tmp_path / "run")}
+    distill(recipe, progress=False)
+
+    teacher = BertForSequenceClassification.from_pretrained(tmp_path / "teacher").train()
+    student = BertForSequenceClassification.from_pretrained(tmp_path / "student").train()
+    batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+    y = torch.tensor([labels.index(r["label"]) for r in rows])
+    zt = teacher(**batch).logits
+    with torch.no_grad():
+        ps = F.softmax(student(**batch).logits, -1)
+    kl = (ps * (ps.log() - F.log_softmax(zt, -1))).sum(-1).mean()
+    toward = torch.autograd.grad(0.7 * kl, teacher.classifier.weight, retain_graph=True)[0]
+    assert toward.abs().max() > 1e-2  # the KL's share is far above the tolerance below
+    (F.cross_entropy(zt, y) + 0.7 * kl).backward()
+    assert set(seen) == {n for n, p in teacher.named_parameters() if p.grad is not None}
+    for name, p in teacher.named_parameters():
+        torch.testing.assert_close(seen[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
