@@ -498,3 +498,15 @@ def test_a_teacher_with_a_dense_projection_gives_a_student_sentence_transformers
     assert loaded.encode(["a small test"]).shape == (1, 32)
     record = json.loads((out / "kdistill.json").read_text())
     assert record["sentence_transformers"] and record["sentence_transformers_left_out"] == ["2_Dense (Dense)"]
+
+
+def test_a_later_stage_missing_its_data_or_teacher_is_refused_before_the_first_stage_trains(tiny_recipe, tmp_path):
+    tiny_recipe["stages"] = [{"name": "one", "train": {"steps": 2}},
+                             {"name": "two", "data": {"train": {"path": str(tmp_path / "nofile.jsonl")}}}]
+    with pytest.raises(DataError, match=r"stages\[1\].data.train: data file not found"):
+        distill(tiny_recipe, progress=False)
+    assert not (Path(tiny_recipe["output"]) / "stages" / "one").exists()
+    tiny_recipe["stages"][1] = {"name": "two", "teacher": {"model": str(tmp_path / "nope")}}
+    with pytest.raises(DataError, match=r"stages\[1\].teacher.model: model directory .*nope.* does not exist"):
+        distill(tiny_recipe, progress=False)
+    assert not (Path(tiny_recipe["output"]) / "checkpoints").exists()

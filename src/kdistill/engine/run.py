@@ -218,6 +218,9 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
         raise ConfigError("--force continues an interrupted run under a changed recipe, so it goes with --resume "
                           "(--resume --force); a new run needs neither")
     check_output(Path(recipe.output))
+    from kdistill.recipe_references import check_references
+
+    check_references(recipe)  # every stage's files and folders, before the first stage trains for hours
     with run_lock(Path(recipe.output)), transformers_bars(progress):
         return train_recipe(recipe, resume, force, console, progress)
 
