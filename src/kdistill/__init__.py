@@ -48,7 +48,7 @@ def distill(recipe, overrides=(), output: str | os.PathLike | None = None, resum
                 raise ConfigError(f"{name} is True or False, got {value!r}")
         if not isinstance(recipe, Recipe) or overrides or output:
             recipe = load_recipe(recipe, overrides, output)
-        return run_recipe(recipe, resume=resume, force=force, console=Console(), progress=progress)
+        return run_recipe(recipe, resume=resume, force=force, console=Console(emoji=False), progress=progress)
 
 
 # The engine's refusals name the command line's flags and commands; a Python caller passes keywords and calls

@@ -13,8 +13,8 @@ from rich.console import Console
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation for transformer models, from one recipe.")
-console = Console()
-err_console = Console(stderr=True)
+console = Console(emoji=False)  # a ":smile:" in a name or path the user gave is printed as written
+err_console = Console(stderr=True, emoji=False)
 
 
 RESUME_HINT = "interrupted; continue with the same command plus --resume"

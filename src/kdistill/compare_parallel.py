@@ -107,7 +107,7 @@ def run_chain(chain: list[Job], threads: int) -> list[float]:
     for job in chain:
         job.log.parent.mkdir(parents=True, exist_ok=True)
         with job.log.open("a") as log, into(log):
-            console = Console(file=log, width=120, force_terminal=False)
+            console = Console(file=log, width=120, force_terminal=False, emoji=False)
             try:
                 reuse_shared_stages(job.run, done)
                 train_or_reuse(job.run, console, progress=False)

@@ -50,6 +50,8 @@ def test_validate_builtin_and_file(tmp_path, tiny_recipe):
     result, out = invoke("validate", write(tmp_path, tiny_recipe), "--full")
     assert result.exit_code == 0, out
     assert "hidden_states[4]" in out and "64 train" in out
+    result, out = invoke("validate", "minilm-l3", "--set", "name=a:smile:b")
+    assert result.exit_code == 0 and "a:smile:b is valid" in out  # as the user wrote it, not an emoji
 
 
 def test_an_output_that_cannot_be_a_folder_is_named_by_validate_and_run(tmp_path, tiny_recipe):
