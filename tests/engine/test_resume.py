@@ -82,7 +82,7 @@ def test_a_truncated_log_line_does_not_stop_a_resume_and_the_curves_plot(tiny_re
     tiny_recipe["train"].update(steps=4, save_every=2, log_every=1)
     killed_run(tiny_recipe, step=3)
     log = Path(tiny_recipe["output"]) / "logs" / "main.jsonl"
-    log.write_text(log.read_text()[:-30])  # a kill in the middle of a write
+    log.write_bytes(log.read_bytes()[:-30] + b"\xff")  # a kill in the middle of a write, a damaged byte
     assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()
     rows = [(json.loads(line)["kind"], json.loads(line)["step"]) for line in log.read_text().splitlines()]
     train = [step for kind, step in rows if kind == "train"]
@@ -186,6 +186,9 @@ def test_odd_folders_and_manifests_in_checkpoints_are_named_or_ignored(tiny_reci
     (ckpt / "manifest.json").write_text(json.dumps({k: v for k, v in manifest.items() if k != "files"}))
     with pytest.raises(CheckpointError, match=r"manifest.json is corrupt \(no files\); delete .*step-0000002"):
         distill(tiny_recipe, resume=True, progress=False)
+    (ckpt / "manifest.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(CheckpointError, match=r"manifest.json is corrupt \(not JSON\); delete .*step-0000002"):
+        distill(tiny_recipe, resume=True, progress=False)
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()
 
@@ -217,9 +220,10 @@ def test_a_finished_run_is_not_relabelled_as_trained_by_a_changed_recipe(tiny_re
 def test_an_unreadable_saved_recipe_names_the_way_out(tiny_recipe, killed_run):
     tiny_recipe["train"].update(steps=4, save_every=2)
     killed_run(tiny_recipe, step=3)
-    (Path(tiny_recipe["output"]) / "config.resolved.yaml").write_text("")
-    with pytest.raises(CheckpointError, match="corrupt.*Pass resume=True, force=True"):
-        distill(tiny_recipe, resume=True, progress=False)
+    for damage in (b"", b"\xff\xfe"):  # emptied, or bytes that are no UTF-8
+        (Path(tiny_recipe["output"]) / "config.resolved.yaml").write_bytes(damage)
+        with pytest.raises(CheckpointError, match="corrupt.*Pass resume=True, force=True"):
+            distill(tiny_recipe, resume=True, progress=False)
     assert (distill(tiny_recipe, resume=True, force=True, progress=False) / "kdistill.json").exists()
 
 

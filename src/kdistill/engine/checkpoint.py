@@ -111,7 +111,7 @@ def read_manifest(directory: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{directory} is not a kdistill checkpoint (no manifest.json; it was damaged or put "
                               f"there by hand); delete it to resume from an earlier checkpoint") from None
-    except json.JSONDecodeError:
+    except ValueError:  # not JSON, or not even UTF-8 text
         raise CheckpointError(f"{path} is corrupt (not JSON); delete {directory} to resume from an earlier checkpoint") from None
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{directory} is not a kdistill checkpoint (format {manifest.get('format')!r}); delete "

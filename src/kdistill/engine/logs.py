@@ -49,7 +49,7 @@ class RunLogger:
         self.purge_from = step + 1
         if not self.enabled or not self.jsonl.exists():
             return
-        lines = self.jsonl.read_text().splitlines()
+        lines = self.jsonl.read_text(errors="replace").splitlines()  # a damaged line is dropped, not fatal
         kept = [line for line in lines if (row := parse(line)) is not None and row.get("step", 0) <= step]
         if len(kept) != len(lines):
             self.jsonl.write_text("".join(line + "\n" for line in kept))

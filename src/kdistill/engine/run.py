@@ -63,7 +63,7 @@ def prepare_run_dir(recipe: Recipe, resume: bool, force: bool) -> str | None:
             )
         try:
             previous = yaml.safe_load(resolved.read_text())
-        except (OSError, yaml.YAMLError):
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: bytes that are not UTF-8
             previous = None
         if not isinstance(previous, dict):
             if not force:
