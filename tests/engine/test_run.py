@@ -510,3 +510,16 @@ def test_a_later_stage_missing_its_data_or_teacher_is_refused_before_the_first_s
     with pytest.raises(DataError, match=r"stages\[1\].teacher.model: model directory .*nope.* does not exist"):
         distill(tiny_recipe, progress=False)
     assert not (Path(tiny_recipe["output"]) / "checkpoints").exists()
+
+
+def test_an_encoder_is_refused_as_a_causal_lm(tiny_recipe, tiny_gpt2_dir, tiny_bert_dir):
+    # BertLMHeadModel without is_decoder attends both ways: it would train on the next tokens it can see
+    from kdistill.errors import PairingError
+
+    tiny_recipe.update(losses=[{"type": "logit_kd"}], teacher={"model": tiny_bert_dir, "task": "causal-lm"})
+    with pytest.raises(PairingError, match=r"is a bert encoder: its attention reads every token both ways"):
+        distill(tiny_recipe, progress=False)
+    tiny_recipe.update(teacher={"model": tiny_gpt2_dir}, student={"model": tiny_bert_dir})
+    with pytest.raises(PairingError, match=r"is a bert encoder"):
+        distill(tiny_recipe, progress=False)
+    assert not (Path(tiny_recipe["output"]) / "student").exists()

@@ -246,6 +246,20 @@ def has_own_code(path: str) -> bool:
         return False
 
 
+def check_one_way(ref: str, config, task: str) -> None:
+    """An encoder family that transformers also builds as a causal LM (BERT, RoBERTa, ...) attends both ways unless
+    its config says is_decoder: loaded as one, it would see the very tokens it is trained to predict."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    if task != "causal-lm" or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES:
+        return
+    if not any(getattr(config, flag, False) for flag in ("is_decoder", "is_encoder_decoder", "causal")):
+        raise PairingError(f"{ref} is {article(config.model_type)} encoder: its attention reads every token both ways "
+                           f"(is_decoder: false), so as a causal-lm model it would see the next tokens it is asked to "
+                           f"predict; use a decoder (GPT-2, Llama, ...) for causal-lm, or give this model a task it "
+                           f"was trained for")
+
+
 def check_class_order(ref: str, config, wanted: dict | None) -> None:
     """A saved classifier asked to load under the teacher's class names, which it has in another order: the
     names would move without its head's rows, so each output would answer for another class."""
@@ -266,6 +280,7 @@ def load_model(ref: str, task: str = "auto", trust_remote_code: bool = False, **
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; valid: auto, {', '.join(TASKS)}")
     check_class_order(ref, config, kwargs.get("id2label"))
+    check_one_way(ref, config, task)
     try:
         if getattr(config, "kdistill_quant", None):  # a quantization-aware student: rebuild its structure
             from kdistill.quant.model import load_quantized
