@@ -1,5 +1,6 @@
 """Each registered term against a slow reference written out here with explicit loops."""
 import math
+import re
 
 import pytest
 import torch
@@ -188,6 +189,22 @@ def test_unknown_tap_in_a_term():
     # refused on reading the term's parameters (a pydantic ValidationError), before any model is paired
     with pytest.raises(ValueError, match="did you mean 'hidden_states'"):
         term({"type": "hidden_mse", "student_tap": "hiden_states[1]", "teacher_tap": "hidden_states[1]"})
+
+
+@pytest.mark.parametrize("student_tap, teacher_tap", [("pooled", "hidden_states[2]"), ("attentions[1]", "hidden_states[2]"),
+                                                      ("queries[1]", "hidden_states[2]"), ("hidden_states[1]", "values[1]")])
+def test_taps_of_different_kinds_are_refused_by_name(student_tap, teacher_tap):
+    # an attention map against hidden states broadcast into a loss of nothing; the others failed inside torch
+    with pytest.raises(PairingError, match=rf"student_tap '{re.escape(student_tap)}' and teacher_tap .* different kinds"):
+        term({"type": "hidden_mse", "student_tap": student_tap, "teacher_tap": teacher_tap})
+
+
+def test_taps_of_one_kind_pair_and_a_projector_only_maps_hidden_states():
+    term({"type": "hidden_mse", "student_tap": "hidden_states[1]", "teacher_tap": "embeddings"})
+    term({"type": "hidden_mse", "student_tap": "attentions[1]", "teacher_tap": "attentions[2]"})  # same widths
+    with pytest.raises(PairingError, match=r"a projector maps hidden states between widths, and attentions taps"):
+        term({"type": "hidden_mse", "student_tap": "attentions[1]", "teacher_tap": "attentions[2]"},
+             info(hidden=4), info(hidden=8))
 
 
 def random_attention():

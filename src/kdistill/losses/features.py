@@ -29,6 +29,10 @@ def layer_spec_shape(value):
 LayerSpec = Annotated[Literal["uniform", "last"] | Annotated[list[tuple[int, int]], Field(min_length=1)],
                       BeforeValidator(layer_spec_shape)]
 
+# Features a hidden term compares (through a projector between hidden widths): per token, or one per sequence.
+TOKEN_FEATURES = ("hidden_states", "embeddings", "head_input", "patches")
+SEQUENCE_FEATURES = ("pooled", "distillation_token")
+
 # Taps with no position 0 to leave out: one vector per sequence, or (patches) CLS already cut off.
 NO_CLS_POSITION = ("pooled", "cls_logits", "distillation_logits", "distillation_token", "patches")
 
@@ -95,6 +99,7 @@ class _HiddenTerm(LossTerm):
             # canonical names (negative layers resolved) are the keys the tap reader produces
             self.pairs = [(tap_name(*parse_tap(params.student_tap, student, f"{where}.student_tap")),
                            tap_name(*parse_tap(params.teacher_tap, teacher, f"{where}.teacher_tap")))]
+            check_tap_pair(params, student, teacher, where)
         else:
             pairs = layer_map(params.layers, student, teacher, where).pairs
             self.pairs = [(f"hidden_states[{a}]", f"hidden_states[{b}]") for a, b in pairs]
@@ -146,6 +151,30 @@ class _HiddenTerm(LossTerm):
                 hs, ht = centred(hs, mask, self.where, a), centred(ht, mask, self.where, b)
             total = total + self.distance(hs, ht, mask)
         return total
+
+
+def check_tap_pair(params, student, teacher, where: str) -> None:
+    """Two named taps must hold the same kind of tensor: a (B, H, L, L) attention map against (B, L, D) states
+    broadcasts into a loss of nothing, and a per-sequence vector against per-token states fails inside torch."""
+    kinds = [parse_tap(name, info)[0] for name, info in ((params.student_tap, student), (params.teacher_tap, teacher))]
+    groups = [next((g for g in (TOKEN_FEATURES, SEQUENCE_FEATURES) if k in g), (k,)) for k in kinds]
+    if groups[0] != groups[1]:
+        raise PairingError(f"{where}: student_tap {params.student_tap!r} and teacher_tap {params.teacher_tap!r} hold "
+                           f"different kinds of tensor ({describe(kinds[0])} against {describe(kinds[1])}); pair "
+                           f"per-token states ({', '.join(TOKEN_FEATURES)}) with per-token states, or "
+                           f"{' / '.join(SEQUENCE_FEATURES)} with each other, or a tap with one of its own kind")
+    projected = params.projector == "linear" or (params.projector == "auto" and student.hidden_size != teacher.hidden_size)
+    if groups[0] not in (TOKEN_FEATURES, SEQUENCE_FEATURES) and projected:
+        raise PairingError(f"{where}: a projector maps hidden states between widths, and {kinds[0]} taps are no "
+                           f"hidden states; compare them with projector: none between models of the same shape")
+
+
+def describe(kind: str) -> str:
+    if kind in TOKEN_FEATURES:
+        return "per-token states (B, L, D)"
+    if kind in SEQUENCE_FEATURES:
+        return "one vector per sequence (B, D)"
+    return f"{kind} taps"
 
 
 def centred(x, mask, where: str, tap: str):
