@@ -163,7 +163,8 @@ def check_tap_pair(params, student, teacher, where: str) -> None:
                            f"different kinds of tensor ({describe(kinds[0])} against {describe(kinds[1])}); pair "
                            f"per-token states ({', '.join(TOKEN_FEATURES)}) with per-token states, or "
                            f"{' / '.join(SEQUENCE_FEATURES)} with each other, or a tap with one of its own kind")
-    projected = params.projector == "linear" or (params.projector == "auto" and student.hidden_size != teacher.hidden_size)
+    widths_differ = student.hidden_size != teacher.hidden_size
+    projected = params.projector == "linear" or (params.projector == "auto" and widths_differ)
     if groups[0] not in (TOKEN_FEATURES, SEQUENCE_FEATURES) and projected:
         raise PairingError(f"{where}: a projector maps hidden states between widths, and {kinds[0]} taps are no "
                            f"hidden states; compare them with projector: none between models of the same shape")
