@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kdistill.config import DataSource, Recipe
-from kdistill.errors import DataError
+from kdistill.errors import ConfigError, DataError
 
 
 def check_references(recipe: Recipe) -> None:
@@ -53,3 +53,9 @@ def check_source(source: DataSource, split: str, where: str) -> None:
         check_split(source.split or split, f"{where}.split")
     if source.path is not None and not str(source.path).startswith("stage:"):
         require_path(str(source.path), where)
+        from kdistill.data.sources import has_splits
+
+        if source.split is not None and not has_splits(source):  # else every split would be the same records
+            raise ConfigError(f"{where}.split: {source.path} is one split (a file, or a folder without split "
+                              f"folders), so it has no {source.split!r} split to choose; give each split its own "
+                              f"file (data.train: train.jsonl, data.eval: dev.jsonl) and leave split out")

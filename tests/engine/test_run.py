@@ -523,3 +523,11 @@ def test_an_encoder_is_refused_as_a_causal_lm(tiny_recipe, tiny_gpt2_dir, tiny_b
     with pytest.raises(PairingError, match=r"is a bert encoder"):
         distill(tiny_recipe, progress=False)
     assert not (Path(tiny_recipe["output"]) / "student").exists()
+
+
+def test_a_split_of_a_one_split_file_is_refused(tiny_recipe):
+    # a plain file is the same records whatever split is asked of it: eval would score the training records
+    tiny_recipe["data"]["eval"] = {**tiny_recipe["data"]["eval"], "split": "eval"}
+    with pytest.raises(ConfigError, match=r"data.eval.split: .* is one split .* no 'eval' split to choose; give each "
+                                          r"split its own file"):
+        distill(tiny_recipe, progress=False)
