@@ -89,6 +89,10 @@ def test_config_student_unknown_field():
     with pytest.raises(ConfigError, match=r"student.config: 'num_hiden_layers' \(did you mean 'num_hidden_layers'\?\) "
                                           r"is not a field of the teacher's BertConfig"):
         build_student(cfg, bert(), "embedding", seed=0)
+    cfg = StudentConfig.model_validate({"config": {"model_type": "gpt2", "num_hidden_layers": 2}})
+    with pytest.raises(ConfigError, match=r"student.config.model_type: a student from config keeps the teacher's "
+                                          r"architecture \(bert\)"):  # it was built as a BERT, saying nothing
+        build_student(cfg, bert(), "embedding", seed=0)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -107,6 +107,11 @@ def same_architecture(ref: str, teacher, where: str, context: dict, same_depth: 
 def from_config(overrides: dict, teacher, where="student.config", **context):
     """A randomly initialised model of the teacher's class with some config fields changed."""
     base = teacher.config.to_dict()
+    family = [k for k in ("model_type", "architectures") if k in overrides]
+    if family:  # the model is built as the teacher's class, whatever these say
+        raise ConfigError(f"{where}.{family[0]}: a student from config keeps the teacher's architecture "
+                          f"({teacher.config.model_type}); for another, give student.model: DIR or a blueprint "
+                          f"(student.model: blueprint:NAME)")
     unknown = [k for k in overrides if k not in base and not hasattr(teacher.config, k)]
     if unknown:
         hints = [f"{name!r}" + (f" ({hint[2:]})" if (hint := did_you_mean(name, base, cutoff=0.75)) else "")
