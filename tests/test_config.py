@@ -77,6 +77,8 @@ def test_set_without_equals_sign():
     ("losses=[{type: hidden_mse, student_tap: 'hidden_states[2]'}]", "give both student_tap and teacher_tap"),
     ("losses=[{type: hidden_mse, student_tap: hidden.2, teacher_tap: pooled}]", "unknown tap 'hidden.2' at student_tap"),
     ("losses=[{type: hidden_mse, student_tap: pooled, teacher_tap: hidden_states}]", "needs a layer index"),
+    # a union's branch names are pydantic's, not the recipe's ("chunk_size.constrained-int: ...")
+    ("losses=[{type: logit_kd, chunk_size: x}]", "losses[0].chunk_size: Input should be a valid integer"),
 ])
 def test_errors_name_the_field(override, expected):
     with pytest.raises(ConfigError) as err:

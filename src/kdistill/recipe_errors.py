@@ -75,12 +75,17 @@ def unknown_field(name: str, block: type | None) -> str:
     return msg + (f"; this block takes: {', '.join(takes)}" if block is not None else "")
 
 
+# the names pydantic gives a union's branches in an error's location: no field of the recipe
+PYDANTIC_BRANCHES = ("function-", "list[", "literal[", "constrained-", "is-instance[", "union[", "nullable[",
+                     "tagged-union[", "json-or-python[", "lax-or-strict[")
+
+
 def field_path(prefix: str, loc: tuple) -> str:
     path = prefix
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif not str(part).startswith(("function-", "list[", "literal[")):
+        elif not str(part).startswith(PYDANTIC_BRANCHES) and part not in ("int", "float", "str", "bool"):
             path += f".{part}" if path else str(part)
     return path or "recipe"
 

@@ -208,4 +208,6 @@ class MaskedLM(CrossEntropy):
     def __init__(self, params, student, teacher, where="losses"):
         super().__init__(params, student, teacher, where)
         if student.task != "masked-lm":
-            raise PairingError(f"{where}: mlm needs a student with a masked-LM head; set teacher.task: masked-lm")
+            raise PairingError(f"{where}: mlm needs a student with a masked-LM head (this one is loaded as "
+                               f"{student.task}): a teacher saved with one (...ForMaskedLM, e.g. BERT) and "
+                               f"teacher.task: masked-lm")
