@@ -111,6 +111,10 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
 
     r = load_recipe(recipe, set_ or [])
     check_references(r)
+    from kdistill.recipe_references import hub_notes
+
+    for note in hub_notes(r):
+        console.print(note, highlight=False, markup=False, soft_wrap=True)
     check_output(Path(r.output))
     check_not_foreign(Path(r.output))  # run refuses it: so does validate
     describe_and_pair(r, full, console)

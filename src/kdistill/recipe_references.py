@@ -45,6 +45,38 @@ def check_model(ref: str | None, where: str) -> None:
         check_model_dir(path, str(ref), where)
 
 
+def hub_notes(recipe: Recipe) -> list[str]:
+    """A model reference that is no folder here and not in the Hugging Face cache is taken as a hub id and downloaded
+    when the run starts: said before then, with a folder of a close name if there is one (a misspelt relative path
+    looks like a hub id)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    from kdistill.errors import did_you_mean
+    from kdistill.models.loading import looks_local
+
+    notes = []
+    for i, stage in enumerate(recipe.stages):
+        prefix = f"stages[{i}]." if len(recipe.stages) > 1 else ""
+        refs = [(f"{prefix}teacher.model", stage.teacher.model if stage.teacher else None)]
+        if stage.student is not None:
+            kind, spec = stage.student.kind()
+            refs += [(f"{prefix}student.model", spec)] if kind == "model" else [
+                (f"{prefix}student.{kind}.{field}", getattr(spec, field, None)) for field in ("model", "layers_from")]
+        for where, ref in refs:
+            if not isinstance(ref, str) or ":" in ref or looks_local(ref) or Path(ref).expanduser().exists():
+                continue
+            try:
+                if isinstance(try_to_load_from_cache(ref, "config.json"), str):
+                    continue
+            except ValueError:  # no valid repo id: the loader says so
+                continue
+            parent = Path(ref).parent
+            here = [str(parent / p.name) for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+            notes.append(f"note: {where} {ref!r} is no folder here ({Path.cwd()}) and not in the Hugging Face cache: "
+                         f"it is taken as a hub id, downloaded when the run starts{did_you_mean(ref, here)}")
+    return notes
+
+
 def check_source(source: DataSource, split: str, where: str) -> None:
     from kdistill.data.corpora import check_split
     from kdistill.data.sources import require_path

@@ -351,3 +351,17 @@ def test_under_a_distributed_launch_a_recipe_error_is_said_once(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     result, out = invoke("validate", "supersense-kd", "--set", "train.stpes=3")
     assert result.exit_code == 2 and "train.stpes: unknown field" in " ".join(out.split())
+
+
+def test_validate_notes_a_model_that_is_no_folder_here_nor_cached(tmp_path, tiny_recipe, tiny_bert_dir, monkeypatch):
+    # a misspelt relative folder looks like a hub id: said before the run would try to download it
+    import shutil
+
+    shutil.copytree(tiny_bert_dir, tmp_path / "tiny_bert")
+    monkeypatch.chdir(tmp_path)
+    path = write(tmp_path, {**tiny_recipe, "teacher": {"model": "tiny_bertt"}})
+    result, out = invoke("validate", path)
+    assert result.exit_code == 0, out
+    assert "note: teacher.model 'tiny_bertt' is no folder here" in out and "did you mean 'tiny_bert'?" in out
+    result, out = invoke("validate", write(tmp_path, {**tiny_recipe, "teacher": {"model": "tiny_bert"}}))
+    assert result.exit_code == 0 and "note:" not in out
