@@ -227,7 +227,7 @@ def test_an_unreadable_saved_recipe_names_the_way_out(tiny_recipe, killed_run):
     assert (distill(tiny_recipe, resume=True, force=True, progress=False) / "kdistill.json").exists()
 
 
-def test_a_finished_student_truncated_since_is_trained_again_on_resume(tiny_recipe):
+def test_a_finished_student_truncated_since_is_trained_again_on_resume(tiny_recipe, capsys):
     from kdistill.engine.export import is_complete
 
     tiny_recipe["train"].update(steps=2, save_every=2)
@@ -236,7 +236,9 @@ def test_a_finished_student_truncated_since_is_trained_again_on_resume(tiny_reci
     whole = weights.read_bytes()
     weights.write_bytes(whole[: len(whole) // 2])  # a disk that filled, or a copy cut short
     assert not is_complete(student)
+    capsys.readouterr()
     assert is_complete(distill(tiny_recipe, resume=True, progress=False))  # exported again from its checkpoint
+    assert "student is damaged or incomplete" in " ".join(capsys.readouterr().out.split())  # and the user told why
     assert weights.read_bytes() == whole
     (student / "tokenizer.json").unlink()  # `kdistill eval` would then say it has no tokenizer
     assert not is_complete(student)

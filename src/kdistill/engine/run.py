@@ -247,6 +247,10 @@ def open_run_dir(recipe: Recipe, resume: bool, force: bool, accelerator, console
     if accelerator.is_main_process:
         if resume and console is not None and not trained_anything(Path(recipe.output)):
             console.print(f"[yellow]nothing to resume in {recipe.output}[/yellow]: starting from step 0")
+        student = Path(recipe.output) / "student"
+        if resume and console is not None and student.is_dir() and not is_complete(student):
+            console.print(f"[yellow]{student} is damaged or incomplete[/yellow] (a file it was saved with is missing "
+                          f"or of another size): its stage trains again from its last checkpoint (if any) and writes it anew")
         try:
             pending_recipe = prepare_run_dir(recipe, resume, force)
         except KdistillError as err:
