@@ -368,3 +368,13 @@ def test_a_resume_naming_the_data_file_another_way_goes_on(tiny_recipe, killed_r
                                                                           "path": data.name}}}
     student = distill(relative, resume=True, progress=False)
     assert json.loads((student / "kdistill.json").read_text())["steps"] == 4
+
+
+def test_a_forced_resume_names_checkpoints_of_a_stage_the_recipe_no_longer_has(tiny_recipe, killed_run, capsys):
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    killed_run(tiny_recipe, step=3)  # stage "main" has a checkpoint at step 2
+    renamed = {**tiny_recipe, "stages": [{"name": "renamed"}]}
+    capsys.readouterr()
+    distill(renamed, resume=True, force=True, progress=False)
+    out = " ".join(capsys.readouterr().out.split())
+    assert "checkpoints of main belong to no stage of this recipe and are not used" in out

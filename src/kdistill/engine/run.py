@@ -247,6 +247,12 @@ def open_run_dir(recipe: Recipe, resume: bool, force: bool, accelerator, console
     if accelerator.is_main_process:
         if resume and console is not None and not trained_anything(Path(recipe.output)):
             console.print(f"[yellow]nothing to resume in {recipe.output}[/yellow]: starting from step 0")
+        kept = Path(recipe.output) / "checkpoints"
+        orphans = sorted(d.name for d in kept.iterdir() if d.is_dir() and d.name not in
+                         {s.name for s in recipe.stages}) if resume and kept.is_dir() else []
+        if orphans and console is not None:  # a stage renamed since: it starts over, which should not go unsaid
+            console.print(f"[yellow]note[/yellow]: checkpoints of {', '.join(orphans)} belong to no stage of this "
+                          f"recipe and are not used (a renamed stage starts from step 0; rename it back to resume it)")
         student = Path(recipe.output) / "student"
         if resume and console is not None and student.is_dir() and not is_complete(student):
             console.print(f"[yellow]{student} is damaged or incomplete[/yellow] (a file it was saved with is missing "
