@@ -291,3 +291,28 @@ def test_a_layer_that_cannot_be_split_is_named_with_the_fix(classifier):
                                           r"split.*set `split: false`"):
         quantize_model(classifier, {"weights": 1, "activations": 8})
     quantize_model(classifier, {"weights": 1, "activations": 8, "split": False})  # the named fix works
+
+
+def test_quantized_attention_runs_both_matmuls_on_binary_inputs():
+    # W1A1: Q, K, V signed {-a, a}, the probabilities {0, a}, as BiT's forward; written out by hand
+    from kdistill.quant.model import AttentionQuant, quantized_attention
+
+    torch.manual_seed(0)
+    module = nn.Module()
+    module.attention_quant = AttentionQuant(1)
+    module.eval()
+    for name, alpha in (("query", 1.0), ("key", 1.0), ("value", 0.5), ("probs", 0.4)):
+        quantizer = getattr(module.attention_quant, name)
+        quantizer.initialized.fill_(True)
+        with torch.no_grad():
+            quantizer.alpha.fill_(alpha)
+            quantizer.beta.zero_()
+    q, k, v = torch.randn(3, 1, 2, 4, 4).unbind(0)  # (batch, heads, length, head dim)
+    out, weights = quantized_attention(module, q, k, v, None)
+    def sign(x):
+        return torch.where(x >= 0, 1.0, -1.0)
+
+    p = torch.softmax(sign(q) @ sign(k).transpose(2, 3) / 2.0, -1)
+    torch.testing.assert_close(weights, p)
+    expected = (0.4 * (p > 0.2).float()) @ (0.5 * sign(v))  # round(clip(p / 0.4, 0, 1)): 1 from p = 0.2
+    torch.testing.assert_close(out, expected.transpose(1, 2))
