@@ -115,3 +115,25 @@ def test_a_completion_only_data_batch_gets_the_language_modelling_loss_on_its_co
     ce = torch.nn.functional.cross_entropy(zs[0, 2:4], batch["input_ids"][0, 3:5])
     assert term({"logits": zs}, {"logits": zt}, batch).item() == pytest.approx(0.5 * ce.item(), rel=1e-6)
     assert term.count(batch) == 2
+
+
+def test_gradient_is_the_policy_gradient_with_rewards_held_fixed():
+    # REINFORCE: the rewards R are constants; only log q(y_t) and the exact per-step KL carry gradient
+    torch.manual_seed(1)
+    zs, zt = torch.randn(1, 5, 5, requires_grad=True), torch.randn(1, 5, 5)
+    batch = {"input_ids": torch.randint(0, 5, (1, 5)), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "loss_mask": torch.tensor([[0, 1, 1, 1, 0]]).bool(), "importance": torch.ones(1, 5)}
+    term = LOSSES.get("minillm")(MiniLLMParams(), LM, LM)
+    (got,) = torch.autograd.grad(term({"logits": zs}, {"logits": zt}, batch), zs)
+    positions, ys = [1, 2, 3], [int(batch["input_ids"][0, i + 1]) for i in (1, 2, 3)]
+    with torch.no_grad():
+        rewards = [float(torch.log_softmax(zt[0, i], -1)[y] - torch.log_softmax(zs[0, i], -1)[y])
+                   for i, y in zip(positions, ys)]
+    reference = 0.0
+    for k, (i, y) in enumerate(zip(positions, ys)):
+        log_q, log_p = torch.log_softmax(zs[0, i], -1), torch.log_softmax(zt[0, i], -1)
+        later = rewards[k + 1:]
+        future = sum(later) / len(later) if later else 0.0
+        reference = reference + (log_q.exp() * (log_q - log_p)).sum() - future * log_q[y]
+    (expected,) = torch.autograd.grad(reference / 3, zs)
+    torch.testing.assert_close(got, expected)
