@@ -1,4 +1,4 @@
-"""The learning-rate schedule against its closed forms, and loss-term weights in the gradient."""
+"""The learning-rate schedule against its closed forms, gradient clipping, and loss-term weights in the gradient."""
 import math
 
 import pytest
@@ -44,3 +44,29 @@ def test_a_term_of_weight_zero_changes_nothing(tiny_recipe, tmp_path):
     beside = {**tiny_recipe, "losses": [{"type": "embedding_cosine"}, {"type": "hidden_mse", "weight": 0.0}],
               "output": str(tmp_path / "beside")}
     assert_same_weights(distill(alone, progress=False), distill(beside, progress=False))
+
+
+def test_gradients_are_clipped_at_max_grad_norm_and_the_norm_logged(tiny_recipe, monkeypatch):
+    import json
+    from pathlib import Path
+
+    from accelerate import Accelerator
+
+    asked, norms = [], []
+    original = Accelerator.clip_grad_norm_
+
+    def clip(self, parameters, max_norm, norm_type=2):
+        asked.append(max_norm)
+        norms.append(float(original(self, parameters, max_norm, norm_type)))
+        return norms[-1]
+
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", clip)
+    tiny_recipe["train"].update(steps=2, max_grad_norm=0.37)
+    distill(tiny_recipe, progress=False)
+    assert asked == [0.37, 0.37]
+    rows = [json.loads(line) for line in (Path(tiny_recipe["output"]) / "logs" / "main.jsonl").read_text().splitlines()]
+    assert [r["grad_norm"] for r in rows if r["kind"] == "train"] == pytest.approx(norms)
+    asked.clear()
+    distill({**tiny_recipe, "train": {**tiny_recipe["train"], "max_grad_norm": None},
+             "output": tiny_recipe["output"] + "-unclipped"}, progress=False)
+    assert asked == []
