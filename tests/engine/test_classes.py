@@ -42,12 +42,18 @@ def test_data_with_classes_the_teacher_does_not_know_is_refused_naming_the_fix(t
               "data": {"train": {"path": str(data), "label": "y"}, "max_length": 16},
               "losses": [{"type": "logit_kd", "alpha": 0.5}], "train": {"steps": 2, "batch_size": 4},
               "output": str(tmp_path / "run")}
-    with pytest.raises(PairingError, match=r"over 3 classes \(blue, green, red\) but data has labels it does not "
-                                           r"know: purple; losses\[0\] reads the teacher's predictions, which need "
+    with pytest.raises(PairingError, match=r"over 3 classes \(blue, green, red\) but data.train has labels it does "
+                                           r"not know: purple; losses\[0\] reads the teacher's predictions, which need "
                                            r"teacher and data to share their classes \(terms that read only its "
                                            r"features, such as hidden_mse"):
         distill(recipe, progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    known = tmp_path / "known.jsonl"  # the training data's classes are the teacher's: only data.eval's are not
+    known.write_text("".join(json.dumps({"text": f"{w} thing {i}", "y": w}) + "\n"
+                             for i in range(2) for w in ("red", "blue")))
+    with pytest.raises(PairingError, match=r"but data.eval has labels it does not know: purple"):
+        distill({**recipe, "data": {"train": {"path": str(known), "label": "y"},
+                                    "eval": {"path": str(data), "label": "y"}, "max_length": 16}}, progress=False)
     # terms that read the teacher's features only: the student gets a head of the data's classes, the teacher keeps its
     for student in ({"from_teacher": {"layers": [2, 4]}}, {"config": {"num_hidden_layers": 2}}):
         recipe.update(student=student, losses=[{"type": "cross_entropy"}, {"type": "hidden_mse", "layers": "uniform"}],

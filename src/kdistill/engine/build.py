@@ -361,7 +361,7 @@ def build_stage(stage: Stage, previous_student: str | None = None, prefix: str =
     s_reader, t_reader = TapReader(student, student_info), TapReader(teacher, teacher_info)
     student_taps = set().union(*(s_reader.canonical(t.student_taps(), t.where) for t in terms))
     teacher_taps = set().union(*(t_reader.canonical(t.teacher_taps(), t.where) for t in terms))
-    check_teacher_classes(foreign, labels, terms, prefix)
+    check_teacher_classes(foreign, labels, terms, prefix, {"train": train, "eval": evals})
     if stage.on_policy is not None and (cached or student_info.task != "causal-lm"):
         raise ConfigError(f"{prefix}on_policy: the student samples its own continuations, which needs a causal-LM "
                           f"student and a live teacher to score them (not a teacher store)")

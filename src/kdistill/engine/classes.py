@@ -70,21 +70,32 @@ def class_head(stage: Stage, teacher_ref: str, records: list[dict],
                     "label2id": {name: i for i, name in enumerate(labels)}}, foreign
 
 
-def unknown_classes(known: list[str], unknown: list[str], prefix: str) -> str:
-    return (f"{prefix}teacher.model is a classifier over {len(known)} classes ({shown(known)}) but {prefix}data has "
-            f"labels it does not know: {shown(unknown)}")
+def unknown_classes(known: list[str], unknown: list[str], prefix: str, holders: str = "data") -> str:
+    return (f"{prefix}teacher.model is a classifier over {len(known)} classes ({shown(known)}) but {holders} "
+            f"{'have' if ' and ' in holders else 'has'} labels it does not know: {shown(unknown)}")
+
+
+def label_holders(unknown: list[str], blocks: dict[str, list[dict]], prefix: str) -> str:
+    """Which data blocks hold these labels ("data.eval", "data.train and data.eval"), for the refusal to name."""
+    named = [f"{prefix}data.{block}" for block, records in blocks.items()
+             if any(str(r.get("label")) in set(unknown) for r in records)]
+    return " and ".join(named) or f"{prefix}data"
 
 
 PREDICTION_TAPS = ("logits", "cls_logits", "distillation_logits")
 
 
-def check_teacher_classes(foreign: list[str] | None, labels: list[str], terms, prefix: str) -> None:
-    """A teacher of other classes than the data's (class_head) serves terms that read its features only."""
+def check_teacher_classes(foreign: list[str] | None, labels: list[str], terms, prefix: str,
+                          blocks: dict[str, list[dict]] | None = None) -> None:
+    """A teacher of other classes than the data's (class_head) serves terms that read its features only; `blocks`
+    (train and eval records) lets the refusal name where the teacher's unknown labels are."""
     if foreign is None:
         return
     readers = [t.where for t in terms if any(tap.split("[")[0] in PREDICTION_TAPS for tap in t.teacher_taps())]
     if readers:
-        raise PairingError(f"{unknown_classes(foreign, sorted(set(labels) - set(foreign)), prefix)}; "
+        unknown = sorted(set(labels) - set(foreign))
+        holders = label_holders(unknown, blocks or {}, prefix)
+        raise PairingError(f"{unknown_classes(foreign, unknown, prefix, holders)}; "
                            f"{', '.join(readers)} read{'s' if len(readers) < 2 else ''} the teacher's "
                            f"predictions, which need teacher and data to share their classes (terms that read only its "
                            f"features, such as hidden_mse, vitkd or manifoldkd, take a teacher of other classes)")
