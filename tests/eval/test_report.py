@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from kdistill.errors import ConfigError
+from kdistill.errors import ConfigError, DataError
 from kdistill.eval.report import evaluate, render_table, save, spec_from_arg
 
 FAST = {"batch_size": 8, "max_length": 32}
@@ -74,6 +74,11 @@ def test_classifier_accuracy_and_causal_lm_perplexity(classifier_dir, gpt2_dir, 
     lm = evaluate(gpt2_dir, None, {"path": jsonl_file}, speed=False, **FAST)
     assert lm["datasets"][jsonl_file]["perplexity"]["student"] > 1
     assert "perplexity" in table_text(lm)
+    other = jsonl_file.replace("texts.jsonl", "other.jsonl")
+    with open(other, "w") as f:
+        f.write(json.dumps({"text": "a wasp", "label": "wasp"}) + "\n")
+    with pytest.raises(DataError, match=r"data '.*other.jsonl', scoring the student: labels 'wasp' are not among"):
+        evaluate(classifier_dir, None, {"path": other, "label": "label"}, speed=False, **FAST)
 
 
 def test_spec_from_arg(tmp_path):

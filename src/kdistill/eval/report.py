@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -187,8 +188,9 @@ def evaluate(student_ref: str, teacher_ref: str | None, data_spec: dict | list[d
         for role, s in sides.items():
             if s.task == "classification" and any(r.get("label") is not None for r in records):
                 names = _class_names(s.model, records)
-                entry.setdefault("accuracy", {})[role] = accuracy(
-                    s.model, s.tokenizer, records, names, batch_size, max_length)
+                with naming(name, role):
+                    entry.setdefault("accuracy", {})[role] = accuracy(
+                        s.model, s.tokenizer, records, names, batch_size, max_length)
             elif s.task == "causal-lm":
                 entry.setdefault("perplexity", {})[role] = perplexity(
                     s.model, s.tokenizer, texts, batch_size, max_length)
@@ -229,6 +231,15 @@ def check_modality(datasets: dict[str, list[dict]], student: Side) -> None:
                         f"evaluate it on texts")
 
 
+@contextlib.contextmanager
+def naming(data: str, role: str):
+    """A data error met while scoring one dataset says which dataset, and which model was being scored."""
+    try:
+        yield
+    except DataError as err:
+        raise DataError(f"data {data!r}, scoring the {role}: {err}") from None
+
+
 def evaluate_images(result: dict, sides: dict, datasets: dict, speed: bool) -> dict:
     """Image classifiers: accuracy per dataset, images/s, and per-layer linear CKA student × teacher."""
     from kdistill.eval.images import image_accuracy, image_speed, layer_cka
@@ -240,7 +251,9 @@ def evaluate_images(result: dict, sides: dict, datasets: dict, speed: bool) -> d
         entry: dict = {"n": len(records)}
         for role, s in sides.items():
             if any(r.get("label") is not None for r in records):
-                entry.setdefault("accuracy", {})[role] = image_accuracy(s.model, records, _class_names(s.model, records))
+                with naming(name, role):
+                    entry.setdefault("accuracy", {})[role] = image_accuracy(s.model, records,
+                                                                            _class_names(s.model, records))
         if "teacher" in sides:
             try:
                 grid = layer_cka(sides["student"].model, sides["teacher"].model, records)
