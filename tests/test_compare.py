@@ -63,7 +63,12 @@ def test_compare_writes_a_table_with_baseline(tmp_path, make_classifier, monkeyp
     scored = []
     real_score = compare_module.score
     monkeypatch.setattr(compare_module, "score", lambda *a: scored.append(a[0]) or real_score(*a))
-    again = compare([str(path)], seeds=3, output=str(tmp_path / "runs"), results=str(results))  # reuses the runs
+    bars, real_train = [], compare_module.train_or_reuse
+    monkeypatch.setattr(compare_module, "train_or_reuse", lambda run, console, progress: bars.append(progress)
+                        or real_train(run, console, progress))
+    again = compare([str(path)], seeds=3, output=str(tmp_path / "runs"), results=str(results),  # reuses the runs
+                    progress=False)
+    assert bars and not any(bars)  # --no-progress reaches every run
     assert results.read_text().count("<!-- compare:tiny-kd -->") == 1
     # only the new seed's students and the teacher are tested again; the earlier scores come back as they were
     assert len(scored) == 3 and all("seed-2" in d for d in scored[1:])

@@ -238,14 +238,17 @@ def compare_cmd(recipes: List[str] = typer.Argument(..., help="recipe names or f
                 baselines: bool = typer.Option(True, help="also train each recipe's no-teacher baseline"),
                 jobs: Optional[int] = typer.Option(
                     None, min=1, help="runs trained at once, each in its own process with the cores shared out "
-                                      "(default: 2 without a GPU on 2 cores or more, else 1)")):
+                                      "(default: 2 without a GPU on 2 cores or more, else 1)"),
+                progress: bool = typer.Option(True, help="show each run's progress bar (runs trained at once, "
+                                                         "--jobs 2 or more, show none)")):
     """Each recipe against a no-teacher baseline (same student, same init, labels only), on test data."""
     from kdistill.compare import compare
     from kdistill.compare_parallel import default_jobs
     from kdistill.compare_report import markdown
 
     jobs = default_jobs() if jobs is None else jobs
-    report = compare(recipes, seeds, quick, output, results, console, baselines=baselines, jobs=jobs)
+    report = compare(recipes, seeds, quick, output, results, console, baselines=baselines, jobs=jobs,
+                     progress=progress)
     console.print(markdown(report))
 
 

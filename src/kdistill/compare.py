@@ -207,7 +207,8 @@ def seed_run(r: Recipe, baseline: bool, folder: Path, seed: int, quick: bool) ->
 
 
 def seed_scores(label: str, runs: list[Recipe], points: list[tuple[str, int]], records: list[dict], task: str,
-                unseen: list | None, finished: dict[int, list[Recipe]], console, announce) -> tuple[dict, dict, list]:
+                unseen: list | None, finished: dict[int, list[Recipe]], console, announce,
+                progress: bool = True) -> tuple[dict, dict, list]:
     """Train (or reuse) the run of each seed and score every evaluation point on the test records (and the unseen
     domain): (scores per point, other metrics per point, each seed's pipeline wall time)."""
     from kdistill.engine.stage_refs import stage_student_dir
@@ -221,7 +222,7 @@ def seed_scores(label: str, runs: list[Recipe], points: list[tuple[str, int]], r
         copied = reuse_shared_stages(run, finished.setdefault(seed, []))
         if copied and console is not None:
             console.print(f"{label} seed {seed}: stages {', '.join(copied)} are those of an earlier run")
-        train_or_reuse(run, console)
+        train_or_reuse(run, console, progress)
         finished[seed].append(run)
         walls.append(pipeline_wall_time(run) or time.perf_counter() - start)
         for suffix, index in points:
@@ -240,7 +241,8 @@ def seed_scores(label: str, runs: list[Recipe], points: list[tuple[str, int]], r
 
 
 def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str = "runs/compare",
-            results: str = "docs/results.md", console=None, baselines: bool = True, jobs: int = 1) -> dict:
+            results: str = "docs/results.md", console=None, baselines: bool = True, jobs: int = 1,
+            progress: bool = True) -> dict:
     from kdistill.eval.metrics import count_parameters
     from kdistill.eval.report import check_report_path
     from kdistill.engine.run import check_output
@@ -302,7 +304,8 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
         for label, r, folder in pairs:
             points = evaluation_points(r)
             runs = [seed_run(r, r is not recipe, folder, seed, quick) for seed in range(seeds)]
-            accs, extras, walls = seed_scores(label, runs, points, records, task, unseen, finished, console, announce)
+            accs, extras, walls = seed_scores(label, runs, points, records, task, unseen, finished, console, announce,
+                                              progress)
             run = runs[-1]
             for suffix, index in points:
                 model = load_model(str(stage_student_dir(Path(run.output), run, index)), task,  # the last seed's

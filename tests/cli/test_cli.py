@@ -247,6 +247,11 @@ def test_compare_trains_two_runs_at_a_time_by_default_without_a_gpu(monkeypatch)
     invoke("compare", "supersense-kd")
     invoke("compare", "supersense-kd", "--jobs", "3")
     assert asked == [2, 1, 3]
+    shown = []
+    monkeypatch.setattr(kdistill.compare, "compare", lambda *a, progress, **kw: shown.append(progress) or {"rows": []})
+    invoke("compare", "supersense-kd", "--no-progress")
+    invoke("compare", "supersense-kd")
+    assert shown == [False, True]
 
 
 def test_a_store_of_an_embedding_teacher_is_refused(tiny_recipe, tmp_path):
