@@ -10,8 +10,11 @@ from kdistill.config import DataSource, Recipe
 from kdistill.errors import ConfigError, DataError
 
 
-def check_references(recipe: Recipe) -> None:
+def check_references(recipe: Recipe, skip: set[int] = frozenset()) -> None:
+    """What each stage refers to exists (`skip`: stages a resume will not run again)."""
     for i, stage in enumerate(recipe.stages):
+        if i in skip:
+            continue
         prefix = f"stages[{i}]." if len(recipe.stages) > 1 else ""
         if stage.teacher is not None:
             check_model(stage.teacher.model, f"{prefix}teacher.model")

@@ -374,7 +374,22 @@ def test_a_forced_resume_names_checkpoints_of_a_stage_the_recipe_no_longer_has(t
     tiny_recipe["train"].update(steps=4, save_every=2)
     killed_run(tiny_recipe, step=3)  # stage "main" has a checkpoint at step 2
     renamed = {**tiny_recipe, "stages": [{"name": "renamed"}]}
+    (Path(tiny_recipe["output"]) / "checkpoints" / "renamed-round-01").mkdir()  # a Lion stage's round: its own
     capsys.readouterr()
     distill(renamed, resume=True, force=True, progress=False)
     out = " ".join(capsys.readouterr().out.split())
     assert "checkpoints of main belong to no stage of this recipe and are not used" in out
+
+
+def test_a_resume_does_not_ask_for_the_files_of_stages_it_will_not_run_again(tiny_recipe, tmp_path, killed_run):
+    import shutil
+
+    data = tmp_path / "first.jsonl"
+    shutil.copy(tiny_recipe["data"]["train"]["path"], data)
+    tiny_recipe["train"].update(steps=4, save_every=2)
+    tiny_recipe["stages"] = [{"name": "one", "data": {"train": {"path": str(data), "text": "sentence"}}},
+                             {"name": "two"}]
+    killed_run(tiny_recipe, step=3, stage="two")
+    data.unlink()  # stage one is finished: its data is no longer needed
+    assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()
+    assert (distill(tiny_recipe, resume=True, progress=False) / "kdistill.json").exists()  # a finished run too

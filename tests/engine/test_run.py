@@ -93,8 +93,8 @@ def test_rerun_without_resume_refuses_to_overwrite(tiny_recipe):
 
 
 def test_a_run_that_failed_before_training_does_not_hold_its_folder(tiny_recipe):
-    broken = {**tiny_recipe, "data": {**tiny_recipe["data"], "train": {"path": "/nonexistent/d.jsonl"}}}
-    with pytest.raises(DataError, match="not found"):
+    broken = {**tiny_recipe, "data": {**tiny_recipe["data"], "train": {**tiny_recipe["data"]["train"], "text": "nope"}}}
+    with pytest.raises(DataError, match="nope"):
         distill(broken, progress=False)
     assert (Path(tiny_recipe["output"]) / "config.resolved.yaml").exists()
     assert (distill(tiny_recipe, progress=False) / "kdistill.json").exists()  # the fixed recipe, no --resume needed

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from pathlib import Path
 
@@ -220,7 +221,8 @@ def run_recipe(recipe: Recipe, resume: bool = False, force: bool = False, consol
     check_output(Path(recipe.output))
     from kdistill.recipe_references import check_references
 
-    check_references(recipe)  # every stage's files and folders, before the first stage trains for hours
+    # every stage's files and folders, before the first stage trains for hours; not those of stages a resume skips
+    check_references(recipe, skip=finished_stages(recipe) if resume else set())
     with run_lock(Path(recipe.output)), transformers_bars(progress):
         return train_recipe(recipe, resume, force, console, progress)
 
@@ -248,8 +250,10 @@ def open_run_dir(recipe: Recipe, resume: bool, force: bool, accelerator, console
         if resume and console is not None and not trained_anything(Path(recipe.output)):
             console.print(f"[yellow]nothing to resume in {recipe.output}[/yellow]: starting from step 0")
         kept = Path(recipe.output) / "checkpoints"
-        orphans = sorted(d.name for d in kept.iterdir() if d.is_dir() and d.name not in
-                         {s.name for s in recipe.stages}) if resume and kept.is_dir() else []
+        # a Lion stage's rounds keep theirs as NAME-round-RR
+        ours = re.compile("|".join(rf"{re.escape(s.name)}(-round-\d+)?" for s in recipe.stages))
+        orphans = sorted(d.name for d in kept.iterdir() if d.is_dir() and not ours.fullmatch(d.name)
+                         ) if resume and kept.is_dir() else []
         if orphans and console is not None:  # a stage renamed since: it starts over, which should not go unsaid
             console.print(f"[yellow]note[/yellow]: checkpoints of {', '.join(orphans)} belong to no stage of this "
                           f"recipe and are not used (a renamed stage starts from step 0; rename it back to resume it)")
@@ -291,6 +295,19 @@ def student_record(recipe: Recipe, stage, result, previous: str | None, processe
         "config": stage.model_dump(mode="json", exclude_none=True),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def finished_stages(recipe: Recipe) -> set[int]:
+    """Stages a resume does not run again: all when the final student is complete, else those whose student or
+    synthesized data is."""
+    from kdistill.api.synthesize import is_synthesized
+
+    out = Path(recipe.output)
+    if any(s.synthesize is None for s in recipe.stages) and is_complete(out / "student"):
+        return set(range(len(recipe.stages)))
+    return {i for i, s in enumerate(recipe.stages)
+            if (is_synthesized(synthesis_dir(out, s)) if s.synthesize is not None
+                else is_complete(stage_student_dir(out, recipe, i)))}
 
 
 def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: bool) -> Path:
