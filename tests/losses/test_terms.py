@@ -201,10 +201,20 @@ def test_taps_of_different_kinds_are_refused_by_name(student_tap, teacher_tap):
 
 def test_taps_of_one_kind_pair_and_a_projector_only_maps_hidden_states():
     term({"type": "hidden_mse", "student_tap": "hidden_states[1]", "teacher_tap": "embeddings"})
-    term({"type": "hidden_mse", "student_tap": "attentions[1]", "teacher_tap": "attentions[2]"})  # same widths
-    with pytest.raises(PairingError, match=r"a projector maps hidden states between widths, and attentions taps"):
-        term({"type": "hidden_mse", "student_tap": "attentions[1]", "teacher_tap": "attentions[2]"},
-             info(hidden=4), info(hidden=8))
+    narrow, wide = info(hidden=4), info(hidden=8)
+    assert term({"type": "hidden_mse", "student_tap": "patches[1]", "teacher_tap": "hidden_states[2]"},
+                narrow, wide).projector is not None
+    assert term({"type": "hidden_mse", "student_tap": "lm_head", "teacher_tap": "lm_head"}, narrow, wide).projector
+    # maps and predictions have no hidden width: no projector, whatever the widths (the loss compares them as they are)
+    assert term({"type": "hidden_mse", "student_tap": "attentions[1]", "teacher_tap": "attentions[2]"},
+                narrow, wide).projector is None
+    cls = info(task="classification")
+    deit = term({"type": "hidden_mse", "student_tap": "logits", "teacher_tap": "logits"}, cls, cls)
+    assert deit.projector is None
+    with pytest.raises(PairingError, match=r"projector: a projector maps hidden states between widths, and "
+                                           r"attentions taps are no hidden states; leave projector at auto"):
+        term({"type": "hidden_mse", "student_tap": "attentions[1]", "teacher_tap": "attentions[2]",
+              "projector": "linear"})
 
 
 def random_attention():

@@ -32,6 +32,8 @@ LayerSpec = Annotated[Literal["uniform", "last"] | Annotated[list[tuple[int, int
 # Features a hidden term compares (through a projector between hidden widths): per token, or one per sequence.
 TOKEN_FEATURES = ("hidden_states", "embeddings", "head_input", "patches")
 SEQUENCE_FEATURES = ("pooled", "distillation_token")
+PREDICTIONS = ("logits", "cls_logits", "distillation_logits")  # a DeiT head against a teacher's logits
+HIDDEN_WIDTH = TOKEN_FEATURES + SEQUENCE_FEATURES + ("lm_head",)  # last dimension the hidden width: projectable
 
 # Taps with no position 0 to leave out: one vector per sequence, or (patches) CLS already cut off.
 NO_CLS_POSITION = ("pooled", "cls_logits", "distillation_logits", "distillation_token", "patches")
@@ -99,17 +101,19 @@ class _HiddenTerm(LossTerm):
             # canonical names (negative layers resolved) are the keys the tap reader produces
             self.pairs = [(tap_name(*parse_tap(params.student_tap, student, f"{where}.student_tap")),
                            tap_name(*parse_tap(params.teacher_tap, teacher, f"{where}.teacher_tap")))]
-            check_tap_pair(params, student, teacher, where)
+            projectable = check_tap_pair(params, student, teacher, where)
         else:
             pairs = layer_map(params.layers, student, teacher, where).pairs
             self.pairs = [(f"hidden_states[{a}]", f"hidden_states[{b}]") for a, b in pairs]
+            projectable = True
         if params.skip_cls:
             kinds = {parse_tap(name, info)[0] for pair in self.pairs for name, info in zip(pair, (student, teacher))}
             if kinds & set(NO_CLS_POSITION):
                 raise PairingError(f"{where}.skip_cls: tap kind(s) {sorted(kinds & set(NO_CLS_POSITION))} have no "
                                    f"[CLS] position to leave out; use hidden_states[i] taps or skip_cls: false")
         same_image_tokens(self.pairs, student, teacher, where)
-        self.projector = make_projector(params.projector, student.hidden_size, teacher.hidden_size, where)
+        self.projector = (make_projector(params.projector, student.hidden_size, teacher.hidden_size, where)
+                          if projectable else None)
 
     def student_taps(self):
         return [a for a, _ in self.pairs]
@@ -153,21 +157,24 @@ class _HiddenTerm(LossTerm):
         return total
 
 
-def check_tap_pair(params, student, teacher, where: str) -> None:
+def check_tap_pair(params, student, teacher, where: str) -> bool:
     """Two named taps must hold the same kind of tensor: a (B, H, L, L) attention map against (B, L, D) states
-    broadcasts into a loss of nothing, and a per-sequence vector against per-token states fails inside torch."""
+    broadcasts into a loss of nothing, and a per-sequence vector against per-token states fails inside torch.
+    Returns whether a projector can map between them (their last dimension is the models' hidden width)."""
     kinds = [parse_tap(name, info)[0] for name, info in ((params.student_tap, student), (params.teacher_tap, teacher))]
-    groups = [next((g for g in (TOKEN_FEATURES, SEQUENCE_FEATURES) if k in g), (k,)) for k in kinds]
+    groups = [next((g for g in (TOKEN_FEATURES, SEQUENCE_FEATURES, PREDICTIONS) if k in g), (k,)) for k in kinds]
     if groups[0] != groups[1]:
         raise PairingError(f"{where}: student_tap {params.student_tap!r} and teacher_tap {params.teacher_tap!r} hold "
                            f"different kinds of tensor ({describe(kinds[0])} against {describe(kinds[1])}); pair "
-                           f"per-token states ({', '.join(TOKEN_FEATURES)}) with per-token states, or "
-                           f"{' / '.join(SEQUENCE_FEATURES)} with each other, or a tap with one of its own kind")
-    widths_differ = student.hidden_size != teacher.hidden_size
-    projected = params.projector == "linear" or (params.projector == "auto" and widths_differ)
-    if groups[0] not in (TOKEN_FEATURES, SEQUENCE_FEATURES) and projected:
-        raise PairingError(f"{where}: a projector maps hidden states between widths, and {kinds[0]} taps are no "
-                           f"hidden states; compare them with projector: none between models of the same shape")
+                           f"per-token states ({', '.join(TOKEN_FEATURES)}) with per-token states, "
+                           f"{' / '.join(SEQUENCE_FEATURES)} with each other, predictions ({', '.join(PREDICTIONS)}) "
+                           f"with predictions, or a tap with one of its own kind")
+    if kinds[0] in HIDDEN_WIDTH:
+        return True
+    if params.projector == "linear":  # its last dimension is no hidden width (classes, keys, a head's size)
+        raise PairingError(f"{where}.projector: a projector maps hidden states between widths, and {kinds[0]} taps "
+                           f"are no hidden states; leave projector at auto (none is made for them)")
+    return False
 
 
 def describe(kind: str) -> str:
