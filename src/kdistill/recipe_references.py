@@ -90,7 +90,8 @@ def check_source(source: DataSource, split: str, where: str) -> None:
         require_path(str(source.path), where)
         from kdistill.data.sources import has_splits
 
-        if source.split is not None and not has_splits(source):  # else every split would be the same records
+        # `split: train` on the training file changes nothing; an eval split of one file would be its training records
+        if source.split not in (None, "train" if split == "train" else None) and not has_splits(source):
             raise ConfigError(f"{where}.split: {source.path} is one split (a file, or a folder without split "
                               f"folders), so it has no {source.split!r} split to choose; give each split its own "
                               f"file (data.train: train.jsonl, data.eval: dev.jsonl) and leave split out")

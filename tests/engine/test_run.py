@@ -531,3 +531,17 @@ def test_a_split_of_a_one_split_file_is_refused(tiny_recipe):
     with pytest.raises(ConfigError, match=r"data.eval.split: .* is one split .* no 'eval' split to choose; give each "
                                           r"split its own file"):
         distill(tiny_recipe, progress=False)
+
+
+def test_a_split_of_a_saved_dataset_without_splits_is_refused_and_train_of_a_training_file_is_not(tiny_recipe,
+                                                                                                    tmp_path):
+    import datasets
+
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"sentence": f"text {i}"} for i in range(16)]).save_to_disk(str(saved))
+    tiny_recipe["data"]["eval"] = {"path": str(saved), "text": "sentence", "split": "eval"}
+    with pytest.raises(ConfigError, match=r"data.eval.split: .*saved is one split"):
+        distill(tiny_recipe, progress=False)
+    tiny_recipe["data"]["eval"] = {"path": str(saved), "text": "sentence"}
+    tiny_recipe["data"]["train"] = {**tiny_recipe["data"]["train"], "split": "train"}
+    assert (distill(tiny_recipe, progress=False) / "kdistill.json").exists()

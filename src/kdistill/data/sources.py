@@ -118,6 +118,8 @@ def has_splits(spec) -> bool:
 
     if is_image_folder(path):
         return any(os.path.isdir(os.path.join(path, name)) for names in SPLIT_FOLDERS.values() for name in names)
+    if os.path.exists(os.path.join(path, "state.json")):  # one Dataset saved with save_to_disk, not a DatasetDict
+        return os.path.exists(os.path.join(path, "dataset_dict.json"))
     return True
 
 
