@@ -537,3 +537,16 @@ def test_compare_refuses_an_output_that_is_a_file_before_anything_loads(tmp_path
     with pytest.raises(ConfigError, match=r"output .*afile is a file; choose another --output"):
         compare(["supersense-kd"], seeds=1, output=str(tmp_path / "afile"), results=str(tmp_path / "r.md"))
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_damaged_saved_recipe_reads_as_none(tmp_path):
+    # compare and cached teachers read run folders' recipes: damaged ones are "unreadable", not a traceback
+    from kdistill.recipe_diff import read_saved
+
+    path = tmp_path / "config.resolved.yaml"
+    for damage in (b"\xff\xfe", b"a: [", b"- a list\n", b""):
+        path.write_bytes(damage)
+        assert read_saved(path) is None
+    assert read_saved(tmp_path / "missing.yaml") is None
+    path.write_text("name: x\n")
+    assert read_saved(path) == {"name": "x"}

@@ -104,15 +104,14 @@ def baseline_dir(root: Path, baseline: Recipe, key: str) -> Path:
     changes every key: its default changes no weight)."""
     import hashlib
 
-    import yaml
-
-    from kdistill.config import recipe_changes
+    from kdistill.recipe_diff import read_saved, recipe_changes
 
     folder = root / "baselines" / hashlib.sha256(key.encode()).hexdigest()[:16]
     legacy = root / baseline.name
     saved = legacy / "seed-0" / "config.resolved.yaml"
     if not folder.exists() and saved.exists():
-        if not recipe_changes(yaml.safe_load(saved.read_text()), variant(baseline, 0, False, saved.parent)):
+        before = read_saved(saved)
+        if before is not None and not recipe_changes(before, variant(baseline, 0, False, saved.parent)):
             folder.parent.mkdir(parents=True, exist_ok=True)
             legacy.rename(folder)
     if not folder.exists():
@@ -128,15 +127,14 @@ def baseline_dir(root: Path, baseline: Recipe, key: str) -> Path:
 def saved_recipe(run_dir: Path) -> Recipe | None:
     """The recipe a run folder was trained from, as this kdistill reads it (fields added since take their
     defaults); None where there is none, or it no longer validates (written by an older kdistill)."""
-    import yaml
-
-    saved = Path(run_dir) / "config.resolved.yaml"
-    if not saved.exists():
+    saved = read_saved(Path(run_dir) / "config.resolved.yaml")
+    if saved is None:
         return None
     try:
-        return load_recipe(yaml.safe_load(saved.read_text()), output=str(run_dir))
+        return load_recipe(saved, output=str(run_dir))
     except ConfigError:
         return None
+
 
 
 def kept_baseline(run: Recipe) -> Recipe:
@@ -163,17 +161,15 @@ def train_or_reuse(recipe: Recipe, console, progress: bool = True) -> Path:
     the end of the leading stages the edit left as they were (editing a task stage keeps the general one)."""
     import shutil
 
-    import yaml
-
     from kdistill.engine.export import is_complete
     from kdistill.engine.run import run_recipe
-    from kdistill.config import recipe_changes
+    from kdistill.recipe_diff import read_saved, recipe_changes
 
     out = Path(recipe.output)
     student = out / "student"
     resolved = out / "config.resolved.yaml"
-    if resolved.exists():
-        before = yaml.safe_load(resolved.read_text())
+    before = read_saved(resolved)
+    if before is not None:
         if recipe_changes(before, recipe):
             edited = out.with_name(out.name + ".edited")
             shutil.rmtree(edited, ignore_errors=True)

@@ -10,6 +10,18 @@ from kdistill.config import Recipe
 from kdistill.errors import KdistillError
 
 
+def read_saved(path) -> dict | None:
+    """A run folder's saved recipe (config.resolved.yaml) as YAML data; None where it is missing or unreadable
+    (not YAML, not UTF-8, not a mapping), which a resume of that run then names."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def recipe_changes(previous: dict, current: Recipe) -> list[str]:
     """Field paths where a run's saved recipe differs from `current`. The saved one is read through
     today's schema first, so a field added since (saved without it) counts as its default, not a change.

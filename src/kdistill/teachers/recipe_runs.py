@@ -125,15 +125,11 @@ def warn_if_stale(recipe, out: Path, console=None, what: str = "the cached teach
     the warning names what differs and how to train today's recipe instead."""
     import warnings
 
-    import yaml
-
-    from kdistill.config import recipe_changes
+    from kdistill.recipe_diff import read_saved, recipe_changes
 
     resolved = out / "config.resolved.yaml"
-    try:
-        changed = recipe_changes(yaml.safe_load(resolved.read_text()), recipe)
-    except (OSError, yaml.YAMLError):
-        changed = [f"{resolved} is missing or unreadable"]
+    saved = read_saved(resolved)
+    changed = [f"{resolved} is missing or unreadable"] if saved is None else recipe_changes(saved, recipe)
     key = (str(out.resolve()), tuple(changed))
     if changed and key not in _warned:
         _warned.add(key)
