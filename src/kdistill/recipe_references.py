@@ -55,7 +55,7 @@ def hub_notes(recipe: Recipe) -> list[str]:
     from huggingface_hub import try_to_load_from_cache
 
     from kdistill.errors import did_you_mean
-    from kdistill.models.loading import looks_local
+    from kdistill.models.loading import hub_offline, looks_local
 
     notes = []
     for i, stage in enumerate(recipe.stages):
@@ -75,8 +75,10 @@ def hub_notes(recipe: Recipe) -> list[str]:
                 continue
             parent = Path(ref).parent
             here = [str(parent / p.name) for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+            fetched = ("the run will fail: HF_HUB_OFFLINE is set" if hub_offline()
+                       else "downloaded when the run starts")
             notes.append(f"note: {where} {ref!r} is no folder here ({Path.cwd()}) and not in the Hugging Face cache: "
-                         f"it is taken as a hub id, downloaded when the run starts{did_you_mean(ref, here)}")
+                         f"it is taken as a hub id, {fetched}{did_you_mean(ref, here)}")
     return notes
 
 

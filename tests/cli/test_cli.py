@@ -368,5 +368,7 @@ def test_validate_notes_a_model_that_is_no_folder_here_nor_cached(tmp_path, tiny
     result, out = invoke("validate", path)
     assert result.exit_code == 0, out
     assert "note: teacher.model 'tiny_bertt' is no folder here" in out and "did you mean 'tiny_bert'?" in out
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "the run will fail: HF_HUB_OFFLINE is set" in invoke("validate", path)[1]
     result, out = invoke("validate", write(tmp_path, {**tiny_recipe, "teacher": {"model": "tiny_bert"}}))
     assert result.exit_code == 0 and "note:" not in out

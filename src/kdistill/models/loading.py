@@ -102,14 +102,20 @@ def check_model_dir(path: Path, ref: str, where: str = "") -> None:
                     f"model directory{hint}")
 
 
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}  # read now, not at import
+            or bool(constants.HF_HUB_OFFLINE))
+
+
 def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached ("huggingface.co cannot be reached (...)"), probed once with a
     plain connection; None when it can, when offline mode is on (the clients then answer from their caches at
     once) or behind a proxy (which a direct connection would not test)."""
     from huggingface_hub import constants
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}  # read now, not at import
-    if offline or constants.HF_HUB_OFFLINE:
+    if hub_offline():
         return None
     if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
                                              "all_proxy")):
@@ -255,9 +261,10 @@ def check_one_way(ref: str, config, task: str) -> None:
         return
     if not any(getattr(config, flag, False) for flag in ("is_decoder", "is_encoder_decoder", "causal")):
         raise PairingError(f"{ref} is {article(config.model_type)} encoder: its attention reads every token both ways "
-                           f"(is_decoder: false), so as a causal-lm model it would see the next tokens it is asked to "
-                           f"predict; use a decoder (GPT-2, Llama, ...) for causal-lm, or give this model a task it "
-                           f"was trained for")
+                           f"(its config sets no is_decoder), so as a causal-lm model it would see the next tokens it "
+                           f"is asked to predict; use a decoder (GPT-2, Llama, ...) for causal-lm, a model trained as "
+                           f"one (is_decoder: true in its config, as BertLMHeadModel decoders have), or give this model "
+                           f"a task it was trained for")
 
 
 def check_class_order(ref: str, config, wanted: dict | None) -> None:
