@@ -127,6 +127,8 @@ def baseline_dir(root: Path, baseline: Recipe, key: str) -> Path:
 def saved_recipe(run_dir: Path) -> Recipe | None:
     """The recipe a run folder was trained from, as this kdistill reads it (fields added since take their
     defaults); None where there is none, or it no longer validates (written by an older kdistill)."""
+    from kdistill.recipe_diff import read_saved
+
     saved = read_saved(Path(run_dir) / "config.resolved.yaml")
     if saved is None:
         return None
