@@ -362,7 +362,7 @@ def test_a_teacher_that_learns_in_the_loop_is_listed_not_scored(tmp_path, tiny_b
 
 
 def test_train_flops_charge_the_teacher_for_what_it_does():
-    from kdistill.compare import estimated_train_flops
+    from kdistill.compare_costs import estimated_train_flops
 
     def recipe(losses, update=None):
         teacher = {"model": "packaged:all-MiniLM-L6-v2", **({"update": update} if update else {})}
@@ -380,7 +380,7 @@ def test_train_flops_charge_the_teacher_for_what_it_does():
 def test_train_flops_charge_each_stage_its_own_teacher(tiny_bert_dir, make_classifier, tmp_path):
     """Every row is costed with the teacher its stages run, not the table's: a convnet-taught DeiT was costed
     as if the ViT teacher of the rows above had taught it."""
-    from kdistill.compare import TeacherCosts
+    from kdistill.compare_costs import TeacherCosts
     from kdistill.eval.metrics import non_embedding_parameters
     from kdistill.models.loading import load_model
 

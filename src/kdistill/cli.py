@@ -105,7 +105,7 @@ def validate(recipe: str = typer.Argument(..., help="recipe YAML file or built-i
     """Check a recipe without running it."""
     from kdistill import load_recipe
 
-    from kdistill.engine.run import check_not_foreign, check_output
+    from kdistill.engine.run_dir import check_not_foreign, check_output
     from kdistill.recipe_pairing import describe_and_pair
     from kdistill.recipe_references import check_references
 

@@ -1,6 +1,6 @@
 """`kdistill compare`: recipes against a no-teacher baseline, over seeds, on held-out test data: the
-scoring, the table's teacher, speed and training cost. Which runs are trained or reused, and how a
-baseline is made: kdistill/compare_runs.py.
+scoring and the table's teacher. Which runs are trained or reused, and how a baseline is made:
+kdistill/compare_runs.py; speed and training cost: kdistill/compare_costs.py.
 """
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import time
 from pathlib import Path
 
+from kdistill.compare_costs import TeacherCosts, pipeline_cost, pipeline_wall_time, speedup
 from kdistill.compare_report import check_results_file, write_results
 from kdistill.compare_unseen import UNSEEN, UNSEEN_METRICS, score_unseen, unseen_metric, unseen_records
-from kdistill.compare_runs import (METRICS, asks_teacher, baseline_dir, baseline_key, baseline_of, comparable_recipes,
+from kdistill.compare_runs import (METRICS, baseline_dir, baseline_key, baseline_of, comparable_recipes,
                                    kept_baseline, recipe_task, reuse_shared_stages, train_or_reuse, variant)
 from kdistill.config import Recipe
 from kdistill.errors import ConfigError, DataError, PairingError
@@ -103,17 +104,6 @@ def score_once(student_dir: Path, records: list[dict], task: str, scorer=None,
     return kept[key]["score"], kept[key]["extra"]
 
 
-def pipeline_wall_time(run: Recipe) -> float:
-    """Training wall time of every stage of a finished run (each stage's student records its own)."""
-    from kdistill.engine.stage_refs import stage_student_dir
-
-    total = 0.0
-    for index in range(len(run.stages)):
-        meta = json.loads((stage_student_dir(Path(run.output), run, index) / "kdistill.json").read_text())
-        total += meta.get("wall_time_s") or 0.0
-    return total
-
-
 def evaluation_points(recipe: Recipe) -> list[tuple[str, int]]:
     """(row suffix, stage index) to test: the final student, and for quantization-aware recipes also the
     last stage at each earlier precision (FP32, ternary, W1A8 on the way to W1A1)."""
@@ -125,56 +115,6 @@ def evaluation_points(recipe: Recipe) -> list[tuple[str, int]]:
     labels = [spec_label(s.quant.model_dump()) if s.quant else "FP32" for s in recipe.stages]
     ends = [i for i in range(last) if labels[i] != labels[i + 1]]
     return [(f" [{labels[i]}]", i) for i in ends] + [(f" [{labels[last]}]", last)]
-
-
-def estimated_train_flops(recipe: Recipe, student_params: int, tokens_per_seq: float, teacher_cost) -> float:
-    """6·N·D for the student's forward and backward plus, per stage, 2·N·D for the teacher's forward (or its
-    blocks inside a Theseus hybrid), 6·N·D where it trains in the loop (ProKT), nothing where no loss asks it
-    (a baseline) (non-embedding parameters, D = tokens seen): an estimate for comparing pipelines, not a
-    measurement. ``teacher_cost(stage)``: that stage's teacher's N times its tokens per sequence (a convnet
-    teacher of a ViT reads one "token" an image where the student reads its patches)."""
-    total = 0.0
-    for stage in recipe.stages:
-        teacher = (6 if stage.teacher.update is not None else 2) * teacher_cost(stage) if asks_teacher(stage) else 0
-        total += stage.train.steps * stage.train.batch_size * (6 * student_params * tokens_per_seq + teacher)
-    return total
-
-
-class TeacherCosts:
-    """Per teacher reference, its non-embedding parameters times its tokens per sequence, loaded once."""
-
-    def __init__(self, records: list[dict], console=None):
-        self.records, self.console, self.known = records, console, {}
-
-    def of(self, model, tokenizer, max_length: int) -> float:
-        from kdistill.eval.metrics import non_embedding_parameters
-
-        return non_embedding_parameters(model) * mean_tokens(tokenizer, self.records, max_length, model.config)
-
-    def for_stage(self, stage, student, fallback: float) -> float:
-        """The student's own cost for an earlier stage's student (`stage:NAME`), ``fallback`` (the table's
-        teacher) for a store without a model."""
-        from kdistill.models.loading import load_model
-        from kdistill.teachers.recipe_runs import resolve_teacher
-
-        ref = stage.teacher.model
-        if ref is None:
-            return fallback
-        if ref.startswith("stage:"):
-            return self.of(student.model, student.tokenizer, stage.data.max_length)
-        if ref not in self.known:
-            loaded = load_model(resolve_teacher(ref, self.console), trust_remote_code=stage.teacher.trust_remote_code)
-            self.known[ref] = self.of(loaded.model, loaded.tokenizer, stage.data.max_length)
-        return self.known[ref]
-
-
-def mean_tokens(tokenizer, records: list[dict], max_length: int, config=None) -> float:
-    if "text" not in records[0]:  # images: a ViT's patches and special tokens, one "token" for a convnet
-        patch = getattr(config, "patch_size", None)
-        size = getattr(config, "image_size", 0)
-        return (size // patch) ** 2 + 1 if patch else 1.0
-    lengths = [min(len(ids), max_length) for ids in tokenizer([r["text"] for r in records[:2000]])["input_ids"]]
-    return sum(lengths) / max(1, len(lengths))
 
 
 def recipe_pairs(recipes: list[Recipe], bases: list[tuple[Recipe, str]],
@@ -245,7 +185,7 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
             progress: bool = True) -> dict:
     from kdistill.eval.metrics import count_parameters
     from kdistill.eval.report import check_report_path
-    from kdistill.engine.run import check_output
+    from kdistill.engine.run_dir import check_output
     from kdistill.engine.stage_refs import stage_student_dir
     from kdistill.models.loading import load_model
 
@@ -329,27 +269,6 @@ def compare(names: list[str], seeds: int = 3, quick: bool = False, output: str =
     return report
 
 
-def speedup(teacher, student, records: list[dict], task: str) -> float | None:
-    """The student's encode (or forward) speed over the teacher's; None for fake-quantized students, whose float
-    kernels say nothing about 1-bit ones."""
-    if getattr(student.model.config, "kdistill_quant", None):
-        return None
-    speed = measure_speed(teacher, student, records, task)
-    return speed["student"] / speed["teacher"]
-
-
-def pipeline_cost(run: Recipe, student, walls: list[float], tokenizer, records: list[dict], teacher_cost) -> dict:
-    """What training the whole pipeline cost: wall times, steps, estimated PFLOPs; the packed 1-bit size if any."""
-    from kdistill.eval.metrics import non_embedding_parameters
-
-    tokens = mean_tokens(tokenizer, records, run.stages[-1].data.max_length, student.model.config)
-    cost = {"wall_time_s": walls, "steps": sum(s.train.steps for s in run.stages),
-            "train_pflops": estimated_train_flops(run, non_embedding_parameters(student.model), tokens,
-                                                  teacher_cost) / 1e15}
-    packed = packed_size(student.path, Path(run.output) / "packed")
-    return {**cost, "packed": packed} if packed else cost
-
-
 def reference_teacher(recipe: Recipe, records: list[dict], task: str, console=None) -> tuple[dict, object]:
     """The table's teacher row and model. A teacher that learns the task in the loop from a base model
     (ProKT from a pretrained encoder) has no trained head before the run: it is listed, not scored."""
@@ -376,26 +295,3 @@ def reference_teacher(recipe: Recipe, records: list[dict], task: str, console=No
         row.update(score=None, note=unscored)
     row["params"] = count_parameters(teacher.model)
     return row, teacher
-
-
-def measure_speed(teacher, student, records: list[dict], task: str) -> dict[str, float]:
-    """Records/second of teacher and student on the same test records (texts or images)."""
-    if task == "image-classification":
-        from kdistill.eval.images import image_speed
-
-        return image_speed({"teacher": teacher.model, "student": student.model}, records[:512])
-    from kdistill.eval.embeddings import compare_speed
-
-    texts = [r["text"] for r in records[:128]]
-    return compare_speed({"teacher": (teacher.model, teacher.tokenizer, "cls"),
-                          "student": (student.model, student.tokenizer, "cls")}, texts)
-
-
-def packed_size(student_dir: str, out: Path) -> dict | None:
-    """Sizes of the packed 1-bit export of a binary student (None for other students)."""
-    config = json.loads((Path(student_dir) / "config.json").read_text())
-    if (config.get("kdistill_quant") or {}).get("weights") != 1:
-        return None
-    from kdistill.quant.packing import export_packed
-
-    return export_packed(student_dir, str(out))

@@ -138,7 +138,6 @@ def saved_recipe(run_dir: Path) -> Recipe | None:
         return None
 
 
-
 def kept_baseline(run: Recipe) -> Recipe:
     """A baseline folder holds the runs of every recipe with that baseline key, written as the first of them
     spelled it (DistilBERT's `every_other` baseline is MiniLM's `[2, 4, 6]` one): such a run is this one, so
@@ -171,22 +170,20 @@ def train_or_reuse(recipe: Recipe, console, progress: bool = True) -> Path:
     student = out / "student"
     resolved = out / "config.resolved.yaml"
     before = read_saved(resolved)
-    if before is not None:
-        if recipe_changes(before, recipe):
-            edited = out.with_name(out.name + ".edited")
-            shutil.rmtree(edited, ignore_errors=True)
-            out.rename(edited)
-            try:
-                kept = reuse_shared_stages(recipe, [load_recipe(before, output=str(edited))])
-            except ConfigError:  # written by an older kdistill whose recipe no longer validates
-                kept = []
-            shutil.rmtree(edited)
-            if console is not None:
-                console.print(f"{recipe.name}: the recipe changed since {out} was trained; training it again"
-                              + (f" from the end of its unchanged stages ({', '.join(kept)})" if kept else ""))
+    if before is not None and recipe_changes(before, recipe):
+        edited = out.with_name(out.name + ".edited")
+        shutil.rmtree(edited, ignore_errors=True)
+        out.rename(edited)
+        try:
+            kept = reuse_shared_stages(recipe, [load_recipe(before, output=str(edited))])
+        except ConfigError:  # written by an older kdistill whose recipe no longer validates
+            kept = []
+        shutil.rmtree(edited)
+        if console is not None:
+            console.print(f"{recipe.name}: the recipe changed since {out} was trained; training it again"
+                          + (f" from the end of its unchanged stages ({', '.join(kept)})" if kept else ""))
     if not is_complete(student):
-        run_recipe(recipe, resume=(Path(recipe.output) / "config.resolved.yaml").exists(), console=console,
-                   progress=progress)
+        run_recipe(recipe, resume=resolved.exists(), console=console, progress=progress)
     # a finished run is reused through its students; its checkpoints (400 MB for a 3-layer MiniLM student)
     # filled this machine's disk over the 39 runs of the encoder comparison
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -202,7 +199,7 @@ def reuse_shared_stages(run: Recipe, finished: list[Recipe]) -> list[str]:
     import shutil
 
     from kdistill.engine.export import is_complete
-    from kdistill.engine.run import prepare_run_dir
+    from kdistill.engine.run_dir import prepare_run_dir
     from kdistill.engine.stage_refs import stage_student_dir
 
     out = Path(run.output)

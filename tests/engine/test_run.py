@@ -63,7 +63,7 @@ def test_an_output_folder_holding_other_things_is_refused_and_left_as_it_was(tin
 def test_a_teacher_store_and_its_answer_cache_in_the_output_folder_are_no_obstacle(tmp_path):
     """cache-api-teacher's default --out is the run's folder, with its answers beside the store
     (teacher-store.teacher.sqlite): that folder was refused as not a run. Anything else there is named."""
-    from kdistill.engine.run import check_not_foreign
+    from kdistill.engine.run_dir import check_not_foreign
     from kdistill.teachers.store_writer import FORMAT
 
     out = tmp_path / "run"
@@ -366,7 +366,7 @@ def test_a_distributed_launch_holds_the_run_lock_in_its_first_process(tmp_path, 
     trains (the launcher stops the other ranks when it exits); the other ranks take no lock of their own."""
     from filelock import FileLock
 
-    from kdistill.engine.run import run_lock
+    from kdistill.engine.run_dir import run_lock
 
     out = tmp_path / "run"
     held = FileLock(str(tmp_path / ".run.run.lock"))
@@ -394,7 +394,7 @@ def test_a_distributed_launch_holds_the_run_lock_in_its_first_process(tmp_path, 
 def test_one_lock_per_real_folder_whatever_its_spelling(tmp_path, monkeypatch):
     """A symlink to a run folder, or `.` for it, took a lock of its own name: a second command trained the same
     folder at once (or `--output .` found its own lock file inside and refused the folder as foreign)."""
-    from kdistill.engine.run import run_lock
+    from kdistill.engine.run_dir import run_lock
 
     real = tmp_path / "race"
     real.mkdir()
@@ -409,7 +409,7 @@ def test_one_lock_per_real_folder_whatever_its_spelling(tmp_path, monkeypatch):
 
 
 def test_an_output_that_links_to_nothing_is_named(tmp_path):
-    from kdistill.engine.run import check_output
+    from kdistill.engine.run_dir import check_output
 
     (tmp_path / "dangling").symlink_to(tmp_path / "gone")
     with pytest.raises(ConfigError, match=r"output .*dangling is a link to .*gone, which does not exist"):
@@ -421,7 +421,7 @@ def test_a_launch_that_names_no_rank_takes_no_lock(tmp_path, monkeypatch):
     one would be refused their own launch's folder."""
     from filelock import FileLock
 
-    from kdistill.engine.run import run_lock
+    from kdistill.engine.run_dir import run_lock
 
     held = FileLock(str(tmp_path / ".run.run.lock"))
     held.acquire()
@@ -464,7 +464,7 @@ def test_a_folder_where_no_lock_file_can_be_made_is_not_called_busy(tmp_path, mo
     held it: the message sent the user to wait for a command that did not exist."""
     import filelock
 
-    from kdistill.engine.run import run_lock
+    from kdistill.engine.run_dir import run_lock
 
     def cannot_create(self, timeout=None, **kwargs):
         raise filelock.Timeout(self.lock_file)  # what filelock does there, and no file made

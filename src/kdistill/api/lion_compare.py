@@ -54,7 +54,8 @@ def teacher_score(recipe: Recipe) -> float:
 def compare_lion(seeds: int = 1, output: str | Path = "runs/lion-compare", overrides=(), console=None,
                  progress: bool = True) -> dict:
     from kdistill.engine.export import is_complete
-    from kdistill.engine.run import check_output, run_recipe
+    from kdistill.engine.run import run_recipe
+    from kdistill.engine.run_dir import check_output
     from kdistill.errors import ConfigError
 
     if seeds < 1:

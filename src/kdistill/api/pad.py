@@ -102,7 +102,7 @@ def compare_pad(seeds: int = 3, output: str | Path = "runs/pad-compare", test_li
     variant or prefixed with one (["train.lr=1e-4", "pad:stages.1.train.steps=100"]), or a dict from variant to
     its assignments."""
     from kdistill.api.synthesize import SUMMARY
-    from kdistill.engine.run import check_output
+    from kdistill.engine.run_dir import check_output
     from kdistill.engine.stage_refs import synthesis_dir
     from kdistill.teachers.recipe_runs import resolve_teacher
 
