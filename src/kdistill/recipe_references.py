@@ -16,23 +16,27 @@ def check_references(recipe: Recipe, skip: set[int] = frozenset()) -> None:
         if i in skip:
             continue
         prefix = f"stages[{i}]." if len(recipe.stages) > 1 else ""
-        if stage.teacher is not None:
-            check_model(stage.teacher.model, f"{prefix}teacher.model")
-            if stage.teacher.source == "cache":  # what a store cannot give is known from the recipe alone
-                from kdistill.engine.build import check_store_stage
+        for where, ref in model_refs(stage, prefix):
+            check_model(ref, where)
+        if stage.teacher is not None and stage.teacher.source == "cache":  # what a store cannot give: from the recipe
+            from kdistill.engine.build import check_store_stage
 
-                check_store_stage(stage, prefix)
-        if stage.student is not None:
-            kind, spec = stage.student.kind()
-            if kind == "model":
-                check_model(spec, f"{prefix}student.model")
-            for field in ("model", "layers_from"):
-                check_model(getattr(spec, field, None), f"{prefix}student.{kind}.{field}")
+            check_store_stage(stage, prefix)
         if stage.data is not None:
             for block, split in (("train", "train"), ("eval", "eval")):
                 specs = getattr(stage.data, block)
                 for source in specs if isinstance(specs, list) else [specs] if specs is not None else []:
                     check_source(source, split, f"{prefix}data.{block}")
+
+
+def model_refs(stage, prefix: str) -> list[tuple[str, str | None]]:
+    """(field, reference) of each model a stage names: its teacher, and the model its student comes from."""
+    refs = [(f"{prefix}teacher.model", stage.teacher.model if stage.teacher else None)]
+    if stage.student is not None:
+        kind, spec = stage.student.kind()
+        refs += [(f"{prefix}student.model", spec)] if kind == "model" else [
+            (f"{prefix}student.{kind}.{field}", getattr(spec, field, None)) for field in ("model", "layers_from")]
+    return refs
 
 
 def check_model(ref: str | None, where: str) -> None:
@@ -59,13 +63,7 @@ def hub_notes(recipe: Recipe) -> list[str]:
 
     notes = []
     for i, stage in enumerate(recipe.stages):
-        prefix = f"stages[{i}]." if len(recipe.stages) > 1 else ""
-        refs = [(f"{prefix}teacher.model", stage.teacher.model if stage.teacher else None)]
-        if stage.student is not None:
-            kind, spec = stage.student.kind()
-            refs += [(f"{prefix}student.model", spec)] if kind == "model" else [
-                (f"{prefix}student.{kind}.{field}", getattr(spec, field, None)) for field in ("model", "layers_from")]
-        for where, ref in refs:
+        for where, ref in model_refs(stage, f"stages[{i}]." if len(recipe.stages) > 1 else ""):
             if not isinstance(ref, str) or ":" in ref or looks_local(ref) or Path(ref).expanduser().exists():
                 continue
             try:

@@ -77,8 +77,9 @@ def unknown_classes(known: list[str], unknown: list[str], prefix: str, holders: 
 
 def label_holders(unknown: list[str], blocks: dict[str, list[dict]], prefix: str) -> str:
     """Which data blocks hold these labels ("data.eval", "data.train and data.eval"), for the refusal to name."""
+    unknown = set(unknown)
     named = [f"{prefix}data.{block}" for block, records in blocks.items()
-             if any(str(r.get("label")) in set(unknown) for r in records)]
+             if any(str(r.get("label")) in unknown for r in records)]
     return " and ".join(named) or f"{prefix}data"
 
 
