@@ -153,6 +153,7 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
     final = out / "student" if trains else synthesis_dir(out, recipe.stages[-1])
     if resume and trains and is_complete(final):  # an earlier stage's student deleted since is not trained again
         return final
+    done = finished_stages(recipe) if resume else set()
     for index, stage in enumerate(recipe.stages):
         if stage.synthesize is not None:  # makes data on the main process; the student is untouched
             accept_recipe()
@@ -162,7 +163,7 @@ def train_recipe(recipe: Recipe, resume: bool, force: bool, console, progress: b
             continue
         target = stage_student_dir(out, recipe, index)
         prefix = f"stages[{index}]." if len(recipe.stages) > 1 else ""
-        if resume and is_complete(target):
+        if index in done:
             previous = str(target)  # a finished stage is not trained again
             continue
         if stage.lion is not None:  # rounds of answers, training, judging and writing; a student at the end
