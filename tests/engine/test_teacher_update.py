@@ -84,8 +84,7 @@ def test_two_teacher_updates_equal_adamw_steps_worked_out_by_hand():
     for t in (1, 2):
         batch = {"input_ids": torch.randint(0, 30, (4, 5)), "labels": torch.randint(0, 3, (4,))}
         student_logits = torch.randn(4, 3)
-        live = updater.taps(batch, ["logits"])
-        updater.loss(live["logits"], student_logits, batch).backward()
+        updater.loss(updater.logits(batch), student_logits, batch).backward()
         updater.step()
 
         zt = reference(input_ids=batch["input_ids"]).logits
@@ -110,7 +109,7 @@ def test_two_teacher_updates_equal_adamw_steps_worked_out_by_hand():
 def test_the_loop_gives_the_teacher_the_gradient_of_its_loss_toward_the_student(prokt_recipe, tmp_path, tokenizer,
                                                                                  monkeypatch):
     # the teacher's gradient in a run (two micro-batches) against CE + kl_weight * KL(student || teacher) written out
-    # over the whole batch
+    # over the whole batch; the student has dropout, and the teacher's target is the student read in eval mode
     import json
 
     import torch.nn.functional as F
@@ -130,7 +129,8 @@ def test_the_loop_gives_the_teacher_the_gradient_of_its_loss_toward_the_student(
     teacher = BertForSequenceClassification.from_pretrained(tmp_path / "teacher")
     torch.manual_seed(1)
     student = BertForSequenceClassification(teacher.config.__class__(**{**teacher.config.to_dict(),
-                                                                       "num_hidden_layers": 1}))
+                                                                       "num_hidden_layers": 1,
+                                                                       "hidden_dropout_prob": 0.5}))
     for model, where in ((teacher, "teacher"), (student, "student")):
         with torch.no_grad():  # random heads give near-uniform outputs: a KL term too small to see
             model.bert.pooler.dense.weight.mul_(50)
@@ -144,7 +144,7 @@ def test_the_loop_gives_the_teacher_the_gradient_of_its_loss_toward_the_student(
     distill(recipe, progress=False)
 
     teacher = BertForSequenceClassification.from_pretrained(tmp_path / "teacher").train()
-    student = BertForSequenceClassification.from_pretrained(tmp_path / "student").train()
+    student = BertForSequenceClassification.from_pretrained(tmp_path / "student").eval()
     batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
     y = torch.tensor([labels.index(r["label"]) for r in rows])
     zt = teacher(**batch).logits
@@ -157,3 +157,66 @@ def test_the_loop_gives_the_teacher_the_gradient_of_its_loss_toward_the_student(
     assert set(seen) == {n for n, p in teacher.named_parameters() if p.grad is not None}
     for name, p in teacher.named_parameters():
         torch.testing.assert_close(seen[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_the_student_distils_from_the_teacher_after_its_step_read_without_dropout(prokt_recipe, tmp_path, tokenizer,
+                                                                                  monkeypatch):
+    # ProKT's order in the authors' code: the teacher steps first, then the student's targets are the updated
+    # teacher's logits in eval mode. The teacher has dropout here, so targets read in train mode would differ too.
+    import json
+
+    import torch.nn.functional as F
+
+    from kdistill.engine.loop import StageTrainer
+
+    labels = ["x", "y"]
+    rows = [{"text": f"item {i} of {'ab' * i}", "label": labels[i % 2]} for i in range(4)]
+    data = tmp_path / "four.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = BertForSequenceClassification.from_pretrained(tmp_path / "teacher").config.to_dict()
+    torch.manual_seed(1)
+    teacher = BertForSequenceClassification(BertConfig(**{**config, "hidden_dropout_prob": 0.5}))
+    student = BertForSequenceClassification(BertConfig(**{**config, "num_hidden_layers": 1}))
+    for model, where in ((teacher, "teacher"), (student, "student")):
+        with torch.no_grad():  # random heads give near-uniform outputs: a KD term too small to see
+            model.bert.pooler.dense.weight.mul_(50)
+            model.classifier.weight.mul_(50)
+        model.save_pretrained(tmp_path / where)
+        tokenizer.save_pretrained(tmp_path / where)
+    after_step, student_grad = {}, {}
+    original_step, original_backward = TeacherUpdater.step, StageTrainer.backward
+
+    def step(self):
+        original_step(self)
+        after_step.update({n: p.detach().clone() for n, p in self.module.state_dict().items()})
+
+    def backward(self, loss, world):
+        original_backward(self, loss, world)
+        student_grad["w"] = self.acc.unwrap_model(self.model).student.classifier.weight.grad.clone()
+
+    monkeypatch.setattr(TeacherUpdater, "step", step)
+    monkeypatch.setattr(StageTrainer, "backward", backward)
+    recipe = {**prokt_recipe, "data": {"train": {"path": str(data), "label": "label"}, "max_length": 16},
+              "teacher": {**prokt_recipe["teacher"], "update": {"lr": 1e-1}},
+              "student": {"model": str(tmp_path / "student")},
+              "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "run")}
+    distill(recipe, progress=False)
+
+    batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
+    y = torch.tensor([labels.index(r["label"]) for r in rows])
+    teacher = BertForSequenceClassification.from_pretrained(tmp_path / "teacher").eval()
+    with torch.no_grad():
+        before = teacher(**batch).logits
+        teacher.load_state_dict(after_step)
+        after = teacher(**batch).logits
+
+    def grad_toward(zt):  # 0.5 CE + 0.5 τ² KL(teacher ‖ student) at τ = 2, the recipe's logit_kd
+        student = BertForSequenceClassification.from_pretrained(tmp_path / "student").train()
+        zs = student(**batch).logits
+        pt = F.softmax(zt / 2, -1)
+        kl = (pt * (pt.log() - F.log_softmax(zs / 2, -1))).sum(-1).mean()
+        return torch.autograd.grad(0.5 * F.cross_entropy(zs, y) + 0.5 * 4 * kl, student.classifier.weight)[0]
+
+    expected, stale = grad_toward(after), grad_toward(before)
+    assert (expected - stale).abs().max() > 1e-3  # the teacher's step changes the targets by far more than the tolerance
+    torch.testing.assert_close(student_grad["w"], expected, atol=1e-6, rtol=1e-4)

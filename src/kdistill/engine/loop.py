@@ -65,8 +65,7 @@ class StageTrainer(StartFits):
         self.console = console
         self.show_progress = progress and accelerator.is_main_process
         freeze(parts.student, self.cfg.freeze)
-        student_taps = parts.student_taps | ({"logits"} if stage.teacher.update else set())
-        self.distiller = Distiller(parts.student, parts.student_info, parts.terms, student_taps)
+        self.distiller = Distiller(parts.student, parts.student_info, parts.terms, parts.student_taps)
         self.teacher = parts.teacher.to(accelerator.device) if parts.teacher is not None else None
         self.teacher_reader = TapReader(self.teacher, parts.teacher_info) if self.teacher is not None else None
         self.updater = None
@@ -133,12 +132,24 @@ class StageTrainer(StartFits):
         with torch.no_grad(), self.acc.autocast():
             return self.teacher_reader(batch, sorted(self.parts.teacher_taps))
 
-    def teacher_forward(self, batch: dict) -> tuple[dict, dict | None]:
-        """The teacher's taps as fixed targets for the student, and (ProKT) the live ones it trains on."""
-        if self.updater is None:
-            return self.teacher_taps(batch), None
-        live = self.updater.taps(batch, self.parts.teacher_taps)
-        return {k: v.detach() for k, v in live.items()}, live
+    def teacher_step(self, batches: list[dict], world: int) -> None:
+        """ProKT's order, as in the authors' code: the teacher first takes its step toward the student as it is,
+        then the student distils from the updated teacher. Each reads the other in eval mode (no dropout), as
+        fixed targets; the teacher's loss is weighted by its share of the global labelled items, as the student's."""
+        counts = torch.tensor([float(self.updater.count(b)) for b in batches], dtype=torch.float64, device=self.acc.device)
+        total = self.acc.reduce(counts.sum(), reduction="sum").clamp_min(1)
+        distiller = self.acc.unwrap_model(self.model)
+        distiller.eval()
+        for j, batch in enumerate(batches):
+            with ExitStack() as stack:
+                if j < len(batches) - 1:
+                    stack.enter_context(self.acc.no_sync(self.updater.model))
+                stack.enter_context(self.acc.autocast())
+                with torch.no_grad():
+                    student_logits = distiller.reader(batch, ["logits"])["logits"]
+                loss = self.updater.loss(self.updater.logits(batch), student_logits, batch)
+                self.acc.backward(loss * float(counts[j] / total) * world)
+        self.updater.step()
 
     # ---- one optimizer step --------------------------------------------------------------------
     def train_step(self, step: int) -> dict:
@@ -152,8 +163,7 @@ class StageTrainer(StartFits):
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.acc.device)
         part_sums = torch.zeros(len(terms), dtype=torch.float64, device=self.acc.device)
         if self.updater is not None:
-            t_counts = torch.tensor([float(self.updater.count(b)) for b in batches], dtype=torch.float64, device=self.acc.device)
-            t_total = self.acc.reduce(t_counts.sum(), reduction="sum").clamp_min(1)
+            self.teacher_step(batches, world)
         self.model.train()
         for j, batch in enumerate(batches):
             share = counts[j] / totals  # this micro-batch's fraction of each term's global items
@@ -161,15 +171,9 @@ class StageTrainer(StartFits):
             with ExitStack() as stack:
                 if not sync:
                     stack.enter_context(self.acc.no_sync(self.model))
-                    if self.updater is not None:
-                        stack.enter_context(self.acc.no_sync(self.updater.model))
                 stack.enter_context(self.acc.autocast())
-                targets, live = self.teacher_forward(batch)
-                out = self.model(batch, targets, (share * world).tolist())
+                out = self.model(batch, self.teacher_taps(batch), (share * world).tolist())
                 self.backward(out["loss"], world)
-                if self.updater is not None:
-                    t_loss = self.updater.loss(live["logits"], out["taps"]["logits"], batch)
-                    self.acc.backward(t_loss * float(t_counts[j] / t_total) * world)
             values = torch.stack([out["parts"][t.name].double() for t in terms])
             part_sums += values * share
             loss_sum += (values * share * weights).sum()
@@ -179,8 +183,6 @@ class StageTrainer(StartFits):
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.updater is not None:
-            self.updater.step()
         reduced = self.acc.reduce(torch.cat([loss_sum[None], part_sums]), reduction="sum")
         result = {"loss": float(reduced[0]), "parts": {t.name: float(v) for t, v in zip(terms, reduced[1:])},
                   "lr": self.scheduler.get_last_lr()[0]}

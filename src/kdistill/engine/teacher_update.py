@@ -1,8 +1,8 @@
 """ProKT (Shi 2021): a teacher that keeps learning while the student distils from it.
 
-Each step the teacher also minimises its task loss plus a KL term that pulls it toward the current
-student, with its own optimizer, so every intermediate target stays within the student's reach.
-The student still sees the teacher's outputs as fixed targets (detached).
+Each step the teacher first minimises its task loss plus a KL term that pulls it toward the current
+student, with its own optimizer, so every intermediate target stays within the student's reach; then the
+student distils from the updated teacher, its outputs fixed targets (the loop's teacher_step).
 """
 from __future__ import annotations
 
@@ -24,9 +24,10 @@ class TeacherUpdater:
         self.model, self.optimizer = accelerator.prepare(teacher, optimizer)
         self.module = teacher
 
-    def taps(self, batch: dict, names) -> dict:
+    def logits(self, batch: dict) -> torch.Tensor:
+        """The teacher's logits in train mode, with their graph: what its own step trains."""
         self.module.train()
-        return self.reader(batch, sorted(set(names) | {"logits"}))
+        return self.reader(batch, ["logits"])["logits"]
 
     def count(self, batch: dict) -> int:
         return hard_label_count(batch, self.task)
