@@ -132,14 +132,20 @@ def test_cka_term_is_zero_for_a_rotated_scaled_copy_and_errors_name_the_fix():
         tm({"hidden_states[2]": x}, {}, PIXELS)
 
 
-def test_cka_term_on_tiny_vits_is_finite_and_trains_the_student(tiny_vits):
+def test_cka_term_on_tiny_vits_matches_its_reference_and_trains_the_student(tiny_vits):
     (student, s_info, s_reader), (teacher, t_info, t_reader) = tiny_vits
     tm = term({"type": "cka"}, s_info, t_info)
     batch = {"pixel_values": torch.randn(4, 1, 16, 16), "labels": torch.tensor([0, 1, 2, 0])}
     with torch.no_grad():
         t = t_reader(batch, tm.teacher_taps())
-    loss = tm(s_reader(batch, tm.student_taps()), t, batch)
+    s = s_reader(batch, tm.student_taps())
+    loss = tm(s, t, batch)
     assert torch.isfinite(loss) and 0 < loss.item() < 2  # two pairs, each 1 − CKA in [0, 1]
+    # written out, not read from tm: the default uniform map pairs the 2-layer student's layers 1, 2 with the
+    # 4-layer teacher's 2, 4, and tokens: all keeps every token of every image, CLS included
+    ref = sum(1 - cka_reference(rows(s[f"hidden_states[{a}]"], lambda i, j: True),
+                                rows(t[f"hidden_states[{b}]"], lambda i, j: True)) for a, b in ((1, 2), (2, 4)))
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
     loss.backward()
     grads = [p.grad for p in student.get_submodule(s_info.layers_path).parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0

@@ -77,24 +77,25 @@ def test_vitkd_mimicking_is_zero_for_equal_features_of_equal_width():
     assert correlation.mimic_loss(s, t).item() == 0.0
 
 
+def softmax_map(rows):
+    """softmax(F·Fᵀ/√D) of one image, rows: its patch feature vectors (prefix already dropped)."""
+    d = len(rows[0])
+    out = []
+    for u in rows:
+        logits = [sum(a * b for a, b in zip(u, w)) / math.sqrt(d) for w in rows]
+        top = max(logits)
+        e = [math.exp(v - top) for v in logits]
+        out.append([v / sum(e) for v in e])
+    return out
+
+
 def test_vitkd_correlation_mimicking_compares_token_maps_of_any_width():
     tm = term({"type": "vitkd", "shallow": [[1, 1]], "projector": "correlation"}, info(hidden=6), info(hidden=8))
     assert tm.mimic_projectors is None
     s, t = hidden([1], 6), hidden([1], 8)
-
-    def softmax_map(x, i, d):
-        rows = []
-        for a in range(P):
-            logits = [sum(x[i, 1 + a, k].item() * x[i, 1 + c, k].item() for k in range(d)) / math.sqrt(d)
-                      for c in range(P)]
-            top = max(logits)
-            e = [math.exp(v - top) for v in logits]
-            rows.append([v / sum(e) for v in e])
-        return rows
-
     ref = 0.0
     for i in range(B):
-        ms, mt = softmax_map(s["hidden_states[1]"], i, 6), softmax_map(t["hidden_states[1]"], i, 8)
+        ms, mt = softmax_map(s["hidden_states[1]"][i, 1:].tolist()), softmax_map(t["hidden_states[1]"][i, 1:].tolist())
         ref += sum((ms[a][c] - mt[a][c]) ** 2 for a in range(P) for c in range(P))
     assert tm.mimic_loss(s, t).item() == pytest.approx(ref / (B * P * P), rel=1e-4)
 
@@ -114,13 +115,14 @@ def test_random_token_mask_has_the_exact_ratio_per_image_and_is_seeded():
 
 def reference_generation(tm, fs, ft, mask):
     """Replace masked positions by the mask token, run the generator, MSE over masked positions only."""
+    b, p = mask.shape
     x = tm.align(fs[:, 1:]).detach().clone()
-    for i in range(B):
-        for j in range(P):
+    for i in range(b):
+        for j in range(p):
             if mask[i, j]:
                 x[i, j] = tm.mask_token.detach()
     out = tm.generator(x, (GRID, GRID)).detach()
-    per = [((out[i, j] - ft[i, 1 + j]) ** 2).mean().item() for i in range(B) for j in range(P) if mask[i, j]]
+    per = [((out[i, j] - ft[i, 1 + j]) ** 2).mean().item() for i in range(b) for j in range(p) if mask[i, j]]
     return sum(per) / len(per)
 
 
@@ -226,11 +228,12 @@ def map_gap(ms, mt):
 
 def manifold_reference(fs, ft, picked):
     """fs, ft: B×P lists of feature vectors (prefix already dropped)."""
-    intra = sum(map_gap(cos_map(fs[i]), cos_map(ft[i])) for i in range(B)) / B
-    inter = sum(map_gap(cos_map([fs[i][j] for i in range(B)]), cos_map([ft[i][j] for i in range(B)]))
-                for j in range(P)) / P
-    flat_s = [fs[k // P][k % P] for k in picked]
-    flat_t = [ft[k // P][k % P] for k in picked]
+    b, p = len(fs), len(fs[0])
+    intra = sum(map_gap(cos_map(fs[i]), cos_map(ft[i])) for i in range(b)) / b
+    inter = sum(map_gap(cos_map([fs[i][j] for i in range(b)]), cos_map([ft[i][j] for i in range(b)]))
+                for j in range(p)) / p
+    flat_s = [fs[k // p][k % p] for k in picked]
+    flat_t = [ft[k // p][k % p] for k in picked]
     return intra, inter, map_gap(cos_map(flat_s), cos_map(flat_t))
 
 
@@ -287,19 +290,63 @@ def test_manifoldkd_pairing_errors():
 
 
 # ---------------------------------------------------------------- with real tiny ViTs
+# The references below write the default layers out rather than reading them from the term, so a term that
+# read other layers or tokens of the 2-layer student / 4-layer teacher (one CLS token each) fails the test.
+
+def tiny_vitkd_reference(tm, s, t, seed):
+    """(mimicking, generation) for the defaults: student layer 1 mimics teacher layer 1 (a 2-layer student keeps
+    layer 2 for the deep part), student layer 2 generates teacher layer 4."""
+    fs, ft = s["hidden_states[1]"][:, 1:].detach(), t["hidden_states[1]"][:, 1:]
+    b, p = fs.shape[:2]
+    if tm.mimic_projectors is None:
+        mimic = sum(map_gap(softmax_map(fs[i].tolist()), softmax_map(ft[i].tolist())) for i in range(b)) / b
+    else:
+        # the projector, align and generator are learned and randomly initialised: the reference runs the term's
+        # own modules, and checks what feeds them (layers, tokens, mask) and how their output is scored
+        lin = tm.mimic_projectors[0]
+        per = [((lin.weight @ fs[i, j] + lin.bias - ft[i, j]) ** 2).mean().item() for i in range(b) for j in range(p)]
+        mimic = sum(per) / len(per)
+    torch.manual_seed(seed)
+    mask = random_token_mask(b, p, 0.5)
+    return mimic, reference_generation(tm, s["hidden_states[2]"], t["hidden_states[4]"], mask)
+
+
+def tiny_manifoldkd_reference(s, t, seed):
+    """Default (uniform) pairs: student layer 1 with teacher layer 2, 2 with 4; weights 4, 0.1, 0.2; 20 samples."""
+    torch.manual_seed(seed)
+    ref = 0.0
+    for a, b in ((1, 2), (2, 4)):
+        fs, ft = s[f"hidden_states[{a}]"][:, 1:].tolist(), t[f"hidden_states[{b}]"][:, 1:].tolist()
+        intra, inter, rand = manifold_reference(fs, ft, sample_patches(len(fs) * len(fs[0]), 20).tolist())
+        ref += 4.0 * intra + 0.1 * inter + 0.2 * rand
+    return ref / 2
+
 
 @pytest.mark.parametrize("spec", [{"type": "vitkd"},
                                   {"type": "vitkd", "generator": "attention", "projector": "correlation"},
                                   {"type": "manifoldkd", "samples": 20}])
-def test_term_on_tiny_vits_is_finite_and_trains_the_student(tiny_vits, spec):
+def test_term_on_tiny_vits_matches_its_reference_and_trains_the_student(tiny_vits, spec):
     (student, s_info, s_reader), (teacher, t_info, t_reader) = tiny_vits
     tm = term(spec, s_info, t_info)
     batch = {"pixel_values": torch.randn(4, 1, 16, 16), "labels": torch.tensor([0, 1, 2, 0])}
     with torch.no_grad():
         t = t_reader(batch, tm.teacher_taps())
     student.zero_grad()
-    loss = tm(s_reader(batch, tm.student_taps()), t, batch)
+    s = s_reader(batch, tm.student_taps())
+    torch.manual_seed(3)  # vitkd's mask and manifoldkd's sampled patches come from torch's global RNG
+    loss = tm(s, t, batch)
     assert torch.isfinite(loss) and loss.item() > 0
+    if spec["type"] == "vitkd":
+        mimic, generation = tiny_vitkd_reference(tm, s, t, 3)
+        # each part on its own too: on these near-init ViTs the correlation maps are close to uniform and that part
+        # is ~1e-6 of the total, so the total alone would not notice it reading a wrong layer
+        assert tm.mimic_loss(s, t).item() == pytest.approx(mimic, rel=1e-5)
+        torch.manual_seed(3)
+        assert tm.generation_loss(s, t, batch).item() == pytest.approx(generation, rel=1e-5)
+        ref = 1.0 * mimic + 0.1 * generation  # default weights α = 1, β = 0.1
+    else:
+        ref = tiny_manifoldkd_reference(s, t, 3)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
     loss.backward()
     grads = [p.grad for p in student.get_submodule(s_info.layers_path).parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
