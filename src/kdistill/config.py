@@ -34,7 +34,8 @@ LrScale = Annotated[dict[str, float], AfterValidator(positive_multipliers)]  # p
 class TeacherUpdate(Strict):
     """ProKT: the teacher keeps learning (task loss + KL toward the student) with its own optimizer: AdamW at a
     constant rate (no warmup or decay), weight decay 0.01 on every parameter, the KL at `temperature` not scaled
-    by τ² (kl_weight is its weight at any temperature)."""
+    by τ² (kl_weight is its weight at any temperature). Each step the teacher moves first, then the student
+    distils from the moved teacher."""
     lr: float = Field(1e-5, gt=0)
     kl_weight: float = Field(1.0, ge=0, description="weight of KL(student ‖ teacher) in the teacher's loss")
     temperature: float = Field(1.0, gt=0)
