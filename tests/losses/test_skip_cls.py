@@ -250,3 +250,29 @@ def test_center_subtracts_each_sequence_mean_over_compared_tokens():
         torch.testing.assert_close(out[i][mask[i]], real - real.mean(0))
     with pytest.raises(ValueError, match="nothing to centre"):
         centred(torch.randn(3, 4), None, "w", "t")
+
+
+def test_layer_norm_compares_each_tokens_standardised_state_on_both_sides():
+    # slow reference: per real token, (x - mean) / sqrt(var + 1e-5) over its features on each side, then the mean
+    # over real tokens of the per-token mean squared difference
+    torch.manual_seed(0)
+    s, t = {"hidden_states[1]": torch.randn(B, L, 8)}, {"hidden_states[1]": 3 + 5 * torch.randn(B, L, 8)}
+    got = term({"type": "hidden_mse", "layers": [[1, 1]], "projector": "none", "layer_norm": True})(s, t, BATCH)
+
+    def standardised(v):
+        mean = sum(v) / len(v)
+        var = sum((a - mean) ** 2 for a in v) / len(v)
+        return [(a - mean) / math.sqrt(var + 1e-5) for a in v]
+
+    per = []
+    for b in range(B):
+        for i in range(L):
+            if MASK[b, i]:
+                xs = standardised(s["hidden_states[1]"][b, i].tolist())
+                xt = standardised(t["hidden_states[1]"][b, i].tolist())
+                per.append(sum((p - q) ** 2 for p, q in zip(xs, xt)) / 8)
+    assert got.item() == pytest.approx(sum(per) / len(per), rel=1e-5)
+    # a teacher state that is an affine copy of the student's, token by token, is at distance 0
+    same = {"hidden_states[1]": 2 * s["hidden_states[1]"] + 7}
+    assert term({"type": "hidden_mse", "layers": [[1, 1]], "projector": "none", "layer_norm": True})(
+        s, same, BATCH).item() == pytest.approx(0.0, abs=1e-4)

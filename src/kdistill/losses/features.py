@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BeforeValidator, Field, model_validator
 
 from kdistill.errors import PairingError, did_you_mean
@@ -60,6 +61,9 @@ class HiddenParams(SkipCLSParams):
     # for the narrow students' collapse, docs/results.md; it did not cure it there).
     center: bool = Field(False, description="subtract each sequence's mean over its compared tokens from the "
                          "student's and the teacher's states before the distance")
+    # MobileBERT's released distillation compares layer-normalised feature maps (docs/encoders/mobilebert.md)
+    layer_norm: bool = Field(False, description="normalise each token's state over its features (zero mean, unit "
+                             "variance, no learned scale) on both sides before the distance")
 
     @model_validator(mode="after")
     def taps_in_pairs(self):
@@ -153,6 +157,8 @@ class _HiddenTerm(LossTerm):
             mask = token_mask(batch, hs, skip) if hs.dim() == 3 else None
             if self.params.center:
                 hs, ht = centred(hs, mask, self.where, a), centred(ht, mask, self.where, b)
+            if self.params.layer_norm:
+                hs, ht = F.layer_norm(hs, hs.shape[-1:]), F.layer_norm(ht, ht.shape[-1:])
             total = total + self.distance(hs, ht, mask)
         return total
 
