@@ -357,6 +357,11 @@ def test_stage_hashes_of_checkpoints_from_before_data_loss_on_are_unchanged():
     del recipe["data"]["train"]["sample"]
     recipe["losses"][0]["tail"] = "uniform"  # a loss-term field added later (logit_kd's tail): the same rule
     assert stage_hash(load_recipe(recipe).stages[0]) != stage_hash(stage)
+    # hidden_mse / hidden_cosine's layer_norm (2026-11-29): the hash of this stage before the field existed
+    recipe["losses"] = [{"type": "hidden_mse"}, {"type": "hidden_cosine", "weight": 0.5}]
+    assert stage_hash(load_recipe(recipe).stages[0]) == "541f6ed4bcd7a21b"
+    recipe["losses"][0]["layer_norm"] = True
+    assert stage_hash(load_recipe(recipe).stages[0]) != "541f6ed4bcd7a21b"
 
 
 def test_a_resume_naming_the_data_file_another_way_goes_on(tiny_recipe, killed_run, monkeypatch):

@@ -10,7 +10,8 @@ from kdistill.config import Stage
 
 # Fields added to a stage after checkpoints were written, with the default that trains as before they existed.
 ADDED_LATER = [("data", "loss_on", "all")]
-ADDED_LATER_TO_TERMS = [("logit_kd", "tail", "bucket")]  # (loss type, field, default)
+ADDED_LATER_TO_TERMS = [("logit_kd", "tail", "bucket"), ("hidden_mse", "layer_norm", False),
+                        ("hidden_cosine", "layer_norm", False)]  # (loss type, field, default)
 
 
 def stage_hash(stage: Stage, legacy: bool = False, real_paths: bool = True) -> str:
