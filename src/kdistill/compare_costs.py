@@ -22,14 +22,15 @@ def pipeline_wall_time(run: Recipe) -> float:
 
 def estimated_train_flops(recipe: Recipe, student_params: int, tokens_per_seq: float, teacher_cost) -> float:
     """6·N·D for the student's forward and backward plus, per stage, 2·N·D for the teacher's forward (or its
-    blocks inside a Theseus hybrid), 6·N·D where it trains in the loop (ProKT), nothing where no loss asks it
-    (a baseline) (non-embedding parameters, D = tokens seen): an estimate for comparing pipelines, not a
-    measurement. ``teacher_cost(stage)``: that stage's teacher's N times its tokens per sequence (a convnet
+    blocks inside a Theseus hybrid), nothing where no loss asks it (a baseline); where the teacher trains in the
+    loop (ProKT) 8·N·D for each: its forward and backward, and each model's extra forward to read the other
+    (non-embedding parameters, D = tokens seen): an estimate for comparing pipelines, not a measurement. ``teacher_cost(stage)``: that stage's teacher's N times its tokens per sequence (a convnet
     teacher of a ViT reads one "token" an image where the student reads its patches)."""
     total = 0.0
     for stage in recipe.stages:
-        teacher = (6 if stage.teacher.update is not None else 2) * teacher_cost(stage) if asks_teacher(stage) else 0
-        total += stage.train.steps * stage.train.batch_size * (6 * student_params * tokens_per_seq + teacher)
+        teacher = (8 if stage.teacher.update is not None else 2) * teacher_cost(stage) if asks_teacher(stage) else 0
+        student = (8 if stage.teacher.update is not None else 6) * student_params * tokens_per_seq
+        total += stage.train.steps * stage.train.batch_size * (student + teacher)
     return total
 
 
