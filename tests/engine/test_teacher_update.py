@@ -162,7 +162,8 @@ def test_the_loop_gives_the_teacher_the_gradient_of_its_loss_toward_the_student(
 def test_the_student_distils_from_the_teacher_after_its_step_read_without_dropout(prokt_recipe, tmp_path, tokenizer,
                                                                                   monkeypatch):
     # ProKT's order in the authors' code: the teacher steps first, then the student's targets are the updated
-    # teacher's logits in eval mode. The teacher has dropout here, so targets read in train mode would differ too.
+    # teacher's logits in eval mode. The teacher has dropout here, so targets read in train mode would differ too;
+    # two micro-batches: both read the teacher after its one step (the whole batch's gradient is checked)
     import json
 
     import torch.nn.functional as F
@@ -192,15 +193,17 @@ def test_the_student_distils_from_the_teacher_after_its_step_read_without_dropou
 
     def backward(self, loss, world):
         original_backward(self, loss, world)
-        student_grad["w"] = self.acc.unwrap_model(self.model).student.classifier.weight.grad.clone()
+        student = self.acc.unwrap_model(self.model).student
+        student_grad["w"], student_grad["training"] = student.classifier.weight.grad.clone(), student.training
 
     monkeypatch.setattr(TeacherUpdater, "step", step)
     monkeypatch.setattr(StageTrainer, "backward", backward)
     recipe = {**prokt_recipe, "data": {"train": {"path": str(data), "label": "label"}, "max_length": 16},
               "teacher": {**prokt_recipe["teacher"], "update": {"lr": 1e-1}},
               "student": {"model": str(tmp_path / "student")},
-              "train": {"steps": 1, "batch_size": 4}, "output": str(tmp_path / "run")}
+              "train": {"steps": 1, "batch_size": 4, "grad_accum": 2}, "output": str(tmp_path / "run")}
     distill(recipe, progress=False)
+    assert student_grad["training"]  # the student trains in train mode after reading itself in eval mode
 
     batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
     y = torch.tensor([labels.index(r["label"]) for r in rows])
@@ -220,3 +223,16 @@ def test_the_student_distils_from_the_teacher_after_its_step_read_without_dropou
     expected, stale = grad_toward(after), grad_toward(before)
     assert (expected - stale).abs().max() > 1e-3  # the teacher's step changes the targets by far more than the tolerance
     torch.testing.assert_close(student_grad["w"], expected, atol=1e-6, rtol=1e-4)
+
+
+def test_prokt_is_refused_beside_on_policy_samples_and_a_theseus_student(prokt_recipe):
+    from kdistill.config import load_recipe
+    from kdistill.errors import ConfigError
+
+    load_recipe(prokt_recipe)
+    sampling = {**prokt_recipe, "on_policy": {"fraction": 0.5}}
+    with pytest.raises(ConfigError, match=r"teacher.update \(ProKT\).*student's own samples.*remove on_policy"):
+        load_recipe(sampling)
+    theseus = {**prokt_recipe, "student": {"theseus": {"modules": 1}}}
+    with pytest.raises(ConfigError, match=r"teacher.update \(ProKT\) with a student.theseus hybrid"):
+        load_recipe(theseus)
