@@ -276,3 +276,5 @@ def test_layer_norm_compares_each_tokens_standardised_state_on_both_sides():
     same = {"hidden_states[1]": 2 * s["hidden_states[1]"] + 7}
     assert term({"type": "hidden_mse", "layers": [[1, 1]], "projector": "none", "layer_norm": True})(
         s, same, BATCH).item() == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(PairingError, match=r"losses\.layer_norm.*'attentions\[1\]' holds no hidden states"):
+        term({"type": "hidden_mse", "student_tap": "attentions[1]", "teacher_tap": "attentions[1]", "layer_norm": True})

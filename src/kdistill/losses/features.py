@@ -106,6 +106,9 @@ class _HiddenTerm(LossTerm):
             self.pairs = [(tap_name(*parse_tap(params.student_tap, student, f"{where}.student_tap")),
                            tap_name(*parse_tap(params.teacher_tap, teacher, f"{where}.teacher_tap")))]
             projectable = check_tap_pair(params, student, teacher, where)
+            if params.layer_norm and not projectable:
+                raise PairingError(f"{where}.layer_norm: it standardises hidden states over their features, and "
+                                   f"{params.student_tap!r} holds no hidden states; leave layer_norm out")
         else:
             pairs = layer_map(params.layers, student, teacher, where).pairs
             self.pairs = [(f"hidden_states[{a}]", f"hidden_states[{b}]") for a, b in pairs]
