@@ -261,12 +261,12 @@ class Stage(Strict):
             raise ValueError("lion: on_policy would replace the teacher's answers the rounds train on; remove it")
         generated = self.on_policy is not None and self.on_policy.fraction > 0
         if self.teacher.update is not None and generated:
-            raise ValueError("teacher.update (ProKT): the teacher's task loss would train it on the student's own "
+            raise ValueError("teacher.update (ProKT): the teacher's task loss would train it on on_policy's generated "
                              "samples as if they were labelled data; remove on_policy or teacher.update")
         if self.teacher.update is not None and self.student is not None and self.student.theseus is not None:
-            raise ValueError("teacher.update (ProKT) with a student.theseus hybrid: the teacher moves toward the student "
-                             "read in eval mode, the successors alone, not the hybrid that trains; use one method per "
-                             "stage")
+            raise ValueError("teacher.update (ProKT) with a student.theseus hybrid: the teacher moves toward the "
+                             "student read in eval mode, the successors alone, not the hybrid that trains; use one "
+                             "method per stage")
         if not generated and any(isinstance(t, dict) and t.get("type") == "minillm" for t in self.losses):
             # on data batches the term is only its language-modelling loss: the run would be SFT under another name
             raise ValueError("losses: minillm learns from the student's own samples, and this stage generates none: "

@@ -231,7 +231,7 @@ def test_prokt_is_refused_beside_on_policy_samples_and_a_theseus_student(prokt_r
 
     load_recipe(prokt_recipe)
     sampling = {**prokt_recipe, "on_policy": {"fraction": 0.5}}
-    with pytest.raises(ConfigError, match=r"teacher.update \(ProKT\).*student's own samples.*remove on_policy"):
+    with pytest.raises(ConfigError, match=r"teacher.update \(ProKT\).*generated samples.*remove on_policy"):
         load_recipe(sampling)
     theseus = {**prokt_recipe, "student": {"theseus": {"modules": 1}}}
     with pytest.raises(ConfigError, match=r"teacher.update \(ProKT\) with a student.theseus hybrid"):
