@@ -46,8 +46,8 @@ def check_globs(field: str, patterns, names: list[str], whose: str = "student") 
 
 
 def freeze(student: torch.nn.Module, patterns: list[str]) -> None:
-    """Keep parameters matching any glob fixed (MobileBERT's progressive transfer freezes lower layers); the globs
-    were checked against the student's names when the stage was built (build_stage)."""
+    """Keep parameters matching any glob fixed (the MobileBERT paper's progressive transfer freezes lower layers);
+    the globs were checked against the student's names when the stage was built (build_stage)."""
     from fnmatch import fnmatch
 
     for name, param in student.named_parameters():
