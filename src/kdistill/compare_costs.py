@@ -24,8 +24,9 @@ def estimated_train_flops(recipe: Recipe, student_params: int, tokens_per_seq: f
     """6·N·D for the student's forward and backward plus, per stage, 2·N·D for the teacher's forward (or its
     blocks inside a Theseus hybrid), nothing where no loss asks it (a baseline); where the teacher trains in the
     loop (ProKT) 8·N·D for each: its forward and backward, and each model's extra forward to read the other
-    (non-embedding parameters, D = tokens seen): an estimate for comparing pipelines, not a measurement. ``teacher_cost(stage)``: that stage's teacher's N times its tokens per sequence (a convnet
-    teacher of a ViT reads one "token" an image where the student reads its patches)."""
+    (non-embedding parameters, D = tokens seen): an estimate for comparing pipelines, not a measurement.
+    ``teacher_cost(stage)``: that stage's teacher's N times its tokens per sequence (a convnet teacher of a ViT
+    reads one "token" an image where the student reads its patches)."""
     total = 0.0
     for stage in recipe.stages:
         teacher = (8 if stage.teacher.update is not None else 2) * teacher_cost(stage) if asks_teacher(stage) else 0

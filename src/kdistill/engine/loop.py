@@ -136,7 +136,8 @@ class StageTrainer(StartFits):
         """ProKT's order, as in the authors' code: the teacher first takes its step toward the student as it is,
         then the student distils from the updated teacher. Each reads the other in eval mode (no dropout), as
         fixed targets; the teacher's loss is weighted by its share of the global labelled items, as the student's."""
-        counts = torch.tensor([float(self.updater.count(b)) for b in batches], dtype=torch.float64, device=self.acc.device)
+        counts = torch.tensor([float(self.updater.count(b)) for b in batches], dtype=torch.float64,
+                              device=self.acc.device)
         total = self.acc.reduce(counts.sum(), reduction="sum").clamp_min(1)
         distiller = self.acc.unwrap_model(self.model)
         distiller.eval()
