@@ -106,18 +106,34 @@ def test_two_teacher_updates_equal_adamw_steps_worked_out_by_hand():
     assert (teacher.classifier.weight - start).abs().max() > 0.1  # steps of about 10 × lr each: it moved
 
 
+LABELS = ["x", "y"]
+ROWS = [{"text": f"item {i} of {'ab' * i}", "label": LABELS[i % 2]} for i in range(4)]
+
+
+def four_rows(tmp_path):
+    import json
+
+    data = tmp_path / "four.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return data
+
+
+def save_pair(teacher, student, tmp_path, tokenizer):
+    for model, where in ((teacher, "teacher"), (student, "student")):
+        with torch.no_grad():  # random heads give near-uniform outputs: a KL term too small to see
+            model.bert.pooler.dense.weight.mul_(50)
+            model.classifier.weight.mul_(50)
+        model.save_pretrained(tmp_path / where)
+        tokenizer.save_pretrained(tmp_path / where)
+
+
 def test_the_loop_gives_the_teacher_the_gradient_of_its_loss_toward_the_student(prokt_recipe, tmp_path, tokenizer,
                                                                                  monkeypatch):
     # the teacher's gradient in a run (two micro-batches) against CE + kl_weight * KL(student || teacher) written out
     # over the whole batch; the student has dropout, and the teacher's target is the student read in eval mode
-    import json
-
     import torch.nn.functional as F
 
-    labels = ["x", "y"]
-    rows = [{"text": f"item {i} of {'ab' * i}", "label": labels[i % 2]} for i in range(4)]
-    data = tmp_path / "four.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = four_rows(tmp_path)
     seen = {}
     original = TeacherUpdater.step
 
@@ -131,12 +147,7 @@ def test_the_loop_gives_the_teacher_the_gradient_of_its_loss_toward_the_student(
     student = BertForSequenceClassification(teacher.config.__class__(**{**teacher.config.to_dict(),
                                                                        "num_hidden_layers": 1,
                                                                        "hidden_dropout_prob": 0.5}))
-    for model, where in ((teacher, "teacher"), (student, "student")):
-        with torch.no_grad():  # random heads give near-uniform outputs: a KL term too small to see
-            model.bert.pooler.dense.weight.mul_(50)
-            model.classifier.weight.mul_(50)
-        model.save_pretrained(tmp_path / where)
-        tokenizer.save_pretrained(tmp_path / where)
+    save_pair(teacher, student, tmp_path, tokenizer)
     recipe = {**prokt_recipe, "data": {"train": {"path": str(data), "label": "label"}, "max_length": 16},
               "teacher": {**prokt_recipe["teacher"], "update": {"lr": 1e-2, "kl_weight": 0.7}},
               "student": {"model": str(tmp_path / "student")},
@@ -145,8 +156,8 @@ def test_the_loop_gives_the_teacher_the_gradient_of_its_loss_toward_the_student(
 
     teacher = BertForSequenceClassification.from_pretrained(tmp_path / "teacher").train()
     student = BertForSequenceClassification.from_pretrained(tmp_path / "student").eval()
-    batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
-    y = torch.tensor([labels.index(r["label"]) for r in rows])
+    batch = tokenizer([r["text"] for r in ROWS], padding=True, return_tensors="pt")
+    y = torch.tensor([LABELS.index(r["label"]) for r in ROWS])
     zt = teacher(**batch).logits
     with torch.no_grad():
         ps = F.softmax(student(**batch).logits, -1)
@@ -164,26 +175,16 @@ def test_the_student_distils_from_the_teacher_after_its_step_read_without_dropou
     # ProKT's order in the authors' code: the teacher steps first, then the student's targets are the updated
     # teacher's logits in eval mode. The teacher has dropout here, so targets read in train mode would differ too;
     # two micro-batches: both read the teacher after its one step (the whole batch's gradient is checked)
-    import json
-
     import torch.nn.functional as F
 
     from kdistill.engine.loop import StageTrainer
 
-    labels = ["x", "y"]
-    rows = [{"text": f"item {i} of {'ab' * i}", "label": labels[i % 2]} for i in range(4)]
-    data = tmp_path / "four.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = four_rows(tmp_path)
     config = BertForSequenceClassification.from_pretrained(tmp_path / "teacher").config.to_dict()
     torch.manual_seed(1)
     teacher = BertForSequenceClassification(BertConfig(**{**config, "hidden_dropout_prob": 0.5}))
     student = BertForSequenceClassification(BertConfig(**{**config, "num_hidden_layers": 1}))
-    for model, where in ((teacher, "teacher"), (student, "student")):
-        with torch.no_grad():  # random heads give near-uniform outputs: a KD term too small to see
-            model.bert.pooler.dense.weight.mul_(50)
-            model.classifier.weight.mul_(50)
-        model.save_pretrained(tmp_path / where)
-        tokenizer.save_pretrained(tmp_path / where)
+    save_pair(teacher, student, tmp_path, tokenizer)
     after_step, student_grad = {}, {}
     original_step, original_backward = TeacherUpdater.step, StageTrainer.backward
 
@@ -205,8 +206,8 @@ def test_the_student_distils_from_the_teacher_after_its_step_read_without_dropou
     distill(recipe, progress=False)
     assert student_grad["training"]  # the student trains in train mode after reading itself in eval mode
 
-    batch = tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt")
-    y = torch.tensor([labels.index(r["label"]) for r in rows])
+    batch = tokenizer([r["text"] for r in ROWS], padding=True, return_tensors="pt")
+    y = torch.tensor([LABELS.index(r["label"]) for r in ROWS])
     teacher = BertForSequenceClassification.from_pretrained(tmp_path / "teacher").eval()
     with torch.no_grad():
         before = teacher(**batch).logits
