@@ -29,8 +29,9 @@ def estimated_train_flops(recipe: Recipe, student_params: int, tokens_per_seq: f
     reads one "token" an image where the student reads its patches)."""
     total = 0.0
     for stage in recipe.stages:
-        teacher = (8 if stage.teacher.update is not None else 2) * teacher_cost(stage) if asks_teacher(stage) else 0
-        student = (8 if stage.teacher.update is not None else 6) * student_params * tokens_per_seq
+        in_loop = stage.teacher.update is not None
+        teacher = (8 if in_loop else 2) * teacher_cost(stage) if asks_teacher(stage) else 0
+        student = (8 if in_loop else 6) * student_params * tokens_per_seq
         total += stage.train.steps * stage.train.batch_size * (student + teacher)
     return total
 

@@ -134,7 +134,8 @@ class StageTrainer(StartFits):
 
     def teacher_step(self, batches: list[dict], world: int) -> None:
         """ProKT's order, as in the authors' code: the teacher first takes its step toward the student as it is,
-        then the student distils from the updated teacher. Each reads the other in eval mode (no dropout), as
+        then the student distils from the updated teacher (with grad_accum above 1 the teacher's one step comes
+        before every micro-batch, as for one large batch; the authors' code steps it after the earlier ones). Each reads the other in eval mode (no dropout), as
         fixed targets; the teacher's loss is weighted by its share of the global labelled items, as the student's."""
         counts = torch.tensor([float(self.updater.count(b)) for b in batches], dtype=torch.float64,
                               device=self.acc.device)
